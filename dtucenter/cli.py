@@ -1,0 +1,179 @@
+"""``dtucenter``: offline administration of the center's database.
+
+It talks to the database directly (no running center needed); SQLite's WAL
+mode lets it do so beside a running center.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import sys
+from typing import Any, Callable, Sequence, TextIO
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from dtucenter import __version__
+from dtucenter.config import DEFAULT_DB_URL
+from dtucenter.store import queries
+from dtucenter.store.db import DatabaseURLError, open_engine
+
+SAMPLE_COLUMNS = ("time", "psn", "net_state", "position", "dev", "addr", "value")
+
+
+class CommandError(Exception):
+    """Reported as one line on stderr with exit status 1."""
+
+
+def _psn(text: str) -> int:
+    try:
+        return queries.check_psn(int(text, 0))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "PSN" in str(e) else f"not a PSN: {text!r}") from None
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {value}")
+        return value
+
+    return parse
+
+
+def parse_time(text: str) -> dt.datetime:
+    """ISO 8601; a time without an offset is taken as UTC."""
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtucenter", description="Administer the dtucenter database.")
+    parser.add_argument("--version", action="version", version=f"dtucenter {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_db(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--db", default=DEFAULT_DB_URL, help=f"SQLAlchemy URL (default {DEFAULT_DB_URL})")
+        return sub
+
+    dtu = commands.add_parser("dtu", help="DTU records").add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = with_db(dtu.add_parser("add", help="add a DTU, or update one that exists"))
+    add.add_argument("psn", type=_psn)
+    add.add_argument("--password", type=_bounded(0, 0xFFFFFFFF),
+                     help="PASS it must log in with (0, the default: take and keep its first PASS)")
+    add.add_argument("--name", help="a name for people")
+    add.add_argument("--tick-time", type=_bounded(1, 255), help="heartbeat interval sent in LoginAck (s)")
+    add.add_argument("--send-test-time", type=_bounded(0, 255), help="upload interval sent in LoginAck (s)")
+    add.set_defaults(run=cmd_dtu_add)
+    listing = with_db(dtu.add_parser("list", help="list DTUs"))
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    listing.set_defaults(run=cmd_dtu_list)
+    remove = with_db(dtu.add_parser("remove", help="delete a DTU with its register list and samples"))
+    remove.add_argument("psn", type=_psn)
+    remove.set_defaults(run=cmd_dtu_remove)
+
+    samples = with_db(commands.add_parser("samples", help="print stored samples of a DTU"))
+    samples.add_argument("psn", type=_psn)
+    samples.add_argument("--since", type=parse_time, help="ISO 8601 time (UTC unless it says otherwise)")
+    samples.add_argument("--until", type=parse_time, help="ISO 8601 time, exclusive")
+    samples.add_argument("--limit", type=_bounded(1, 10_000_000), help="at most this many rows, oldest first")
+    samples.add_argument("--format", choices=("csv", "json"), default="csv")
+    samples.set_defaults(run=cmd_samples)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    try:
+        engine = open_engine(args.db)
+    except DatabaseURLError as e:
+        print(f"dtucenter: --db: {e}", file=sys.stderr)
+        return 1
+    try:
+        with Session(engine) as session, session.begin():
+            args.run(session, args, out)
+    except CommandError as e:
+        print(f"dtucenter: {e}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as e:
+        print(f"dtucenter: database error: {e.__class__.__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    finally:
+        engine.dispose()
+    return 0
+
+
+def cmd_dtu_add(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    fields = {
+        key: value
+        for key, value in (
+            ("password", args.password),
+            ("name", args.name),
+            ("tick_time", args.tick_time),
+            ("send_test_time", args.send_test_time),
+        )
+        if value is not None
+    }
+    try:
+        info, created = queries.upsert_dtu(session, args.psn, fields, dt.datetime.now(dt.timezone.utc))
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    print(f"{'added' if created else 'updated'} DTU {info.psn}", file=out)
+
+
+def cmd_dtu_list(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    dtus = queries.list_dtus(session)
+    if args.json:
+        json.dump({"dtus": [d.to_json() for d in dtus]}, out, indent=2)
+        out.write("\n")
+        return
+    rows = [("PSN", "NAME", "ONLINE", "REMOTE", "LAST SEEN", "TICK", "SEND")]
+    for d in dtus:
+        rows.append((
+            str(d.psn), d.name, "yes" if d.online else "no", d.remote or "-",
+            d.last_seen.isoformat(timespec="seconds") if d.last_seen else "-",
+            str(d.tick_time), str(d.send_test_time),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), file=out)
+
+
+def cmd_dtu_remove(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    if not queries.delete_dtu(session, args.psn):
+        raise CommandError(f"no DTU {args.psn}")
+    print(f"removed DTU {args.psn}", file=out)
+
+
+def cmd_samples(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    if queries.get_dtu(session, args.psn) is None:
+        raise CommandError(f"no DTU {args.psn}")
+    rows = queries.query_samples(session, args.psn, args.since, args.until, args.limit)
+    if args.format == "json":
+        json.dump({"samples": [r.to_json() for r in rows]}, out, indent=2)
+        out.write("\n")
+        return
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(SAMPLE_COLUMNS)
+    for r in rows:
+        writer.writerow(_csv_row(r))
+
+
+def _csv_row(r: queries.SampleInfo) -> list[Any]:
+    return [
+        r.time.isoformat(), r.psn, r.net_state, r.position,
+        "" if r.dev is None else r.dev, "" if r.addr is None else r.addr, r.value,
+    ]

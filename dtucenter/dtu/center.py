@@ -1,0 +1,188 @@
+"""What the center knows across connections: who is online, what was stored.
+
+Sessions (one per TCP connection or UDP source address) call in here for
+everything that outlives them or touches the store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from functools import partial
+from typing import TYPE_CHECKING
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dtucenter.dtu import wire
+from dtucenter.store import queries
+from dtucenter.store.facade import Store
+
+if TYPE_CHECKING:
+    from dtucenter.dtu.session import DTUSession
+
+log = Logger()
+
+
+@attrs.frozen
+class CenterSettings:
+    enroll_unknown: bool = False
+    login_timeout: float = 30.0
+    dialect: wire.Dialect = wire.DEFAULT_DIALECT
+    garbage_limit: int = wire.DEFAULT_GARBAGE_LIMIT
+    last_seen_interval: float = 15.0
+
+
+@attrs.define
+class _LastUpload:
+    test_code: int
+    values: tuple[int, ...]
+    #: Retransmissions waiting for this upload's commit; None once it is committed.
+    waiting: list[Deferred[None]] | None = attrs.Factory(list)
+
+
+def utc_now(clock: IReactorTime) -> dt.datetime:
+    return dt.datetime.fromtimestamp(clock.seconds(), tz=dt.timezone.utc)
+
+
+class DTUCenter(Service):
+    def __init__(self, store: Store, clock: IReactorTime, settings: CenterSettings = CenterSettings()) -> None:
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        #: PSN -> the session that is logged in for it now.
+        self.sessions: dict[int, DTUSession] = {}
+        self.stats: Counter[str] = Counter()
+        self._last_upload: dict[int, _LastUpload] = {}
+        self._seen: dict[int, dt.datetime] = {}
+        self._seen_writer = LoopingCall(self._write_last_seen)
+        self._seen_writer.clock = clock
+
+    def now(self) -> dt.datetime:
+        return utc_now(self.clock)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.store.write(queries.mark_all_offline)
+        d.addCallback(lambda count: count and log.info("Marked {count} DTUs offline left over from the last run", count=count))
+        d.addErrback(lambda f: log.failure("Could not reset online flags", f))
+        self._seen_writer.start(self.settings.last_seen_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._seen_writer.running:
+            self._seen_writer.stop()
+        self._write_last_seen()
+        for session in list(self.sessions.values()):
+            session.abort("center stopping")
+        return self.store.write(queries.mark_all_offline).addErrback(
+            lambda f: log.failure("Could not mark DTUs offline at shutdown", f)
+        )
+
+    # -- login ---------------------------------------------------------------------
+
+    def authenticate(self, session: DTUSession, login: wire.Login) -> Deferred[queries.LoginDecision]:
+        job = partial(
+            queries.authenticate,
+            login=login,
+            remote=session.peer,
+            now=self.now(),
+            enroll_unknown=self.settings.enroll_unknown,
+        )
+        return self.store.write(job).addCallback(self._decided, session, login)
+
+    def _decided(
+        self, decision: queries.LoginDecision, session: DTUSession, login: wire.Login
+    ) -> queries.LoginDecision:
+        if not decision.accepted:
+            self.stats["logins_refused"] += 1
+            log.warn("DTU {psn} refused from {peer}: {reason}", psn=login.psn, peer=session.peer, reason=decision.reason)
+            return decision
+        self.stats["logins"] += 1
+        if decision.enrolled:
+            log.info("DTU {psn} enrolled from {peer}", psn=login.psn, peer=session.peer)
+        older = self.sessions.get(login.psn)
+        self.sessions[login.psn] = session
+        if older is not None and older is not session:
+            self.stats["sessions_replaced"] += 1
+            log.info(
+                "DTU {psn} logged in again from {peer}; dropping its older connection from {old}",
+                psn=login.psn, peer=session.peer, old=older.peer,
+            )
+            older.abort("replaced by a newer login")
+        log.info("DTU {psn} logged in from {peer}", psn=login.psn, peer=session.peer)
+        return decision
+
+    def session_lost(self, session: DTUSession) -> None:
+        psn = session.psn
+        if psn is None or self.sessions.get(psn) is not session:
+            return
+        del self.sessions[psn]
+        self._seen.pop(psn, None)
+        log.info("DTU {psn} offline ({peer})", psn=psn, peer=session.peer)
+        self.store.write(partial(queries.mark_offline, psn=psn, last_seen=session.last_seen)).addErrback(
+            lambda f: log.failure("Could not mark DTU {psn} offline", f, psn=psn)
+        )
+
+    def seen(self, psn: int, when: dt.datetime) -> None:
+        self._seen[psn] = when
+
+    def _write_last_seen(self) -> None:
+        if not self._seen:
+            return
+        seen, self._seen = self._seen, {}
+        self.store.write(partial(queries.record_last_seen, seen=seen)).addErrback(
+            lambda f: log.failure("Could not record last-seen times of {count} DTUs", f, count=len(seen))
+        )
+
+    # -- uploads -------------------------------------------------------------------
+
+    def upload(self, session: DTUSession, upload: wire.SendTest) -> Deferred[int]:
+        """Store a SendTest; fires with the TestCode to acknowledge once it is safe to."""
+        psn = session.psn
+        assert psn is not None
+        registers = session.registers
+        if registers and len(upload.values) != len(registers):
+            self.stats["uploads_mismatched"] += 1
+            log.warn(
+                "DTU {psn} sent {count} values but its register list has {expected}; asking it to resend",
+                psn=psn, count=len(upload.values), expected=len(registers),
+            )
+            return succeed((upload.test_code - 1) & 0xFF)
+        last = self._last_upload.get(psn)
+        if last is not None and last.test_code == upload.test_code and last.values == upload.values:
+            self.stats["uploads_repeated"] += 1
+            if last.waiting is None:
+                return succeed(upload.test_code)
+            # The same frame is still on its way to the disk: acknowledge when it lands, store it once.
+            landed: Deferred[None] = Deferred()
+            last.waiting.append(landed)
+            return landed.addCallback(lambda _: upload.test_code)
+        rows = queries.sample_rows(psn, self.now(), upload, registers)
+        record = _LastUpload(upload.test_code, upload.values)
+        self._last_upload[psn] = record
+
+        def stored(_: None) -> int:
+            waiting, record.waiting = record.waiting or [], None
+            self.stats["uploads_stored"] += 1
+            self.stats["samples_stored"] += len(rows)
+            for d in waiting:
+                d.callback(None)
+            return upload.test_code
+
+        def not_stored(failure: Failure) -> Failure:
+            if self._last_upload.get(psn) is record:
+                del self._last_upload[psn]
+            waiting, record.waiting = record.waiting or [], None
+            for d in waiting:
+                d.errback(failure)
+            return failure
+
+        return self.store.add_samples(rows).addCallbacks(stored, not_stored)

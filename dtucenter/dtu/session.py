@@ -1,0 +1,328 @@
+"""One DTU connection: login, heartbeat, uploads; TCP protocol and factory.
+
+``DTUSession`` holds the protocol rules and talks to its transport through
+the small ``Link`` interface, so TCP connections and UDP source addresses
+share it. Messages are handled one at a time, in order: while one waits for
+the store, reading from that DTU pauses, so nothing is acknowledged before
+it is stored and a slow database slows DTUs down instead of losing data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import deque
+from typing import Any, Callable, Protocol as TypingProtocol
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dtucenter.dtu import wire
+from dtucenter.dtu.center import DTUCenter, utc_now
+from dtucenter.store.queries import LoginDecision
+
+log = Logger()
+
+
+class Link(TypingProtocol):
+    """What a session needs from whatever carries its bytes."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None:
+        """Close after what was written is sent."""
+
+    def abort(self) -> None:
+        """Drop at once: the peer may be gone and never read what is pending."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+def describe(address: IAddress | tuple[str, int] | None) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None and isinstance(address, tuple):
+        host, port = address[0], address[1]
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class DTUSession:
+    AWAITING_LOGIN = "awaiting-login"
+    AUTHENTICATING = "authenticating"
+    ONLINE = "online"
+    CLOSED = "closed"
+
+    def __init__(self, center: DTUCenter, link: Link, peer: str, clock: IReactorTime) -> None:
+        self.center = center
+        self.link = link
+        self.peer = peer
+        self.clock = clock
+        self.state = self.AWAITING_LOGIN
+        self.psn: int | None = None
+        self.registers: tuple[wire.Register, ...] = ()
+        self.tick_time = 0
+        self.last_seen: dt.datetime = utc_now(clock)
+        self._parser = wire.FrameParser(center.settings.dialect)
+        self._dialect = center.settings.dialect
+        self._inbox: deque[wire.AnyMessage] = deque()
+        self._working = False
+        self._timer: IDelayedCall | None = None
+        self._timer_action: Callable[[], None] | None = None
+        self._lost = False
+
+    # -- events from the link --------------------------------------------------------
+
+    def start(self) -> None:
+        self._arm(self.center.settings.login_timeout, self._login_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == self.CLOSED:
+            return
+        for event in self._parser.feed(data):
+            if isinstance(event, wire.PROBLEM_TYPES):
+                self._problem(event)
+            else:
+                self._inbox.append(event)
+        if self._parser.garbage > self.center.settings.garbage_limit:
+            self.center.stats["closed_for_garbage"] += 1
+            log.warn(
+                "Closing {peer}: {count} bytes without a valid frame",
+                peer=self.peer, count=self._parser.garbage,
+            )
+            self._close(abort=True)
+            return
+        self._process()
+
+    def connection_lost(self) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.state = self.CLOSED
+        self._cancel_timer()
+        self._inbox.clear()
+        self.center.session_lost(self)
+
+    def abort(self, reason: str) -> None:
+        """Called by the center: this session must go (replaced, shutting down)."""
+        log.info("Dropping DTU {psn} at {peer}: {reason}", psn=self.psn, peer=self.peer, reason=reason)
+        self._close(abort=True)
+
+    # -- the message loop -------------------------------------------------------------
+
+    def _process(self) -> None:
+        while self._inbox and not self._working and self.state != self.CLOSED:
+            message = self._inbox.popleft()
+            pending = self._handle(message)
+            if pending is not None and not pending.called:
+                self._working = True
+                self.link.pause()
+                pending.addBoth(self._finished_working)
+
+    def _finished_working(self, result: Any) -> None:
+        self._working = False
+        if isinstance(result, Failure):
+            log.failure("Unexpected error handling a frame from {peer}", result, peer=self.peer)
+            self._close(abort=True)
+            return
+        if self.state != self.CLOSED:
+            self.link.resume()
+            self._process()
+
+    def _handle(self, message: wire.AnyMessage) -> Deferred[Any] | None:
+        self.center.stats["frames_in"] += 1
+        if self.state == self.AWAITING_LOGIN:
+            if isinstance(message, wire.Login):
+                return self._login(message)
+            self.center.stats["frames_before_login"] += 1
+            log.warn(
+                "Closing {peer}: {type} before Login", peer=self.peer, type=type(message).__name__
+            )
+            self._close()
+            return None
+        self._seen()
+        if isinstance(message, wire.SendTick):
+            self._send(wire.SendTickAck())
+        elif isinstance(message, wire.SendTest):
+            return self._upload(message)
+        elif isinstance(message, wire.Login):
+            # Some DTUs log in again on the same link after a modem reset; treat it as a fresh login.
+            return self._login(message)
+        else:
+            return self._other(message)
+        return None
+
+    def _other(self, message: wire.AnyMessage) -> Deferred[Any] | None:
+        """Messages beyond login, heartbeat and upload; the command layer overrides this."""
+        self.center.stats["frames_unexpected"] += 1
+        log.warn(
+            "DTU {psn} at {peer} sent an unexpected {type}",
+            psn=self.psn, peer=self.peer, type=type(message).__name__,
+        )
+        return None
+
+    # -- login ---------------------------------------------------------------------------
+
+    def _login(self, login: wire.Login) -> Deferred[Any]:
+        self.state = self.AUTHENTICATING
+        d = self.center.authenticate(self, login)
+        d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(login,))
+        return d
+
+    def _logged_in(self, decision: LoginDecision, login: wire.Login) -> None:
+        if self.state == self.CLOSED:
+            # Gone while the store was deciding; the center must not think it is online.
+            if decision.accepted:
+                self.psn = login.psn
+                self.center.session_lost(self)
+            return
+        self._send(decision.ack)
+        if not decision.accepted:
+            self._close()
+            return
+        self.state = self.ONLINE
+        self.psn = login.psn
+        self.registers = decision.registers
+        self.tick_time = decision.ack.tick_time
+        self._seen()
+
+    def _login_failed(self, failure: Failure) -> None:
+        # A store error, not a refusal: say nothing to the DTU; it will log in again.
+        log.failure("Could not authenticate a DTU at {peer}", failure, peer=self.peer)
+        self._close(abort=True)
+
+    def _login_timed_out(self) -> None:
+        self._timer = None
+        if self.state == self.AUTHENTICATING:
+            # The store is slow, not the DTU: give it the time again.
+            self._arm(self.center.settings.login_timeout, self._login_timed_out)
+            return
+        self.center.stats["login_timeouts"] += 1
+        log.warn("Closing {peer}: no valid Login in time", peer=self.peer)
+        self._close(abort=True)
+
+    # -- liveness ---------------------------------------------------------------------------
+
+    def _seen(self) -> None:
+        self.last_seen = utc_now(self.clock)
+        if self.psn is not None:
+            self.center.seen(self.psn, self.last_seen)
+            self._arm(2 * max(self.tick_time, 1), self._idle_timed_out)
+
+    def _idle_timed_out(self) -> None:
+        self._timer = None
+        if self._working:
+            # We stopped reading, not the DTU: wait for the store before judging it.
+            self._arm(2 * max(self.tick_time, 1), self._idle_timed_out)
+            return
+        self.center.stats["idle_timeouts"] += 1
+        log.info("DTU {psn} at {peer} silent for 2 x TickTime; disconnecting", psn=self.psn, peer=self.peer)
+        self._close(abort=True)
+
+    # -- uploads ---------------------------------------------------------------------------------
+
+    def _upload(self, upload: wire.SendTest) -> Deferred[Any]:
+        d = self.center.upload(self, upload)
+        d.addCallbacks(self._acknowledge, self._not_stored, errbackArgs=(upload,))
+        return d
+
+    def _acknowledge(self, test_code: int) -> None:
+        if self.state != self.CLOSED:
+            self._send(wire.SendTestAck(test_code))
+
+    def _not_stored(self, failure: Failure, upload: wire.SendTest) -> None:
+        # Never acknowledge what is not stored; the DTU resends on its next connection.
+        log.failure(
+            "Upload {code} of DTU {psn} could not be stored; dropping the connection unacknowledged",
+            failure, code=upload.test_code, psn=self.psn,
+        )
+        self._close(abort=True)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _send(self, message: wire.AnyMessage) -> None:
+        self.link.write(wire.encode_frame(message, self._dialect))
+
+    def _problem(self, problem: wire.ParseProblem) -> None:
+        if isinstance(problem, wire.Skipped):
+            self.center.stats["bytes_skipped"] += problem.count
+            log.debug("Skipped {count} bytes from {peer}", count=problem.count, peer=self.peer)
+        else:
+            self.center.stats[f"dropped_{type(problem).__name__}"] += 1
+            log.warn("Dropped a frame from {peer}: {problem}", peer=self.peer, problem=problem)
+
+    def _arm(self, seconds: float, action: Callable[[], None]) -> None:
+        """One timer per session: login deadline first, then the idle deadline."""
+        if self._timer is not None and self._timer.active() and self._timer_action == action:
+            self._timer.reset(seconds)
+            return
+        self._cancel_timer()
+        self._timer = self.clock.callLater(seconds, action)
+        self._timer_action = action
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _close(self, abort: bool = False) -> None:
+        if self.state == self.CLOSED:
+            return
+        self.state = self.CLOSED
+        self._cancel_timer()
+        self._inbox.clear()
+        if abort:
+            self.link.abort()
+        else:
+            self.link.close()
+
+
+class DTUProtocol(protocol.Protocol):
+    """TCP: forwards bytes and connection events to a DTUSession."""
+
+    session: DTUSession
+
+    def __init__(self, center: DTUCenter, clock: IReactorTime) -> None:
+        self._center = center
+        self._clock = clock
+
+    def connectionMade(self) -> None:
+        peer = describe(self.transport.getPeer())  # type: ignore[union-attr]
+        self.session = DTUSession(self._center, self, peer, self._clock)
+        self.session.start()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.session.data_received(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.session.connection_lost()
+
+    # Link
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+
+class DTUFactory(protocol.Factory):
+    def __init__(self, center: DTUCenter, clock: IReactorTime) -> None:
+        self.center = center
+        self.clock = clock
+
+    def buildProtocol(self, addr: IAddress) -> DTUProtocol:
+        return DTUProtocol(self.center, self.clock)

@@ -1,0 +1,632 @@
+"""The DTU binary protocol, sans-IO: bytes in, typed messages out, and back.
+
+Frame layout (all integers big-endian)::
+
+    Head (2) | Type (1) | Length (2) | Data (Length - 1) | CheckSum (1)
+
+Length counts the bytes from Data through CheckSum; CheckSum is the sum of
+the bytes from Type through the last Data byte, modulo 256.
+
+This module imports nothing from Twisted so the simulator, benchmarks and
+any other tool can share it.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable, ClassVar, Protocol, Sequence, TypeAlias, Union
+
+import attrs
+
+DEFAULT_HEAD = b"\xaa\x55"
+DEFAULT_MAX_LENGTH = 1024
+#: A stream that yields this many bytes without a single valid frame is
+#: not a DTU; the session closes it.
+DEFAULT_GARBAGE_LIMIT = 64 * 1024
+
+LOGIN_ACCEPTED = 0xEA
+LOGIN_REFUSED = 0x00
+
+_TYPE_AND_LENGTH = struct.Struct(">BH")
+
+
+class WireError(ValueError):
+    """Data that cannot be a message of the type it claims to be."""
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    return sum(data) & 0xFF
+
+
+@attrs.frozen
+class Register:
+    """One entry of a DTU's register list: slave address and register address."""
+
+    dev: int
+    addr: int
+
+
+@attrs.frozen
+class RegisterValue:
+    dev: int
+    addr: int
+    value: int
+
+
+class Message(Protocol):
+    TYPE: ClassVar[int]
+
+    def encode_data(self) -> bytes: ...
+
+
+_REGISTER = struct.Struct(">BH")
+_REGISTER_VALUE = struct.Struct(">BHh")
+
+
+def _u8(value: int, name: str) -> None:
+    if not 0 <= value <= 0xFF:
+        raise WireError(f"{name} must be 0..255, got {value}")
+
+
+def _encode_registers(registers: Sequence[Register]) -> bytes:
+    try:
+        return b"".join(_REGISTER.pack(r.dev, r.addr) for r in registers)
+    except struct.error as e:
+        raise WireError(f"register out of range (dev 0..255, addr 0..65535): {e}") from None
+
+
+def _decode_registers(data: bytes) -> tuple[Register, ...]:
+    if len(data) % _REGISTER.size:
+        raise WireError(f"register list of {len(data)} bytes is not a multiple of 3")
+    return tuple(Register(d, a) for d, a in _REGISTER.iter_unpack(data))
+
+
+def _encode_register_values(items: Sequence[RegisterValue]) -> bytes:
+    try:
+        return b"".join(_REGISTER_VALUE.pack(i.dev, i.addr, i.value) for i in items)
+    except struct.error as e:
+        raise WireError(
+            f"register value out of range (dev 0..255, addr 0..65535, value -32768..32767): {e}"
+        ) from None
+
+
+def _decode_register_values(data: bytes) -> tuple[RegisterValue, ...]:
+    if len(data) % _REGISTER_VALUE.size:
+        raise WireError(f"register/value list of {len(data)} bytes is not a multiple of 5")
+    return tuple(RegisterValue(d, a, v) for d, a, v in _REGISTER_VALUE.iter_unpack(data))
+
+
+def _encode_values(values: Sequence[int]) -> bytes:
+    try:
+        return struct.pack(f">{len(values)}h", *values)
+    except struct.error as e:
+        raise WireError(f"value out of range -32768..32767: {e}") from None
+
+
+def _decode_values(data: bytes) -> tuple[int, ...]:
+    if len(data) % 2:
+        raise WireError(f"value list of {len(data)} bytes is not a multiple of 2")
+    return struct.unpack(f">{len(data) // 2}h", data)
+
+
+def _expect_empty(data: bytes, name: str) -> None:
+    if data:
+        raise WireError(f"{name} carries no data, got {len(data)} bytes")
+
+
+# -- messages ---------------------------------------------------------------
+
+
+@attrs.frozen
+class Login:
+    TYPE: ClassVar[int] = 0x01
+    _LAYOUT: ClassVar[struct.Struct] = struct.Struct(">II8sH20s")
+
+    psn: int
+    password: int
+    pname: str = ""
+    cur_ver: int = 0
+    ccid: str = ""
+
+    def encode_data(self) -> bytes:
+        try:
+            return self._LAYOUT.pack(
+                self.psn,
+                self.password,
+                self.pname.encode("ascii"),
+                self.cur_ver,
+                self.ccid.encode("ascii"),
+            )
+        except (struct.error, UnicodeEncodeError) as e:
+            raise WireError(f"Login field out of range: {e}") from None
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> Login:
+        if len(data) != cls._LAYOUT.size:
+            raise WireError(f"Login carries {cls._LAYOUT.size} bytes, got {len(data)}")
+        psn, password, pname, cur_ver, ccid = cls._LAYOUT.unpack(data)
+        return cls(psn, password, _text(pname), cur_ver, _text(ccid))
+
+
+def _text(raw: bytes) -> str:
+    # Devices pad with NUL (the seed) or spaces; either way the padding is not part of the name.
+    return raw.split(b"\x00", 1)[0].decode("ascii", "replace").strip()
+
+
+@attrs.frozen
+class LoginAck:
+    TYPE: ClassVar[int] = 0x81
+    _LAYOUT: ClassVar[struct.Struct] = struct.Struct(">BBBBBHH4s")
+
+    right: int
+    fota_flag: int = 0
+    tick_time: int = 60
+    send_test_mode: int = 255
+    send_test_time: int = 0
+    new_ver: int = 0
+    new_port: int = 0
+    new_ip: str = "0.0.0.0"
+
+    @property
+    def accepted(self) -> bool:
+        return self.right == LOGIN_ACCEPTED
+
+    def encode_data(self) -> bytes:
+        try:
+            return self._LAYOUT.pack(
+                self.right,
+                self.fota_flag,
+                self.tick_time,
+                self.send_test_mode,
+                self.send_test_time,
+                self.new_ver,
+                self.new_port,
+                ip_to_bytes(self.new_ip),
+            )
+        except struct.error as e:
+            raise WireError(f"LoginAck field out of range: {e}") from None
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> LoginAck:
+        if len(data) != cls._LAYOUT.size:
+            raise WireError(f"LoginAck carries {cls._LAYOUT.size} bytes, got {len(data)}")
+        *fields, ip = cls._LAYOUT.unpack(data)
+        return cls(*fields, new_ip=".".join(str(b) for b in ip))
+
+
+def ip_to_bytes(ip: str) -> bytes:
+    parts = ip.split(".")
+    try:
+        octets = bytes(int(p) for p in parts)
+    except ValueError:
+        raise WireError(f"not an IPv4 address: {ip!r}") from None
+    if len(parts) != 4:
+        raise WireError(f"not an IPv4 address: {ip!r}")
+    return octets
+
+
+@attrs.frozen
+class SendTick:
+    TYPE: ClassVar[int] = 0x02
+
+    def encode_data(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> SendTick:
+        _expect_empty(data, "SendTick")
+        return cls()
+
+
+@attrs.frozen
+class SendTickAck:
+    TYPE: ClassVar[int] = 0x82
+
+    def encode_data(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> SendTickAck:
+        _expect_empty(data, "SendTickAck")
+        return cls()
+
+
+@attrs.frozen
+class SaveSetup:
+    TYPE: ClassVar[int] = 0x03
+
+    send_test_time: int
+    registers: tuple[Register, ...] = ()
+
+    def encode_data(self) -> bytes:
+        _u8(self.send_test_time, "SendTestTime")
+        return bytes([self.send_test_time]) + _encode_registers(self.registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> SaveSetup:
+        if not data:
+            raise WireError("SaveSetup needs at least SendTestTime")
+        return cls(data[0], _decode_registers(data[1:]))
+
+
+@attrs.frozen
+class SaveSetupAck:
+    TYPE: ClassVar[int] = 0x83
+
+    result: int
+    send_test_time: int = 0
+    registers: tuple[Register, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.result == 1
+
+    def encode_data(self) -> bytes:
+        _u8(self.result, "Result")
+        if not self.ok:
+            return bytes([self.result])
+        _u8(self.send_test_time, "SendTestTime")
+        return bytes([self.result, self.send_test_time]) + _encode_registers(self.registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> SaveSetupAck:
+        if not data:
+            raise WireError("SaveSetupAck needs at least Result")
+        if data[0] != 1:
+            return cls(data[0])
+        if len(data) < 2:
+            raise WireError("SaveSetupAck with Result 1 needs SendTestTime")
+        return cls(1, data[1], _decode_registers(data[2:]))
+
+
+@attrs.frozen
+class ReadSetup:
+    TYPE: ClassVar[int] = 0x04
+
+    def encode_data(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> ReadSetup:
+        _expect_empty(data, "ReadSetup")
+        return cls()
+
+
+@attrs.frozen
+class ReadSetupAck:
+    TYPE: ClassVar[int] = 0x84
+
+    send_test_time: int
+    registers: tuple[Register, ...] = ()
+
+    def encode_data(self) -> bytes:
+        _u8(self.send_test_time, "SendTestTime")
+        return bytes([self.send_test_time]) + _encode_registers(self.registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> ReadSetupAck:
+        if not data:
+            raise WireError("ReadSetupAck needs at least SendTestTime")
+        return cls(data[0], _decode_registers(data[1:]))
+
+
+@attrs.frozen
+class SendTest:
+    TYPE: ClassVar[int] = 0x05
+
+    net_state: int
+    test_code: int
+    values: tuple[int, ...] = ()
+
+    def encode_data(self) -> bytes:
+        _u8(self.net_state, "NetState")
+        _u8(self.test_code, "TestCode")
+        return bytes([self.net_state, self.test_code]) + _encode_values(self.values)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> SendTest:
+        if len(data) < 2:
+            raise WireError("SendTest needs at least NetState and TestCode")
+        return cls(data[0], data[1], _decode_values(data[2:]))
+
+
+@attrs.frozen
+class SendTestAck:
+    TYPE: ClassVar[int] = 0x85
+
+    test_code: int
+
+    def encode_data(self) -> bytes:
+        _u8(self.test_code, "TestCode")
+        return bytes([self.test_code])
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> SendTestAck:
+        if len(data) != 1:
+            raise WireError(f"SendTestAck carries 1 byte, got {len(data)}")
+        return cls(data[0])
+
+
+@attrs.frozen
+class ReadTest:
+    TYPE: ClassVar[int] = 0x06
+
+    registers: tuple[Register, ...]
+
+    def encode_data(self) -> bytes:
+        return _encode_registers(self.registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> ReadTest:
+        return cls(_decode_registers(data))
+
+
+@attrs.frozen
+class ReadTestAck:
+    TYPE: ClassVar[int] = 0x86
+
+    result: int
+    values: tuple[int, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.result == 1
+
+    def encode_data(self) -> bytes:
+        _u8(self.result, "Result")
+        if not self.ok:
+            return bytes([self.result])
+        return bytes([self.result]) + _encode_values(self.values)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> ReadTestAck:
+        if not data:
+            raise WireError("ReadTestAck needs at least Result")
+        if data[0] != 1:
+            return cls(data[0])
+        return cls(1, _decode_values(data[1:]))
+
+
+@attrs.frozen
+class SetControl:
+    TYPE: ClassVar[int] = 0x07
+
+    registers: tuple[RegisterValue, ...]
+
+    def encode_data(self) -> bytes:
+        return _encode_register_values(self.registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> SetControl:
+        return cls(_decode_register_values(data))
+
+
+@attrs.frozen
+class SetControlAck:
+    TYPE: ClassVar[int] = 0x87
+
+    result: int
+    registers: tuple[RegisterValue, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.result == 1
+
+    def encode_data(self) -> bytes:
+        _u8(self.result, "Result")
+        if not self.ok:
+            return bytes([self.result])
+        return bytes([self.result]) + _encode_register_values(self.registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> SetControlAck:
+        if not data:
+            raise WireError("SetControlAck needs at least Result")
+        if data[0] != 1:
+            return cls(data[0])
+        return cls(1, _decode_register_values(data[1:]))
+
+
+AnyMessage: TypeAlias = Union[
+    Login, LoginAck, SendTick, SendTickAck, SaveSetup, SaveSetupAck, ReadSetup,
+    ReadSetupAck, SendTest, SendTestAck, ReadTest, ReadTestAck, SetControl, SetControlAck,
+]
+
+#: The one table of type codes. Uplink messages come from the DTU.
+MESSAGE_TYPES: dict[int, type] = {
+    cls.TYPE: cls
+    for cls in (
+        Login, LoginAck, SendTick, SendTickAck, SaveSetup, SaveSetupAck, ReadSetup,
+        ReadSetupAck, SendTest, SendTestAck, ReadTest, ReadTestAck, SetControl, SetControlAck,
+    )
+}
+UPLINK_TYPES = frozenset(
+    cls.TYPE for cls in (Login, SendTick, SaveSetupAck, ReadSetupAck, SendTest, ReadTestAck, SetControlAck)
+)
+
+
+# -- framing ----------------------------------------------------------------
+
+
+@attrs.frozen
+class Dialect:
+    """What a deployment may change about the framing."""
+
+    head: bytes = attrs.field(default=DEFAULT_HEAD)
+    max_length: int = attrs.field(default=DEFAULT_MAX_LENGTH)
+
+    @head.validator
+    def _check_head(self, _attribute: attrs.Attribute, value: bytes) -> None:
+        if not 1 <= len(value) <= 8:
+            raise ValueError(f"frame head must be 1..8 bytes, got {len(value)}")
+
+    @max_length.validator
+    def _check_max_length(self, _attribute: attrs.Attribute, value: int) -> None:
+        # 2 bytes of Length, and room for the largest fixed-size message (Login).
+        if not 64 <= value <= 0xFFFF:
+            raise ValueError(f"max frame length must be 64..65535, got {value}")
+
+
+DEFAULT_DIALECT = Dialect()
+
+
+def encode_frame(message: Message, dialect: Dialect = DEFAULT_DIALECT) -> bytes:
+    data = message.encode_data()
+    length = len(data) + 1
+    if length > dialect.max_length:
+        raise WireError(
+            f"{type(message).__name__} needs Length {length}, over the limit of {dialect.max_length}"
+        )
+    body = _TYPE_AND_LENGTH.pack(message.TYPE, length) + data
+    return dialect.head + body + bytes([checksum(body)])
+
+
+def max_items(per_item: int, fixed: int = 0, dialect: Dialect = DEFAULT_DIALECT) -> int:
+    """How many items of ``per_item`` bytes fit one frame after ``fixed`` bytes of Data."""
+    return (dialect.max_length - 1 - fixed) // per_item
+
+
+# Parser events besides decoded messages. They carry what an operator needs
+# in a log line: what was wrong and how many bytes were thrown away.
+
+
+@attrs.frozen
+class BadChecksum:
+    type_code: int
+    expected: int
+    received: int
+
+
+@attrs.frozen
+class OversizedFrame:
+    type_code: int
+    length: int
+    limit: int
+
+
+@attrs.frozen
+class UnknownType:
+    type_code: int
+    length: int
+
+
+@attrs.frozen
+class MalformedMessage:
+    type_code: int
+    reason: str
+
+
+@attrs.frozen
+class Skipped:
+    """Bytes thrown away while looking for the next frame head."""
+
+    count: int
+
+
+PROBLEM_TYPES = (BadChecksum, OversizedFrame, UnknownType, MalformedMessage, Skipped)
+ParseProblem: TypeAlias = Union[BadChecksum, OversizedFrame, UnknownType, MalformedMessage, Skipped]
+ParseEvent: TypeAlias = Union[AnyMessage, ParseProblem]
+
+
+class FrameParser:
+    """Incremental parser: ``feed`` bytes, get the messages and problems found.
+
+    It never raises on input. On a bad checksum, an oversized Length or an
+    unknown type it drops the head it was looking at and resynchronises on
+    the next one, so one corrupt frame costs only itself.
+
+    ``garbage`` counts the bytes received since the last valid frame; the
+    owner decides when that is too much.
+    """
+
+    def __init__(self, dialect: Dialect = DEFAULT_DIALECT, types: dict[int, type] = MESSAGE_TYPES) -> None:
+        self._head = dialect.head
+        self._header_size = len(dialect.head) + _TYPE_AND_LENGTH.size
+        self._max_length = dialect.max_length
+        self._types = types
+        self._buffer = bytearray()
+        self.garbage = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[ParseEvent]:
+        self._buffer += data
+        self.garbage += len(data)
+        events: list[ParseEvent] = []
+        self._drain(events.append)
+        return events
+
+    def _drain(self, emit: Callable[[ParseEvent], None]) -> None:
+        buf = self._buffer
+        head = self._head
+        header_size = self._header_size
+        head_len = len(head)
+        pos = 0
+        try:
+            while True:
+                start = buf.find(head, pos)
+                if start < 0:
+                    # Keep a tail that could be the beginning of a split head.
+                    keep = _partial_head_suffix(buf, pos, head)
+                    dropped = len(buf) - pos - keep
+                    if dropped:
+                        emit(Skipped(dropped))
+                    pos = len(buf) - keep
+                    return
+                if start > pos:
+                    emit(Skipped(start - pos))
+                    pos = start
+                if len(buf) - pos < header_size:
+                    return
+                type_code, length = _TYPE_AND_LENGTH.unpack_from(buf, pos + head_len)
+                if length < 1 or length > self._max_length:
+                    emit(OversizedFrame(type_code, length, self._max_length))
+                    pos += 1
+                    continue
+                cls = self._types.get(type_code)
+                if cls is None:
+                    emit(UnknownType(type_code, length))
+                    pos += 1
+                    continue
+                end = pos + header_size + length
+                if len(buf) < end:
+                    return
+                expected = sum(memoryview(buf)[pos + head_len : end - 1]) & 0xFF
+                received = buf[end - 1]
+                if expected != received:
+                    emit(BadChecksum(type_code, expected, received))
+                    pos += 1
+                    continue
+                data = bytes(buf[pos + header_size : end - 1])
+                pos = end
+                try:
+                    message = cls.decode_data(data)
+                except WireError as e:
+                    emit(MalformedMessage(type_code, str(e)))
+                    continue
+                self.garbage = len(buf) - pos
+                emit(message)
+        finally:
+            del buf[:pos]
+
+
+def _partial_head_suffix(buf: bytearray, pos: int, head: bytes) -> int:
+    """Length of the longest tail of ``buf[pos:]`` that is a proper prefix of ``head``."""
+    for keep in range(min(len(head) - 1, len(buf) - pos), 0, -1):
+        if buf.endswith(head[:keep]):
+            return keep
+    return 0
+
+
+def parse_head(text: str) -> bytes:
+    """``"AA55"`` (or ``"aa 55"``, ``"0xAA55"``) -> ``b"\\xaa\\x55"``, for configuration."""
+    cleaned = text.strip().removeprefix("0x").removeprefix("0X").replace(" ", "")
+    try:
+        head = bytes.fromhex(cleaned)
+    except ValueError:
+        raise WireError(f"frame head must be hex digits like 'AA55', got {text!r}") from None
+    if not head:
+        raise WireError("frame head must not be empty")
+    return head

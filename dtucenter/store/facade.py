@@ -1,0 +1,266 @@
+"""The non-blocking store: database work on threads, writes group-committed.
+
+Every write goes through one writer thread. Whatever is submitted while a
+commit is running waits and goes into the next one, so thousands of DTUs
+uploading at once cost a few transactions a second, not thousands, and a
+quiet center still commits at once. Callers get Deferreds that fire only
+after the commit, which is what lets a session acknowledge only stored data.
+
+When the database fails (down, locked, disk full) the batch is kept and
+retried with backoff; callers keep waiting, nothing is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, TypeVar
+
+import attrs
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from dtucenter.store.models import Sample
+
+T = TypeVar("T")
+Job = Callable[[Session], Any]
+
+log = Logger()
+
+#: Rows per transaction at most; more waits for the next one.
+MAX_BATCH_ROWS = 50_000
+RETRY_FIRST = 0.5
+RETRY_MAX = 30.0
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure of the database rather than of the work: worth retrying as is."""
+    if isinstance(error, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+@attrs.define
+class _Batch:
+    jobs: list[tuple[Job, Deferred[Any]]] = attrs.Factory(list)
+    rows: list[dict[str, Any]] = attrs.Factory(list)
+    row_waiters: list[Deferred[None]] = attrs.Factory(list)
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs or self.row_waiters)
+
+
+@attrs.define
+class StoreStats:
+    commits: int = 0
+    rows_committed: int = 0
+    jobs_committed: int = 0
+    failures: int = 0
+    largest_batch: int = 0
+
+
+def _gather(waiters: list[Deferred[None]]) -> Deferred[None]:
+    """One Deferred whose outcome is passed on to all of ``waiters``."""
+    d: Deferred[None] = Deferred()
+
+    def fan_out(result: Any) -> None:
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    d.addBoth(fan_out)
+    return d
+
+
+class Store(Service):
+    """Runs jobs (functions of a Session) off the reactor thread.
+
+    ``write`` and ``add_samples`` are serialised on one writer thread and
+    group-committed; ``read`` runs on a small pool of reader threads.
+    """
+
+    def __init__(self, engine: Engine, reactor: IReactorThreads, clock: IReactorTime | None = None,
+                 max_readers: int = 4) -> None:
+        self.engine = engine
+        self._reactor = reactor
+        self._clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self._writer = ThreadPool(1, 1, "dtucenter-db-writer")
+        self._readers = ThreadPool(0, max_readers, "dtucenter-db-reader")
+        self._queued_jobs: deque[tuple[Job, Deferred[Any]]] = deque()
+        self._queued_rows: deque[tuple[list[dict[str, Any]], Deferred[None]]] = deque()
+        self._queued_row_count = 0
+        self._in_flight: _Batch | None = None
+        self._retry_delay = RETRY_FIRST
+        self._retry_call: Any = None
+        self._idle_waiters: list[Deferred[None]] = []
+        self._isolate = 0
+        self.stats = StoreStats()
+        self.healthy = True
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._writer.start()
+        self._readers.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d = self.when_idle()
+
+        def stop_pools(_: None) -> None:
+            self._writer.stop()
+            self._readers.stop()
+            self.engine.dispose()
+
+        d.addCallback(stop_pools)
+        return d
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once everything submitted so far is committed."""
+        if not self._busy():
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _busy(self) -> bool:
+        return bool(self._in_flight or self._queued_jobs or self._queued_rows)
+
+    # -- submitting -------------------------------------------------------------
+
+    def write(self, job: Callable[[Session], T]) -> Deferred[T]:
+        """Run ``job`` in the next write transaction; fires with its result after the commit."""
+        d: Deferred[T] = Deferred()
+        self._queued_jobs.append((job, d))
+        self._kick()
+        return d
+
+    def add_samples(self, rows: list[dict[str, Any]]) -> Deferred[None]:
+        """Insert sample rows; fires after they are committed."""
+        d: Deferred[None] = Deferred()
+        self._queued_rows.append((rows, d))
+        self._queued_row_count += len(rows)
+        self._kick()
+        return d
+
+    def read(self, job: Callable[[Session], T]) -> Deferred[T]:
+        def run() -> T:
+            with Session(self.engine) as session:
+                return job(session)
+
+        return deferToThreadPool(self._reactor, self._readers, run)
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting for a transaction, for the operator's eyes."""
+        return self._queued_row_count
+
+    # -- the writer ---------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._in_flight is None and self._retry_call is None:
+            self._start_batch(self._take_batch())
+
+    def _take_batch(self) -> _Batch:
+        batch = _Batch()
+        if self._isolate > 0:
+            # A mixed batch failed for a reason of its own: find the culprit by committing parts alone.
+            self._isolate -= 1
+            if self._queued_jobs:
+                batch.jobs.append(self._queued_jobs.popleft())
+                return batch
+        else:
+            while self._queued_jobs:
+                batch.jobs.append(self._queued_jobs.popleft())
+        while self._queued_rows and (
+            not batch.rows or len(batch.rows) + len(self._queued_rows[0][0]) <= MAX_BATCH_ROWS
+        ):
+            rows, d = self._queued_rows.popleft()
+            self._queued_row_count -= len(rows)
+            batch.rows.extend(rows)
+            batch.row_waiters.append(d)
+        return batch
+
+    def _start_batch(self, batch: _Batch) -> None:
+        if not batch:
+            self._in_flight = None
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+            return
+        self._in_flight = batch
+        d = deferToThreadPool(self._reactor, self._writer, self._commit, batch)
+        d.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    def _commit(self, batch: _Batch) -> list[Any]:
+        with Session(self.engine) as session, session.begin():
+            results = [job(session) for job, _ in batch.jobs]
+            if batch.rows:
+                session.connection().execute(Sample.__table__.insert(), batch.rows)
+        return results
+
+    def _committed(self, results: list[Any], batch: _Batch) -> None:
+        if not self.healthy:
+            log.info("Database is writable again; {rows} rows were waiting", rows=len(batch.rows) + self.backlog)
+        self.healthy = True
+        self._retry_delay = RETRY_FIRST
+        self.stats.commits += 1
+        self.stats.rows_committed += len(batch.rows)
+        self.stats.jobs_committed += len(batch.jobs)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch.rows))
+        self._in_flight = None
+        for (_, d), result in zip(batch.jobs, results):
+            d.callback(result)
+        for d in batch.row_waiters:
+            d.callback(None)
+        self._kick()
+
+    def _failed(self, failure: Failure, batch: _Batch) -> None:
+        self.stats.failures += 1
+        if is_transient(failure.value):
+            self.healthy = False
+            log.failure(
+                "Database write of {jobs} jobs and {rows} rows failed; retrying in {delay:.1f}s",
+                failure, jobs=len(batch.jobs), rows=len(batch.rows), delay=self._retry_delay,
+            )
+            self._retry_call = self._clock.callLater(self._retry_delay, self._retry, batch)
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+            return
+        self._in_flight = None
+        parts = len(batch.jobs) + (1 if batch.rows else 0)
+        if parts > 1:
+            self._requeue(batch)
+            self._isolate = parts
+        else:
+            log.failure("Database write failed and will not be retried", failure)
+            for _, d in batch.jobs:
+                d.errback(failure)
+            for d in batch.row_waiters:
+                d.errback(failure)
+        self._kick()
+
+    def _requeue(self, batch: _Batch) -> None:
+        self._queued_jobs.extendleft(reversed(batch.jobs))
+        if batch.rows:
+            self._queued_rows.appendleft((batch.rows, _gather(batch.row_waiters)))
+            self._queued_row_count += len(batch.rows)
+
+    def _retry(self, batch: _Batch) -> None:
+        self._retry_call = None
+        self._start_batch(batch)
+
+    def cancel_retry(self) -> None:
+        """For tests and shutdown: stop waiting for a database that will not come back."""
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None

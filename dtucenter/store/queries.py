@@ -1,0 +1,281 @@
+"""Database operations as plain synchronous functions of a Session.
+
+They return attrs snapshots, never ORM objects, so results can cross from
+the database thread to the reactor thread safely. The CLI calls them
+directly; the running center calls them through ``Store``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Sequence
+
+import attrs
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from dtucenter.dtu import wire
+from dtucenter.store.models import Dtu, RegisterEntry, Sample
+
+
+@attrs.frozen
+class DtuInfo:
+    psn: int
+    name: str
+    password_set: bool
+    pname: str
+    version: int
+    ccid: str
+    fota_flag: int
+    tick_time: int
+    send_test_mode: int
+    send_test_time: int
+    new_ver: int
+    new_port: int
+    new_ip: str
+    online: bool
+    remote: str | None
+    last_login: dt.datetime | None
+    last_seen: dt.datetime | None
+
+    @classmethod
+    def of(cls, row: Dtu) -> DtuInfo:
+        return cls(
+            psn=row.psn, name=row.name, password_set=row.password != 0, pname=row.pname,
+            version=row.version, ccid=row.ccid, fota_flag=row.fota_flag, tick_time=row.tick_time,
+            send_test_mode=row.send_test_mode, send_test_time=row.send_test_time,
+            new_ver=row.new_ver, new_port=row.new_port, new_ip=row.new_ip, online=row.online,
+            remote=row.remote, last_login=row.last_login, last_seen=row.last_seen,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            key: (value.isoformat() if isinstance(value, dt.datetime) else value)
+            for key, value in attrs.asdict(self).items()
+        }
+
+
+@attrs.frozen
+class LoginDecision:
+    accepted: bool
+    reason: str
+    ack: wire.LoginAck
+    registers: tuple[wire.Register, ...] = ()
+    enrolled: bool = False
+
+
+#: Settings an operator may give a DTU record, with their valid ranges.
+DTU_FIELD_RANGES: dict[str, tuple[int, int]] = {
+    "password": (0, 0xFFFFFFFF),
+    "fota_flag": (0, 255),
+    "tick_time": (1, 255),
+    "send_test_mode": (0, 255),
+    "send_test_time": (0, 255),
+    "new_ver": (0, 0xFFFF),
+    "new_port": (0, 0xFFFF),
+}
+DTU_TEXT_FIELDS = {"name": 100, "new_ip": 15}
+
+
+def validate_dtu_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Check operator-given DTU settings; raise ValueError naming the field."""
+    checked: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key in DTU_FIELD_RANGES:
+            low, high = DTU_FIELD_RANGES[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{key} must be a whole number {low}..{high}, got {value!r}")
+        elif key in DTU_TEXT_FIELDS:
+            if not isinstance(value, str) or len(value) > DTU_TEXT_FIELDS[key]:
+                raise ValueError(f"{key} must be text of at most {DTU_TEXT_FIELDS[key]} characters")
+            if key == "new_ip":
+                try:
+                    wire.ip_to_bytes(value)
+                except wire.WireError as e:
+                    raise ValueError(f"new_ip: {e}") from None
+        else:
+            raise ValueError(f"unknown DTU field {key!r}")
+        checked[key] = value
+    return checked
+
+
+def check_psn(psn: Any) -> int:
+    if isinstance(psn, bool) or not isinstance(psn, int) or not 0 <= psn <= 0xFFFFFFFF:
+        raise ValueError(f"PSN must be a whole number 0..4294967295, got {psn!r}")
+    return psn
+
+
+def login_ack_of(row: Dtu, right: int = wire.LOGIN_ACCEPTED) -> wire.LoginAck:
+    return wire.LoginAck(
+        right=right, fota_flag=row.fota_flag, tick_time=row.tick_time,
+        send_test_mode=row.send_test_mode, send_test_time=row.send_test_time,
+        new_ver=row.new_ver, new_port=row.new_port, new_ip=row.new_ip,
+    )
+
+
+REFUSED = wire.LoginAck(right=wire.LOGIN_REFUSED)
+
+
+def authenticate(
+    session: Session, login: wire.Login, remote: str, now: dt.datetime, enroll_unknown: bool
+) -> LoginDecision:
+    """The seed's rule: a stored PASS of 0 takes (and keeps) any PASS; otherwise they must match."""
+    row = session.get(Dtu, login.psn)
+    enrolled = False
+    if row is None:
+        if not enroll_unknown:
+            return LoginDecision(False, "unknown PSN", REFUSED)
+        row = Dtu(psn=login.psn, password=login.password, name="", created=now)
+        _fill_defaults(row)
+        session.add(row)
+        enrolled = True
+    elif row.password == 0:
+        row.password = login.password
+    elif row.password != login.password:
+        return LoginDecision(False, "wrong password", REFUSED)
+    row.pname = login.pname[:8]
+    row.version = login.cur_ver
+    row.ccid = login.ccid[:20]
+    row.online = True
+    row.remote = remote
+    row.last_login = now
+    row.last_seen = now
+    session.flush()
+    return LoginDecision(True, "ok", login_ack_of(row), register_list(session, login.psn), enrolled)
+
+
+def _fill_defaults(row: Dtu) -> None:
+    # Column defaults apply only at flush; the LoginAck is built before that.
+    for column in Dtu.__table__.columns:
+        if getattr(row, column.key) is None and column.default is not None and column.default.is_scalar:
+            setattr(row, column.key, column.default.arg)
+
+
+def register_list(session: Session, psn: int) -> tuple[wire.Register, ...]:
+    rows = session.scalars(
+        select(RegisterEntry).where(RegisterEntry.psn == psn).order_by(RegisterEntry.position)
+    )
+    return tuple(wire.Register(r.dev, r.addr) for r in rows)
+
+
+def replace_register_list(
+    session: Session, psn: int, send_test_time: int, registers: Sequence[wire.Register]
+) -> None:
+    session.execute(delete(RegisterEntry).where(RegisterEntry.psn == psn))
+    session.add_all(
+        RegisterEntry(psn=psn, position=i, dev=r.dev, addr=r.addr) for i, r in enumerate(registers)
+    )
+    session.execute(update(Dtu).where(Dtu.psn == psn).values(send_test_time=send_test_time))
+
+
+def mark_offline(session: Session, psn: int, last_seen: dt.datetime) -> None:
+    session.execute(update(Dtu).where(Dtu.psn == psn).values(online=False, last_seen=last_seen))
+
+
+def mark_all_offline(session: Session) -> int:
+    """At start-up: no connection survives a restart, whatever the table says."""
+    result = session.execute(update(Dtu).where(Dtu.online.is_(True)).values(online=False))
+    return result.rowcount or 0
+
+
+def record_last_seen(session: Session, seen: dict[int, dt.datetime]) -> None:
+    if seen:
+        session.execute(
+            update(Dtu),
+            [{"psn": psn, "last_seen": when} for psn, when in seen.items()],
+        )
+
+
+def upsert_dtu(session: Session, psn: int, fields: dict[str, Any], now: dt.datetime) -> tuple[DtuInfo, bool]:
+    """Create or update a DTU record; returns it and whether it was created."""
+    fields = validate_dtu_fields(fields)
+    row = session.get(Dtu, check_psn(psn))
+    created = row is None
+    if row is None:
+        row = Dtu(psn=psn, created=now, name="")
+        _fill_defaults(row)
+        session.add(row)
+    for key, value in fields.items():
+        setattr(row, key, value)
+    session.flush()
+    return DtuInfo.of(row), created
+
+
+def get_dtu(session: Session, psn: int) -> DtuInfo | None:
+    row = session.get(Dtu, psn)
+    return None if row is None else DtuInfo.of(row)
+
+
+def list_dtus(session: Session) -> list[DtuInfo]:
+    return [DtuInfo.of(row) for row in session.scalars(select(Dtu).order_by(Dtu.psn))]
+
+
+def delete_dtu(session: Session, psn: int, with_samples: bool = True) -> bool:
+    found = session.execute(delete(Dtu).where(Dtu.psn == psn)).rowcount > 0
+    session.execute(delete(RegisterEntry).where(RegisterEntry.psn == psn))
+    if with_samples:
+        session.execute(delete(Sample).where(Sample.psn == psn))
+    return found
+
+
+def sample_rows(
+    psn: int, when: dt.datetime, upload: wire.SendTest, registers: Sequence[wire.Register]
+) -> list[dict[str, Any]]:
+    """Rows for one SendTest; (dev, addr) come from the register list when it matches."""
+    named = len(registers) == len(upload.values)
+    return [
+        {
+            "psn": psn,
+            "time": when,
+            "net_state": upload.net_state,
+            "position": position,
+            "dev": registers[position].dev if named else None,
+            "addr": registers[position].addr if named else None,
+            "value": value,
+        }
+        for position, value in enumerate(upload.values)
+    ]
+
+
+@attrs.frozen
+class SampleInfo:
+    time: dt.datetime
+    psn: int
+    net_state: int
+    position: int
+    dev: int | None
+    addr: int | None
+    value: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": self.time.isoformat(),
+            "net_state": self.net_state,
+            "position": self.position,
+            "dev": self.dev,
+            "addr": self.addr,
+            "value": self.value,
+        }
+
+
+def query_samples(
+    session: Session,
+    psn: int,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int | None = None,
+) -> list[SampleInfo]:
+    """Samples of one DTU, oldest first; ``limit`` keeps the oldest ones after ``since``."""
+    query = select(Sample).where(Sample.psn == psn)
+    if since is not None:
+        query = query.where(Sample.time >= since)
+    if until is not None:
+        query = query.where(Sample.time < until)
+    query = query.order_by(Sample.time, Sample.id)
+    if limit is not None:
+        query = query.limit(limit)
+    return [
+        SampleInfo(r.time, r.psn, r.net_state, r.position, r.dev, r.addr, r.value)
+        for r in session.scalars(query)
+    ]
+

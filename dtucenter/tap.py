@@ -1,0 +1,123 @@
+"""``twistd dtucenter``: command-line options and the service tree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.python import usage
+
+from dtucenter.config import DEFAULT_DB_URL, ConfigError, Settings, load_settings
+from dtucenter.dtu.center import CenterSettings, DTUCenter
+from dtucenter.dtu.session import DTUFactory
+from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
+from dtucenter.store.db import DatabaseURLError, open_engine
+from dtucenter.store.facade import Store
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Run the DTU data center. Command-line options override the --config file."
+
+    # Defaults are None so that a value given in the config file is not
+    # overridden by a default here; config.Settings holds the real defaults.
+    optParameters = [
+        ["config", "c", None, "TOML configuration file."],
+        ["dtu", None, None, "Endpoint for DTU TCP connections (default tcp:20000)."],
+        ["dtu-udp", None, None, "UDP PORT or INTERFACE:PORT for DTUs over UDP (default off)."],
+        ["db", None, None, f"SQLAlchemy database URL (default {DEFAULT_DB_URL})."],
+        ["unknown-dtu", None, None, "reject (default) or accept (enrol) DTUs not in the database."],
+        ["login-timeout", None, None, "Seconds a new connection has to log in (default 30)."],
+        ["frame-head", None, None, "Frame head bytes in hex (default AA55)."],
+        ["max-frame-length", None, None, "Largest accepted frame Length field (default 1024)."],
+    ]
+
+    settings: Settings
+
+    def postOptions(self) -> None:
+        overrides = {
+            key: self[key] for key in self.keys() if key != "config" and self[key] is not None
+        }
+        try:
+            self.settings = load_settings(self["config"], overrides)
+        except ConfigError as e:
+            # One line, not twistd's full usage text: the operator needs to see what is wrong.
+            raise SystemExit(f"dtucenter: {e}") from None
+
+
+class ListeningService(StreamServerEndpointService):
+    """A listener that can tell which port it got (tests and logs ask for port 0)."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, name: str) -> None:
+        super().__init__(endpoint, factory)
+        self.setName(name)
+        self._port_waiters: list[Deferred[IListeningPort]] = []
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)  # type: ignore[union-attr]
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        waiters, self._port_waiters = self._port_waiters, []
+        for d in waiters:
+            d.callback(port)
+        return port
+
+    def when_listening(self) -> Deferred[IListeningPort]:
+        d: Deferred[IListeningPort] = Deferred()
+        if self.port is not None:
+            d.callback(self.port)
+        else:
+            self._port_waiters.append(d)
+        return d
+
+
+def makeService(options: Options | dict[str, Any], reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    settings = options.settings if isinstance(options, Options) else options["settings"]
+    try:
+        engine = open_engine(settings.db)
+    except DatabaseURLError as e:
+        raise SystemExit(f"dtucenter: --db: {e}") from None
+    top = MultiService()
+    store = Store(engine, reactor)
+    store.setName("store")
+    store.setServiceParent(top)
+    center = DTUCenter(
+        store,
+        reactor,
+        CenterSettings(
+            enroll_unknown=settings.unknown_dtu == "accept",
+            login_timeout=settings.login_timeout,
+            dialect=settings.dialect,
+            last_seen_interval=settings.last_seen_interval,
+        ),
+    )
+    center.setName("center")
+    center.setServiceParent(top)
+    try:
+        endpoint = serverFromString(reactor, settings.dtu)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"dtucenter: --dtu: not a usable endpoint {settings.dtu!r}: {e}") from None
+    ListeningService(endpoint, DTUFactory(center, reactor), "dtu-tcp").setServiceParent(top)
+    udp = settings.udp_interface_and_port
+    if udp is not None:
+        interface, port = udp
+        udp_service = UDPListenerService(reactor, interface, port, DTUDatagramProtocol(center, reactor))
+        udp_service.setName("dtu-udp")
+        udp_service.setServiceParent(top)
+    return top
+
+
+def service_named(top: MultiService, name: str) -> IService:
+    return top.getServiceNamed(name)
