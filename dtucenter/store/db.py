@@ -16,8 +16,12 @@ class DatabaseURLError(ValueError):
     """The URL cannot be used: the message says why, for the operator."""
 
 
-def open_engine(url: str, *, create: bool = True) -> Engine:
-    """An engine for ``url`` with the schema created (``create``)."""
+def open_engine(url: str, *, create: bool = True, sqlite_busy_timeout: float = 30.0) -> Engine:
+    """An engine for ``url`` with the schema created (``create``).
+
+    ``sqlite_busy_timeout``: seconds SQLite waits for another writer's lock
+    before the write fails (and the store retries it).
+    """
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -32,7 +36,7 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
         directory = os.path.dirname(os.path.abspath(database))
         if not os.path.isdir(directory):
             raise DatabaseURLError(f"directory {directory} for the SQLite database does not exist")
-        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        kwargs["connect_args"] = {"timeout": sqlite_busy_timeout, "check_same_thread": False}
     else:
         kwargs["pool_pre_ping"] = True
     try:

@@ -1,0 +1,75 @@
+"""The offline admin CLI against a real SQLite file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from dtucenter import cli
+from dtucenter.dtu import wire
+from dtucenter.store import queries
+from dtucenter.store.db import open_engine
+
+
+def run(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return cli.main(list(args), out), out.getvalue()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'c.db'}"
+
+
+def store_upload(db: str, psn: int, when: dt.datetime, upload: wire.SendTest, registers=()) -> None:
+    engine = open_engine(db)
+    with Session(engine) as session, session.begin():
+        session.execute(
+            queries.Sample.__table__.insert(),  # type: ignore[attr-defined]
+            queries.sample_rows(psn, when, upload, registers),
+        )
+    engine.dispose()
+
+
+def test_add_update_and_list(db: str) -> None:
+    assert run("dtu", "add", "10001", "--name", "pump house", "--password", "77", "--db", db) == (0, "added DTU 10001\n")
+    assert run("dtu", "add", "10001", "--tick-time", "30", "--db", db) == (0, "updated DTU 10001\n")
+    code, text = run("dtu", "list", "--db", db)
+    assert code == 0 and "pump house" in text and text.splitlines()[0].startswith("PSN")
+    code, text = run("dtu", "list", "--json", "--db", db)
+    [record] = json.loads(text)["dtus"]
+    assert record["psn"] == 10001 and record["tick_time"] == 30 and record["password_set"] is True
+    assert "password" not in record
+
+
+def test_samples_csv_oldest_first_with_register_names(db: str) -> None:
+    run("dtu", "add", "5", "--db", db)
+    t0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
+    store_upload(db, 5, t0 + dt.timedelta(minutes=1), wire.SendTest(20, 2, (3, 4)), (wire.Register(1, 100), wire.Register(1, 101)))
+    store_upload(db, 5, t0, wire.SendTest(21, 1, (-1,)))
+    code, text = run("samples", "5", "--db", db)
+    assert code == 0
+    assert text.splitlines() == [
+        "time,psn,net_state,position,dev,addr,value",
+        "2026-11-01T12:00:00+00:00,5,21,0,,,-1",
+        "2026-11-01T12:01:00+00:00,5,20,0,1,100,3",
+        "2026-11-01T12:01:00+00:00,5,20,1,1,101,4",
+    ]
+    code, text = run("samples", "5", "--since", "2026-11-01T12:00:30Z", "--limit", "1", "--format", "json", "--db", db)
+    assert [s["value"] for s in json.loads(text)["samples"]] == [3]
+
+
+def test_errors_are_one_line(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("samples", "404", "--db", db)[0] == 1
+    assert capsys.readouterr().err == "dtucenter: no DTU 404\n"
+    assert run("dtu", "list", "--db", "sqlite:////no/such/dir/x.db")[0] == 1
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        run("dtu", "add", "4294967296", "--db", db)
+    assert caught.value.code == 2
+    assert "PSN must be a whole number" in capsys.readouterr().err

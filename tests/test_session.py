@@ -1,0 +1,292 @@
+"""Session rules with StringTransport and task.Clock: no sockets, no threads, no sleeps.
+
+The store is a stand-in that runs the real queries against a real SQLite
+file synchronously, but lets each test decide when (and whether) a commit
+"finishes", which is what the session's promises are about.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from dtucenter.dtu import wire
+from dtucenter.dtu.center import CenterSettings, DTUCenter
+from dtucenter.dtu.session import DTUFactory, DTUProtocol
+from dtucenter.store import queries
+from dtucenter.store.db import open_engine
+from dtucenter.store.models import Sample
+
+
+class HeldStore:
+    """Runs jobs at once on a real database but holds their Deferreds until released."""
+
+    def __init__(self, path: Path) -> None:
+        self.engine = open_engine(f"sqlite:///{path / 'held.db'}")
+        self.hold = False
+        self.held: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def write(self, job: Callable[[Session], Any]) -> Deferred[Any]:
+        return self._submit(lambda: self._run(job))
+
+    def add_samples(self, rows: list[dict[str, Any]]) -> Deferred[None]:
+        return self._submit(lambda: self._run(lambda s: s.execute(Sample.__table__.insert(), rows) and None))
+
+    def _run(self, job: Callable[[Session], Any]) -> Any:
+        with Session(self.engine) as session, session.begin():
+            return job(session)
+
+    def _submit(self, work: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        if self.hold:
+            self.held.append((work, d))
+        else:
+            d.callback(work())
+        return d
+
+    def release(self) -> None:
+        """Finish every held commit, including those submitted while finishing."""
+        while self.held:
+            work, d = self.held.pop(0)
+            d.callback(work())
+
+    def fail(self) -> None:
+        held, self.held = self.held, []
+        for _, d in held:
+            d.errback(OperationalError("INSERT", {}, Exception("disk I/O error")))
+
+    def samples(self, psn: int) -> list[int]:
+        with Session(self.engine) as session:
+            return [s.value for s in queries.query_samples(session, psn)]
+
+    def add_dtu(self, psn: int, **fields: Any) -> None:
+        self._run(lambda s: queries.upsert_dtu(s, psn, fields, dt.datetime.now(dt.timezone.utc)))
+
+    def dtu(self, psn: int) -> queries.DtuInfo | None:
+        with Session(self.engine) as session:
+            return queries.get_dtu(session, psn)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, **settings: Any) -> None:
+        self.clock = Clock()
+        self.store = HeldStore(tmp_path)
+        self.center = DTUCenter(self.store, self.clock, CenterSettings(**settings))  # type: ignore[arg-type]
+        self.factory = DTUFactory(self.center, self.clock)
+
+    def connect(self) -> tuple[DTUProtocol, StringTransport]:
+        protocol = self.factory.buildProtocol(None)  # type: ignore[arg-type]
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    @staticmethod
+    def feed(protocol: DTUProtocol, *messages: Any) -> None:
+        for byte in b"".join(wire.encode_frame(m) for m in messages):
+            protocol.dataReceived(bytes([byte]))
+
+    @staticmethod
+    def replies(transport: StringTransport) -> list[Any]:
+        data = transport.value()
+        transport.clear()
+        return wire.FrameParser().feed(data)
+
+    @staticmethod
+    def lose(protocol: DTUProtocol) -> None:
+        protocol.connectionLost(None)  # type: ignore[arg-type]
+
+    def logged_in(self, psn: int = 1, password: int = 7, **fields: Any) -> tuple[DTUProtocol, StringTransport]:
+        self.store.add_dtu(psn, password=password, **fields)
+        protocol, transport = self.connect()
+        self.feed(protocol, wire.Login(psn, password, "HS121", 1, "CCID"))
+        assert self.replies(transport)[0].accepted
+        return protocol, transport
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.store.engine.dispose()
+
+
+def test_no_login_in_time_closes(h: Harness) -> None:
+    protocol, transport = h.connect()
+    h.clock.advance(29.9)
+    assert not transport.disconnecting
+    h.clock.advance(0.2)
+    assert transport.disconnecting
+    h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_any_other_frame_before_login_closes(h: Harness) -> None:
+    protocol, transport = h.connect()
+    h.feed(protocol, wire.SendTest(1, 1, (1,)))
+    assert transport.disconnecting and transport.value() == b""
+    h.lose(protocol)
+    assert h.store.samples(1) == [] and h.clock.getDelayedCalls() == []
+
+
+def test_refused_login_gets_right_zero_then_close(h: Harness) -> None:
+    h.store.add_dtu(5, password=1)
+    protocol, transport = h.connect()
+    h.feed(protocol, wire.Login(5, 2))
+    assert h.replies(transport) == [wire.LoginAck(right=wire.LOGIN_REFUSED)]
+    assert transport.disconnecting
+    h.lose(protocol)
+    assert h.center.sessions == {} and h.clock.getDelayedCalls() == []
+
+
+def test_login_ack_carries_stored_parameters(h: Harness) -> None:
+    h.store.add_dtu(9, tick_time=20, send_test_mode=3, send_test_time=15, fota_flag=1,
+                    new_ver=4, new_port=20001, new_ip="10.1.2.3")
+    protocol, transport = h.connect()
+    h.feed(protocol, wire.Login(9, 99))
+    assert h.replies(transport) == [wire.LoginAck(0xEA, 1, 20, 3, 15, 4, 20001, "10.1.2.3")]
+    assert h.store.dtu(9).password_set  # type: ignore[union-attr]
+    h.lose(protocol)
+
+
+def test_silence_for_twice_tick_time_disconnects_and_marks_offline(h: Harness) -> None:
+    protocol, transport = h.logged_in(tick_time=10)
+    h.clock.advance(19)
+    h.feed(protocol, wire.SendTick())
+    assert h.replies(transport) == [wire.SendTickAck()]
+    h.clock.advance(19.9)
+    assert not transport.disconnecting
+    h.clock.advance(0.2)
+    assert transport.disconnecting
+    h.lose(protocol)
+    assert not h.store.dtu(1).online  # type: ignore[union-attr]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_upload_is_acknowledged_only_after_commit_and_reading_pauses(h: Harness) -> None:
+    protocol, transport = h.logged_in()
+    h.store.hold = True
+    h.feed(protocol, wire.SendTest(20, 5, (1, 2)), wire.SendTick())
+    assert transport.value() == b""
+    assert transport.producerState == "paused"
+    h.store.release()
+    assert h.replies(transport) == [wire.SendTestAck(5), wire.SendTickAck()]
+    assert transport.producerState == "producing"
+    assert h.store.samples(1) == [1, 2]
+    h.lose(protocol)
+
+
+def test_failed_store_is_never_acknowledged(h: Harness) -> None:
+    protocol, transport = h.logged_in()
+    h.store.hold = True
+    h.feed(protocol, wire.SendTest(20, 5, (1, 2)))
+    h.store.fail()
+    assert h.replies(transport) == []
+    assert transport.disconnecting
+    h.lose(protocol)
+    # The DTU resends on its next connection, and this time it is stored.
+    h.store.hold = False
+    protocol, transport = h.logged_in()
+    h.feed(protocol, wire.SendTest(20, 5, (1, 2)))
+    assert h.replies(transport) == [wire.SendTestAck(5)]
+    assert h.store.samples(1) == [1, 2]
+    h.lose(protocol)
+
+
+def test_slow_store_does_not_count_as_dtu_silence(h: Harness) -> None:
+    protocol, transport = h.logged_in(tick_time=10)
+    h.store.hold = True
+    h.feed(protocol, wire.SendTest(20, 5, (1,)))
+    h.clock.advance(60)
+    assert not transport.disconnecting
+    h.store.release()
+    assert h.replies(transport) == [wire.SendTestAck(5)]
+    h.lose(protocol)
+
+
+def test_retransmission_while_first_copy_is_in_flight_is_stored_once(h: Harness) -> None:
+    old, old_transport = h.logged_in()
+    h.store.hold = True
+    h.feed(old, wire.SendTest(20, 8, (4, 5)))
+    # The DTU gave up on the old link, dialled again and resends the same frame.
+    h.store.hold = False
+    new, new_transport = h.connect()
+    h.feed(new, wire.Login(1, 7))
+    h.store.hold = True
+    h.feed(new, wire.SendTest(20, 8, (4, 5)))
+    assert old_transport.disconnecting  # replaced by the newer login
+    h.store.release()
+    assert h.replies(new_transport)[-1] == wire.SendTestAck(8)
+    assert h.store.samples(1) == [4, 5]
+    h.lose(old)
+    h.lose(new)
+
+
+def test_a_new_test_code_with_same_values_is_new_data(h: Harness) -> None:
+    protocol, transport = h.logged_in()
+    h.feed(protocol, wire.SendTest(20, 1, (3,)), wire.SendTest(20, 2, (3,)), wire.SendTest(20, 2, (3,)))
+    assert h.replies(transport) == [wire.SendTestAck(1), wire.SendTestAck(2), wire.SendTestAck(2)]
+    assert h.store.samples(1) == [3, 3]
+    h.lose(protocol)
+
+
+def test_newer_login_replaces_older_session_and_older_loss_keeps_it_online(h: Harness) -> None:
+    old, old_transport = h.logged_in()
+    new, new_transport = h.connect()
+    h.feed(new, wire.Login(1, 7))
+    assert old_transport.disconnecting
+    h.lose(old)
+    assert h.center.sessions[1] is new.session
+    assert h.store.dtu(1).online  # type: ignore[union-attr]
+    h.lose(new)
+    assert not h.store.dtu(1).online  # type: ignore[union-attr]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_connection_lost_during_authentication_leaves_dtu_offline(h: Harness) -> None:
+    h.store.add_dtu(3, password=1)
+    protocol, transport = h.connect()
+    h.store.hold = True
+    h.feed(protocol, wire.Login(3, 1))
+    h.lose(protocol)
+    h.store.release()
+    assert h.center.sessions == {}
+    assert not h.store.dtu(3).online  # type: ignore[union-attr]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_bad_frames_are_counted_and_never_raise(h: Harness) -> None:
+    protocol, transport = h.logged_in()
+    bad = bytearray(wire.encode_frame(wire.SendTick()))
+    bad[-1] ^= 1
+    for byte in bytes(bad) + b"\xaa\x55\x99\x00\x01\x9a" + wire.encode_frame(wire.SendTick()):
+        protocol.dataReceived(bytes([byte]))
+    assert h.replies(transport) == [wire.SendTickAck()]
+    assert h.center.stats["dropped_BadChecksum"] == 1
+    assert h.center.stats["dropped_UnknownType"] == 1
+    h.lose(protocol)
+
+
+def test_garbage_limit_closes(tmp_path: Path) -> None:
+    h = Harness(tmp_path, garbage_limit=100)
+    protocol, transport = h.connect()
+    protocol.dataReceived(b"\x00" * 101)
+    assert transport.disconnecting
+    h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_custom_head_dialect(tmp_path: Path) -> None:
+    dialect = wire.Dialect(head=b"\x7e\x7e")
+    h = Harness(tmp_path, dialect=dialect, enroll_unknown=True)
+    protocol, transport = h.connect()
+    protocol.dataReceived(wire.encode_frame(wire.Login(4, 4), dialect))
+    assert transport.value().startswith(b"\x7e\x7e\x81")
+    h.lose(protocol)

@@ -1,0 +1,105 @@
+"""The store façade on real threads and a real SQLite file, with a real lock as the fault."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from twisted.internet import defer, reactor
+
+from dtucenter.store.db import open_engine
+from dtucenter.store.facade import Store
+from dtucenter.store.models import Sample
+from tests.support import until
+
+
+def rows(psn: int, n: int) -> list[dict[str, Any]]:
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    return [
+        {"psn": psn, "time": now, "net_state": 1, "position": i, "dev": None, "addr": None, "value": i}
+        for i in range(n)
+    ]
+
+
+def count(store: Store) -> int:
+    with Session(store.engine) as session:
+        return session.scalar(select(func.count()).select_from(Sample)) or 0
+
+
+def make_store(tmp_path: Path, **kwargs: Any) -> Store:
+    store = Store(open_engine(f"sqlite:///{tmp_path / 's.db'}", **kwargs), reactor)
+    store.startService()
+    return store
+
+
+@pytest_twisted.ensureDeferred
+async def test_uploads_from_many_dtus_share_few_transactions(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    try:
+        await defer.gatherResults([store.add_samples(rows(psn, 8)) for psn in range(500)])
+        assert count(store) == 4000
+        # The first upload commits alone; everything that queued meanwhile goes together.
+        assert store.stats.commits <= 3
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_locked_database_delays_but_never_loses_or_fakes_a_commit(tmp_path: Path) -> None:
+    store = make_store(tmp_path, sqlite_busy_timeout=0.05)
+    blocker = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        stored = store.add_samples(rows(1, 3))
+        await until(lambda: store.stats.failures >= 1)
+        assert not stored.called and not store.healthy
+        blocker.execute("COMMIT")
+        await stored
+        assert store.healthy and count(store) == 3
+    finally:
+        blocker.close()
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_job_fails_alone(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+
+    def broken(session: Session) -> None:
+        raise ValueError("bad job")
+
+    try:
+        blocker = store.write(lambda s: None)  # occupies the writer so the next three share a batch
+        bad = store.write(broken)
+        good = store.write(lambda s: "fine")
+        samples = store.add_samples(rows(2, 2))
+        await blocker
+        assert await good == "fine"
+        await samples
+        try:
+            await bad
+        except ValueError as e:
+            assert str(e) == "bad job"
+        else:
+            raise AssertionError("the broken job succeeded")
+        assert count(store) == 2
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_waits_for_pending_writes(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    pending = store.add_samples(rows(3, 5))
+    await store.stopService()
+    assert pending.called
+    engine = open_engine(f"sqlite:///{tmp_path / 's.db'}")
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Sample)) == 5
+    engine.dispose()
