@@ -47,11 +47,11 @@ class RunningCenter:
         await defer.maybeDeferred(self.service.stopService)
 
 
-async def start_center(tmp_path: Path, *args: str) -> RunningCenter:
-    """makeService with real options, DTUs on 127.0.0.1 port 0, SQLite in ``tmp_path``."""
+async def start_center(tmp_path: Path, *args: str, db_url: str | None = None) -> RunningCenter:
+    """makeService with real options, DTUs on 127.0.0.1 port 0, SQLite in ``tmp_path`` unless ``db_url``."""
     options = Options()
     options.parseOptions(
-        ["--dtu", "tcp:0:interface=127.0.0.1", "--db", f"sqlite:///{tmp_path / 'center.db'}", *args]
+        ["--dtu", "tcp:0:interface=127.0.0.1", "--db", db_url or f"sqlite:///{tmp_path / 'center.db'}", *args]
     )
     service = makeService(options, reactor)
     service.privilegedStartService()

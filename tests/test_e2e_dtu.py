@@ -32,8 +32,8 @@ def add_dtu(center: RunningCenter, psn: int, **fields: object) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_login_upload_ack_and_stored(tmp_path: Path) -> None:
-    center = await start_center(tmp_path)
+async def test_login_upload_ack_and_stored(tmp_path: Path, db_url: str) -> None:
+    center = await start_center(tmp_path, db_url=db_url)
     try:
         add_dtu(center, 1001, tick_time=30, send_test_time=10)
         dtu = await connect_dtu(center)
@@ -63,8 +63,8 @@ async def test_login_upload_ack_and_stored(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_password_rules(tmp_path: Path) -> None:
-    center = await start_center(tmp_path)
+async def test_password_rules(tmp_path: Path, db_url: str) -> None:
+    center = await start_center(tmp_path, db_url=db_url)
     try:
         # Unknown PSN under the default policy: refused, then closed.
         stranger = await connect_dtu(center)
@@ -113,8 +113,8 @@ async def test_frame_before_login_closes(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_second_login_replaces_older_connection(tmp_path: Path) -> None:
-    center = await start_center(tmp_path, "--unknown-dtu", "accept")
+async def test_second_login_replaces_older_connection(tmp_path: Path, db_url: str) -> None:
+    center = await start_center(tmp_path, "--unknown-dtu", "accept", db_url=db_url)
     try:
         old = await connect_dtu(center)
         await old.login(42, 1)
@@ -131,8 +131,8 @@ async def test_second_login_replaces_older_connection(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_register_list_names_values_and_rejects_wrong_count(tmp_path: Path) -> None:
-    center = await start_center(tmp_path, "--unknown-dtu", "accept")
+async def test_register_list_names_values_and_rejects_wrong_count(tmp_path: Path, db_url: str) -> None:
+    center = await start_center(tmp_path, "--unknown-dtu", "accept", db_url=db_url)
     try:
         add_dtu(center, 77)
         with Session(center.store.engine) as session, session.begin():

@@ -32,15 +32,15 @@ def count(store: Store) -> int:
         return session.scalar(select(func.count()).select_from(Sample)) or 0
 
 
-def make_store(tmp_path: Path, **kwargs: Any) -> Store:
-    store = Store(open_engine(f"sqlite:///{tmp_path / 's.db'}", **kwargs), reactor)
+def make_store(url: str, **kwargs: Any) -> Store:
+    store = Store(open_engine(url, **kwargs), reactor)
     store.startService()
     return store
 
 
 @pytest_twisted.ensureDeferred
-async def test_uploads_from_many_dtus_share_few_transactions(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+async def test_uploads_from_many_dtus_share_few_transactions(db_url: str) -> None:
+    store = make_store(db_url)
     try:
         await defer.gatherResults([store.add_samples(rows(psn, 8)) for psn in range(500)])
         assert count(store) == 4000
@@ -52,7 +52,7 @@ async def test_uploads_from_many_dtus_share_few_transactions(tmp_path: Path) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_locked_database_delays_but_never_loses_or_fakes_a_commit(tmp_path: Path) -> None:
-    store = make_store(tmp_path, sqlite_busy_timeout=0.05)
+    store = make_store(f"sqlite:///{tmp_path / 's.db'}", sqlite_busy_timeout=0.05)
     blocker = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
     try:
         blocker.execute("BEGIN EXCLUSIVE")
@@ -68,8 +68,8 @@ async def test_locked_database_delays_but_never_loses_or_fakes_a_commit(tmp_path
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failing_job_fails_alone(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+async def test_a_failing_job_fails_alone(db_url: str) -> None:
+    store = make_store(db_url)
 
     def broken(session: Session) -> None:
         raise ValueError("bad job")
@@ -94,12 +94,12 @@ async def test_a_failing_job_fails_alone(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_stop_waits_for_pending_writes(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+async def test_stop_waits_for_pending_writes(db_url: str) -> None:
+    store = make_store(db_url)
     pending = store.add_samples(rows(3, 5))
     await store.stopService()
     assert pending.called
-    engine = open_engine(f"sqlite:///{tmp_path / 's.db'}")
+    engine = open_engine(db_url)
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(Sample)) == 5
     engine.dispose()
