@@ -103,3 +103,19 @@ async def test_stop_waits_for_pending_writes(db_url: str) -> None:
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(Sample)) == 5
     engine.dispose()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_gives_up_on_a_dead_database_without_acknowledging(tmp_path: Path) -> None:
+    store = make_store(f"sqlite:///{tmp_path / 's.db'}", sqlite_busy_timeout=0.05)
+    store.shutdown_grace = 0.3
+    blocker = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        pending = store.add_samples(rows(4, 2))
+        pending.addErrback(lambda f: f.trap(ConnectionError) and "not stored")
+        await until(lambda: store.stats.failures >= 1)
+        await store.stopService()
+        assert await pending == "not stored"
+    finally:
+        blocker.close()

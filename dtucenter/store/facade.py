@@ -105,6 +105,8 @@ class Store(Service):
         self._isolate = 0
         self.stats = StoreStats()
         self.healthy = True
+        #: Seconds stopService waits for the database to take what is queued.
+        self.shutdown_grace = 30.0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -116,14 +118,36 @@ class Store(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         d = self.when_idle()
+        # A database that is down at shutdown must not hang the process. What is
+        # still queued was never acknowledged, so the DTUs will send it again.
+        d.addTimeout(self.shutdown_grace, self._clock, onTimeoutCancel=self._abandon_queue)
 
-        def stop_pools(_: None) -> None:
+        def stop_pools(_: object) -> None:
             self._writer.stop()
             self._readers.stop()
             self.engine.dispose()
 
-        d.addCallback(stop_pools)
+        d.addBoth(stop_pools)
         return d
+
+    def _abandon_queue(self, result: object, timeout: float) -> None:
+        waiting_to_retry = self._retry_call is not None
+        self.cancel_retry()
+        if waiting_to_retry and self._in_flight is not None:
+            # Not on the writer thread, so ours to fail; one on the thread reports back itself.
+            self._requeue(self._in_flight)
+            self._in_flight = None
+        jobs, rows = len(self._queued_jobs), self._queued_row_count
+        log.error(
+            "Stopping with the database unwritable for {timeout}s: {jobs} jobs and {rows} unacknowledged rows dropped",
+            timeout=timeout, jobs=jobs, rows=rows,
+        )
+        error = ConnectionError("store stopped before the database came back")
+        while self._queued_jobs:
+            self._queued_jobs.popleft()[1].errback(error)
+        while self._queued_rows:
+            self._queued_rows.popleft()[1].errback(error)
+        self._queued_row_count = 0
 
     def when_idle(self) -> Deferred[None]:
         """Fires once everything submitted so far is committed."""
@@ -227,7 +251,7 @@ class Store(Service):
 
     def _failed(self, failure: Failure, batch: _Batch) -> None:
         self.stats.failures += 1
-        if is_transient(failure.value):
+        if is_transient(failure.value) and self.running:
             self.healthy = False
             log.failure(
                 "Database write of {jobs} jobs and {rows} rows failed; retrying in {delay:.1f}s",
