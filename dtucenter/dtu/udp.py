@@ -76,10 +76,9 @@ class DTUDatagramProtocol(DatagramProtocol):
         if link is not None and link.session is not None:
             link.session.connection_lost()
 
-    def doStop(self) -> None:
+    def stopProtocol(self) -> None:
         for address in list(self.links):
             self.forget(address)
-        super().doStop()
 
 
 class UDPListenerService(Service):
