@@ -33,6 +33,9 @@ class Settings:
     max_frame_length: int = DEFAULT_MAX_LENGTH
     #: Seconds between writes of DTUs' last-seen times: a DB write per heartbeat would be wasteful.
     last_seen_interval: float = 15.0
+    manhole: str | None = None
+    manhole_keys: str = "~/.ssh/authorized_keys"
+    manhole_host_key: str = "dtucenter_manhole_host_key"
     #: The rest of the file ([modbus], [[link]], [[meter]]), for the services that own those tables.
     extra: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
     source: str = "defaults"
@@ -130,6 +133,9 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "frame_head": _head,
     "max_frame_length": _integer(64, 65535),
     "last_seen_interval": _number(1, 3600),
+    "manhole": _text,
+    "manhole_keys": _text,
+    "manhole_host_key": _text,
 }
 
 #: Tables of the file that belong to other services and are passed through.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -35,6 +36,9 @@ class Options(usage.Options):
         ["login-timeout", None, None, "Seconds a new connection has to log in (default 30)."],
         ["frame-head", None, None, "Frame head bytes in hex (default AA55)."],
         ["max-frame-length", None, None, "Largest accepted frame Length field (default 1024)."],
+        ["manhole", None, None, "Endpoint for an SSH Python prompt into the running center (default off)."],
+        ["manhole-keys", None, None, "authorized_keys file for the manhole (default ~/.ssh/authorized_keys)."],
+        ["manhole-host-key", None, None, "Manhole SSH host key file, created if missing (default dtucenter_manhole_host_key)."],
     ]
 
     settings: Settings
@@ -79,6 +83,14 @@ class ListeningService(StreamServerEndpointService):
         return d
 
 
+def server_endpoint(reactor: Any, description: str, option: str) -> IStreamServerEndpoint:
+    """An endpoint from an option's string, or a one-line exit naming the option."""
+    try:
+        return serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"dtucenter: --{option}: not a usable endpoint {description!r}: {e}") from None
+
+
 def makeService(options: Options | dict[str, Any], reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -105,10 +117,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
     )
     center.setName("center")
     center.setServiceParent(top)
-    try:
-        endpoint = serverFromString(reactor, settings.dtu)
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"dtucenter: --dtu: not a usable endpoint {settings.dtu!r}: {e}") from None
+    endpoint = server_endpoint(reactor, settings.dtu, "dtu")
     ListeningService(endpoint, DTUFactory(center, reactor), "dtu-tcp").setServiceParent(top)
     udp = settings.udp_interface_and_port
     if udp is not None:
@@ -116,8 +125,31 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
         udp_service = UDPListenerService(reactor, interface, port, DTUDatagramProtocol(center, reactor))
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
+    if settings.manhole is not None:
+        add_manhole(top, settings, reactor)
     return top
 
 
-def service_named(top: MultiService, name: str) -> IService:
-    return top.getServiceNamed(name)
+def add_manhole(top: MultiService, settings: Settings, reactor: Any) -> None:
+    from dtucenter.manhole import ManholeError, manhole_factory
+
+    center = top.getServiceNamed("center")
+    namespace = {
+        "service": top,
+        "center": center,
+        "sessions": center.sessions,  # type: ignore[attr-defined]
+        "stats": center.stats,  # type: ignore[attr-defined]
+        "store": top.getServiceNamed("store"),
+        "reactor": reactor,
+    }
+    endpoint = server_endpoint(reactor, settings.manhole, "manhole")
+    try:
+        factory = manhole_factory(
+            namespace,
+            Path(settings.manhole_keys).expanduser(),
+            Path(settings.manhole_host_key).expanduser(),
+        )
+    except ManholeError as e:
+        raise SystemExit(f"dtucenter: {e}") from None
+    ListeningService(endpoint, factory, "manhole").setServiceParent(top)
+

@@ -1,0 +1,75 @@
+"""A Python prompt inside the running center, over SSH (Twisted's manhole).
+
+Only public-key logins are accepted, from an authorized_keys file that is
+read at every login (edit it without restarting). The host key is created
+on first use and kept, so clients can pin it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch import manhole_ssh
+from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readAuthorizedKeyFile
+from twisted.conch.manhole_tap import chainedProtocolFactory
+from twisted.conch.ssh import keys
+from twisted.cred import portal
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+
+class ManholeError(Exception):
+    """The manhole cannot start; the message is for the operator."""
+
+
+@implementer(IAuthorizedKeysDB)
+class AuthorizedKeysFile:
+    """Every user name maps to the keys in one authorized_keys file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def getAuthorizedKeys(self, username: bytes) -> Iterator[keys.Key]:
+        try:
+            with open(self.path, "rb") as f:
+                yield from readAuthorizedKeyFile(f)
+        except OSError as e:
+            log.warn("Manhole login refused: cannot read {path}: {error}", path=self.path, error=e.strerror)
+
+
+def host_key(path: Path) -> keys.Key:
+    """The SSH host key kept at ``path``, created (mode 0600) on first use."""
+    if path.exists():
+        try:
+            return keys.Key.fromFile(str(path))
+        except (keys.BadKeyError, OSError, ValueError) as e:
+            raise ManholeError(f"manhole host key {path}: cannot read it: {e}") from None
+    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.toString("openssh"))
+    except OSError as e:
+        raise ManholeError(f"manhole host key {path}: cannot create it: {e.strerror}") from None
+    log.info("Created the manhole's SSH host key at {path}", path=path)
+    return key
+
+
+def manhole_factory(namespace: dict[str, Any], authorized_keys: Path, host_key_path: Path) -> manhole_ssh.ConchFactory:
+    if not authorized_keys.is_file():
+        raise ManholeError(f"manhole: authorized keys file {authorized_keys} does not exist")
+    realm = manhole_ssh.TerminalRealm()
+    realm.chainedProtocolFactory = chainedProtocolFactory(namespace)
+    checker = SSHPublicKeyChecker(AuthorizedKeysFile(authorized_keys))
+    factory = manhole_ssh.ConchFactory(portal.Portal(realm, [checker]))
+    key = host_key(host_key_path)
+    # Per instance: ConchFactory's class attributes would be shared by every factory.
+    factory.publicKeys = {key.sshType(): key.public()}
+    factory.privateKeys = {key.sshType(): key}
+    return factory
+
