@@ -563,3 +563,62 @@ async def test_an_unexpected_error_is_a_logged_500_in_json(tmp_path: Path) -> No
     finally:
         globalLogPublisher.removeObserver(events.append)
         await center.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_frame_limit_of_the_dialect_bounds_register_lists(tmp_path: Path) -> None:
+    center = await start_center(tmp_path, "--max-frame-length", "64")
+    api = center.api()
+    try:
+        dtu = await online_dtu(center)
+        registers = [{"dev": 1, "addr": n} for n in range(22)]
+        too_many = await api.post(f"/api/dtus/{PSN}/read", {"registers": registers})
+        assert too_many.status == 400 and too_many.error == "22 registers do not fit one frame; at most 21"
+        pending = ensureDeferred(api.post(f"/api/dtus/{PSN}/read", {"registers": registers[:21]}))
+        assert len((await dtu.next(wire.ReadTest)).registers) == 21
+        dtu.send(wire.ReadTestAck(1, tuple(range(21))))
+        assert (await pending).body == {"values": list(range(21))}
+    finally:
+        await center.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_hanging_up_does_not_stop_or_break_the_command(tmp_path: Path) -> None:
+    from twisted.logger import globalLogPublisher
+
+    center = await start_center(tmp_path)
+    api = center.api()
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        dtu = await online_dtu(center)
+        impatient = ensureDeferred(api.post(f"/api/dtus/{PSN}/read", {"registers": [{"dev": 1, "addr": 1}]}))
+        await dtu.next(wire.ReadTest)
+        impatient.cancel()  # the client gives up and closes its connection
+        await until(lambda: impatient.called)
+        dtu.send(wire.ReadTestAck(1, (12,)))
+        await until(lambda: center.center.sessions[PSN].commands.pending == 0)
+        await center.store.when_idle()
+        [record] = (await api.get(f"/api/dtus/{PSN}/commands")).body["commands"]
+        assert record["outcome"] == "ok" and record["result"] == {"values": [12]}
+        assert failures == []
+        impatient.addErrback(lambda _: None)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await center.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_api_can_be_turned_off(tmp_path: Path) -> None:
+    center = await start_center(tmp_path, "--api", "off")
+    try:
+        assert center.api_port is None
+        assert "api" not in [s.name for s in center.service]
+        assert not (tmp_path / "dtucenter.token").exists()
+    finally:
+        await center.stop()
