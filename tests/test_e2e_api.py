@@ -622,3 +622,26 @@ async def test_the_api_can_be_turned_off(tmp_path: Path) -> None:
         assert not (tmp_path / "dtucenter.token").exists()
     finally:
         await center.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_pending_at_a_crash_are_marked_interrupted_at_start(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from dtucenter.store import audit
+    from dtucenter.store.db import open_engine
+
+    engine = open_engine(f"sqlite:///{tmp_path / 'center.db'}")
+    with Session(engine) as session, session.begin():
+        audit.record_command(session, 8, "read_setup", {}, "127.0.0.1:1", dt.datetime.now(dt.timezone.utc))
+    engine.dispose()
+    center = await start_center(tmp_path)
+    try:
+        await center.store.when_idle()
+        [record] = (await center.api().get("/api/dtus/8/commands")).body["commands"]
+        assert record["outcome"] == "interrupted" and record["finished"] is not None
+        assert record["error"] == "the center stopped before the command finished"
+    finally:
+        await center.stop()

@@ -32,13 +32,11 @@ class Control(Service):
     def startService(self) -> None:
         super().startService()
         d = self.center.store.write(partial(audit.interrupt_pending, now=self.center.now()))
-        d.addCallback(
-            lambda count: count and log.warn(
-                "{count} commands were still pending when the center last stopped; marked interrupted",
-                count=count,
-            )
-        )
-        d.addErrback(lambda f: log.failure("Could not close the audit records of interrupted commands", f))
+        d.addCallbacks(self._interrupted, lambda f: log.failure("Could not close interrupted audit records", f))
+
+    def _interrupted(self, count: int) -> None:
+        if count:
+            log.warn("{count} commands were pending when the center last stopped; marked interrupted", count=count)
 
     async def run(self, psn: int, command: Command, who: str) -> Any:
         """Send ``command`` to DTU ``psn``; the result, or CommandError / UnknownDTU."""
