@@ -201,8 +201,8 @@ async def test_unknown_routes_wrong_methods_and_query_parameters(tmp_path: Path)
 
 
 @pytest_twisted.ensureDeferred
-async def test_samples_oldest_first_with_since_until_and_limit(tmp_path: Path) -> None:
-    center = await start_center(tmp_path)
+async def test_samples_oldest_first_with_since_until_and_limit(tmp_path: Path, db_url: str) -> None:
+    center = await start_center(tmp_path, db_url=db_url)
     api = center.api()
     try:
         dtu = await online_dtu(center)
@@ -240,8 +240,8 @@ async def test_samples_oldest_first_with_since_until_and_limit(tmp_path: Path) -
 
 
 @pytest_twisted.ensureDeferred
-async def test_save_setup_round_trip_replaces_the_register_list(tmp_path: Path) -> None:
-    center = await start_center(tmp_path)
+async def test_save_setup_round_trip_replaces_the_register_list(tmp_path: Path, db_url: str) -> None:
+    center = await start_center(tmp_path, db_url=db_url)
     api = center.api()
     try:
         dtu = await online_dtu(center)
@@ -450,8 +450,8 @@ async def test_bad_command_requests_are_400_and_nothing_is_sent(tmp_path: Path) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_unknown_is_404_offline_is_409_and_audited(tmp_path: Path) -> None:
-    center = await start_center(tmp_path)
+async def test_unknown_is_404_offline_is_409_and_audited(tmp_path: Path, db_url: str) -> None:
+    center = await start_center(tmp_path, db_url=db_url)
     api = center.api()
     try:
         read = {"registers": [{"dev": 1, "addr": 1}]}
@@ -477,8 +477,8 @@ async def test_unknown_is_404_offline_is_409_and_audited(tmp_path: Path) -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_audit_trail_says_who_what_when_and_how_it_ended(tmp_path: Path) -> None:
-    center = await start_center(tmp_path)
+async def test_the_audit_trail_says_who_what_when_and_how_it_ended(tmp_path: Path, db_url: str) -> None:
+    center = await start_center(tmp_path, db_url=db_url)
     api = center.api()
     try:
         dtu = await online_dtu(center)
@@ -625,7 +625,7 @@ async def test_the_api_can_be_turned_off(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_commands_pending_at_a_crash_are_marked_interrupted_at_start(tmp_path: Path) -> None:
+async def test_commands_pending_at_a_crash_are_marked_interrupted_at_start(tmp_path: Path, db_url: str) -> None:
     import datetime as dt
 
     from sqlalchemy.orm import Session
@@ -633,11 +633,11 @@ async def test_commands_pending_at_a_crash_are_marked_interrupted_at_start(tmp_p
     from dtucenter.store import audit
     from dtucenter.store.db import open_engine
 
-    engine = open_engine(f"sqlite:///{tmp_path / 'center.db'}")
+    engine = open_engine(db_url)
     with Session(engine) as session, session.begin():
         audit.record_command(session, 8, "read_setup", {}, "127.0.0.1:1", dt.datetime.now(dt.timezone.utc))
     engine.dispose()
-    center = await start_center(tmp_path)
+    center = await start_center(tmp_path, db_url=db_url)
     try:
         await center.store.when_idle()
         [record] = (await center.api().get("/api/dtus/8/commands")).body["commands"]
