@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,6 +27,7 @@ from dtucenter.store.db import open_engine
 from dtucenter.store.models import Sample
 
 PSN = 4711
+CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 TIMEOUT = 5.0
 R1, R2 = wire.Register(1, 0), wire.Register(2, 0x1234)
 
@@ -103,7 +105,7 @@ class Rig:
 def rig(tmp_path: Path) -> Iterator[Rig]:
     engine = open_engine(f"sqlite:///{tmp_path / 'unit.db'}")
     with Session(engine) as session, session.begin():
-        queries.upsert_dtu(session, PSN, {"tick_time": 60}, queries_now())
+        queries.upsert_dtu(session, PSN, {"tick_time": 60}, CREATED)
     clock = Clock()
     store = SyncStore(engine)
     center = DTUCenter(store, clock, CenterSettings(command_timeout=TIMEOUT))  # type: ignore[arg-type]
@@ -118,12 +120,6 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     protocol.connectionLost(Failure(ConnectionError("test over")))
     assert clock.getDelayedCalls() == [], "a timer was left behind"
     engine.dispose()
-
-
-def queries_now() -> Any:
-    import datetime as dt
-
-    return dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def timers(rig: Rig) -> int:
