@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from dtucenter import __version__
 from dtucenter.config import DEFAULT_DB_URL
+from dtucenter.isotime import parse_iso_time
 from dtucenter.store import queries
 from dtucenter.store.db import DatabaseURLError, open_engine
 
@@ -49,12 +50,10 @@ def _bounded(low: int, high: int) -> Callable[[str], int]:
 
 
 def parse_time(text: str) -> dt.datetime:
-    """ISO 8601; a time without an offset is taken as UTC."""
     try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+        return parse_iso_time(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

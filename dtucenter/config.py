@@ -15,6 +15,7 @@ import attrs
 from dtucenter.dtu.wire import DEFAULT_HEAD, DEFAULT_MAX_LENGTH, Dialect, WireError, parse_head
 
 DEFAULT_DB_URL = "sqlite:///dtucenter.db"
+DEFAULT_API = "tcp:8080:interface=127.0.0.1"
 UNKNOWN_DTU_POLICIES = ("reject", "accept")
 
 
@@ -36,6 +37,12 @@ class Settings:
     manhole: str | None = None
     manhole_keys: str = "~/.ssh/authorized_keys"
     manhole_host_key: str = "dtucenter_manhole_host_key"
+    #: Seconds a DTU has to answer a command (SaveSetup, ReadSetup, ReadTest, SetControl).
+    command_timeout: float = 10.0
+    #: Endpoint of the HTTP JSON API, or "off".
+    api: str = DEFAULT_API
+    #: Bearer token for the API; None: read or create the token file. Kept out of reprs and logs.
+    api_token: str | None = attrs.field(default=None, repr=False)
     #: The rest of the file ([modbus], [[link]], [[meter]]), for the services that own those tables.
     extra: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
     source: str = "defaults"
@@ -113,6 +120,13 @@ def _udp(value: Any) -> str:
     return str(value)
 
 
+def _token(value: Any) -> str:
+    # It travels in an HTTP header: visible ASCII only, and no spaces to confuse "Bearer TOKEN".
+    if not isinstance(value, str) or not value or not all("!" <= c <= "~" for c in value):
+        raise ValueError("expected a non-empty token of visible ASCII characters without spaces")
+    return value
+
+
 def _head(value: Any) -> bytes:
     try:
         head = parse_head(_text(value))
@@ -136,6 +150,9 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "manhole": _text,
     "manhole_keys": _text,
     "manhole_host_key": _text,
+    "command_timeout": _number(0.01, 3600),
+    "api": _text,
+    "api_token": _token,
 }
 
 #: Tables of the file that belong to other services and are passed through.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,15 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python import usage
 
-from dtucenter.config import DEFAULT_DB_URL, ConfigError, Settings, load_settings
+from dtucenter.config import DEFAULT_API, DEFAULT_DB_URL, ConfigError, Settings, load_settings
 from dtucenter.dtu.center import CenterSettings, DTUCenter
+from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.facade import Store
+from dtucenter.web.auth import ENVIRONMENT_VARIABLE, TokenFileError, resolve_token
+from dtucenter.web.site import build_site
 
 
 class Options(usage.Options):
@@ -39,6 +43,10 @@ class Options(usage.Options):
         ["manhole", None, None, "Endpoint for an SSH Python prompt into the running center (default off)."],
         ["manhole-keys", None, None, "authorized_keys file for the manhole (default ~/.ssh/authorized_keys)."],
         ["manhole-host-key", None, None, "Manhole SSH host key file, created if missing (default dtucenter_manhole_host_key)."],
+        ["command-timeout", None, None, "Seconds a DTU has to answer a command (default 10)."],
+        ["api", None, None, f"Endpoint for the HTTP JSON API, or off (default {DEFAULT_API})."],
+        ["api-token", None, None,
+         f"Bearer token for the API (else ${ENVIRONMENT_VARIABLE}, the config file, or dtucenter.token)."],
     ]
 
     settings: Settings
@@ -47,6 +55,8 @@ class Options(usage.Options):
         overrides = {
             key: self[key] for key in self.keys() if key != "config" and self[key] is not None
         }
+        if "api-token" not in overrides and os.environ.get(ENVIRONMENT_VARIABLE):
+            overrides["api-token"] = os.environ[ENVIRONMENT_VARIABLE]
         try:
             self.settings = load_settings(self["config"], overrides)
         except ConfigError as e:
@@ -113,12 +123,16 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
             login_timeout=settings.login_timeout,
             dialect=settings.dialect,
             last_seen_interval=settings.last_seen_interval,
+            command_timeout=settings.command_timeout,
         ),
     )
     center.setName("center")
     center.setServiceParent(top)
     endpoint = server_endpoint(reactor, settings.dtu, "dtu")
     ListeningService(endpoint, DTUFactory(center, reactor), "dtu-tcp").setServiceParent(top)
+    control = Control(center)
+    control.setName("control")
+    control.setServiceParent(top)
     udp = settings.udp_interface_and_port
     if udp is not None:
         interface, port = udp
@@ -127,7 +141,18 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
         udp_service.setServiceParent(top)
     if settings.manhole is not None:
         add_manhole(top, settings, reactor)
+    if settings.api != "off":
+        add_api(top, settings, center, control, reactor)
     return top
+
+
+def add_api(top: MultiService, settings: Settings, center: DTUCenter, control: Control, reactor: Any) -> None:
+    endpoint = server_endpoint(reactor, settings.api, "api")
+    try:
+        token = resolve_token(settings.api_token, settings.db)
+    except TokenFileError as e:
+        raise SystemExit(f"dtucenter: {e}") from None
+    ListeningService(endpoint, build_site(center, control, token), "api").setServiceParent(top)
 
 
 def add_manhole(top: MultiService, settings: Settings, reactor: Any) -> None:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections import deque
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import attrs
+import treq
 from twisted.application.service import MultiService
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool
 
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import DTUCenter
@@ -30,6 +34,7 @@ class RunningCenter:
     options: Options
     tcp_port: int
     udp_port: int | None
+    api_port: int | None = None
 
     @property
     def center(self) -> DTUCenter:
@@ -40,6 +45,15 @@ class RunningCenter:
         return self.service.getServiceNamed("store")  # type: ignore[return-value]
 
     @property
+    def api_token(self) -> str:
+        return self.service.getServiceNamed("api").factory.resource._token  # type: ignore[attr-defined]
+
+    def api(self, token: str | None = None) -> ApiClient:
+        """An HTTP client for the API, with the center's token unless another is given."""
+        assert self.api_port is not None, "started with --api off"
+        return ApiClient(f"http://127.0.0.1:{self.api_port}", self.api_token if token is None else token)
+
+    @property
     def db_url(self) -> str:
         return self.options.settings.db
 
@@ -48,10 +62,13 @@ class RunningCenter:
 
 
 async def start_center(tmp_path: Path, *args: str, db_url: str | None = None) -> RunningCenter:
-    """makeService with real options, DTUs on 127.0.0.1 port 0, SQLite in ``tmp_path`` unless ``db_url``."""
+    """makeService with real options, DTUs and the API on 127.0.0.1 port 0, SQLite in ``tmp_path`` unless ``db_url``."""
+    url = db_url or f"sqlite:///{tmp_path / 'center.db'}"
+    # Beside a non-SQLite database the token file would go to the working directory: not from a test.
+    token = [] if url.startswith("sqlite") or "--api-token" in args else ["--api-token", secrets.token_urlsafe()]
     options = Options()
     options.parseOptions(
-        ["--dtu", "tcp:0:interface=127.0.0.1", "--db", db_url or f"sqlite:///{tmp_path / 'center.db'}", *args]
+        ["--dtu", "tcp:0:interface=127.0.0.1", "--api", "tcp:0:interface=127.0.0.1", "--db", url, *token, *args]
     )
     service = makeService(options, reactor)
     service.privilegedStartService()
@@ -61,7 +78,56 @@ async def start_center(tmp_path: Path, *args: str, db_url: str | None = None) ->
     udp_port = None
     if options.settings.dtu_udp is not None:
         udp_port = service.getServiceNamed("dtu-udp").port.getHost().port  # type: ignore[attr-defined]
-    return RunningCenter(service, options, port.getHost().port, udp_port)
+    api_port = None
+    if options.settings.api != "off":
+        api_listener: ListeningService = service.getServiceNamed("api")  # type: ignore[assignment]
+        api_port = (await api_listener.when_listening()).getHost().port
+    return RunningCenter(service, options, port.getHost().port, udp_port, api_port)
+
+
+@attrs.frozen
+class ApiResponse:
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+
+    @property
+    def error(self) -> str:
+        assert isinstance(self.body, dict) and set(self.body) == {"error"}, self.body
+        return self.body["error"]
+
+
+class ApiClient:
+    """A real HTTP client (treq) with a fresh connection per request, so no socket outlives a test."""
+
+    def __init__(self, base: str, token: str) -> None:
+        self.base = base
+        self.token = token
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    async def call(
+        self, method: str, path: str, body: Any = None, raw: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """``body`` is sent as JSON, ``raw`` (bytes or a body producer) as is. The answer must be JSON."""
+        sent = {"Authorization": f"Bearer {self.token}", **(headers or {})}
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        if data is not None:
+            sent.setdefault("Content-Type", "application/json")
+        response = await treq.request(
+            method, self.base + path, data=data, headers=sent, pool=self.pool, timeout=STEP_TIMEOUT
+        )
+        content = await treq.content(response)
+        content_type = response.headers.getRawHeaders("Content-Type", [""])[0]
+        assert content_type.startswith("application/json"), (response.code, content_type, content[:200])
+        received = {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()}
+        return ApiResponse(response.code, received, json.loads(content))
+
+    async def get(self, path: str) -> ApiResponse:
+        return await self.call("GET", path)
+
+    async def post(self, path: str, body: Any) -> ApiResponse:
+        return await self.call("POST", path, body)
 
 
 class DTUClient(Protocol):
@@ -69,11 +135,14 @@ class DTUClient(Protocol):
 
     def __init__(self) -> None:
         self.parser = wire.FrameParser()
+        #: Every byte the center sent, for tests that check the wire itself.
+        self.raw = bytearray()
         self.received: deque[Any] = deque()
         self._waiting: deque[defer.Deferred[Any]] = deque()
         self.lost: defer.Deferred[None] = defer.Deferred()
 
     def dataReceived(self, data: bytes) -> None:
+        self.raw += data
         for event in self.parser.feed(data):
             if self._waiting:
                 self._waiting.popleft().callback(event)
@@ -114,6 +183,17 @@ class DTUClient(Protocol):
 
     def close(self) -> None:
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+class UDPDTU(DatagramProtocol):
+    """A DTU over UDP: collects what the center sends."""
+
+    def __init__(self) -> None:
+        self.parser = wire.FrameParser()
+        self.events: list[object] = []
+
+    def datagramReceived(self, datagram: bytes, addr: object) -> None:
+        self.events.extend(self.parser.feed(datagram))
 
 
 async def connect_dtu(center: RunningCenter) -> DTUClient:

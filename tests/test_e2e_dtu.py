@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest_twisted
 from sqlalchemy.orm import Session
 from twisted.internet import reactor
-from twisted.internet.protocol import DatagramProtocol
 
 from dtucenter.dtu import wire
 from dtucenter.store import queries
-from tests.support import RunningCenter, connect_dtu, start_center, until
+from tests.support import RunningCenter, UDPDTU, connect_dtu, start_center, until
 
 
 def samples_of(center: RunningCenter, psn: int) -> list[queries.SampleInfo]:
@@ -188,19 +187,10 @@ async def test_endless_garbage_is_cut_off(tmp_path: Path) -> None:
         await center.stop()
 
 
-class _UDPDTU(DatagramProtocol):
-    def __init__(self) -> None:
-        self.parser = wire.FrameParser()
-        self.events: list[object] = []
-
-    def datagramReceived(self, datagram: bytes, addr: object) -> None:
-        self.events.extend(self.parser.feed(datagram))
-
-
 @pytest_twisted.ensureDeferred
 async def test_udp_login_and_upload(tmp_path: Path) -> None:
     center = await start_center(tmp_path, "--unknown-dtu", "accept", "--dtu-udp", "127.0.0.1:0")
-    client = _UDPDTU()
+    client = UDPDTU()
     port = reactor.listenUDP(0, client, interface="127.0.0.1")
     try:
         assert center.udp_port

@@ -36,6 +36,7 @@ class CenterSettings:
     dialect: wire.Dialect = wire.DEFAULT_DIALECT
     garbage_limit: int = wire.DEFAULT_GARBAGE_LIMIT
     last_seen_interval: float = 15.0
+    command_timeout: float = 10.0
 
 
 @attrs.define

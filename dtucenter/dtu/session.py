@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import DTUCenter, utc_now
+from dtucenter.dtu.commands import CommandQueue
 from dtucenter.store.queries import LoginDecision
 
 log = Logger()
@@ -75,6 +76,7 @@ class DTUSession:
         self._timer: IDelayedCall | None = None
         self._timer_action: Callable[[], None] | None = None
         self._lost = False
+        self.commands = CommandQueue(self)
 
     # -- events from the link --------------------------------------------------------
 
@@ -105,6 +107,7 @@ class DTUSession:
         self._lost = True
         self.state = self.CLOSED
         self._cancel_timer()
+        self.commands.close()
         self._inbox.clear()
         self.center.session_lost(self)
 
@@ -157,8 +160,15 @@ class DTUSession:
             return self._other(message)
         return None
 
+    @property
+    def reading_paused(self) -> bool:
+        """Waiting for the store: frames the DTU sent may be waiting unread."""
+        return self._working
+
     def _other(self, message: wire.AnyMessage) -> Deferred[Any] | None:
-        """Messages beyond login, heartbeat and upload; the command layer overrides this."""
+        """Messages beyond login, heartbeat and upload: acks go to the command queue."""
+        if self.commands.received(message):
+            return None
         self.center.stats["frames_unexpected"] += 1
         log.warn(
             "DTU {psn} at {peer} sent an unexpected {type}",
@@ -276,6 +286,7 @@ class DTUSession:
         self.state = self.CLOSED
         self._cancel_timer()
         self._inbox.clear()
+        self.commands.close()
         if abort:
             self.link.abort()
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, SmallInteger, String, TypeDecorator
+from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, SmallInteger, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -100,3 +100,31 @@ class Sample(Base):
     value: Mapped[int] = mapped_column(Integer)
 
     __table_args__ = (Index("ix_samples_psn_time", "psn", "time"),)
+
+
+class CommandRecord(Base):
+    """The audit trail: one row per command an operator sent (or tried to send) to a DTU.
+
+    No foreign key either: the trail outlives a deleted DTU.
+    """
+
+    __tablename__ = "commands"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    psn: Mapped[int] = mapped_column(BigInteger)
+    #: save_setup, read_setup, read_test or set_control.
+    kind: Mapped[str] = mapped_column(String(16))
+    #: The command's parameters as JSON.
+    request: Mapped[str] = mapped_column(Text)
+    #: Who asked: the API client's address.
+    who: Mapped[str] = mapped_column(String(100))
+    queued: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    sent: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    finished: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    #: pending, ok, timeout, refused, disconnected, offline, busy, interrupted or error.
+    outcome: Mapped[str] = mapped_column(String(16), default="pending")
+    #: The result as JSON when ok.
+    result: Mapped[str | None] = mapped_column(Text, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+
+    __table_args__ = (Index("ix_commands_psn_id", "psn", "id"),)

@@ -1,0 +1,103 @@
+"""The command audit trail, as plain synchronous functions of a Session (like ``queries``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import attrs
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from dtucenter.store.models import CommandRecord
+
+PENDING = "pending"
+INTERRUPTED = "interrupted"
+
+
+@attrs.frozen
+class CommandInfo:
+    id: int
+    psn: int
+    kind: str
+    request: Any
+    who: str
+    queued: dt.datetime
+    sent: dt.datetime | None
+    finished: dt.datetime | None
+    outcome: str
+    result: Any
+    error: str | None
+
+    @classmethod
+    def of(cls, row: CommandRecord) -> CommandInfo:
+        return cls(
+            id=row.id, psn=row.psn, kind=row.kind, request=json.loads(row.request), who=row.who,
+            queued=row.queued, sent=row.sent, finished=row.finished, outcome=row.outcome,
+            result=None if row.result is None else json.loads(row.result), error=row.error,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            key: (value.isoformat() if isinstance(value, dt.datetime) else value)
+            for key, value in attrs.asdict(self).items()
+        }
+
+
+def record_command(
+    session: Session,
+    psn: int,
+    kind: str,
+    request: dict[str, Any],
+    who: str,
+    queued: dt.datetime,
+    outcome: str = PENDING,
+    finished: dt.datetime | None = None,
+    error: str | None = None,
+) -> int:
+    """Add a row for a command; returns its id for ``finish_command``."""
+    row = CommandRecord(
+        psn=psn, kind=kind, request=json.dumps(request), who=who[:100], queued=queued,
+        finished=finished, outcome=outcome, error=error,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def finish_command(
+    session: Session,
+    record_id: int,
+    sent: dt.datetime | None,
+    finished: dt.datetime,
+    outcome: str,
+    result: Any = None,
+    error: str | None = None,
+) -> None:
+    session.execute(
+        update(CommandRecord)
+        .where(CommandRecord.id == record_id)
+        .values(
+            sent=sent, finished=finished, outcome=outcome, error=error,
+            result=None if result is None else json.dumps(result),
+        )
+    )
+
+
+def interrupt_pending(session: Session, now: dt.datetime) -> int:
+    """At start-up: a command still pending was cut short by the last shutdown or crash."""
+    result = session.execute(
+        update(CommandRecord)
+        .where(CommandRecord.outcome == PENDING)
+        .values(outcome=INTERRUPTED, finished=now, error="the center stopped before the command finished")
+    )
+    return result.rowcount or 0
+
+
+def list_commands(session: Session, psn: int, limit: int) -> list[CommandInfo]:
+    """Newest first."""
+    rows = session.scalars(
+        select(CommandRecord).where(CommandRecord.psn == psn).order_by(CommandRecord.id.desc()).limit(limit)
+    )
+    return [CommandInfo.of(row) for row in rows]

@@ -1,0 +1,264 @@
+"""The /api/dtus endpoints: DTU records, samples, setup, live commands and their audit trail."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from dtucenter.dtu import commands, wire
+from dtucenter.dtu.center import DTUCenter
+from dtucenter.dtu.control import Control, UnknownDTU
+from dtucenter.isotime import parse_iso_time
+from dtucenter.store import audit, queries
+from dtucenter.web.router import ApiError, Call, Reply, Router
+
+DEFAULT_SAMPLES = 1000
+MAX_SAMPLES = 100_000
+DEFAULT_COMMANDS = 50
+MAX_COMMANDS = 1000
+
+#: HTTP status for each way a command can fail.
+COMMAND_ERROR_STATUS: dict[type[Exception], int] = {
+    commands.InvalidCommand: 400,
+    UnknownDTU: 404,
+    commands.DTUOffline: 409,
+    commands.QueueFull: 503,
+    commands.CommandTimeout: 504,
+    commands.CommandRefused: 502,
+    commands.CommandDisconnected: 502,
+    commands.BadAnswer: 502,
+    commands.NotStored: 500,
+    commands.CommandError: 502,
+}
+
+
+# -- reading request values -----------------------------------------------------------------
+
+
+def _psn(text: str) -> int:
+    try:
+        return queries.check_psn(int(text, 10))
+    except ValueError:
+        raise ApiError(400, f"not a PSN (a whole number 0..4294967295): {text!r}") from None
+
+
+def _whole(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"{name} must be a whole number, got {value!r}")
+    return value
+
+
+def _keys(body: dict[str, Any], name: str, required: set[str], optional: frozenset[str] = frozenset()) -> None:
+    missing = required - body.keys()
+    unknown = body.keys() - required - optional
+    if missing:
+        raise ApiError(400, f"{name} needs {', '.join(sorted(missing))}")
+    if unknown:
+        raise ApiError(400, f"{name}: unknown field {', '.join(sorted(unknown))}")
+
+
+def _register_list(body: dict[str, Any], fields: tuple[str, ...]) -> list[tuple[int, ...]]:
+    items = body["registers"]
+    if not isinstance(items, list):
+        raise ApiError(400, "registers must be a list of objects with " + ", ".join(fields))
+    parsed = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ApiError(400, f"registers[{i}] must be an object with " + ", ".join(fields))
+        _keys(item, f"registers[{i}]", set(fields))
+        parsed.append(tuple(_whole(item[f], f"registers[{i}].{f}") for f in fields))
+    return parsed
+
+
+def _registers(body: dict[str, Any]) -> tuple[wire.Register, ...]:
+    return tuple(wire.Register(*item) for item in _register_list(body, ("dev", "addr")))
+
+
+def _register_values(body: dict[str, Any]) -> tuple[wire.RegisterValue, ...]:
+    return tuple(wire.RegisterValue(*item) for item in _register_list(body, ("dev", "addr", "value")))
+
+
+def _limit(params: dict[str, str], default: int, most: int) -> int:
+    text = params.get("limit")
+    if text is None:
+        return default
+    try:
+        limit = int(text, 10)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= most:
+        raise ApiError(400, f"limit must be a whole number 1..{most}, got {text!r}")
+    return limit
+
+
+def _time(params: dict[str, str], name: str) -> Any:
+    text = params.get(name)
+    if text is None:
+        return None
+    try:
+        return parse_iso_time(text)
+    except ValueError as e:
+        raise ApiError(400, f"{name}: {e}") from None
+
+
+def _flag(params: dict[str, str], name: str) -> bool:
+    text = params.get(name, "0").lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no"):
+        return False
+    raise ApiError(400, f"{name} must be 1 or 0, got {text!r}")
+
+
+# -- the endpoints ---------------------------------------------------------------------------
+
+
+class DtuApi:
+    def __init__(self, center: DTUCenter, control: Control) -> None:
+        self.center = center
+        self.control = control
+        self.store = center.store
+
+    def install(self, router: Router) -> None:
+        router.add("GET", "/api/dtus", self.list_dtus)
+        router.add("GET", "/api/dtus/{psn}", self.get_dtu)
+        router.add("PUT", "/api/dtus/{psn}", self.put_dtu)
+        router.add("DELETE", "/api/dtus/{psn}", self.delete_dtu)
+        router.add("GET", "/api/dtus/{psn}/samples", self.samples)
+        router.add("GET", "/api/dtus/{psn}/setup", self.get_setup)
+        router.add("POST", "/api/dtus/{psn}/setup", self.save_setup)
+        router.add("POST", "/api/dtus/{psn}/read", self.read_test)
+        router.add("POST", "/api/dtus/{psn}/write", self.set_control)
+        router.add("GET", "/api/dtus/{psn}/commands", self.command_log)
+
+    def _dtu_json(self, info: queries.DtuInfo) -> dict[str, Any]:
+        """The stored record, with what only the live registry knows to the second."""
+        body = info.to_json()
+        session = self.center.sessions.get(info.psn)
+        body["online"] = session is not None
+        if session is not None:
+            body["remote"] = session.peer
+            body["last_seen"] = session.last_seen.isoformat()
+        return body
+
+    async def _known(self, psn: int) -> queries.DtuInfo:
+        info = await self.store.read(partial(queries.get_dtu, psn=psn))
+        if info is None:
+            raise ApiError(404, f"no DTU {psn}")
+        return info
+
+    # -- records ------------------------------------------------------------------------------
+
+    async def list_dtus(self, call: Call) -> Any:
+        call.query(())
+        dtus = await self.store.read(queries.list_dtus)
+        return {"dtus": [self._dtu_json(info) for info in dtus]}
+
+    async def get_dtu(self, call: Call, psn: str) -> Any:
+        call.query(())
+        return self._dtu_json(await self._known(_psn(psn)))
+
+    async def put_dtu(self, call: Call, psn: str) -> Any:
+        call.query(())
+        number = _psn(psn)
+        body = call.json_object()
+        try:
+            fields = queries.validate_dtu_fields(body)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        info, created = await self.store.write(
+            partial(queries.upsert_dtu, psn=number, fields=fields, now=self.center.now())
+        )
+        return Reply(self._dtu_json(info), 201 if created else 200)
+
+    async def delete_dtu(self, call: Call, psn: str) -> Any:
+        call.query(())
+        number = _psn(psn)
+        if not await self.store.write(partial(queries.delete_dtu, psn=number)):
+            raise ApiError(404, f"no DTU {number}")
+        session = self.center.sessions.get(number)
+        if session is not None:
+            session.abort("its record was deleted")
+        return {"deleted": number}
+
+    async def samples(self, call: Call, psn: str) -> Any:
+        params = call.query(("since", "until", "limit"))
+        number = _psn(psn)
+        since, until = _time(params, "since"), _time(params, "until")
+        limit = _limit(params, DEFAULT_SAMPLES, MAX_SAMPLES)
+
+        def job(session: Session) -> list[queries.SampleInfo] | None:
+            if queries.get_dtu(session, number) is None:
+                return None
+            return queries.query_samples(session, number, since, until, limit + 1)
+
+        found = await self.store.read(job)
+        if found is None:
+            raise ApiError(404, f"no DTU {number}")
+        return {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
+
+    async def command_log(self, call: Call, psn: str) -> Any:
+        number = _psn(psn)
+        limit = _limit(call.query(("limit",)), DEFAULT_COMMANDS, MAX_COMMANDS)
+
+        def job(session: Session) -> list[audit.CommandInfo] | None:
+            records = audit.list_commands(session, number, limit)
+            if not records and queries.get_dtu(session, number) is None:
+                return None
+            return records
+
+        records = await self.store.read(job)
+        if records is None:
+            raise ApiError(404, f"no DTU {number}")
+        return {"commands": [r.to_json() for r in records]}
+
+    # -- setup and live commands ------------------------------------------------------------------
+
+    async def get_setup(self, call: Call, psn: str) -> Any:
+        number = _psn(psn)
+        if _flag(call.query(("live",)), "live"):
+            return await self._run(call, number, commands.ReadSetupCommand())
+
+        def job(session: Session) -> dict[str, Any] | None:
+            info = queries.get_dtu(session, number)
+            if info is None:
+                return None
+            registers = queries.register_list(session, number)
+            return commands.Setup(info.send_test_time, registers).to_json()
+
+        setup = await self.store.read(job)
+        if setup is None:
+            raise ApiError(404, f"no DTU {number}")
+        return setup
+
+    async def save_setup(self, call: Call, psn: str) -> Any:
+        call.query(())
+        number = _psn(psn)
+        body = call.json_object()
+        _keys(body, "the body", {"send_test_time", "registers"})
+        command = commands.SaveSetupCommand(_whole(body["send_test_time"], "send_test_time"), _registers(body))
+        return await self._run(call, number, command)
+
+    async def read_test(self, call: Call, psn: str) -> Any:
+        call.query(())
+        number = _psn(psn)
+        body = call.json_object()
+        _keys(body, "the body", {"registers"})
+        return await self._run(call, number, commands.ReadTestCommand(_registers(body)))
+
+    async def set_control(self, call: Call, psn: str) -> Any:
+        call.query(())
+        number = _psn(psn)
+        body = call.json_object()
+        _keys(body, "the body", {"registers"})
+        return await self._run(call, number, commands.SetControlCommand(_register_values(body)))
+
+    async def _run(self, call: Call, psn: int, command: commands.Command) -> Any:
+        try:
+            result = await self.control.run(psn, command, who=call.who)
+        except (commands.CommandError, UnknownDTU) as e:
+            status = next(s for kind, s in COMMAND_ERROR_STATUS.items() if isinstance(e, kind))
+            raise ApiError(status, str(e)) from None
+        return result.to_json()

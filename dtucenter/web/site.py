@@ -1,0 +1,23 @@
+"""The HTTP JSON API as one twisted.web Site.
+
+Other parts of the center add their endpoints to the same router:
+``api_service.factory.resource.add("GET", "/api/meters", handler)``.
+"""
+
+from __future__ import annotations
+
+from twisted.web import server
+
+from dtucenter.dtu.center import DTUCenter
+from dtucenter.dtu.control import Control
+from dtucenter.web.dtus import DtuApi
+from dtucenter.web.router import BoundedRequest, Router
+
+
+def build_site(center: DTUCenter, control: Control, token: str) -> server.Site:
+    router = Router(token)
+    DtuApi(center, control).install(router)
+    site = server.Site(router)
+    site.requestFactory = BoundedRequest
+    site.displayTracebacks = False
+    return site
