@@ -63,6 +63,7 @@ class DTUCenter(Service):
         self._seen: dict[int, dt.datetime] = {}
         self._seen_writer = LoopingCall(self._write_last_seen)
         self._seen_writer.clock = clock
+        self.started: dt.datetime | None = None
 
     def now(self) -> dt.datetime:
         return utc_now(self.clock)
@@ -71,6 +72,7 @@ class DTUCenter(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.started = self.now()
         d = self.store.write(queries.mark_all_offline)
         d.addCallback(lambda count: count and log.info("Marked {count} DTUs offline left over from the last run", count=count))
         d.addErrback(lambda f: log.failure("Could not reset online flags", f))

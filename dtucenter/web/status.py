@@ -1,0 +1,32 @@
+"""GET /api/status: is the center healthy, how many DTUs are online, what has it counted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from dtucenter import __version__
+from dtucenter.dtu.center import DTUCenter
+from dtucenter.web.router import Call, Router
+
+
+class StatusApi:
+    def __init__(self, center: DTUCenter) -> None:
+        self.center = center
+
+    def install(self, router: Router) -> None:
+        router.add("GET", "/api/status", self.status)
+
+    async def status(self, call: Call) -> Any:
+        call.query(())
+        center, store = self.center, self.center.store
+        now = center.now()
+        return {
+            "version": __version__,
+            "started": center.started.isoformat() if center.started else None,
+            "uptime_s": round((now - center.started).total_seconds(), 3) if center.started else 0,
+            "dtus_online": len(center.sessions),
+            "counters": dict(sorted(center.stats.items())),
+            "store": {"healthy": store.healthy, "backlog_rows": store.backlog, **attrs.asdict(store.stats)},
+        }
