@@ -1,0 +1,45 @@
+"""Frames as a meter would send them, and small test doubles shared by the Modbus tests."""
+
+from __future__ import annotations
+
+from pymodbus.framer import FramerRTU, FramerSocket
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsResponse
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadHoldingRegistersResponse,
+)
+
+_server_decoder = DecodePDU(is_server=True)
+_rtu = FramerRTU(_server_decoder)
+_mbap = FramerSocket(_server_decoder)
+
+
+def rtu(pdu: ModbusPDU) -> bytes:
+    """An RTU frame (unit, PDU, CRC) for ``pdu``."""
+    return _rtu.buildFrame(pdu)
+
+
+def mbap(pdu: ModbusPDU, transaction_id: int) -> bytes:
+    pdu.transaction_id = transaction_id
+    return _mbap.buildFrame(pdu)
+
+
+def holding_response(unit: int, registers: list[int]) -> ModbusPDU:
+    return ReadHoldingRegistersResponse(registers=registers, dev_id=unit)
+
+
+def coils_response(unit: int, bits: list[bool]) -> ModbusPDU:
+    return ReadCoilsResponse(bits=bits, dev_id=unit)
+
+
+def exception_response(unit: int, function_code: int, code: int) -> ModbusPDU:
+    return ExceptionResponse(function_code, code, device_id=unit)
+
+
+def read_holding(unit: int, address: int, count: int) -> ModbusPDU:
+    return ReadHoldingRegistersRequest(address=address, count=count, dev_id=unit)
+
+
+def byte_by_byte(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
