@@ -9,6 +9,7 @@ from pymodbus.pdu.register_message import (
     ReadHoldingRegistersRequest,
     ReadHoldingRegistersResponse,
 )
+from twisted.internet import defer
 
 _server_decoder = DecodePDU(is_server=True)
 _rtu = FramerRTU(_server_decoder)
@@ -43,3 +44,17 @@ def read_holding(unit: int, address: int, count: int) -> ModbusPDU:
 
 def byte_by_byte(data: bytes) -> list[bytes]:
     return [data[i : i + 1] for i in range(len(data))]
+
+
+def result_of(d: defer.Deferred):
+    """The result (or Failure) of a Deferred that must have fired already."""
+    results: list = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def fired(d: defer.Deferred) -> bool:
+    results: list = []
+    d.addBoth(lambda r: (results.append(r), r)[1])
+    return bool(results)

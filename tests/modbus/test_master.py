@@ -20,9 +20,11 @@ from dtucenter.modbus.master import ModbusMaster
 from tests.modbus.modbus_helpers import (
     byte_by_byte,
     exception_response,
+    fired,
     holding_response,
     mbap,
     read_holding,
+    result_of,
     rtu,
 )
 
@@ -57,19 +59,6 @@ class Harness:
     def assert_idle(self) -> None:
         assert self.clock.getDelayedCalls() == []
         assert self.master.pending == 0
-
-
-def result_of(d: defer.Deferred):
-    results: list = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
-
-
-def fired(d: defer.Deferred) -> bool:
-    results: list = []
-    d.addBoth(lambda r: (results.append(r), r)[1])
-    return bool(results)
 
 
 @pytest.fixture
