@@ -8,6 +8,7 @@ from pymodbus.pdu.bit_message import ReadCoilsResponse
 from pymodbus.pdu.register_message import (
     ReadHoldingRegistersRequest,
     ReadHoldingRegistersResponse,
+    ReadInputRegistersRequest,
 )
 from twisted.internet import defer
 
@@ -40,6 +41,10 @@ def exception_response(unit: int, function_code: int, code: int) -> ModbusPDU:
 
 def read_holding(unit: int, address: int, count: int) -> ModbusPDU:
     return ReadHoldingRegistersRequest(address=address, count=count, dev_id=unit)
+
+
+def read_input(unit: int, address: int, count: int = 1) -> ModbusPDU:
+    return ReadInputRegistersRequest(address=address, count=count, dev_id=unit)
 
 
 def byte_by_byte(data: bytes) -> list[bytes]:
