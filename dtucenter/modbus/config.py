@@ -59,6 +59,7 @@ class LinkSettings:
     listen: str | None = None  # dedicated server endpoint
     connect: str | None = None  # client endpoint; the DTU is the TCP server
     serial: SerialSettings | None = None
+    idle_timeout: float | None = None  # close a connection that sent nothing for this long
 
     @property
     def kind(self) -> str:
@@ -213,6 +214,7 @@ def _parse_link(table: _Table) -> LinkSettings:
     registration = _packet(table, "registration")
     registration_prefix = table.boolean("registration_prefix", False)
     heartbeat = _packet(table, "heartbeat")
+    idle_timeout = table.number("idle_timeout", 0.0) or None
     listen = table.string("listen")
     connect = table.string("connect")
     device = table.string("serial")
@@ -238,8 +240,9 @@ def _parse_link(table: _Table) -> LinkSettings:
 
     serial = None
     if device:
-        if heartbeat is not None:
-            raise ModbusConfigError(table.at("heartbeat"), "only applies to network links, not serial")
+        for key in ("heartbeat", "idle_timeout"):
+            if table.has(key):
+                raise ModbusConfigError(table.at(key), "only applies to network links, not serial")
         if protocol != "rtu":
             raise ModbusConfigError(table.at("protocol"), "a serial line carries rtu only")
         serial = SerialSettings(
@@ -265,6 +268,7 @@ def _parse_link(table: _Table) -> LinkSettings:
         listen=listen,
         connect=connect,
         serial=serial,
+        idle_timeout=idle_timeout,
     )
 
 

@@ -15,7 +15,7 @@ import attrs
 from pymodbus.pdu import ModbusPDU
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.serialport import SerialPort
 from twisted.logger import Logger
@@ -30,7 +30,7 @@ from dtucenter.modbus.filter import (
     RegistrationReader,
 )
 from dtucenter.modbus.framing import framing_for
-from dtucenter.modbus.master import LinkCounters, ModbusMaster
+from dtucenter.modbus.master import LinkCounters, ModbusMaster, close_transport
 
 log = Logger()
 
@@ -44,16 +44,6 @@ def describe_peer(address: IAddress | str | None) -> str:
     if host is not None and port is not None:
         return f"{host}:{port}"
     return str(address) if address is not None else "?"
-
-
-def _close(transport: ITransport) -> None:
-    # A DTU that dialled again usually left a half-open socket behind;
-    # aborting does not wait for it to acknowledge anything.
-    abort = getattr(transport, "abortConnection", None)
-    if abort is not None:
-        abort()
-    else:
-        transport.loseConnection()
 
 
 @attrs.frozen
@@ -110,6 +100,7 @@ class Link:
             ),
             counters=self.counters,
             silence=self._silence,
+            idle_timeout=self.settings.idle_timeout,
             observer=self,
         )
 
@@ -123,7 +114,7 @@ class Link:
             return defer.succeed(None)
         gone: defer.Deferred[None] = defer.Deferred()
         self._waiting_for_close.append(gone)
-        _close(self._master.transport)
+        close_transport(self._master.transport)
         return gone
 
     def status(self) -> LinkStatus:
@@ -155,7 +146,7 @@ class Link:
                 "Link {link}: new connection from {remote} replaces the one from {older}",
                 link=self.name, remote=remote, older=self._remote,
             )
-            _close(older.transport)
+            close_transport(older.transport)
         else:
             log.info("Link {link} online ({remote})", link=self.name, remote=remote)
         self._remote = remote
@@ -237,7 +228,7 @@ class LoginProtocol(Protocol):
         self._peer = describe_peer(peer)
         if self._throttle.blocked(self._host):
             log.debug("Refused {peer}: too many failed logins", peer=self._peer)
-            _close(self.transport)
+            close_transport(self.transport)
             return
         self._deadline = self._clock.callLater(self._login_timeout, self._login_timed_out)
 
@@ -278,7 +269,7 @@ class LoginProtocol(Protocol):
                      peer=self._peer, why=why, host=self._host, seconds=refused_for)
         else:
             log.warn("Closed {peer}: {why}", peer=self._peer, why=why)
-        _close(self.transport)
+        close_transport(self.transport)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():

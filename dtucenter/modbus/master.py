@@ -15,7 +15,7 @@ from typing import Protocol as TypingProtocol
 import attrs
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,6 +30,15 @@ from dtucenter.modbus.filter import BoundaryNoise, Discarded, Response, Response
 from dtucenter.modbus.framing import Expectation, Framing
 
 log = Logger()
+
+
+def close_transport(transport: ITransport) -> None:
+    """Close at once: a peer that went silent or dialled again would not acknowledge a FIN."""
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()  # serial ports have no abort
 
 
 @attrs.define
@@ -81,6 +90,7 @@ class ModbusMaster(Protocol):
         noise: BoundaryNoise | None = None,
         counters: LinkCounters | None = None,
         silence: float = 0.0,
+        idle_timeout: float | None = None,
         observer: MasterObserver | None = None,
     ) -> None:
         self.name = name
@@ -90,6 +100,8 @@ class ModbusMaster(Protocol):
         self._timeout = timeout
         self._retries = retries
         self._silence = silence
+        self._idle_timeout = idle_timeout
+        self._idle = None
         self._observer = observer
         self._reader = ResponseReader(framing, noise)
         self._queue: collections.deque[_Request] = collections.deque()
@@ -126,11 +138,15 @@ class ModbusMaster(Protocol):
     def connectionMade(self) -> None:
         self._connected = True
         self.counters.connects += 1
+        if self._idle_timeout is not None:
+            self._idle = self._clock.callLater(self._idle_timeout, self._idle_too_long)
         if self._observer is not None:
             self._observer.master_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.counters.bytes_in += len(data)
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
         for event in self._reader.feed(data):
             if isinstance(event, Response):
                 self._answered(event.pdu)
@@ -140,9 +156,12 @@ class ModbusMaster(Protocol):
             elif isinstance(event, Discarded):
                 self._discard(event.data, event.reason)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._connected = False
         self._cancel_timers()
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
         lost = ([self._current] if self._current is not None else []) + list(self._queue)
         self._current = None
         self._queue.clear()
@@ -244,3 +263,11 @@ class ModbusMaster(Protocol):
         if self._quiet is not None and self._quiet.active():
             self._quiet.cancel()
         self._quiet = None
+
+    def _idle_too_long(self) -> None:
+        # A DTU that lost power leaves a socket that looks open for many
+        # minutes; its missing heartbeats are the first sign.
+        self._idle = None
+        log.info("{link}: nothing received for {seconds:g} s, closing the connection",
+                 link=self.name, seconds=self._idle_timeout)
+        close_transport(self.transport)

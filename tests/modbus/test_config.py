@@ -23,6 +23,7 @@ name = "site-a"
 protocol = "rtu"
 registration = "DTU-0001"
 heartbeat = "HB"
+idle_timeout = 180
 timeout = 3.0
 retries = 1
 
@@ -102,6 +103,8 @@ def test_full_example_parses() -> None:
     assert links["site-a"].registration == b"DTU-0001"
     assert links["site-a"].heartbeat == b"HB"
     assert links["site-a"].kind == "shared"
+    assert links["site-a"].idle_timeout == 180.0
+    assert links["site-b"].idle_timeout is None
     assert links["site-b"].registration == b"\x0a\x0b\x0c"
     assert links["site-b"].registration_prefix
     assert links["plant"].kind == "connect"
@@ -194,6 +197,7 @@ def test_error_path_counts_meters_and_points() -> None:
         ('[[link]]\nname = "a"\nlisten = "tcp:1"\nregistration_prefix = true\n', "link[0].registration_prefix", "needs registration"),
         ('[[link]]\nname = "a"\nlisten = "tcp:1"\nbaudrate = 9600\n', "link[0].baudrate", "only applies to serial"),
         ('[[link]]\nname = "a"\nserial = "/dev/x"\nheartbeat = "HB"\n', "link[0].heartbeat", "network links"),
+        ('[[link]]\nname = "a"\nserial = "/dev/x"\nidle_timeout = 60\n', "link[0].idle_timeout", "network links"),
         ('[[link]]\nname = "a"\nserial = "/dev/x"\nprotocol = "tcp"\n', "link[0].protocol", "rtu only"),
         ('[[link]]\nname = "a"\nserial = "/dev/x"\nstopbits = 3\n', "link[0].stopbits", "1, 1.5 or 2"),
         ('[[link]]\nname = "a"\nserial = "/dev/x"\nparity = "X"\n', "link[0].parity", "not one of N, E, O"),

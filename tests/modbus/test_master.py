@@ -33,7 +33,10 @@ SILENCE = 0.2
 
 
 class Harness:
-    def __init__(self, framing=None, retries: int = 1, silence: float = SILENCE, heartbeat: bytes | None = b"HB"):
+    def __init__(
+        self, framing=None, retries: int = 1, silence: float = SILENCE, heartbeat: bytes | None = b"HB",
+        idle_timeout: float | None = None,
+    ):
         self.clock = Clock()
         self.transport = StringTransport()
         self.master = ModbusMaster(
@@ -44,6 +47,7 @@ class Harness:
             retries=retries,
             noise=BoundaryNoise.for_link(None, False, heartbeat),
             silence=silence,
+            idle_timeout=idle_timeout,
         )
         self.master.makeConnection(self.transport)
 
@@ -232,6 +236,24 @@ def test_unencodable_request_fails_without_sending(h: Harness) -> None:
     d = h.master.request(read_holding(1, 0, 200))  # more than 125 registers
     assert result_of(d).check(ValueError)
     assert h.sent() == b""
+    h.assert_idle()
+
+
+def test_a_connection_silent_for_longer_than_the_idle_timeout_is_closed() -> None:
+    h = Harness(idle_timeout=60.0)
+    h.clock.advance(59)
+    h.receive(b"HB")
+    h.clock.advance(59)
+    assert not h.transport.disconnecting, "every byte received restarts the idle timer"
+    h.clock.advance(1)
+    assert h.transport.disconnecting
+    h.master.connectionLost(Failure(ConnectionError("aborted")))
+    h.assert_idle()
+
+
+def test_the_idle_timer_goes_with_the_connection() -> None:
+    h = Harness(idle_timeout=60.0)
+    h.master.connectionLost(Failure(ConnectionError("gone")))
     h.assert_idle()
 
 
