@@ -253,7 +253,7 @@ class LoginProtocol(Protocol):
             return
         self._reject(f"unknown registration {result.received[:64]!r}")
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._cancel_deadline()
         if self._master is not None:
             self._master.connectionLost(reason)
@@ -280,6 +280,8 @@ class LoginProtocol(Protocol):
 class LoginFactory(Factory):
     """For a listener whose DTUs identify themselves by registration packet."""
 
+    noisy = False  # links log what matters; "Starting factory" at every redial does not
+
     def __init__(self, links: Mapping[bytes, Link], clock: IReactorTime, login_timeout: float,
                  throttle: LoginThrottle | None = None) -> None:
         self.links = dict(links)
@@ -293,6 +295,8 @@ class LoginFactory(Factory):
 
 class MasterFactory(Factory):
     """For a dedicated port or an outgoing connection: every connection is the link's."""
+
+    noisy = False
 
     def __init__(self, link: Link) -> None:
         self.link = link

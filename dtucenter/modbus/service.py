@@ -9,6 +9,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from zope.interface import implementer
 
 from dtucenter.modbus.config import ModbusSettings
 from dtucenter.modbus.links import (
@@ -24,6 +25,7 @@ from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller
 SHARED_LISTENER = "modbus"
 
 
+@implementer(IStreamServerEndpoint)
 class _PortRecordingEndpoint:
     """Passes ``listen`` through and remembers the port, e.g. to learn what ``tcp:0`` bound."""
 

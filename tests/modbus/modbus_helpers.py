@@ -11,6 +11,11 @@ from pymodbus.pdu.register_message import (
     ReadInputRegistersRequest,
 )
 from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from dtucenter.modbus.config import SerialSettings
+from dtucenter.modbus.master import ModbusMaster
 
 _server_decoder = DecodePDU(is_server=True)
 _rtu = FramerRTU(_server_decoder)
@@ -63,3 +68,30 @@ def fired(d: defer.Deferred) -> bool:
     results: list = []
     d.addBoth(lambda r: (results.append(r), r)[1])
     return bool(results)
+
+
+class FakeSerialPort:
+    """Stands in for twisted.internet.serialport.SerialPort: connects at once, closes for real."""
+
+    def __init__(self, protocol: ModbusMaster) -> None:
+        self.protocol = protocol
+        self.transport = StringTransport()
+        protocol.makeConnection(self.transport)
+
+    def loseConnection(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionError("closed")))
+
+
+class SerialOpener:
+    """An ``open_port`` that fails ``fail_next`` times (device missing) before opening fake ports."""
+
+    def __init__(self) -> None:
+        self.fail_next = 0
+        self.ports: list[FakeSerialPort] = []
+
+    def __call__(self, protocol, settings: SerialSettings, reactor):
+        if self.fail_next:
+            self.fail_next -= 1
+            raise OSError(2, "No such file or directory", settings.device)
+        self.ports.append(FakeSerialPort(protocol))
+        return self.ports[-1]

@@ -18,8 +18,15 @@ from dtucenter.modbus.links import (
     SerialLinkService,
     link_factory,
 )
-from dtucenter.modbus.master import ModbusMaster
-from tests.modbus.modbus_helpers import byte_by_byte, fired, holding_response, read_holding, result_of, rtu
+from tests.modbus.modbus_helpers import (
+    SerialOpener,
+    byte_by_byte,
+    fired,
+    holding_response,
+    read_holding,
+    result_of,
+    rtu,
+)
 
 LOGIN_TIMEOUT = 30.0
 
@@ -214,29 +221,6 @@ def test_link_status_is_json_ready() -> None:
 
 
 # -- serial ---------------------------------------------------------------------------
-
-
-class FakeSerialPort:
-    def __init__(self, protocol: ModbusMaster) -> None:
-        self.protocol = protocol
-        self.transport = StringTransport()
-        protocol.makeConnection(self.transport)
-
-    def loseConnection(self) -> None:
-        self.protocol.connectionLost(Failure(ConnectionError("closed")))
-
-
-class SerialOpener:
-    def __init__(self) -> None:
-        self.fail_next = 0
-        self.ports: list[FakeSerialPort] = []
-
-    def __call__(self, protocol, settings: SerialSettings, reactor):
-        if self.fail_next:
-            self.fail_next -= 1
-            raise OSError(2, "No such file or directory", settings.device)
-        self.ports.append(FakeSerialPort(protocol))
-        return self.ports[-1]
 
 
 @pytest.fixture
