@@ -24,7 +24,7 @@ from dtucenter.modbus.framing import RtuFraming
 from dtucenter.modbus.master import ModbusMaster
 from dtucenter.modbus.points import Point, PointType, PointValueError, Table, WordOrder
 from dtucenter.modbus.poller import Poller, UnknownMeter, UnknownPoint
-from tests.modbus.modbus_helpers import fired, holding_response, result_of, rtu
+from tests.modbus.modbus_helpers import holding_response, result_of, rtu
 
 
 @attrs.define
