@@ -1,0 +1,251 @@
+"""Sans-IO stream filter for DTU connections: registration, heartbeats, responses.
+
+A DTU in transparent mode mixes its own packets into the Modbus byte stream:
+a registration packet when it connects (optionally in front of every packet
+it sends) and heartbeat packets whenever its timer fires. TCP may split or
+glue any of these, so nothing here relies on read boundaries.
+
+The heartbeat rule
+------------------
+Heartbeat (and repeated registration) packets are stripped only at a frame
+boundary, i.e. at the head of the receive buffer, never from inside data.
+At the head, in this order:
+
+1. If a request is in flight and the head is, or may still become, the
+   awaited response (right unit and function code, and for a complete RTU
+   frame a good CRC; right MBAP transaction for Modbus TCP), it is treated
+   as the response: delivered when complete, waited for otherwise.
+2. Otherwise, if the head starts with a whole noise packet, it is stripped.
+3. Otherwise, if the head is a proper prefix of a noise packet, wait.
+4. Otherwise the head is junk: in Modbus TCP a foreign frame (a late answer
+   to an abandoned transaction) is waited for and dropped whole, anything
+   else is dropped one byte at a time while hunting for the next boundary.
+
+So a heartbeat whose bytes collide with the start of the awaited response
+can only delay the decision until the frame is complete; a CRC that fails
+then hands the bytes to rule 2. A Modbus frame is never cut by rule 2
+because rule 1 claims every head that could be the response, and bytes that
+arrive while no request is in flight cannot be a response at all.
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections.abc import Iterable, Sequence
+
+import attrs
+from pymodbus.pdu import ModbusPDU
+
+from dtucenter.modbus.framing import (
+    Complete,
+    Expectation,
+    Framing,
+    Incomplete,
+    OtherFrame,
+    PartialOtherFrame,
+)
+
+MAX_PACKET_OPTION = 128
+
+
+def decode_packet_option(text: str) -> bytes:
+    """Bytes of a registration or heartbeat option: ``"hex:0A0B"`` or plain UTF-8 text."""
+    if text.startswith("hex:"):
+        digits = "".join(text[4:].split())
+        try:
+            packet = binascii.unhexlify(digits)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{text!r} is not valid hex after 'hex:'") from None
+    else:
+        packet = text.encode("utf-8")
+    if not packet:
+        raise ValueError("must not be empty")
+    if len(packet) > MAX_PACKET_OPTION:
+        raise ValueError(f"is {len(packet)} bytes long, at most {MAX_PACKET_OPTION} allowed")
+    return packet
+
+
+# -- login: which registration did a connection open with? -------------------
+
+
+@attrs.frozen
+class LoginPending:
+    """Everything received so far may still become a known registration."""
+
+
+@attrs.frozen
+class LoginMatched:
+    registration: bytes
+    rest: bytes  # bytes glued behind the registration, for the link's reader
+
+
+@attrs.frozen
+class LoginRejected:
+    received: bytes  # what the peer sent instead of a known registration
+
+
+LoginResult = LoginPending | LoginMatched | LoginRejected
+
+
+class RegistrationReader:
+    """Recognises the registration packet a connection starts with.
+
+    No registration may be a prefix of another (the configuration refuses
+    that), so the first full match is the only possible one and is final.
+    """
+
+    def __init__(self, registrations: Iterable[bytes]) -> None:
+        self._registrations = tuple(registrations)
+        self._buffer = b""
+        self._done = False
+
+    def feed(self, data: bytes) -> LoginResult:
+        if self._done:
+            raise RuntimeError("registration already decided")
+        self._buffer += data
+        for registration in self._registrations:
+            if self._buffer.startswith(registration):
+                self._done = True
+                return LoginMatched(registration, self._buffer[len(registration) :])
+        if any(registration.startswith(self._buffer) for registration in self._registrations):
+            return LoginPending()
+        self._done = True
+        return LoginRejected(self._buffer)
+
+
+# -- noise packets at frame boundaries ----------------------------------------
+
+
+@attrs.frozen
+class NoisePacket:
+    kind: str  # "heartbeat" or "registration"
+    packet: bytes
+
+
+@attrs.frozen
+class Strip:
+    noise: NoisePacket
+
+
+class WaitForMore:
+    """The head is a proper prefix of a noise packet."""
+
+
+WAIT_FOR_MORE = WaitForMore()
+
+
+class BoundaryNoise:
+    """The DTU's own packets that may show up between Modbus frames."""
+
+    def __init__(self, packets: Sequence[NoisePacket]) -> None:
+        # Longest first, so of two packets sharing a start the longer wins.
+        self._packets = sorted(packets, key=lambda noise: len(noise.packet), reverse=True)
+
+    @classmethod
+    def for_link(
+        cls, registration: bytes | None, registration_prefix: bool, heartbeat: bytes | None
+    ) -> BoundaryNoise:
+        packets = []
+        if heartbeat:
+            packets.append(NoisePacket("heartbeat", heartbeat))
+        if registration and registration_prefix:
+            packets.append(NoisePacket("registration", registration))
+        return cls(packets)
+
+    def at_head(self, buffer: bytes) -> Strip | WaitForMore | None:
+        for noise in self._packets:
+            if buffer.startswith(noise.packet):
+                return Strip(noise)
+        for noise in self._packets:
+            if noise.packet.startswith(buffer):
+                return WAIT_FOR_MORE
+        return None
+
+
+# -- the established connection's inbound side --------------------------------
+
+
+@attrs.frozen
+class Response:
+    pdu: ModbusPDU
+
+
+@attrs.frozen
+class Stripped:
+    noise: NoisePacket
+
+
+@attrs.frozen
+class Discarded:
+    data: bytes
+    reason: str  # "junk" or "foreign frame"
+
+
+InboundEvent = Response | Stripped | Discarded
+
+
+class ResponseReader:
+    """Splits a master's inbound bytes into the awaited response, DTU noise and junk.
+
+    The owner sets :attr:`expected` when it sends a request; the reader clears
+    it when the matching response has been taken from the stream.
+    """
+
+    def __init__(self, framing: Framing, noise: BoundaryNoise | None = None) -> None:
+        self._framing = framing
+        self._noise = noise or BoundaryNoise(())
+        self._buffer = b""
+        self.expected: Expectation | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[InboundEvent]:
+        self._buffer += data
+        events: list[InboundEvent] = []
+        junk = b""
+        while self._buffer:
+            decision = self._decide_head()
+            if decision is None:
+                break
+            if isinstance(decision, Discarded) and decision.reason == "junk":
+                junk += decision.data
+                continue
+            if junk:
+                events.append(Discarded(junk, "junk"))
+                junk = b""
+            events.append(decision)
+        if junk:
+            events.append(Discarded(junk, "junk"))
+        return events
+
+    def flush(self) -> bytes:
+        """Drop whatever is buffered, e.g. after a timeout on an RTU line."""
+        dropped, self._buffer = self._buffer, b""
+        return dropped
+
+    def _consume(self, length: int) -> bytes:
+        head, self._buffer = self._buffer[:length], self._buffer[length:]
+        return head
+
+    def _decide_head(self) -> InboundEvent | None:
+        probe = self._framing.probe(self._buffer, self.expected)
+        if isinstance(probe, Complete):
+            self._consume(probe.length)
+            self.expected = None
+            return Response(probe.pdu)
+        may_grow = len(self._buffer) <= self._framing.max_frame
+        if isinstance(probe, Incomplete) and may_grow:
+            return None
+        noise = self._noise.at_head(self._buffer)
+        if isinstance(noise, Strip):
+            self._consume(len(noise.noise.packet))
+            return Stripped(noise.noise)
+        if noise is WAIT_FOR_MORE:
+            return None
+        if isinstance(probe, PartialOtherFrame) and may_grow:
+            return None  # let a late answer complete, to drop it whole
+        if isinstance(probe, OtherFrame):
+            return Discarded(self._consume(probe.length), "foreign frame")
+        return Discarded(self._consume(1), "junk")

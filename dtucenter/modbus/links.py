@@ -1,0 +1,377 @@
+"""The link layer: which connection carries which link, and how connections are made.
+
+A :class:`Link` outlives its connections. Whatever transport brings a
+connection (the shared listener after a registration packet, a dedicated
+port, an outgoing connection, a serial port), it ends up as a
+:class:`~dtucenter.modbus.master.ModbusMaster` attached to its link; a newer
+connection of the same link replaces the older one, which is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import attrs
+from pymodbus.pdu import ModbusPDU
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.serialport import SerialPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dtucenter.modbus.config import LinkSettings, SerialSettings
+from dtucenter.modbus.errors import LinkOffline
+from dtucenter.modbus.filter import (
+    BoundaryNoise,
+    LoginMatched,
+    LoginPending,
+    RegistrationReader,
+)
+from dtucenter.modbus.framing import framing_for
+from dtucenter.modbus.master import LinkCounters, ModbusMaster, close_transport
+
+log = Logger()
+
+# After a timeout an RTU line stays quiet this long so that a late answer
+# drains; in Modbus TCP the transaction id already tells answers apart.
+RTU_SILENCE = 0.2
+
+
+def describe_peer(address: IAddress | str | None) -> str:
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    return str(address) if address is not None else "?"
+
+
+@attrs.frozen
+class LinkStatus:
+    name: str
+    kind: str  # shared, listen, connect or serial
+    protocol: str  # rtu or tcp
+    online: bool
+    remote: str | None
+    connected_since: float | None
+    last_disconnect: float | None
+    pending: int
+    counters: Mapping[str, int]
+
+    def as_json(self) -> dict[str, object]:
+        return {**attrs.asdict(self, recurse=False), "counters": dict(self.counters)}
+
+
+class Link:
+    """One configured link; :meth:`request` goes to whichever connection is attached."""
+
+    def __init__(self, settings: LinkSettings, clock: IReactorTime, *, silence: float | None = None) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.counters = LinkCounters()
+        self._clock = clock
+        self._silence = silence if silence is not None else (RTU_SILENCE if settings.protocol == "rtu" else 0.0)
+        self._master: ModbusMaster | None = None
+        self._remote: str | None = None
+        self._connected_since: float | None = None
+        self._last_disconnect: float | None = None
+        self._lost_hooks: list[Callable[[], None]] = []
+        self._waiting_for_close: list[defer.Deferred[None]] = []
+
+    @property
+    def online(self) -> bool:
+        return self._master is not None
+
+    def request(self, pdu: ModbusPDU) -> defer.Deferred[ModbusPDU]:
+        if self._master is None:
+            return defer.fail(LinkOffline(self.name))
+        return self._master.request(pdu)
+
+    def build_master(self) -> ModbusMaster:
+        """A master for a new connection; it attaches itself once connected."""
+        return ModbusMaster(
+            self.name,
+            framing_for(self.settings.protocol),
+            self._clock,
+            timeout=self.settings.timeout,
+            retries=self.settings.retries,
+            noise=BoundaryNoise.for_link(
+                self.settings.registration, self.settings.registration_prefix, self.settings.heartbeat
+            ),
+            counters=self.counters,
+            silence=self._silence,
+            idle_timeout=self.settings.idle_timeout,
+            observer=self,
+        )
+
+    def when_lost(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` whenever the attached connection goes away."""
+        self._lost_hooks.append(hook)
+
+    def disconnect(self) -> defer.Deferred[None]:
+        """Close the attached connection; fires once it is gone."""
+        if self._master is None:
+            return defer.succeed(None)
+        gone: defer.Deferred[None] = defer.Deferred()
+        self._waiting_for_close.append(gone)
+        close_transport(self._master.transport)
+        return gone
+
+    def status(self) -> LinkStatus:
+        return LinkStatus(
+            name=self.name,
+            kind=self.settings.kind,
+            protocol=self.settings.protocol,
+            online=self.online,
+            remote=self._remote,
+            connected_since=self._connected_since,
+            last_disconnect=self._last_disconnect,
+            pending=self._master.pending if self._master is not None else 0,
+            counters=self.counters.as_dict(),
+        )
+
+    # -- MasterObserver -------------------------------------------------------
+
+    def master_connected(self, master: ModbusMaster) -> None:
+        transport = master.transport
+        if self.settings.serial is not None:
+            remote = self.settings.serial.device
+        else:
+            remote = describe_peer(transport.getPeer())
+        if hasattr(transport, "setTcpKeepAlive"):
+            transport.setTcpKeepAlive(True)
+        older, self._master = self._master, master
+        if older is not None:
+            log.info(
+                "Link {link}: new connection from {remote} replaces the one from {older}",
+                link=self.name, remote=remote, older=self._remote,
+            )
+            close_transport(older.transport)
+        else:
+            log.info("Link {link} online ({remote})", link=self.name, remote=remote)
+        self._remote = remote
+        self._connected_since = self._clock.seconds()
+
+    def master_disconnected(self, master: ModbusMaster) -> None:
+        if master is not self._master:
+            return  # a replaced connection closing late
+        self._master = None
+        self._last_disconnect = self._clock.seconds()
+        log.info("Link {link} offline ({remote} disconnected)", link=self.name, remote=self._remote)
+        for hook in list(self._lost_hooks):
+            hook()
+        waiting, self._waiting_for_close = self._waiting_for_close, []
+        for gone in waiting:
+            gone.callback(None)
+
+
+# -- accepted connections -----------------------------------------------------
+
+
+class LoginThrottle:
+    """Slows down peers that keep failing to log in: after ``threshold`` failures
+    in a row an address is refused outright for a while, twice as long on each
+    further failure, up to ``max_block`` seconds. A good login forgives it."""
+
+    def __init__(
+        self, clock: IReactorTime, *, threshold: int = 3, block: float = 10.0,
+        max_block: float = 600.0, max_tracked: int = 10_000,
+    ) -> None:
+        self._clock = clock
+        self._threshold = threshold
+        self._block = block
+        self._max_block = max_block
+        self._max_tracked = max_tracked
+        self._failures: dict[str, tuple[int, float]] = {}  # host -> (count, blocked until)
+
+    def blocked(self, host: str) -> bool:
+        entry = self._failures.get(host)
+        return entry is not None and self._clock.seconds() < entry[1]
+
+    def failed(self, host: str) -> float:
+        """Count a failure; returns for how long the host is now refused (0 if not)."""
+        count, _ = self._failures.pop(host, (0, 0.0))
+        count += 1
+        block = 0.0
+        if count >= self._threshold:
+            block = min(self._block * 2 ** (count - self._threshold), self._max_block)
+        if len(self._failures) >= self._max_tracked:
+            # dicts keep insertion order and a failing host is re-inserted, so
+            # the first entry is the one that failed longest ago.
+            self._failures.pop(next(iter(self._failures)))
+        self._failures[host] = (count, self._clock.seconds() + block)
+        return block
+
+    def succeeded(self, host: str) -> None:
+        self._failures.pop(host, None)
+
+
+class LoginProtocol(Protocol):
+    """Reads the registration packet, then hands the connection to its link's master."""
+
+    def __init__(
+        self, links: Mapping[bytes, Link], clock: IReactorTime, login_timeout: float, throttle: LoginThrottle
+    ) -> None:
+        self._links = links
+        self._clock = clock
+        self._login_timeout = login_timeout
+        self._throttle = throttle
+        self._reader = RegistrationReader(links)
+        self._master: ModbusMaster | None = None
+        self._deadline = None
+        self._host = "?"
+        self._peer = "?"
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self._host = getattr(peer, "host", str(peer))
+        self._peer = describe_peer(peer)
+        if self._throttle.blocked(self._host):
+            log.debug("Refused {peer}: too many failed logins", peer=self._peer)
+            close_transport(self.transport)
+            return
+        self._deadline = self._clock.callLater(self._login_timeout, self._login_timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._master is not None:
+            self._master.dataReceived(data)
+            return
+        if self._deadline is None:
+            return  # refused or already given up; the close is under way
+        result = self._reader.feed(data)
+        if isinstance(result, LoginPending):
+            return
+        self._cancel_deadline()
+        if isinstance(result, LoginMatched):
+            self._throttle.succeeded(self._host)
+            link = self._links[result.registration]
+            link.counters.bytes_in += len(result.registration)
+            self._master = link.build_master()
+            self._master.makeConnection(self.transport)
+            if result.rest:
+                self._master.dataReceived(result.rest)
+            return
+        self._reject(f"unknown registration {result.received[:64]!r}")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._cancel_deadline()
+        if self._master is not None:
+            self._master.connectionLost(reason)
+
+    def _login_timed_out(self) -> None:
+        self._deadline = None
+        self._reject(f"no registration within {self._login_timeout:g} s")
+
+    def _reject(self, why: str) -> None:
+        refused_for = self._throttle.failed(self._host)
+        if refused_for:
+            log.warn("Closed {peer}: {why}; refusing {host} for {seconds:g} s",
+                     peer=self._peer, why=why, host=self._host, seconds=refused_for)
+        else:
+            log.warn("Closed {peer}: {why}", peer=self._peer, why=why)
+        close_transport(self.transport)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+
+class LoginFactory(Factory):
+    """For a listener whose DTUs identify themselves by registration packet."""
+
+    noisy = False  # links log what matters; "Starting factory" at every redial does not
+
+    def __init__(self, links: Mapping[bytes, Link], clock: IReactorTime, login_timeout: float,
+                 throttle: LoginThrottle | None = None) -> None:
+        self.links = dict(links)
+        self.clock = clock
+        self.login_timeout = login_timeout
+        self.throttle = throttle or LoginThrottle(clock)
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        return LoginProtocol(self.links, self.clock, self.login_timeout, self.throttle)
+
+
+class MasterFactory(Factory):
+    """For a dedicated port or an outgoing connection: every connection is the link's."""
+
+    noisy = False
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        return self.link.build_master()
+
+
+def link_factory(link: Link, clock: IReactorTime, login_timeout: float) -> Factory:
+    """The factory for a link with its own endpoint (``listen`` or ``connect``)."""
+    if link.settings.registration is not None:
+        return LoginFactory({link.settings.registration: link}, clock, login_timeout)
+    return MasterFactory(link)
+
+
+# -- serial lines -------------------------------------------------------------
+
+
+def open_serial_port(protocol: Protocol, settings: SerialSettings, reactor: IReactorTime) -> SerialPort:
+    return SerialPort(
+        protocol, settings.device, reactor, baudrate=settings.baudrate,
+        bytesize=settings.bytesize, parity=settings.parity, stopbits=settings.stopbits,
+    )
+
+
+class SerialLinkService(Service):
+    """Keeps a serial link's port open, reopening it (with backoff) when it fails or vanishes."""
+
+    def __init__(
+        self, link: Link, reactor, *, open_port: Callable[..., object] = open_serial_port,
+        initial_delay: float = 1.0, max_delay: float = 60.0,
+    ) -> None:
+        assert link.settings.serial is not None
+        self.link = link
+        self._reactor = reactor
+        self._open_port = open_port
+        self._initial_delay = initial_delay
+        self._max_delay = max_delay
+        self._delay = initial_delay
+        self._retry = None
+        self._port = None
+        link.when_lost(self._lost)
+
+    def startService(self) -> None:
+        super().startService()
+        self._open()
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        port, self._port = self._port, None
+        if port is not None:
+            port.loseConnection()
+        return None
+
+    def _open(self) -> None:
+        self._retry = None
+        serial = self.link.settings.serial
+        try:
+            self._port = self._open_port(self.link.build_master(), serial, self._reactor)
+        except (OSError, ValueError) as exc:
+            log.warn("Link {link}: cannot open {device} ({error}); retrying in {delay:g} s",
+                     link=self.link.name, device=serial.device, error=exc, delay=self._delay)
+            self._schedule_reopen()
+            return
+        self._delay = self._initial_delay
+
+    def _lost(self) -> None:
+        self._port = None
+        if self.running:
+            self._schedule_reopen()
+
+    def _schedule_reopen(self) -> None:
+        if self._retry is None:
+            self._retry = self._reactor.callLater(self._delay, self._open)
+            self._delay = min(self._delay * 2, self._max_delay)

@@ -1,0 +1,273 @@
+"""A Twisted Modbus master over any byte stream: accepted or outgoing TCP, or a serial port.
+
+One request is in flight at a time (an RS-485 bus is half-duplex and a DTU
+relays to one), the others wait in order. Each attempt has a timeout on the
+injected clock; after a timeout the receive buffer is flushed and the line
+is left quiet for a moment so a late answer drains instead of being taken
+for the next one's.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Protocol as TypingProtocol
+
+import attrs
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dtucenter.modbus.errors import (
+    LinkDisconnected,
+    LinkOffline,
+    ModbusExceptionResponse,
+    ModbusTimeout,
+)
+from dtucenter.modbus.filter import BoundaryNoise, Discarded, Response, ResponseReader, Stripped
+from dtucenter.modbus.framing import Expectation, Framing
+
+log = Logger()
+
+
+def close_transport(transport: ITransport) -> None:
+    """Close at once: a peer that went silent or dialled again would not acknowledge a FIN."""
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()  # serial ports have no abort
+
+
+@attrs.define
+class LinkCounters:
+    """Traffic of one link, across all the connections it had."""
+
+    requests: int = 0  # frames sent, retries included
+    responses: int = 0  # answers taken, exception responses included
+    timeouts: int = 0  # attempts that got no answer in time
+    errors: int = 0  # exception responses, and requests lost to a disconnect
+    bytes_in: int = 0
+    bytes_out: int = 0
+    connects: int = 0
+    heartbeats: int = 0  # DTU packets stripped from the stream
+    discarded_bytes: int = 0  # junk, stray and late frames
+
+    def as_dict(self) -> dict[str, int]:
+        return attrs.asdict(self)
+
+
+class MasterObserver(TypingProtocol):
+    """Told when the master's connection comes and goes (the link layer)."""
+
+    def master_connected(self, master: ModbusMaster) -> None: ...
+
+    def master_disconnected(self, master: ModbusMaster) -> None: ...
+
+
+@attrs.define(eq=False)
+class _Request:
+    pdu: ModbusPDU
+    frame: bytes
+    expected: Expectation
+    deferred: defer.Deferred[ModbusPDU] = attrs.field(init=False)
+    attempts: int = 0
+
+
+class ModbusMaster(Protocol):
+    """Modbus master protocol; :meth:`request` returns a Deferred firing with the response PDU."""
+
+    def __init__(
+        self,
+        name: str,
+        framing: Framing,
+        clock: IReactorTime,
+        *,
+        timeout: float,
+        retries: int,
+        noise: BoundaryNoise | None = None,
+        counters: LinkCounters | None = None,
+        silence: float = 0.0,
+        idle_timeout: float | None = None,
+        observer: MasterObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.counters = counters if counters is not None else LinkCounters()
+        self._framing = framing
+        self._clock = clock
+        self._timeout = timeout
+        self._retries = retries
+        self._silence = silence
+        self._idle_timeout = idle_timeout
+        self._idle = None
+        self._observer = observer
+        self._reader = ResponseReader(framing, noise)
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._current: _Request | None = None
+        self._timer = None
+        self._quiet = None
+        self._connected = False
+        self._transaction_id = 0
+
+    # -- API ------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or in flight."""
+        return len(self._queue) + (self._current is not None)
+
+    def request(self, pdu: ModbusPDU) -> defer.Deferred[ModbusPDU]:
+        if not self._connected:
+            return defer.fail(LinkOffline(self.name))
+        self._transaction_id = self._transaction_id % 0xFFFF + 1
+        try:
+            frame = self._framing.encode(pdu, self._transaction_id)
+        except (ValueError, TypeError) as exc:
+            return defer.fail(exc)
+        expected = Expectation(pdu.dev_id, pdu.function_code, self._transaction_id)
+        request = _Request(pdu, frame, expected)
+        request.deferred = defer.Deferred(lambda _: self._cancel(request))
+        self._queue.append(request)
+        self._pump()
+        return request.deferred
+
+    # -- Protocol -------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        self.counters.connects += 1
+        if self._idle_timeout is not None:
+            self._idle = self._clock.callLater(self._idle_timeout, self._idle_too_long)
+        if self._observer is not None:
+            self._observer.master_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.counters.bytes_in += len(data)
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        for event in self._reader.feed(data):
+            if isinstance(event, Response):
+                self._answered(event.pdu)
+            elif isinstance(event, Stripped):
+                self.counters.heartbeats += 1
+                log.debug("{link}: stripped {kind} packet", link=self.name, kind=event.noise.kind)
+            elif isinstance(event, Discarded):
+                self._discard(event.data, event.reason)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._connected = False
+        self._cancel_timers()
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        lost = ([self._current] if self._current is not None else []) + list(self._queue)
+        self._current = None
+        self._queue.clear()
+        self._reader.expected = None
+        self._reader.flush()
+        for request in lost:
+            self.counters.errors += 1
+            request.deferred.errback(LinkDisconnected(self.name))
+        if self._observer is not None:
+            self._observer.master_disconnected(self)
+
+    # -- the request cycle ----------------------------------------------------
+
+    def _pump(self) -> None:
+        if self._current is not None or self._quiet is not None or not self._connected:
+            return
+        if self._queue:
+            self._current = self._queue.popleft()
+            self._send(self._current)
+
+    def _send(self, request: _Request) -> None:
+        request.attempts += 1
+        self._reader.expected = request.expected
+        self.counters.requests += 1
+        self.counters.bytes_out += len(request.frame)
+        self._timer = self._clock.callLater(self._timeout, self._timed_out)
+        self.transport.write(request.frame)
+
+    def _answered(self, pdu: ModbusPDU) -> None:
+        request = self._current
+        if request is None:  # cannot happen: the reader only answers an expectation
+            return
+        self._cancel_timers()
+        self._current = None
+        self.counters.responses += 1
+        if isinstance(pdu, ExceptionResponse):
+            self.counters.errors += 1
+            error = ModbusExceptionResponse(request.expected.unit, request.pdu.function_code, pdu.exception_code)
+            request.deferred.errback(error)
+        else:
+            request.deferred.callback(pdu)
+        self._pump()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        request = self._current
+        self.counters.timeouts += 1
+        self._reader.expected = None
+        self._discard(self._reader.flush(), "unfinished frame")
+        if request is None:
+            return
+        if request.attempts <= self._retries:
+            log.debug(
+                "{link}: unit {unit} did not answer, retrying ({attempt}/{retries})",
+                link=self.name, unit=request.expected.unit, attempt=request.attempts, retries=self._retries,
+            )
+            self._after_silence(lambda: self._send(request))
+            return
+        self._current = None
+        self._after_silence(self._pump)
+        request.deferred.errback(ModbusTimeout(request.expected.unit, request.pdu.function_code, request.attempts))
+
+    def _after_silence(self, then) -> None:
+        if self._silence <= 0:
+            then()
+            return
+
+        def quiet_over() -> None:
+            self._quiet = None
+            if self._connected:
+                then()
+
+        self._quiet = self._clock.callLater(self._silence, quiet_over)
+
+    def _cancel(self, request: _Request) -> None:
+        if request in self._queue:
+            self._queue.remove(request)
+            return
+        if request is self._current:
+            self._cancel_timers()  # also a quiet period that would resend it
+            self._current = None
+            self._reader.expected = None
+            self._discard(self._reader.flush(), "unfinished frame")
+            self._after_silence(self._pump)
+
+    def _discard(self, data: bytes, reason: str) -> None:
+        if data:
+            self.counters.discarded_bytes += len(data)
+            log.debug("{link}: discarded {count} bytes ({reason}): {data}",
+                      link=self.name, count=len(data), reason=reason, data=data[:64].hex(" "))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel_timer()
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
+        self._quiet = None
+
+    def _idle_too_long(self) -> None:
+        # A DTU that lost power leaves a socket that looks open for many
+        # minutes; its missing heartbeats are the first sign.
+        self._idle = None
+        log.info("{link}: nothing received for {seconds:g} s, closing the connection",
+                 link=self.name, seconds=self._idle_timeout)
+        close_transport(self.transport)

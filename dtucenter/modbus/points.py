@@ -1,0 +1,305 @@
+"""Meter points: where a value lives, how to decode and encode it, and how to read many at once."""
+
+from __future__ import annotations
+
+import decimal
+import enum
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+
+import attrs
+from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.bit_message import (
+    ReadCoilsRequest,
+    ReadDiscreteInputsRequest,
+    WriteMultipleCoilsRequest,
+    WriteSingleCoilRequest,
+)
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadInputRegistersRequest,
+    WriteMultipleRegistersRequest,
+    WriteSingleRegisterRequest,
+)
+
+from dtucenter.modbus.errors import ResponseMismatch
+
+MAX_READ_REGISTERS = 125
+MAX_READ_BITS = 2000
+
+Value = bool | int | float
+
+
+class Table(enum.Enum):
+    HOLDING = "holding"
+    INPUT = "input"
+    COIL = "coil"
+    DISCRETE = "discrete"
+
+    @property
+    def holds_bits(self) -> bool:
+        return self in (Table.COIL, Table.DISCRETE)
+
+    @property
+    def writable(self) -> bool:
+        return self in (Table.HOLDING, Table.COIL)
+
+
+_READ_REQUESTS: dict[Table, type[ModbusPDU]] = {
+    Table.HOLDING: ReadHoldingRegistersRequest,
+    Table.INPUT: ReadInputRegistersRequest,
+    Table.COIL: ReadCoilsRequest,
+    Table.DISCRETE: ReadDiscreteInputsRequest,
+}
+
+
+class PointType(enum.Enum):
+    BOOL = "bool"
+    INT16 = "int16"
+    UINT16 = "uint16"
+    INT32 = "int32"
+    UINT32 = "uint32"
+    FLOAT32 = "float32"
+    INT64 = "int64"
+    UINT64 = "uint64"
+    FLOAT64 = "float64"
+
+    @property
+    def struct_code(self) -> str:
+        return _STRUCT_CODES[self]
+
+    @property
+    def registers(self) -> int:
+        """How many 16-bit registers one value occupies."""
+        return 1 if self is PointType.BOOL else struct.calcsize(">" + self.struct_code) // 2
+
+    @property
+    def is_float(self) -> bool:
+        return self in (PointType.FLOAT32, PointType.FLOAT64)
+
+
+_STRUCT_CODES = {
+    PointType.BOOL: "H",
+    PointType.INT16: "h",
+    PointType.UINT16: "H",
+    PointType.INT32: "i",
+    PointType.UINT32: "I",
+    PointType.FLOAT32: "f",
+    PointType.INT64: "q",
+    PointType.UINT64: "Q",
+    PointType.FLOAT64: "d",
+}
+
+
+class WordOrder(enum.Enum):
+    BIG = "big"  # most significant register first, as the Modbus spec orders bytes
+    LITTLE = "little"  # least significant register first (common "word swap")
+
+
+class PointValueError(ValueError):
+    """A value cannot be written to a point (wrong kind, out of range, read-only)."""
+
+
+@attrs.frozen
+class Point:
+    name: str
+    table: Table
+    address: int
+    type: PointType
+    word_order: WordOrder = WordOrder.BIG
+    scale: float = 1.0
+    unit: str | None = None
+    write_multiple: bool = False  # force FC 15/16 for devices without FC 5/6
+
+    @property
+    def width(self) -> int:
+        """Addresses this point occupies in its table."""
+        return 1 if self.table.holds_bits else self.type.registers
+
+    @property
+    def end(self) -> int:
+        return self.address + self.width
+
+
+# -- decoding -----------------------------------------------------------------
+
+
+def _registers_to_bytes(point: Point, registers: Sequence[int]) -> bytes:
+    ordered = list(registers) if point.word_order is WordOrder.BIG else list(reversed(registers))
+    return b"".join(register.to_bytes(2, "big") for register in ordered)
+
+
+def decode_registers(point: Point, registers: Sequence[int]) -> Value:
+    """The scaled value of a register point from exactly its registers."""
+    if len(registers) != point.type.registers:
+        raise ValueError(f"{point.name} needs {point.type.registers} registers, got {len(registers)}")
+    if point.type is PointType.BOOL:
+        return registers[0] != 0
+    (raw,) = struct.unpack(">" + point.type.struct_code, _registers_to_bytes(point, registers))
+    return _scaled(point, raw)
+
+
+def _scaled(point: Point, raw: int | float) -> int | float:
+    if point.scale == 1:
+        return raw
+    value = raw * point.scale
+    if isinstance(raw, int):
+        # 2301 * 0.1 is 230.10000000000002 in binary floating point; an
+        # integer register scaled by 0.1 has exactly one decimal to show.
+        return round(value, _decimals(point.scale))
+    return value
+
+
+def _decimals(scale: float) -> int:
+    exponent = decimal.Decimal(repr(scale)).as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
+
+
+# -- encoding for writes ------------------------------------------------------
+
+
+def raw_value(point: Point, value: object) -> bool | int | float:
+    """The unscaled value to put on the wire, range-checked for the point's type."""
+    if isinstance(value, str) or value is None:
+        raise PointValueError(f"{point.name} takes a number, not {value!r}")
+    if point.type is PointType.BOOL:
+        if value in (True, False, 0, 1):
+            return bool(value)
+        raise PointValueError(f"{point.name} is a bool point: write true/false or 1/0, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PointValueError(f"{point.name} takes a number, not {value!r}")
+    if not math.isfinite(value) and not point.type.is_float:
+        raise PointValueError(f"{point.name} cannot hold {value!r}")
+    raw = value / point.scale if point.scale != 1 else value
+    if point.type.is_float:
+        return float(raw)
+    rounded = round(raw)
+    bits = point.type.registers * 16
+    signed = point.type.name.startswith("INT")
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if not low <= rounded <= high:
+        raise PointValueError(
+            f"{value!r} is out of range for {point.name}"
+            f" ({point.type.value} holds {low * point.scale:g}..{high * point.scale:g} at scale {point.scale:g})"
+        )
+    return rounded
+
+
+def encode_registers(point: Point, raw: bool | int | float) -> list[int]:
+    """The registers holding ``raw`` (already unscaled) in the point's word order."""
+    if point.type is PointType.BOOL:
+        return [1 if raw else 0]
+    try:
+        packed = struct.pack(">" + point.type.struct_code, raw)
+    except (struct.error, OverflowError) as exc:
+        raise PointValueError(f"{raw!r} does not fit {point.name} ({point.type.value}): {exc}") from None
+    registers = [int.from_bytes(packed[i : i + 2], "big") for i in range(0, len(packed), 2)]
+    return registers if point.word_order is WordOrder.BIG else list(reversed(registers))
+
+
+def write_request(point: Point, value: object, unit: int) -> ModbusPDU:
+    """The request writing ``value`` (scaled units) to ``point``: FC 5, 6, 15 or 16."""
+    if not point.table.writable:
+        raise PointValueError(f"{point.name} is in the read-only {point.table.value} table")
+    raw = raw_value(point, value)
+    if point.table is Table.COIL:
+        if point.write_multiple:
+            return WriteMultipleCoilsRequest(address=point.address, bits=[bool(raw)], dev_id=unit)
+        return WriteSingleCoilRequest(address=point.address, bits=[bool(raw)], dev_id=unit)
+    registers = encode_registers(point, raw)
+    if len(registers) == 1 and not point.write_multiple:
+        return WriteSingleRegisterRequest(address=point.address, registers=registers, dev_id=unit)
+    return WriteMultipleRegistersRequest(
+        address=point.address, registers=registers, count=len(registers), dev_id=unit
+    )
+
+
+def check_write_response(request: ModbusPDU, response: ModbusPDU) -> None:
+    """Writes are echoed; an echo that differs means the unit did something else."""
+    if (response.function_code, response.address) != (request.function_code, request.address):
+        raise ResponseMismatch(
+            f"write to address {request.address} was answered for address {response.address}"
+        )
+
+
+# -- block planning -----------------------------------------------------------
+
+
+@attrs.frozen
+class ReadBlock:
+    """One read request covering several points of one table."""
+
+    table: Table
+    address: int
+    count: int
+    points: tuple[Point, ...]
+
+    def request(self, unit: int) -> ModbusPDU:
+        return _READ_REQUESTS[self.table](address=self.address, count=self.count, dev_id=unit)
+
+    def decode(self, response: ModbusPDU) -> dict[str, Value]:
+        """Point name -> scaled value from the response to :meth:`request`."""
+        if self.table.holds_bits:
+            bits = list(response.bits)
+            if len(bits) < self.count:
+                raise ResponseMismatch(f"asked for {self.count} bits at {self.address}, got {len(bits)}")
+            return {p.name: bool(bits[p.address - self.address]) for p in self.points}
+        registers = list(response.registers)
+        if len(registers) != self.count:
+            raise ResponseMismatch(
+                f"asked for {self.count} registers at {self.address}, got {len(registers)}"
+            )
+        return {
+            p.name: decode_registers(p, registers[p.address - self.address : p.end - self.address])
+            for p in self.points
+        }
+
+    def describe(self) -> str:
+        return f"{self.table.value} {self.address}+{self.count}"
+
+
+@attrs.frozen
+class BlockLimits:
+    max_registers: int = MAX_READ_REGISTERS
+    max_bits: int = MAX_READ_BITS
+    max_gap: int = 8  # unused registers a block may span to save a request
+
+    def size_limit(self, table: Table) -> int:
+        return self.max_bits if table.holds_bits else self.max_registers
+
+    def gap_limit(self, table: Table) -> int:
+        # An unused bit costs a sixteenth of an unused register on the wire.
+        return self.max_gap * 16 if table.holds_bits else self.max_gap
+
+
+def plan_reads(points: Iterable[Point], limits: BlockLimits = BlockLimits()) -> list[ReadBlock]:
+    """Group points into as few reads as the limits allow, merging only within a table.
+
+    Greedy over points sorted by address; that is optimal here because a
+    block can only ever be extended at its end.
+    """
+    blocks: list[ReadBlock] = []
+    by_table: dict[Table, list[Point]] = {}
+    for point in points:
+        by_table.setdefault(point.table, []).append(point)
+    for table in Table:
+        members = sorted(by_table.get(table, ()), key=lambda p: (p.address, p.end))
+        limit, gap = limits.size_limit(table), limits.gap_limit(table)
+        current: list[Point] = []
+        start = end = 0
+        for point in members:
+            if current and point.address - end <= gap and max(end, point.end) - start <= limit:
+                current.append(point)
+                end = max(end, point.end)
+                continue
+            if current:
+                blocks.append(ReadBlock(table, start, end - start, tuple(current)))
+            current, start, end = [point], point.address, point.end
+        if current:
+            blocks.append(ReadBlock(table, start, end - start, tuple(current)))
+    return blocks
+
+
+def points_by_name(points: Iterable[Point]) -> Mapping[str, Point]:
+    return {point.name: point for point in points}

@@ -1,0 +1,271 @@
+"""Polls every meter on its interval and hands the values to a sink.
+
+Polls sit on a fixed grid, ``start + k * interval``, so they do not drift
+however long each one takes; a slot that comes while the meter's previous
+poll still runs is skipped. A unit that keeps timing out costs its bus
+``(retries + 1) * timeout`` per poll, so after ``n`` timed-out polls in a
+row it is polled only every ``2**n`` slots (at most every ``max_backoff``
+seconds) until it answers again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import attrs
+from pymodbus.pdu import ModbusPDU
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from dtucenter.modbus.config import MeterSettings
+from dtucenter.modbus.errors import (
+    LinkDisconnected,
+    LinkOffline,
+    ModbusError,
+    ModbusTimeout,
+)
+from dtucenter.modbus.points import (
+    Point,
+    ReadBlock,
+    Value,
+    check_write_response,
+    plan_reads,
+    write_request,
+)
+
+log = Logger()
+
+
+class MeterSink(Protocol):
+    """Where poll results go (the store). Called in the reactor thread; must not block."""
+
+    def record_values(self, meter: str, time: float, values: Mapping[str, Value]) -> None:
+        """Scaled values of the points read in the poll that started at ``time``."""
+
+    def record_failure(self, meter: str, time: float, reason: str) -> None:
+        """The poll that started at ``time`` failed, wholly or for some blocks."""
+
+
+class Channel(Protocol):
+    """Something that carries Modbus requests: a :class:`~dtucenter.modbus.links.Link`."""
+
+    def request(self, pdu: ModbusPDU) -> defer.Deferred[ModbusPDU]: ...
+
+
+class UnknownMeter(LookupError):
+    pass
+
+
+class UnknownPoint(LookupError):
+    pass
+
+
+@attrs.frozen
+class MeterStatus:
+    name: str
+    link: str
+    unit: int
+    interval: float
+    last_poll: float | None
+    last_success: float | None
+    last_error: str | None  # the most recent error, kept after the meter recovers
+    last_error_time: float | None
+    failing: bool  # the latest poll had an error
+    timeouts_in_a_row: int
+    next_poll: float | None
+    polls: int
+    failures: int
+
+    def as_json(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+@attrs.define(eq=False)
+class _Meter:
+    settings: MeterSettings
+    blocks: list[ReadBlock]
+    points: dict[str, Point]
+    slot: int = 0
+    resume_slot: int = 0
+    polling: bool = False
+    call: object = None
+    last_poll: float | None = None
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_time: float | None = None
+    failing: bool = False
+    timeouts_in_a_row: int = 0
+    polls: int = 0
+    failures: int = 0
+
+
+class Poller(Service):
+    def __init__(
+        self,
+        meters: Sequence[MeterSettings],
+        channels: Mapping[str, Channel],
+        sink: MeterSink,
+        clock: IReactorTime,
+        *,
+        max_backoff: float = 300.0,
+    ) -> None:
+        self._channels = channels
+        self._sink = sink
+        self._clock = clock
+        self._max_backoff = max_backoff
+        self._meters = {
+            m.name: _Meter(m, plan_reads(m.points, m.limits), {p.name: p for p in m.points}) for m in meters
+        }
+        self._start = 0.0
+
+    # -- service --------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._start = self._clock.seconds()
+        for meter in self._meters.values():
+            meter.slot = 0
+            meter.call = self._clock.callLater(0, self._tick, meter)
+
+    def stopService(self) -> None:
+        super().stopService()
+        for meter in self._meters.values():
+            if meter.call is not None and meter.call.active():
+                meter.call.cancel()
+            meter.call = None
+
+    # -- status and writes ----------------------------------------------------
+
+    def meter_names(self) -> list[str]:
+        return list(self._meters)
+
+    def status(self, name: str) -> MeterStatus:
+        meter = self._meter(name)
+        settings = meter.settings
+        next_poll = None
+        if meter.call is not None and meter.call.active():
+            next_poll = self._slot_time(meter, max(meter.slot, meter.resume_slot))
+        return MeterStatus(
+            name=settings.name, link=settings.link, unit=settings.unit, interval=settings.interval,
+            last_poll=meter.last_poll, last_success=meter.last_success, last_error=meter.last_error,
+            last_error_time=meter.last_error_time, failing=meter.failing, timeouts_in_a_row=meter.timeouts_in_a_row,
+            next_poll=next_poll, polls=meter.polls, failures=meter.failures,
+        )
+
+    def write(self, meter_name: str, point_name: str, value: object) -> defer.Deferred[None]:
+        """Write ``value`` (in the point's scaled unit) to a point.
+
+        Raises :class:`UnknownMeter`, :class:`UnknownPoint` or
+        :class:`~dtucenter.modbus.points.PointValueError` at once for bad input;
+        the Deferred fails with a :class:`~dtucenter.modbus.errors.ModbusError`
+        when the meter cannot be written.
+        """
+        meter = self._meter(meter_name)
+        point = meter.points.get(point_name)
+        if point is None:
+            raise UnknownPoint(f"meter {meter_name} has no point {point_name!r}")
+        request = write_request(point, value, meter.settings.unit)
+        d = self._channels[meter.settings.link].request(request)
+        d.addCallback(lambda response: check_write_response(request, response))
+        return d
+
+    def _meter(self, name: str) -> _Meter:
+        meter = self._meters.get(name)
+        if meter is None:
+            raise UnknownMeter(f"no meter named {name!r}")
+        return meter
+
+    # -- scheduling -----------------------------------------------------------
+
+    def _slot_time(self, meter: _Meter, slot: int) -> float:
+        return self._start + slot * meter.settings.interval
+
+    def _tick(self, meter: _Meter) -> None:
+        slot = meter.slot
+        self._schedule_next(meter)
+        if meter.polling:
+            log.debug("Meter {meter}: previous poll still running, slot skipped", meter=meter.settings.name)
+        elif slot >= meter.resume_slot:
+            d = defer.ensureDeferred(self._poll(meter, slot))
+            d.addErrback(lambda f: log.failure("Meter {meter}: poll crashed", f, meter=meter.settings.name))
+
+    def _schedule_next(self, meter: _Meter) -> None:
+        now = self._clock.seconds()
+        meter.slot += 1
+        if self._slot_time(meter, meter.slot) <= now:  # the reactor was late: skip missed slots
+            meter.slot = math.floor((now - self._start) / meter.settings.interval) + 1
+        meter.call = self._clock.callLater(self._slot_time(meter, meter.slot) - now, self._tick, meter)
+
+    # -- one poll -------------------------------------------------------------
+
+    async def _poll(self, meter: _Meter, slot: int) -> None:
+        settings = meter.settings
+        meter.polling = True
+        started = self._clock.seconds()
+        meter.last_poll = started
+        meter.polls += 1
+        values: dict[str, Value] = {}
+        errors: list[str] = []
+        answered = timed_out = False
+        try:
+            for block in meter.blocks:
+                try:
+                    response = await self._channels[settings.link].request(block.request(settings.unit))
+                    answered = True
+                    values.update(block.decode(response))
+                except (ModbusTimeout, LinkOffline, LinkDisconnected) as exc:
+                    # The unit or the link is gone: the other blocks would only wait too.
+                    timed_out = isinstance(exc, ModbusTimeout)
+                    errors.append(str(exc))
+                    break
+                except ModbusError as exc:
+                    answered = True
+                    errors.append(f"{block.describe()}: {exc}")
+                except Exception:
+                    log.failure("Meter {meter}: reading {block} crashed", meter=settings.name, block=block.describe())
+                    errors.append(f"{block.describe()}: internal error (see the log)")
+                    break
+        finally:
+            meter.polling = False
+        if not self.running:
+            return  # shutting down: links dropping their connections is no news
+        self._backoff(meter, slot, answered, timed_out)
+        self._report(meter, started, values, errors)
+
+    def _backoff(self, meter: _Meter, slot: int, answered: bool, timed_out: bool) -> None:
+        if answered:
+            meter.timeouts_in_a_row = 0
+            meter.resume_slot = 0
+        elif timed_out:
+            meter.timeouts_in_a_row += 1
+            longest = max(1, math.floor(self._max_backoff / meter.settings.interval))
+            meter.resume_slot = slot + min(2 ** meter.timeouts_in_a_row, longest)
+
+    def _report(self, meter: _Meter, started: float, values: dict[str, Value], errors: list[str]) -> None:
+        name = meter.settings.name
+        if values:
+            meter.last_success = started
+            self._to_sink(self._sink.record_values, name, started, values)
+        if not errors:
+            if meter.failing:
+                log.info("Meter {meter} answers again", meter=name)
+            meter.failing = False
+            return
+        reason = "; ".join(errors)
+        meter.failures += 1
+        # Log a change, not every poll of a meter that stays dead.
+        if not meter.failing or reason != meter.last_error:
+            log.warn("Meter {meter}: {reason}", meter=name, reason=reason)
+        meter.failing = True
+        meter.last_error, meter.last_error_time = reason, started
+        self._to_sink(self._sink.record_failure, name, started, reason)
+
+    def _to_sink(self, record, name: str, started: float, what) -> None:
+        try:
+            record(name, started, what)
+        except Exception:
+            log.failure("Meter {meter}: the sink refused a poll result", meter=name)

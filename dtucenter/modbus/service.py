@@ -1,0 +1,131 @@
+"""The Modbus bridge as one service: links, listeners, outgoing connections, serial ports, poller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from zope.interface import implementer
+
+from dtucenter.modbus.config import ModbusSettings
+from dtucenter.modbus.links import (
+    Link,
+    LinkStatus,
+    LoginFactory,
+    SerialLinkService,
+    link_factory,
+    open_serial_port,
+)
+from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller
+
+SHARED_LISTENER = "modbus"
+
+
+@implementer(IStreamServerEndpoint)
+class _PortRecordingEndpoint:
+    """Passes ``listen`` through and remembers the port, e.g. to learn what ``tcp:0`` bound."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        self._endpoint = endpoint
+        self._outcome = None  # the port, or the Failure to listen
+        self._waiting: list[defer.Deferred[IListeningPort]] = []
+
+    def listen(self, factory):
+        return self._endpoint.listen(factory).addBoth(self._record)
+
+    def _record(self, outcome):
+        self._outcome = outcome
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(outcome)
+        return outcome
+
+    def when_listening(self) -> defer.Deferred[IListeningPort]:
+        d: defer.Deferred[IListeningPort] = defer.Deferred()
+        if self._outcome is None:
+            self._waiting.append(d)
+        else:
+            d.callback(self._outcome)
+        return d
+
+
+class ModbusBridge(MultiService):
+    """Everything of the Modbus bridge, built from parsed settings.
+
+    ``reactor`` provides TCP, time and (for serial links) file descriptors;
+    ``sink`` receives the poll results.
+    """
+
+    def __init__(
+        self,
+        settings: ModbusSettings,
+        reactor,
+        sink: MeterSink,
+        *,
+        login_timeout: float | None = None,
+        open_serial: Callable[..., object] = open_serial_port,
+        max_backoff: float = 300.0,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.login_timeout = login_timeout if login_timeout is not None else settings.login_timeout
+        self.links: dict[str, Link] = {link.name: Link(link, reactor) for link in settings.links}
+        self._endpoints: dict[str, _PortRecordingEndpoint] = {}
+
+        shared = {link.settings.registration: link for link in self.links.values() if link.settings.kind == "shared"}
+        if shared:
+            assert settings.listen is not None  # the config refuses shared links without it
+            factory = LoginFactory(shared, reactor, self.login_timeout)
+            self._listen(SHARED_LISTENER, serverFromString(reactor, settings.listen), factory)
+
+        for link in self.links.values():
+            kind = link.settings.kind
+            if kind == "listen":
+                factory = link_factory(link, reactor, self.login_timeout)
+                self._listen(link.name, serverFromString(reactor, link.settings.listen), factory)
+            elif kind == "connect":
+                client = ClientService(
+                    clientFromString(reactor, link.settings.connect),
+                    link_factory(link, reactor, self.login_timeout),
+                    retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0),
+                    clock=reactor,
+                )
+                client.setServiceParent(self)
+            elif kind == "serial":
+                SerialLinkService(link, reactor, open_port=open_serial).setServiceParent(self)
+
+        self.poller = Poller(settings.meters, self.links, sink, reactor, max_backoff=max_backoff)
+        self.poller.setServiceParent(self)
+
+    def _listen(self, name: str, endpoint: IStreamServerEndpoint, factory) -> None:
+        recording = _PortRecordingEndpoint(endpoint)
+        self._endpoints[name] = recording
+        StreamServerEndpointService(recording, factory).setServiceParent(self)
+
+    def listening(self, name: str = SHARED_LISTENER) -> defer.Deferred[IListeningPort]:
+        """Fires with the listening port of the shared listener or of a ``listen`` link, once bound."""
+        return self._endpoints[name].when_listening()
+
+    def stopService(self) -> defer.Deferred[None]:
+        stopped = defer.maybeDeferred(super().stopService)
+        # Listeners stop accepting, but accepted connections would live on.
+        closed = [link.disconnect() for link in self.links.values()]
+        return defer.gatherResults([stopped, *closed], consumeErrors=True).addCallback(lambda _: None)
+
+    # -- what the store, the API and the CLI need ------------------------------
+
+    def link_statuses(self) -> list[LinkStatus]:
+        return [link.status() for link in self.links.values()]
+
+    def meter_statuses(self) -> list[MeterStatus]:
+        return [self.poller.status(name) for name in self.poller.meter_names()]
+
+    def meter_status(self, name: str) -> MeterStatus:
+        return self.poller.status(name)
+
+    def write(self, meter: str, point: str, value: object) -> defer.Deferred[None]:
+        return self.poller.write(meter, point, value)

@@ -1,0 +1,89 @@
+"""How ModbusBridge wires settings into services, on a memory reactor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+from twisted.internet.testing import MemoryReactorClock
+
+from dtucenter.modbus.config import parse_modbus_settings
+from dtucenter.modbus.service import ModbusBridge
+from tests.modbus.modbus_helpers import SerialOpener, result_of
+
+CONFIG = """
+[modbus]
+listen = "tcp:5020:interface=127.0.0.1"
+
+[[link]]
+name = "site-a"
+registration = "DTU-0001"
+
+[[link]]
+name = "yard"
+listen = "tcp:20101:interface=127.0.0.1"
+
+[[link]]
+name = "plant"
+protocol = "tcp"
+connect = "tcp:host=127.0.0.1:port=1502"
+
+[[link]]
+name = "panel"
+serial = "/dev/ttyTEST0"
+
+[[meter]]
+name = "m1"
+link = "panel"
+unit = 1
+interval = 5
+
+[[meter.point]]
+name = "voltage"
+table = "holding"
+address = 0
+"""
+
+
+class NoSink:
+    def record_values(self, meter, time, values):
+        pass
+
+    def record_failure(self, meter, time, reason):
+        pass
+
+
+def test_bridge_builds_listeners_clients_serial_ports_and_the_poller() -> None:
+    reactor = MemoryReactorClock()
+    open_serial = SerialOpener()
+    bridge = ModbusBridge(parse_modbus_settings(tomllib.loads(CONFIG)), reactor, NoSink(), open_serial=open_serial)
+    bridge.startService()
+    assert sorted(port for port, *_ in reactor.tcpServers) == [5020, 20101]
+    assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 1502)]
+    assert len(open_serial.ports) == 1
+    assert result_of(bridge.listening()).getHost().port == 5020
+    assert result_of(bridge.listening("yard")).getHost().port == 20101
+
+    statuses = {status.name: status for status in bridge.link_statuses()}
+    assert {name: s.kind for name, s in statuses.items()} == {
+        "site-a": "shared", "yard": "listen", "plant": "connect", "panel": "serial",
+    }
+    assert statuses["panel"].online and statuses["panel"].remote == "/dev/ttyTEST0"
+    assert not statuses["site-a"].online
+    reactor.advance(0)
+    (meter,) = bridge.meter_statuses()
+    assert (meter.name, meter.polls, meter.next_poll) == ("m1", 1, 5.0)
+    assert bridge.meter_status("m1").link == "panel"
+    bridge.stopService()
+    assert reactor.getDelayedCalls() == []
+
+
+def test_the_bridge_stands_apart_from_the_rest_of_the_center() -> None:
+    # Integration wires the bridge in; the bridge must not reach back.
+    code = (
+        "import sys, dtucenter.modbus.service\n"
+        "print(sorted(m for m in sys.modules if m.startswith('dtucenter.') and not m.startswith('dtucenter.modbus')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
