@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dtucenter.isotime import utc_from_seconds as utc
-from dtucenter.modbus.config import ModbusConfigError, ModbusSettings
+from dtucenter.modbus.config import MeterSettings, ModbusConfigError, ModbusSettings
 from dtucenter.modbus.points import Point
 from dtucenter.store import meters
 from dtucenter.store.facade import Store
@@ -51,6 +51,12 @@ def point_spec(point: Point) -> dict[str, Any]:
     spec["unit"] = point.unit
     spec["writable"] = point.table.writable
     return spec
+
+
+def meter_spec(meter: MeterSettings) -> dict[str, Any]:
+    """A configured meter as ``meters.sync_meters`` takes it."""
+    return {"name": meter.name, "link": meter.link, "unit": meter.unit, "interval": meter.interval,
+            "points": [point_spec(p) for p in meter.points]}
 
 
 def check_storable(settings: ModbusSettings) -> None:
@@ -107,11 +113,7 @@ class MeterRecorder(Service):
         self.store = store
         self.clock = clock
         self.state_interval = state_interval
-        self._specs = [
-            {"name": m.name, "link": m.link, "unit": m.unit, "interval": m.interval,
-             "points": [point_spec(p) for p in m.points]}
-            for m in settings.meters
-        ]
+        self._specs = [meter_spec(m) for m in settings.meters]
         self._states: dict[str, _MeterState] = {}
         self._dirty_meters: dict[str, None] = {}  # ordered sets
         self._dirty_streaks: dict[_Streak, None] = {}
