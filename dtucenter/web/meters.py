@@ -159,6 +159,8 @@ class MeterApi:
             raise ApiError(404, str(e)) from None
         except PointValueError as e:
             raise ApiError(400, str(e)) from None
+        except OverflowError:  # a JSON integer too large to scale as a float
+            raise ApiError(400, f"value out of range for {point}") from None
         outcome, status, error = "ok", 200, None
         try:
             await written

@@ -194,6 +194,7 @@ async def check_writes(api: ApiClient, plant: PymodbusServer, yard_bus: Pymodbus
     assert await write("m-connect", "nope", 1, 404) == "meter m-connect has no point 'nope'"
     assert await write("m-connect", "voltage", "high", 400) == "voltage takes a number, not 'high'"
     assert "out of range" in await write("m-connect", "voltage", 1e9, 400)
+    assert await write("m-connect", "energy", 10**400, 400) == "value out of range for energy"
     assert await write("m-connect", "serial", 1, 400) == "serial is in the read-only input table"
     extra = await api.post("/api/meters/m-connect/write", {"point": "voltage", "value": 1, "unit": 2})
     assert (extra.status, extra.error) == (400, "the body: unknown field unit")
