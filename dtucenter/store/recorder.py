@@ -30,14 +30,12 @@ from twisted.python.failure import Failure
 
 from dtucenter.isotime import utc_from_seconds as utc
 from dtucenter.modbus.config import MeterSettings, ModbusConfigError, ModbusSettings
-from dtucenter.modbus.points import Point
+from dtucenter.modbus.points import Point, Value
 from dtucenter.store import meters
 from dtucenter.store.facade import Store
 from dtucenter.store.models import MeterSample
 
 log = Logger()
-
-Value = bool | int | float
 
 
 def point_spec(point: Point) -> dict[str, Any]:
