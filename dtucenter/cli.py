@@ -19,10 +19,11 @@ from sqlalchemy.orm import Session
 from dtucenter import __version__
 from dtucenter.config import DEFAULT_DB_URL
 from dtucenter.isotime import parse_iso_time
-from dtucenter.store import queries
+from dtucenter.store import meters, queries
 from dtucenter.store.db import DatabaseURLError, open_engine
 
 SAMPLE_COLUMNS = ("time", "psn", "net_state", "position", "dev", "addr", "value")
+METER_SAMPLE_COLUMNS = ("time", "meter", "point", "value")
 
 
 class CommandError(Exception):
@@ -81,19 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("psn", type=_psn)
     remove.set_defaults(run=cmd_dtu_remove)
 
-    samples = with_db(commands.add_parser("samples", help="print stored samples of a DTU"))
-    samples.add_argument("psn", type=_psn)
+    samples = with_db(commands.add_parser(
+        "samples", help="print stored samples of a DTU (by PSN) or of a Modbus meter (--meter)",
+        usage="%(prog)s (PSN | --meter NAME [--point POINT]) [options]",
+    ))
+    samples.add_argument("psn", type=_psn, nargs="?", help="the DTU's PSN")
+    samples.add_argument("--meter", help="a Modbus meter's name, instead of a PSN")
+    samples.add_argument("--point", help="with --meter: only this point")
     samples.add_argument("--since", type=parse_time, help="ISO 8601 time (UTC unless it says otherwise)")
     samples.add_argument("--until", type=parse_time, help="ISO 8601 time, exclusive")
     samples.add_argument("--limit", type=_bounded(1, 10_000_000), help="at most this many rows, oldest first")
     samples.add_argument("--format", choices=("csv", "json"), default="csv")
-    samples.set_defaults(run=cmd_samples)
+    samples.set_defaults(run=cmd_samples, check=_check_sample_source, subparser=samples)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
+    if hasattr(args, "check"):
+        args.check(args.subparser, args)
     try:
         engine = open_engine(args.db)
     except DatabaseURLError as e:
@@ -157,18 +165,48 @@ def cmd_dtu_remove(session: Session, args: argparse.Namespace, out: TextIO) -> N
     print(f"removed DTU {args.psn}", file=out)
 
 
+def _check_sample_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.psn is None) == (args.meter is None):
+        parser.error("give either a PSN or --meter NAME")
+    if args.point is not None and args.meter is None:
+        parser.error("--point goes with --meter")
+
+
 def cmd_samples(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    if args.meter is not None:
+        _meter_samples(session, args, out)
+        return
     if queries.get_dtu(session, args.psn) is None:
         raise CommandError(f"no DTU {args.psn}")
     rows = queries.query_samples(session, args.psn, args.since, args.until, args.limit)
-    if args.format == "json":
+    _print_samples(out, args.format, rows, SAMPLE_COLUMNS, _csv_row)
+
+
+def _meter_samples(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    meter = meters.get_meter(session, args.meter)
+    if meter is None:
+        raise CommandError(f"no meter {args.meter!r}")
+    rows = meters.query_meter_samples(session, meter, args.point, args.since, args.until, args.limit)
+    _print_samples(out, args.format, rows, METER_SAMPLE_COLUMNS, _meter_csv_row)
+
+
+def _print_samples(
+    out: TextIO, form: str, rows: Sequence[Any], columns: Sequence[str], csv_row: Callable[[Any], list[Any]]
+) -> None:
+    if form == "json":
         json.dump({"samples": [r.to_json() for r in rows]}, out, indent=2)
         out.write("\n")
         return
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(SAMPLE_COLUMNS)
+    writer.writerow(columns)
     for r in rows:
-        writer.writerow(_csv_row(r))
+        writer.writerow(csv_row(r))
+
+
+def _meter_csv_row(r: meters.MeterSampleInfo) -> list[Any]:
+    # As in JSON: a bool reads true/false, a value that was NaN or infinite is empty.
+    value = "" if r.value is None else json.dumps(r.value)
+    return [r.time.isoformat(), r.meter, r.point, value]
 
 
 def _csv_row(r: queries.SampleInfo) -> list[Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +14,25 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from dtucenter.config import DEFAULT_API, DEFAULT_DB_URL, ConfigError, Settings, load_settings
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
+from dtucenter.modbus.config import ModbusConfigError, ModbusSettings, parse_modbus_settings
+from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.facade import Store
+from dtucenter.store.recorder import MeterRecorder, check_storable
 from dtucenter.web.auth import ENVIRONMENT_VARIABLE, TokenFileError, resolve_token
+from dtucenter.web.meters import MeterApi
 from dtucenter.web.site import build_site
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -47,13 +57,19 @@ class Options(usage.Options):
         ["api", None, None, f"Endpoint for the HTTP JSON API, or off (default {DEFAULT_API})."],
         ["api-token", None, None,
          f"Bearer token for the API (else ${ENVIRONMENT_VARIABLE}, the config file, or dtucenter.token)."],
+        ["modbus", None, None,
+         "Endpoint where DTUs dial in with a registration packet for Modbus polling (config [modbus] listen)."],
     ]
 
     settings: Settings
+    modbus: ModbusSettings
+    #: The Modbus registration timeout when it does not come from [modbus] login_timeout.
+    modbus_login_timeout: float | None
 
     def postOptions(self) -> None:
+        # --modbus belongs to the [modbus] table, read below with the rest of the bridge's settings.
         overrides = {
-            key: self[key] for key in self.keys() if key != "config" and self[key] is not None
+            key: self[key] for key in self.keys() if key not in ("config", "modbus") and self[key] is not None
         }
         if "api-token" not in overrides and os.environ.get(ENVIRONMENT_VARIABLE):
             overrides["api-token"] = os.environ[ENVIRONMENT_VARIABLE]
@@ -62,35 +78,86 @@ class Options(usage.Options):
         except ConfigError as e:
             # One line, not twistd's full usage text: the operator needs to see what is wrong.
             raise SystemExit(f"dtucenter: {e}") from None
+        self.modbus = modbus_settings(self.settings, self["modbus"])
+        self.modbus_login_timeout = modbus_login_timeout(
+            self.settings, given_on_command_line=self["login-timeout"] is not None
+        )
+
+
+def modbus_settings(settings: Settings, listen: str | None = None) -> ModbusSettings:
+    """The [modbus], [[link]] and [[meter]] tables of the config file, with --modbus for [modbus] listen."""
+    document = dict(settings.extra)
+    if listen is not None:
+        server_endpoint(None, listen, "modbus")
+        section = document.get("modbus", {})
+        document["modbus"] = {**section, "listen": listen} if isinstance(section, Mapping) else section
+    try:
+        parsed = parse_modbus_settings(document)
+        check_storable(parsed)
+    except ModbusConfigError as e:
+        raise SystemExit(f"dtucenter: {settings.source}: {e}") from None
+    return parsed
+
+
+def modbus_login_timeout(settings: Settings, given_on_command_line: bool) -> float | None:
+    """--login-timeout on the command line wins; else [modbus] login_timeout; else the file's or default one."""
+    section = settings.extra.get("modbus")
+    if not given_on_command_line and isinstance(section, Mapping) and "login_timeout" in section:
+        return None  # the bridge takes it from its own settings
+    return settings.login_timeout
+
+
+class CenterService(MultiService):
+    """The whole center. It refuses to run without a port it was told to listen on:
+    a DTU or meter that cannot reach the center is worse than a center that does not start."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._listeners: list[tuple[str, Callable[[], Deferred[IListeningPort]]]] = []
+
+    def require_listening(self, what: str, when_listening: Callable[[], Deferred[IListeningPort]]) -> None:
+        """``what`` names the option or key for the error message."""
+        self._listeners.append((what, when_listening))
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failed_now: list[str] = []
+        bound: list[IListeningPort] = []
+        starting = True
+
+        def check(outcome: object, what: str) -> None:
+            if not isinstance(outcome, Failure):
+                bound.append(outcome)  # type: ignore[arg-type]
+                return
+            message = f"dtucenter: {what}: {outcome.getErrorMessage()}"
+            if starting:
+                failed_now.append(message)
+            else:  # an endpoint that listens asynchronously: the reactor already runs
+                log.critical("{message}; stopping", message=message)
+                self._reactor.stop()
+
+        for what, when_listening in self._listeners:
+            when_listening().addBoth(check, what)
+        starting = False
+        if failed_now:
+            # Nothing else has started yet; leave no port open behind the exit either.
+            for port in bound:
+                port.stopListening()
+            raise SystemExit(failed_now[0])
 
 
 class ListeningService(StreamServerEndpointService):
     """A listener that can tell which port it got (tests and logs ask for port 0)."""
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, name: str) -> None:
-        super().__init__(endpoint, factory)
+        self._recording = PortRecordingEndpoint(endpoint, name)
+        super().__init__(self._recording, factory)
         self.setName(name)
-        self._port_waiters: list[Deferred[IListeningPort]] = []
-        self.port: IListeningPort | None = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._waitingForPort.addCallback(self._listening)  # type: ignore[union-attr]
-
-    def _listening(self, port: IListeningPort) -> IListeningPort:
-        self.port = port
-        waiters, self._port_waiters = self._port_waiters, []
-        for d in waiters:
-            d.callback(port)
-        return port
 
     def when_listening(self) -> Deferred[IListeningPort]:
-        d: Deferred[IListeningPort] = Deferred()
-        if self.port is not None:
-            d.callback(self.port)
-        else:
-            self._port_waiters.append(d)
-        return d
+        """Fires with the port once bound, or fails with why it could not listen."""
+        return self._recording.when_listening()
 
 
 def server_endpoint(reactor: Any, description: str, option: str) -> IStreamServerEndpoint:
@@ -106,12 +173,17 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    settings = options.settings if isinstance(options, Options) else options["settings"]
+    if isinstance(options, Options):
+        settings, modbus = options.settings, options.modbus
+        modbus_timeout, modbus_given = options.modbus_login_timeout, options["modbus"] is not None
+    else:
+        settings = options["settings"]
+        modbus, modbus_timeout, modbus_given = modbus_settings(settings), modbus_login_timeout(settings, False), False
     try:
         engine = open_engine(settings.db)
     except DatabaseURLError as e:
         raise SystemExit(f"dtucenter: --db: {e}") from None
-    top = MultiService()
+    top = CenterService(reactor)
     store = Store(engine, reactor)
     store.setName("store")
     store.setServiceParent(top)
@@ -128,8 +200,14 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
     )
     center.setName("center")
     center.setServiceParent(top)
+    # Always, even without meters: its start-up sync marks meters that left the config.
+    recorder = MeterRecorder(store, reactor, modbus, settings.last_seen_interval, stats=center.stats)
+    recorder.setName("meter-recorder")
+    recorder.setServiceParent(top)
     endpoint = server_endpoint(reactor, settings.dtu, "dtu")
-    ListeningService(endpoint, DTUFactory(center, reactor), "dtu-tcp").setServiceParent(top)
+    dtu_listener = ListeningService(endpoint, DTUFactory(center, reactor), "dtu-tcp")
+    dtu_listener.setServiceParent(top)
+    top.require_listening("--dtu", dtu_listener.when_listening)
     control = Control(center)
     control.setName("control")
     control.setServiceParent(top)
@@ -139,23 +217,52 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
         udp_service = UDPListenerService(reactor, interface, port, DTUDatagramProtocol(center, reactor))
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
+    bridge = add_modbus(top, settings, modbus, modbus_timeout, modbus_given, recorder, reactor)
     if settings.manhole is not None:
-        add_manhole(top, settings, reactor)
+        add_manhole(top, settings, bridge, reactor)
     if settings.api != "off":
-        add_api(top, settings, center, control, reactor)
+        add_api(top, settings, center, control, recorder, bridge, reactor)
     return top
 
 
-def add_api(top: MultiService, settings: Settings, center: DTUCenter, control: Control, reactor: Any) -> None:
+def add_modbus(
+    top: CenterService, settings: Settings, modbus: ModbusSettings, login_timeout: float | None,
+    listen_given: bool, recorder: MeterRecorder, reactor: Any,
+) -> ModbusBridge | None:
+    """The Modbus bridge, when the config has links for it."""
+    if not modbus.links:
+        if modbus.listen is not None:
+            log.warn("Modbus: no [[link]] is configured, so nothing listens on {listen}", listen=modbus.listen)
+        return None
+    bridge = ModbusBridge(modbus, reactor, recorder, login_timeout=login_timeout)
+    bridge.setName("modbus")
+    bridge.setServiceParent(top)
+    if any(link.kind == "shared" for link in modbus.links):
+        what = "--modbus" if listen_given else f"{settings.source}: modbus.listen"
+        top.require_listening(what, partial(bridge.listening, SHARED_LISTENER))
+    for index, link in enumerate(modbus.links):
+        if link.kind == "listen":
+            top.require_listening(f"{settings.source}: link[{index}].listen", partial(bridge.listening, link.name))
+    return bridge
+
+
+def add_api(
+    top: CenterService, settings: Settings, center: DTUCenter, control: Control, recorder: MeterRecorder,
+    bridge: ModbusBridge | None, reactor: Any,
+) -> None:
     endpoint = server_endpoint(reactor, settings.api, "api")
     try:
         token = resolve_token(settings.api_token, settings.db)
     except TokenFileError as e:
         raise SystemExit(f"dtucenter: {e}") from None
-    ListeningService(endpoint, build_site(center, control, token), "api").setServiceParent(top)
+    site = build_site(center, control, token)
+    MeterApi(recorder, bridge, center.now).install(site.resource)
+    listener = ListeningService(endpoint, site, "api")
+    listener.setServiceParent(top)
+    top.require_listening("--api", listener.when_listening)
 
 
-def add_manhole(top: MultiService, settings: Settings, reactor: Any) -> None:
+def add_manhole(top: CenterService, settings: Settings, bridge: ModbusBridge | None, reactor: Any) -> None:
     from dtucenter.manhole import ManholeError, manhole_factory
 
     center = top.getServiceNamed("center")
@@ -165,6 +272,7 @@ def add_manhole(top: MultiService, settings: Settings, reactor: Any) -> None:
         "sessions": center.sessions,  # type: ignore[attr-defined]
         "stats": center.stats,  # type: ignore[attr-defined]
         "store": top.getServiceNamed("store"),
+        "bridge": bridge,
         "reactor": reactor,
     }
     endpoint = server_endpoint(reactor, settings.manhole, "manhole")
@@ -176,5 +284,6 @@ def add_manhole(top: MultiService, settings: Settings, reactor: Any) -> None:
         )
     except ManholeError as e:
         raise SystemExit(f"dtucenter: {e}") from None
-    ListeningService(endpoint, factory, "manhole").setServiceParent(top)
-
+    listener = ListeningService(endpoint, factory, "manhole")
+    listener.setServiceParent(top)
+    top.require_listening("--manhole", listener.when_listening)

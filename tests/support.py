@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
 from collections import deque
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -19,6 +21,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import DTUCenter
+from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge
 from dtucenter.store.facade import Store
 from dtucenter.tap import ListeningService, Options, makeService
 
@@ -43,6 +46,14 @@ class RunningCenter:
     @property
     def store(self) -> Store:
         return self.service.getServiceNamed("store")  # type: ignore[return-value]
+
+    @property
+    def bridge(self) -> ModbusBridge:
+        return self.service.getServiceNamed("modbus")  # type: ignore[return-value]
+
+    async def modbus_port(self, listener: str = SHARED_LISTENER) -> int:
+        """The port the Modbus bridge's shared listener (or a ``listen`` link, by name) got."""
+        return (await self.bridge.listening(listener)).getHost().port
 
     @property
     def api_token(self) -> str:
@@ -212,3 +223,24 @@ async def until(predicate: Any, timeout: float = STEP_TIMEOUT) -> None:
             raise AssertionError(f"condition not met within {timeout}s")
         await deferLater(reactor, 0.01, lambda: None)
         waited += 0.01
+
+
+def run_twistd(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``twistd -n dtucenter ARGS`` in a real process, for what only a real start shows (exit status, stderr)."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "dtucenter", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=60,
+    )
+
+
+async def eventually(check: Any, what: str, timeout: float = STEP_TIMEOUT) -> Any:
+    """Await ``check()`` (a coroutine function) on the reactor until it returns something true; returns that."""
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not (result := await check()):
+        if waited >= timeout:
+            raise AssertionError(f"gave up waiting for {what} after {timeout}s")
+        await deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
+    return result

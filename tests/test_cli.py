@@ -73,3 +73,48 @@ def test_errors_are_one_line(db: str, capsys: pytest.CaptureFixture[str]) -> Non
         run("dtu", "add", "4294967296", "--db", db)
     assert caught.value.code == 2
     assert "PSN must be a whole number" in capsys.readouterr().err
+
+
+def test_meter_samples_csv_and_json(db: str) -> None:
+    import tomllib
+
+    from dtucenter.modbus.config import parse_modbus_settings
+    from dtucenter.store import meters
+    from dtucenter.store.models import MeterSample
+    from dtucenter.store.recorder import meter_spec
+
+    settings = parse_modbus_settings(tomllib.loads(
+        '[[link]]\nname = "bus"\nserial = "/dev/ttyX"\n[[meter]]\nname = "m1"\nlink = "bus"\nunit = 1\n'
+        '[[meter.point]]\nname = "volts"\ntable = "holding"\naddress = 0\nscale = 0.1\n'
+        '[[meter.point]]\nname = "door"\ntable = "discrete"\naddress = 0\n'
+    ))
+    t0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
+    engine = open_engine(db)
+    with Session(engine) as session, session.begin():
+        meters.sync_meters(session, [meter_spec(settings.meters[0])], t0)
+        rows = meters.sample_rows("m1", t0, {"volts": 230.1, "door": True}) + meters.sample_rows(
+            "m1", t0 + dt.timedelta(seconds=10), {"volts": float("nan"), "door": False})
+        session.execute(MeterSample.__table__.insert(), rows)  # type: ignore[attr-defined]
+    engine.dispose()
+    code, text = run("samples", "--meter", "m1", "--db", db)
+    assert code == 0
+    assert text.splitlines() == [
+        "time,meter,point,value",
+        "2026-11-01T12:00:00+00:00,m1,volts,230.1",
+        "2026-11-01T12:00:00+00:00,m1,door,true",
+        "2026-11-01T12:00:10+00:00,m1,volts,",
+        "2026-11-01T12:00:10+00:00,m1,door,false",
+    ]
+    code, text = run("samples", "--meter", "m1", "--point", "door", "--since", "2026-11-01T12:00:05Z",
+                     "--format", "json", "--db", db)
+    assert json.loads(text) == {"samples": [{"time": "2026-11-01T12:00:10+00:00", "point": "door", "value": False}]}
+
+
+def test_samples_need_exactly_one_of_psn_and_meter(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for args in ([], ["5", "--meter", "m1"], ["5", "--point", "volts"]):
+        with pytest.raises(SystemExit) as caught:
+            run("samples", *args, "--db", db)
+        assert caught.value.code == 2
+    assert "--point goes with --meter" in capsys.readouterr().err
+    assert run("samples", "--meter", "nope", "--db", db)[0] == 1
+    assert capsys.readouterr().err == "dtucenter: no meter 'nope'\n"

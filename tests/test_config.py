@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dtucenter.config import ConfigError, build_settings, load_settings
 from dtucenter.tap import Options
+from tests.support import run_twistd
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -74,10 +73,7 @@ def test_missing_file() -> None:
     ],
 )
 def test_twistd_reports_bad_settings_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "dtucenter", *args],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )
+    result = run_twistd(tmp_path, *args)
     assert result.returncode != 0
     output = (result.stdout + result.stderr).strip()
     assert output.startswith(message), output

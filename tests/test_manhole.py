@@ -91,3 +91,26 @@ def test_missing_authorized_keys_is_a_one_line_error(tmp_path: Path) -> None:
                           "--manhole-keys", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="authorized keys file .* does not exist"):
         makeService(options, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_manhole_namespace_has_the_modbus_bridge(tmp_path: Path) -> None:
+    allowed = keypair(tmp_path, "allowed")
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_bytes(allowed.with_suffix(".pub").read_bytes())
+    config = tmp_path / "center.toml"
+    config.write_text(
+        '[[link]]\nname = "panel"\nserial = "/nonexistent/ttyUSB9"\n'
+        '[[meter]]\nname = "m1"\nlink = "panel"\nunit = 1\n'
+        '[[meter.point]]\nname = "volts"\ntable = "holding"\naddress = 0\n'
+    )
+    center = await start_center(
+        tmp_path, "--config", str(config), "--manhole", "tcp:0:interface=127.0.0.1",
+        "--manhole-keys", str(authorized), "--manhole-host-key", str(tmp_path / "host_key"),
+    )
+    try:
+        port = (await center.service.getServiceNamed("manhole").when_listening()).getHost().port  # type: ignore[attr-defined]
+        output = await ssh(allowed, port, b"sorted(bridge.links)[0] * 3", b"panelpanelpanel")
+        assert b"panelpanelpanel" in output
+    finally:
+        await center.stop()

@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor
 
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import Store
-from dtucenter.store.models import Sample
+from dtucenter.store.models import MeterSample, Sample
 from tests.support import until
 
 
@@ -119,3 +119,21 @@ async def test_stop_gives_up_on_a_dead_database_without_acknowledging(tmp_path: 
         assert await pending == "not stored"
     finally:
         blocker.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_of_several_tables_share_one_transaction(db_url: str) -> None:
+    store = make_store(db_url)
+    try:
+        blocker = store.write(lambda s: None)  # occupies the writer so that the rest queue up together
+        meter_rows = [{"meter": "m1", "point": "p", "time": rows(0, 1)[0]["time"], "value": 1.5}]
+        waiting = [store.add_samples(rows(5, 3)), store.add_rows(MeterSample.__table__, meter_rows), store.add_samples(rows(6, 2))]
+        await blocker
+        commits = store.stats.commits
+        await defer.gatherResults(waiting)
+        assert store.stats.commits == commits + 1
+        assert count(store) == 5
+        with Session(store.engine) as session:
+            assert session.scalar(select(MeterSample.value)) == 1.5
+    finally:
+        await store.stopService()

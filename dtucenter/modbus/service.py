@@ -9,6 +9,8 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dtucenter.modbus.config import ModbusSettings
@@ -24,13 +26,20 @@ from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller
 
 SHARED_LISTENER = "modbus"
 
+log = Logger()
+
 
 @implementer(IStreamServerEndpoint)
-class _PortRecordingEndpoint:
-    """Passes ``listen`` through and remembers the port, e.g. to learn what ``tcp:0`` bound."""
+class PortRecordingEndpoint:
+    """Passes ``listen`` through and remembers the port, e.g. to learn what ``tcp:0`` bound.
 
-    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+    A failure to listen is logged in one line and kept for :meth:`when_listening`,
+    whose caller decides what it means (the center refuses to run without its port).
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, name: str) -> None:
         self._endpoint = endpoint
+        self._name = name
         self._outcome = None  # the port, or the Failure to listen
         self._waiting: list[defer.Deferred[IListeningPort]] = []
 
@@ -42,6 +51,9 @@ class _PortRecordingEndpoint:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(outcome)
+        if isinstance(outcome, Failure):
+            log.error("Listener {name} cannot listen: {error}", name=self._name, error=outcome.getErrorMessage())
+            return None  # told above and to when_listening; no traceback from the service
         return outcome
 
     def when_listening(self) -> defer.Deferred[IListeningPort]:
@@ -74,7 +86,7 @@ class ModbusBridge(MultiService):
         self.settings = settings
         self.login_timeout = login_timeout if login_timeout is not None else settings.login_timeout
         self.links: dict[str, Link] = {link.name: Link(link, reactor) for link in settings.links}
-        self._endpoints: dict[str, _PortRecordingEndpoint] = {}
+        self._endpoints: dict[str, PortRecordingEndpoint] = {}
 
         shared = {link.settings.registration: link for link in self.links.values() if link.settings.kind == "shared"}
         if shared:
@@ -102,7 +114,7 @@ class ModbusBridge(MultiService):
         self.poller.setServiceParent(self)
 
     def _listen(self, name: str, endpoint: IStreamServerEndpoint, factory) -> None:
-        recording = _PortRecordingEndpoint(endpoint)
+        recording = PortRecordingEndpoint(endpoint, name)
         self._endpoints[name] = recording
         StreamServerEndpointService(recording, factory).setServiceParent(self)
 

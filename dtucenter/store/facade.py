@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any, Callable, TypeVar
 
 import attrs
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Table
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 from twisted.application.service import Service
@@ -31,6 +31,8 @@ from dtucenter.store.models import Sample
 
 T = TypeVar("T")
 Job = Callable[[Session], Any]
+#: Rows to insert, by table; one entry of the row queue moves and commits as a whole.
+RowsByTable = dict[Table, list[dict[str, Any]]]
 
 log = Logger()
 
@@ -50,11 +52,21 @@ def is_transient(error: BaseException) -> bool:
 @attrs.define
 class _Batch:
     jobs: list[tuple[Job, Deferred[Any]]] = attrs.Factory(list)
-    rows: list[dict[str, Any]] = attrs.Factory(list)
+    rows: RowsByTable = attrs.Factory(dict)
+    row_count: int = 0
     row_waiters: list[Deferred[None]] = attrs.Factory(list)
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.row_waiters)
+
+    def add_rows(self, rows: RowsByTable) -> None:
+        for table, table_rows in rows.items():
+            self.rows.setdefault(table, []).extend(table_rows)
+        self.row_count += _count(rows)
+
+
+def _count(rows: RowsByTable) -> int:
+    return sum(len(table_rows) for table_rows in rows.values())
 
 
 @attrs.define
@@ -84,7 +96,7 @@ def _gather(waiters: list[Deferred[None]]) -> Deferred[None]:
 class Store(Service):
     """Runs jobs (functions of a Session) off the reactor thread.
 
-    ``write`` and ``add_samples`` are serialised on one writer thread and
+    ``write`` and ``add_rows`` (``add_samples``) are serialised on one writer thread and
     group-committed; ``read`` runs on a small pool of reader threads.
     """
 
@@ -96,7 +108,7 @@ class Store(Service):
         self._writer = ThreadPool(1, 1, "dtucenter-db-writer")
         self._readers = ThreadPool(0, max_readers, "dtucenter-db-reader")
         self._queued_jobs: deque[tuple[Job, Deferred[Any]]] = deque()
-        self._queued_rows: deque[tuple[list[dict[str, Any]], Deferred[None]]] = deque()
+        self._queued_rows: deque[tuple[RowsByTable, Deferred[None]]] = deque()
         self._queued_row_count = 0
         self._in_flight: _Batch | None = None
         self._retry_delay = RETRY_FIRST
@@ -170,9 +182,17 @@ class Store(Service):
         return d
 
     def add_samples(self, rows: list[dict[str, Any]]) -> Deferred[None]:
-        """Insert sample rows; fires after they are committed."""
+        """Insert DTU sample rows; fires after they are committed."""
+        return self.add_rows(Sample.__table__, rows)  # type: ignore[arg-type]
+
+    def add_rows(self, table: Table, rows: list[dict[str, Any]]) -> Deferred[None]:
+        """Insert rows into ``table`` in the next group commit; fires after they are committed.
+
+        Many small inserts (an upload, a meter's poll) become one executemany
+        per table and transaction, which is what keeps thousands a second cheap.
+        """
         d: Deferred[None] = Deferred()
-        self._queued_rows.append((rows, d))
+        self._queued_rows.append(({table: rows}, d))
         self._queued_row_count += len(rows)
         self._kick()
         return d
@@ -207,11 +227,11 @@ class Store(Service):
             while self._queued_jobs:
                 batch.jobs.append(self._queued_jobs.popleft())
         while self._queued_rows and (
-            not batch.rows or len(batch.rows) + len(self._queued_rows[0][0]) <= MAX_BATCH_ROWS
+            not batch.row_count or batch.row_count + _count(self._queued_rows[0][0]) <= MAX_BATCH_ROWS
         ):
             rows, d = self._queued_rows.popleft()
-            self._queued_row_count -= len(rows)
-            batch.rows.extend(rows)
+            self._queued_row_count -= _count(rows)
+            batch.add_rows(rows)
             batch.row_waiters.append(d)
         return batch
 
@@ -229,19 +249,19 @@ class Store(Service):
     def _commit(self, batch: _Batch) -> list[Any]:
         with Session(self.engine) as session, session.begin():
             results = [job(session) for job, _ in batch.jobs]
-            if batch.rows:
-                session.connection().execute(Sample.__table__.insert(), batch.rows)
+            for table, rows in batch.rows.items():
+                session.connection().execute(table.insert(), rows)
         return results
 
     def _committed(self, results: list[Any], batch: _Batch) -> None:
         if not self.healthy:
-            log.info("Database is writable again; {rows} rows were waiting", rows=len(batch.rows) + self.backlog)
+            log.info("Database is writable again; {rows} rows were waiting", rows=batch.row_count + self.backlog)
         self.healthy = True
         self._retry_delay = RETRY_FIRST
         self.stats.commits += 1
-        self.stats.rows_committed += len(batch.rows)
+        self.stats.rows_committed += batch.row_count
         self.stats.jobs_committed += len(batch.jobs)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch.rows))
+        self.stats.largest_batch = max(self.stats.largest_batch, batch.row_count)
         self._in_flight = None
         for (_, d), result in zip(batch.jobs, results):
             d.callback(result)
@@ -255,7 +275,7 @@ class Store(Service):
             self.healthy = False
             log.failure(
                 "Database write of {jobs} jobs and {rows} rows failed; retrying in {delay:.1f}s",
-                failure, jobs=len(batch.jobs), rows=len(batch.rows), delay=self._retry_delay,
+                failure, jobs=len(batch.jobs), rows=batch.row_count, delay=self._retry_delay,
             )
             self._retry_call = self._clock.callLater(self._retry_delay, self._retry, batch)
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
@@ -277,7 +297,7 @@ class Store(Service):
         self._queued_jobs.extendleft(reversed(batch.jobs))
         if batch.rows:
             self._queued_rows.appendleft((batch.rows, _gather(batch.row_waiters)))
-            self._queued_row_count += len(batch.rows)
+            self._queued_row_count += batch.row_count
 
     def _retry(self, batch: _Batch) -> None:
         self._retry_call = None

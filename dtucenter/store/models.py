@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, SmallInteger, String, Text, TypeDecorator
+from sqlalchemy import BigInteger, Boolean, DateTime, Double, Index, Integer, SmallInteger, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -128,3 +128,99 @@ class CommandRecord(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
 
     __table_args__ = (Index("ix_commands_psn_id", "psn", "id"),)
+
+
+# -- the Modbus bridge's meters ------------------------------------------------------------------
+
+
+class Meter(Base):
+    """A meter of the config file, kept with what was last learnt about its polls.
+
+    Synced from the config at every start; a meter that left the config keeps
+    its row (``configured`` false) so that its samples stay reachable by name.
+    The poll state is written in batches, so it may trail the live state
+    (``GET /api/meters``) by a few seconds.
+    """
+
+    __tablename__ = "meters"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    link: Mapped[str] = mapped_column(String(100))
+    unit: Mapped[int] = mapped_column(SmallInteger)
+    interval: Mapped[float] = mapped_column(Double)
+    #: The points as JSON (name, table, address, type, scale, unit...), to show and to type stored values.
+    points: Mapped[str] = mapped_column(Text)
+    configured: Mapped[bool] = mapped_column(Boolean, default=True)
+    last_poll: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    last_success: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    last_error_time: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    #: The latest poll ended with an error.
+    failing: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class MeterSample(Base):
+    """One point's scaled value from one poll; ``time`` is when the poll started.
+
+    No foreign key, like ``samples``: a batch of thousands of meters' values
+    must not fail because one meter row changed meanwhile.
+    """
+
+    __tablename__ = "meter_samples"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    meter: Mapped[str] = mapped_column(String(100))
+    point: Mapped[str] = mapped_column(String(100))
+    time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    #: bool points are 0/1; NULL for a float that read NaN or infinity.
+    value: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+    __table_args__ = (
+        Index("ix_meter_samples_meter_point_time", "meter", "point", "time"),
+        Index("ix_meter_samples_meter_time", "meter", "time"),
+    )
+
+
+class MeterFailure(Base):
+    """A failure streak: consecutive failed polls of one meter with the same reason.
+
+    One row per streak rather than per poll, so a meter that stays dead for a
+    month costs one row, not one per slot. A successful poll or another
+    reason ends the streak; the next failure starts a new row.
+    """
+
+    __tablename__ = "meter_failures"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    meter: Mapped[str] = mapped_column(String(100))
+    reason: Mapped[str] = mapped_column(Text)
+    #: Start times of the first and the latest failed poll of the streak.
+    first: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    count: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_meter_failures_meter_first", "meter", "first"),)
+
+
+class MeterWrite(Base):
+    """The audit trail of writes to meter points through the API.
+
+    Apart from ``commands`` because a write addresses a meter point, not a
+    DTU by PSN, and carries one scaled value rather than a register list.
+    """
+
+    __tablename__ = "meter_writes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    meter: Mapped[str] = mapped_column(String(100))
+    point: Mapped[str] = mapped_column(String(100))
+    value: Mapped[float] = mapped_column(Double)
+    who: Mapped[str] = mapped_column(String(100))
+    requested: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    finished: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    #: ok, offline, timeout, refused (exception response), disconnected or error.
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+
+    __table_args__ = (Index("ix_meter_writes_meter_id", "meter", "id"),)

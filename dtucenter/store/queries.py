@@ -11,7 +11,7 @@ import datetime as dt
 from typing import Any, Sequence
 
 import attrs
-from sqlalchemy import delete, select, update
+from sqlalchemy import Select, delete, select, update
 from sqlalchemy.orm import Session
 
 from dtucenter.dtu import wire
@@ -237,6 +237,18 @@ def sample_rows(
     ]
 
 
+def time_window(
+    query: Select[Any], model: Any, since: dt.datetime | None, until: dt.datetime | None, limit: int | None
+) -> Select[Any]:
+    """Rows of a samples table in [since, until), oldest first, at most ``limit``: how every sample query reads."""
+    if since is not None:
+        query = query.where(model.time >= since)
+    if until is not None:
+        query = query.where(model.time < until)
+    query = query.order_by(model.time, model.id)
+    return query if limit is None else query.limit(limit)
+
+
 @attrs.frozen
 class SampleInfo:
     time: dt.datetime
@@ -266,14 +278,7 @@ def query_samples(
     limit: int | None = None,
 ) -> list[SampleInfo]:
     """Samples of one DTU, oldest first; ``limit`` keeps the oldest ones after ``since``."""
-    query = select(Sample).where(Sample.psn == psn)
-    if since is not None:
-        query = query.where(Sample.time >= since)
-    if until is not None:
-        query = query.where(Sample.time < until)
-    query = query.order_by(Sample.time, Sample.id)
-    if limit is not None:
-        query = query.limit(limit)
+    query = time_window(select(Sample).where(Sample.psn == psn), Sample, since, until, limit)
     return [
         SampleInfo(r.time, r.psn, r.net_state, r.position, r.dev, r.addr, r.value)
         for r in session.scalars(query)

@@ -10,12 +10,10 @@ from sqlalchemy.orm import Session
 from dtucenter.dtu import commands, wire
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.control import Control, UnknownDTU
-from dtucenter.isotime import parse_iso_time
 from dtucenter.store import audit, queries
+from dtucenter.web.params import DEFAULT_SAMPLES, MAX_SAMPLES, check_keys, limit_param, time_param
 from dtucenter.web.router import ApiError, Call, Reply, Router
 
-DEFAULT_SAMPLES = 1000
-MAX_SAMPLES = 100_000
 DEFAULT_COMMANDS = 50
 MAX_COMMANDS = 1000
 
@@ -50,15 +48,6 @@ def _whole(value: Any, name: str) -> int:
     return value
 
 
-def _keys(body: dict[str, Any], name: str, required: set[str], optional: frozenset[str] = frozenset()) -> None:
-    missing = required - body.keys()
-    unknown = body.keys() - required - optional
-    if missing:
-        raise ApiError(400, f"{name} needs {', '.join(sorted(missing))}")
-    if unknown:
-        raise ApiError(400, f"{name}: unknown field {', '.join(sorted(unknown))}")
-
-
 def _register_list(body: dict[str, Any], fields: tuple[str, ...]) -> list[tuple[int, ...]]:
     items = body["registers"]
     if not isinstance(items, list):
@@ -67,7 +56,7 @@ def _register_list(body: dict[str, Any], fields: tuple[str, ...]) -> list[tuple[
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise ApiError(400, f"registers[{i}] must be an object with " + ", ".join(fields))
-        _keys(item, f"registers[{i}]", set(fields))
+        check_keys(item, f"registers[{i}]", set(fields))
         parsed.append(tuple(_whole(item[f], f"registers[{i}].{f}") for f in fields))
     return parsed
 
@@ -78,29 +67,6 @@ def _registers(body: dict[str, Any]) -> tuple[wire.Register, ...]:
 
 def _register_values(body: dict[str, Any]) -> tuple[wire.RegisterValue, ...]:
     return tuple(wire.RegisterValue(*item) for item in _register_list(body, ("dev", "addr", "value")))
-
-
-def _limit(params: dict[str, str], default: int, most: int) -> int:
-    text = params.get("limit")
-    if text is None:
-        return default
-    try:
-        limit = int(text, 10)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= most:
-        raise ApiError(400, f"limit must be a whole number 1..{most}, got {text!r}")
-    return limit
-
-
-def _time(params: dict[str, str], name: str) -> Any:
-    text = params.get(name)
-    if text is None:
-        return None
-    try:
-        return parse_iso_time(text)
-    except ValueError as e:
-        raise ApiError(400, f"{name}: {e}") from None
 
 
 def _flag(params: dict[str, str], name: str) -> bool:
@@ -186,8 +152,8 @@ class DtuApi:
     async def samples(self, call: Call, psn: str) -> Any:
         params = call.query(("since", "until", "limit"))
         number = _psn(psn)
-        since, until = _time(params, "since"), _time(params, "until")
-        limit = _limit(params, DEFAULT_SAMPLES, MAX_SAMPLES)
+        since, until = time_param(params, "since"), time_param(params, "until")
+        limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
 
         def job(session: Session) -> list[queries.SampleInfo] | None:
             if queries.get_dtu(session, number) is None:
@@ -201,7 +167,7 @@ class DtuApi:
 
     async def command_log(self, call: Call, psn: str) -> Any:
         number = _psn(psn)
-        limit = _limit(call.query(("limit",)), DEFAULT_COMMANDS, MAX_COMMANDS)
+        limit = limit_param(call.query(("limit",)), DEFAULT_COMMANDS, MAX_COMMANDS)
 
         def job(session: Session) -> list[audit.CommandInfo] | None:
             records = audit.list_commands(session, number, limit)
@@ -237,7 +203,7 @@ class DtuApi:
         call.query(())
         number = _psn(psn)
         body = call.json_object()
-        _keys(body, "the body", {"send_test_time", "registers"})
+        check_keys(body, "the body", {"send_test_time", "registers"})
         command = commands.SaveSetupCommand(_whole(body["send_test_time"], "send_test_time"), _registers(body))
         return await self._run(call, number, command)
 
@@ -245,14 +211,14 @@ class DtuApi:
         call.query(())
         number = _psn(psn)
         body = call.json_object()
-        _keys(body, "the body", {"registers"})
+        check_keys(body, "the body", {"registers"})
         return await self._run(call, number, commands.ReadTestCommand(_registers(body)))
 
     async def set_control(self, call: Call, psn: str) -> Any:
         call.query(())
         number = _psn(psn)
         body = call.json_object()
-        _keys(body, "the body", {"registers"})
+        check_keys(body, "the body", {"registers"})
         return await self._run(call, number, commands.SetControlCommand(_register_values(body)))
 
     async def _run(self, call: Call, psn: int, command: commands.Command) -> Any:

@@ -120,6 +120,80 @@ class PtyPair:
         self._process.stderr.close()
 
 
+# -- a meter's config matching sample_meter -----------------------------------------------------
+
+POINTS = """
+[[meter.point]]
+name = "voltage"
+table = "holding"
+address = 0
+type = "uint16"
+scale = 0.1
+unit = "V"
+
+[[meter.point]]
+name = "energy"
+table = "holding"
+address = 1
+type = "float32"
+word_order = "little"
+
+[[meter.point]]
+name = "offset"
+table = "holding"
+address = 3
+type = "int16"
+
+[[meter.point]]
+name = "total"
+table = "holding"
+address = 10
+type = "uint32"
+
+[[meter.point]]
+name = "serial"
+table = "input"
+address = 0
+
+[[meter.point]]
+name = "pi"
+table = "input"
+address = 1
+type = "float32"
+
+[[meter.point]]
+name = "relay"
+table = "coil"
+address = 2
+
+[[meter.point]]
+name = "door"
+table = "discrete"
+address = 1
+"""
+
+EXPECTED_UNIT_1 = {
+    "voltage": 230.1,
+    "energy": 1.5,
+    "offset": -2,
+    "total": 65538,
+    "serial": 501,
+    "relay": True,
+    "door": True,
+}
+
+
+def meter_toml(name: str, link: str, unit: int, interval: float = 0.2) -> str:
+    return f'[[meter]]\nname = "{name}"\nlink = "{link}"\nunit = {unit}\ninterval = {interval}\n' + POINTS
+
+
+def matches_unit_1(values: dict | None) -> bool:
+    """Whether a poll of the sample meter (unit 1) decoded every point right."""
+    if values is None or "pi" not in values:
+        return False
+    return {k: v for k, v in values.items() if k != "pi"} == EXPECTED_UNIT_1 and abs(values["pi"] - 3.14159) < 1e-5
+
+
 # -- the sink -----------------------------------------------------------------------------------
 
 
@@ -299,3 +373,25 @@ class FakeDtu:
         self._ticks += 1
         junk = b"\x00\xff" if self._ticks % 4 == 0 else b""
         self._write_center(junk + self._prefix() + self.heartbeat)
+
+
+# -- reading a meter independently ----------------------------------------------------------------
+
+
+def read_back(port: int, framer: FramerType, table: str, address: int, count: int = 1, unit: int = 1) -> defer.Deferred:
+    """Read a pymodbus server with pymodbus's own client, in a thread: what a write really left there."""
+    from pymodbus.client import ModbusTcpClient
+    from twisted.internet.threads import deferToThread
+
+    def read() -> list:
+        client = ModbusTcpClient("127.0.0.1", port=port, framer=framer, timeout=STEP_TIMEOUT, retries=0)
+        try:
+            if not client.connect():
+                raise ConnectionError(f"pymodbus client cannot reach 127.0.0.1:{port}")
+            if table == "coil":
+                return list(client.read_coils(address, count=count, device_id=unit).bits[:count])
+            return list(client.read_holding_registers(address, count=count, device_id=unit).registers)
+        finally:
+            client.close()
+
+    return deferToThread(read)

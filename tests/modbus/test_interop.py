@@ -18,109 +18,16 @@ from dtucenter.modbus.service import ModbusBridge
 from tests.modbus.modbus_helpers import read_input
 from tests.modbus.interop_support import (
     FakeDtu,
-    PtyPair,
-    PymodbusServer,
     WaitingSink,
-    sample_meter,
+    matches_unit_1,
+    meter_toml,
 )
-
-POINTS = """
-[[meter.point]]
-name = "voltage"
-table = "holding"
-address = 0
-type = "uint16"
-scale = 0.1
-unit = "V"
-
-[[meter.point]]
-name = "energy"
-table = "holding"
-address = 1
-type = "float32"
-word_order = "little"
-
-[[meter.point]]
-name = "offset"
-table = "holding"
-address = 3
-type = "int16"
-
-[[meter.point]]
-name = "total"
-table = "holding"
-address = 10
-type = "uint32"
-
-[[meter.point]]
-name = "serial"
-table = "input"
-address = 0
-
-[[meter.point]]
-name = "pi"
-table = "input"
-address = 1
-type = "float32"
-
-[[meter.point]]
-name = "relay"
-table = "coil"
-address = 2
-
-[[meter.point]]
-name = "door"
-table = "discrete"
-address = 1
-"""
-
-EXPECTED_UNIT_1 = {
-    "voltage": 230.1,
-    "energy": 1.5,
-    "offset": -2,
-    "total": 65538,
-    "serial": 501,
-    "relay": True,
-    "door": True,
-}
-
-
-def meter_toml(name: str, link: str, unit: int, interval: float = 0.2) -> str:
-    return f'[[meter]]\nname = "{name}"\nlink = "{link}"\nunit = {unit}\ninterval = {interval}\n' + POINTS
-
-
-def matches_unit_1(values: dict | None) -> bool:
-    """Whether a poll of the sample meter (unit 1) decoded every point right."""
-    if values is None or "pi" not in values:
-        return False
-    return {k: v for k, v in values.items() if k != "pi"} == EXPECTED_UNIT_1 and abs(values["pi"] - 3.14159) < 1e-5
 
 
 async def start_bridge(toml: str, sink: WaitingSink, **options) -> ModbusBridge:
     bridge = ModbusBridge(parse_modbus_settings(tomllib.loads(toml)), reactor, sink, **options)
     bridge.startService()
     return bridge
-
-
-@pytest.fixture
-def meter_server():
-    servers: list[PymodbusServer] = []
-
-    def start(framer: FramerType = FramerType.SOCKET, units=(1,), serial_port: str | None = None) -> PymodbusServer:
-        server = PymodbusServer([sample_meter(u) for u in units], framer=framer, serial_port=serial_port).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def pty_pair():
-    pair = PtyPair()
-    yield pair.ends
-    pair.close()
 
 
 # -- the center dials the DTU: Modbus TCP and transparent RTU ---------------------------------

@@ -1,0 +1,252 @@
+"""The Modbus bridge's meters in the database, as plain synchronous functions of a Session.
+
+Like ``queries``: the results are attrs snapshots, safe to hand from a
+database thread to the reactor thread; the CLI calls these directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from typing import Any, Mapping, Sequence
+
+import attrs
+from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy.orm import Session
+
+from dtucenter.store.models import Meter, MeterFailure, MeterSample, MeterWrite
+from dtucenter.store.queries import time_window
+
+#: Longest meter, link or point name the tables hold.
+MAX_NAME = 100
+
+#: Point types whose stored value is a whole number when the scale is one.
+_WHOLE_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, dt.datetime) else value
+
+
+@attrs.frozen
+class MeterInfo:
+    name: str
+    link: str
+    unit: int
+    interval: float
+    points: tuple[Mapping[str, Any], ...]
+    configured: bool
+    last_poll: dt.datetime | None
+    last_success: dt.datetime | None
+    last_error: str | None
+    last_error_time: dt.datetime | None
+    failing: bool
+
+    @classmethod
+    def of(cls, row: Meter) -> MeterInfo:
+        return cls(
+            name=row.name, link=row.link, unit=row.unit, interval=row.interval,
+            points=tuple(json.loads(row.points)), configured=row.configured, last_poll=row.last_poll,
+            last_success=row.last_success, last_error=row.last_error, last_error_time=row.last_error_time,
+            failing=row.failing,
+        )
+
+    def point(self, name: str) -> Mapping[str, Any] | None:
+        return next((p for p in self.points if p["name"] == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        body = {key: _iso(value) for key, value in attrs.asdict(self, recurse=False).items()}
+        body["points"] = [dict(p) for p in self.points]
+        return body
+
+
+def typed_value(value: float | None, point: Mapping[str, Any] | None) -> bool | int | float | None:
+    """A stored float shown as what the point holds: bool points as bools, unscaled integers as integers."""
+    if value is None or point is None:
+        return value
+    if point.get("type") == "bool":
+        return value != 0
+    scale = float(point.get("scale", 1))
+    if point.get("type") in _WHOLE_TYPES and scale.is_integer() and value.is_integer():
+        return int(value)
+    return value
+
+
+@attrs.frozen
+class MeterSampleInfo:
+    time: dt.datetime
+    meter: str
+    point: str
+    value: bool | int | float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": self.time.isoformat(), "point": self.point, "value": self.value}
+
+
+@attrs.frozen
+class FailureStreakInfo:
+    reason: str
+    first: dt.datetime
+    last: dt.datetime
+    count: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: _iso(value) for key, value in attrs.asdict(self).items()}
+
+
+@attrs.frozen
+class MeterWriteInfo:
+    id: int
+    meter: str
+    point: str
+    value: float
+    who: str
+    requested: dt.datetime
+    finished: dt.datetime
+    outcome: str
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: _iso(value) for key, value in attrs.asdict(self).items()}
+
+
+# -- the configured meters ---------------------------------------------------------------------
+
+
+def sync_meters(session: Session, meters: Sequence[Mapping[str, Any]], now: dt.datetime) -> tuple[int, int]:
+    """Make the table match the config: add or update ``meters`` (dicts of name, link, unit,
+    interval and points), flag the others as no longer configured. Returns (added, retired)."""
+    rows = {row.name: row for row in session.scalars(select(Meter))}
+    added = retired = 0
+    for spec in meters:
+        row = rows.pop(spec["name"], None)
+        if row is None:
+            row = Meter(name=spec["name"], created=now, failing=False)
+            session.add(row)
+            added += 1
+        row.link, row.unit, row.interval = spec["link"], spec["unit"], spec["interval"]
+        row.points = json.dumps(list(spec["points"]))
+        row.configured = True
+    for row in rows.values():
+        if row.configured:
+            row.configured = False
+            retired += 1
+    return added, retired
+
+
+#: The poll state of a meter row, as ``record_meter_states`` takes it.
+STATE_FIELDS = ("last_poll", "last_success", "last_error", "last_error_time", "failing")
+
+
+def record_meter_states(session: Session, states: Sequence[Mapping[str, Any]]) -> None:
+    """Update poll states by meter name: dicts of name and every one of STATE_FIELDS.
+
+    A Core executemany, not the ORM's bulk update: that one fails the whole
+    transaction when a row is missing (say the start-up sync failed), and
+    one missing row is no reason to lose the others' state.
+    """
+    if not states:
+        return
+    table = Meter.__table__
+    statement = (
+        update(table)
+        .where(table.c.name == bindparam("b_name"))
+        .values({field: bindparam(f"b_{field}") for field in STATE_FIELDS})
+    )
+    session.connection().execute(
+        statement, [{"b_name": state["name"], **{f"b_{f}": state[f] for f in STATE_FIELDS}} for state in states]
+    )
+
+
+def record_failure_streaks(
+    session: Session, started: Sequence[Mapping[str, Any]], extended: Sequence[Mapping[str, Any]]
+) -> None:
+    """Insert new streaks (meter, reason, first, last, count) and move on the ones stored
+    already, found by (meter, first)."""
+    table = MeterFailure.__table__
+    if started:
+        session.connection().execute(table.insert(), list(started))
+    if extended:
+        statement = (
+            update(table)
+            .where(table.c.meter == bindparam("b_meter"), table.c.first == bindparam("b_first"))
+            .values(last=bindparam("b_last"), count=bindparam("b_count"))
+        )
+        session.connection().execute(
+            statement,
+            [{"b_meter": s["meter"], "b_first": s["first"], "b_last": s["last"], "b_count": s["count"]} for s in extended],
+        )
+
+
+def get_meter(session: Session, name: str) -> MeterInfo | None:
+    row = session.get(Meter, name)
+    return None if row is None else MeterInfo.of(row)
+
+
+def list_meters(session: Session) -> list[MeterInfo]:
+    return [MeterInfo.of(row) for row in session.scalars(select(Meter).order_by(Meter.name))]
+
+
+# -- samples -------------------------------------------------------------------------------------
+
+
+def sample_rows(meter: str, time: dt.datetime, values: Mapping[str, bool | int | float]) -> list[dict[str, Any]]:
+    """Rows for one poll. A float that is NaN or infinite has no SQL value: it is stored as NULL."""
+    rows = []
+    for point, value in values.items():
+        number = float(value)
+        rows.append({"meter": meter, "point": point, "time": time, "value": number if math.isfinite(number) else None})
+    return rows
+
+
+def has_samples(session: Session, meter: str, point: str) -> bool:
+    query = select(exists().where(MeterSample.meter == meter, MeterSample.point == point))
+    return bool(session.scalar(query))
+
+
+def query_meter_samples(
+    session: Session,
+    meter: MeterInfo,
+    point: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int | None = None,
+) -> list[MeterSampleInfo]:
+    """Samples of one meter (one point of it), oldest first; ``limit`` keeps the oldest after ``since``."""
+    query = select(MeterSample).where(MeterSample.meter == meter.name)
+    if point is not None:
+        query = query.where(MeterSample.point == point)
+    query = time_window(query, MeterSample, since, until, limit)
+    return [
+        MeterSampleInfo(r.time, r.meter, r.point, typed_value(r.value, meter.point(r.point)))
+        for r in session.scalars(query)
+    ]
+
+
+# -- failures and writes ---------------------------------------------------------------------------
+
+
+def list_failures(session: Session, meter: str, limit: int) -> list[FailureStreakInfo]:
+    """Newest first."""
+    rows = session.scalars(
+        select(MeterFailure).where(MeterFailure.meter == meter).order_by(MeterFailure.first.desc()).limit(limit)
+    )
+    return [FailureStreakInfo(r.reason, r.first, r.last, r.count) for r in rows]
+
+
+def record_write(session: Session, **fields: Any) -> None:
+    """One row of the write audit trail: meter, point, value, who, requested, finished, outcome, error."""
+    fields["who"] = fields["who"][:MAX_NAME]
+    session.add(MeterWrite(**fields))
+
+
+def list_writes(session: Session, meter: str, limit: int) -> list[MeterWriteInfo]:
+    """Newest first."""
+    rows = session.scalars(
+        select(MeterWrite).where(MeterWrite.meter == meter).order_by(MeterWrite.id.desc()).limit(limit)
+    )
+    return [
+        MeterWriteInfo(r.id, r.meter, r.point, r.value, r.who, r.requested, r.finished, r.outcome, r.error)
+        for r in rows
+    ]
