@@ -14,7 +14,7 @@ any other tool can share it.
 from __future__ import annotations
 
 import struct
-from typing import Callable, ClassVar, Protocol, Sequence, TypeAlias, Union
+from typing import Any, Callable, ClassVar, Protocol, Sequence, TypeAlias, Union
 
 import attrs
 
@@ -109,11 +109,6 @@ def _decode_values(data: bytes) -> tuple[int, ...]:
     return struct.unpack(f">{len(data) // 2}h", data)
 
 
-def _expect_empty(data: bytes, name: str) -> None:
-    if data:
-        raise WireError(f"{name} carries no data, got {len(data)} bytes")
-
-
 # -- messages ---------------------------------------------------------------
 
 
@@ -205,109 +200,149 @@ def ip_to_bytes(ip: str) -> bytes:
     return octets
 
 
+# Most messages share one of a few Data layouts; these mixins hold each
+# layout once, and the message classes name only their code and fields.
+
+
+class _NoData:
+    __slots__ = ()
+
+    def encode_data(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> Any:
+        if data:
+            raise WireError(f"{cls.__name__} carries no data, got {len(data)} bytes")
+        return cls()
+
+
 @attrs.frozen
-class SendTick:
+class _ListLayout:
+    """How one list of fixed-size items is packed."""
+
+    encode: Callable[[Sequence[Any]], bytes]
+    decode: Callable[[bytes], tuple[Any, ...]]
+
+
+REGISTERS = _ListLayout(_encode_registers, _decode_registers)
+REGISTER_VALUES = _ListLayout(_encode_register_values, _decode_register_values)
+VALUES = _ListLayout(_encode_values, _decode_values)
+
+
+class _ListData:
+    """Data is one list, in the message's only field."""
+
+    __slots__ = ()
+    _LAYOUT: ClassVar[_ListLayout]
+
+    def encode_data(self) -> bytes:
+        return self._LAYOUT.encode(attrs.astuple(self, recurse=False)[0])
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> Any:
+        return cls(cls._LAYOUT.decode(data))
+
+
+class _SetupData:
+    """Data is SendTestTime u8, then the register list."""
+
+    __slots__ = ()
+
+    def encode_data(self) -> bytes:
+        send_test_time, registers = attrs.astuple(self, recurse=False)
+        _u8(send_test_time, "SendTestTime")
+        return bytes([send_test_time]) + _encode_registers(registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> Any:
+        if not data:
+            raise WireError(f"{cls.__name__} needs at least SendTestTime")
+        return cls(data[0], _decode_registers(data[1:]))
+
+
+class _ResultData:
+    """Data is Result u8 and, only when Result is 1, the rest of the fields.
+
+    The rest is one list (``_LAYOUT``) unless a subclass packs it itself.
+    """
+
+    __slots__ = ()
+    _LAYOUT: ClassVar[_ListLayout]
+
+    @property
+    def ok(self) -> bool:
+        return attrs.astuple(self, recurse=False)[0] == 1
+
+    def encode_data(self) -> bytes:
+        result, *rest = attrs.astuple(self, recurse=False)
+        _u8(result, "Result")
+        return bytes([result]) + (self._encode_rest(*rest) if result == 1 else b"")
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> Any:
+        if not data:
+            raise WireError(f"{cls.__name__} needs at least Result")
+        if data[0] != 1:
+            return cls(data[0])
+        return cls(1, *cls._decode_rest(data[1:]))
+
+    def _encode_rest(self, items: Sequence[Any]) -> bytes:
+        return self._LAYOUT.encode(items)
+
+    @classmethod
+    def _decode_rest(cls, data: bytes) -> tuple[Any, ...]:
+        return (cls._LAYOUT.decode(data),)
+
+
+@attrs.frozen
+class SendTick(_NoData):
     TYPE: ClassVar[int] = 0x02
 
-    def encode_data(self) -> bytes:
-        return b""
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> SendTick:
-        _expect_empty(data, "SendTick")
-        return cls()
-
 
 @attrs.frozen
-class SendTickAck:
+class SendTickAck(_NoData):
     TYPE: ClassVar[int] = 0x82
 
-    def encode_data(self) -> bytes:
-        return b""
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> SendTickAck:
-        _expect_empty(data, "SendTickAck")
-        return cls()
-
 
 @attrs.frozen
-class SaveSetup:
+class SaveSetup(_SetupData):
     TYPE: ClassVar[int] = 0x03
 
     send_test_time: int
     registers: tuple[Register, ...] = ()
 
-    def encode_data(self) -> bytes:
-        _u8(self.send_test_time, "SendTestTime")
-        return bytes([self.send_test_time]) + _encode_registers(self.registers)
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> SaveSetup:
-        if not data:
-            raise WireError("SaveSetup needs at least SendTestTime")
-        return cls(data[0], _decode_registers(data[1:]))
-
 
 @attrs.frozen
-class SaveSetupAck:
+class SaveSetupAck(_ResultData):
     TYPE: ClassVar[int] = 0x83
 
     result: int
     send_test_time: int = 0
     registers: tuple[Register, ...] = ()
 
-    @property
-    def ok(self) -> bool:
-        return self.result == 1
-
-    def encode_data(self) -> bytes:
-        _u8(self.result, "Result")
-        if not self.ok:
-            return bytes([self.result])
-        _u8(self.send_test_time, "SendTestTime")
-        return bytes([self.result, self.send_test_time]) + _encode_registers(self.registers)
+    def _encode_rest(self, send_test_time: int, registers: Sequence[Register]) -> bytes:  # type: ignore[override]
+        _u8(send_test_time, "SendTestTime")
+        return bytes([send_test_time]) + _encode_registers(registers)
 
     @classmethod
-    def decode_data(cls, data: bytes) -> SaveSetupAck:
+    def _decode_rest(cls, data: bytes) -> tuple[Any, ...]:
         if not data:
-            raise WireError("SaveSetupAck needs at least Result")
-        if data[0] != 1:
-            return cls(data[0])
-        if len(data) < 2:
             raise WireError("SaveSetupAck with Result 1 needs SendTestTime")
-        return cls(1, data[1], _decode_registers(data[2:]))
+        return data[0], _decode_registers(data[1:])
 
 
 @attrs.frozen
-class ReadSetup:
+class ReadSetup(_NoData):
     TYPE: ClassVar[int] = 0x04
 
-    def encode_data(self) -> bytes:
-        return b""
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> ReadSetup:
-        _expect_empty(data, "ReadSetup")
-        return cls()
-
 
 @attrs.frozen
-class ReadSetupAck:
+class ReadSetupAck(_SetupData):
     TYPE: ClassVar[int] = 0x84
 
     send_test_time: int
     registers: tuple[Register, ...] = ()
-
-    def encode_data(self) -> bytes:
-        _u8(self.send_test_time, "SendTestTime")
-        return bytes([self.send_test_time]) + _encode_registers(self.registers)
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> ReadSetupAck:
-        if not data:
-            raise WireError("ReadSetupAck needs at least SendTestTime")
-        return cls(data[0], _decode_registers(data[1:]))
 
 
 @attrs.frozen
@@ -348,83 +383,37 @@ class SendTestAck:
 
 
 @attrs.frozen
-class ReadTest:
+class ReadTest(_ListData):
     TYPE: ClassVar[int] = 0x06
+    _LAYOUT: ClassVar[_ListLayout] = REGISTERS
 
     registers: tuple[Register, ...]
 
-    def encode_data(self) -> bytes:
-        return _encode_registers(self.registers)
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> ReadTest:
-        return cls(_decode_registers(data))
-
 
 @attrs.frozen
-class ReadTestAck:
+class ReadTestAck(_ResultData):
     TYPE: ClassVar[int] = 0x86
+    _LAYOUT: ClassVar[_ListLayout] = VALUES
 
     result: int
     values: tuple[int, ...] = ()
 
-    @property
-    def ok(self) -> bool:
-        return self.result == 1
-
-    def encode_data(self) -> bytes:
-        _u8(self.result, "Result")
-        if not self.ok:
-            return bytes([self.result])
-        return bytes([self.result]) + _encode_values(self.values)
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> ReadTestAck:
-        if not data:
-            raise WireError("ReadTestAck needs at least Result")
-        if data[0] != 1:
-            return cls(data[0])
-        return cls(1, _decode_values(data[1:]))
-
 
 @attrs.frozen
-class SetControl:
+class SetControl(_ListData):
     TYPE: ClassVar[int] = 0x07
+    _LAYOUT: ClassVar[_ListLayout] = REGISTER_VALUES
 
     registers: tuple[RegisterValue, ...]
 
-    def encode_data(self) -> bytes:
-        return _encode_register_values(self.registers)
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> SetControl:
-        return cls(_decode_register_values(data))
-
 
 @attrs.frozen
-class SetControlAck:
+class SetControlAck(_ResultData):
     TYPE: ClassVar[int] = 0x87
+    _LAYOUT: ClassVar[_ListLayout] = REGISTER_VALUES
 
     result: int
     registers: tuple[RegisterValue, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.result == 1
-
-    def encode_data(self) -> bytes:
-        _u8(self.result, "Result")
-        if not self.ok:
-            return bytes([self.result])
-        return bytes([self.result]) + _encode_register_values(self.registers)
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> SetControlAck:
-        if not data:
-            raise WireError("SetControlAck needs at least Result")
-        if data[0] != 1:
-            return cls(data[0])
-        return cls(1, _decode_register_values(data[1:]))
 
 
 AnyMessage: TypeAlias = Union[
