@@ -9,14 +9,13 @@ no store of its own, and the center re-polls anyway.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet import protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from dtucenter.sim.modbus import Heartbeat
+from dtucenter.sim.modbus import PacketDevice
 from dtucenter.sim.stats import SimStats
+
 
 class _SerialSide(protocol.Protocol):
     def __init__(self, bridge: SerialBridge) -> None:
@@ -29,7 +28,7 @@ class _SerialSide(protocol.Protocol):
         self.bridge.serial_lost(reason)
 
 
-class SerialBridge:
+class SerialBridge(PacketDevice):
     """The device a TCPConnector drives; ``serial_protocol`` is handed to twisted's SerialPort."""
 
     def __init__(
@@ -40,30 +39,11 @@ class SerialBridge:
         heartbeat: bytes | None = None,
         heartbeat_interval: float = 30.0,
     ) -> None:
-        self.registration = registration
-        self.clock = clock
-        self.stats = stats
-        self.heartbeat = Heartbeat(heartbeat, heartbeat_interval, clock, stats)
+        super().__init__(registration, clock, stats, heartbeat, heartbeat_interval)
         self.serial_protocol = _SerialSide(self)
-        self.link: Any = None
         self.serial_error: str | None = None
 
-    # device side (the center)
-    def connection_made(self, link: Any) -> None:
-        self.link = link
-        self.stats.connected += 1
-        self.stats.logged_in += 1
-        link.write(self.registration)
-        self.heartbeat.start(link)
-
-    def connection_lost(self) -> None:
-        if self.link is None:
-            return
-        self.link = None
-        self.stats.connected -= 1
-        self.stats.logged_in -= 1
-        self.stop()
-
+    # the center's side
     def data_received(self, data: bytes) -> None:
         transport = self.serial_protocol.transport
         if transport is None:
@@ -72,10 +52,7 @@ class SerialBridge:
         transport.write(data)
         self.stats.count("bytes_to_serial", len(data))
 
-    def stop(self) -> None:
-        self.heartbeat.stop()
-
-    # serial side
+    # the serial side
     def from_serial(self, data: bytes) -> None:
         if self.link is None:
             self.stats.count("bytes_dropped_offline", len(data))

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from twisted.application.service import MultiService
 from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
 
+from dtucenter.cli import _bounded
 from dtucenter.dtu import wire
 from dtucenter.sim.dtu import DTUSettings, VirtualDTU
 from dtucenter.sim.fleet import Fleet, Reporter, run
@@ -35,19 +36,6 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-        return value
-
-    return parse
-
-
-def _ranged(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {value}")
         return value
 
     return parse
@@ -70,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sub: argparse.ArgumentParser, many: bool = True) -> None:
         sub.add_argument("--server", required=True, type=_checked(parse_server), help="center HOST:PORT")
         if many:
-            sub.add_argument("--count", type=_ranged(1, 1_000_000), default=1, help="number of devices (default 1)")
+            sub.add_argument("--count", type=_bounded(1, 1_000_000), default=1, help="number of devices (default 1)")
             sub.add_argument("--connect-rate", type=_positive(float), default=1000.0,
                              help="new connections per second while starting (default 1000)")
-            sub.add_argument("--sources", type=_ranged(1, 65535), default=None,
+            sub.add_argument("--sources", type=_bounded(1, 65535), default=None,
                              help="loopback source addresses to spread over (default: one per 2500 devices above 2500)")
         sub.add_argument("--duration", type=_positive(float), help="stop after this many seconds (default: Ctrl-C)")
         sub.add_argument("--report", metavar="FILE", help="write JSON counters and latencies every second")
@@ -83,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     dtu = commands.add_parser("dtu", help="DTUs speaking the DTU protocol")
     common(dtu)
-    dtu.add_argument("--psn", type=_ranged(0, 0xFFFFFFFF), default=100000, help="PSN of the first DTU (default 100000)")
-    dtu.add_argument("--password", type=_ranged(0, 0xFFFFFFFF), default=0, help="PASS every DTU logs in with")
-    dtu.add_argument("--values", type=_ranged(0, 511), default=8, help="values per upload (default 8)")
+    dtu.add_argument("--psn", type=_bounded(0, 0xFFFFFFFF), default=100000, help="PSN of the first DTU (default 100000)")
+    dtu.add_argument("--password", type=_bounded(0, 0xFFFFFFFF), default=0, help="PASS every DTU logs in with")
+    dtu.add_argument("--values", type=_bounded(0, 511), default=8, help="values per upload (default 8)")
     dtu.add_argument("--interval", type=_positive(float), default=10.0,
                      help="seconds between uploads unless the center sets SendTestTime (default 10)")
-    dtu.add_argument("--mode", type=_ranged(0, 255), default=None,
+    dtu.add_argument("--mode", type=_bounded(0, 255), default=None,
                      help="SendTestMode to use instead of the one LoginAck gives (0 on change, 255 periodic)")
     dtu.add_argument("--drift-interval", type=_positive(float), default=1.0,
                      help="seconds between value changes in the on-change modes (default 1)")
@@ -102,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     modbus.add_argument("--registration", required=True,
                         help="registration packet (TEXT or hex:..); with --count, {n} (e.g. DTU-{n:04d}) "
                              "is replaced by the DTU's number, else the number is appended")
-    modbus.add_argument("--first", type=_ranged(0, 10**9), default=1, help="number of the first DTU (default 1)")
+    modbus.add_argument("--first", type=_bounded(0, 10**9), default=1, help="number of the first DTU (default 1)")
     modbus.add_argument("--heartbeat", help="heartbeat packet (TEXT or hex:..), default none")
     modbus.add_argument("--heartbeat-interval", type=_positive(float), default=30.0, help="seconds (default 30)")
     modbus.add_argument("--protocol", choices=("rtu", "tcp"), default="rtu",

@@ -107,6 +107,8 @@ class VirtualDTU:
         self._upload_due = False
         self._silent_acks = 0
         self._last_upload_at: float | None = None
+        #: What the last upload carried: the on-change modes compare against it.
+        self._last_values: tuple[int, ...] = ()
         self._timers: dict[str, IDelayedCall] = {}
 
     # -- what the connector tells us ---------------------------------------------------
@@ -137,7 +139,9 @@ class VirtualDTU:
 
     def data_received(self, data: bytes) -> None:
         for event in self._parser.feed(data):
-            if isinstance(event, wire.PROBLEM_TYPES):
+            if isinstance(event, wire.Skipped):
+                self.stats.count("bytes_skipped", event.count)
+            elif isinstance(event, wire.PROBLEM_TYPES):
                 self.stats.error("bad_frame")
             elif self.link is not None:
                 self._handle(event)
@@ -297,16 +301,18 @@ class VirtualDTU:
         self._arm("periodic", self.interval, self._periodic_upload)
 
     def _drift(self) -> None:
+        """On-change modes: values move, and a change since the last upload may send one now."""
         self._timers.pop("drift", None)
-        before = self.table.read(self.registers)
         self.table.drift(self.registers, self.settings.drift_probability)
-        after = self.table.read(self.registers)
         self._arm("drift", self.settings.drift_interval, self._drift)
+        current = self.table.read(self.registers)
         mode = self.send_test_mode
+        watched = len(current) if mode == MODE_ON_ANY_CHANGE else mode
+        if current[:watched] == self._last_values[:watched]:
+            return
         if mode == MODE_ON_ANY_CHANGE:
-            if before != after:
-                self._upload_on_change()
-        elif before[:mode] != after[:mode]:
+            self._upload_on_change()
+        else:
             self._upload_now()
             # The clock restarts from this upload: the next periodic one is an interval away.
             self._arm("periodic", self.interval, self._periodic_upload)
@@ -331,7 +337,8 @@ class VirtualDTU:
 
     def _new_upload(self) -> None:
         self.test_code = (self.test_code + 1) & 0xFF
-        message = wire.SendTest(self._net_state(), self.test_code, self.table.read(self.registers))
+        self._last_values = self.table.read(self.registers)
+        message = wire.SendTest(self._net_state(), self.test_code, self._last_values)
         upload = _Upload(self.test_code, wire.encode_frame(message, self.settings.dialect))
         self._outstanding = upload
         self.stats.count("uploads")

@@ -96,9 +96,7 @@ class _StreamFactory(protocol.Factory):
         return _StreamProtocol(self.device)
 
 
-class TCPConnector(Service):
-    """Keeps one device connected to its server; a redirect moves it to another server."""
-
+class _Connector(Service):
     def __init__(
         self,
         reactor: Any,
@@ -114,7 +112,12 @@ class TCPConnector(Service):
         self.source = source
         # Jitter spreads a crowd of DTUs that lost the center at the same moment.
         self._policy = backoffPolicy(initialDelay=1.0, maxDelay=max_delay, factor=1.5, jitter=rng.random)
-        self._client: ClientService | None = None
+
+
+class TCPConnector(_Connector):
+    """Keeps one device connected to its server; a redirect moves it to another server."""
+
+    _client: ClientService | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -159,27 +162,13 @@ class _DatagramProtocol(protocol.DatagramProtocol):
         self.connector.lost()
 
 
-class UDPConnector(Service):
+class UDPConnector(_Connector):
     """One UDP socket per device, "connected" to the server; a drop waits out a backoff and starts over."""
 
-    def __init__(
-        self,
-        reactor: Any,
-        device: Device,
-        server: tuple[str, int],
-        source: str | None,
-        rng: random.Random,
-        max_delay: float = 30.0,
-    ) -> None:
-        self.reactor = reactor
-        self.device = device
-        self.server = server
-        self.source = source
-        self._policy = backoffPolicy(initialDelay=1.0, maxDelay=max_delay, factor=1.5, jitter=rng.random)
-        self._attempts = 0
-        self._port: Any = None
-        self._retry: IDelayedCall | None = None
-        self._up = False
+    _attempts = 0
+    _port: Any = None
+    _retry: IDelayedCall | None = None
+    _up = False
 
     def startService(self) -> None:
         super().startService()

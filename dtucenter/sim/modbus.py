@@ -221,34 +221,23 @@ class Heartbeat:
             self.start(link)
 
 
-class TransparentDTU:
-    """A pass-through DTU: registration on connect, heartbeats, meters answering requests."""
+class PacketDevice:
+    """A transparent DTU's connection duties: the registration packet first, then heartbeats."""
 
     def __init__(
-        self,
-        registration: bytes,
-        protocol: str,
-        meters: Iterable[Meter],
-        clock: IReactorTime,
-        stats: SimStats,
-        heartbeat: bytes | None = None,
-        heartbeat_interval: float = 30.0,
+        self, registration: bytes, clock: IReactorTime, stats: SimStats,
+        heartbeat: bytes | None, heartbeat_interval: float,
     ) -> None:
         self.registration = registration
-        self.protocol = protocol
-        self.meters = {meter.unit: meter for meter in meters}
         self.clock = clock
         self.stats = stats
         self.heartbeat = Heartbeat(heartbeat, heartbeat_interval, clock, stats)
         self.link: Any = None
-        self._parser = RequestParser(protocol, stats)
-        self._framer = self._parser.framer
 
     def connection_made(self, link: Any) -> None:
         self.link = link
         self.stats.connected += 1
         self.stats.logged_in += 1
-        self._parser = RequestParser(self.protocol, self.stats)
         link.write(self.registration)
         self.stats.count("registrations")
         self.heartbeat.start(link)
@@ -263,6 +252,31 @@ class TransparentDTU:
 
     def stop(self) -> None:
         self.heartbeat.stop()
+
+
+class TransparentDTU(PacketDevice):
+    """A pass-through DTU: registration on connect, heartbeats, meters answering requests."""
+
+    def __init__(
+        self,
+        registration: bytes,
+        protocol: str,
+        meters: Iterable[Meter],
+        clock: IReactorTime,
+        stats: SimStats,
+        heartbeat: bytes | None = None,
+        heartbeat_interval: float = 30.0,
+    ) -> None:
+        super().__init__(registration, clock, stats, heartbeat, heartbeat_interval)
+        self.protocol = protocol
+        self.meters = {meter.unit: meter for meter in meters}
+        self._parser = RequestParser(protocol, stats)
+        self._framer = self._parser.framer
+
+    def connection_made(self, link: Any) -> None:
+        # A new connection starts a new byte stream: nothing half-received survives it.
+        self._parser = RequestParser(self.protocol, self.stats)
+        super().connection_made(link)
 
     def data_received(self, data: bytes) -> None:
         for unit, tid, request, function_code in self._parser.feed(data):

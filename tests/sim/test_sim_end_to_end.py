@@ -1,0 +1,74 @@
+"""Virtual DTUs against the real center on loopback: their uploads must land in the store."""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+
+from dtucenter.config import build_settings
+from dtucenter.sim.dtu import DTUSettings, VirtualDTU
+from dtucenter.sim.links import TCPConnector, UDPConnector
+from dtucenter.sim.stats import SimStats
+from dtucenter.store import queries
+from dtucenter.tap import makeService, service_named
+
+
+@inlineCallbacks
+def wait_for(condition: Callable[[], bool], what: str, tries: int = 200) -> Any:
+    """Checks ``condition`` every 50 ms (the reactor runs meanwhile); fails after ``tries``."""
+    for _ in range(tries):
+        if condition():
+            return
+        yield deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_center(tmp_path: Path) -> tuple[Any, Deferred[Any]]:
+    settings = build_settings(overrides={
+        "dtu": "tcp:0:interface=127.0.0.1",
+        "dtu_udp": "127.0.0.1:0",
+        "db": f"sqlite:///{tmp_path / 'center.db'}",
+        "unknown_dtu": "accept",
+    })
+    top = makeService({"settings": settings}, reactor)
+    top.startService()
+    return top, service_named(top, "dtu-tcp").when_listening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_virtual_dtus_uploads_are_stored(tmp_path: Path) -> Any:
+    top, listening = start_center(tmp_path)
+    connectors: list[Any] = []
+    try:
+        port = yield listening
+        tcp_port = port.getHost().port
+        udp_port = service_named(top, "dtu-udp").port.getHost().port
+        stats = SimStats()
+        for i, (kind, server_port) in enumerate(
+            [(TCPConnector, tcp_port), (TCPConnector, tcp_port), (UDPConnector, udp_port)]
+        ):
+            rng = random.Random(i)
+            dtu = VirtualDTU(DTUSettings(psn=500 + i, password=9, values=4, interval=0.2), reactor, stats, rng)
+            connector = kind(reactor, dtu, ("127.0.0.1", server_port), None, rng)
+            dtu.server = connector.server
+            connector.startService()
+            connectors.append(connector)
+        yield wait_for(lambda: stats.counts["acked"] >= 9, "nine acknowledged uploads")
+        assert stats.logged_in == 3
+        assert stats.counts["errors"] == 0
+        store = service_named(top, "store")
+        for psn in (500, 501, 502):
+            samples = yield store.read(partial(queries.query_samples, psn=psn))
+            assert len(samples) >= 4 and len(samples) % 4 == 0
+            assert [s.position for s in samples[:4]] == [0, 1, 2, 3]
+    finally:
+        for connector in connectors:
+            yield connector.stopService()
+        yield top.stopService()
