@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--sources", type=_bounded(1, 65535), default=None,
                              help="loopback source addresses to spread over (default: one per 2500 devices above 2500)")
         sub.add_argument("--duration", type=_positive(float), help="stop after this many seconds (default: Ctrl-C)")
-        sub.add_argument("--report", metavar="FILE", help="write JSON counters and latencies every second")
+        sub.add_argument("--report", metavar="FILE", help="write JSON counters and latencies every report interval")
+        sub.add_argument("--report-interval", type=_positive(float), default=1.0,
+                         help="seconds between progress lines and reports (default 1)")
         sub.add_argument("--quiet", action="store_true", help="no progress line, only the summary")
         sub.add_argument("--log", metavar="FILE", help="write the full Twisted log here")
         sub.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
@@ -153,7 +155,7 @@ def _fleet_run(reactor: Any, args: argparse.Namespace, stats: SimStats,
     server = args.server
     sources = spread_sources(args.count, args.sources)
     top = MultiService()
-    reporter = Reporter(reactor, stats, report_path=args.report, quiet=args.quiet)
+    reporter = Reporter(reactor, stats, report_path=args.report, interval=args.report_interval, quiet=args.quiet)
     reporter.setServiceParent(top)
     fleet = Fleet(reactor, stats, args.connect_rate)
     fleet.setServiceParent(top)
@@ -241,7 +243,8 @@ def run_bridge(reactor: Any, args: argparse.Namespace) -> int:
     except Exception as e:  # pyserial raises SerialException, OSError or ValueError
         raise SimError(f"cannot open serial port {args.serial}: {e}") from None
     top = MultiService()
-    Reporter(reactor, stats, report_path=args.report, quiet=args.quiet).setServiceParent(top)
+    Reporter(reactor, stats, report_path=args.report, interval=args.report_interval,
+             quiet=args.quiet).setServiceParent(top)
     TCPConnector(reactor, bridge, args.server, None, random.Random(args.seed)).setServiceParent(top)
     return run(reactor, top, args.duration)
 
