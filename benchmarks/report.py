@@ -195,7 +195,7 @@ def _render_profile(profile: dict[str, Any] | None) -> list[str]:
     if "skipped" in profile:
         return lines + [f"Profile skipped: {profile['skipped']}.", ""]
     lines += [
-        f"py-spy sampled the center (all threads, 200 Hz, idle excluded) during ingest at {profile['rate']:,} "
+        f"py-spy sampled the center (200 Hz, only the thread holding the GIL: the center is GIL-bound) during ingest at {profile['rate']:,} "
         f"frames/s offered: {profile['samples']:,} samples.",
         "",
         "| own time | function |",

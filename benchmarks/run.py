@@ -69,6 +69,8 @@ SMOKE = Scale(
 
 #: A step has fallen behind when it delivers less than this share of the offered rate ...
 KEEP_UP = 0.95
+#: Values per SendTest in the ingest scenario.
+VALUES = 8
 #: ... or when acks take longer than this (the target is 100 ms at p99).
 ACK_P99_TARGET = 0.100
 #: Past this p99 the center is clearly saturated; no point offering more.
@@ -78,7 +80,7 @@ GIVE_UP_P99 = 1.0
 def _sim_dtu_args(port: int, count: int, psn: int, interval: float, connect_rate: int) -> list[str]:
     return [
         "dtu", "--server", f"127.0.0.1:{port}", "--count", str(count), "--psn", str(psn),
-        "--values", "8", "--interval", f"{interval:.6f}", "--connect-rate", str(connect_rate),
+        "--values", str(VALUES), "--interval", f"{interval:.6f}", "--connect-rate", str(connect_rate),
         "--report-interval", "0.25",
     ]
 
@@ -168,7 +170,8 @@ def run_ingest_step(workdir: Path, scale: Scale, server: Child, port: int, rate:
     p50, p99 = percentile(latency, 0.5), percentile(latency, 0.99)
     return {
         "offered": rate, "frames_per_s": frames,
-        "samples_per_s": (stored_b - stored_a) / seconds if db else None,
+        # One row per upload, 8 values each.
+        "samples_per_s": (stored_b - stored_a) * VALUES / seconds if db else None,
         "p50": p50, "p99": p99, "cpu": (cpu_b - cpu_a) / seconds, "sim_cpu": (sim_cpu_b - sim_cpu_a) / seconds,
         "resent": delta("resent"), "ack_timeouts": delta("ack_timeouts"), "late": delta("late"),
         "errors": delta("errors"), "rss": rss, "seconds": seconds,
@@ -217,7 +220,7 @@ def run_profile(workdir: Path, scale: Scale, rate: int) -> dict[str, Any]:
         _wait_until(reader, sim, ready["elapsed"] + scale.warmup)
         result = subprocess.run(
             [py_spy, "record", "--pid", str(center.pid), "--duration", str(int(scale.profile_seconds)),
-             "--rate", "200", "--format", "raw", "--output", str(raw)],
+             "--rate", "200", "--gil", "--format", "raw", "--output", str(raw)],
             capture_output=True, text=True, timeout=scale.profile_seconds + 60,
         )
         if result.returncode != 0 or not raw.exists():
@@ -316,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
     parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus",
                         help="comma-separated scenarios to run (default all)")
+    parser.add_argument("--profile-rate", type=int, default=None,
+                        help="frames/s offered while profiling (default: the best sustained ingest rate)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     args = parser.parse_args(argv)
     scale = SMOKE if args.smoke else FULL
@@ -343,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["baseline"] = run_ingest(_fresh(workroot, "baseline"), scale, "baseline", log)
         if "profile" in only:
             best = (results["ingest"] or {}).get("best") or (results["ingest"] or {}).get("peak")
-            rate = int(best["offered"]) if best else scale.ingest_rates[0]
+            rate = args.profile_rate or (int(best["offered"]) if best else scale.ingest_rates[0])
             log(f"profile: center at {rate} frames/s")
             results["profile"] = run_profile(_fresh(workroot, "profile"), scale, rate)
         if "modbus" in only:

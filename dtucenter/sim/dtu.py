@@ -227,7 +227,8 @@ class VirtualDTU:
             self.stats.count("stray_acks")
             return
         if test_code == upload.test_code:
-            self._cancel("ack")
+            # The ack deadline stays armed and is moved by the next upload: cheaper than
+            # cancelling and scheduling a timer per frame; it does nothing if it fires idle.
             self.stats.record_latency("acked", self.clock.seconds() - upload.sent_at)
             self._outstanding = None
             if self._upload_due:
@@ -296,7 +297,7 @@ class VirtualDTU:
     def _periodic_upload(self) -> None:
         self._timers.pop("periodic", None)
         if self.send_test_mode == MODE_PERIODIC:
-            self.table.drift(self.registers, self.settings.drift_probability)
+            self.table.nudge(self.registers, self.settings.drift_probability)
         self._upload_now()
         self._arm("periodic", self.interval, self._periodic_upload)
 
@@ -354,14 +355,15 @@ class VirtualDTU:
 
     def _ack_timed_out(self) -> None:
         self._timers.pop("ack", None)
+        if self._outstanding is None:
+            return
         self.stats.count("ack_timeouts")
         self._silent_acks += 1
         if self._silent_acks >= self.settings.silent_acks_limit:
             self.stats.error("link_silent")
             self._drop()
             return
-        if self._outstanding is not None:
-            self._transmit(self._outstanding, resend=True)
+        self._transmit(self._outstanding, resend=True)
 
     def _net_state(self) -> int:
         # CSQ 0..31 as a modem reports it; a decent signal that wobbles.

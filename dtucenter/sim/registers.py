@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from dtucenter.dtu import wire
 
@@ -38,6 +38,14 @@ class RegisterTable:
 
     def read(self, registers: Iterable[wire.Register]) -> tuple[int, ...]:
         return tuple(self.get(r.dev, r.addr) for r in registers)
+
+    def nudge(self, registers: Sequence[wire.Register], probability: float) -> None:
+        """With ``probability``, move one register by a small step: the cheap drift of periodic uploads."""
+        if not registers or self._rng.random() >= probability:
+            return
+        r = registers[self._rng.randrange(len(registers))]
+        value = self.get(r.dev, r.addr) + self._rng.randint(-self._drift_step, self._drift_step)
+        self._values[(r.dev, r.addr)] = min(INT16_MAX, max(INT16_MIN, value))
 
     def drift(self, registers: Iterable[wire.Register], probability: float) -> bool:
         """Move each register by a small step with ``probability``; True if any changed."""
