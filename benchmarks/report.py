@@ -57,10 +57,13 @@ def summarise_profile(raw: str, top: int = 15) -> dict[str, Any]:
         own[frames[-1]] += count
         for frame in set(frames):
             total[frame] += count
+    # Inclusive time is only telling for the project's own code: the framework frames above it
+    # (twistd, the reactor loop, logging context) hold every sample.
+    ours = Counter({name: count for name, count in total.items() if "dtucenter/" in name})
     return {
         "samples": samples,
         "own": [(name, count / samples) for name, count in own.most_common(top)] if samples else [],
-        "total": [(name, count / samples) for name, count in total.most_common(top)] if samples else [],
+        "total": [(name, count / samples) for name, count in ours.most_common(top)] if samples else [],
     }
 
 
@@ -116,10 +119,15 @@ def _render_targets(results: dict[str, Any]) -> list[str]:
         if baseline and baseline.get("steps"):
             base = (baseline["best"] or baseline["peak"])["frames_per_s"]
             share = frames / base if base else 0.0
+            peak_share = ingest["peak"]["frames_per_s"] / baseline["peak"]["frames_per_s"]
             capped = "" if baseline["steps"][-1]["kept_up"] is False else (
                 " (the baseline kept up with every offered rate: its real ceiling is higher, so the ratio is an upper bound)")
             lines.append("- At least 0.5 of the framing-only baseline: "
-                         + _verdict(share >= TARGET_BASELINE_SHARE, f"{share:.2f} ({frames:.0f} / {base:.0f} frames/s){capped}"))
+                         + _verdict(share >= TARGET_BASELINE_SHARE,
+                                    f"{share:.2f} of its sustained rate ({frames:.0f} / {base:.0f} frames/s, both with "
+                                    f"p99 under 100 ms){capped}; peak throughput regardless of latency "
+                                    f"{peak_share:.2f} ({ingest['peak']['frames_per_s']:.0f} / "
+                                    f"{baseline['peak']['frames_per_s']:.0f} frames/s)"))
     else:
         lines.append("- Ingest: not run")
     modbus = results.get("modbus")
@@ -184,7 +192,9 @@ def _render_ingest(results: dict[str, Any]) -> list[str]:
     if center and base and center.get("steps") and base.get("steps"):
         c = (center["best"] or {"frames_per_s": 0.0})["frames_per_s"]
         b = (base["best"] or base["peak"])["frames_per_s"]
-        lines += [f"Ratio center/baseline (sustained frames/s): {c / b:.2f}" if b else "Ratio: -", ""]
+        peak = center["peak"]["frames_per_s"] / base["peak"]["frames_per_s"]
+        lines += [f"Ratio center/baseline: {c / b:.2f} of sustained frames/s (p99 under 100 ms), "
+                  f"{peak:.2f} of peak frames/s." if b else "Ratio: -", ""]
     return lines
 
 
@@ -202,7 +212,7 @@ def _render_profile(profile: dict[str, Any] | None) -> list[str]:
         "|---:|---|",
     ]
     lines += [f"| {share:.1%} | `{name}` |" for name, share in profile["own"]]
-    lines += ["", "| total time (incl. callees) | function |", "|---:|---|"]
+    lines += ["", "| total time (incl. callees) | dtucenter function |", "|---:|---|"]
     lines += [f"| {share:.1%} | `{name}` |" for name, share in profile["total"]]
     return lines + [""]
 

@@ -60,7 +60,7 @@ class Scale:
 FULL = Scale(
     hold=(1000, 10000, 19000), hold_idle=15.0, ingest_dtus=1000,
     ingest_rates=(2000, 5000, 8000, 11000, 14000, 17000, 20000, 24000),
-    warmup=5.0, measure=10.0, profile_seconds=15.0, modbus_dtus=1000, modbus_seconds=20.0, connect_rate=4000,
+    warmup=5.0, measure=10.0, profile_seconds=15.0, modbus_dtus=1000, modbus_seconds=20.0, connect_rate=2000,
 )
 SMOKE = Scale(
     hold=(20,), hold_idle=1.0, ingest_dtus=20, ingest_rates=(40, 80), warmup=1.0, measure=1.5,
@@ -321,9 +321,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated scenarios to run (default all)")
     parser.add_argument("--profile-rate", type=int, default=None,
                         help="frames/s offered while profiling (default: the best sustained ingest rate)")
+    parser.add_argument("--hold", default=None, help="comma-separated DTU counts for the hold scenario")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="only re-render the report from results saved with --json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     args = parser.parse_args(argv)
+    if args.from_json:
+        out = args.out or DEFAULT_OUT
+        out.write_text(report.render(json.loads(args.from_json.read_text())))
+        return 0
     scale = SMOKE if args.smoke else FULL
+    if args.hold:
+        scale = attrs.evolve(scale, hold=tuple(int(n) for n in args.hold.split(",")))
     out = args.out or DEFAULT_OUT
     only = set(args.only.split(","))
 

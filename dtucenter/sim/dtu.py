@@ -54,7 +54,9 @@ class DTUSettings:
     #: Chance that a given register moves at a drift step.
     drift_probability: float = 0.3
     ack_timeout: float = 10.0
-    login_timeout: float = 10.0
+    #: As long as the center gives a connection to log in: a shorter wait turns a busy center's
+    #: queue of logins into a storm of reconnects that never completes.
+    login_timeout: float = 30.0
     #: Resends of one upload answered with TestCode - 1 before it is given up.
     max_resends: int = 3
     #: Uploads in a row with no ack at all before the link is taken for dead and dialled again.
