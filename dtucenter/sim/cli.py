@@ -25,7 +25,7 @@ from dtucenter.sim.dtu import DTUSettings, VirtualDTU
 from dtucenter.sim.fleet import Fleet, Reporter, run
 from dtucenter.sim.links import TCPConnector, UDPConnector, parse_server, spread_sources
 from dtucenter.sim.modbus import TransparentDTU, meters_for, numbered_registration, parse_packet_text, parse_units
-from dtucenter.sim.stats import SimStats
+from dtucenter.sim.stats import PACKET_PROGRESS_FIELDS, PROGRESS_FIELDS, SimStats
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -150,12 +150,14 @@ def _start_logging(path: str | None) -> None:
 
 
 def _fleet_run(reactor: Any, args: argparse.Namespace, stats: SimStats,
-               build: Callable[[int, random.Random], Any]) -> int:
+               build: Callable[[int, random.Random], Any],
+               fields: tuple[tuple[str, str], ...] = PROGRESS_FIELDS) -> int:
     """Devices from ``build(i, rng)`` behind TCP or UDP connectors, spread over source addresses."""
     server = args.server
     sources = spread_sources(args.count, args.sources)
     top = MultiService()
-    reporter = Reporter(reactor, stats, report_path=args.report, interval=args.report_interval, quiet=args.quiet)
+    reporter = Reporter(reactor, stats, report_path=args.report, interval=args.report_interval, quiet=args.quiet,
+                        fields=fields)
     reporter.setServiceParent(top)
     fleet = Fleet(reactor, stats, args.connect_rate)
     fleet.setServiceParent(top)
@@ -219,7 +221,7 @@ def run_modbus(reactor: Any, args: argparse.Namespace) -> int:
             heartbeat=heartbeat, heartbeat_interval=args.heartbeat_interval,
         )
 
-    return _fleet_run(reactor, args, stats, build)
+    return _fleet_run(reactor, args, stats, build, PACKET_PROGRESS_FIELDS)
 
 
 def run_bridge(reactor: Any, args: argparse.Namespace) -> int:
@@ -244,7 +246,7 @@ def run_bridge(reactor: Any, args: argparse.Namespace) -> int:
         raise SimError(f"cannot open serial port {args.serial}: {e}") from None
     top = MultiService()
     Reporter(reactor, stats, report_path=args.report, interval=args.report_interval,
-             quiet=args.quiet).setServiceParent(top)
+             quiet=args.quiet, fields=PACKET_PROGRESS_FIELDS).setServiceParent(top)
     TCPConnector(reactor, bridge, args.server, None, random.Random(args.seed)).setServiceParent(top)
     return run(reactor, top, args.duration)
 

@@ -15,7 +15,7 @@ from dtucenter.sim.stats import PROGRESS_FIELDS, SimStats
 log = Logger()
 
 #: Counters whose rate the progress line shows.
-RATE_FIELDS = ("acked",)
+RATE_FIELDS = ("acked", "polls")
 
 
 class Fleet(MultiService):
@@ -64,7 +64,9 @@ class Reporter(Service):
         report_path: str | None = None,
         interval: float = 1.0,
         quiet: bool = False,
+        fields: tuple[tuple[str, str], ...] = PROGRESS_FIELDS,
     ) -> None:
+        self.fields = fields
         self.clock = clock
         self.stats = stats
         self.out = out
@@ -106,12 +108,13 @@ class Reporter(Service):
                 self._report_file.write(json.dumps(snapshot) + "\n")
             if final:
                 self._finish_line()
-                print(f"summary: {self.stats.line(elapsed)}{self._error_details()}", file=self.out, flush=True)
+                summary = self.stats.line(elapsed, fields=self.fields)
+                print(f"summary: {summary}{self._error_details()}", file=self.out, flush=True)
             elif not self.quiet:
                 rates = {name: (self.stats.value(name) - self._previous.get(name, 0)) / self.interval
                          for name in RATE_FIELDS}
                 self._previous = {name: self.stats.value(name) for name in RATE_FIELDS}
-                line = self.stats.line(elapsed, rates)
+                line = self.stats.line(elapsed, rates, self.fields)
                 if self._tty:
                     self.out.write("\r\x1b[K" + line)
                     self.out.flush()
@@ -143,5 +146,3 @@ def run(reactor: Any, top: MultiService, duration: float | None, on_exit: Callab
         on_exit()
     return 0
 
-
-__all__ = ["Fleet", "Reporter", "run", "PROGRESS_FIELDS"]

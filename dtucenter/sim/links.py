@@ -114,6 +114,23 @@ class _Connector(Service):
         self._policy = backoffPolicy(initialDelay=1.0, maxDelay=max_delay, factor=1.5, jitter=rng.random)
 
 
+class _CountingEndpoint:
+    """Counts failed connection attempts (ClientService retries them quietly)."""
+
+    def __init__(self, endpoint: Any, device: Device) -> None:
+        self.endpoint = endpoint
+        self.device = device
+
+    def connect(self, factory: Any) -> Any:
+        def failed(failure: Failure) -> Failure:
+            stats = getattr(self.device, "stats", None)
+            if stats is not None:
+                stats.error("connect_failed")
+            return failure
+
+        return self.endpoint.connect(factory).addErrback(failed)
+
+
 class TCPConnector(_Connector):
     """Keeps one device connected to its server; a redirect moves it to another server."""
 
@@ -144,7 +161,8 @@ class TCPConnector(_Connector):
             bindAddress=(self.source, 0) if self.source else None,
         )
         self._client = ClientService(
-            endpoint, _StreamFactory(self.device), retryPolicy=self._policy, clock=self.reactor
+            _CountingEndpoint(endpoint, self.device), _StreamFactory(self.device),
+            retryPolicy=self._policy, clock=self.reactor,
         )
         self._client.startService()
 

@@ -54,12 +54,20 @@ def histogram_difference(later: Mapping[Any, int], earlier: Mapping[Any, int]) -
     return diff
 
 
-#: Counters shown on the progress line, in order, with their labels.
+#: Counters shown on the progress line, in order, with their labels: DTU-protocol devices ...
 PROGRESS_FIELDS = (
     ("connected", "connected"),
     ("logged_in", "logged in"),
     ("acked", "acked"),
     ("resent", "resent"),
+    ("errors", "errors"),
+)
+#: ... and transparent (Modbus) devices, whose "logged in" is "registration sent".
+PACKET_PROGRESS_FIELDS = (
+    ("connected", "connected"),
+    ("logged_in", "registered"),
+    ("polls", "polls answered"),
+    ("heartbeats", "heartbeats"),
     ("errors", "errors"),
 )
 
@@ -91,9 +99,10 @@ class SimStats:
             return int(getattr(self, name))
         return self.counts[name]
 
-    def line(self, elapsed: float, rates: Mapping[str, float] | None = None) -> str:
+    def line(self, elapsed: float, rates: Mapping[str, float] | None = None,
+             fields: tuple[tuple[str, str], ...] = PROGRESS_FIELDS) -> str:
         parts = [f"{elapsed:7.1f}s"]
-        for name, label in PROGRESS_FIELDS:
+        for name, label in fields:
             text = f"{label} {self.value(name)}"
             if rates and name in rates:
                 text += f" ({rates[name]:.0f}/s)"

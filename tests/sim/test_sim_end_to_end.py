@@ -5,12 +5,11 @@ from __future__ import annotations
 import random
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
 
 from dtucenter.config import build_settings
 from dtucenter.sim.dtu import DTUSettings, VirtualDTU
@@ -18,16 +17,7 @@ from dtucenter.sim.links import TCPConnector, UDPConnector
 from dtucenter.sim.stats import SimStats
 from dtucenter.store import queries
 from dtucenter.tap import makeService, service_named
-
-
-@inlineCallbacks
-def wait_for(condition: Callable[[], bool], what: str, tries: int = 200) -> Any:
-    """Checks ``condition`` every 50 ms (the reactor runs meanwhile); fails after ``tries``."""
-    for _ in range(tries):
-        if condition():
-            return
-        yield deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
+from simtools import wait_for
 
 
 def start_center(tmp_path: Path) -> tuple[Any, Deferred[Any]]:
