@@ -14,6 +14,7 @@ from dtucenter import cli
 from dtucenter.dtu import wire
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
+from dtucenter.store.models import Sample
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -29,10 +30,8 @@ def db(tmp_path: Path) -> str:
 def store_upload(db: str, psn: int, when: dt.datetime, upload: wire.SendTest, registers=()) -> None:
     engine = open_engine(db)
     with Session(engine) as session, session.begin():
-        session.execute(
-            queries.Sample.__table__.insert(),  # type: ignore[attr-defined]
-            queries.sample_rows(psn, when, upload, registers),
-        )
+        row = queries.upload_row(psn, when, upload, registers)
+        session.execute(Sample.__table__.insert(), [dict(zip(queries.SAMPLE_ROW_COLUMNS, row))])
     engine.dispose()
 
 

@@ -25,6 +25,7 @@ from dtucenter.dtu.session import DTUProtocol
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.models import Sample
+from dtucenter.store.queries import SAMPLE_ROW_COLUMNS
 
 PSN = 4711
 CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -62,8 +63,8 @@ class SyncStore:
     def write(self, job: Callable[[Session], Any]) -> Deferred[Any]:
         return self._run(job)
 
-    def add_samples(self, rows: list[dict[str, Any]]) -> Deferred[None]:
-        return self._run(lambda session: session.execute(Sample.__table__.insert(), rows) and None)
+    def add_samples(self, rows: list[queries.SampleRow]) -> Deferred[None]:
+        return self._run(lambda session: session.execute(Sample.__table__.insert(), [dict(zip(SAMPLE_ROW_COLUMNS, r)) for r in rows]) and None)
 
 
 @attrs.define

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -11,20 +12,18 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from twisted.internet import defer, reactor
 
+from dtucenter.dtu import wire
+from dtucenter.store import queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import Store
 from dtucenter.store.models import MeterSample, Sample
 from tests.support import until
 
 
-def rows(psn: int, n: int) -> list[dict[str, Any]]:
-    import datetime as dt
-
+def rows(psn: int, n: int) -> list[queries.SampleRow]:
+    """``n`` uploads of one value each: ``n`` rows of the samples table."""
     now = dt.datetime.now(dt.timezone.utc)
-    return [
-        {"psn": psn, "time": now, "net_state": 1, "position": i, "dev": None, "addr": None, "value": i}
-        for i in range(n)
-    ]
+    return [queries.upload_row(psn, now, wire.SendTest(1, i, (i,)), ()) for i in range(n)]
 
 
 def count(store: Store) -> int:
@@ -126,7 +125,7 @@ async def test_rows_of_several_tables_share_one_transaction(db_url: str) -> None
     store = make_store(db_url)
     try:
         blocker = store.write(lambda s: None)  # occupies the writer so that the rest queue up together
-        meter_rows = [{"meter": "m1", "point": "p", "time": rows(0, 1)[0]["time"], "value": 1.5}]
+        meter_rows = [{"meter": "m1", "point": "p", "time": rows(0, 1)[0][1], "value": 1.5}]
         waiting = [store.add_samples(rows(5, 3)), store.add_rows(MeterSample.__table__, meter_rows), store.add_samples(rows(6, 2))]
         await blocker
         commits = store.stats.commits

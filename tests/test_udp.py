@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dtucenter.dtu import wire
+from dtucenter.dtu.session import INBOX_LIMIT
 from dtucenter.dtu.udp import BACKLOG_LIMIT, DTUDatagramProtocol
 from tests.test_session import Harness
 
@@ -64,10 +65,11 @@ def test_waiting_for_the_store_keeps_a_bounded_backlog(tmp_path: Path) -> None:
     protocol.datagramReceived(wire.encode_frame(wire.Login(1, 1)), A)
     h.store.hold = True
     protocol.datagramReceived(wire.encode_frame(wire.SendTest(1, 1, (1,))), A)
-    for code in range(2, 2 + BACKLOG_LIMIT + 5):
+    # INBOX_LIMIT queue in the session, then the link pauses and keeps BACKLOG_LIMIT more.
+    for code in range(2, 2 + INBOX_LIMIT + BACKLOG_LIMIT + 5):
         protocol.datagramReceived(wire.encode_frame(wire.SendTest(1, code & 0xFF, (code,))), A)
     assert h.center.stats["udp_datagrams_dropped"] == 5
     h.store.release()
     acks = [m for m in sent.to(A) if isinstance(m, wire.SendTestAck)]
-    assert [a.test_code for a in acks] == list(range(1, 2 + BACKLOG_LIMIT))
+    assert [a.test_code for a in acks] == list(range(1, 2 + INBOX_LIMIT + BACKLOG_LIMIT))
     protocol.stopProtocol()

@@ -3,8 +3,11 @@
 ``DTUSession`` holds the protocol rules and talks to its transport through
 the small ``Link`` interface, so TCP connections and UDP source addresses
 share it. Messages are handled one at a time, in order: while one waits for
-the store, reading from that DTU pauses, so nothing is acknowledged before
-it is stored and a slow database slows DTUs down instead of losing data.
+the store the next ones queue, and once ``INBOX_LIMIT`` are queued reading
+from that DTU pauses, so nothing is acknowledged before it is stored and a
+slow database slows DTUs down instead of losing data. (Pausing at every
+upload cost two epoll_ctl calls per frame, a tenth of the reactor's time at
+a few thousand frames a second: docs/performance.md.)
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dtucenter.dtu import wire
-from dtucenter.dtu.center import DTUCenter, utc_now
+from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.commands import CommandQueue
 from dtucenter.store.queries import LoginDecision
 
 log = Logger()
+
+#: Messages queued behind the one being handled before reading from the DTU pauses.
+INBOX_LIMIT = 16
 
 
 class Link(TypingProtocol):
@@ -68,11 +74,13 @@ class DTUSession:
         self.psn: int | None = None
         self.registers: tuple[wire.Register, ...] = ()
         self.tick_time = 0
-        self.last_seen: dt.datetime = utc_now(clock)
+        #: When the DTU last sent a frame, as the clock's seconds (a datetime per frame was measurable).
+        self.last_seen_at: float = clock.seconds()
         self._parser = wire.FrameParser(center.settings.dialect)
         self._dialect = center.settings.dialect
         self._inbox: deque[wire.AnyMessage] = deque()
         self._working = False
+        self._paused = False
         self._timer: IDelayedCall | None = None
         self._timer_action: Callable[[], None] | None = None
         self._lost = False
@@ -100,6 +108,9 @@ class DTUSession:
             self._close(abort=True)
             return
         self._process()
+        if self._working and len(self._inbox) >= INBOX_LIMIT and not self._paused:
+            self._paused = True
+            self.link.pause()
 
     def connection_lost(self) -> None:
         if self._lost:
@@ -124,7 +135,6 @@ class DTUSession:
             pending = self._handle(message)
             if pending is not None and not pending.called:
                 self._working = True
-                self.link.pause()
                 pending.addBoth(self._finished_working)
 
     def _finished_working(self, result: Any) -> None:
@@ -134,8 +144,10 @@ class DTUSession:
             self._close(abort=True)
             return
         if self.state != self.CLOSED:
-            self.link.resume()
             self._process()
+            if self._paused and len(self._inbox) < INBOX_LIMIT:
+                self._paused = False
+                self.link.resume()
 
     def _handle(self, message: wire.AnyMessage) -> Deferred[Any] | None:
         self.center.stats["frames_in"] += 1
@@ -218,10 +230,14 @@ class DTUSession:
 
     # -- liveness ---------------------------------------------------------------------------
 
+    @property
+    def last_seen(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.last_seen_at, tz=dt.timezone.utc)
+
     def _seen(self) -> None:
-        self.last_seen = utc_now(self.clock)
+        self.last_seen_at = self.clock.seconds()
         if self.psn is not None:
-            self.center.seen(self.psn, self.last_seen)
+            self.center.seen(self.psn, self.last_seen_at)
             self._arm(2 * max(self.tick_time, 1), self._idle_timed_out)
 
     def _idle_timed_out(self) -> None:

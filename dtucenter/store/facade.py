@@ -28,11 +28,13 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from dtucenter.store.models import Sample
+from dtucenter.store.queries import SAMPLE_ROW_COLUMNS, SampleRow
 
 T = TypeVar("T")
 Job = Callable[[Session], Any]
 #: Rows to insert, by table; one entry of the row queue moves and commits as a whole.
-RowsByTable = dict[Table, list[dict[str, Any]]]
+RowsByTable = dict[Table, list[Any]]
+SAMPLES: Table = Sample.__table__  # type: ignore[assignment]
 
 log = Logger()
 
@@ -93,6 +95,73 @@ def _gather(waiters: list[Deferred[None]]) -> Deferred[None]:
     return d
 
 
+class _SampleInsert:
+    """Inserts sample rows with as few statements as possible.
+
+    SQLAlchemy's Core insert with a list of dicts runs its type processors
+    row by row, and the driver's executemany steps SQLite once per row,
+    giving up and retaking the GIL each time: with the reactor thread busy
+    every retake waits for the interpreter's switch interval, so a commit
+    of a few hundred rows took tens of milliseconds (docs/performance.md).
+    Here the time is bound once per distinct datetime and, where the
+    driver's paramstyle allows (SQLite's qmark, psycopg's format), rows go
+    in multi-row ``INSERT ... VALUES (..), (..)`` statements of power-of-two
+    sizes, so a batch of any size is a handful of cached statements.
+    """
+
+    #: Rows per statement at most: 5 parameters each stays under SQLite's 32,766 host parameters.
+    MAX_ROWS_PER_STATEMENT = 4096
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        compiled = Sample.__table__.insert().compile(dialect=dialect, column_keys=list(SAMPLE_ROW_COLUMNS))
+        self.sql = str(compiled)
+        self.positional = bool(compiled.positional)
+        if self.positional and list(compiled.positiontup or ()) != list(SAMPLE_ROW_COLUMNS):
+            raise RuntimeError(f"unexpected parameter order {compiled.positiontup} for {self.sql}")
+        self.multi_row = self.positional and dialect.paramstyle in ("qmark", "format")
+        head, _, group = self.sql.rpartition("VALUES ")
+        self._head, self._group = head + "VALUES ", group.strip()
+        self._statements: dict[int, str] = {}
+        column = Sample.__table__.c
+        self.bind_time = column.time.type.dialect_impl(dialect).bind_processor(dialect) or (lambda value: value)
+        self.bind_blob = column["values"].type.dialect_impl(dialect).bind_processor(dialect)
+
+    def __call__(self, session: Session, rows: list[SampleRow]) -> None:
+        params = self._bind(rows)
+        connection = session.connection()
+        if not self.multi_row:
+            connection.exec_driver_sql(self.sql, params if self.positional else [
+                dict(zip(SAMPLE_ROW_COLUMNS, row)) for row in params])
+            return
+        start = 0
+        while start < len(params):
+            size = min(self.MAX_ROWS_PER_STATEMENT, 1 << ((len(params) - start).bit_length() - 1))
+            chunk = params[start : start + size]
+            connection.exec_driver_sql(self._statement(size), tuple(value for row in chunk for value in row))
+            start += size
+
+    def _statement(self, rows: int) -> str:
+        sql = self._statements.get(rows)
+        if sql is None:
+            sql = self._statements[rows] = self._head + ", ".join([self._group] * rows)
+        return sql
+
+    def _bind(self, rows: list[SampleRow]) -> list[tuple[Any, ...]]:
+        bind_time, bind_blob = self.bind_time, self.bind_blob
+        last_time: Any = None
+        bound_time: Any = None
+        params: list[tuple[Any, ...]] = []
+        for psn, when, net_state, values, registers in rows:
+            if when is not last_time:
+                last_time, bound_time = when, bind_time(when)
+            if bind_blob is not None:
+                values = bind_blob(values)
+                registers = None if registers is None else bind_blob(registers)
+            params.append((psn, bound_time, net_state, values, registers))
+        return params
+
+
 class Store(Service):
     """Runs jobs (functions of a Session) off the reactor thread.
 
@@ -115,6 +184,7 @@ class Store(Service):
         self._retry_call: Any = None
         self._idle_waiters: list[Deferred[None]] = []
         self._isolate = 0
+        self._sample_insert = _SampleInsert(engine)
         self.stats = StoreStats()
         self.healthy = True
         #: Seconds stopService waits for the database to take what is queued.
@@ -181,15 +251,17 @@ class Store(Service):
         self._kick()
         return d
 
-    def add_samples(self, rows: list[dict[str, Any]]) -> Deferred[None]:
-        """Insert DTU sample rows; fires after they are committed."""
-        return self.add_rows(Sample.__table__, rows)  # type: ignore[arg-type]
+    def add_samples(self, rows: list[SampleRow]) -> Deferred[None]:
+        """Insert DTU upload rows (``queries.upload_row``); fires after they are committed."""
+        return self.add_rows(SAMPLES, rows)
 
-    def add_rows(self, table: Table, rows: list[dict[str, Any]]) -> Deferred[None]:
+    def add_rows(self, table: Table, rows: list[Any]) -> Deferred[None]:
         """Insert rows into ``table`` in the next group commit; fires after they are committed.
 
-        Many small inserts (an upload, a meter's poll) become one executemany
-        per table and transaction, which is what keeps thousands a second cheap.
+        Many small inserts (an upload, a meter's poll) become one insert per
+        table and transaction, which is what keeps thousands a second cheap.
+        Rows are dicts of column values, except for ``samples``: tuples in
+        ``SAMPLE_ROW_COLUMNS`` order, for the fast path below.
         """
         d: Deferred[None] = Deferred()
         self._queued_rows.append(({table: rows}, d))
@@ -250,7 +322,10 @@ class Store(Service):
         with Session(self.engine) as session, session.begin():
             results = [job(session) for job, _ in batch.jobs]
             for table, rows in batch.rows.items():
-                session.connection().execute(table.insert(), rows)
+                if table is SAMPLES:
+                    self._sample_insert(session, rows)
+                else:
+                    session.connection().execute(table.insert(), rows)
         return results
 
     def _committed(self, results: list[Any], batch: _Batch) -> None:

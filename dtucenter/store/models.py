@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Double, Index, Integer, SmallInteger, String, Text, TypeDecorator
+from sqlalchemy import (
+    BigInteger, Boolean, DateTime, Double, Index, Integer, LargeBinary, SmallInteger, String, Text, TypeDecorator,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -81,9 +83,16 @@ class RegisterEntry(Base):
 
 
 class Sample(Base):
-    """One value of one SendTest upload.
+    """The values of one SendTest upload, one row per upload.
 
-    No foreign key to ``dtus`` on purpose: group commits insert samples of
+    ``values`` holds them as the wire does (big-endian int16 each);
+    ``registers`` holds the (Dev u8, Addr u16) of each position, packed the
+    same way, when the DTU's register list matched the upload, else NULL.
+    ``queries.query_samples`` unpacks rows into one SampleInfo per value.
+    One row per value made SQLite insert 8 rows per frame and cost most of
+    the ingest's CPU (docs/performance.md).
+
+    No foreign key to ``dtus`` on purpose: group commits insert uploads of
     thousands of DTUs at once, and one DTU deleted meanwhile must not make
     the whole batch fail.
     """
@@ -94,10 +103,8 @@ class Sample(Base):
     psn: Mapped[int] = mapped_column(BigInteger)
     time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     net_state: Mapped[int] = mapped_column(SmallInteger)
-    position: Mapped[int] = mapped_column(SmallInteger)
-    dev: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
-    addr: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    value: Mapped[int] = mapped_column(Integer)
+    values: Mapped[bytes] = mapped_column(LargeBinary)
+    registers: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     __table_args__ = (Index("ix_samples_psn_time", "psn", "time"),)
 

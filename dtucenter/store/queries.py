@@ -8,6 +8,8 @@ directly; the running center calls them through ``Store``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import struct
 from typing import Any, Sequence
 
 import attrs
@@ -218,22 +220,39 @@ def delete_dtu(session: Session, psn: int, with_samples: bool = True) -> bool:
     return found
 
 
-def sample_rows(
+#: Column order of the rows ``upload_row`` builds and ``Store.add_samples`` inserts.
+SAMPLE_ROW_COLUMNS = ("psn", "time", "net_state", "values", "registers")
+SampleRow = tuple[int, dt.datetime, int, bytes, "bytes | None"]
+
+_VALUE = struct.Struct(">h")
+_REGISTER = struct.Struct(">BH")
+
+
+def upload_row(
     psn: int, when: dt.datetime, upload: wire.SendTest, registers: Sequence[wire.Register]
-) -> list[dict[str, Any]]:
-    """Rows for one SendTest; (dev, addr) come from the register list when it matches."""
-    named = len(registers) == len(upload.values)
+) -> SampleRow:
+    """The row for one SendTest; (dev, addr) come from the register list when it matches."""
+    values = upload.values
+    packed = struct.pack(f">{len(values)}h", *values)
+    named = _pack_registers(tuple(registers)) if registers and len(registers) == len(values) else None
+    return (psn, when, upload.net_state, packed, named)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pack_registers(registers: tuple[wire.Register, ...]) -> bytes:
+    # A DTU uploads with the same register list for days: pack it once.
+    return b"".join(_REGISTER.pack(r.dev, r.addr) for r in registers)
+
+
+def _unpack(row: Any) -> list[SampleInfo]:
+    values = [v for (v,) in _VALUE.iter_unpack(row.values)]
+    if row.registers is not None and len(row.registers) == 3 * len(values):
+        places: list[tuple[int | None, int | None]] = list(_REGISTER.iter_unpack(row.registers))
+    else:
+        places = [(None, None)] * len(values)
     return [
-        {
-            "psn": psn,
-            "time": when,
-            "net_state": upload.net_state,
-            "position": position,
-            "dev": registers[position].dev if named else None,
-            "addr": registers[position].addr if named else None,
-            "value": value,
-        }
-        for position, value in enumerate(upload.values)
+        SampleInfo(row.time, row.psn, row.net_state, position, dev, addr, value)
+        for position, ((dev, addr), value) in enumerate(zip(places, values))
     ]
 
 
@@ -278,9 +297,15 @@ def query_samples(
     limit: int | None = None,
 ) -> list[SampleInfo]:
     """Samples of one DTU, oldest first; ``limit`` keeps the oldest ones after ``since``."""
-    query = time_window(select(Sample).where(Sample.psn == psn), Sample, since, until, limit)
-    return [
-        SampleInfo(r.time, r.psn, r.net_state, r.position, r.dev, r.addr, r.value)
-        for r in session.scalars(query)
-    ]
-
+    # ``limit`` counts values, and an upload holds several: the rows are unpacked until it is reached.
+    query = time_window(
+        select(Sample.time, Sample.psn, Sample.net_state, Sample.values, Sample.registers).where(Sample.psn == psn),
+        Sample, since, until, limit=None,
+    )
+    samples: list[SampleInfo] = []
+    for row in session.execute(query):
+        samples.extend(_unpack(row))
+        if limit is not None and len(samples) >= limit:
+            del samples[limit:]
+            break
+    return samples

@@ -1,0 +1,151 @@
+"""Child processes for the benchmark: the center, the baseline, simulators; what /proc says about them."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+VENV_BIN = Path(sys.executable).parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def raise_file_limit() -> None:
+    """In the child: as many sockets as the hard limit allows (20,000 here)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of all the process's threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+class Child:
+    def __init__(self, name: str, argv: Sequence[str], log: Path) -> None:
+        self.name = name
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.process = subprocess.Popen(
+            list(argv), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=raise_file_limit,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.alive():
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+def wait_listening(port: int, child: Child, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"{child.name} exited:\n{child.tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{child.name} did not listen on {port} within {timeout:.0f}s:\n{child.tail()}")
+
+
+def start_center(workdir: Path, port: int, extra: Sequence[str] = ()) -> Child:
+    argv = [
+        str(VENV_BIN / "twistd"), "-n", "--pidfile=", "dtucenter",
+        "--dtu", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
+        "--db", f"sqlite:///{workdir / 'center.db'}",
+        "--unknown-dtu", "accept",
+        *extra,
+    ]
+    child = Child("center", argv, workdir / "center.log")
+    wait_listening(port, child)
+    return child
+
+
+def start_baseline(workdir: Path, port: int) -> Child:
+    argv = [sys.executable, "-m", "benchmarks.baseline", "--port", str(port)]
+    child = Child("baseline", argv, workdir / "baseline.log")
+    wait_listening(port, child)
+    return child
+
+
+def start_sim(workdir: Path, name: str, args: Sequence[str]) -> tuple[Child, Path]:
+    report = workdir / f"{name}.jsonl"
+    argv = [sys.executable, "-m", "dtucenter.sim.cli", *args, "--report", str(report), "--quiet"]
+    return Child(name, argv, workdir / f"{name}.log"), report
+
+
+class ReportReader:
+    """Follows a simulator's JSON report file; each new line is a cumulative snapshot."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self.latest: dict[str, Any] | None = None
+
+    def poll(self) -> dict[str, Any] | None:
+        """The newest complete snapshot written since the last poll, if any."""
+        if not self.path.exists():
+            return None
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        newest = None
+        consumed = 0
+        for line in chunk.split(b"\n")[:-1]:
+            consumed += len(line) + 1
+            newest = json.loads(line)
+        self._offset += consumed
+        if newest is not None:
+            self.latest = newest
+        return newest
+
+    def next(self, child: Child, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            snap = self.poll()
+            if snap is not None:
+                return snap
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited:\n{child.tail()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"no report from {child.name} within {timeout:.0f}s:\n{child.tail()}")

@@ -1,0 +1,388 @@
+"""The load benchmark: the real center (twistd, SQLite in a temp dir) against dtucenter-sim.
+
+    python -m benchmarks.run                 # full scale, rewrites docs/performance.md (about 10 minutes)
+    python -m benchmarks.run --smoke --out /tmp/perf.md   # seconds; CI runs this
+
+Every server and simulator is a separate process, so the center's own CPU
+(from /proc/PID/stat, all threads) is measured apart from the load
+generator's, which shares the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import attrs
+
+from benchmarks import report
+from benchmarks.procs import (
+    Child,
+    ReportReader,
+    cpu_seconds,
+    free_port,
+    rss_bytes,
+    start_baseline,
+    start_center,
+    start_sim,
+)
+from dtucenter.sim.stats import histogram_difference, percentile
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "docs" / "performance.md"
+
+
+@attrs.frozen
+class Scale:
+    hold: tuple[int, ...]
+    hold_idle: float
+    ingest_dtus: int
+    ingest_rates: tuple[int, ...]
+    warmup: float
+    measure: float
+    profile_seconds: float
+    modbus_dtus: int
+    modbus_seconds: float
+    connect_rate: int
+
+
+FULL = Scale(
+    hold=(1000, 10000, 19000), hold_idle=15.0, ingest_dtus=1000,
+    ingest_rates=(2000, 5000, 8000, 11000, 14000, 17000, 20000, 24000),
+    warmup=5.0, measure=10.0, profile_seconds=15.0, modbus_dtus=1000, modbus_seconds=20.0, connect_rate=2000,
+)
+SMOKE = Scale(
+    hold=(20,), hold_idle=1.0, ingest_dtus=20, ingest_rates=(40, 80), warmup=1.0, measure=1.5,
+    profile_seconds=0.0, modbus_dtus=5, modbus_seconds=2.0, connect_rate=1000,
+)
+
+#: A step has fallen behind when it delivers less than this share of the offered rate ...
+KEEP_UP = 0.95
+#: Values per SendTest in the ingest scenario.
+VALUES = 8
+#: ... or when acks take longer than this (the target is 100 ms at p99).
+ACK_P99_TARGET = 0.100
+#: Past this p99 the center is clearly saturated; no point offering more.
+GIVE_UP_P99 = 1.0
+
+
+def _sim_dtu_args(port: int, count: int, psn: int, interval: float, connect_rate: int) -> list[str]:
+    return [
+        "dtu", "--server", f"127.0.0.1:{port}", "--count", str(count), "--psn", str(psn),
+        "--values", str(VALUES), "--interval", f"{interval:.6f}", "--connect-rate", str(connect_rate),
+        "--report-interval", "0.25",
+    ]
+
+
+def _wait_logged_in(reader: ReportReader, sim: Child, count: int, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = reader.next(sim, timeout=max(1.0, deadline - time.monotonic()))
+        if snap["logged_in"] >= count:
+            return snap
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {snap['logged_in']} of {count} DTUs logged in after {timeout:.0f}s")
+
+
+def _wait_until(reader: ReportReader, sim: Child, elapsed: float) -> dict[str, Any]:
+    while True:
+        snap = reader.next(sim)
+        if snap["elapsed"] >= elapsed:
+            return snap
+
+
+# -- hold ------------------------------------------------------------------------------------------
+
+
+def run_hold(workdir: Path, scale: Scale, count: int) -> dict[str, Any]:
+    port = free_port()
+    center = start_center(workdir, port)
+    sim: Child | None = None
+    try:
+        time.sleep(1.0)
+        rss_before = rss_bytes(center.pid)
+        sim, path = start_sim(workdir, f"hold-{count}",
+                              _sim_dtu_args(port, count, 1_000_000, 100_000.0, scale.connect_rate))
+        reader = ReportReader(path)
+        logged_in = _wait_logged_in(reader, sim, count, timeout=120 + count / 100)
+        login_time = logged_in["elapsed"]
+        time.sleep(2.0)  # let the last logins' database work and log lines finish
+        cpu_start, wall_start = cpu_seconds(center.pid), time.monotonic()
+        time.sleep(scale.hold_idle)
+        idle_cpu = (cpu_seconds(center.pid) - cpu_start) / (time.monotonic() - wall_start)
+        rss = rss_bytes(center.pid)
+        still = reader.next(sim)["logged_in"]
+        return {
+            "dtus": count, "login_time": login_time, "rss": rss, "rss_before": rss_before,
+            "rss_per_dtu": (rss - rss_before) / count, "idle_cpu": idle_cpu, "still_logged_in": still,
+            "connect_rate": scale.connect_rate,
+        }
+    finally:
+        if sim is not None:
+            sim.stop()
+        center.stop()
+
+
+# -- ingest ----------------------------------------------------------------------------------------
+
+
+def _max_sample_id(db: Path) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+        return int(conn.execute("SELECT coalesce(max(id), 0) FROM samples").fetchone()[0])
+
+
+def run_ingest_step(workdir: Path, scale: Scale, server: Child, port: int, rate: int, label: str,
+                    db: Path | None) -> dict[str, Any]:
+    interval = scale.ingest_dtus / rate
+    sim, path = start_sim(workdir, f"ingest-{label}-{rate}",
+                          _sim_dtu_args(port, scale.ingest_dtus, 2_000_000, interval, scale.connect_rate))
+    try:
+        reader = ReportReader(path)
+        ready = _wait_logged_in(reader, sim, scale.ingest_dtus, timeout=120)
+        first = _wait_until(reader, sim, ready["elapsed"] + scale.warmup)
+        cpu_a, sim_cpu_a = cpu_seconds(server.pid), cpu_seconds(sim.pid)
+        stored_a = _max_sample_id(db) if db else 0
+        last = _wait_until(reader, sim, first["elapsed"] + scale.measure)
+        cpu_b, sim_cpu_b = cpu_seconds(server.pid), cpu_seconds(sim.pid)
+        stored_b = _max_sample_id(db) if db else 0
+        rss = rss_bytes(server.pid)
+    finally:
+        sim.stop()
+    seconds = last["elapsed"] - first["elapsed"]
+    counts_a, counts_b = first["counts"], last["counts"]
+
+    def delta(name: str) -> int:
+        return int(counts_b.get(name, 0) - counts_a.get(name, 0))
+
+    latency = histogram_difference(last["latency"], first["latency"])
+    frames = delta("acked") / seconds
+    p50, p99 = percentile(latency, 0.5), percentile(latency, 0.99)
+    return {
+        "offered": rate, "frames_per_s": frames,
+        # One row per upload, 8 values each.
+        "samples_per_s": (stored_b - stored_a) * VALUES / seconds if db else None,
+        "p50": p50, "p99": p99, "cpu": (cpu_b - cpu_a) / seconds, "sim_cpu": (sim_cpu_b - sim_cpu_a) / seconds,
+        "resent": delta("resent"), "ack_timeouts": delta("ack_timeouts"), "late": delta("late"),
+        "errors": delta("errors"), "rss": rss, "seconds": seconds,
+        "kept_up": frames >= KEEP_UP * rate and p99 is not None and p99 < ACK_P99_TARGET,
+    }
+
+
+def run_ingest(workdir: Path, scale: Scale, label: str, log: Callable[[str], None]) -> dict[str, Any]:
+    port = free_port()
+    db = workdir / "center.db" if label == "center" else None
+    server = start_center(workdir, port) if label == "center" else start_baseline(workdir, port)
+    steps: list[dict[str, Any]] = []
+    try:
+        for rate in scale.ingest_rates:
+            step = run_ingest_step(workdir, scale, server, port, rate, label, db)
+            steps.append(step)
+            log(f"  {label} offered {rate}/s: {report.step_line(step)}")
+            if step["p99"] is None or step["p99"] > GIVE_UP_P99 or step["frames_per_s"] < 0.8 * rate:
+                break
+    finally:
+        server.stop()
+    sustained = [s for s in steps if s["kept_up"]]
+    best = max(sustained, key=lambda s: s["frames_per_s"]) if sustained else None
+    peak = max(steps, key=lambda s: s["frames_per_s"]) if steps else None
+    return {"steps": steps, "best": best, "peak": peak}
+
+
+# -- profile ---------------------------------------------------------------------------------------
+
+
+def run_profile(workdir: Path, scale: Scale, rate: int) -> dict[str, Any]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if scale.profile_seconds <= 0:
+        return {"skipped": "not at smoke scale"}
+    if not Path(py_spy).exists():
+        return {"skipped": "py-spy is not installed (pip install -e '.[bench]')"}
+    port = free_port()
+    center = start_center(workdir, port)
+    interval = scale.ingest_dtus / rate
+    sim, path = start_sim(workdir, f"profile-{rate}",
+                          _sim_dtu_args(port, scale.ingest_dtus, 3_000_000, interval, scale.connect_rate))
+    raw = workdir / "profile.txt"
+    try:
+        reader = ReportReader(path)
+        ready = _wait_logged_in(reader, sim, scale.ingest_dtus, timeout=120)
+        _wait_until(reader, sim, ready["elapsed"] + scale.warmup)
+        result = subprocess.run(
+            [py_spy, "record", "--pid", str(center.pid), "--duration", str(int(scale.profile_seconds)),
+             "--rate", "200", "--gil", "--format", "raw", "--output", str(raw)],
+            capture_output=True, text=True, timeout=scale.profile_seconds + 60,
+        )
+        if result.returncode != 0 or not raw.exists():
+            return {"skipped": f"py-spy failed: {(result.stderr or result.stdout).strip()[-300:]}"}
+    finally:
+        sim.stop()
+        center.stop()
+    return {"rate": rate, **report.summarise_profile(raw.read_text())}
+
+
+# -- modbus ----------------------------------------------------------------------------------------
+
+
+def modbus_bridge_missing() -> str | None:
+    """Why the modbus scenario cannot run here, or None when the center has a Modbus bridge."""
+    from dtucenter.tap import Options
+
+    if not any(param[0] == "modbus" for param in Options.optParameters):
+        return "bridge not available: this center has no --modbus listener (dtucenter.modbus has no bridge yet)"
+    return None
+
+
+def modbus_config(count: int) -> str:
+    """Issue 4's config format: one link per DTU, one meter of 10 registers polled every second."""
+    parts = []
+    for n in range(1, count + 1):
+        parts.append(
+            f'[[link]]\nname = "sim-{n:05d}"\nprotocol = "rtu"\nregistration = "SIM-{n:05d}"\n'
+            f'heartbeat = "HB"\ntimeout = 3.0\nretries = 1\n\n'
+            f'[[meter]]\nname = "meter-{n:05d}"\nlink = "sim-{n:05d}"\nunit = 1\ninterval = 1\n'
+        )
+        for addr in range(10):
+            parts.append(
+                f'\n[[meter.point]]\nname = "r{addr}"\ntable = "holding"\naddress = {addr}\ntype = "uint16"\n'
+            )
+        parts.append("\n")
+    return "".join(parts)
+
+
+def run_modbus(workdir: Path, scale: Scale) -> dict[str, Any]:
+    missing = modbus_bridge_missing()
+    if missing:
+        return {"skipped": missing}
+    config = workdir / "modbus.toml"
+    config.write_text(modbus_config(scale.modbus_dtus))
+    port, modbus_port = free_port(), free_port()
+    center = start_center(workdir, port, ["--config", str(config), "--modbus", f"tcp:{modbus_port}:interface=127.0.0.1"])
+    sim, path = start_sim(workdir, "modbus", [
+        "modbus", "--server", f"127.0.0.1:{modbus_port}", "--count", str(scale.modbus_dtus),
+        "--registration", "SIM-{n:05d}", "--heartbeat", "HB", "--heartbeat-interval", "30",
+        "--units", "1", "--connect-rate", str(scale.connect_rate), "--report-interval", "0.5",
+    ])
+    try:
+        reader = ReportReader(path)
+        ready = _wait_logged_in(reader, sim, scale.modbus_dtus, timeout=120)
+        first = _wait_until(reader, sim, ready["elapsed"] + 5.0)
+        cpu_a = cpu_seconds(center.pid)
+        last = _wait_until(reader, sim, first["elapsed"] + scale.modbus_seconds)
+        cpu_b = cpu_seconds(center.pid)
+    finally:
+        sim.stop()
+        center.stop()
+    seconds = last["elapsed"] - first["elapsed"]
+    polls = (last["counts"].get("polls", 0) - first["counts"].get("polls", 0)) / seconds
+    return {
+        "dtus": scale.modbus_dtus, "polls_per_s": polls, "expected_per_s": float(scale.modbus_dtus),
+        "cpu": (cpu_b - cpu_a) / seconds,
+        "note": "latency and timeouts are the bridge's own counters; the simulator sees only answered polls",
+    }
+
+
+# -- the whole run ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    import sqlalchemy
+    import twisted
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+    mem_kb = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")), 0)
+    return {
+        "cores": os.cpu_count(), "cpu": model, "ram_gib": mem_kb / 1024 / 1024,
+        "python": platform.python_version(), "twisted": twisted.__version__,
+        "sqlalchemy": sqlalchemy.__version__, "sqlite": sqlite3.sqlite_version,
+        "kernel": platform.release(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny scale, seconds (for CI)")
+    parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
+    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus",
+                        help="comma-separated scenarios to run (default all)")
+    parser.add_argument("--profile-rate", type=int, default=None,
+                        help="frames/s offered while profiling (default: the best sustained ingest rate)")
+    parser.add_argument("--hold", default=None, help="comma-separated DTU counts for the hold scenario")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="only re-render the report from results saved with --json")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        out = args.out or DEFAULT_OUT
+        out.write_text(report.render(json.loads(args.from_json.read_text())))
+        return 0
+    scale = SMOKE if args.smoke else FULL
+    if args.hold:
+        scale = attrs.evolve(scale, hold=tuple(int(n) for n in args.hold.split(",")))
+    out = args.out or DEFAULT_OUT
+    only = set(args.only.split(","))
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    workroot = Path(tempfile.mkdtemp(prefix="dtucenter-bench-"))
+    results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
+                               "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None}
+    try:
+        if "hold" in only:
+            for count in scale.hold:
+                log(f"hold: {count} DTUs")
+                row = run_hold(_fresh(workroot, f"hold-{count}"), scale, count)
+                log(f"  {report.hold_line(row)}")
+                results["hold"].append(row)
+        if "ingest" in only:
+            log("ingest: center")
+            results["ingest"] = run_ingest(_fresh(workroot, "ingest"), scale, "center", log)
+        if "baseline" in only:
+            log("ingest: baseline")
+            results["baseline"] = run_ingest(_fresh(workroot, "baseline"), scale, "baseline", log)
+        if "profile" in only:
+            best = (results["ingest"] or {}).get("best") or (results["ingest"] or {}).get("peak")
+            rate = args.profile_rate or (int(best["offered"]) if best else scale.ingest_rates[0])
+            log(f"profile: center at {rate} frames/s")
+            results["profile"] = run_profile(_fresh(workroot, "profile"), scale, rate)
+        if "modbus" in only:
+            log("modbus")
+            results["modbus"] = run_modbus(_fresh(workroot, "modbus"), scale)
+            if "skipped" in results["modbus"]:
+                log(f"  modbus: skipped: {results['modbus']['skipped']}")
+    finally:
+        if args.keep:
+            log(f"kept {workroot}")
+        else:
+            shutil.rmtree(workroot, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.render(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    log(f"wrote {out}")
+    return 0
+
+
+def _fresh(root: Path, name: str) -> Path:
+    path = root / name
+    path.mkdir()
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

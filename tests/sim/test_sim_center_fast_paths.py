@@ -1,0 +1,94 @@
+"""The center changes the load benchmark led to: one row per upload, and pausing only a deep inbox."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from dtucenter.dtu import wire
+from dtucenter.dtu.center import CenterSettings, DTUCenter
+from dtucenter.dtu.session import INBOX_LIMIT, DTUProtocol
+from dtucenter.store import queries
+from dtucenter.store.db import open_engine
+from dtucenter.store.facade import _SampleInsert
+
+NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def test_upload_rows_read_back_one_sample_per_value(tmp_path: Path) -> None:
+    engine = open_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    registers = (wire.Register(1, 5), wire.Register(2, 6))
+    rows = [
+        queries.upload_row(7, NOW, wire.SendTest(20, 1, (1, -2)), registers),
+        queries.upload_row(7, NOW, wire.SendTest(21, 2, (3, 4, 5)), registers),  # list does not match
+        queries.upload_row(7, NOW + dt.timedelta(seconds=1), wire.SendTest(22, 3, ()), ()),
+        queries.upload_row(7, NOW + dt.timedelta(seconds=2), wire.SendTest(23, 4, (-32768, 32767)), ()),
+    ]
+    with Session(engine) as session, session.begin():
+        _SampleInsert(engine)(session, rows)
+    with Session(engine) as session:
+        samples = queries.query_samples(session, 7)
+        assert [(s.net_state, s.position, s.dev, s.addr, s.value) for s in samples] == [
+            (20, 0, 1, 5, 1), (20, 1, 2, 6, -2),
+            (21, 0, None, None, 3), (21, 1, None, None, 4), (21, 2, None, None, 5),
+            (23, 0, None, None, -32768), (23, 1, None, None, 32767),
+        ]
+        assert samples[0].time == NOW
+        assert len(queries.query_samples(session, 7, limit=3)) == 3
+        assert [s.value for s in queries.query_samples(session, 7, since=NOW + dt.timedelta(seconds=1))] == [
+            -32768, 32767]
+    engine.dispose()
+
+
+class _PendingStore:
+    """A store whose commits never finish (until the test says so)."""
+
+    def __init__(self) -> None:
+        self.uploads: list[Deferred[None]] = []
+
+    def write(self, job: Any) -> Deferred[Any]:
+        return Deferred()
+
+    def add_samples(self, rows: list[Any]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.uploads.append(d)
+        return d
+
+
+def test_reading_pauses_only_when_the_inbox_is_deep_and_resumes_when_it_drains() -> None:
+    clock = Clock()
+    store = _PendingStore()
+    center = DTUCenter(store, clock, CenterSettings())  # type: ignore[arg-type]
+    protocol = DTUProtocol(center, clock)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    session = protocol.session
+    session.state = session.ONLINE  # logged in (login itself is the foundation's business)
+    session.psn = 9
+    session.tick_time = 60
+
+    def upload(code: int) -> None:
+        for byte in wire.encode_frame(wire.SendTest(20, code, (code,))):
+            protocol.dataReceived(bytes([byte]))
+
+    upload(1)
+    assert transport.producerState == "producing"  # one upload waiting for its commit: keep reading
+    for code in range(2, INBOX_LIMIT + 2):
+        upload(code)
+    assert transport.producerState == "paused"
+    acked = 0
+    while store.uploads:
+        store.uploads.pop(0).callback(None)
+        acked += 1
+    assert transport.producerState == "producing"
+    acks = wire.FrameParser().feed(transport.value())
+    assert [a.test_code for a in acks] == list(range(1, INBOX_LIMIT + 2))
+    assert acked == INBOX_LIMIT + 1
+    protocol.connectionLost()
+    assert clock.getDelayedCalls() == []
