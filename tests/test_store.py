@@ -136,3 +136,16 @@ async def test_rows_of_several_tables_share_one_transaction(db_url: str) -> None
             assert session.scalar(select(MeterSample.value)) == 1.5
     finally:
         await store.stopService()
+
+
+def test_last_seen_of_a_deleted_dtu_does_not_fail_the_others(tmp_path: Path) -> None:
+    """A DTU deleted through the API while online must not stall everyone's last-seen times."""
+    engine = open_engine(f"sqlite:///{tmp_path / 's.db'}")
+    when = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
+    with Session(engine) as session, session.begin():
+        queries.upsert_dtu(session, 1, {}, when)
+    with Session(engine) as session, session.begin():
+        queries.record_last_seen(session, {1: when, 2: when})
+    with Session(engine) as session:
+        assert queries.get_dtu(session, 1).last_seen == when  # type: ignore[union-attr]
+    engine.dispose()

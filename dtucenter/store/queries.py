@@ -13,7 +13,7 @@ import struct
 from typing import Any, Sequence
 
 import attrs
-from sqlalchemy import Select, delete, select, update
+from sqlalchemy import Select, bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from dtucenter.dtu import wire
@@ -181,10 +181,13 @@ def mark_all_offline(session: Session) -> int:
 
 
 def record_last_seen(session: Session, seen: dict[int, dt.datetime]) -> None:
+    # Core, not the ORM's bulk update: that one fails the whole batch when a
+    # DTU was deleted meanwhile; here a missing row simply updates nothing.
     if seen:
-        session.execute(
-            update(Dtu),
-            [{"psn": psn, "last_seen": when} for psn, when in seen.items()],
+        table = Dtu.__table__
+        session.connection().execute(
+            update(table).where(table.c.psn == bindparam("b_psn")).values(last_seen=bindparam("b_seen")),
+            [{"b_psn": psn, "b_seen": when} for psn, when in seen.items()],
         )
 
 
