@@ -294,3 +294,28 @@ def test_custom_head_dialect(tmp_path: Path) -> None:
     protocol.dataReceived(wire.encode_frame(wire.Login(4, 4), dialect))
     assert transport.value().startswith(b"\x7e\x7e\x81")
     h.lose(protocol)
+
+
+def test_a_dtu_that_keeps_failing_is_refused_without_a_database_job(h: Harness) -> None:
+    h.store.add_dtu(5, password=1)
+    for _ in range(3):
+        protocol, transport = h.connect()
+        h.feed(protocol, wire.Login(5, 2))
+        assert h.replies(transport) == [wire.LoginAck(right=wire.LOGIN_REFUSED)]
+        h.lose(protocol)
+    h.store.hold = True
+    protocol, transport = h.connect()
+    h.feed(protocol, wire.Login(5, 1))  # even the right PASS waits out the block
+    assert h.replies(transport) == [wire.LoginAck(right=wire.LOGIN_REFUSED)]
+    assert h.store.held == [] and h.center.stats["logins_throttled"] == 1
+    h.lose(protocol)
+    # Another PSN from the same address (one carrier NAT, many DTUs) is not affected.
+    h.store.hold = False
+    other, other_transport = h.logged_in(psn=6, password=3)
+    h.lose(other)
+    h.clock.advance(10)
+    protocol, transport = h.connect()
+    h.feed(protocol, wire.Login(5, 1))
+    assert h.replies(transport)[0].accepted
+    h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []

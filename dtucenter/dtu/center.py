@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from dtucenter.dtu import wire
 from dtucenter.store import queries
 from dtucenter.store.facade import Store
+from dtucenter.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     from dtucenter.dtu.session import DTUSession
@@ -89,6 +90,15 @@ class _LastUpload:
         return failure
 
 
+THROTTLED = queries.LoginDecision(False, "too many failed logins; try later", queries.REFUSED)
+
+
+def _throttle_key(session: DTUSession, login: wire.Login) -> str:
+    # Per source host and PSN, not per host: thousands of DTUs may share one
+    # carrier NAT address, and one misconfigured DTU must not lock them out.
+    return f"{session.peer.rpartition(':')[0]}/{login.psn}"
+
+
 def utc_now(clock: IReactorTime) -> dt.datetime:
     return dt.datetime.fromtimestamp(clock.seconds(), tz=dt.timezone.utc)
 
@@ -100,6 +110,7 @@ class DTUCenter(Service):
         self.settings = settings
         #: PSN -> the session that is logged in for it now.
         self.sessions: dict[int, DTUSession] = {}
+        self.login_throttle = LoginThrottle(clock)
         self.stats: Counter[str] = Counter()
         self._last_upload: dict[int, _LastUpload] = {}
         #: PSN -> clock seconds of its last frame, written to the store every last_seen_interval.
@@ -135,6 +146,11 @@ class DTUCenter(Service):
     # -- login ---------------------------------------------------------------------
 
     def authenticate(self, session: DTUSession, login: wire.Login) -> Deferred[queries.LoginDecision]:
+        if self.login_throttle.blocked(_throttle_key(session, login)):
+            # A DTU with a wrong PASS, or a PSN nobody knows, retrying in a loop
+            # must not cost a database job every few seconds.
+            self.stats["logins_throttled"] += 1
+            return succeed(THROTTLED)
         job = partial(
             queries.authenticate,
             login=login,
@@ -149,8 +165,14 @@ class DTUCenter(Service):
     ) -> queries.LoginDecision:
         if not decision.accepted:
             self.stats["logins_refused"] += 1
-            log.warn("DTU {psn} refused from {peer}: {reason}", psn=login.psn, peer=session.peer, reason=decision.reason)
+            blocked_for = self.login_throttle.failed(_throttle_key(session, login))
+            log.warn(
+                "DTU {psn} refused from {peer}: {reason}{blocked}",
+                psn=login.psn, peer=session.peer, reason=decision.reason,
+                blocked=f"; further logins from there refused for {blocked_for:g}s" if blocked_for else "",
+            )
             return decision
+        self.login_throttle.succeeded(_throttle_key(session, login))
         self.stats["logins"] += 1
         if decision.enrolled:
             log.info("DTU {psn} enrolled from {peer}", psn=login.psn, peer=session.peer)

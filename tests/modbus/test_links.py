@@ -13,11 +13,11 @@ from dtucenter.modbus.errors import LinkDisconnected, LinkOffline
 from dtucenter.modbus.links import (
     Link,
     LoginFactory,
-    LoginThrottle,
     MasterFactory,
     SerialLinkService,
     link_factory,
 )
+from dtucenter.throttle import LoginThrottle
 from tests.modbus.modbus_helpers import (
     SerialOpener,
     byte_by_byte,
