@@ -94,6 +94,9 @@ def start_center(workdir: Path, port: int, extra: Sequence[str] = ()) -> Child:
         "--dtu", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
         "--db", f"sqlite:///{workdir / 'center.db'}",
         "--unknown-dtu", "accept",
+        # No API unless a scenario asks for one (a later --api wins): the default
+        # port 8080 may be taken, and a center that cannot bind a listener stops.
+        "--api", "off",
         *extra,
     ]
     child = Child("center", argv, workdir / "center.log")
