@@ -255,7 +255,7 @@ def add_api(
         token = resolve_token(settings.api_token, settings.db)
     except TokenFileError as e:
         raise SystemExit(f"dtucenter: {e}") from None
-    site = build_site(center, control, token)
+    site = build_site(center, control, token, bridge)
     MeterApi(recorder, bridge, center.now).install(site.resource)
     listener = ListeningService(endpoint, site, "api")
     listener.setServiceParent(top)
