@@ -61,14 +61,13 @@ class _Batch:
     def __bool__(self) -> bool:
         return bool(self.jobs or self.row_waiters)
 
-    def add_rows(self, rows: RowsByTable) -> None:
-        for table, table_rows in rows.items():
-            self.rows.setdefault(table, []).extend(table_rows)
-        self.row_count += _count(rows)
-
-
-def _count(rows: RowsByTable) -> int:
-    return sum(len(table_rows) for table_rows in rows.values())
+    def add_rows(self, table: Table, rows: list[Any]) -> None:
+        table_rows = self.rows.get(table)
+        if table_rows is None:
+            self.rows[table] = list(rows)
+        else:
+            table_rows.extend(rows)
+        self.row_count += len(rows)
 
 
 @attrs.define
@@ -177,7 +176,8 @@ class Store(Service):
         self._writer = ThreadPool(1, 1, "dtucenter-db-writer")
         self._readers = ThreadPool(0, max_readers, "dtucenter-db-reader")
         self._queued_jobs: deque[tuple[Job, Deferred[Any]]] = deque()
-        self._queued_rows: deque[tuple[RowsByTable, Deferred[None]]] = deque()
+        #: One entry per add_rows call (an upload, a meter's poll), or a whole failed batch put back.
+        self._queued_rows: deque[tuple[RowsByTable, int, Deferred[None]]] = deque()
         self._queued_row_count = 0
         self._in_flight: _Batch | None = None
         self._retry_delay = RETRY_FIRST
@@ -228,7 +228,7 @@ class Store(Service):
         while self._queued_jobs:
             self._queued_jobs.popleft()[1].errback(error)
         while self._queued_rows:
-            self._queued_rows.popleft()[1].errback(error)
+            self._queued_rows.popleft()[2].errback(error)
         self._queued_row_count = 0
 
     def when_idle(self) -> Deferred[None]:
@@ -264,7 +264,7 @@ class Store(Service):
         ``SAMPLE_ROW_COLUMNS`` order, for the fast path below.
         """
         d: Deferred[None] = Deferred()
-        self._queued_rows.append(({table: rows}, d))
+        self._queued_rows.append(({table: rows}, len(rows), d))
         self._queued_row_count += len(rows)
         self._kick()
         return d
@@ -298,13 +298,13 @@ class Store(Service):
         else:
             while self._queued_jobs:
                 batch.jobs.append(self._queued_jobs.popleft())
-        while self._queued_rows and (
-            not batch.row_count or batch.row_count + _count(self._queued_rows[0][0]) <= MAX_BATCH_ROWS
-        ):
-            rows, d = self._queued_rows.popleft()
-            self._queued_row_count -= _count(rows)
-            batch.add_rows(rows)
-            batch.row_waiters.append(d)
+        queue, waiters = self._queued_rows, batch.row_waiters
+        while queue and (not batch.row_count or batch.row_count + queue[0][1] <= MAX_BATCH_ROWS):
+            rows, count, d = queue.popleft()
+            self._queued_row_count -= count
+            for table, table_rows in rows.items():
+                batch.add_rows(table, table_rows)
+            waiters.append(d)
         return batch
 
     def _start_batch(self, batch: _Batch) -> None:
@@ -371,7 +371,7 @@ class Store(Service):
     def _requeue(self, batch: _Batch) -> None:
         self._queued_jobs.extendleft(reversed(batch.jobs))
         if batch.rows:
-            self._queued_rows.appendleft((batch.rows, _gather(batch.row_waiters)))
+            self._queued_rows.appendleft((batch.rows, batch.row_count, _gather(batch.row_waiters)))
             self._queued_row_count += batch.row_count
 
     def _retry(self, batch: _Batch) -> None:
