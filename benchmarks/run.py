@@ -61,7 +61,7 @@ class Scale:
 
 FULL = Scale(
     hold=(1000, 10000, 19000), hold_idle=15.0, ingest_dtus=1000,
-    ingest_rates=(2000, 5000, 8000, 11000, 14000, 17000, 20000, 24000),
+    ingest_rates=(2000, 5000, 8000, 9500, 11000, 12500, 14000, 17000, 20000, 24000),
     warmup=5.0, measure=10.0, profile_seconds=15.0, modbus_dtus=1000, modbus_warmup=5.0, modbus_seconds=20.0, connect_rate=2000,
 )
 SMOKE = Scale(

@@ -61,6 +61,26 @@ def describe(address: IAddress | tuple[str, int] | None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write``, but sent at once when nothing is queued before it.
+
+    ``transport.write`` only queues: the reactor sends at its next turn, after
+    registering for and being told of writability, two epoll_ctl calls and a
+    dispatch through Twisted's per-event logging context per ack. That was about
+    a tenth of the reactor thread at ingest rates (benchmarks/findings.md).
+    Only plain TCP (not TLS, not a test's transport); what the socket does not
+    take at once goes the usual way, in order.
+    """
+    if (type(transport) is tcp.Server and transport.connected and not transport.disconnecting
+            and not transport.dataBuffer and not transport._tempDataBuffer):
+        sent = transport.writeSomeData(data)
+        if sent == len(data):
+            return
+        if isinstance(sent, int):
+            data = data[sent:]
+    transport.write(data)
+
+
 class DTUSession:
     AWAITING_LOGIN = "awaiting-login"
     AUTHENTICATING = "authenticating"
@@ -352,11 +372,8 @@ class DTUProtocol(protocol.Protocol):
     def __init__(self, center: DTUCenter, clock: IReactorTime) -> None:
         self._center = center
         self._clock = clock
-        self._send_now: Callable[[bytes], object] | None = None
 
     def connectionMade(self) -> None:
-        if type(self.transport) is tcp.Server:  # plain TCP, not TLS or a test's transport
-            self._send_now = self.transport.writeSomeData
         peer = describe(self.transport.getPeer())  # type: ignore[union-attr]
         self.session = DTUSession(self._center, self, peer, self._clock)
         self.session.start()
@@ -369,24 +386,7 @@ class DTUProtocol(protocol.Protocol):
 
     # Link
     def write(self, data: bytes) -> None:
-        """Send at once when nothing is queued before it.
-
-        ``transport.write`` only queues: the reactor sends at its next turn, after
-        registering for and being told of writability, two epoll_ctl calls and a
-        dispatch through Twisted's per-event logging context per ack. That was about
-        a tenth of the reactor thread at ingest rates (benchmarks/findings.md).
-        What the socket does not take at once goes the usual way, in order.
-        """
-        transport = self.transport
-        if (self._send_now is not None and not transport.dataBuffer  # type: ignore[union-attr]
-                and not transport._tempDataBuffer and transport.connected  # type: ignore[union-attr]
-                and not transport.disconnecting):  # type: ignore[union-attr]
-            sent = self._send_now(data)
-            if sent == len(data):
-                return
-            if isinstance(sent, int):
-                data = data[sent:]
-        transport.write(data)  # type: ignore[union-attr]
+        write_now(self.transport, data)
 
     def close(self) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]
