@@ -18,7 +18,7 @@ from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.session import INBOX_LIMIT, DTUProtocol
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
-from dtucenter.store.facade import _SampleInsert
+from dtucenter.store.facade import SAMPLES, _MultiRowInsert
 
 NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -33,7 +33,7 @@ def test_upload_rows_read_back_one_sample_per_value(tmp_path: Path) -> None:
         queries.upload_row(7, NOW + dt.timedelta(seconds=2), wire.SendTest(23, 4, (-32768, 32767)), ()),
     ]
     with Session(engine) as session, session.begin():
-        _SampleInsert(engine)(session, rows)
+        _MultiRowInsert(engine, SAMPLES, queries.SAMPLE_ROW_COLUMNS)(session, rows)
     with Session(engine) as session:
         samples = queries.query_samples(session, 7)
         assert [(s.net_state, s.position, s.dev, s.addr, s.value) for s in samples] == [
