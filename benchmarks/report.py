@@ -214,9 +214,13 @@ def _render_profile(profile: dict[str, Any] | None) -> list[str]:
     lines = ["## Where the time goes", ""]
     if "skipped" in profile:
         return lines + [f"Profile skipped: {profile['skipped']}.", ""]
+    held = ""
+    if profile.get("seconds"):
+        share = profile["samples"] / (profile["seconds"] * 200)
+        held = f" (a thread held the GIL {share:.0%} of the time)"
     lines += [
-        f"py-spy sampled the center (200 Hz, only the thread holding the GIL: the center is GIL-bound) during ingest at {profile['rate']:,} "
-        f"frames/s offered: {profile['samples']:,} samples.",
+        f"py-spy sampled the center (200 Hz, only the thread holding the GIL) during ingest at {profile['rate']:,} "
+        f"frames/s offered: {profile['samples']:,} samples{held}.",
         "",
         "| own time | function |",
         "|---:|---|",

@@ -230,7 +230,7 @@ def run_profile(workdir: Path, scale: Scale, rate: int) -> dict[str, Any]:
     finally:
         sim.stop()
         center.stop()
-    return {"rate": rate, **report.summarise_profile(raw.read_text())}
+    return {"rate": rate, "seconds": int(scale.profile_seconds), **report.summarise_profile(raw.read_text())}
 
 
 # -- modbus ----------------------------------------------------------------------------------------
