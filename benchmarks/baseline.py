@@ -19,9 +19,11 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import IAddress
 
 from dtucenter.dtu import wire
+from dtucenter.dtu.session import write_now
 
 _LOGIN_ACK = wire.encode_frame(wire.LoginAck(wire.LOGIN_ACCEPTED))
 _TICK_ACK = wire.encode_frame(wire.SendTickAck())
+_TEST_ACKS = wire.send_test_ack_frames()  # as the center encodes them: once
 
 
 class BaselineProtocol(protocol.Protocol):
@@ -32,13 +34,13 @@ class BaselineProtocol(protocol.Protocol):
         replies = []
         for event in self.parser.feed(data):
             if isinstance(event, wire.SendTest):
-                replies.append(wire.encode_frame(wire.SendTestAck(event.test_code)))
+                replies.append(_TEST_ACKS[event.test_code])
             elif isinstance(event, wire.SendTick):
                 replies.append(_TICK_ACK)
             elif isinstance(event, wire.Login):
                 replies.append(_LOGIN_ACK)
         if replies:
-            self.transport.write(b"".join(replies))  # type: ignore[union-attr]
+            write_now(self.transport, b"".join(replies))  # the center's way of sending
 
 
 class BaselineFactory(protocol.Factory):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 import resource
 import signal
 import socket
@@ -115,6 +116,19 @@ def start_sim(workdir: Path, name: str, args: Sequence[str]) -> tuple[Child, Pat
     report = workdir / f"{name}.jsonl"
     argv = [sys.executable, "-m", "dtucenter.sim.cli", *args, "--report", str(report), "--quiet"]
     return Child(name, argv, workdir / f"{name}.log"), report
+
+
+class ApiClient:
+    """GET from the center's HTTP API with its bearer token."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.token = token
+
+    def get(self, path: str) -> Any:
+        request = urllib.request.Request(self.base + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
 
 
 class ReportReader:

@@ -93,7 +93,7 @@ def test_meter_samples_csv_and_json(db: str) -> None:
         meters.sync_meters(session, [meter_spec(settings.meters[0])], t0)
         rows = meters.sample_rows("m1", t0, {"volts": 230.1, "door": True}) + meters.sample_rows(
             "m1", t0 + dt.timedelta(seconds=10), {"volts": float("nan"), "door": False})
-        session.execute(MeterSample.__table__.insert(), rows)  # type: ignore[attr-defined]
+        session.execute(MeterSample.__table__.insert(), [dict(zip(meters.METER_SAMPLE_COLUMNS, row)) for row in rows])  # type: ignore[attr-defined]
     engine.dispose()
     code, text = run("samples", "--meter", "m1", "--db", db)
     assert code == 0

@@ -171,6 +171,26 @@ def test_silence_for_twice_tick_time_disconnects_and_marks_offline(h: Harness) -
     assert h.clock.getDelayedCalls() == []
 
 
+def test_idle_deadline_follows_the_last_frame_and_a_new_tick_time_at_once(h: Harness) -> None:
+    protocol, transport = h.logged_in(tick_time=30)
+    for _ in range(5):  # a frame every 11 s: never 60 s of silence
+        h.clock.advance(11)
+        h.feed(protocol, wire.SendTick())
+    h.clock.advance(59.9)
+    assert not transport.disconnecting
+    h.feed(protocol, wire.SendTick())
+    # Logging in again on the same link with TickTime 5 takes effect at once, not at the old deadline.
+    h.store.add_dtu(1, tick_time=5)
+    h.clock.advance(1)
+    h.feed(protocol, wire.Login(1, 7, "HS121", 1, "CCID"))
+    h.clock.advance(9.9)
+    assert not transport.disconnecting
+    h.clock.advance(0.2)
+    assert transport.disconnecting
+    h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []
+
+
 def test_upload_is_acknowledged_only_after_commit_and_reading_pauses(h: Harness) -> None:
     protocol, transport = h.logged_in()
     h.store.hold = True

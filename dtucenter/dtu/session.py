@@ -16,7 +16,7 @@ import datetime as dt
 from collections import deque
 from typing import Any, Callable, Protocol as TypingProtocol
 
-from twisted.internet import protocol
+from twisted.internet import protocol, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -31,6 +31,8 @@ log = Logger()
 
 #: Messages queued behind the one being handled before reading from the DTU pauses.
 INBOX_LIMIT = 16
+#: Float rounding between a timer's due time and "last frame + limit": below this, it is due.
+_TIMER_SLACK = 1e-6
 
 
 class Link(TypingProtocol):
@@ -59,6 +61,26 @@ def describe(address: IAddress | tuple[str, int] | None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write``, but sent at once when nothing is queued before it.
+
+    ``transport.write`` only queues: the reactor sends at its next turn, after
+    registering for and being told of writability, two epoll_ctl calls and a
+    dispatch through Twisted's per-event logging context per ack. That was about
+    a tenth of the reactor thread at ingest rates (benchmarks/findings.md).
+    Only plain TCP (not TLS, not a test's transport); what the socket does not
+    take at once goes the usual way, in order.
+    """
+    if (type(transport) is tcp.Server and transport.connected and not transport.disconnecting
+            and not transport.dataBuffer and not transport._tempDataBuffer):
+        sent = transport.writeSomeData(data)
+        if sent == len(data):
+            return
+        if isinstance(sent, int):
+            data = data[sent:]
+    transport.write(data)
+
+
 class DTUSession:
     AWAITING_LOGIN = "awaiting-login"
     AUTHENTICATING = "authenticating"
@@ -82,7 +104,8 @@ class DTUSession:
         self._working = False
         self._paused = False
         self._timer: IDelayedCall | None = None
-        self._timer_action: Callable[[], None] | None = None
+        #: The timer runs _idle_timed_out (it is checked per frame, so a flag, not a comparison).
+        self._watching_idle = False
         self._lost = False
         self.commands = CommandQueue(self)
 
@@ -164,7 +187,7 @@ class DTUSession:
         if isinstance(message, wire.SendTick):
             self._send(wire.SendTickAck())
         elif isinstance(message, wire.SendTest):
-            return self._upload(message)
+            self._upload(message)
         elif isinstance(message, wire.Login):
             # Some DTUs log in again on the same link after a modem reset; treat it as a fresh login.
             return self._login(message)
@@ -211,6 +234,7 @@ class DTUSession:
         self.psn = login.psn
         self.registers = decision.registers
         self.tick_time = decision.ack.tick_time
+        self._cancel_timer()  # a login again on this link may have changed TickTime: a fresh deadline
         self._seen()
 
     def _login_failed(self, failure: Failure) -> None:
@@ -235,16 +259,36 @@ class DTUSession:
         return dt.datetime.fromtimestamp(self.last_seen_at, tz=dt.timezone.utc)
 
     def _seen(self) -> None:
+        """A frame arrived: it moves the idle deadline, lazily.
+
+        Resetting the timer at every frame cost more than the frame's own handling
+        at ingest rates (docs/performance.md); instead the timer, when it fires,
+        checks the last frame's time and sleeps again for what is left.
+        """
         self.last_seen_at = self.clock.seconds()
         if self.psn is not None:
             self.center.seen(self.psn, self.last_seen_at)
-            self._arm(2 * max(self.tick_time, 1), self._idle_timed_out)
+            if not self._watching_idle:
+                self._watch_idle(self._idle_limit())
+
+    def _idle_limit(self) -> float:
+        return 2 * max(self.tick_time, 1)
+
+    def _watch_idle(self, seconds: float) -> None:
+        self._arm(seconds, self._idle_timed_out)
+        self._watching_idle = True
 
     def _idle_timed_out(self) -> None:
         self._timer = None
+        self._watching_idle = False
+        deadline = self.last_seen_at + self._idle_limit()
+        now = self.clock.seconds()
+        if now < deadline - _TIMER_SLACK:
+            self._watch_idle(deadline - now)  # frames came since the timer was set
+            return
         if self._working:
             # We stopped reading, not the DTU: wait for the store before judging it.
-            self._arm(2 * max(self.tick_time, 1), self._idle_timed_out)
+            self._watch_idle(self._idle_limit())
             return
         self.center.stats["idle_timeouts"] += 1
         log.info("DTU {psn} at {peer} silent for 2 x TickTime; disconnecting", psn=self.psn, peer=self.peer)
@@ -252,14 +296,27 @@ class DTUSession:
 
     # -- uploads ---------------------------------------------------------------------------------
 
-    def _upload(self, upload: wire.SendTest) -> Deferred[Any]:
+    def _upload(self, upload: wire.SendTest) -> None:
         d = self.center.upload(self, upload)
-        d.addCallbacks(self._acknowledge, self._not_stored, errbackArgs=(upload,))
-        return d
+        if not d.called:
+            # One callback pair that acknowledges and goes on with the inbox, rather than
+            # one for the ack and one from _process: two callbacks per upload showed.
+            self._working = True
+            d.addCallbacks(self._stored, self._not_stored, errbackArgs=(upload,))
+        else:  # a repeat of a stored upload, or a register-list mismatch: answered at once
+            d.addCallbacks(self._acknowledge, self._not_stored, errbackArgs=(upload,))
+
+    def _stored(self, test_code: int) -> None:
+        try:
+            self._acknowledge(test_code)
+        except Exception:
+            self._finished_working(Failure())
+        else:
+            self._finished_working(None)
 
     def _acknowledge(self, test_code: int) -> None:
         if self.state != self.CLOSED:
-            self._send(wire.SendTestAck(test_code))
+            self.link.write(self.center.ack_frames[test_code])
 
     def _not_stored(self, failure: Failure, upload: wire.SendTest) -> None:
         # Never acknowledge what is not stored; the DTU resends on its next connection.
@@ -268,6 +325,7 @@ class DTUSession:
             failure, code=upload.test_code, psn=self.psn,
         )
         self._close(abort=True)
+        self._working = False
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -284,17 +342,14 @@ class DTUSession:
 
     def _arm(self, seconds: float, action: Callable[[], None]) -> None:
         """One timer per session: login deadline first, then the idle deadline."""
-        if self._timer is not None and self._timer.active() and self._timer_action == action:
-            self._timer.reset(seconds)
-            return
         self._cancel_timer()
         self._timer = self.clock.callLater(seconds, action)
-        self._timer_action = action
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._watching_idle = False
 
     def _close(self, abort: bool = False) -> None:
         if self.state == self.CLOSED:
@@ -331,7 +386,7 @@ class DTUProtocol(protocol.Protocol):
 
     # Link
     def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        write_now(self.transport, data)
 
     def close(self) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]

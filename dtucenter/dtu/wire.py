@@ -470,6 +470,11 @@ def encode_frame(message: Message, dialect: Dialect = DEFAULT_DIALECT) -> bytes:
     return dialect.head + body + bytes([checksum(body)])
 
 
+def send_test_ack_frames(dialect: Dialect = DEFAULT_DIALECT) -> tuple[bytes, ...]:
+    """The encoded SendTestAck of every TestCode, by TestCode: the frame sent most often."""
+    return tuple(encode_frame(SendTestAck(code), dialect) for code in range(256))
+
+
 def max_items(per_item: int, fixed: int = 0, dialect: Dialect = DEFAULT_DIALECT) -> int:
     """How many items of ``per_item`` bytes fit one frame after ``fixed`` bytes of Data."""
     return (dialect.max_length - 1 - fixed) // per_item
@@ -555,6 +560,8 @@ class FrameParser:
         pos = 0
         try:
             while True:
+                if pos == len(buf):
+                    return  # the usual case: the data ended with a whole frame
                 start = buf.find(head, pos)
                 if start < 0:
                     # Keep a tail that could be the beginning of a split head.

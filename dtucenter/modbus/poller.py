@@ -11,6 +11,7 @@ seconds) until it answers again.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from dtucenter.latency import BUCKET_RULE, bucket_of, percentile
 from dtucenter.modbus.config import MeterSettings
 from dtucenter.modbus.errors import (
     LinkDisconnected,
@@ -84,6 +86,33 @@ class MeterStatus:
         return attrs.asdict(self)
 
 
+@attrs.define
+class PollStats:
+    """Every finished poll of every meter since the start: outcomes and how long each took."""
+
+    polls: int = 0
+    failed: int = 0  # had an error (timeout, exception response, link offline...)
+    timed_out: int = 0  # ended because a unit did not answer
+    durations: Counter[int] = attrs.Factory(Counter)  # a dtucenter.latency histogram
+
+    def record(self, seconds: float, failed: bool, timed_out: bool) -> None:
+        self.polls += 1
+        self.failed += failed
+        self.timed_out += timed_out
+        self.durations[bucket_of(seconds)] += 1
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "polls": self.polls,
+            "failed": self.failed,
+            "timed_out": self.timed_out,
+            "duration_p50_s": percentile(self.durations, 0.5),
+            "duration_p99_s": percentile(self.durations, 0.99),
+            "duration_histogram": {str(bucket): count for bucket, count in sorted(self.durations.items())},
+            "duration_buckets": BUCKET_RULE,
+        }
+
+
 @attrs.define(eq=False)
 class _Meter:
     settings: MeterSettings
@@ -121,6 +150,7 @@ class Poller(Service):
             m.name: _Meter(m, plan_reads(m.points, m.limits), {p.name: p for p in m.points}) for m in meters
         }
         self._start = 0.0
+        self.stats = PollStats()
 
     # -- service --------------------------------------------------------------
 
@@ -233,6 +263,7 @@ class Poller(Service):
             meter.polling = False
         if not self.running:
             return  # shutting down: links dropping their connections is no news
+        self.stats.record(self._clock.seconds() - started, bool(errors), timed_out)
         self._backoff(meter, slot, answered, timed_out)
         self._report(meter, started, values, errors)
 

@@ -133,6 +133,15 @@ class ModbusBridge(MultiService):
     def link_statuses(self) -> list[LinkStatus]:
         return [link.status() for link in self.links.values()]
 
+    def polling_summary(self) -> dict[str, object]:
+        """For /api/status: links online, request timeouts, and every poll's outcome and duration."""
+        return {
+            "links": len(self.links),
+            "links_online": sum(link.online for link in self.links.values()),
+            "request_timeouts": sum(link.counters.timeouts for link in self.links.values()),
+            **self.poller.stats.as_json(),
+        }
+
     def meter_statuses(self) -> list[MeterStatus]:
         return [self.poller.status(name) for name in self.poller.meter_names()]
 

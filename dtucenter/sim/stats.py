@@ -1,58 +1,17 @@
 """Counters and latencies of a simulator run, for the progress line, the summary and the benchmark.
 
-Latencies go into a log-scale histogram (2 % wide buckets) rather than a
-list: a run at 15,000 acks a second for minutes would otherwise keep
-millions of floats, and the benchmark only needs percentiles of windows,
-which it gets by subtracting two cumulative snapshots.
+Latencies go into a :mod:`dtucenter.latency` histogram; the benchmark takes
+percentiles of windows by subtracting two cumulative snapshots.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Any, Iterable, Mapping
 
 import attrs
 
-_BUCKET_BASE = 1.02
-_LOG_BASE = math.log(_BUCKET_BASE)
-#: Latencies below a microsecond all land in bucket 0.
-_SMALLEST = 1e-6
-
-
-def bucket_of(seconds: float) -> int:
-    if seconds <= _SMALLEST:
-        return 0
-    return int(math.log(seconds / _SMALLEST) / _LOG_BASE) + 1
-
-
-def bucket_upper_bound(bucket: int) -> float:
-    return _SMALLEST * _BUCKET_BASE**bucket
-
-
-def percentile(histogram: Mapping[int, int], fraction: float) -> float | None:
-    """The upper bound of the bucket holding the ``fraction`` quantile (None when empty)."""
-    total = sum(histogram.values())
-    if total == 0:
-        return None
-    rank = max(1, math.ceil(fraction * total))
-    seen = 0
-    for bucket in sorted(histogram):
-        seen += histogram[bucket]
-        if seen >= rank:
-            return bucket_upper_bound(bucket)
-    return bucket_upper_bound(max(histogram))  # pragma: no cover - rank <= total always stops above
-
-
-def histogram_difference(later: Mapping[Any, int], earlier: Mapping[Any, int]) -> dict[int, int]:
-    """Counts that arrived between two cumulative snapshots (JSON turns keys into text; undo that)."""
-    diff: dict[int, int] = {}
-    for key, count in later.items():
-        delta = count - earlier.get(key, 0)
-        if delta:
-            diff[int(key)] = delta
-    return diff
-
+from dtucenter.latency import bucket_of, percentile
 
 #: Counters shown on the progress line, in order, with their labels: DTU-protocol devices ...
 PROGRESS_FIELDS = (

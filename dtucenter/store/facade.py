@@ -27,7 +27,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from dtucenter.store.models import Sample
+from dtucenter.store.meters import METER_SAMPLE_COLUMNS
+from dtucenter.store.models import MeterSample, Sample
 from dtucenter.store.queries import SAMPLE_ROW_COLUMNS, SampleRow
 
 T = TypeVar("T")
@@ -35,6 +36,7 @@ Job = Callable[[Session], Any]
 #: Rows to insert, by table; one entry of the row queue moves and commits as a whole.
 RowsByTable = dict[Table, list[Any]]
 SAMPLES: Table = Sample.__table__  # type: ignore[assignment]
+METER_SAMPLES: Table = MeterSample.__table__  # type: ignore[assignment]
 
 log = Logger()
 
@@ -61,14 +63,13 @@ class _Batch:
     def __bool__(self) -> bool:
         return bool(self.jobs or self.row_waiters)
 
-    def add_rows(self, rows: RowsByTable) -> None:
-        for table, table_rows in rows.items():
-            self.rows.setdefault(table, []).extend(table_rows)
-        self.row_count += _count(rows)
-
-
-def _count(rows: RowsByTable) -> int:
-    return sum(len(table_rows) for table_rows in rows.values())
+    def add_rows(self, table: Table, rows: list[Any]) -> None:
+        table_rows = self.rows.get(table)
+        if table_rows is None:
+            self.rows[table] = list(rows)
+        else:
+            table_rows.extend(rows)
+        self.row_count += len(rows)
 
 
 @attrs.define
@@ -95,48 +96,54 @@ def _gather(waiters: list[Deferred[None]]) -> Deferred[None]:
     return d
 
 
-class _SampleInsert:
-    """Inserts sample rows with as few statements as possible.
+class _MultiRowInsert:
+    """Inserts rows of one table with as few statements as possible.
 
     SQLAlchemy's Core insert with a list of dicts runs its type processors
     row by row, and the driver's executemany steps SQLite once per row,
     giving up and retaking the GIL each time: with the reactor thread busy
     every retake waits for the interpreter's switch interval, so a commit
     of a few hundred rows took tens of milliseconds (docs/performance.md).
-    Here the time is bound once per distinct datetime and, where the
-    driver's paramstyle allows (SQLite's qmark, psycopg's format), rows go
-    in multi-row ``INSERT ... VALUES (..), (..)`` statements of power-of-two
-    sizes, so a batch of any size is a handful of cached statements.
+    Here a value shared by consecutive rows (the time of an upload batch or
+    of a meter's poll) is bound once and, where the driver's paramstyle
+    allows (SQLite's qmark, psycopg's format), rows go in multi-row
+    ``INSERT ... VALUES (..), (..)`` statements of power-of-two sizes, so a
+    batch of any size is a handful of cached statements.
+
+    Rows are tuples in ``columns`` order.
     """
 
-    #: Rows per statement at most: 5 parameters each stays under SQLite's 32,766 host parameters.
-    MAX_ROWS_PER_STATEMENT = 4096
+    #: Host parameters per statement at most: SQLite allows 32,766.
+    MAX_PARAMETERS = 32_000
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, table: Table, columns: tuple[str, ...]) -> None:
         dialect = engine.dialect
-        compiled = Sample.__table__.insert().compile(dialect=dialect, column_keys=list(SAMPLE_ROW_COLUMNS))
+        compiled = table.insert().compile(dialect=dialect, column_keys=list(columns))
+        self.columns = columns
         self.sql = str(compiled)
         self.positional = bool(compiled.positional)
-        if self.positional and list(compiled.positiontup or ()) != list(SAMPLE_ROW_COLUMNS):
+        if self.positional and list(compiled.positiontup or ()) != list(columns):
             raise RuntimeError(f"unexpected parameter order {compiled.positiontup} for {self.sql}")
         self.multi_row = self.positional and dialect.paramstyle in ("qmark", "format")
+        self.max_rows = 1 << ((self.MAX_PARAMETERS // len(columns)).bit_length() - 1)
         head, _, group = self.sql.rpartition("VALUES ")
         self._head, self._group = head + "VALUES ", group.strip()
         self._statements: dict[int, str] = {}
-        column = Sample.__table__.c
-        self.bind_time = column.time.type.dialect_impl(dialect).bind_processor(dialect) or (lambda value: value)
-        self.bind_blob = column["values"].type.dialect_impl(dialect).bind_processor(dialect)
+        self._processors = [
+            (index, processor) for index, name in enumerate(columns)
+            if (processor := table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        ]
 
-    def __call__(self, session: Session, rows: list[SampleRow]) -> None:
+    def __call__(self, session: Session, rows: list[tuple[Any, ...]]) -> None:
         params = self._bind(rows)
         connection = session.connection()
         if not self.multi_row:
             connection.exec_driver_sql(self.sql, params if self.positional else [
-                dict(zip(SAMPLE_ROW_COLUMNS, row)) for row in params])
+                dict(zip(self.columns, row)) for row in params])
             return
         start = 0
         while start < len(params):
-            size = min(self.MAX_ROWS_PER_STATEMENT, 1 << ((len(params) - start).bit_length() - 1))
+            size = min(self.max_rows, 1 << ((len(params) - start).bit_length() - 1))
             chunk = params[start : start + size]
             connection.exec_driver_sql(self._statement(size), tuple(value for row in chunk for value in row))
             start += size
@@ -147,18 +154,23 @@ class _SampleInsert:
             sql = self._statements[rows] = self._head + ", ".join([self._group] * rows)
         return sql
 
-    def _bind(self, rows: list[SampleRow]) -> list[tuple[Any, ...]]:
-        bind_time, bind_blob = self.bind_time, self.bind_blob
-        last_time: Any = None
-        bound_time: Any = None
+    def _bind(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        if not self._processors:
+            return rows
+        # Per column, the last value seen and its bound form: one time for many rows.
+        last = [(index, processor, None, None) for index, processor in self._processors]
         params: list[tuple[Any, ...]] = []
-        for psn, when, net_state, values, registers in rows:
-            if when is not last_time:
-                last_time, bound_time = when, bind_time(when)
-            if bind_blob is not None:
-                values = bind_blob(values)
-                registers = None if registers is None else bind_blob(registers)
-            params.append((psn, bound_time, net_state, values, registers))
+        for row in rows:
+            bound = list(row)
+            for slot, (index, processor, seen, seen_bound) in enumerate(last):
+                value = bound[index]
+                if value is None:
+                    continue
+                if value is not seen:
+                    seen, seen_bound = value, processor(value)
+                    last[slot] = (index, processor, seen, seen_bound)
+                bound[index] = seen_bound
+            params.append(tuple(bound))
         return params
 
 
@@ -177,14 +189,19 @@ class Store(Service):
         self._writer = ThreadPool(1, 1, "dtucenter-db-writer")
         self._readers = ThreadPool(0, max_readers, "dtucenter-db-reader")
         self._queued_jobs: deque[tuple[Job, Deferred[Any]]] = deque()
-        self._queued_rows: deque[tuple[RowsByTable, Deferred[None]]] = deque()
+        #: One entry per add_rows call (an upload, a meter's poll), or a whole failed batch put back.
+        self._queued_rows: deque[tuple[RowsByTable, int, Deferred[None]]] = deque()
         self._queued_row_count = 0
         self._in_flight: _Batch | None = None
         self._retry_delay = RETRY_FIRST
         self._retry_call: Any = None
         self._idle_waiters: list[Deferred[None]] = []
         self._isolate = 0
-        self._sample_insert = _SampleInsert(engine)
+        #: Tables whose rows go through _MultiRowInsert; other tables' rows through SQLAlchemy.
+        self._fast_inserts = {
+            SAMPLES: _MultiRowInsert(engine, SAMPLES, SAMPLE_ROW_COLUMNS),
+            METER_SAMPLES: _MultiRowInsert(engine, METER_SAMPLES, METER_SAMPLE_COLUMNS),
+        }
         self.stats = StoreStats()
         self.healthy = True
         #: Seconds stopService waits for the database to take what is queued.
@@ -228,7 +245,7 @@ class Store(Service):
         while self._queued_jobs:
             self._queued_jobs.popleft()[1].errback(error)
         while self._queued_rows:
-            self._queued_rows.popleft()[1].errback(error)
+            self._queued_rows.popleft()[2].errback(error)
         self._queued_row_count = 0
 
     def when_idle(self) -> Deferred[None]:
@@ -260,11 +277,12 @@ class Store(Service):
 
         Many small inserts (an upload, a meter's poll) become one insert per
         table and transaction, which is what keeps thousands a second cheap.
-        Rows are dicts of column values, except for ``samples``: tuples in
-        ``SAMPLE_ROW_COLUMNS`` order, for the fast path below.
+        Rows are dicts of column values, except for ``samples`` and
+        ``meter_samples``: tuples in ``SAMPLE_ROW_COLUMNS`` and
+        ``METER_SAMPLE_COLUMNS`` order, for the bulk insert above.
         """
         d: Deferred[None] = Deferred()
-        self._queued_rows.append(({table: rows}, d))
+        self._queued_rows.append(({table: rows}, len(rows), d))
         self._queued_row_count += len(rows)
         self._kick()
         return d
@@ -298,13 +316,13 @@ class Store(Service):
         else:
             while self._queued_jobs:
                 batch.jobs.append(self._queued_jobs.popleft())
-        while self._queued_rows and (
-            not batch.row_count or batch.row_count + _count(self._queued_rows[0][0]) <= MAX_BATCH_ROWS
-        ):
-            rows, d = self._queued_rows.popleft()
-            self._queued_row_count -= _count(rows)
-            batch.add_rows(rows)
-            batch.row_waiters.append(d)
+        queue, waiters = self._queued_rows, batch.row_waiters
+        while queue and (not batch.row_count or batch.row_count + queue[0][1] <= MAX_BATCH_ROWS):
+            rows, count, d = queue.popleft()
+            self._queued_row_count -= count
+            for table, table_rows in rows.items():
+                batch.add_rows(table, table_rows)
+            waiters.append(d)
         return batch
 
     def _start_batch(self, batch: _Batch) -> None:
@@ -322,8 +340,9 @@ class Store(Service):
         with Session(self.engine) as session, session.begin():
             results = [job(session) for job, _ in batch.jobs]
             for table, rows in batch.rows.items():
-                if table is SAMPLES:
-                    self._sample_insert(session, rows)
+                insert = self._fast_inserts.get(table)
+                if insert is not None:
+                    insert(session, rows)
                 else:
                     session.connection().execute(table.insert(), rows)
         return results
@@ -371,7 +390,7 @@ class Store(Service):
     def _requeue(self, batch: _Batch) -> None:
         self._queued_jobs.extendleft(reversed(batch.jobs))
         if batch.rows:
-            self._queued_rows.appendleft((batch.rows, _gather(batch.row_waiters)))
+            self._queued_rows.appendleft((batch.rows, batch.row_count, _gather(batch.row_waiters)))
             self._queued_row_count += batch.row_count
 
     def _retry(self, batch: _Batch) -> None:

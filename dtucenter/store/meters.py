@@ -191,12 +191,17 @@ def list_meters(session: Session) -> list[MeterInfo]:
 # -- samples -------------------------------------------------------------------------------------
 
 
-def sample_rows(meter: str, time: dt.datetime, values: Mapping[str, bool | int | float]) -> list[dict[str, Any]]:
+#: The order of a row of ``sample_rows`` (a tuple: the store inserts those in bulk).
+METER_SAMPLE_COLUMNS = ("meter", "point", "time", "value")
+MeterSampleRow = tuple[str, str, dt.datetime, "float | None"]
+
+
+def sample_rows(meter: str, time: dt.datetime, values: Mapping[str, bool | int | float]) -> list[MeterSampleRow]:
     """Rows for one poll. A float that is NaN or infinite has no SQL value: it is stored as NULL."""
     rows = []
     for point, value in values.items():
         number = float(value)
-        rows.append({"meter": meter, "point": point, "time": time, "value": number if math.isfinite(number) else None})
+        rows.append((meter, point, time, number if math.isfinite(number) else None))
     return rows
 
 

@@ -10,15 +10,16 @@ from twisted.web import server
 
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.control import Control
+from dtucenter.modbus.service import ModbusBridge
 from dtucenter.web.dtus import DtuApi
 from dtucenter.web.router import BoundedRequest, Router
 from dtucenter.web.status import StatusApi
 
 
-def build_site(center: DTUCenter, control: Control, token: str) -> server.Site:
+def build_site(center: DTUCenter, control: Control, token: str, bridge: ModbusBridge | None = None) -> server.Site:
     router = Router(token)
     DtuApi(center, control).install(router)
-    StatusApi(center).install(router)
+    StatusApi(center, bridge).install(router)
     site = server.Site(router)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False

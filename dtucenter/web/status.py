@@ -1,4 +1,4 @@
-"""GET /api/status: is the center healthy, how many DTUs are online, what has it counted."""
+"""GET /api/status: is the center healthy, how many DTUs are online, what has it counted, how polling goes."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import attrs
 
 from dtucenter import __version__
 from dtucenter.dtu.center import DTUCenter
+from dtucenter.modbus.service import ModbusBridge
 from dtucenter.web.router import Call, Router
 
 
 class StatusApi:
-    def __init__(self, center: DTUCenter) -> None:
+    def __init__(self, center: DTUCenter, bridge: ModbusBridge | None = None) -> None:
         self.center = center
+        self.bridge = bridge
 
     def install(self, router: Router) -> None:
         router.add("GET", "/api/status", self.status)
@@ -29,4 +31,5 @@ class StatusApi:
             "dtus_online": len(center.sessions),
             "counters": dict(sorted(center.stats.items())),
             "store": {"healthy": store.healthy, "backlog_rows": store.backlog, **attrs.asdict(store.stats)},
+            "modbus": self.bridge.polling_summary() if self.bridge is not None else None,
         }

@@ -123,6 +123,13 @@ async def test_meters_on_four_transports_land_in_the_store_api_and_cli(
         check_cli(center.db_url)
         status = await api.get("/api/status")
         assert status.body["counters"]["meter_values_stored"] > 0
+        polling = status.body["modbus"]
+        links = (await api.get("/api/links")).body["links"]
+        assert (polling["links"], polling["links_online"]) == (len(links), sum(link["online"] for link in links))
+        assert polling["polls"] > polling["failed"] > 0 and polling["timed_out"] > 0  # unit 9 never answers
+        assert polling["request_timeouts"] >= polling["timed_out"]
+        assert sum(polling["duration_histogram"].values()) == polling["polls"]
+        assert 0 < polling["duration_p50_s"] <= polling["duration_p99_s"]
     finally:
         for dtu in dtus:
             await dtu.stop()

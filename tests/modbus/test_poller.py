@@ -137,6 +137,30 @@ def test_polls_sit_on_a_grid_however_long_answers_take() -> None:
     stop(clock, poller)
 
 
+def test_poll_stats_count_outcomes_and_measure_each_poll_from_start_to_end() -> None:
+    answers = {"m": 0.25, "dead": None, "late": 3.0}
+
+    def respond(pdu):
+        delay = {1: answers["m"], 2: answers["dead"], 3: answers["late"]}[pdu.dev_id]
+        d = defer.Deferred()
+        if delay is None:
+            clock.callLater(1.5, d.errback, ModbusTimeout(pdu.dev_id, pdu.function_code, 2))
+        else:
+            clock.callLater(delay, d.callback, registers_of({})(pdu))
+        return d
+
+    channel = FakeChannel(respond)
+    clock, sink, poller = start(meter("m", 1), meter("dead", 2), meter("late", 3), channel=channel)
+    run(clock, 5)  # m and late poll at 0 and every 10 s; dead polls at 0, then backs off
+    stats = poller.stats.as_json()
+    assert (stats["polls"], stats["failed"], stats["timed_out"]) == (3, 1, 1)
+    assert sum(stats["duration_histogram"].values()) == 3
+    # Durations 0.25 s, 1.5 s (the timeout) and 3.0 s; each percentile is its bucket's upper bound.
+    assert 1.5 <= stats["duration_p50_s"] < 1.5 * 1.02
+    assert 3.0 <= stats["duration_p99_s"] < 3.0 * 1.02
+    stop(clock, poller)
+
+
 def test_a_slot_that_comes_while_the_poll_still_runs_is_skipped() -> None:
     pending: list[defer.Deferred] = []
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -16,7 +18,7 @@ from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.session import INBOX_LIMIT, DTUProtocol
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
-from dtucenter.store.facade import _SampleInsert
+from dtucenter.store.facade import SAMPLES, _MultiRowInsert
 
 NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -31,7 +33,7 @@ def test_upload_rows_read_back_one_sample_per_value(tmp_path: Path) -> None:
         queries.upload_row(7, NOW + dt.timedelta(seconds=2), wire.SendTest(23, 4, (-32768, 32767)), ()),
     ]
     with Session(engine) as session, session.begin():
-        _SampleInsert(engine)(session, rows)
+        _MultiRowInsert(engine, SAMPLES, queries.SAMPLE_ROW_COLUMNS)(session, rows)
     with Session(engine) as session:
         samples = queries.query_samples(session, 7)
         assert [(s.net_state, s.position, s.dev, s.addr, s.value) for s in samples] == [
@@ -91,4 +93,54 @@ def test_reading_pauses_only_when_the_inbox_is_deep_and_resumes_when_it_drains()
     assert [a.test_code for a in acks] == list(range(1, INBOX_LIMIT + 2))
     assert acked == INBOX_LIMIT + 1
     protocol.connectionLost()
+    assert clock.getDelayedCalls() == []
+
+
+class _Writers:
+    """The part of a reactor a TCP transport tells what it waits for; only writing matters here."""
+
+    def __init__(self) -> None:
+        self.writers: set[Any] = set()
+
+    def addWriter(self, writer: Any) -> None:
+        self.writers.add(writer)
+
+    def removeWriter(self, writer: Any) -> None:
+        self.writers.discard(writer)
+
+    def addReader(self, reader: Any) -> None:
+        pass
+
+    def removeReader(self, reader: Any) -> None:
+        pass
+
+
+def test_replies_go_out_at_once_and_what_the_socket_refuses_follows_in_order() -> None:
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setblocking(False)
+    clock, reactor = Clock(), _Writers()
+    protocol = DTUProtocol(DTUCenter(_PendingStore(), clock, CenterSettings()), clock)  # type: ignore[arg-type]
+    transport = tcp.Server(ours, protocol, ("127.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
+    protocol.makeConnection(transport)
+    try:
+        protocol.write(b"first")
+        assert theirs.recv(100) == b"first"
+        assert reactor.writers == set(), "sent without waiting for the reactor"
+        big = bytes(range(256)) * 4096
+        protocol.write(big)
+        protocol.write(b"last")
+        assert reactor.writers == {transport}, "the socket took part of it; the reactor sends the rest"
+        received = bytearray()
+        while len(received) < len(big) + 4:
+            transport.doWrite()
+            try:
+                received += theirs.recv(1 << 16)
+            except BlockingIOError:
+                pass
+        assert bytes(received) == big + b"last"
+    finally:
+        protocol.connectionLost()
+        ours.close()
+        theirs.close()
     assert clock.getDelayedCalls() == []
