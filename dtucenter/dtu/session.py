@@ -71,13 +71,17 @@ def write_now(transport: Any, data: bytes) -> None:
     Only plain TCP (not TLS, not a test's transport); what the socket does not
     take at once goes the usual way, in order.
     """
-    if (type(transport) is tcp.Server and transport.connected and not transport.disconnecting
-            and not transport.dataBuffer and not transport._tempDataBuffer):
-        sent = transport.writeSomeData(data)
-        if sent == len(data):
-            return
-        if isinstance(sent, int):
-            data = data[sent:]
+    if type(transport) is tcp.Server and transport.connected and not transport.disconnecting:
+        try:
+            nothing_queued = not transport.dataBuffer and not transport._tempDataBuffer
+        except AttributeError:  # a Twisted that keeps its send buffer elsewhere: the plain path
+            nothing_queued = False
+        if nothing_queued:
+            sent = transport.writeSomeData(data)
+            if sent == len(data):
+                return
+            if isinstance(sent, int):
+                data = data[sent:]
     transport.write(data)
 
 
