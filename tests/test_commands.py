@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import attrs
 import pytest
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -24,8 +23,7 @@ from dtucenter.dtu.commands import (
 from dtucenter.dtu.session import DTUProtocol
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
-from dtucenter.store.models import Sample
-from dtucenter.store.queries import SAMPLE_ROW_COLUMNS
+from tests.stores import HeldStore
 
 PSN = 4711
 CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -33,44 +31,10 @@ TIMEOUT = 5.0
 R1, R2 = wire.Register(1, 0), wire.Register(2, 0x1234)
 
 
-class SyncStore:
-    """The Store's interface, running each job at once on a real SQLite file; ``hold`` delays writes."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.hold = False
-        self.broken = False
-        self.held: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def _run(self, work: Callable[[Session], Any]) -> Deferred[Any]:
-        def run() -> Any:
-            with Session(self.engine) as session, session.begin():
-                return work(session)
-
-        if self.broken:
-            return fail(RuntimeError("disk on fire"))
-        if self.hold:
-            d: Deferred[Any] = Deferred()
-            self.held.append((run, d))
-            return d
-        return succeed(run())
-
-    def release(self) -> None:
-        held, self.held, self.hold = self.held, [], False
-        for run, d in held:
-            d.callback(run())
-
-    def write(self, job: Callable[[Session], Any]) -> Deferred[Any]:
-        return self._run(job)
-
-    def add_samples(self, rows: list[queries.SampleRow]) -> Deferred[None]:
-        return self._run(lambda session: session.execute(Sample.__table__.insert(), [dict(zip(SAMPLE_ROW_COLUMNS, r)) for r in rows]) and None)
-
-
 @attrs.define
 class Rig:
     clock: Clock
-    store: SyncStore
+    store: HeldStore
     center: DTUCenter
     protocol: DTUProtocol
     transport: StringTransport
@@ -108,7 +72,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     with Session(engine) as session, session.begin():
         queries.upsert_dtu(session, PSN, {"tick_time": 60}, CREATED)
     clock = Clock()
-    store = SyncStore(engine)
+    store = HeldStore(engine)
     center = DTUCenter(store, clock, CenterSettings(command_timeout=TIMEOUT))  # type: ignore[arg-type]
     protocol = DTUProtocol(center, clock)
     transport = StringTransport()

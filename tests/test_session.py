@@ -7,79 +7,24 @@ file synchronously, but lets each test decide when (and whether) a commit
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.session import INBOX_LIMIT, DTUFactory, DTUProtocol
-from dtucenter.store import queries
 from dtucenter.store.db import open_engine
-from dtucenter.store.models import Sample
-from dtucenter.store.queries import SAMPLE_ROW_COLUMNS
-
-
-class HeldStore:
-    """Runs jobs at once on a real database but holds their Deferreds until released."""
-
-    def __init__(self, path: Path) -> None:
-        self.engine = open_engine(f"sqlite:///{path / 'held.db'}")
-        self.hold = False
-        self.held: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def write(self, job: Callable[[Session], Any]) -> Deferred[Any]:
-        return self._submit(lambda: self._run(job))
-
-    def add_samples(self, rows: list[queries.SampleRow]) -> Deferred[None]:
-        return self._submit(lambda: self._run(lambda s: s.execute(Sample.__table__.insert(), [dict(zip(SAMPLE_ROW_COLUMNS, r)) for r in rows]) and None))
-
-    def _run(self, job: Callable[[Session], Any]) -> Any:
-        with Session(self.engine) as session, session.begin():
-            return job(session)
-
-    def _submit(self, work: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        if self.hold:
-            self.held.append((work, d))
-        else:
-            d.callback(work())
-        return d
-
-    def release(self) -> None:
-        """Finish every held commit, including those submitted while finishing."""
-        while self.held:
-            work, d = self.held.pop(0)
-            d.callback(work())
-
-    def fail(self) -> None:
-        held, self.held = self.held, []
-        for _, d in held:
-            d.errback(OperationalError("INSERT", {}, Exception("disk I/O error")))
-
-    def samples(self, psn: int) -> list[int]:
-        with Session(self.engine) as session:
-            return [s.value for s in queries.query_samples(session, psn)]
-
-    def add_dtu(self, psn: int, **fields: Any) -> None:
-        self._run(lambda s: queries.upsert_dtu(s, psn, fields, dt.datetime.now(dt.timezone.utc)))
-
-    def dtu(self, psn: int) -> queries.DtuInfo | None:
-        with Session(self.engine) as session:
-            return queries.get_dtu(session, psn)
+from tests.stores import HeldStore
 
 
 class Harness:
     def __init__(self, tmp_path: Path, **settings: Any) -> None:
         self.clock = Clock()
-        self.store = HeldStore(tmp_path)
+        self.store = HeldStore(open_engine(f"sqlite:///{tmp_path / 'held.db'}"))
         self.center = DTUCenter(self.store, self.clock, CenterSettings(**settings))  # type: ignore[arg-type]
         self.factory = DTUFactory(self.center, self.clock)
 
