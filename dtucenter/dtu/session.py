@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dtucenter.addresses import describe_peer
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.commands import CommandQueue
@@ -49,16 +50,6 @@ class Link(TypingProtocol):
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...
-
-
-def describe(address: IAddress | tuple[str, int] | None) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None and isinstance(address, tuple):
-        host, port = address[0], address[1]
-    if host is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def write_now(transport: Any, data: bytes) -> None:
@@ -378,7 +369,7 @@ class DTUProtocol(protocol.Protocol):
         self._clock = clock
 
     def connectionMade(self) -> None:
-        peer = describe(self.transport.getPeer())  # type: ignore[union-attr]
+        peer = describe_peer(self.transport.getPeer())  # type: ignore[union-attr]
         self.session = DTUSession(self._center, self, peer, self._clock)
         self.session.start()
 

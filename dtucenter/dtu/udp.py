@@ -9,8 +9,9 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime, IReactorUD
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from dtucenter.addresses import describe_peer
 from dtucenter.dtu.center import DTUCenter
-from dtucenter.dtu.session import DTUSession, describe
+from dtucenter.dtu.session import DTUSession
 
 log = Logger()
 
@@ -60,7 +61,7 @@ class DTUDatagramProtocol(DatagramProtocol):
         if link is None:
             link = _DatagramLink(self, addr)
             self.links[addr] = link
-            link.session = DTUSession(self.center, link, describe(addr), self.clock)
+            link.session = DTUSession(self.center, link, describe_peer(addr), self.clock)
             link.session.start()
         if link.paused:
             if len(link.backlog) >= BACKLOG_LIMIT:

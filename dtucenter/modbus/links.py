@@ -31,6 +31,7 @@ from dtucenter.modbus.filter import (
 )
 from dtucenter.modbus.framing import framing_for
 from dtucenter.modbus.master import LinkCounters, ModbusMaster, close_transport
+from dtucenter.addresses import describe_peer
 from dtucenter.throttle import LoginThrottle
 
 log = Logger()
@@ -38,13 +39,6 @@ log = Logger()
 # After a timeout an RTU line stays quiet this long so that a late answer
 # drains; in Modbus TCP the transaction id already tells answers apart.
 RTU_SILENCE = 0.2
-
-
-def describe_peer(address: IAddress | str | None) -> str:
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
-    if host is not None and port is not None:
-        return f"{host}:{port}"
-    return str(address) if address is not None else "?"
 
 
 @attrs.frozen

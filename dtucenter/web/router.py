@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from dtucenter.dtu.session import describe
+from dtucenter.addresses import describe_peer
 from dtucenter.web.auth import bearer_matches
 
 log = Logger()
@@ -75,7 +75,7 @@ class Call:
     @property
     def who(self) -> str:
         """The client, for the audit trail."""
-        return describe(self.request.getClientAddress())
+        return describe_peer(self.request.getClientAddress())
 
     def query(self, allowed: Iterable[str]) -> dict[str, str]:
         """The query parameters, each given at most once; a name not in ``allowed`` is a 400."""
