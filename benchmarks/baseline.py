@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IAddress
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--interface", default="127.0.0.1")
     args = parser.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     from twisted.internet import reactor
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.request
 import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -20,7 +21,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def raise_file_limit() -> None:
     """In the child: as many sockets as the hard limit allows (20,000 here)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 

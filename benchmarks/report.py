@@ -147,7 +147,7 @@ def _render_targets(results: dict[str, Any]) -> list[str]:
                                      f"poll p99 {_ms(modbus['p99'])} ms"))
     else:
         lines.append("- 1,000 meters polled every second: not run")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _render_hold(rows: list[dict[str, Any]]) -> list[str]:
@@ -166,7 +166,7 @@ def _render_hold(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['dtus']:,} | {r['login_time']:.1f} | {r['connect_rate']} | {r['rss'] / MIB:.1f} | "
             f"{r['rss_before'] / MIB:.1f} | {r['rss_per_dtu'] / 1024:.2f} | {_pct(r['idle_cpu'])} | {r['still_logged_in']:,} |"
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _render_ingest(results: dict[str, Any]) -> list[str]:
@@ -213,14 +213,14 @@ def _render_profile(profile: dict[str, Any] | None) -> list[str]:
         return []
     lines = ["## Where the time goes", ""]
     if "skipped" in profile:
-        return lines + [f"Profile skipped: {profile['skipped']}.", ""]
+        return [*lines, f"Profile skipped: {profile['skipped']}.", ""]
     held = ""
     if profile.get("seconds"):
         share = profile["samples"] / (profile["seconds"] * 200)
         held = f" (a thread held the GIL {share:.0%} of the time)"
     lines += [
-        f"py-spy sampled the center (200 Hz, only the thread holding the GIL) during ingest at {profile['rate']:,} "
-        f"frames/s offered: {profile['samples']:,} samples{held}.",
+        (f"py-spy sampled the center (200 Hz, only the thread holding the GIL) during ingest at {profile['rate']:,} "
+        f"frames/s offered: {profile['samples']:,} samples{held}."),
         "",
         "| own time | function |",
         "|---:|---|",
@@ -228,7 +228,7 @@ def _render_profile(profile: dict[str, Any] | None) -> list[str]:
     lines += [f"| {share:.1%} | `{name}` |" for name, share in profile["own"]]
     lines += ["", "| total time (incl. callees) | dtucenter function |", "|---:|---|"]
     lines += [f"| {share:.1%} | `{name}` |" for name, share in profile["total"]]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _render_modbus(modbus: dict[str, Any] | None) -> list[str]:
@@ -246,9 +246,9 @@ def _render_modbus(modbus: dict[str, Any] | None) -> list[str]:
         "",
         "| DTUs | online after (s) | polls/s completed | expected/s | poll p50 (ms) | poll p99 (ms) | timed-out polls | failed polls | request timeouts | center CPU | center RSS (MiB) | answered/s (simulator) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {m['dtus']:,} | {m['online_time']:.1f} | {m['polls_per_s']:,.0f} | {m['expected_per_s']:,.0f} | {_ms(m['p50'])} | "
+        (f"| {m['dtus']:,} | {m['online_time']:.1f} | {m['polls_per_s']:,.0f} | {m['expected_per_s']:,.0f} | {_ms(m['p50'])} | "
         f"{_ms(m['p99'])} | {m['timed_out']} | {m['failed']} | {m['request_timeouts']} | {_pct(m['cpu'])} | "
-        f"{m['rss'] / MIB:.1f} | {m['sim_answered_per_s']:,.0f} |",
+        f"{m['rss'] / MIB:.1f} | {m['sim_answered_per_s']:,.0f} |"),
         "",
         f"Links online at the end: {m['links_online']:,} of {m['dtus']:,}; reconnections during the run: {m['reconnects']}.",
         "",

@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import attrs
 
@@ -333,6 +334,7 @@ def run_modbus(workdir: Path, scale: Scale) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     import sqlalchemy
+
     import twisted
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -344,7 +346,7 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(), "cpu": model, "ram_gib": mem_kb / 1024 / 1024,
         "python": platform.python_version(), "twisted": twisted.__version__,
         "sqlalchemy": sqlalchemy.__version__, "sqlite": sqlite3.sqlite_version,
-        "kernel": platform.release(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "kernel": platform.release(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 

@@ -11,7 +11,8 @@ import csv
 import datetime as dt
 import json
 import sys
-from typing import Any, Callable, Sequence, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -135,7 +136,7 @@ def cmd_dtu_add(session: Session, args: argparse.Namespace, out: TextIO) -> None
         if value is not None
     }
     try:
-        info, created = queries.upsert_dtu(session, args.psn, fields, dt.datetime.now(dt.timezone.utc))
+        info, created = queries.upsert_dtu(session, args.psn, fields, dt.datetime.now(dt.UTC))
     except ValueError as e:
         raise CommandError(str(e)) from None
     print(f"{'added' if created else 'updated'} DTU {info.psn}", file=out)
@@ -156,7 +157,7 @@ def cmd_dtu_list(session: Session, args: argparse.Namespace, out: TextIO) -> Non
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), file=out)
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip(), file=out)
 
 
 def cmd_dtu_remove(session: Session, args: argparse.Namespace, out: TextIO) -> None:

@@ -7,8 +7,9 @@ raises ``ConfigError`` whose message is one line naming the file and key.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import attrs
 

@@ -9,7 +9,8 @@ a window come from subtracting two cumulative snapshots.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 _BUCKET_BASE = 1.02
 _LOG_BASE = math.log(_BUCKET_BASE)

@@ -8,8 +8,9 @@ on first use and kept, so clients can pin it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch import manhole_ssh

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
@@ -32,7 +33,7 @@ class HeldStore:
         return self._submit(lambda: self._run(job))
 
     def add_samples(self, rows: list[queries.SampleRow]) -> Deferred[None]:
-        table_rows = [dict(zip(queries.SAMPLE_ROW_COLUMNS, row)) for row in rows]
+        table_rows = [dict(zip(queries.SAMPLE_ROW_COLUMNS, row, strict=False)) for row in rows]
         return self._submit(lambda: self._run(lambda s: s.execute(Sample.__table__.insert(), table_rows) and None))
 
     def _run(self, job: Callable[[Session], Any]) -> Any:
@@ -67,7 +68,7 @@ class HeldStore:
             return [s.value for s in queries.query_samples(session, psn)]
 
     def add_dtu(self, psn: int, **fields: Any) -> None:
-        self._run(lambda s: queries.upsert_dtu(s, psn, fields, dt.datetime.now(dt.timezone.utc)))
+        self._run(lambda s: queries.upsert_dtu(s, psn, fields, dt.datetime.now(dt.UTC)))
 
     def dtu(self, psn: int) -> queries.DtuInfo | None:
         with Session(self.engine) as session:

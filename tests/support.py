@@ -7,8 +7,9 @@ import secrets
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import treq

@@ -31,7 +31,7 @@ def store_upload(db: str, psn: int, when: dt.datetime, upload: wire.SendTest, re
     engine = open_engine(db)
     with Session(engine) as session, session.begin():
         row = queries.upload_row(psn, when, upload, registers)
-        session.execute(Sample.__table__.insert(), [dict(zip(queries.SAMPLE_ROW_COLUMNS, row))])
+        session.execute(Sample.__table__.insert(), [dict(zip(queries.SAMPLE_ROW_COLUMNS, row, strict=False))])
     engine.dispose()
 
 
@@ -48,7 +48,7 @@ def test_add_update_and_list(db: str) -> None:
 
 def test_samples_csv_oldest_first_with_register_names(db: str) -> None:
     run("dtu", "add", "5", "--db", db)
-    t0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
+    t0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
     store_upload(db, 5, t0 + dt.timedelta(minutes=1), wire.SendTest(20, 2, (3, 4)), (wire.Register(1, 100), wire.Register(1, 101)))
     store_upload(db, 5, t0, wire.SendTest(21, 1, (-1,)))
     code, text = run("samples", "5", "--db", db)
@@ -87,13 +87,13 @@ def test_meter_samples_csv_and_json(db: str) -> None:
         '[[meter.point]]\nname = "volts"\ntable = "holding"\naddress = 0\nscale = 0.1\n'
         '[[meter.point]]\nname = "door"\ntable = "discrete"\naddress = 0\n'
     ))
-    t0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
+    t0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
     engine = open_engine(db)
     with Session(engine) as session, session.begin():
         meters.sync_meters(session, [meter_spec(settings.meters[0])], t0)
         rows = meters.sample_rows("m1", t0, {"volts": 230.1, "door": True}) + meters.sample_rows(
             "m1", t0 + dt.timedelta(seconds=10), {"volts": float("nan"), "door": False})
-        session.execute(MeterSample.__table__.insert(), [dict(zip(meters.METER_SAMPLE_COLUMNS, row)) for row in rows])  # type: ignore[attr-defined]
+        session.execute(MeterSample.__table__.insert(), [dict(zip(meters.METER_SAMPLE_COLUMNS, row, strict=False)) for row in rows])  # type: ignore[attr-defined]
     engine.dispose()
     code, text = run("samples", "--meter", "m1", "--db", db)
     assert code == 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import attrs
 import pytest
@@ -17,8 +18,17 @@ from twisted.python.failure import Failure
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.commands import (
-    QUEUE_LIMIT, BadAnswer, CommandDisconnected, CommandRefused, CommandTimeout, InvalidCommand,
-    NotStored, QueueFull, Readings, Setup, Written,
+    QUEUE_LIMIT,
+    BadAnswer,
+    CommandDisconnected,
+    CommandRefused,
+    CommandTimeout,
+    InvalidCommand,
+    NotStored,
+    QueueFull,
+    Readings,
+    Setup,
+    Written,
 )
 from dtucenter.dtu.session import DTUProtocol
 from dtucenter.store import queries
@@ -26,7 +36,7 @@ from dtucenter.store.db import open_engine
 from tests.stores import HeldStore
 
 PSN = 4711
-CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 TIMEOUT = 5.0
 R1, R2 = wire.Register(1, 0), wire.Register(2, 0x1234)
 

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from dtucenter.dtu import wire
 from dtucenter.web.router import MAX_BODY
-from tests.support import DTUClient, RunningCenter, UDPDTU, connect_dtu, start_center, until
+from tests.support import UDPDTU, DTUClient, RunningCenter, connect_dtu, start_center, until
 
 PSN = 1001
 #: Short enough to keep the suite quick, long enough for a loaded CI machine to answer in.
@@ -635,7 +635,7 @@ async def test_commands_pending_at_a_crash_are_marked_interrupted_at_start(tmp_p
 
     engine = open_engine(db_url)
     with Session(engine) as session, session.begin():
-        audit.record_command(session, 8, "read_setup", {}, "127.0.0.1:1", dt.datetime.now(dt.timezone.utc))
+        audit.record_command(session, 8, "read_setup", {}, "127.0.0.1:1", dt.datetime.now(dt.UTC))
     engine.dispose()
     center = await start_center(tmp_path, db_url=db_url)
     try:

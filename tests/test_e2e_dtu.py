@@ -10,7 +10,7 @@ from twisted.internet import reactor
 
 from dtucenter.dtu import wire
 from dtucenter.store import queries
-from tests.support import RunningCenter, UDPDTU, connect_dtu, start_center, until
+from tests.support import UDPDTU, RunningCenter, connect_dtu, start_center, until
 
 
 def samples_of(center: RunningCenter, psn: int) -> list[queries.SampleInfo]:
@@ -27,7 +27,7 @@ def add_dtu(center: RunningCenter, psn: int, **fields: object) -> None:
     import datetime as dt
 
     with Session(center.store.engine) as session, session.begin():
-        queries.upsert_dtu(session, psn, dict(fields), dt.datetime.now(dt.timezone.utc))
+        queries.upsert_dtu(session, psn, dict(fields), dt.datetime.now(dt.UTC))
 
 
 @pytest_twisted.ensureDeferred

@@ -90,9 +90,9 @@ async def test_a_failure_streak_is_one_row_until_a_clean_poll_or_another_reason(
             info = meters.get_meter(session, "m")
         assert info is not None
         assert (info.last_poll, info.last_success, info.last_error_time) == (
-            dt.datetime.fromtimestamp(T0 + 8, dt.timezone.utc),
-            dt.datetime.fromtimestamp(T0 + 5, dt.timezone.utc),
-            dt.datetime.fromtimestamp(T0 + 8, dt.timezone.utc),
+            dt.datetime.fromtimestamp(T0 + 8, dt.UTC),
+            dt.datetime.fromtimestamp(T0 + 5, dt.UTC),
+            dt.datetime.fromtimestamp(T0 + 8, dt.UTC),
         )
         assert info.last_error == "offline" and info.failing
         assert recorder.stats["meter_failures"] == 7
@@ -134,7 +134,7 @@ async def test_the_config_is_synced_and_meters_that_left_it_are_kept(db_url: str
         with Session(store.engine) as session:
             found = {m.name: m for m in meters.list_meters(session)}
         assert {name: m.configured for name, m in found.items()} == {"a": False, "b": True, "c": True}
-        assert found["a"].last_success == dt.datetime.fromtimestamp(T0, dt.timezone.utc)
+        assert found["a"].last_success == dt.datetime.fromtimestamp(T0, dt.UTC)
         assert found["c"].points == ({"name": "volts", "table": "holding", "address": 0, "type": "uint16",
                                       "scale": 0.1, "unit": None, "writable": True},)
     finally:

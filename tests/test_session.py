@@ -7,8 +7,9 @@ file synchronously, but lets each test decide when (and whether) a commit
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
@@ -208,7 +209,7 @@ def test_a_new_test_code_with_same_values_is_new_data(h: Harness) -> None:
 
 def test_newer_login_replaces_older_session_and_older_loss_keeps_it_online(h: Harness) -> None:
     old, old_transport = h.logged_in()
-    new, new_transport = h.connect()
+    new, _new_transport = h.connect()
     h.feed(new, wire.Login(1, 7))
     assert old_transport.disconnecting
     h.lose(old)
@@ -221,7 +222,7 @@ def test_newer_login_replaces_older_session_and_older_loss_keeps_it_online(h: Ha
 
 def test_connection_lost_during_authentication_leaves_dtu_offline(h: Harness) -> None:
     h.store.add_dtu(3, password=1)
-    protocol, transport = h.connect()
+    protocol, _transport = h.connect()
     h.store.hold = True
     h.feed(protocol, wire.Login(3, 1))
     h.lose(protocol)
@@ -276,7 +277,7 @@ def test_a_dtu_that_keeps_failing_is_refused_without_a_database_job(h: Harness) 
     h.lose(protocol)
     # Another PSN from the same address (one carrier NAT, many DTUs) is not affected.
     h.store.hold = False
-    other, other_transport = h.logged_in(psn=6, password=3)
+    other, _other_transport = h.logged_in(psn=6, password=3)
     h.lose(other)
     h.clock.advance(10)
     protocol, transport = h.connect()

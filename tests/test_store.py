@@ -22,7 +22,7 @@ from tests.support import until
 
 def rows(psn: int, n: int) -> list[queries.SampleRow]:
     """``n`` uploads of one value each: ``n`` rows of the samples table."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return [queries.upload_row(psn, now, wire.SendTest(1, i, (i,)), ()) for i in range(n)]
 
 
@@ -141,7 +141,7 @@ async def test_rows_of_several_tables_share_one_transaction(db_url: str) -> None
 def test_last_seen_of_a_deleted_dtu_does_not_fail_the_others(tmp_path: Path) -> None:
     """A DTU deleted through the API while online must not stall everyone's last-seen times."""
     engine = open_engine(f"sqlite:///{tmp_path / 's.db'}")
-    when = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
     with Session(engine) as session, session.begin():
         queries.upsert_dtu(session, 1, {}, when)
     with Session(engine) as session, session.begin():

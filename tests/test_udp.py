@@ -49,7 +49,7 @@ def test_sessions_per_source_address_and_replies_to_it(tmp_path: Path) -> None:
 
 
 def test_sessions_expire_like_tcp(tmp_path: Path) -> None:
-    h, protocol, sent = udp(tmp_path, enroll_unknown=True)
+    h, protocol, _sent = udp(tmp_path, enroll_unknown=True)
     protocol.datagramReceived(b"\x00", B)  # never logs in
     protocol.datagramReceived(wire.encode_frame(wire.Login(1, 1)), A)  # tick time 60
     h.clock.advance(30)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @attrs.frozen
@@ -51,7 +51,7 @@ class _LastUpload:
     the profile.
     """
 
-    __slots__ = ("center", "psn", "test_code", "values", "committed", "waiting", "count")
+    __slots__ = ("center", "committed", "count", "psn", "test_code", "values", "waiting")
 
     def __init__(self, center: DTUCenter, psn: int, upload: wire.SendTest) -> None:
         self.center = center
@@ -103,7 +103,7 @@ def _throttle_key(session: DTUSession, login: wire.Login) -> str:
 
 
 def utc_now(clock: IReactorTime) -> dt.datetime:
-    return dt.datetime.fromtimestamp(clock.seconds(), tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(clock.seconds(), tz=dt.UTC)
 
 
 def utc_from_millisecond(millisecond: int) -> dt.datetime:
@@ -229,7 +229,7 @@ class DTUCenter(Service):
     def _write_last_seen(self) -> None:
         if not self._seen:
             return
-        seen = {psn: dt.datetime.fromtimestamp(when, tz=dt.timezone.utc) for psn, when in self._seen.items()}
+        seen = {psn: dt.datetime.fromtimestamp(when, tz=dt.UTC) for psn, when in self._seen.items()}
         self._seen = {}
         self.store.write(partial(queries.record_last_seen, seen=seen)).addErrback(
             lambda f: log.failure("Could not record last-seen times of {count} DTUs", f, count=len(seen))

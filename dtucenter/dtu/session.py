@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import deque
-from typing import Any, Callable, Protocol as TypingProtocol
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import protocol, tcp
 from twisted.internet.defer import Deferred
@@ -251,7 +253,7 @@ class DTUSession:
 
     @property
     def last_seen(self) -> dt.datetime:
-        return dt.datetime.fromtimestamp(self.last_seen_at, tz=dt.timezone.utc)
+        return dt.datetime.fromtimestamp(self.last_seen_at, tz=dt.UTC)
 
     def _seen(self) -> None:
         """A frame arrived: it moves the idle deadline, lazily.

@@ -14,7 +14,8 @@ any other tool can share it.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, ClassVar, Protocol, Sequence, TypeAlias, Union
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 import attrs
 
@@ -416,10 +417,7 @@ class SetControlAck(_ResultData):
     registers: tuple[RegisterValue, ...] = ()
 
 
-AnyMessage: TypeAlias = Union[
-    Login, LoginAck, SendTick, SendTickAck, SaveSetup, SaveSetupAck, ReadSetup,
-    ReadSetupAck, SendTest, SendTestAck, ReadTest, ReadTestAck, SetControl, SetControlAck,
-]
+AnyMessage: TypeAlias = Login | LoginAck | SendTick | SendTickAck | SaveSetup | SaveSetupAck | ReadSetup | ReadSetupAck | SendTest | SendTestAck | ReadTest | ReadTestAck | SetControl | SetControlAck
 
 #: The one table of type codes. Uplink messages come from the DTU.
 MESSAGE_TYPES: dict[int, type] = {
@@ -518,8 +516,8 @@ class Skipped:
 
 
 PROBLEM_TYPES = (BadChecksum, OversizedFrame, UnknownType, MalformedMessage, Skipped)
-ParseProblem: TypeAlias = Union[BadChecksum, OversizedFrame, UnknownType, MalformedMessage, Skipped]
-ParseEvent: TypeAlias = Union[AnyMessage, ParseProblem]
+ParseProblem: TypeAlias = BadChecksum | OversizedFrame | UnknownType | MalformedMessage | Skipped
+ParseEvent: TypeAlias = AnyMessage | ParseProblem
 
 
 class FrameParser:

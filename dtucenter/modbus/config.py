@@ -324,7 +324,7 @@ def _parse_meter(table: _Table) -> MeterSettings:
     return MeterSettings(name=name, link=link, unit=unit, interval=interval, points=points, limits=limits)
 
 
-_TYPES = tuple(t.value for t in PointType if t is not PointType.BOOL) + ("bool",)
+_TYPES = (*tuple(t.value for t in PointType if t is not PointType.BOOL), "bool")
 
 
 def _parse_point(table: _Table) -> Point:

@@ -21,6 +21,7 @@ from twisted.internet.serialport import SerialPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dtucenter.addresses import describe_peer
 from dtucenter.modbus.config import LinkSettings, SerialSettings
 from dtucenter.modbus.errors import LinkOffline
 from dtucenter.modbus.filter import (
@@ -31,7 +32,6 @@ from dtucenter.modbus.filter import (
 )
 from dtucenter.modbus.framing import framing_for
 from dtucenter.modbus.master import LinkCounters, ModbusMaster, close_transport
-from dtucenter.addresses import describe_peer
 from dtucenter.throttle import LoginThrottle
 
 log = Logger()
@@ -129,10 +129,7 @@ class Link:
 
     def master_connected(self, master: ModbusMaster) -> None:
         transport = master.transport
-        if self.settings.serial is not None:
-            remote = self.settings.serial.device
-        else:
-            remote = describe_peer(transport.getPeer())
+        remote = self.settings.serial.device if self.settings.serial is not None else describe_peer(transport.getPeer())
         if hasattr(transport, "setTcpKeepAlive"):
             transport.setTcpKeepAlive(True)
         older, self._master = self._master, master

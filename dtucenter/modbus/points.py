@@ -140,7 +140,7 @@ def decode_registers(point: Point, registers: Sequence[int]) -> Value:
     return _scaled(point, raw)
 
 
-def _scaled(point: Point, raw: int | float) -> int | float:
+def _scaled(point: Point, raw: float) -> int | float:
     if point.scale == 1:
         return raw
     value = raw * point.scale
@@ -186,7 +186,7 @@ def raw_value(point: Point, value: object) -> bool | int | float:
     return rounded
 
 
-def encode_registers(point: Point, raw: bool | int | float) -> list[int]:
+def encode_registers(point: Point, raw: bool | float) -> list[int]:
     """The registers holding ``raw`` (already unscaled) in the point's word order."""
     if point.type is PointType.BOOL:
         return [1 if raw else 0]

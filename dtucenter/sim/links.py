@@ -10,7 +10,8 @@ from __future__ import annotations
 import ipaddress
 import math
 import random
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerRTU, FramerSocket
@@ -103,14 +104,14 @@ class Meter:
             self._written[request.address] = request.registers[0]
             return WriteSingleRegisterResponse(address=request.address, registers=list(request.registers))
         if fc == 16:
-            for address, value in zip(addresses, request.registers):
+            for address, value in zip(addresses, request.registers, strict=False):
                 self._written[address] = value
             return WriteMultipleRegistersResponse(address=request.address, count=count)
         if fc == 5:
             self._coils[request.address] = bool(request.bits[0])
             return WriteSingleCoilResponse(address=request.address, bits=[bool(request.bits[0])])
         if fc == 15:
-            for address, value in zip(addresses, request.bits):
+            for address, value in zip(addresses, request.bits, strict=False):
                 self._coils[address] = bool(value)
             return WriteMultipleCoilsResponse(address=request.address, count=count)
         return ExceptionResponse(fc, ExcCodes.ILLEGAL_FUNCTION)

@@ -7,7 +7,8 @@ percentiles of windows by subtracting two cumulative snapshots.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attrs
 

@@ -13,7 +13,8 @@ retried with backoff; callers keep waiting, nothing is dropped.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
 from sqlalchemy import Engine, Table
@@ -139,7 +140,7 @@ class _MultiRowInsert:
         connection = session.connection()
         if not self.multi_row:
             connection.exec_driver_sql(self.sql, params if self.positional else [
-                dict(zip(self.columns, row)) for row in params])
+                dict(zip(self.columns, row, strict=False)) for row in params])
             return
         start = 0
         while start < len(params):
@@ -357,7 +358,7 @@ class Store(Service):
         self.stats.jobs_committed += len(batch.jobs)
         self.stats.largest_batch = max(self.stats.largest_batch, batch.row_count)
         self._in_flight = None
-        for (_, d), result in zip(batch.jobs, results):
+        for (_, d), result in zip(batch.jobs, results, strict=False):
             d.callback(result)
         for d in batch.row_waiters:
             d.callback(None)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import struct
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 from sqlalchemy import Select, bindparam, delete, select, update
@@ -255,7 +256,7 @@ def _unpack(row: Any) -> list[SampleInfo]:
         places = [(None, None)] * len(values)
     return [
         SampleInfo(row.time, row.psn, row.net_state, position, dev, addr, value)
-        for position, ((dev, addr), value) in enumerate(zip(places, values))
+        for position, ((dev, addr), value) in enumerate(zip(places, values, strict=False))
     ]
 
 

@@ -8,8 +8,9 @@ poll, last error, link state) comes from the bridge, to the second.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy.orm import Session
 from twisted.logger import Logger
@@ -23,8 +24,8 @@ from dtucenter.modbus.errors import (
     ModbusTimeout,
 )
 from dtucenter.modbus.links import LinkStatus
-from dtucenter.modbus.poller import MeterStatus, UnknownMeter, UnknownPoint
 from dtucenter.modbus.points import PointValueError
+from dtucenter.modbus.poller import MeterStatus, UnknownMeter, UnknownPoint
 from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store import meters
 from dtucenter.store.recorder import MeterRecorder

@@ -9,8 +9,9 @@ logged 500 with a JSON body: a client never sees a traceback or HTML.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, Iterable
 from io import BytesIO
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any
 from urllib.parse import unquote
 
 import attrs
@@ -121,7 +122,7 @@ class Route:
         if len(segments) != len(self.segments):
             return None
         params: dict[str, str] = {}
-        for pattern, segment in zip(self.segments, segments):
+        for pattern, segment in zip(self.segments, segments, strict=False):
             if pattern.startswith("{") and pattern.endswith("}"):
                 params[pattern[1:-1]] = segment
             elif pattern != segment:

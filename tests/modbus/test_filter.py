@@ -3,13 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tests.modbus.modbus_helpers import (
-    byte_by_byte,
-    exception_response,
-    holding_response,
-    mbap,
-    rtu,
-)
 
 from dtucenter.modbus.filter import (
     WAIT_FOR_MORE,
@@ -27,6 +20,13 @@ from dtucenter.modbus.filter import (
     decode_packet_option,
 )
 from dtucenter.modbus.framing import Expectation, MbapFraming, RtuFraming
+from tests.modbus.modbus_helpers import (
+    byte_by_byte,
+    exception_response,
+    holding_response,
+    mbap,
+    rtu,
+)
 
 HEARTBEAT = b"HB"
 READ_HOLDING = 3

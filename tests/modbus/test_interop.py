@@ -15,13 +15,13 @@ from twisted.internet.protocol import Protocol
 from dtucenter.modbus.config import parse_modbus_settings
 from dtucenter.modbus.errors import ModbusExceptionResponse
 from dtucenter.modbus.service import ModbusBridge
-from tests.modbus.modbus_helpers import read_input
 from tests.modbus.interop_support import (
     FakeDtu,
     WaitingSink,
     matches_unit_1,
     meter_toml,
 )
+from tests.modbus.modbus_helpers import read_input
 
 
 async def start_bridge(toml: str, sink: WaitingSink, **options) -> ModbusBridge:

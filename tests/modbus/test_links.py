@@ -106,7 +106,7 @@ def test_unknown_registration_is_closed_and_a_repeating_peer_refused() -> None:
     assert transport.disconnecting
     close(protocol, transport)
     # Another address is not affected, and the block ends.
-    other, other_transport = listener.connect(host="10.9.9.9")
+    _other, other_transport = listener.connect(host="10.9.9.9")
     assert not other_transport.disconnecting
     listener.clock.advance(10.0)
     protocol, transport = listener.connect()
@@ -261,7 +261,7 @@ def test_vanished_serial_port_is_reopened(serial_setup) -> None:
 
 
 def test_stopping_while_waiting_to_reopen_cancels_the_retry(serial_setup) -> None:
-    clock, link, opener, service = serial_setup
+    clock, _link, opener, service = serial_setup
     opener.fail_next = 1
     service.startService()
     service.stopService()

@@ -150,7 +150,7 @@ def test_poll_stats_count_outcomes_and_measure_each_poll_from_start_to_end() -> 
         return d
 
     channel = FakeChannel(respond)
-    clock, sink, poller = start(meter("m", 1), meter("dead", 2), meter("late", 3), channel=channel)
+    clock, _sink, poller = start(meter("m", 1), meter("dead", 2), meter("late", 3), channel=channel)
     run(clock, 5)  # m and late poll at 0 and every 10 s; dead polls at 0, then backs off
     stats = poller.stats.as_json()
     assert (stats["polls"], stats["failed"], stats["timed_out"]) == (3, 1, 1)
@@ -281,7 +281,7 @@ def test_results_arriving_after_stop_are_not_recorded() -> None:
 
 
 def test_status_reports_the_schedule_and_last_poll() -> None:
-    clock, sink, poller = start(meter(interval=15), channel=FakeChannel(registers_of({})))
+    clock, _sink, poller = start(meter(interval=15), channel=FakeChannel(registers_of({})))
     clock.advance(0)
     status = poller.status("m")
     assert (status.last_poll, status.next_poll, status.polls, status.failing) == (0.0, 15.0, 1, False)

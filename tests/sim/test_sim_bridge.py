@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from simtools import wait_for
 from twisted.internet import protocol, reactor
 from twisted.internet.serialport import SerialPort
 
 from dtucenter.sim.bridge import SerialBridge
 from dtucenter.sim.links import TCPConnector
 from dtucenter.sim.stats import SimStats
-from simtools import wait_for
 
 
 class _Center(protocol.Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import socket
 from pathlib import Path
@@ -20,7 +21,7 @@ from dtucenter.store import queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import SAMPLES, _MultiRowInsert
 
-NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
 
 
 def test_upload_rows_read_back_one_sample_per_value(tmp_path: Path) -> None:
@@ -134,10 +135,8 @@ def test_replies_go_out_at_once_and_what_the_socket_refuses_follows_in_order() -
         received = bytearray()
         while len(received) < len(big) + 4:
             transport.doWrite()
-            try:
+            with contextlib.suppress(BlockingIOError):
                 received += theirs.recv(1 << 16)
-            except BlockingIOError:
-                pass
         assert bytes(received) == big + b"last"
     finally:
         protocol.connectionLost()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from simtools import wait_for
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
@@ -15,7 +16,6 @@ from dtucenter.sim.dtu import DTUSettings, VirtualDTU
 from dtucenter.sim.links import TCPConnector, UDPConnector
 from dtucenter.sim.stats import SimStats
 from dtucenter.store import queries
-from simtools import wait_for
 from tests.support import start_center
 
 

@@ -45,7 +45,7 @@ def feed_bytewise(proto: _StreamProtocol, data: bytes) -> None:
 
 @pytest.mark.parametrize("protocol", ["rtu", "tcp"])
 def test_registration_then_answers_then_heartbeats(protocol: str) -> None:
-    dtu, transport, proto, clock = make(protocol)
+    _dtu, transport, proto, clock = make(protocol)
     assert transport.value() == b"DTU-0007"
     transport.clear()
     request = build_request(protocol, ReadHoldingRegistersRequest(address=0, count=10, dev_id=2, transaction_id=9))
@@ -87,7 +87,7 @@ def test_unknown_unit_stays_silent_and_bad_address_is_an_exception() -> None:
 
 
 def test_registers_change_over_time() -> None:
-    dtu, transport, proto, clock = make("rtu")
+    dtu, _transport, proto, clock = make("rtu")
     meter = dtu.meters[1]
     before = [meter.register(a) for a in range(10)]
     clock.advance(7)
