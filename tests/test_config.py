@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
+import pytest_twisted
 
 from dtucenter.config import (
     ConfigError,
@@ -237,3 +240,78 @@ def test_twistd_reports_a_bad_file_value_in_one_line(tmp_path: Path, text: str, 
     output = (result.stdout + result.stderr).strip()
     assert output.startswith(f"dtucenter: {path}: {message}"), output
     assert len(output.splitlines()) == 1
+
+
+def options_for(tmp_path: Path, *args: str) -> Options:
+    """Options with a database in ``tmp_path`` unless ``args`` say where it is."""
+    parsed = Options()
+    db = [] if {"--db", "--config"} & set(args) else ["--db", f"sqlite:///{tmp_path / 'c.db'}"]
+    parsed.parseOptions([*db, *args])
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        (lambda tmp: None, ["--db", "sqlite:////no/such/dir/c.db"],
+         "dtucenter: --db: directory /no/such/dir for the SQLite database does not exist"),
+        (lambda tmp: (tmp / "center.toml").write_text('db = "sqlite:////no/such/dir/c.db"\n'),
+         ["--config", "{tmp}/center.toml"],
+         "dtucenter: {tmp}/center.toml: db: directory /no/such/dir for the SQLite database does not exist"),
+        (lambda tmp: (tmp / "dtucenter.token").mkdir(), ["--api", "tcp:0:interface=127.0.0.1"],
+         "dtucenter: cannot read the API token file {tmp}/dtucenter.token: [Errno 21] Is a directory"),
+        (lambda tmp: None, ["--api", "off", "--manhole", "tcp:0", "--manhole-keys", "{tmp}/none"],
+         "dtucenter: manhole: authorized keys file {tmp}/none does not exist"),
+        (lambda tmp: (tmp / "keys").write_text(""),
+         ["--api", "off", "--manhole", "tcp:0", "--manhole-keys", "{tmp}/keys",
+          "--manhole-host-key", "{tmp}/missing/host_key"],
+         "dtucenter: manhole host key {tmp}/missing/host_key: cannot create it: No such file or directory"),
+    ],
+)
+def test_what_only_building_the_center_finds_is_one_line(
+    tmp_path: Path, setup: Any, args: list[str], message: str
+) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from dtucenter.tap import makeService
+
+    setup(tmp_path)
+    parsed = options_for(tmp_path, *(arg.format(tmp=tmp_path) for arg in args))
+    with pytest.raises(SystemExit) as caught:
+        makeService(parsed, MemoryReactorClock())
+    assert str(caught.value.code).startswith(message.format(tmp=tmp_path)), caught.value.code
+
+
+@pytest.mark.parametrize(
+    ("file", "args", "where"),
+    [
+        ("", ["--dtu", "tcp:{port}:interface=127.0.0.1"], "--dtu"),
+        ('dtu = "tcp:{port}:interface=127.0.0.1"\n', [], "{config}: dtu"),
+        ('dtu = "tcp:0:interface=127.0.0.1"\napi = "tcp:{port}:interface=127.0.0.1"\n', [], "{config}: api"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_port_in_use_is_named_by_where_its_endpoint_came_from(
+    tmp_path: Path, file: str, args: list[str], where: str
+) -> None:
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from dtucenter.tap import makeService
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write(tmp_path, file.format(port=port) + f'db = "sqlite:///{tmp_path / "c.db"}"\n')
+        parsed = options_for(tmp_path, "--config", config, *(arg.format(port=port) for arg in args))
+        if "api" not in file:
+            parsed.settings = attrs.evolve(parsed.settings, api="off")
+        service = makeService(parsed, reactor)
+        with pytest.raises(SystemExit) as caught:
+            service.privilegedStartService()
+    expected = f"dtucenter: {where.format(config=config)}: Couldn't listen on 127.0.0.1:{port}: "
+    assert str(caught.value.code).startswith(expected), caught.value.code
+    await deferLater(reactor, 0, lambda: None)  # a port that did bind closes on the reactor's next turn
