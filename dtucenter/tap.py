@@ -4,36 +4,50 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from dtucenter.config import DEFAULT_API, DEFAULT_DB_URL, ConfigError, Settings, load_settings
+from dtucenter.config import Settings, UsageError, command_line_options, load_settings
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
-from dtucenter.modbus.config import ModbusConfigError, ModbusSettings, parse_modbus_settings
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.facade import Store
-from dtucenter.store.recorder import MeterRecorder, check_storable
-from dtucenter.web.auth import ENVIRONMENT_VARIABLE, TokenFileError, resolve_token
+from dtucenter.store.recorder import MeterRecorder
+from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.site import build_site
 
 log = Logger()
+
+#: Every option but --config comes from the settings' declarations (dtucenter/config.py).
+OPTIONS = command_line_options()
+
+
+@contextmanager
+def exit_on_usage_error() -> Iterator[None]:
+    """The one place a :class:`UsageError` ends the process: with one line and a non-zero status.
+
+    Not ``usage.UsageError``: twistd would print its whole usage text above the one line that matters.
+    """
+    try:
+        yield
+    except UsageError as e:
+        raise SystemExit(f"dtucenter: {e}") from None
 
 
 class Options(usage.Options):
@@ -42,70 +56,21 @@ class Options(usage.Options):
 
     # Defaults are None so that a value given in the config file is not
     # overridden by a default here; config.Settings holds the real defaults.
-    optParameters = [
+    optParameters: ClassVar[list[list[Any]]] = [
         ["config", "c", None, "TOML configuration file."],
-        ["dtu", None, None, "Endpoint for DTU TCP connections (default tcp:20000)."],
-        ["dtu-udp", None, None, "UDP PORT or INTERFACE:PORT for DTUs over UDP (default off)."],
-        ["db", None, None, f"SQLAlchemy database URL (default {DEFAULT_DB_URL})."],
-        ["unknown-dtu", None, None, "reject (default) or accept (enrol) DTUs not in the database."],
-        ["login-timeout", None, None, "Seconds a new connection has to log in (default 30)."],
-        ["frame-head", None, None, "Frame head bytes in hex (default AA55)."],
-        ["max-frame-length", None, None, "Largest accepted frame Length field (default 1024)."],
-        ["manhole", None, None, "Endpoint for an SSH Python prompt into the running center (default off)."],
-        ["manhole-keys", None, None, "authorized_keys file for the manhole (default ~/.ssh/authorized_keys)."],
-        ["manhole-host-key", None, None, "Manhole SSH host key file, created if missing (default dtucenter_manhole_host_key)."],
-        ["command-timeout", None, None, "Seconds a DTU has to answer a command (default 10)."],
-        ["api", None, None, f"Endpoint for the HTTP JSON API, or off (default {DEFAULT_API})."],
-        ["api-token", None, None,
-         f"Bearer token for the API (else ${ENVIRONMENT_VARIABLE}, the config file, or dtucenter.token)."],
-        ["modbus", None, None,
-         "Endpoint where DTUs dial in with a registration packet for Modbus polling (config [modbus] listen)."],
+        *([option.name, None, None, option.doc] for option in OPTIONS if not option.flag),
     ]
+    optFlags: ClassVar[list[list[Any]]] = [[option.name, None, option.doc] for option in OPTIONS if option.flag]
 
     settings: Settings
-    modbus: ModbusSettings
-    #: The Modbus registration timeout when it does not come from [modbus] login_timeout.
-    modbus_login_timeout: float | None
 
     def postOptions(self) -> None:
-        # --modbus belongs to the [modbus] table, read below with the rest of the bridge's settings.
-        overrides = {
-            key: self[key] for key in self.keys() if key not in ("config", "modbus") and self[key] is not None
+        # A flag not given is 0 here; the settings take only what was given.
+        given = {
+            option.name: (bool(self[option.name]) or None) if option.flag else self[option.name] for option in OPTIONS
         }
-        if "api-token" not in overrides and os.environ.get(ENVIRONMENT_VARIABLE):
-            overrides["api-token"] = os.environ[ENVIRONMENT_VARIABLE]
-        try:
-            self.settings = load_settings(self["config"], overrides)
-        except ConfigError as e:
-            # One line, not twistd's full usage text: the operator needs to see what is wrong.
-            raise SystemExit(f"dtucenter: {e}") from None
-        self.modbus = modbus_settings(self.settings, self["modbus"])
-        self.modbus_login_timeout = modbus_login_timeout(
-            self.settings, given_on_command_line=self["login-timeout"] is not None
-        )
-
-
-def modbus_settings(settings: Settings, listen: str | None = None) -> ModbusSettings:
-    """The [modbus], [[link]] and [[meter]] tables of the config file, with --modbus for [modbus] listen."""
-    document = dict(settings.extra)
-    if listen is not None:
-        server_endpoint(None, listen, "modbus")
-        section = document.get("modbus", {})
-        document["modbus"] = {**section, "listen": listen} if isinstance(section, Mapping) else section
-    try:
-        parsed = parse_modbus_settings(document)
-        check_storable(parsed)
-    except ModbusConfigError as e:
-        raise SystemExit(f"dtucenter: {settings.source}: {e}") from None
-    return parsed
-
-
-def modbus_login_timeout(settings: Settings, given_on_command_line: bool) -> float | None:
-    """--login-timeout on the command line wins; else [modbus] login_timeout; else the file's or default one."""
-    section = settings.extra.get("modbus")
-    if not given_on_command_line and isinstance(section, Mapping) and "login_timeout" in section:
-        return None  # the bridge takes it from its own settings
-    return settings.login_timeout
+        with exit_on_usage_error():
+            self.settings = load_settings(self["config"], given, os.environ)
 
 
 class CenterService(MultiService):
@@ -131,11 +96,11 @@ class CenterService(MultiService):
             if not isinstance(outcome, Failure):
                 bound.append(outcome)  # type: ignore[arg-type]
                 return
-            message = f"dtucenter: {what}: {outcome.getErrorMessage()}"
+            message = f"{what}: {outcome.getErrorMessage()}"
             if starting:
                 failed_now.append(message)
             else:  # an endpoint that listens asynchronously: the reactor already runs
-                log.critical("{message}; stopping", message=message)
+                log.critical("dtucenter: {message}; stopping", message=message)
                 self._reactor.stop()
 
         for what, when_listening in self._listeners:
@@ -145,13 +110,14 @@ class CenterService(MultiService):
             # Nothing else has started yet; leave no port open behind the exit either.
             for port in bound:
                 port.stopListening()
-            raise SystemExit(failed_now[0])
+            with exit_on_usage_error():
+                raise UsageError(failed_now[0])
 
 
 class ListeningService(StreamServerEndpointService):
     """A listener that can tell which port it got (tests and logs ask for port 0)."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, name: str) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, name: str) -> None:
         self._recording = PortRecordingEndpoint(endpoint, name)
         super().__init__(self._recording, factory)
         self.setName(name)
@@ -159,14 +125,6 @@ class ListeningService(StreamServerEndpointService):
     def when_listening(self) -> Deferred[IListeningPort]:
         """Fires with the port once bound, or fails with why it could not listen."""
         return self._recording.when_listening()
-
-
-def server_endpoint(reactor: Any, description: str, option: str) -> IStreamServerEndpoint:
-    """An endpoint from an option's string, or a one-line exit naming the option."""
-    try:
-        return serverFromString(reactor, description)
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"dtucenter: --{option}: not a usable endpoint {description!r}: {e}") from None
 
 
 #: CPython collects its youngest generation after 700 net new container objects by default.
@@ -190,7 +148,7 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
 
 
-def makeService(options: Options | dict[str, Any], reactor: Any = None) -> MultiService:
+def makeService(options: Options, reactor: Any = None) -> MultiService:
     """``twistd dtucenter`` calls this without a reactor: the process is the center's own,
     so the garbage collector is tuned for it. Tests pass their reactor and keep theirs."""
     if reactor is None:
@@ -199,16 +157,16 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
         service = makeService(options, global_reactor)
         tune_garbage_collector()
         return service
-    if isinstance(options, Options):
-        settings, modbus = options.settings, options.modbus
-        modbus_timeout, modbus_given = options.modbus_login_timeout, options["modbus"] is not None
-    else:
-        settings = options["settings"]
-        modbus, modbus_timeout, modbus_given = modbus_settings(settings), modbus_login_timeout(settings, False), False
+    with exit_on_usage_error():
+        return build_service(options.settings, reactor)
+
+
+def build_service(settings: Settings, reactor: Any) -> CenterService:
+    """The service tree; raises :class:`UsageError` for what the settings could not show before."""
     try:
         engine = open_engine(settings.db)
     except DatabaseURLError as e:
-        raise SystemExit(f"dtucenter: --db: {e}") from None
+        raise UsageError(f"{settings.where('db')}: {e}") from None
     top = CenterService(reactor)
     store = Store(engine, reactor)
     store.setName("store")
@@ -227,13 +185,12 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
     center.setName("center")
     center.setServiceParent(top)
     # Always, even without meters: its start-up sync marks meters that left the config.
-    recorder = MeterRecorder(store, reactor, modbus, settings.last_seen_interval, stats=center.stats)
+    recorder = MeterRecorder(store, reactor, settings.modbus, settings.last_seen_interval, stats=center.stats)
     recorder.setName("meter-recorder")
     recorder.setServiceParent(top)
-    endpoint = server_endpoint(reactor, settings.dtu, "dtu")
-    dtu_listener = ListeningService(endpoint, DTUFactory(center, reactor), "dtu-tcp")
+    dtu_listener = ListeningService(serverFromString(reactor, settings.dtu), DTUFactory(center, reactor), "dtu-tcp")
     dtu_listener.setServiceParent(top)
-    top.require_listening("--dtu", dtu_listener.when_listening)
+    top.require_listening(settings.where("dtu"), dtu_listener.when_listening)
     control = Control(center)
     control.setName("control")
     control.setServiceParent(top)
@@ -243,32 +200,29 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
         udp_service = UDPListenerService(reactor, interface, port, DTUDatagramProtocol(center, reactor))
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
-    bridge = add_modbus(top, settings, modbus, modbus_timeout, modbus_given, recorder, reactor)
+    bridge = add_modbus(top, settings, recorder, reactor)
     if settings.manhole is not None:
-        add_manhole(top, settings, bridge, reactor)
+        add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     if settings.api != "off":
         add_api(top, settings, center, control, recorder, bridge, reactor)
     return top
 
 
-def add_modbus(
-    top: CenterService, settings: Settings, modbus: ModbusSettings, login_timeout: float | None,
-    listen_given: bool, recorder: MeterRecorder, reactor: Any,
-) -> ModbusBridge | None:
+def add_modbus(top: CenterService, settings: Settings, recorder: MeterRecorder, reactor: Any) -> ModbusBridge | None:
     """The Modbus bridge, when the config has links for it."""
+    modbus = settings.modbus
     if not modbus.links:
         if modbus.listen is not None:
             log.warn("Modbus: no [[link]] is configured, so nothing listens on {listen}", listen=modbus.listen)
         return None
-    bridge = ModbusBridge(modbus, reactor, recorder, login_timeout=login_timeout)
+    bridge = ModbusBridge(modbus, reactor, recorder)
     bridge.setName("modbus")
     bridge.setServiceParent(top)
     if any(link.kind == "shared" for link in modbus.links):
-        what = "--modbus" if listen_given else f"{settings.source}: modbus.listen"
-        top.require_listening(what, partial(bridge.listening, SHARED_LISTENER))
-    for index, link in enumerate(modbus.links):
+        top.require_listening(settings.where("modbus.listen"), partial(bridge.listening, SHARED_LISTENER))
+    for link in modbus.links:
         if link.kind == "listen":
-            top.require_listening(f"{settings.source}: link[{index}].listen", partial(bridge.listening, link.name))
+            top.require_listening(settings.where_link(link, "listen"), partial(bridge.listening, link.name))
     return bridge
 
 
@@ -276,32 +230,32 @@ def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, recorder: MeterRecorder,
     bridge: ModbusBridge | None, reactor: Any,
 ) -> None:
-    endpoint = server_endpoint(reactor, settings.api, "api")
     try:
         token = resolve_token(settings.api_token, settings.db)
     except TokenFileError as e:
-        raise SystemExit(f"dtucenter: {e}") from None
+        raise UsageError(str(e)) from None
     site = build_site(center, control, token, bridge)
     MeterApi(recorder, bridge, center.now).install(site.resource)
-    listener = ListeningService(endpoint, site, "api")
+    listener = ListeningService(serverFromString(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
-    top.require_listening("--api", listener.when_listening)
+    top.require_listening(settings.where("api"), listener.when_listening)
 
 
-def add_manhole(top: CenterService, settings: Settings, bridge: ModbusBridge | None, reactor: Any) -> None:
+def add_manhole(
+    top: CenterService, settings: Settings, endpoint: str, center: DTUCenter, bridge: ModbusBridge | None,
+    reactor: Any,
+) -> None:
     from dtucenter.manhole import ManholeError, manhole_factory
 
-    center = top.getServiceNamed("center")
     namespace = {
         "service": top,
         "center": center,
-        "sessions": center.sessions,  # type: ignore[attr-defined]
-        "stats": center.stats,  # type: ignore[attr-defined]
+        "sessions": center.sessions,
+        "stats": center.stats,
         "store": top.getServiceNamed("store"),
         "bridge": bridge,
         "reactor": reactor,
     }
-    endpoint = server_endpoint(reactor, settings.manhole, "manhole")
     try:
         factory = manhole_factory(
             namespace,
@@ -309,7 +263,7 @@ def add_manhole(top: CenterService, settings: Settings, bridge: ModbusBridge | N
             Path(settings.manhole_host_key).expanduser(),
         )
     except ManholeError as e:
-        raise SystemExit(f"dtucenter: {e}") from None
-    listener = ListeningService(endpoint, factory, "manhole")
+        raise UsageError(str(e)) from None
+    listener = ListeningService(serverFromString(reactor, endpoint), factory, "manhole")
     listener.setServiceParent(top)
-    top.require_listening("--manhole", listener.when_listening)
+    top.require_listening(settings.where("manhole"), listener.when_listening)

@@ -77,16 +77,16 @@ def test_errors_are_one_line(db: str, capsys: pytest.CaptureFixture[str]) -> Non
 def test_meter_samples_csv_and_json(db: str) -> None:
     import tomllib
 
-    from dtucenter.modbus.config import parse_modbus_settings
+    from dtucenter.config import read_settings
     from dtucenter.store import meters
     from dtucenter.store.models import MeterSample
     from dtucenter.store.recorder import meter_spec
 
-    settings = parse_modbus_settings(tomllib.loads(
+    settings = read_settings(tomllib.loads(
         '[[link]]\nname = "bus"\nserial = "/dev/ttyX"\n[[meter]]\nname = "m1"\nlink = "bus"\nunit = 1\n'
         '[[meter.point]]\nname = "volts"\ntable = "holding"\naddress = 0\nscale = 0.1\n'
         '[[meter.point]]\nname = "door"\ntable = "discrete"\naddress = 0\n'
-    ))
+    )).modbus
     t0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
     engine = open_engine(db)
     with Session(engine) as session, session.begin():

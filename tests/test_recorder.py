@@ -13,12 +13,12 @@ from sqlalchemy.orm import Session
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from dtucenter.modbus.config import ModbusConfigError, parse_modbus_settings
+from dtucenter.config import ConfigError, read_settings
 from dtucenter.store import meters
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import Store
 from dtucenter.store.models import MeterFailure, MeterSample
-from dtucenter.store.recorder import MeterRecorder, check_storable
+from dtucenter.store.recorder import MeterRecorder
 
 T0 = 1_800_000_000.0  # a reactor time, seconds since the epoch
 
@@ -28,7 +28,7 @@ def config(*names: str, points: str = "") -> Any:
     for name in names:
         text += f'[[meter]]\nname = "{name}"\nlink = "bus"\nunit = 1\ninterval = 5\n'
         text += points or '[[meter.point]]\nname = "volts"\ntable = "holding"\naddress = 0\nscale = 0.1\n'
-    return parse_modbus_settings(tomllib.loads(text))
+    return read_settings(tomllib.loads(text), source="center.toml").modbus
 
 
 async def started(db_url: str, settings: Any, clock: Any = None) -> tuple[Store, MeterRecorder]:
@@ -180,5 +180,5 @@ address = 0
 
 
 def test_names_longer_than_the_columns_are_a_config_error() -> None:
-    with pytest.raises(ModbusConfigError, match=r"^meter\[0\]\.name: at most 100 characters, not 101$"):
-        check_storable(config("m" * 101))
+    with pytest.raises(ConfigError, match=r"^center.toml: meter\[0\]: name: at most 100 characters, got 101$"):
+        config("m" * 101)

@@ -24,6 +24,7 @@ from pymodbus.pdu.register_message import (
 )
 
 from dtucenter.modbus.errors import ResponseMismatch
+from dtucenter.setting import boolean, integer, member, nonzero, setting, text
 
 MAX_READ_REGISTERS = 125
 MAX_READ_BITS = 2000
@@ -92,6 +93,10 @@ _STRUCT_CODES = {
 }
 
 
+#: Point types in the order an error lists them: the register types first.
+POINT_TYPE_NAMES = (*(t.value for t in PointType if t is not PointType.BOOL), PointType.BOOL.value)
+
+
 class WordOrder(enum.Enum):
     BIG = "big"  # most significant register first, as the Modbus spec orders bytes
     LITTLE = "little"  # least significant register first (common "word swap")
@@ -103,14 +108,20 @@ class PointValueError(ValueError):
 
 @attrs.frozen
 class Point:
-    name: str
-    table: Table
-    address: int
-    type: PointType
-    word_order: WordOrder = WordOrder.BIG
-    scale: float = 1.0
-    unit: str | None = None
-    write_multiple: bool = False  # force FC 15/16 for devices without FC 5/6
+    name: str = attrs.field(metadata=setting(text, "The value's name, in the database and the API."))
+    table: Table = attrs.field(metadata=setting(member(Table), "holding, input, coil or discrete."))
+    address: int = attrs.field(metadata=setting(integer(0, 65535), "The first (or only) address."))
+    type: PointType = attrs.field(
+        metadata=setting(member(PointType, POINT_TYPE_NAMES), "How the registers are decoded.")
+    )
+    word_order: WordOrder = attrs.field(
+        default=WordOrder.BIG, metadata=setting(member(WordOrder), "big or little: which register comes first.")
+    )
+    scale: float = attrs.field(default=1.0, metadata=setting(nonzero, "Factor applied to the decoded value."))
+    unit: str | None = attrs.field(default=None, metadata=setting(text, "The value's unit, for people."))
+    write_multiple: bool = attrs.field(
+        default=False, metadata=setting(boolean, "Force FC 15/16 for devices without FC 5/6.")
+    )
 
     @property
     def width(self) -> int:
@@ -261,9 +272,17 @@ class ReadBlock:
 
 @attrs.frozen
 class BlockLimits:
-    max_registers: int = MAX_READ_REGISTERS
-    max_bits: int = MAX_READ_BITS
-    max_gap: int = 8  # unused registers a block may span to save a request
+    max_registers: int = attrs.field(
+        default=MAX_READ_REGISTERS,
+        metadata=setting(integer(1, MAX_READ_REGISTERS), "Most registers one read request asks for."),
+    )
+    max_bits: int = attrs.field(
+        default=MAX_READ_BITS, metadata=setting(integer(1, MAX_READ_BITS), "Most bits one read request asks for.")
+    )
+    max_gap: int = attrs.field(
+        default=8,
+        metadata=setting(integer(0, MAX_READ_REGISTERS), "Unused registers a block may span to save a request."),
+    )
 
     def size_limit(self, table: Table) -> int:
         return self.max_bits if table.holds_bits else self.max_registers

@@ -78,13 +78,12 @@ class ModbusBridge(MultiService):
         reactor,
         sink: MeterSink,
         *,
-        login_timeout: float | None = None,
         open_serial: Callable[..., object] = open_serial_port,
         max_backoff: float = 300.0,
     ) -> None:
         super().__init__()
         self.settings = settings
-        self.login_timeout = login_timeout if login_timeout is not None else settings.login_timeout
+        self.login_timeout = settings.login_timeout
         self.links: dict[str, Link] = {link.name: Link(link, reactor) for link in settings.links}
         self._endpoints: dict[str, PortRecordingEndpoint] = {}
 

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dtucenter.isotime import utc_from_seconds as utc
-from dtucenter.modbus.config import MeterSettings, ModbusConfigError, ModbusSettings
+from dtucenter.modbus.config import MeterSettings, ModbusSettings
 from dtucenter.modbus.points import Point, Value
 from dtucenter.store import meters
 from dtucenter.store.facade import Store
@@ -56,17 +56,6 @@ def meter_spec(meter: MeterSettings) -> dict[str, Any]:
     """A configured meter as ``meters.sync_meters`` takes it."""
     return {"name": meter.name, "link": meter.link, "unit": meter.unit, "interval": meter.interval,
             "points": [point_spec(p) for p in meter.points]}
-
-
-def check_storable(settings: ModbusSettings) -> None:
-    """Names must fit the tables' columns; ModbusConfigError names the key otherwise."""
-    named = [(f"link[{i}].name", link.name) for i, link in enumerate(settings.links)]
-    for i, meter in enumerate(settings.meters):
-        named.append((f"meter[{i}].name", meter.name))
-        named.extend((f"meter[{i}].point[{j}].name", point.name) for j, point in enumerate(meter.points))
-    for path, name in named:
-        if len(name) > meters.MAX_NAME:
-            raise ModbusConfigError(path, f"at most {meters.MAX_NAME} characters, not {len(name)}")
 
 
 @attrs.define(eq=False)

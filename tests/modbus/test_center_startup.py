@@ -45,24 +45,28 @@ def options(tmp_path: Path, *args: str) -> Options:
 
 def test_the_modbus_option_overrides_the_file(tmp_path: Path) -> None:
     config = write_config(tmp_path, '[modbus]\nlisten = "tcp:20101"\nlogin_timeout = 7\n' + LINK)
-    assert options(tmp_path, "--config", config).modbus.listen == "tcp:20101"
-    assert options(tmp_path, "--config", config, "--modbus", "tcp:20202").modbus.listen == "tcp:20202"
+    assert options(tmp_path, "--config", config).settings.modbus.listen == "tcp:20101"
+    assert options(tmp_path, "--config", config, "--modbus", "tcp:20202").settings.modbus.listen == "tcp:20202"
+    # --modbus also stands in for [modbus] listen where a shared link needs one.
+    assert options(tmp_path, "--config", write_config(tmp_path, LINK), "--modbus", "tcp:0").settings.modbus.links
 
 
 @pytest.mark.parametrize(
     ("modbus_table", "args", "expected"),
     [
-        ("login_timeout = 7", [], None),  # the bridge's own [modbus] login_timeout (7) applies
+        ("login_timeout = 7", [], 7),  # the bridge's own [modbus] login_timeout applies
         ("login_timeout = 7", ["--login-timeout", "9"], 9),  # the command line wins over the file
         ("", [], 5),  # the file's general login_timeout
     ],
 )
-def test_which_login_timeout_the_bridge_gets(tmp_path: Path, modbus_table: str, args: list[str], expected: float | None) -> None:
+def test_which_login_timeout_the_bridge_gets(
+    tmp_path: Path, modbus_table: str, args: list[str], expected: float
+) -> None:
     config = write_config(tmp_path, f'login_timeout = 5\n[modbus]\nlisten = "tcp:20101"\n{modbus_table}\n' + LINK)
     parsed = options(tmp_path, "--config", config, *args)
-    assert parsed.modbus_login_timeout == expected
+    assert parsed.settings.modbus.login_timeout == expected
     bridge = makeService(parsed, MemoryReactorClock()).getServiceNamed("modbus")
-    assert bridge.login_timeout == (7 if expected is None else expected)  # type: ignore[attr-defined]
+    assert bridge.login_timeout == expected
 
 
 def test_the_bridge_is_in_the_tree_only_with_links(tmp_path: Path) -> None:
@@ -78,11 +82,11 @@ def test_the_bridge_is_in_the_tree_only_with_links(tmp_path: Path) -> None:
     ("text", "message"),
     [
         (LINK.replace('address = 0', 'address = 0\ntype = "uint15"'),
-         "meter[0].point[0].type: 'uint15' is not one of int16, uint16"),
-        (LINK, "link[0]: link 'site-a' waits for its DTU on the shared listener: set [modbus] listen"),
+         'meter "m1": point "voltage": type: must be one of int16, uint16'),
+        (LINK, 'link "site-a": waits for its DTU on the shared listener: set [modbus] listen (or --modbus)'),
         ('[modbus]\nlisten = "tcp:1"\n' + LINK.replace('"m1"', '"' + "m" * 101 + '"'),
-         "meter[0].name: at most 100 characters, not 101"),
-        ('[modbus]\nlisten = "tcp:1"\nlisten_port = 3\n' + LINK, "modbus.listen_port: unknown key (a typo?)"),
+         "meter[0]: name: at most 100 characters, got 101"),
+        ('[modbus]\nlisten = "tcp:1"\nlisten_port = 3\n' + LINK, "modbus: listen_port: unknown key (a typo?)"),
     ],
 )
 def test_config_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -97,12 +101,18 @@ def test_twistd_reports_a_config_error_in_one_line(tmp_path: Path) -> None:
     result = run_twistd(tmp_path, "--config", config, "--api", "off")
     assert result.returncode != 0
     output = (result.stdout + result.stderr).strip()
-    assert output == f"dtucenter: {config}: meter[0].unit: must be between 0 and 255, not 300"
+    assert output == f'dtucenter: {config}: meter "m1": unit: must be between 0 and 255, got 300'
 
 
 def test_twistd_refuses_a_bad_modbus_endpoint(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="^dtucenter: --modbus: not a usable endpoint 'nonsense:1'"):
+    with pytest.raises(SystemExit, match=r"^dtucenter: --modbus: not a usable server endpoint 'nonsense:1'"):
         options(tmp_path, "--modbus", "nonsense:1")
+    config = write_config(tmp_path, '[modbus]\nlisten = "nonsense:1"\n')
+    result = run_twistd(tmp_path, "--config", config, "--api", "off")
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert output.startswith(f"dtucenter: {config}: modbus: listen: not a usable server endpoint 'nonsense:1'"), output
+    assert len(output.splitlines()) == 1
 
 
 def test_twistd_stops_when_the_modbus_port_is_taken(tmp_path: Path) -> None:
@@ -127,13 +137,15 @@ async def test_a_link_port_in_use_stops_the_start_and_closes_what_was_bound(tmp_
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = write_config(tmp_path, LINK.replace('registration = "DTU-0001"', f'listen = "tcp:{port}:interface=127.0.0.1"'))
+        link = LINK.replace('registration = "DTU-0001"', f'listen = "tcp:{port}:interface=127.0.0.1"')
+        config = write_config(tmp_path, link)
         service = makeService(options(tmp_path, "--config", config, "--dtu", "tcp:0:interface=127.0.0.1"), reactor)
         with pytest.raises(SystemExit) as caught:
             service.privilegedStartService()
     assert str(caught.value) == (
-        f"dtucenter: {config}: link[0].listen: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use."
+        f'dtucenter: {config}: link "site-a": listen: '
+        f"Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use."
     )
-    dtu_port = service.getServiceNamed("dtu-tcp")._waitingForPort.result  # type: ignore[attr-defined]
+    dtu_port = service.getServiceNamed("dtu-tcp")._waitingForPort.result
     await deferLater(reactor, 0, lambda: None)  # a port closes on the reactor's next turn
     assert not dtu_port.connected, "the DTU port that did bind was closed again"

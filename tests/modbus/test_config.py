@@ -6,11 +6,8 @@ import tomllib
 
 import pytest
 
-from dtucenter.modbus.config import (
-    ModbusConfigError,
-    SerialSettings,
-    parse_modbus_settings,
-)
+from dtucenter.config import ConfigError, read_settings
+from dtucenter.modbus.config import ModbusSettings, SerialSettings
 from dtucenter.modbus.points import BlockLimits, PointType, Table, WordOrder
 
 EXAMPLE = """
@@ -85,13 +82,15 @@ address = 3
 """
 
 
-def parse(text: str):
-    return parse_modbus_settings(tomllib.loads(text))
+def parse(text: str) -> ModbusSettings:
+    return read_settings(tomllib.loads(text), source="center.toml").modbus
 
 
-def error_of(text: str) -> ModbusConfigError:
-    with pytest.raises(ModbusConfigError) as caught:
+def error_of(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
         parse(text)
+    assert str(caught.value) == f"center.toml: {caught.value.path}: {caught.value.problem}"
+    assert "\n" not in str(caught.value)
     return caught.value
 
 
@@ -122,7 +121,7 @@ def test_full_example_parses() -> None:
 
 
 def test_a_document_without_modbus_parts_gives_empty_settings() -> None:
-    settings = parse_modbus_settings({"db": "sqlite:///x.db"})
+    settings = read_settings({"db": "sqlite:///x.db"}).modbus
     assert (settings.listen, settings.links, settings.meters) == (None, (), ())
 
 
@@ -139,70 +138,103 @@ unit = 1
 
 def with_point(**keys: object) -> str:
     point = {"name": "p", "table": "holding", "address": 0} | keys
-    body = "\n".join(f"{k} = {v!r}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}" for k, v in point.items() if v is not None)
+    body = "\n".join(
+        f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in point.items() if v is not None
+    )
     return METER + "[[meter.point]]\n" + body.replace("'", '"') + "\n"
+
+
+POINT = 'meter "m": point "p"'
 
 
 @pytest.mark.parametrize(
     ("text", "path", "problem"),
     [
-        (with_point(type="uint15"), "meter[0].point[0].type", "'uint15' is not one of int16, uint16"),
-        (with_point(table="holdings"), "meter[0].point[0].table", "is not one of holding, input, coil, discrete"),
-        (with_point(table=None), "meter[0].point[0].table", "is required"),
-        (with_point(address=None), "meter[0].point[0].address", "is required"),
-        (with_point(address=70000), "meter[0].point[0].address", "between 0 and 65535"),
-        (with_point(address=65535, type="uint32"), "meter[0].point[0].address", "runs past address 65535"),
-        (with_point(address="7"), "meter[0].point[0].address", "must be an integer"),
-        (with_point(addres=3), "meter[0].point[0].addres", "unknown key"),
-        (with_point(word_order="big", type="uint16"), "meter[0].point[0].word_order", "only applies to 32- and 64-bit"),
-        (with_point(word_order="middle", type="uint32"), "meter[0].point[0].word_order", "not one of big, little"),
-        (with_point(scale=0), "meter[0].point[0].scale", "must not be 0"),
-        (with_point(scale=True), "meter[0].point[0].scale", "must be a number"),
-        (with_point(type="bool", scale=2), "meter[0].point[0].scale", "does not apply to bool"),
-        (with_point(table="coil", type="uint16"), "meter[0].point[0].type", "single bit: use bool"),
-        (METER, "meter[0].point", "at least one"),
+        (with_point(type="uint15"), f"{POINT}: type", "must be one of int16, uint16"),
+        (with_point(table="holdings"), f"{POINT}: table",
+         "must be one of holding, input, coil, discrete, got 'holdings'"),
+        (with_point(table=None), f"{POINT}: table", "is required"),
+        (with_point(address=None), f"{POINT}: address", "is required"),
+        (with_point(address=70000), f"{POINT}: address", "must be between 0 and 65535, got 70000"),
+        (with_point(address=65535, type="uint32"), f"{POINT}: address", "runs past address 65535"),
+        (with_point(address="seven"), f"{POINT}: address", "must be a whole number, got 'seven'"),
+        (with_point(address=1.5), f"{POINT}: address", "must be a whole number, got 1.5"),
+        (with_point(addres=3), f"{POINT}: addres", "unknown key (a typo?)"),
+        (with_point(word_order="big", type="uint16"), f"{POINT}: word_order", "only applies to 32- and 64-bit"),
+        (with_point(word_order="middle", type="uint32"), f"{POINT}: word_order", "must be one of big, little"),
+        (with_point(scale=0), f"{POINT}: scale", "must not be 0"),
+        (with_point(scale=True), f"{POINT}: scale", "must be a number, got true"),
+        (with_point(type="bool", scale=2), f"{POINT}: scale", "does not apply to bool"),
+        (with_point(table="coil", type="uint16"), f"{POINT}: type", "single bit: use bool"),
+        (with_point(name=None), 'meter "m": point[0]: name', "is required"),
+        (with_point(name=""), 'meter "m": point[0]: name', "must be a non-empty string, got ''"),
+        (with_point(name=7), 'meter "m": point[0]: name', "must be a non-empty string, got 7"),
+        (with_point(name="p" * 101), 'meter "m": point[0]: name', "at most 100 characters, got 101"),
+        (METER, 'meter "m": point', "a meter needs at least one [[meter.point]]"),
+        (METER + 'point = 3\n', 'meter "m": point', "must be an array of tables ([[point]]), got 3"),
+        (METER + 'point = [3]\n', 'meter "m": point[0]', "must be a table, got 3"),
     ],
 )
 def test_point_errors_name_the_key(text: str, path: str, problem: str) -> None:
     error = error_of(text)
     assert error.path == path
     assert problem in error.problem
-    assert str(error).startswith(path + ": ")
 
 
-def test_error_path_counts_meters_and_points() -> None:
+def test_error_path_names_meters_and_points() -> None:
     text = with_point() + with_point(type="uint15").replace(METER, '[[meter]]\nname = "m2"\nlink = "l"\nunit = 2\n')
     text += '[[meter.point]]\nname = "q"\ntable = "input"\naddress = 1\ntype = "int99"\n'
-    assert error_of(text).path == "meter[1].point[0].type"
+    assert error_of(text).path == 'meter "m2": point "p": type'
+
+
+def test_keys_may_be_written_with_dashes_but_only_once() -> None:
+    assert parse('[modbus]\nlisten = "tcp:5020"\nlogin-timeout = 4\n').login_timeout == 4
+    error = error_of('[modbus]\nlogin-timeout = 4\nlogin_timeout = 5\n')
+    assert (error.path, error.problem) == ("modbus: login_timeout", "given twice, as login-timeout and login_timeout")
+
+
+def test_numbers_may_be_written_as_text() -> None:
+    point = parse(with_point(address="0x10", scale="0.5")).meters[0].points[0]
+    assert (point.address, point.scale) == (16, 0.5)
 
 
 @pytest.mark.parametrize(
     ("text", "path", "problem"),
     [
-        ('[modbus]\nlisten = "tcp:5020"\nlisen = 1\n', "modbus.lisen", "unknown key"),
-        ('[modbus]\nlisten = "tcp:port"\n', "modbus.listen", "not a valid server endpoint"),
-        ('[modbus]\nlogin_timeout = -1\n', "modbus.login_timeout", "greater than 0"),
-        ('modbus = 3\n', "modbus", "must be a table"),
-        ('link = 3\n', "link", "array of tables"),
-        ('[[link]]\nlisten = "tcp:1"\n', "link[0].name", "is required"),
-        ('[[link]]\nname = "a"\n', "link[0]", "needs one of registration"),
-        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nheartbeet = "HB"\n', "link[0].heartbeet", "unknown key"),
-        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nprotocol = "ascii"\n', "link[0].protocol", "not one of rtu, tcp"),
-        ('[[link]]\nname = "a"\nlisten = "tcp:1"\ntimeout = 0\n', "link[0].timeout", "greater than 0"),
-        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nretries = -1\n', "link[0].retries", "between 0 and 10"),
-        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nheartbeat = "hex:XY"\n', "link[0].heartbeat", "not valid hex"),
-        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nconnect = "tcp:host=h:port=1"\n', "link[0].connect", "cannot be combined with listen"),
-        ('[[link]]\nname = "a"\nconnect = "tcp:host=h"\n', "link[0].connect", "not a valid client endpoint"),
-        ('[[link]]\nname = "a"\nconnect = "tcp:host=h:port=1"\nregistration = "X"\n', "link[0].registration", "only applies to links the DTU dials"),
-        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nregistration_prefix = true\n', "link[0].registration_prefix", "needs registration"),
-        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nbaudrate = 9600\n', "link[0].baudrate", "only applies to serial"),
-        ('[[link]]\nname = "a"\nserial = "/dev/x"\nheartbeat = "HB"\n', "link[0].heartbeat", "network links"),
-        ('[[link]]\nname = "a"\nserial = "/dev/x"\nidle_timeout = 60\n', "link[0].idle_timeout", "network links"),
-        ('[[link]]\nname = "a"\nserial = "/dev/x"\nprotocol = "tcp"\n', "link[0].protocol", "rtu only"),
-        ('[[link]]\nname = "a"\nserial = "/dev/x"\nstopbits = 3\n', "link[0].stopbits", "1, 1.5 or 2"),
-        ('[[link]]\nname = "a"\nserial = "/dev/x"\nparity = "X"\n', "link[0].parity", "not one of N, E, O"),
-        ('[[link]]\nname = "a"\nregistration = "R"\n', "link[0]", "set [modbus] listen"),
-        ('[[link]]\nname = "a"\nlisten = "tcp:1"\n[[link]]\nname = "a"\nlisten = "tcp:2"\n', "link[1].name", "already the name of link[0]"),
+        ('[modbus]\nlisten = "tcp:5020"\nlisen = 1\n', "modbus: lisen", "unknown key"),
+        ('[modbus]\nlisten = "tcp:port"\n', "modbus: listen", "not a usable server endpoint 'tcp:port'"),
+        ('[modbus]\nlogin_timeout = -1\n', "modbus: login_timeout", "must be a number > 0, got -1"),
+        ('modbus = 3\n', "modbus", "must be a table, got 3"),
+        ('link = 3\n', "link", "must be an array of tables ([[link]]), got 3"),
+        ('link = [3]\n', "link[0]", "must be a table, got 3"),
+        ('[[link]]\nlisten = "tcp:1"\n', "link[0]: name", "is required"),
+        ('[[link]]\nname = "a"\n', 'link "a"', "needs one of registration"),
+        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nheartbeet = "HB"\n', 'link "a": heartbeet', "unknown key"),
+        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nprotocol = "ascii"\n', 'link "a": protocol',
+         "must be one of rtu, tcp"),
+        ('[[link]]\nname = "a"\nlisten = "tcp:1"\ntimeout = 0\n', 'link "a": timeout', "must be a number > 0, got 0"),
+        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nretries = -1\n', 'link "a": retries', "must be between 0 and 10"),
+        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nheartbeat = "hex:XY"\n', 'link "a": heartbeat', "not valid hex"),
+        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nconnect = "tcp:host=h:port=1"\n', 'link "a": connect',
+         "cannot be combined with listen"),
+        ('[[link]]\nname = "a"\nconnect = "tcp:host=h"\n', 'link "a": connect', "not a usable client endpoint"),
+        ('[[link]]\nname = "a"\nconnect = "tcp:host=h:port=1"\nregistration = "X"\n', 'link "a": registration',
+         "only applies to links the DTU dials"),
+        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nregistration_prefix = true\n', 'link "a": registration_prefix',
+         "needs registration"),
+        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nregistration_prefix = 1\n', 'link "a": registration_prefix',
+         "must be true or false, got 1"),
+        ('[[link]]\nname = "a"\nlisten = "tcp:1"\nbaudrate = 9600\n', 'link "a": baudrate', "only applies to serial"),
+        ('[[link]]\nname = "a"\nserial = "/dev/x"\nheartbeat = "HB"\n', 'link "a": heartbeat', "network links"),
+        ('[[link]]\nname = "a"\nserial = "/dev/x"\nidle_timeout = 60\n', 'link "a": idle_timeout', "network links"),
+        ('[[link]]\nname = "a"\nserial = "/dev/x"\nprotocol = "tcp"\n', 'link "a": protocol', "rtu only"),
+        ('[[link]]\nname = "a"\nserial = "/dev/x"\nstopbits = 3\n', 'link "a": stopbits', "must be 1, 1.5 or 2, got 3"),
+        ('[[link]]\nname = "a"\nserial = "/dev/x"\nparity = "X"\n', 'link "a": parity', "must be one of N, E, O"),
+        ('[[link]]\nname = "a"\nserial = "/dev/x"\nbaudrate = 10\n', 'link "a": baudrate',
+         "must be between 50 and 4000000, got 10"),
+        ('[[link]]\nname = "a"\nregistration = "R"\n', 'link "a"', "set [modbus] listen (or --modbus)"),
+        ('[[link]]\nname = "a"\nlisten = "tcp:1"\n[[link]]\nname = "a"\nlisten = "tcp:2"\n', "link[1]: name",
+         "'a' is already the name of link[0]"),
     ],
 )
 def test_link_errors_name_the_key(text: str, path: str, problem: str) -> None:
@@ -211,12 +243,17 @@ def test_link_errors_name_the_key(text: str, path: str, problem: str) -> None:
     assert problem in error.problem
 
 
+def test_the_example_message() -> None:
+    text = '[[link]]\nname = "site-a"\nlisten = "tcp:1"\ntimeout = 0\n'
+    assert str(error_of(text)) == 'center.toml: link "site-a": timeout: must be a number > 0, got 0'
+
+
 def test_registrations_on_the_shared_listener_must_be_distinguishable() -> None:
     text = '[modbus]\nlisten = "tcp:5020"\n'
     text += '[[link]]\nname = "a"\nregistration = "DTU-1"\n[[link]]\nname = "b"\nregistration = "DTU-10"\n'
     error = error_of(text)
-    assert error.path == "link[0].registration"
-    assert "a prefix of the registration of link[1] ('b')" in error.problem
+    assert error.path == 'link "a": registration'
+    assert "a prefix of the registration of link 'b'" in error.problem
     same = text.replace("DTU-10", "DTU-1")
     assert "the same as" in error_of(same).problem
 
@@ -224,11 +261,14 @@ def test_registrations_on_the_shared_listener_must_be_distinguishable() -> None:
 @pytest.mark.parametrize(
     ("extra", "path", "problem"),
     [
-        ('link = "nope"', "meter[0].link", "no link named 'nope' (links: 'l')"),
-        ("unit = 0", "meter[0].unit", "an rtu unit id is 1..247"),
-        ("interval = 0", "meter[0].interval", "greater than 0"),
-        ("max_registers = 126", "meter[0].max_registers", "between 1 and 125"),
-        ("colour = 1", "meter[0].colour", "unknown key"),
+        ('link = "nope"', 'meter "m": link', "no link named 'nope' (links: 'l')"),
+        ("unit = 0", 'meter "m": unit', "an rtu unit id is 1..247, got 0"),
+        ("unit = 256", 'meter "m": unit', "must be between 0 and 255, got 256"),
+        ("interval = 0", 'meter "m": interval', "must be a number > 0"),
+        ("max_registers = 126", 'meter "m": max_registers', "must be between 1 and 125"),
+        ("max_bits = 0", 'meter "m": max_bits', "must be between 1 and 2000"),
+        ("max_gap = -1", 'meter "m": max_gap', "must be between 0 and 125"),
+        ("colour = 1", 'meter "m": colour', "unknown key"),
     ],
 )
 def test_meter_errors_name_the_key(extra: str, path: str, problem: str) -> None:
@@ -241,14 +281,20 @@ def test_meter_errors_name_the_key(extra: str, path: str, problem: str) -> None:
     assert problem in error.problem
 
 
-def test_meter_needs_a_unit_and_unique_names() -> None:
+def test_meter_needs_a_name_a_unit_and_unique_names() -> None:
     text = with_point().replace("unit = 1\n", "")
-    assert error_of(text).path == "meter[0].unit"
+    assert error_of(text).path == 'meter "m": unit'
+    assert error_of(with_point().replace('name = "m"\n', "")).path == "meter[0]: name"
     twice = with_point() + '[[meter.point]]\nname = "p"\ntable = "input"\naddress = 0\n'
     error = error_of(twice)
-    assert (error.path, error.problem) == ("meter[0].point[1].name", "'p' is already the name of point[0]")
+    assert (error.path, error.problem) == ('meter "m": point[1]: name', "'p' is already the name of point[0]")
+    other = with_point() + '[[meter]]\nname = "m"\nlink = "l"\nunit = 2\n'
+    other += '[[meter.point]]\nname = "p"\ntable = "input"\naddress = 0\n'
+    error = error_of(other)
+    assert (error.path, error.problem) == ("meter[1]: name", "'m' is already the name of meter[0]")
 
 
 def test_tcp_links_accept_any_unit_id() -> None:
-    text = with_point().replace('listen = "tcp:20101"', 'listen = "tcp:20101"\nprotocol = "tcp"').replace("unit = 1", "unit = 255")
+    text = with_point().replace('listen = "tcp:20101"', 'listen = "tcp:20101"\nprotocol = "tcp"')
+    text = text.replace("unit = 1", "unit = 255")
     assert parse(text).meters[0].unit == 255

@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from dtucenter.modbus.config import parse_modbus_settings
+from dtucenter.config import read_settings
 from dtucenter.modbus.errors import ModbusExceptionResponse
 from dtucenter.modbus.service import ModbusBridge
 from tests.modbus.interop_support import (
@@ -25,7 +25,7 @@ from tests.modbus.modbus_helpers import read_input
 
 
 async def start_bridge(toml: str, sink: WaitingSink, **options) -> ModbusBridge:
-    bridge = ModbusBridge(parse_modbus_settings(tomllib.loads(toml)), reactor, sink, **options)
+    bridge = ModbusBridge(read_settings(tomllib.loads(toml)).modbus, reactor, sink, **options)
     bridge.startService()
     return bridge
 

@@ -8,7 +8,7 @@ import tomllib
 
 from twisted.internet.testing import MemoryReactorClock
 
-from dtucenter.modbus.config import parse_modbus_settings
+from dtucenter.config import read_settings
 from dtucenter.modbus.service import ModbusBridge
 from tests.modbus.modbus_helpers import SerialOpener, result_of
 
@@ -57,7 +57,7 @@ class NoSink:
 def test_bridge_builds_listeners_clients_serial_ports_and_the_poller() -> None:
     reactor = MemoryReactorClock()
     open_serial = SerialOpener()
-    bridge = ModbusBridge(parse_modbus_settings(tomllib.loads(CONFIG)), reactor, NoSink(), open_serial=open_serial)
+    bridge = ModbusBridge(read_settings(tomllib.loads(CONFIG)).modbus, reactor, NoSink(), open_serial=open_serial)
     bridge.startService()
     assert sorted(port for port, *_ in reactor.tcpServers) == [5020, 20101]
     assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 1502)]
@@ -81,10 +81,11 @@ def test_bridge_builds_listeners_clients_serial_ports_and_the_poller() -> None:
 
 def test_the_bridge_stands_apart_from_the_rest_of_the_center() -> None:
     # Integration wires the bridge in; the bridge must not reach back. It may share
-    # leaf helpers that import nothing of the center (addresses, the latency histogram, the login throttle).
+    # leaf helpers that import nothing of the center (addresses, the latency histogram, the login throttle,
+    # the settings' declarations).
     code = (
         "import sys, dtucenter.modbus.service\n"
         "print(sorted(m for m in sys.modules if m.startswith('dtucenter.') and not m.startswith('dtucenter.modbus')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['dtucenter.addresses', 'dtucenter.latency', 'dtucenter.throttle']"
+    assert out.strip() == "['dtucenter.addresses', 'dtucenter.latency', 'dtucenter.setting', 'dtucenter.throttle']"
