@@ -29,6 +29,7 @@ from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordin
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.facade import Store
 from dtucenter.store.recorder import MeterRecorder, check_storable
+from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import ENVIRONMENT_VARIABLE, TokenFileError, resolve_token
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.site import build_site
@@ -61,6 +62,13 @@ class Options(usage.Options):
         ["modbus", None, None,
          "Endpoint where DTUs dial in with a registration packet for Modbus polling (config [modbus] listen)."],
     ]
+
+    #: False with --no-upgrade: start only on a schema already at this release's head.
+    upgrade_schema = True
+
+    def opt_no_upgrade(self) -> None:
+        """Refuse to start when the database schema is older, rather than upgrade it (dtucenter db upgrade)."""
+        self.upgrade_schema = False
 
     settings: Settings
     modbus: ModbusSettings
@@ -206,8 +214,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Multi
         settings = options["settings"]
         modbus, modbus_timeout, modbus_given = modbus_settings(settings), modbus_login_timeout(settings, False), False
     try:
-        engine = open_engine(settings.db)
-    except DatabaseURLError as e:
+        engine = open_engine(settings.db, upgrade=getattr(options, "upgrade_schema", True))
+    except (DatabaseURLError, SchemaError) as e:
         raise SystemExit(f"dtucenter: --db: {e}") from None
     top = CenterService(reactor)
     store = Store(engine, reactor)
