@@ -53,9 +53,7 @@ def open_engine(
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
-        if upgrade:
-            schema.upgrade(engine)
-        elif create and schema.current(engine).kind == "empty":
+        if upgrade or (create and schema.current(engine).kind == "empty"):
             schema.upgrade(engine)
         elif create:
             schema.require_head(engine)
