@@ -16,6 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, inspect, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
+from twisted.logger import formatEvent, globalLogPublisher
 
 from dtucenter import cli
 from dtucenter.store import audit, meters, queries, schema
@@ -252,9 +253,19 @@ async def test_center_upgrades_a_previous_release_database_and_keeps_a_copy(tmp_
     load_previous_release(url)
     rows = all_rows(engine := create_engine(url))
     engine.dispose()
-    center = await start_center(tmp_path)
-    await center.stop()
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        center = await start_center(tmp_path)
+        await center.stop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
     [copy] = tmp_path.glob("center.db.before-0001-*")
+    logged = [formatEvent(e) for e in events if e.get("log_namespace") == "dtucenter.store.schema"]
+    assert logged == [
+        f"Copied the database to {copy} before upgrading its schema",
+        f"Database schema: upgraded from the pre-migrations schema to 0001; copy of the old database: {copy}",
+    ]
     copied = create_engine(f"sqlite:///{copy}")
     try:
         assert schema.current(copied).kind == "unversioned" and all_rows(copied) == rows

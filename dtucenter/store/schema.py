@@ -212,7 +212,7 @@ def _upgrade_lock(engine: Engine) -> Iterator[Connection]:
 
 def copy_sqlite(engine: Engine, revision: str, now: dt.datetime) -> Path:
     """``DB.before-REVISION-TIME`` beside the file, through SQLite's backup API (consistent under WAL)."""
-    database = Path(engine.url.database or "")
+    database = Path(engine.url.database or "").absolute()
     stamp = now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     copy = database.with_name(f"{database.name}.before-{revision}-{stamp}")
     suffix = 1
