@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -11,9 +12,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import Column, Engine, Integer, Table, create_engine, inspect, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 from twisted.logger import formatEvent, globalLogPublisher
@@ -21,7 +23,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from dtucenter import cli
 from dtucenter.store import audit, meters, queries, schema
 from dtucenter.store.db import open_engine
-from dtucenter.store.models import Base
+from dtucenter.store.migrations import __main__ as migrations_command
+from dtucenter.store.models import Base, UTCDateTime
 from dtucenter.tap import Options, makeService
 from tests.support import run_twistd, start_center
 
@@ -148,8 +151,6 @@ def test_baseline_is_exactly_the_previous_release_schema(db_url: str) -> None:
         previous = describe(engine)
         wipe(engine)
         with engine.connect() as connection:
-            from alembic import command
-
             command.upgrade(schema._config(connection), schema.BASELINE)
             connection.commit()
         assert describe(engine) == previous
@@ -357,3 +358,56 @@ def test_other_commands_refuse_an_old_schema_and_the_db_commands_a_newer_one(
     assert error.startswith("dtucenter: the database is at schema revision f00d") and error.count("\n") == 1
     unknown = f"f00d: unknown to this release (head {schema.head()}); made by a newer release?\n"
     assert run_cli("db", "current", "--db", url) == (0, unknown)
+
+
+# -- a second revision, as the next schema change will add one ----------------------------------------
+
+
+@pytest.fixture
+def scratch_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A copy of the migrations to add revisions to, used in place of the package's."""
+    copy = tmp_path / "migrations"
+    shutil.copytree(schema.MIGRATIONS, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(schema, "MIGRATIONS", copy)
+    schema.scripts.cache_clear()
+    yield copy
+    schema.scripts.cache_clear()
+
+
+def test_revision_command_writes_the_next_revision_which_upgrades_an_older_database(
+    tmp_path: Path, scratch_migrations: Path
+) -> None:
+    probe = Table("probe", Base.metadata, Column("id", Integer, primary_key=True), Column("at", UTCDateTime))
+    try:
+        migrations_command.main(["add the probe table"])
+    finally:
+        Base.metadata.remove(probe)
+    schema.scripts.cache_clear()  # the process that wrote a revision ends; this one goes on
+    written = (scratch_migrations / "versions" / "0002_add_the_probe_table.py").read_text()
+    assert "op.create_table('probe'" in written and "sa.DateTime(timezone=True)" in written
+    assert "dtucenter" not in written, "a revision must not import the models"
+    assert schema.head() == "0002" and [r for r, _ in schema.history()] == ["0001", "0002"]
+
+    url = f"sqlite:///{tmp_path / 'at-0001.db'}"
+    engine = open_engine(url, create=False)
+    try:
+        with engine.connect() as connection:
+            command.upgrade(schema._config(connection), "0001")
+            connection.commit()
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO dtus (psn, password, name, pname, version, ccid, fota_flag, "
+                                    "tick_time, send_test_mode, send_test_time, new_ver, new_port, new_ip, online) "
+                                    "VALUES (5, 0, 'five', '', 0, '', 0, 60, 255, 0, 0, 0, '0.0.0.0', false)"))
+        rows = all_rows(engine)
+        with pytest.raises(schema.SchemaError, match=r"schema is 0001 \(head is 0002\): run 'dtucenter db upgrade'"):
+            open_engine(url).dispose()
+
+        result = schema.upgrade(engine)
+
+        [copy] = tmp_path.glob("at-0001.db.before-0001-*")
+        assert result.describe() == f"upgraded from 0001 to 0002; copy of the old database: {copy}"
+        assert inspect(engine).has_table("probe") and schema.current(engine).kind == "current"
+        after = all_rows(engine)
+        assert after.pop("probe") == [] and after == rows
+    finally:
+        engine.dispose()

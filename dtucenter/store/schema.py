@@ -71,7 +71,7 @@ class SchemaState:
         if self.kind == "current":
             return f"{revision} (head)"
         if self.kind == "behind":
-            return f"{revision} (head is {self.head}: run dtucenter db upgrade)"
+            return f"{revision} (head is {self.head})"
         return f"{revision}: unknown to this release (head {self.head}); made by a newer release?"
 
 
