@@ -14,13 +14,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dtucenter import __version__
 from dtucenter.config import DEFAULT_DB_URL
 from dtucenter.isotime import parse_iso_time
-from dtucenter.store import meters, queries
+from dtucenter.store import meters, queries, schema
 from dtucenter.store.db import DatabaseURLError, open_engine
 
 SAMPLE_COLUMNS = ("time", "psn", "net_state", "position", "dev", "addr", "value")
@@ -95,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--limit", type=_bounded(1, 10_000_000), help="at most this many rows, oldest first")
     samples.add_argument("--format", choices=("csv", "json"), default="csv")
     samples.set_defaults(run=cmd_samples, check=_check_sample_source, subparser=samples)
+
+    db = commands.add_parser("db", help="the database schema").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    with_db(db.add_parser("upgrade", help="bring the schema to this release's (what the center does at start)")
+            ).set_defaults(on_engine=cmd_db_upgrade)
+    with_db(db.add_parser("current", help="the schema revision the database is at")
+            ).set_defaults(on_engine=cmd_db_current)
+    with_db(db.add_parser("history", help="the schema revisions this release knows, oldest first")
+            ).set_defaults(on_engine=cmd_db_history)
     return parser
 
 
@@ -103,15 +113,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "check"):
         args.check(args.subparser, args)
+    # The db commands look at the schema themselves; the others need it at this release's head.
+    on_engine = getattr(args, "on_engine", None)
     try:
-        engine = open_engine(args.db)
-    except DatabaseURLError as e:
+        engine = open_engine(args.db, create=on_engine is None)
+    except (DatabaseURLError, schema.SchemaError) as e:
         print(f"dtucenter: --db: {e}", file=sys.stderr)
         return 1
     try:
-        with Session(engine) as session, session.begin():
-            args.run(session, args, out)
-    except CommandError as e:
+        if on_engine is not None:
+            on_engine(engine, out)
+        else:
+            with Session(engine) as session, session.begin():
+                args.run(session, args, out)
+    except (CommandError, schema.SchemaError) as e:
         print(f"dtucenter: {e}", file=sys.stderr)
         return 1
     except SQLAlchemyError as e:
@@ -215,3 +230,18 @@ def _csv_row(r: queries.SampleInfo) -> list[Any]:
         r.time.isoformat(), r.psn, r.net_state, r.position,
         "" if r.dev is None else r.dev, "" if r.addr is None else r.addr, r.value,
     ]
+
+
+def cmd_db_upgrade(engine: Engine, out: TextIO) -> None:
+    print(schema.upgrade(engine).describe(), file=out)
+
+
+def cmd_db_current(engine: Engine, out: TextIO) -> None:
+    print(schema.current(engine).describe(), file=out)
+
+
+def cmd_db_history(engine: Engine, out: TextIO) -> None:
+    at = schema.current(engine).revisions
+    for revision, doc in schema.history():
+        marks = [mark for mark, shown in (("head", revision == schema.head()), ("current", revision in at)) if shown]
+        print(f"{revision}  {doc}" + (f"  ({', '.join(marks)})" if marks else ""), file=out)

@@ -28,6 +28,7 @@ from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordin
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.facade import Store
 from dtucenter.store.recorder import MeterRecorder
+from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.site import build_site
@@ -164,8 +165,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 def build_service(settings: Settings, reactor: Any) -> CenterService:
     """The service tree; raises :class:`UsageError` for what the settings could not show before."""
     try:
-        engine = open_engine(settings.db)
-    except DatabaseURLError as e:
+        engine = open_engine(settings.db, upgrade=not settings.no_upgrade)
+    except (DatabaseURLError, SchemaError) as e:
         raise UsageError(f"{settings.where('db')}: {e}") from None
     top = CenterService(reactor)
     store = Store(engine, reactor)

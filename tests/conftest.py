@@ -22,6 +22,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
             pytest.fail("CI must run the PostgreSQL tests: DTUCENTER_TEST_POSTGRES is not set")
         pytest.skip("set DTUCENTER_TEST_POSTGRES to a scratch database URL to run against PostgreSQL")
     engine = create_engine(POSTGRES_URL)
-    Base.metadata.drop_all(engine)
+    with engine.begin() as connection:
+        Base.metadata.drop_all(connection)
+        connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")  # else the next test's is at head
     engine.dispose()
     return POSTGRES_URL

@@ -1,24 +1,31 @@
-"""Engine creation: any SQLAlchemy URL; SQLite gets WAL and sane pragmas."""
+"""Engine creation: any SQLAlchemy URL; SQLite gets WAL and sane pragmas; the schema by its migrations."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from dtucenter.store.models import Base
+from dtucenter.store import schema
 
 
 class DatabaseURLError(ValueError):
     """The URL cannot be used: the message says why, for the operator."""
 
 
-def open_engine(url: str, *, create: bool = True, sqlite_busy_timeout: float = 30.0) -> Engine:
-    """An engine for ``url`` with the schema created (``create``).
+def open_engine(
+    url: str, *, create: bool = True, upgrade: bool = False, sqlite_busy_timeout: float = 30.0
+) -> Engine:
+    """An engine for ``url`` whose schema is this release's.
 
+    ``create``: an empty database gets the schema (by the migrations); any
+    other must be at the migrations' head, else ``schema.SchemaError``.
+    ``upgrade``: an older schema is brought to head, as the center does at
+    start (``schema.upgrade``: an SQLite file is copied aside first).
+    Neither: the schema is not looked at.
     ``sqlite_busy_timeout``: seconds SQLite waits for another writer's lock
     before the write fails (and the store retries it).
     """
@@ -45,8 +52,14 @@ def open_engine(url: str, *, create: bool = True, sqlite_busy_timeout: float = 3
         raise DatabaseURLError(f"no driver for {parsed.drivername!r}: {e}") from None
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
-    if create:
-        Base.metadata.create_all(engine)
+    try:
+        if upgrade or (create and schema.current(engine).kind == "empty"):
+            schema.upgrade(engine)
+        elif create:
+            schema.require_head(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
@@ -58,7 +71,3 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
-
-
-def has_schema(engine: Engine) -> bool:
-    return inspect(engine).has_table("dtus")
