@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from dtucenter import cli
 from dtucenter.dtu import wire
+from dtucenter.dtu.center import upload_row
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.models import Sample
@@ -30,7 +31,7 @@ def db(tmp_path: Path) -> str:
 def store_upload(db: str, psn: int, when: dt.datetime, upload: wire.SendTest, registers=()) -> None:
     engine = open_engine(db)
     with Session(engine) as session, session.begin():
-        row = queries.upload_row(psn, when, upload, registers)
+        row = upload_row(psn, when, upload, registers)
         session.execute(Sample.__table__.insert(), [dict(zip(queries.SAMPLE_ROW_COLUMNS, row, strict=False))])
     engine.dispose()
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from twisted.internet import defer, reactor
 
 from dtucenter.dtu import wire
+from dtucenter.dtu.center import upload_row
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import Store
@@ -23,7 +24,7 @@ from tests.support import until
 def rows(psn: int, n: int) -> list[queries.SampleRow]:
     """``n`` uploads of one value each: ``n`` rows of the samples table."""
     now = dt.datetime.now(dt.UTC)
-    return [queries.upload_row(psn, now, wire.SendTest(1, i, (i,)), ()) for i in range(n)]
+    return [upload_row(psn, now, wire.SendTest(1, i, (i,)), ()) for i in range(n)]
 
 
 def count(store: Store) -> int:
