@@ -41,6 +41,9 @@ FORBIDDEN = [
     ("dtucenter.web", "dtucenter.tap", "only the twisted plugin starts the center"),
 ]
 
+#: Helpers every layer may use; they use none.
+LEAVES = ("dtucenter.isotime", "dtucenter.addresses", "dtucenter.throttle", "dtucenter.latency")
+
 #: Sans-IO: the DTU wire format is shared with the simulator and tools.
 SANS_IO = {"dtucenter.dtu.wire": ("twisted", "sqlalchemy")}
 
@@ -132,6 +135,8 @@ def violations(found: Iterable[Import]) -> list[str]:
                 problems.append(f"{imp}  (the store takes only Modbus records, never its codecs: {sorted(allowed)})")
         if any(within(t, "dtucenter.tap") for t in imp.reaches) and not within(imp.importer, "twisted.plugins"):
             problems.append(f"{imp}  (nothing but the twisted plugin starts the center)")
+        if imp.importer in LEAVES and within(imp.target, "dtucenter"):
+            problems.append(f"{imp}  (a leaf helper imports nothing from dtucenter)")
         for module, libraries in SANS_IO.items():
             if imp.importer == module and any(within(imp.target, lib) for lib in libraries):
                 problems.append(f"{imp}  (sans-IO: no I/O library)")
@@ -218,6 +223,7 @@ def test_protocols_importing_the_store_or_the_entry_point_are_found() -> None:
     assert check("dtucenter.modbus.poller", "from dtucenter.config import Settings")
     assert check("dtucenter.web.status", "from dtucenter import tap")
     assert check("dtucenter.dtu.wire", "from twisted.internet import reactor")
+    assert check("dtucenter.isotime", "from dtucenter.dtu.wire import Register")
 
 
 def test_a_cycle_between_packages_is_found() -> None:
