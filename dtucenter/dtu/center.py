@@ -104,7 +104,7 @@ class LoginDecision:
     @classmethod
     def of(cls, outcome: LoginOutcome) -> LoginDecision:
         """The store's decision in wire terms."""
-        p = outcome.parameters
+        p = outcome.record
         if not outcome.accepted or p is None:
             return cls(False, outcome.reason, REFUSED)
         ack = wire.LoginAck(

@@ -32,7 +32,7 @@ DevAddrPairs = tuple[tuple[int, int], ...]
 
 
 class LoginParameters(Protocol):
-    """What the LoginAck of an accepted DTU tells it, from its record."""
+    """What the LoginAck of an accepted DTU tells it: part of its record."""
 
     @property
     def fota_flag(self) -> int: ...
@@ -58,8 +58,8 @@ class LoginOutcome(Protocol):
     @property
     def reason(self) -> str: ...
     @property
-    def parameters(self) -> LoginParameters | None:
-        """Set when accepted."""
+    def record(self) -> LoginParameters | None:
+        """The DTU's record as the login left it, when accepted."""
     @property
     def registers(self) -> DevAddrPairs:
         """The DTU's stored register list, when accepted."""

@@ -59,31 +59,11 @@ class DtuInfo:
 
 
 @attrs.frozen
-class LoginParameters:
-    """What the LoginAck of an accepted DTU tells it, from its record."""
-
-    fota_flag: int
-    tick_time: int
-    send_test_mode: int
-    send_test_time: int
-    new_ver: int
-    new_port: int
-    new_ip: str
-
-    @classmethod
-    def of(cls, row: Dtu) -> LoginParameters:
-        return cls(
-            fota_flag=row.fota_flag, tick_time=row.tick_time, send_test_mode=row.send_test_mode,
-            send_test_time=row.send_test_time, new_ver=row.new_ver, new_port=row.new_port, new_ip=row.new_ip,
-        )
-
-
-@attrs.frozen
 class LoginOutcome:
     accepted: bool
     reason: str
-    #: Set when accepted.
-    parameters: LoginParameters | None = None
+    #: The DTU's record as the login left it, when accepted (its LoginAck parameters among it).
+    record: DtuInfo | None = None
     #: The stored register list, (dev, addr) per position.
     registers: tuple[tuple[int, int], ...] = ()
     enrolled: bool = False
@@ -159,7 +139,7 @@ def authenticate(
     row.last_login = now
     row.last_seen = now
     session.flush()
-    return LoginOutcome(True, "ok", LoginParameters.of(row), register_list(session, psn), enrolled)
+    return LoginOutcome(True, "ok", DtuInfo.of(row), register_list(session, psn), enrolled)
 
 
 def _fill_defaults(row: Dtu) -> None:
