@@ -1,4 +1,4 @@
-"""How the center writes a peer's address in logs and API answers."""
+"""How the center writes a peer's address in logs and API answers, and reads an IPv4 address."""
 
 from __future__ import annotations
 
@@ -16,3 +16,19 @@ def describe_peer(address: Any) -> str:
     if host is None or port is None:
         return str(address)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def ipv4_octets(text: str) -> bytes:
+    """The four octets of a dotted IPv4 address; ValueError unless it is one.
+
+    Shared by the DTU wire format (LoginAck's NewIP) and the store's check of
+    what an operator gives as ``new_ip``, so both accept exactly the same text.
+    """
+    parts = text.split(".")
+    try:
+        octets = bytes(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"not an IPv4 address: {text!r}") from None
+    if len(parts) != 4:
+        raise ValueError(f"not an IPv4 address: {text!r}")
+    return octets

@@ -26,6 +26,7 @@ from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.store.db import DatabaseURLError, open_engine
+from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.store.schema import SchemaError
@@ -172,8 +173,9 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     store = Store(engine, reactor)
     store.setName("store")
     store.setServiceParent(top)
+    dtu_store = DtuStore(store)
     center = DTUCenter(
-        store,
+        dtu_store,
         reactor,
         CenterSettings(
             enroll_unknown=settings.unknown_dtu == "accept",
@@ -192,7 +194,7 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     dtu_listener = ListeningService(serverFromString(reactor, settings.dtu), DTUFactory(center, reactor), "dtu-tcp")
     dtu_listener.setServiceParent(top)
     top.require_listening(settings.where("dtu"), dtu_listener.when_listening)
-    control = Control(center)
+    control = Control(center, dtu_store)
     control.setName("control")
     control.setServiceParent(top)
     udp = settings.udp_interface_and_port
@@ -205,7 +207,7 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     if settings.api != "off":
-        add_api(top, settings, center, control, recorder, bridge, reactor)
+        add_api(top, settings, center, control, store, recorder, bridge, reactor)
     return top
 
 
@@ -228,14 +230,14 @@ def add_modbus(top: CenterService, settings: Settings, recorder: MeterRecorder, 
 
 
 def add_api(
-    top: CenterService, settings: Settings, center: DTUCenter, control: Control, recorder: MeterRecorder,
-    bridge: ModbusBridge | None, reactor: Any,
+    top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
+    recorder: MeterRecorder, bridge: ModbusBridge | None, reactor: Any,
 ) -> None:
     try:
         token = resolve_token(settings.api_token, settings.db)
     except TokenFileError as e:
         raise UsageError(str(e)) from None
-    site = build_site(center, control, token, bridge)
+    site = build_site(center, control, store, token, bridge)
     MeterApi(recorder, bridge, center.now).install(site.resource)
     listener = ListeningService(serverFromString(reactor, settings.api), site, "api")
     listener.setServiceParent(top)

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 
 from dtucenter.store import queries
 from dtucenter.store.models import Sample
@@ -31,6 +31,10 @@ class HeldStore:
 
     def write(self, job: Callable[[Session], Any]) -> Deferred[Any]:
         return self._submit(lambda: self._run(job))
+
+    def read(self, job: Callable[[Session], Any]) -> Deferred[Any]:
+        with Session(self.engine) as session:
+            return succeed(job(session))
 
     def add_samples(self, rows: list[queries.SampleRow]) -> Deferred[None]:
         table_rows = [dict(zip(queries.SAMPLE_ROW_COLUMNS, row, strict=False)) for row in rows]

@@ -33,6 +33,7 @@ from dtucenter.dtu.commands import (
 from dtucenter.dtu.session import DTUProtocol
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
+from dtucenter.store.dtus import DtuStore
 from tests.stores import HeldStore
 
 PSN = 4711
@@ -73,7 +74,7 @@ class Rig:
         with Session(self.store.engine) as session:
             info = queries.get_dtu(session, PSN)
             assert info is not None
-            return info.send_test_time, queries.register_list(session, PSN)
+            return info.send_test_time, tuple(wire.Register(*pair) for pair in queries.register_list(session, PSN))
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         queries.upsert_dtu(session, PSN, {"tick_time": 60}, CREATED)
     clock = Clock()
     store = HeldStore(engine)
-    center = DTUCenter(store, clock, CenterSettings(command_timeout=TIMEOUT))  # type: ignore[arg-type]
+    center = DTUCenter(DtuStore(store), clock, CenterSettings(command_timeout=TIMEOUT))  # type: ignore[arg-type]
     protocol = DTUProtocol(center, clock)
     transport = StringTransport()
     protocol.makeConnection(transport)

@@ -135,7 +135,7 @@ async def test_register_list_names_values_and_rejects_wrong_count(tmp_path: Path
     try:
         add_dtu(center, 77)
         with Session(center.store.engine) as session, session.begin():
-            queries.replace_register_list(session, 77, 5, [wire.Register(1, 0), wire.Register(2, 10)])
+            queries.replace_register_list(session, 77, 5, [(1, 0), (2, 10)])
         dtu = await connect_dtu(center)
         await dtu.login(77, 1)
         dtu.send(wire.SendTest(20, 0, (1, 2, 3)))

@@ -19,6 +19,7 @@ from dtucenter.dtu import wire
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.session import INBOX_LIMIT, DTUFactory, DTUProtocol
 from dtucenter.store.db import open_engine
+from dtucenter.store.dtus import DtuStore
 from tests.stores import HeldStore
 
 
@@ -26,7 +27,7 @@ class Harness:
     def __init__(self, tmp_path: Path, **settings: Any) -> None:
         self.clock = Clock()
         self.store = HeldStore(open_engine(f"sqlite:///{tmp_path / 'held.db'}"))
-        self.center = DTUCenter(self.store, self.clock, CenterSettings(**settings))  # type: ignore[arg-type]
+        self.center = DTUCenter(DtuStore(self.store), self.clock, CenterSettings(**settings))  # type: ignore[arg-type]
         self.factory = DTUFactory(self.center, self.clock)
 
     def connect(self) -> tuple[DTUProtocol, StringTransport]:

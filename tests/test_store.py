@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from twisted.internet import defer, reactor
 
 from dtucenter.dtu import wire
+from dtucenter.dtu.center import upload_row
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import Store
@@ -23,7 +24,7 @@ from tests.support import until
 def rows(psn: int, n: int) -> list[queries.SampleRow]:
     """``n`` uploads of one value each: ``n`` rows of the samples table."""
     now = dt.datetime.now(dt.UTC)
-    return [queries.upload_row(psn, now, wire.SendTest(1, i, (i,)), ()) for i in range(n)]
+    return [upload_row(psn, now, wire.SendTest(1, i, (i,)), ()) for i in range(n)]
 
 
 def count(store: Store) -> int:
@@ -126,7 +127,11 @@ async def test_rows_of_several_tables_share_one_transaction(db_url: str) -> None
     try:
         blocker = store.write(lambda s: None)  # occupies the writer so that the rest queue up together
         meter_rows = [("m1", "p", rows(0, 1)[0][1], 1.5)]
-        waiting = [store.add_samples(rows(5, 3)), store.add_rows(MeterSample.__table__, meter_rows), store.add_samples(rows(6, 2))]
+        waiting = [
+            store.add_samples(rows(5, 3)),
+            store.add_rows(MeterSample.__table__, meter_rows),
+            store.add_samples(rows(6, 2)),
+        ]
         await blocker
         commits = store.stats.commits
         await defer.gatherResults(waiting)

@@ -7,9 +7,11 @@ everything that outlives them or touches the store.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
+import struct
 from collections import Counter
-from functools import partial
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
@@ -21,16 +23,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dtucenter.dtu import wire
-from dtucenter.store import queries
-from dtucenter.store.facade import Store
+from dtucenter.dtu.ports import DtuRecords, LoginOutcome, SampleRow
+from dtucenter.isotime import utc_from_millisecond, utc_from_seconds, utc_now
 from dtucenter.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     from dtucenter.dtu.session import DTUSession
 
 log = Logger()
-
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @attrs.frozen
@@ -84,16 +84,40 @@ class _LastUpload:
         return self.test_code
 
     def not_stored(self, failure: Failure) -> Failure:
-        last_uploads = self.center._last_upload
-        if last_uploads.get(self.psn) is self:
-            del last_uploads[self.psn]
+        self.center.forget_upload(self)
         waiting, self.waiting = self.waiting, None
         for d in waiting or ():
             d.errback(failure)
         return failure
 
 
-THROTTLED = queries.LoginDecision(False, "too many failed logins; try later", queries.REFUSED)
+@attrs.frozen
+class LoginDecision:
+    """The center's answer to a login: the LoginAck to send, and what the session goes on with."""
+
+    accepted: bool
+    reason: str
+    ack: wire.LoginAck
+    registers: tuple[wire.Register, ...] = ()
+    enrolled: bool = False
+
+    @classmethod
+    def of(cls, outcome: LoginOutcome) -> LoginDecision:
+        """The store's decision in wire terms."""
+        p = outcome.record
+        if not outcome.accepted or p is None:
+            return cls(False, outcome.reason, REFUSED)
+        ack = wire.LoginAck(
+            right=wire.LOGIN_ACCEPTED, fota_flag=p.fota_flag, tick_time=p.tick_time,
+            send_test_mode=p.send_test_mode, send_test_time=p.send_test_time,
+            new_ver=p.new_ver, new_port=p.new_port, new_ip=p.new_ip,
+        )
+        registers = tuple(wire.Register(dev, addr) for dev, addr in outcome.registers)
+        return cls(True, outcome.reason, ack, registers, outcome.enrolled)
+
+
+REFUSED = wire.LoginAck(right=wire.LOGIN_REFUSED)
+THROTTLED = LoginDecision(False, "too many failed logins; try later", REFUSED)
 
 
 def _throttle_key(session: DTUSession, login: wire.Login) -> str:
@@ -102,17 +126,30 @@ def _throttle_key(session: DTUSession, login: wire.Login) -> str:
     return f"{session.peer.rpartition(':')[0]}/{login.psn}"
 
 
-def utc_now(clock: IReactorTime) -> dt.datetime:
-    return dt.datetime.fromtimestamp(clock.seconds(), tz=dt.UTC)
+_REGISTER = struct.Struct(">BH")
 
 
-def utc_from_millisecond(millisecond: int) -> dt.datetime:
-    return EPOCH + dt.timedelta(milliseconds=millisecond)
+def upload_row(psn: int, when: dt.datetime, upload: wire.SendTest, registers: Sequence[wire.Register]) -> SampleRow:
+    """The stored row of one SendTest; (dev, addr) come from the register list when it matches."""
+    values = upload.values
+    packed = struct.pack(f">{len(values)}h", *values)
+    named = _pack_registers(tuple(registers)) if registers and len(registers) == len(values) else None
+    return (psn, when, upload.net_state, packed, named)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pack_registers(registers: tuple[wire.Register, ...]) -> bytes:
+    # A DTU uploads with the same register list for days: pack it once.
+    return b"".join(_REGISTER.pack(r.dev, r.addr) for r in registers)
 
 
 class DTUCenter(Service):
-    def __init__(self, store: Store, clock: IReactorTime, settings: CenterSettings = CenterSettings()) -> None:
-        self.store = store
+    def __init__(
+        self, records: DtuRecords, clock: IReactorTime, settings: CenterSettings = CenterSettings()
+    ) -> None:
+        self.records = records
+        #: Taken once: the upload path is hot.
+        self._add_samples = records.add_samples
         self.clock = clock
         self.settings = settings
         #: PSN -> the session that is logged in for it now.
@@ -151,9 +188,13 @@ class DTUCenter(Service):
     def startService(self) -> None:
         super().startService()
         self.started = self.now()
-        d = self.store.write(queries.mark_all_offline)
-        d.addCallback(lambda count: count and log.info("Marked {count} DTUs offline left over from the last run", count=count))
-        d.addErrback(lambda f: log.failure("Could not reset online flags", f))
+
+        def reset(count: int) -> None:
+            if count:
+                log.info("Marked {count} DTUs offline left over from the last run", count=count)
+
+        d = self.records.mark_all_offline()
+        d.addCallbacks(reset, lambda f: log.failure("Could not reset online flags", f))
         self._seen_writer.start(self.settings.last_seen_interval, now=False)
 
     def stopService(self) -> Deferred[None]:
@@ -163,30 +204,28 @@ class DTUCenter(Service):
         self._write_last_seen()
         for session in list(self.sessions.values()):
             session.abort("center stopping")
-        return self.store.write(queries.mark_all_offline).addErrback(
-            lambda f: log.failure("Could not mark DTUs offline at shutdown", f)
+        return self.records.mark_all_offline().addCallbacks(
+            lambda _: None, lambda f: log.failure("Could not mark DTUs offline at shutdown", f)
         )
 
     # -- login ---------------------------------------------------------------------
 
-    def authenticate(self, session: DTUSession, login: wire.Login) -> Deferred[queries.LoginDecision]:
+    def authenticate(self, session: DTUSession, login: wire.Login) -> Deferred[LoginDecision]:
         if self.login_throttle.blocked(_throttle_key(session, login)):
             # A DTU with a wrong PASS, or a PSN nobody knows, retrying in a loop
             # must not cost a database job every few seconds.
             self.stats["logins_throttled"] += 1
             return succeed(THROTTLED)
-        job = partial(
-            queries.authenticate,
-            login=login,
-            remote=session.peer,
-            now=self.now(),
-            enroll_unknown=self.settings.enroll_unknown,
+        outcome = self.records.authenticate(
+            login.psn, login.password, login.pname, login.cur_ver, login.ccid,
+            remote=session.peer, now=self.now(), enroll_unknown=self.settings.enroll_unknown,
         )
-        return self.store.write(job).addCallback(self._decided, session, login)
+        return Deferred.fromCoroutine(self._decided(outcome, session, login))
 
-    def _decided(
-        self, decision: queries.LoginDecision, session: DTUSession, login: wire.Login
-    ) -> queries.LoginDecision:
+    async def _decided(
+        self, outcome: Awaitable[LoginOutcome], session: DTUSession, login: wire.Login
+    ) -> LoginDecision:
+        decision = LoginDecision.of(await outcome)
         if not decision.accepted:
             self.stats["logins_refused"] += 1
             blocked_for = self.login_throttle.failed(_throttle_key(session, login))
@@ -219,7 +258,7 @@ class DTUCenter(Service):
         del self.sessions[psn]
         self._seen.pop(psn, None)
         log.info("DTU {psn} offline ({peer})", psn=psn, peer=session.peer)
-        self.store.write(partial(queries.mark_offline, psn=psn, last_seen=session.last_seen)).addErrback(
+        self.records.mark_offline(psn, session.last_seen).addErrback(
             lambda f: log.failure("Could not mark DTU {psn} offline", f, psn=psn)
         )
 
@@ -229,9 +268,9 @@ class DTUCenter(Service):
     def _write_last_seen(self) -> None:
         if not self._seen:
             return
-        seen = {psn: dt.datetime.fromtimestamp(when, tz=dt.UTC) for psn, when in self._seen.items()}
+        seen = {psn: utc_from_seconds(when) for psn, when in self._seen.items()}
         self._seen = {}
-        self.store.write(partial(queries.record_last_seen, seen=seen)).addErrback(
+        self.records.record_last_seen(seen).addErrback(
             lambda f: log.failure("Could not record last-seen times of {count} DTUs", f, count=len(seen))
         )
 
@@ -253,6 +292,28 @@ class DTUCenter(Service):
         if last is not None and last.test_code == upload.test_code and last.values == upload.values:
             self.stats["uploads_repeated"] += 1
             return last.repeated()
-        row = queries.upload_row(psn, self.received_at(session.last_seen_at), upload, registers)
+        row = upload_row(psn, self.received_at(session.last_seen_at), upload, registers)
         record = self._last_upload[psn] = _LastUpload(self, psn, upload)
-        return self.store.add_samples([row]).addCallbacks(record.stored, record.not_stored)
+        return self._add_samples([row]).addCallbacks(record.stored, record.not_stored)
+
+    def forget_upload(self, record: _LastUpload) -> None:
+        """An upload was not stored: a resend of it must be stored, not taken for a repeat."""
+        if self._last_upload.get(record.psn) is record:
+            del self._last_upload[record.psn]
+
+    # -- setups ----------------------------------------------------------------------
+
+    def setup_reported(self, psn: int, send_test_time: int, registers: tuple[wire.Register, ...]) -> Deferred[None]:
+        """A DTU told its setup (a command's ack): store it; fires once stored.
+
+        Its register list names later uploads, also those of a newer login of the
+        same PSN, which read the old list when it logged in.
+        """
+
+        def stored(_: None) -> None:
+            live = self.sessions.get(psn)
+            if live is not None:
+                live.registers = registers
+
+        pairs = tuple((r.dev, r.addr) for r in registers)
+        return self.records.replace_register_list(psn, send_test_time, pairs).addCallback(stored)

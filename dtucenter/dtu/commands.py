@@ -18,8 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import deque
 from collections.abc import Sequence
-from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -28,11 +27,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dtucenter.dtu import wire
-from dtucenter.dtu.center import utc_now
-from dtucenter.store import queries
-
-if TYPE_CHECKING:
-    from dtucenter.dtu.session import DTUSession
+from dtucenter.dtu.ports import CommandOwner
+from dtucenter.isotime import utc_now
 
 log = Logger()
 
@@ -283,7 +279,7 @@ class Ticket:
 class CommandQueue:
     """The commands of one DTU session: one on the wire, the rest waiting in order."""
 
-    def __init__(self, session: DTUSession) -> None:
+    def __init__(self, session: CommandOwner) -> None:
         self._session = session
         self._clock = session.clock
         self._waiting: deque[Ticket] = deque()
@@ -293,7 +289,7 @@ class CommandQueue:
 
     @property
     def _timeout(self) -> float:
-        return self._session.center.settings.command_timeout
+        return self._session.command_timeout
 
     @property
     def pending(self) -> int:
@@ -318,7 +314,7 @@ class CommandQueue:
         """Queue ``command``; its Deferred fails with a CommandError when it does not succeed."""
         ticket = Ticket(command, self._now(), Deferred(self._cancel))
         try:
-            command.check(self._session.center.settings.dialect)
+            command.check(self._session.dialect)
         except InvalidCommand as e:
             self._end(ticket, e)
             return ticket
@@ -346,18 +342,18 @@ class CommandQueue:
             ticket = self._waiting.popleft()
             message = ticket.command.message()
             try:
-                frame = wire.encode_frame(message, self._session.center.settings.dialect)
+                frame = wire.encode_frame(message, self._session.dialect)
             except wire.WireError as e:  # check() should have caught it; never send half a command
                 self._end(ticket, InvalidCommand(str(e)))
                 continue
             self._current = ticket
             ticket.sent = self._now()
-            self._session.center.stats["commands_sent"] += 1
+            self._session.stats["commands_sent"] += 1
             log.info(
                 "Sending {type} to DTU {psn} at {peer}",
                 type=type(message).__name__, psn=self._session.psn, peer=self._session.peer,
             )
-            self._session.link.write(frame)
+            self._session.send_frame(frame)
             self._timer = self._clock.callLater(self._timeout, self._timed_out)
 
     def received(self, message: wire.AnyMessage) -> bool:
@@ -366,7 +362,7 @@ class CommandQueue:
             return False
         ticket = self._current
         if ticket is None or not isinstance(message, ticket.command.ACK):
-            self._session.center.stats["acks_stray"] += 1
+            self._session.stats["acks_stray"] += 1
             log.warn(
                 "DTU {psn} at {peer} sent {type} but no command waits for it; ignored",
                 psn=self._session.psn, peer=self._session.peer, type=type(message).__name__,
@@ -394,7 +390,7 @@ class CommandQueue:
             return
         ticket, self._current = self._current, None
         assert ticket is not None
-        self._session.center.stats["commands_timed_out"] += 1
+        self._session.stats["commands_timed_out"] += 1
         log.warn(
             "DTU {psn} at {peer} did not answer {kind} within {timeout}s",
             psn=self._session.psn, peer=self._session.peer, kind=ticket.command.KIND, timeout=self._timeout,
@@ -418,25 +414,16 @@ class CommandQueue:
 
     def _store_setup(self, ticket: Ticket, setup: Setup) -> None:
         """The DTU's own word on its setup replaces the stored one and names later uploads."""
-        session = self._session
-        psn = session.psn
-        assert psn is not None
-        session.registers = setup.registers
-        job = partial(
-            queries.replace_register_list, psn=psn, send_test_time=setup.send_test_time, registers=setup.registers
-        )
+        psn = self._session.psn
 
         def stored(_: None) -> None:
-            live = session.center.sessions.get(psn)
-            if live is not None:
-                live.registers = setup.registers  # a newer login may have read the old list
             self._end(ticket, setup)
 
         def not_stored(failure: Failure) -> None:
             log.failure("Could not store the setup DTU {psn} reported", failure, psn=psn)
             self._end(ticket, NotStored(f"the DTU reported its setup but storing it failed: {failure.value}"))
 
-        session.center.store.write(job).addCallbacks(stored, not_stored)
+        self._session.setup_reported(setup.send_test_time, setup.registers).addCallbacks(stored, not_stored)
 
     def _end(self, ticket: Ticket, outcome: Any) -> None:
         ticket.finished = self._now()

@@ -7,7 +7,7 @@ and writes who asked, what, when it went out and how it ended.
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Awaitable
 from typing import Any
 
 from twisted.application.service import Service
@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.commands import Command, CommandError, DTUOffline, Ticket
-from dtucenter.store import audit, queries
+from dtucenter.dtu.ports import CommandTrail
 
 log = Logger()
 
@@ -26,12 +26,13 @@ class UnknownDTU(LookupError):
 
 
 class Control(Service):
-    def __init__(self, center: DTUCenter) -> None:
+    def __init__(self, center: DTUCenter, trail: CommandTrail) -> None:
         self.center = center
+        self.trail = trail
 
     def startService(self) -> None:
         super().startService()
-        d = self.center.store.write(partial(audit.interrupt_pending, now=self.center.now()))
+        d = self.trail.interrupt_pending(self.center.now())
         d.addCallbacks(self._interrupted, lambda f: log.failure("Could not close interrupted audit records", f))
 
     def _interrupted(self, count: int) -> None:
@@ -46,10 +47,7 @@ class Control(Service):
             await self._offline(psn, command, who)
         assert session is not None
         ticket = session.commands.submit(command)
-        record = self.center.store.write(
-            partial(audit.record_command, psn=psn, kind=command.KIND, request=command.to_json(),
-                    who=who, queued=ticket.queued)
-        )
+        record = self.trail.record_command(psn, command.KIND, command.to_json(), who, ticket.queued)
         try:
             result = await ticket.result
         except Exception as e:
@@ -60,13 +58,13 @@ class Control(Service):
         return result
 
     async def _offline(self, psn: int, command: Command, who: str) -> None:
-        if await self.center.store.read(partial(queries.get_dtu, psn=psn)) is None:
+        if not await self.center.records.dtu_exists(psn):
             raise UnknownDTU(f"no DTU {psn}")
         error = DTUOffline(f"DTU {psn} is offline")
         now = self.center.now()
         await self._audit(
-            partial(audit.record_command, psn=psn, kind=command.KIND, request=command.to_json(), who=who,
-                    queued=now, outcome=error.outcome, finished=now, error=str(error)),
+            self.trail.record_command(psn, command.KIND, command.to_json(), who, queued=now,
+                                      outcome=error.outcome, finished=now, error=str(error)),
         )
         raise error
 
@@ -77,13 +75,13 @@ class Control(Service):
             log.failure("Could not record a {kind} command in the audit trail", kind=ticket.command.KIND)
             return
         await self._audit(
-            partial(audit.finish_command, record_id=record_id, sent=ticket.sent,
-                    finished=ticket.finished or self.center.now(), outcome=outcome, **details)
+            self.trail.finish_command(record_id, ticket.sent, ticket.finished or self.center.now(), outcome,
+                                      **details)
         )
 
-    async def _audit(self, job: Any) -> None:
+    async def _audit(self, write: Awaitable[Any]) -> None:
         """The answer matters more than its record: a failed audit write is logged, not raised."""
         try:
-            await self.center.store.write(job)
+            await write
         except Exception:
             log.failure("Could not write the audit trail")

@@ -13,7 +13,7 @@ a few thousand frames a second: docs/performance.md.)
 from __future__ import annotations
 
 import datetime as dt
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -26,9 +26,9 @@ from twisted.python.failure import Failure
 
 from dtucenter.addresses import describe_peer
 from dtucenter.dtu import wire
-from dtucenter.dtu.center import DTUCenter
+from dtucenter.dtu.center import DTUCenter, LoginDecision
 from dtucenter.dtu.commands import CommandQueue
-from dtucenter.store.queries import LoginDecision
+from dtucenter.isotime import utc_from_seconds
 
 log = Logger()
 
@@ -96,7 +96,10 @@ class DTUSession:
         #: When the DTU last sent a frame, as the clock's seconds (a datetime per frame was measurable).
         self.last_seen_at: float = clock.seconds()
         self._parser = wire.FrameParser(center.settings.dialect)
-        self._dialect = center.settings.dialect
+        self.dialect = center.settings.dialect
+        self.command_timeout = center.settings.command_timeout
+        #: The center's counters.
+        self.stats: Counter[str] = center.stats
         self._inbox: deque[wire.AnyMessage] = deque()
         self._working = False
         self._paused = False
@@ -120,7 +123,7 @@ class DTUSession:
             else:
                 self._inbox.append(event)
         if self._parser.garbage > self.center.settings.garbage_limit:
-            self.center.stats["closed_for_garbage"] += 1
+            self.stats["closed_for_garbage"] += 1
             log.warn(
                 "Closing {peer}: {count} bytes without a valid frame",
                 peer=self.peer, count=self._parser.garbage,
@@ -170,11 +173,11 @@ class DTUSession:
                 self.link.resume()
 
     def _handle(self, message: wire.AnyMessage) -> Deferred[Any] | None:
-        self.center.stats["frames_in"] += 1
+        self.stats["frames_in"] += 1
         if self.state == self.AWAITING_LOGIN:
             if isinstance(message, wire.Login):
                 return self._login(message)
-            self.center.stats["frames_before_login"] += 1
+            self.stats["frames_before_login"] += 1
             log.warn(
                 "Closing {peer}: {type} before Login", peer=self.peer, type=type(message).__name__
             )
@@ -201,7 +204,7 @@ class DTUSession:
         """Messages beyond login, heartbeat and upload: acks go to the command queue."""
         if self.commands.received(message):
             return None
-        self.center.stats["frames_unexpected"] += 1
+        self.stats["frames_unexpected"] += 1
         log.warn(
             "DTU {psn} at {peer} sent an unexpected {type}",
             psn=self.psn, peer=self.peer, type=type(message).__name__,
@@ -245,7 +248,7 @@ class DTUSession:
             # The store is slow, not the DTU: give it the time again.
             self._arm(self.center.settings.login_timeout, self._login_timed_out)
             return
-        self.center.stats["login_timeouts"] += 1
+        self.stats["login_timeouts"] += 1
         log.warn("Closing {peer}: no valid Login in time", peer=self.peer)
         self._close(abort=True)
 
@@ -253,7 +256,7 @@ class DTUSession:
 
     @property
     def last_seen(self) -> dt.datetime:
-        return dt.datetime.fromtimestamp(self.last_seen_at, tz=dt.UTC)
+        return utc_from_seconds(self.last_seen_at)
 
     def _seen(self) -> None:
         """A frame arrived: it moves the idle deadline, lazily.
@@ -287,7 +290,7 @@ class DTUSession:
             # We stopped reading, not the DTU: wait for the store before judging it.
             self._watch_idle(self._idle_limit())
             return
-        self.center.stats["idle_timeouts"] += 1
+        self.stats["idle_timeouts"] += 1
         log.info("DTU {psn} at {peer} silent for 2 x TickTime; disconnecting", psn=self.psn, peer=self.peer)
         self._close(abort=True)
 
@@ -327,14 +330,24 @@ class DTUSession:
     # -- plumbing ---------------------------------------------------------------------------------
 
     def _send(self, message: wire.AnyMessage) -> None:
-        self.link.write(wire.encode_frame(message, self._dialect))
+        self.link.write(wire.encode_frame(message, self.dialect))
+
+    # -- for the command queue (ports.CommandOwner) ------------------------------------------------
+
+    def send_frame(self, frame: bytes) -> None:
+        self.link.write(frame)
+
+    def setup_reported(self, send_test_time: int, registers: tuple[wire.Register, ...]) -> Deferred[None]:
+        assert self.psn is not None
+        self.registers = registers
+        return self.center.setup_reported(self.psn, send_test_time, registers)
 
     def _problem(self, problem: wire.ParseProblem) -> None:
         if isinstance(problem, wire.Skipped):
-            self.center.stats["bytes_skipped"] += problem.count
+            self.stats["bytes_skipped"] += problem.count
             log.debug("Skipped {count} bytes from {peer}", count=problem.count, peer=self.peer)
         else:
-            self.center.stats[f"dropped_{type(problem).__name__}"] += 1
+            self.stats[f"dropped_{type(problem).__name__}"] += 1
             log.warn("Dropped a frame from {peer}: {problem}", peer=self.peer, problem=problem)
 
     def _arm(self, seconds: float, action: Callable[[], None]) -> None:
@@ -403,5 +416,5 @@ class DTUFactory(protocol.Factory):
         self.center = center
         self.clock = clock
 
-    def buildProtocol(self, addr: IAddress) -> DTUProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> DTUProtocol:
         return DTUProtocol(self.center, self.clock)

@@ -20,6 +20,8 @@ Address = tuple[str, int]
 #: Datagrams kept for a session that is waiting for the store; UDP has no
 #: flow control, so past this the DTU's retransmission has to do.
 BACKLOG_LIMIT = 32
+#: Bytes read per datagram: Twisted's default (IReactorUDP's signature names no default).
+MAX_DATAGRAM = 8192
 
 
 class _DatagramLink:
@@ -56,7 +58,7 @@ class DTUDatagramProtocol(DatagramProtocol):
         self.clock = clock
         self.links: dict[Address, _DatagramLink] = {}
 
-    def datagramReceived(self, datagram: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         link = self.links.get(addr)
         if link is None:
             link = _DatagramLink(self, addr)
@@ -92,7 +94,9 @@ class UDPListenerService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self.port = self.reactor.listenUDP(self.port_number, self.protocol, interface=self.interface)
+        self.port = self.reactor.listenUDP(
+            self.port_number, self.protocol, interface=self.interface, maxPacketSize=MAX_DATAGRAM
+        )
 
     def startService(self) -> None:
         super().startService()

@@ -14,10 +14,12 @@ any other tool can share it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol, TypeAlias
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar, Protocol, Self, TypeAlias
 
 import attrs
+
+from dtucenter.addresses import ipv4_octets
 
 DEFAULT_HEAD = b"\xaa\x55"
 DEFAULT_MAX_LENGTH = 1024
@@ -186,23 +188,23 @@ class LoginAck:
     def decode_data(cls, data: bytes) -> LoginAck:
         if len(data) != cls._LAYOUT.size:
             raise WireError(f"LoginAck carries {cls._LAYOUT.size} bytes, got {len(data)}")
-        *fields, ip = cls._LAYOUT.unpack(data)
-        return cls(*fields, new_ip=".".join(str(b) for b in ip))
+        right, fota_flag, tick_time, send_test_mode, send_test_time, new_ver, new_port, ip = cls._LAYOUT.unpack(data)
+        return cls(
+            right, fota_flag, tick_time, send_test_mode, send_test_time, new_ver, new_port,
+            new_ip=".".join(str(b) for b in ip),
+        )
 
 
 def ip_to_bytes(ip: str) -> bytes:
-    parts = ip.split(".")
     try:
-        octets = bytes(int(p) for p in parts)
-    except ValueError:
-        raise WireError(f"not an IPv4 address: {ip!r}") from None
-    if len(parts) != 4:
-        raise WireError(f"not an IPv4 address: {ip!r}")
-    return octets
+        return ipv4_octets(ip)
+    except ValueError as e:
+        raise WireError(str(e)) from None
 
 
-# Most messages share one of a few Data layouts; these mixins hold each
-# layout once, and the message classes name only their code and fields.
+# Data layouts several messages share. Each message class names its code and
+# fields and spells out its two methods with these helpers, so that the types
+# of its fields are checked where they are used.
 
 
 class _NoData:
@@ -212,88 +214,44 @@ class _NoData:
         return b""
 
     @classmethod
-    def decode_data(cls, data: bytes) -> Any:
+    def decode_data(cls, data: bytes) -> Self:
         if data:
             raise WireError(f"{cls.__name__} carries no data, got {len(data)} bytes")
         return cls()
 
 
-@attrs.frozen
-class _ListLayout:
-    """How one list of fixed-size items is packed."""
-
-    encode: Callable[[Sequence[Any]], bytes]
-    decode: Callable[[bytes], tuple[Any, ...]]
+def _encode_setup(send_test_time: int, registers: Sequence[Register]) -> bytes:
+    """SendTestTime u8, then the register list."""
+    _u8(send_test_time, "SendTestTime")
+    return bytes([send_test_time]) + _encode_registers(registers)
 
 
-REGISTERS = _ListLayout(_encode_registers, _decode_registers)
-REGISTER_VALUES = _ListLayout(_encode_register_values, _decode_register_values)
-VALUES = _ListLayout(_encode_values, _decode_values)
-
-
-class _ListData:
-    """Data is one list, in the message's only field."""
-
-    __slots__ = ()
-    _LAYOUT: ClassVar[_ListLayout]
-
-    def encode_data(self) -> bytes:
-        return self._LAYOUT.encode(attrs.astuple(self, recurse=False)[0])
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> Any:
-        return cls(cls._LAYOUT.decode(data))
-
-
-class _SetupData:
-    """Data is SendTestTime u8, then the register list."""
-
-    __slots__ = ()
-
-    def encode_data(self) -> bytes:
-        send_test_time, registers = attrs.astuple(self, recurse=False)
-        _u8(send_test_time, "SendTestTime")
-        return bytes([send_test_time]) + _encode_registers(registers)
-
-    @classmethod
-    def decode_data(cls, data: bytes) -> Any:
-        if not data:
-            raise WireError(f"{cls.__name__} needs at least SendTestTime")
-        return cls(data[0], _decode_registers(data[1:]))
+def _decode_setup(data: bytes, missing: str) -> tuple[int, tuple[Register, ...]]:
+    if not data:
+        raise WireError(missing)
+    return data[0], _decode_registers(data[1:])
 
 
 class _ResultData:
-    """Data is Result u8 and, only when Result is 1, the rest of the fields.
-
-    The rest is one list (``_LAYOUT``) unless a subclass packs it itself.
-    """
+    """Acks whose Data is Result u8 and, only when Result is 1, the rest of their fields."""
 
     __slots__ = ()
-    _LAYOUT: ClassVar[_ListLayout]
+    result: int
 
     @property
     def ok(self) -> bool:
-        return attrs.astuple(self, recurse=False)[0] == 1
+        return self.result == 1
 
-    def encode_data(self) -> bytes:
-        result, *rest = attrs.astuple(self, recurse=False)
-        _u8(result, "Result")
-        return bytes([result]) + (self._encode_rest(*rest) if result == 1 else b"")
+    def _encode_result(self, rest: Callable[[], bytes]) -> bytes:
+        _u8(self.result, "Result")
+        return bytes([self.result]) + (rest() if self.result == 1 else b"")
 
     @classmethod
-    def decode_data(cls, data: bytes) -> Any:
+    def _split_result(cls, data: bytes) -> bytes | None:
+        """The Data after Result when Result is 1, else None (Result is ``data[0]``)."""
         if not data:
             raise WireError(f"{cls.__name__} needs at least Result")
-        if data[0] != 1:
-            return cls(data[0])
-        return cls(1, *cls._decode_rest(data[1:]))
-
-    def _encode_rest(self, items: Sequence[Any]) -> bytes:
-        return self._LAYOUT.encode(items)
-
-    @classmethod
-    def _decode_rest(cls, data: bytes) -> tuple[Any, ...]:
-        return (cls._LAYOUT.decode(data),)
+        return data[1:] if data[0] == 1 else None
 
 
 @attrs.frozen
@@ -307,11 +265,18 @@ class SendTickAck(_NoData):
 
 
 @attrs.frozen
-class SaveSetup(_SetupData):
+class SaveSetup:
     TYPE: ClassVar[int] = 0x03
 
     send_test_time: int
     registers: tuple[Register, ...] = ()
+
+    def encode_data(self) -> bytes:
+        return _encode_setup(self.send_test_time, self.registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> SaveSetup:
+        return cls(*_decode_setup(data, "SaveSetup needs at least SendTestTime"))
 
 
 @attrs.frozen
@@ -322,15 +287,15 @@ class SaveSetupAck(_ResultData):
     send_test_time: int = 0
     registers: tuple[Register, ...] = ()
 
-    def _encode_rest(self, send_test_time: int, registers: Sequence[Register]) -> bytes:  # type: ignore[override]
-        _u8(send_test_time, "SendTestTime")
-        return bytes([send_test_time]) + _encode_registers(registers)
+    def encode_data(self) -> bytes:
+        return self._encode_result(lambda: _encode_setup(self.send_test_time, self.registers))
 
     @classmethod
-    def _decode_rest(cls, data: bytes) -> tuple[Any, ...]:
-        if not data:
-            raise WireError("SaveSetupAck with Result 1 needs SendTestTime")
-        return data[0], _decode_registers(data[1:])
+    def decode_data(cls, data: bytes) -> SaveSetupAck:
+        rest = cls._split_result(data)
+        if rest is None:
+            return cls(data[0])
+        return cls(1, *_decode_setup(rest, "SaveSetupAck with Result 1 needs SendTestTime"))
 
 
 @attrs.frozen
@@ -339,11 +304,18 @@ class ReadSetup(_NoData):
 
 
 @attrs.frozen
-class ReadSetupAck(_SetupData):
+class ReadSetupAck:
     TYPE: ClassVar[int] = 0x84
 
     send_test_time: int
     registers: tuple[Register, ...] = ()
+
+    def encode_data(self) -> bytes:
+        return _encode_setup(self.send_test_time, self.registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> ReadSetupAck:
+        return cls(*_decode_setup(data, "ReadSetupAck needs at least SendTestTime"))
 
 
 @attrs.frozen
@@ -384,49 +356,78 @@ class SendTestAck:
 
 
 @attrs.frozen
-class ReadTest(_ListData):
+class ReadTest:
     TYPE: ClassVar[int] = 0x06
-    _LAYOUT: ClassVar[_ListLayout] = REGISTERS
 
     registers: tuple[Register, ...]
+
+    def encode_data(self) -> bytes:
+        return _encode_registers(self.registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> ReadTest:
+        return cls(_decode_registers(data))
 
 
 @attrs.frozen
 class ReadTestAck(_ResultData):
     TYPE: ClassVar[int] = 0x86
-    _LAYOUT: ClassVar[_ListLayout] = VALUES
 
     result: int
     values: tuple[int, ...] = ()
 
+    def encode_data(self) -> bytes:
+        return self._encode_result(lambda: _encode_values(self.values))
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> ReadTestAck:
+        rest = cls._split_result(data)
+        return cls(data[0]) if rest is None else cls(1, _decode_values(rest))
+
 
 @attrs.frozen
-class SetControl(_ListData):
+class SetControl:
     TYPE: ClassVar[int] = 0x07
-    _LAYOUT: ClassVar[_ListLayout] = REGISTER_VALUES
 
     registers: tuple[RegisterValue, ...]
+
+    def encode_data(self) -> bytes:
+        return _encode_register_values(self.registers)
+
+    @classmethod
+    def decode_data(cls, data: bytes) -> SetControl:
+        return cls(_decode_register_values(data))
 
 
 @attrs.frozen
 class SetControlAck(_ResultData):
     TYPE: ClassVar[int] = 0x87
-    _LAYOUT: ClassVar[_ListLayout] = REGISTER_VALUES
 
     result: int
     registers: tuple[RegisterValue, ...] = ()
 
+    def encode_data(self) -> bytes:
+        return self._encode_result(lambda: _encode_register_values(self.registers))
 
-AnyMessage: TypeAlias = Login | LoginAck | SendTick | SendTickAck | SaveSetup | SaveSetupAck | ReadSetup | ReadSetupAck | SendTest | SendTestAck | ReadTest | ReadTestAck | SetControl | SetControlAck
+    @classmethod
+    def decode_data(cls, data: bytes) -> SetControlAck:
+        rest = cls._split_result(data)
+        return cls(data[0]) if rest is None else cls(1, _decode_register_values(rest))
+
+
+AnyMessage: TypeAlias = (
+    Login | LoginAck | SendTick | SendTickAck | SaveSetup | SaveSetupAck | ReadSetup | ReadSetupAck
+    | SendTest | SendTestAck | ReadTest | ReadTestAck | SetControl | SetControlAck
+)
+#: A message class: what the parser looks up by type code and decodes with.
+MessageClass: TypeAlias = type[AnyMessage]
 
 #: The one table of type codes. Uplink messages come from the DTU.
-MESSAGE_TYPES: dict[int, type] = {
-    cls.TYPE: cls
-    for cls in (
-        Login, LoginAck, SendTick, SendTickAck, SaveSetup, SaveSetupAck, ReadSetup,
-        ReadSetupAck, SendTest, SendTestAck, ReadTest, ReadTestAck, SetControl, SetControlAck,
-    )
-}
+MESSAGE_CLASSES: tuple[MessageClass, ...] = (
+    Login, LoginAck, SendTick, SendTickAck, SaveSetup, SaveSetupAck, ReadSetup,
+    ReadSetupAck, SendTest, SendTestAck, ReadTest, ReadTestAck, SetControl, SetControlAck,
+)
+MESSAGE_TYPES: Mapping[int, MessageClass] = {cls.TYPE: cls for cls in MESSAGE_CLASSES}
 UPLINK_TYPES = frozenset(
     cls.TYPE for cls in (Login, SendTick, SaveSetupAck, ReadSetupAck, SendTest, ReadTestAck, SetControlAck)
 )
@@ -443,12 +444,12 @@ class Dialect:
     max_length: int = attrs.field(default=DEFAULT_MAX_LENGTH)
 
     @head.validator
-    def _check_head(self, _attribute: attrs.Attribute, value: bytes) -> None:
+    def _check_head(self, _attribute: attrs.Attribute[bytes], value: bytes) -> None:
         if not 1 <= len(value) <= 8:
             raise ValueError(f"frame head must be 1..8 bytes, got {len(value)}")
 
     @max_length.validator
-    def _check_max_length(self, _attribute: attrs.Attribute, value: int) -> None:
+    def _check_max_length(self, _attribute: attrs.Attribute[int], value: int) -> None:
         # 2 bytes of Length, and room for the largest fixed-size message (Login).
         if not 64 <= value <= 0xFFFF:
             raise ValueError(f"max frame length must be 64..65535, got {value}")
@@ -531,7 +532,7 @@ class FrameParser:
     owner decides when that is too much.
     """
 
-    def __init__(self, dialect: Dialect = DEFAULT_DIALECT, types: dict[int, type] = MESSAGE_TYPES) -> None:
+    def __init__(self, dialect: Dialect = DEFAULT_DIALECT, types: Mapping[int, MessageClass] = MESSAGE_TYPES) -> None:
         self._head = dialect.head
         self._header_size = len(dialect.head) + _TYPE_AND_LENGTH.size
         self._max_length = dialect.max_length

@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dtucenter.store.models import CommandRecord
+from dtucenter.store.queries import rowcount
 
 PENDING = "pending"
 INTERRUPTED = "interrupted"
@@ -87,12 +88,11 @@ def finish_command(
 
 def interrupt_pending(session: Session, now: dt.datetime) -> int:
     """At start-up: a command still pending was cut short by the last shutdown or crash."""
-    result = session.execute(
+    return rowcount(session.execute(
         update(CommandRecord)
         .where(CommandRecord.outcome == PENDING)
         .values(outcome=INTERRUPTED, finished=now, error="the center stopped before the command finished")
-    )
-    return result.rowcount or 0
+    ))
 
 
 def list_commands(session: Session, psn: int, limit: int) -> list[CommandInfo]:

@@ -30,14 +30,14 @@ from twisted.python.threadpool import ThreadPool
 
 from dtucenter.store.meters import METER_SAMPLE_COLUMNS
 from dtucenter.store.models import MeterSample, Sample
-from dtucenter.store.queries import SAMPLE_ROW_COLUMNS, SampleRow
+from dtucenter.store.queries import SAMPLE_ROW_COLUMNS, SampleRow, table_of
 
 T = TypeVar("T")
 Job = Callable[[Session], Any]
 #: Rows to insert, by table; one entry of the row queue moves and commits as a whole.
 RowsByTable = dict[Table, list[Any]]
-SAMPLES: Table = Sample.__table__  # type: ignore[assignment]
-METER_SAMPLES: Table = MeterSample.__table__  # type: ignore[assignment]
+SAMPLES = table_of(Sample)
+METER_SAMPLES = table_of(MeterSample)
 
 log = Logger()
 
@@ -47,7 +47,7 @@ RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
 
 
-def is_transient(error: BaseException) -> bool:
+def is_transient(error: BaseException | None) -> bool:
     """A failure of the database rather than of the work: worth retrying as is."""
     if isinstance(error, (OperationalError, InterfaceError)):
         return True
@@ -167,10 +167,11 @@ class _MultiRowInsert:
                 value = bound[index]
                 if value is None:
                     continue
-                if value is not seen:
-                    seen, seen_bound = value, processor(value)
-                    last[slot] = (index, processor, seen, seen_bound)
-                bound[index] = seen_bound
+                if value is seen:
+                    bound[index] = seen_bound
+                else:
+                    bound[index] = value_bound = processor(value)
+                    last[slot] = (index, processor, value, value_bound)
             params.append(tuple(bound))
         return params
 
@@ -270,7 +271,7 @@ class Store(Service):
         return d
 
     def add_samples(self, rows: list[SampleRow]) -> Deferred[None]:
-        """Insert DTU upload rows (``queries.upload_row``); fires after they are committed."""
+        """Insert DTU upload rows (``SampleRow``); fires after they are committed."""
         return self.add_rows(SAMPLES, rows)
 
     def add_rows(self, table: Table, rows: list[Any]) -> Deferred[None]:
@@ -334,8 +335,8 @@ class Store(Service):
                 d.callback(None)
             return
         self._in_flight = batch
-        d = deferToThreadPool(self._reactor, self._writer, self._commit, batch)
-        d.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
+        committed: Deferred[list[Any]] = deferToThreadPool(self._reactor, self._writer, self._commit, batch)
+        committed.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _commit(self, batch: _Batch) -> list[Any]:
         with Session(self.engine) as session, session.begin():

@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from dtucenter.store.models import Meter, MeterFailure, MeterSample, MeterWrite
-from dtucenter.store.queries import time_window
+from dtucenter.store.queries import table_of, time_window
 
 #: Longest meter, link or point name the tables hold.
 MAX_NAME = 100
@@ -149,7 +149,7 @@ def record_meter_states(session: Session, states: Sequence[Mapping[str, Any]]) -
     """
     if not states:
         return
-    table = Meter.__table__
+    table = table_of(Meter)
     statement = (
         update(table)
         .where(table.c.name == bindparam("b_name"))
@@ -165,7 +165,7 @@ def record_failure_streaks(
 ) -> None:
     """Insert new streaks (meter, reason, first, last, count) and move on the ones stored
     already, found by (meter, first)."""
-    table = MeterFailure.__table__
+    table = table_of(MeterFailure)
     if started:
         session.connection().execute(table.insert(), list(started))
     if extended:
@@ -176,7 +176,10 @@ def record_failure_streaks(
         )
         session.connection().execute(
             statement,
-            [{"b_meter": s["meter"], "b_first": s["first"], "b_last": s["last"], "b_count": s["count"]} for s in extended],
+            [
+                {"b_meter": s["meter"], "b_first": s["first"], "b_last": s["last"], "b_count": s["count"]}
+                for s in extended
+            ],
         )
 
 

@@ -1,24 +1,24 @@
 """Database operations as plain synchronous functions of a Session.
 
-They return attrs snapshots, never ORM objects, so results can cross from
-the database thread to the reactor thread safely. The CLI calls them
-directly; the running center calls them through ``Store``.
+They return attrs snapshots of plain types, never ORM objects, so results
+can cross from the database thread to the reactor thread safely. The CLI
+calls them directly; the running center through ``dtus.DtuStore`` (and the
+API through ``Store``). Nothing here knows the DTU wire format's types.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import struct
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVarTuple
 
 import attrs
-from sqlalchemy import Select, bindparam, delete, select, update
+from sqlalchemy import CursorResult, Result, Select, Table, bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
-from dtucenter.dtu import wire
-from dtucenter.store.models import Dtu, RegisterEntry, Sample
+from dtucenter.addresses import ipv4_octets
+from dtucenter.store.models import Base, Dtu, RegisterEntry, Sample
 
 
 @attrs.frozen
@@ -59,11 +59,13 @@ class DtuInfo:
 
 
 @attrs.frozen
-class LoginDecision:
+class LoginOutcome:
     accepted: bool
     reason: str
-    ack: wire.LoginAck
-    registers: tuple[wire.Register, ...] = ()
+    #: The DTU's record as the login left it, when accepted (its LoginAck parameters among it).
+    record: DtuInfo | None = None
+    #: The stored register list, (dev, addr) per position.
+    registers: tuple[tuple[int, int], ...] = ()
     enrolled: bool = False
 
 
@@ -93,8 +95,8 @@ def validate_dtu_fields(fields: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{key} must be text of at most {DTU_TEXT_FIELDS[key]} characters")
             if key == "new_ip":
                 try:
-                    wire.ip_to_bytes(value)
-                except wire.WireError as e:
+                    ipv4_octets(value)
+                except ValueError as e:
                     raise ValueError(f"new_ip: {e}") from None
         else:
             raise ValueError(f"unknown DTU field {key!r}")
@@ -108,65 +110,59 @@ def check_psn(psn: Any) -> int:
     return psn
 
 
-def login_ack_of(row: Dtu, right: int = wire.LOGIN_ACCEPTED) -> wire.LoginAck:
-    return wire.LoginAck(
-        right=right, fota_flag=row.fota_flag, tick_time=row.tick_time,
-        send_test_mode=row.send_test_mode, send_test_time=row.send_test_time,
-        new_ver=row.new_ver, new_port=row.new_port, new_ip=row.new_ip,
-    )
-
-
-REFUSED = wire.LoginAck(right=wire.LOGIN_REFUSED)
-
-
 def authenticate(
-    session: Session, login: wire.Login, remote: str, now: dt.datetime, enroll_unknown: bool
-) -> LoginDecision:
-    """The seed's rule: a stored PASS of 0 takes (and keeps) any PASS; otherwise they must match."""
-    row = session.get(Dtu, login.psn)
+    session: Session, psn: int, password: int, pname: str, version: int, ccid: str,
+    remote: str, now: dt.datetime, enroll_unknown: bool,
+) -> LoginOutcome:
+    """The seed's rule: a stored PASS of 0 takes (and keeps) any PASS; otherwise they must match.
+
+    An accepted login is recorded (what the DTU reported, from where, when) and marks it online.
+    """
+    row = session.get(Dtu, psn)
     enrolled = False
     if row is None:
         if not enroll_unknown:
-            return LoginDecision(False, "unknown PSN", REFUSED)
-        row = Dtu(psn=login.psn, password=login.password, name="", created=now)
+            return LoginOutcome(False, "unknown PSN")
+        row = Dtu(psn=psn, password=password, name="", created=now)
         _fill_defaults(row)
         session.add(row)
         enrolled = True
     elif row.password == 0:
-        row.password = login.password
-    elif row.password != login.password:
-        return LoginDecision(False, "wrong password", REFUSED)
-    row.pname = login.pname[:8]
-    row.version = login.cur_ver
-    row.ccid = login.ccid[:20]
+        row.password = password
+    elif row.password != password:
+        return LoginOutcome(False, "wrong password")
+    row.pname = pname[:8]
+    row.version = version
+    row.ccid = ccid[:20]
     row.online = True
     row.remote = remote
     row.last_login = now
     row.last_seen = now
     session.flush()
-    return LoginDecision(True, "ok", login_ack_of(row), register_list(session, login.psn), enrolled)
+    return LoginOutcome(True, "ok", DtuInfo.of(row), register_list(session, psn), enrolled)
 
 
 def _fill_defaults(row: Dtu) -> None:
-    # Column defaults apply only at flush; the LoginAck is built before that.
+    # Column defaults apply only at flush; the login's parameters are read before that.
     for column in Dtu.__table__.columns:
         if getattr(row, column.key) is None and column.default is not None and column.default.is_scalar:
             setattr(row, column.key, column.default.arg)
 
 
-def register_list(session: Session, psn: int) -> tuple[wire.Register, ...]:
+def register_list(session: Session, psn: int) -> tuple[tuple[int, int], ...]:
+    """(dev, addr) per position."""
     rows = session.scalars(
         select(RegisterEntry).where(RegisterEntry.psn == psn).order_by(RegisterEntry.position)
     )
-    return tuple(wire.Register(r.dev, r.addr) for r in rows)
+    return tuple((r.dev, r.addr) for r in rows)
 
 
 def replace_register_list(
-    session: Session, psn: int, send_test_time: int, registers: Sequence[wire.Register]
+    session: Session, psn: int, send_test_time: int, registers: Sequence[tuple[int, int]]
 ) -> None:
     session.execute(delete(RegisterEntry).where(RegisterEntry.psn == psn))
     session.add_all(
-        RegisterEntry(psn=psn, position=i, dev=r.dev, addr=r.addr) for i, r in enumerate(registers)
+        RegisterEntry(psn=psn, position=i, dev=dev, addr=addr) for i, (dev, addr) in enumerate(registers)
     )
     session.execute(update(Dtu).where(Dtu.psn == psn).values(send_test_time=send_test_time))
 
@@ -177,15 +173,25 @@ def mark_offline(session: Session, psn: int, last_seen: dt.datetime) -> None:
 
 def mark_all_offline(session: Session) -> int:
     """At start-up: no connection survives a restart, whatever the table says."""
-    result = session.execute(update(Dtu).where(Dtu.online.is_(True)).values(online=False))
+    return rowcount(session.execute(update(Dtu).where(Dtu.online.is_(True)).values(online=False)))
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (``Session.execute`` is typed for SELECTs)."""
+    assert isinstance(result, CursorResult)
     return result.rowcount or 0
 
 
-def record_last_seen(session: Session, seen: dict[int, dt.datetime]) -> None:
+def table_of(model: type[Base]) -> Table:
+    """A model's Table (``__table__`` is typed as any FROM clause)."""
+    return model.metadata.tables[model.__tablename__]
+
+
+def record_last_seen(session: Session, seen: Mapping[int, dt.datetime]) -> None:
     # Core, not the ORM's bulk update: that one fails the whole batch when a
     # DTU was deleted meanwhile; here a missing row simply updates nothing.
     if seen:
-        table = Dtu.__table__
+        table = table_of(Dtu)
         session.connection().execute(
             update(table).where(table.c.psn == bindparam("b_psn")).values(last_seen=bindparam("b_seen")),
             [{"b_psn": psn, "b_seen": when} for psn, when in seen.items()],
@@ -217,35 +223,20 @@ def list_dtus(session: Session) -> list[DtuInfo]:
 
 
 def delete_dtu(session: Session, psn: int, with_samples: bool = True) -> bool:
-    found = session.execute(delete(Dtu).where(Dtu.psn == psn)).rowcount > 0
+    found = rowcount(session.execute(delete(Dtu).where(Dtu.psn == psn))) > 0
     session.execute(delete(RegisterEntry).where(RegisterEntry.psn == psn))
     if with_samples:
         session.execute(delete(Sample).where(Sample.psn == psn))
     return found
 
 
-#: Column order of the rows ``upload_row`` builds and ``Store.add_samples`` inserts.
+#: Column order of the rows ``Store.add_samples`` inserts (the DTU center builds them).
 SAMPLE_ROW_COLUMNS = ("psn", "time", "net_state", "values", "registers")
+#: ``values`` and ``registers`` packed as ``models.Sample`` says.
 SampleRow = tuple[int, dt.datetime, int, bytes, "bytes | None"]
 
 _VALUE = struct.Struct(">h")
 _REGISTER = struct.Struct(">BH")
-
-
-def upload_row(
-    psn: int, when: dt.datetime, upload: wire.SendTest, registers: Sequence[wire.Register]
-) -> SampleRow:
-    """The row for one SendTest; (dev, addr) come from the register list when it matches."""
-    values = upload.values
-    packed = struct.pack(f">{len(values)}h", *values)
-    named = _pack_registers(tuple(registers)) if registers and len(registers) == len(values) else None
-    return (psn, when, upload.net_state, packed, named)
-
-
-@functools.lru_cache(maxsize=4096)
-def _pack_registers(registers: tuple[wire.Register, ...]) -> bytes:
-    # A DTU uploads with the same register list for days: pack it once.
-    return b"".join(_REGISTER.pack(r.dev, r.addr) for r in registers)
 
 
 def _unpack(row: Any) -> list[SampleInfo]:
@@ -260,9 +251,13 @@ def _unpack(row: Any) -> list[SampleInfo]:
     ]
 
 
+_Columns = TypeVarTuple("_Columns")
+
+
 def time_window(
-    query: Select[Any], model: Any, since: dt.datetime | None, until: dt.datetime | None, limit: int | None
-) -> Select[Any]:
+    query: Select[*_Columns], model: Any, since: dt.datetime | None, until: dt.datetime | None,
+    limit: int | None,
+) -> Select[*_Columns]:
     """Rows of a samples table in [since, until), oldest first, at most ``limit``: how every sample query reads."""
     if since is not None:
         query = query.where(model.time >= since)

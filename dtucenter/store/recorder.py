@@ -30,11 +30,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dtucenter.isotime import utc_from_seconds as utc
+from dtucenter.isotime import utc_now
 from dtucenter.modbus.config import MeterSettings, ModbusSettings
 from dtucenter.modbus.points import Point, Value
 from dtucenter.store import meters
-from dtucenter.store.facade import Store
-from dtucenter.store.models import MeterSample
+from dtucenter.store.facade import METER_SAMPLES, Store
 
 log = Logger()
 
@@ -116,15 +116,19 @@ class MeterRecorder(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = self.store.write(partial(meters.sync_meters, meters=self._specs, now=utc(self.clock.seconds())))
-        d.addCallbacks(self._sync_done, lambda f: log.failure("Could not sync the configured meters into the database", f))
+        d = self.store.write(partial(meters.sync_meters, meters=self._specs, now=utc_now(self.clock)))
+        d.addCallbacks(
+            self._sync_done, lambda f: log.failure("Could not sync the configured meters into the database", f)
+        )
         d.addBoth(self._release_waiters)
         self._flusher.start(self.state_interval, now=False)
 
     def _sync_done(self, counts: tuple[int, int]) -> None:
         added, retired = counts
         if added or retired:
-            log.info("Meters in the database: {added} added, {retired} no longer configured", added=added, retired=retired)
+            log.info(
+                "Meters in the database: {added} added, {retired} no longer configured", added=added, retired=retired
+            )
 
     def _release_waiters(self, _: object) -> None:
         self._synced = True
@@ -150,9 +154,10 @@ class MeterRecorder(Service):
 
     def record_values(self, meter: str, time: float, values: Mapping[str, Value]) -> None:
         rows = meters.sample_rows(meter, utc(time), values)
-        d = self.store.add_rows(MeterSample.__table__, rows)  # type: ignore[arg-type]
+        d = self.store.add_rows(METER_SAMPLES, rows)
         d.addCallbacks(
-            self._stored, lambda f: log.failure("Could not store {count} values of meter {meter}", f, count=len(rows), meter=meter),
+            self._stored,
+            lambda f: log.failure("Could not store {count} values of meter {meter}", f, count=len(rows), meter=meter),
             callbackArgs=(len(rows),),
         )
         state = self._state(meter, time)

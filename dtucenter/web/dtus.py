@@ -11,6 +11,7 @@ from dtucenter.dtu import commands, wire
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.control import Control, UnknownDTU
 from dtucenter.store import audit, queries
+from dtucenter.store.facade import Store
 from dtucenter.web.params import DEFAULT_SAMPLES, MAX_SAMPLES, check_keys, limit_param, time_param
 from dtucenter.web.router import ApiError, Call, Reply, Router
 
@@ -82,10 +83,10 @@ def _flag(params: dict[str, str], name: str) -> bool:
 
 
 class DtuApi:
-    def __init__(self, center: DTUCenter, control: Control) -> None:
+    def __init__(self, center: DTUCenter, control: Control, store: Store) -> None:
         self.center = center
         self.control = control
-        self.store = center.store
+        self.store = store
 
     def install(self, router: Router) -> None:
         router.add("GET", "/api/dtus", self.list_dtus)
@@ -191,7 +192,7 @@ class DtuApi:
             info = queries.get_dtu(session, number)
             if info is None:
                 return None
-            registers = queries.register_list(session, number)
+            registers = tuple(wire.Register(dev, addr) for dev, addr in queries.register_list(session, number))
             return commands.Setup(info.send_test_time, registers).to_json()
 
         setup = await self.store.read(job)

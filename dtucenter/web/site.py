@@ -11,15 +11,18 @@ from twisted.web import server
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.modbus.service import ModbusBridge
+from dtucenter.store.facade import Store
 from dtucenter.web.dtus import DtuApi
 from dtucenter.web.router import BoundedRequest, Router
 from dtucenter.web.status import StatusApi
 
 
-def build_site(center: DTUCenter, control: Control, token: str, bridge: ModbusBridge | None = None) -> server.Site:
+def build_site(
+    center: DTUCenter, control: Control, store: Store, token: str, bridge: ModbusBridge | None = None
+) -> server.Site:
     router = Router(token)
-    DtuApi(center, control).install(router)
-    StatusApi(center, bridge).install(router)
+    DtuApi(center, control, store).install(router)
+    StatusApi(center, store, bridge).install(router)
     site = server.Site(router)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False

@@ -9,12 +9,14 @@ import attrs
 from dtucenter import __version__
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.modbus.service import ModbusBridge
+from dtucenter.store.facade import Store
 from dtucenter.web.router import Call, Router
 
 
 class StatusApi:
-    def __init__(self, center: DTUCenter, bridge: ModbusBridge | None = None) -> None:
+    def __init__(self, center: DTUCenter, store: Store, bridge: ModbusBridge | None = None) -> None:
         self.center = center
+        self.store = store
         self.bridge = bridge
 
     def install(self, router: Router) -> None:
@@ -22,7 +24,7 @@ class StatusApi:
 
     async def status(self, call: Call) -> Any:
         call.query(())
-        center, store = self.center, self.center.store
+        center, store = self.center, self.store
         now = center.now()
         return {
             "version": __version__,

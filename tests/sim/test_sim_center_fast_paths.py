@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from dtucenter.dtu import wire
-from dtucenter.dtu.center import CenterSettings, DTUCenter
+from dtucenter.dtu.center import CenterSettings, DTUCenter, upload_row
 from dtucenter.dtu.session import INBOX_LIMIT, DTUProtocol
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
@@ -28,10 +28,10 @@ def test_upload_rows_read_back_one_sample_per_value(tmp_path: Path) -> None:
     engine = open_engine(f"sqlite:///{tmp_path / 'c.db'}")
     registers = (wire.Register(1, 5), wire.Register(2, 6))
     rows = [
-        queries.upload_row(7, NOW, wire.SendTest(20, 1, (1, -2)), registers),
-        queries.upload_row(7, NOW, wire.SendTest(21, 2, (3, 4, 5)), registers),  # list does not match
-        queries.upload_row(7, NOW + dt.timedelta(seconds=1), wire.SendTest(22, 3, ()), ()),
-        queries.upload_row(7, NOW + dt.timedelta(seconds=2), wire.SendTest(23, 4, (-32768, 32767)), ()),
+        upload_row(7, NOW, wire.SendTest(20, 1, (1, -2)), registers),
+        upload_row(7, NOW, wire.SendTest(21, 2, (3, 4, 5)), registers),  # list does not match
+        upload_row(7, NOW + dt.timedelta(seconds=1), wire.SendTest(22, 3, ()), ()),
+        upload_row(7, NOW + dt.timedelta(seconds=2), wire.SendTest(23, 4, (-32768, 32767)), ()),
     ]
     with Session(engine) as session, session.begin():
         _MultiRowInsert(engine, SAMPLES, queries.SAMPLE_ROW_COLUMNS)(session, rows)

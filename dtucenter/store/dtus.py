@@ -1,0 +1,84 @@
+"""The store as the DTU half uses it: ``dtucenter.dtu.ports``' DtuRecords and CommandTrail.
+
+Like ``recorder.MeterRecorder`` for the Modbus half, this implements the
+interfaces the protocol package defines, by structure: it imports nothing
+from ``dtucenter.dtu`` and speaks plain types (tests/test_layering.py holds
+that). Each method is one job for the ``Store`` façade's threads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from sqlalchemy.orm import Session
+from twisted.internet.defer import Deferred
+
+from dtucenter.store import audit, queries
+from dtucenter.store.facade import Store
+
+
+class DtuStore:
+    def __init__(self, store: Store) -> None:
+        self._write = store.write
+        self._read = store.read
+        #: The upload path, taken once: a call through this class per upload would show at ingest rates.
+        self.add_samples = store.add_samples
+
+    # -- DtuRecords ------------------------------------------------------------------------
+
+    def authenticate(
+        self, psn: int, password: int, pname: str, version: int, ccid: str,
+        remote: str, now: dt.datetime, enroll_unknown: bool,
+    ) -> Deferred[queries.LoginOutcome]:
+        return self._write(partial(
+            queries.authenticate, psn=psn, password=password, pname=pname, version=version, ccid=ccid,
+            remote=remote, now=now, enroll_unknown=enroll_unknown,
+        ))
+
+    def replace_register_list(
+        self, psn: int, send_test_time: int, registers: tuple[tuple[int, int], ...]
+    ) -> Deferred[None]:
+        return self._write(
+            partial(queries.replace_register_list, psn=psn, send_test_time=send_test_time, registers=registers)
+        )
+
+    def mark_offline(self, psn: int, last_seen: dt.datetime) -> Deferred[None]:
+        return self._write(partial(queries.mark_offline, psn=psn, last_seen=last_seen))
+
+    def mark_all_offline(self) -> Deferred[int]:
+        return self._write(queries.mark_all_offline)
+
+    def record_last_seen(self, seen: Mapping[int, dt.datetime]) -> Deferred[None]:
+        return self._write(partial(queries.record_last_seen, seen=seen))
+
+    def dtu_exists(self, psn: int) -> Deferred[bool]:
+        def exists(session: Session) -> bool:
+            return queries.get_dtu(session, psn) is not None
+
+        return self._read(exists)
+
+    # -- CommandTrail ------------------------------------------------------------------------
+
+    def record_command(
+        self, psn: int, kind: str, request: dict[str, Any], who: str, queued: dt.datetime,
+        outcome: str | None = None, finished: dt.datetime | None = None, error: str | None = None,
+    ) -> Deferred[int]:
+        return self._write(partial(
+            audit.record_command, psn=psn, kind=kind, request=request, who=who, queued=queued,
+            outcome=audit.PENDING if outcome is None else outcome, finished=finished, error=error,
+        ))
+
+    def finish_command(
+        self, record_id: int, sent: dt.datetime | None, finished: dt.datetime, outcome: str,
+        result: Any = None, error: str | None = None,
+    ) -> Deferred[None]:
+        return self._write(partial(
+            audit.finish_command, record_id=record_id, sent=sent, finished=finished, outcome=outcome,
+            result=result, error=error,
+        ))
+
+    def interrupt_pending(self, now: dt.datetime) -> Deferred[int]:
+        return self._write(partial(audit.interrupt_pending, now=now))
