@@ -60,6 +60,7 @@ class BoundedRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
             return
+        assert self.content is not None  # gotLength made it before the first chunk
         if self.content.tell() + len(data) > MAX_BODY:
             self.body_too_large = True
             self.content = BytesIO()
@@ -96,7 +97,9 @@ class Call:
         return params
 
     def json_object(self) -> dict[str, Any]:
-        raw = self.request.content.read()
+        content = self.request.content
+        assert content is not None  # from the headers until the request is finished
+        raw = content.read()
         if not raw.strip():
             raise ApiError(400, "expected a JSON object in the request body")
         try:
