@@ -32,8 +32,9 @@ from dtucenter.modbus.filter import (
     RegistrationReader,
 )
 from dtucenter.modbus.framing import framing_for
-from dtucenter.modbus.master import LinkCounters, ModbusMaster, close_transport, connected_transport
+from dtucenter.modbus.master import LinkCounters, ModbusMaster
 from dtucenter.throttle import LoginThrottle
+from dtucenter.transports import close_transport, connected_transport
 
 log = Logger()
 

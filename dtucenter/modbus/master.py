@@ -16,8 +16,8 @@ from typing import Protocol as TypingProtocol
 import attrs
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
-from twisted.internet.protocol import BaseProtocol, Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -29,23 +29,9 @@ from dtucenter.modbus.errors import (
 )
 from dtucenter.modbus.filter import BoundaryNoise, Discarded, Response, ResponseReader, Stripped
 from dtucenter.modbus.framing import Expectation, Framing
+from dtucenter.transports import close_transport, connected_transport
 
 log = Logger()
-
-
-def connected_transport(protocol: BaseProtocol) -> ITransport:
-    """The transport of a protocol that is connected (before makeConnection it is None)."""
-    assert protocol.transport is not None, f"{protocol!r} is not connected yet"
-    return protocol.transport
-
-
-def close_transport(transport: ITransport) -> None:
-    """Close at once: a peer that went silent or dialled again would not acknowledge a FIN."""
-    abort = getattr(transport, "abortConnection", None)
-    if abort is not None:
-        abort()
-    else:
-        transport.loseConnection()  # serial ports have no abort
 
 
 @attrs.define

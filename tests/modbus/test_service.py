@@ -82,10 +82,11 @@ def test_bridge_builds_listeners_clients_serial_ports_and_the_poller() -> None:
 def test_the_bridge_stands_apart_from_the_rest_of_the_center() -> None:
     # Integration wires the bridge in; the bridge must not reach back. It may share
     # leaf helpers that import nothing of the center (addresses, the latency histogram, the login throttle,
-    # the settings' declarations).
+    # the settings' declarations, transport handling).
     code = (
         "import sys, dtucenter.modbus.service\n"
         "print(sorted(m for m in sys.modules if m.startswith('dtucenter.') and not m.startswith('dtucenter.modbus')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['dtucenter.addresses', 'dtucenter.latency', 'dtucenter.setting', 'dtucenter.throttle']"
+    leaves = ["addresses", "latency", "setting", "throttle", "transports"]
+    assert out.strip() == repr([f"dtucenter.{leaf}" for leaf in leaves])
