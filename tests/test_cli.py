@@ -36,7 +36,8 @@ def store_upload(db: str, psn: int, when: dt.datetime, upload: wire.SendTest, re
 
 
 def test_add_update_and_list(db: str) -> None:
-    assert run("dtu", "add", "10001", "--name", "pump house", "--password", "77", "--db", db) == (0, "added DTU 10001\n")
+    added = run("dtu", "add", "10001", "--name", "pump house", "--password", "77", "--db", db)
+    assert added == (0, "added DTU 10001\n")
     assert run("dtu", "add", "10001", "--tick-time", "30", "--db", db) == (0, "updated DTU 10001\n")
     code, text = run("dtu", "list", "--db", db)
     assert code == 0 and "pump house" in text and text.splitlines()[0].startswith("PSN")
@@ -49,7 +50,10 @@ def test_add_update_and_list(db: str) -> None:
 def test_samples_csv_oldest_first_with_register_names(db: str) -> None:
     run("dtu", "add", "5", "--db", db)
     t0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
-    store_upload(db, 5, t0 + dt.timedelta(minutes=1), wire.SendTest(20, 2, (3, 4)), (wire.Register(1, 100), wire.Register(1, 101)))
+    store_upload(
+        db, 5, t0 + dt.timedelta(minutes=1), wire.SendTest(20, 2, (3, 4)),
+        (wire.Register(1, 100), wire.Register(1, 101)),
+    )
     store_upload(db, 5, t0, wire.SendTest(21, 1, (-1,)))
     code, text = run("samples", "5", "--db", db)
     assert code == 0
@@ -93,7 +97,8 @@ def test_meter_samples_csv_and_json(db: str) -> None:
         meters.sync_meters(session, [meter_spec(settings.meters[0])], t0)
         rows = meters.sample_rows("m1", t0, {"volts": 230.1, "door": True}) + meters.sample_rows(
             "m1", t0 + dt.timedelta(seconds=10), {"volts": float("nan"), "door": False})
-        session.execute(MeterSample.__table__.insert(), [dict(zip(meters.METER_SAMPLE_COLUMNS, row, strict=False)) for row in rows])  # type: ignore[attr-defined]
+        samples = [dict(zip(meters.METER_SAMPLE_COLUMNS, row, strict=False)) for row in rows]
+        session.execute(MeterSample.__table__.insert(), samples)  # type: ignore[attr-defined]
     engine.dispose()
     code, text = run("samples", "--meter", "m1", "--db", db)
     assert code == 0

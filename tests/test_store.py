@@ -126,7 +126,11 @@ async def test_rows_of_several_tables_share_one_transaction(db_url: str) -> None
     try:
         blocker = store.write(lambda s: None)  # occupies the writer so that the rest queue up together
         meter_rows = [("m1", "p", rows(0, 1)[0][1], 1.5)]
-        waiting = [store.add_samples(rows(5, 3)), store.add_rows(MeterSample.__table__, meter_rows), store.add_samples(rows(6, 2))]
+        waiting = [
+            store.add_samples(rows(5, 3)),
+            store.add_rows(MeterSample.__table__, meter_rows),
+            store.add_samples(rows(6, 2)),
+        ]
         await blocker
         commits = store.stats.commits
         await defer.gatherResults(waiting)

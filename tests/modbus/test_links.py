@@ -43,7 +43,8 @@ class Listener:
     def __init__(self, *settings: LinkSettings) -> None:
         self.clock = Clock()
         self.links = {s.name: Link(s, self.clock) for s in settings}
-        self.factory = LoginFactory({l.settings.registration: l for l in self.links.values()}, self.clock, LOGIN_TIMEOUT)
+        by_registration = {link.settings.registration: link for link in self.links.values()}
+        self.factory = LoginFactory(by_registration, self.clock, LOGIN_TIMEOUT)
 
     def connect(self, host: str = "10.1.2.3", port: int = 40000):
         protocol = self.factory.buildProtocol(peer(host, port))
