@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from io import BytesIO
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote
 
 import attrs
@@ -28,7 +28,7 @@ log = Logger()
 #: Request bodies larger than this get 413; they are read and thrown away, never kept.
 MAX_BODY = 1024 * 1024
 
-Handler = Callable[..., Awaitable[Any]]
+Handler = Callable[..., Awaitable[object]]
 
 
 class ApiError(Exception):
@@ -41,7 +41,7 @@ class ApiError(Exception):
 
 @attrs.frozen
 class Reply:
-    body: Any
+    body: object
     status: int = 200
 
 
@@ -111,7 +111,7 @@ class Call:
         return body
 
 
-def _no_constants(name: str) -> Any:
+def _no_constants(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -181,7 +181,7 @@ class Router(Resource):
         request.write(data)
         request.finish()
 
-    async def _dispatch(self, request: server.Request) -> tuple[int, Any]:
+    async def _dispatch(self, request: server.Request) -> tuple[int, object]:
         if not bearer_matches(request.getHeader(b"Authorization"), self._token):
             raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": 'Bearer realm="dtucenter"'})
         if getattr(request, "body_too_large", False):
