@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch import manhole_ssh
@@ -66,14 +65,16 @@ def host_key(path: Path) -> keys.Key:
 class ManholeRealm(manhole_ssh.TerminalRealm):
     """Twisted's terminal realm, declared as the IRealm it is, with a Python prompt on ``namespace``."""
 
-    def __init__(self, namespace: dict[str, Any]) -> None:
+    def __init__(self, namespace: dict[str, object]) -> None:
         super().__init__()
         # Twisted's annotation comes from its default (the ServerProtocol class); what it calls is any
         # factory of a ServerProtocol, and its own manhole_tap assigns this one the same way.
         self.chainedProtocolFactory = chainedProtocolFactory(namespace)  # type: ignore[assignment]
 
 
-def manhole_factory(namespace: dict[str, Any], authorized_keys: Path, host_key_path: Path) -> manhole_ssh.ConchFactory:
+def manhole_factory(
+    namespace: dict[str, object], authorized_keys: Path, host_key_path: Path
+) -> manhole_ssh.ConchFactory:
     if not authorized_keys.is_file():
         raise ManholeError(f"manhole: authorized keys file {authorized_keys} does not exist")
     checker = SSHPublicKeyChecker(AuthorizedKeysFile(authorized_keys))
