@@ -37,6 +37,7 @@ from dtucenter.sim.stats import PACKET_PROGRESS_FIELDS, PROGRESS_FIELDS, SimStat
 _Number = TypeVar("_Number", int, float)
 _Parsed = TypeVar("_Parsed")
 
+
 def _positive(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
     def parse(text: str) -> _Number:
         try:

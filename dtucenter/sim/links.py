@@ -253,6 +253,7 @@ class UDPConnector(_Connector):
     def _open(self) -> None:
         self._retry = None
         proto = _DatagramProtocol(self)
+        # maxPacketSize is Twisted's default, spelled out because IReactorUDP declares no defaults.
         port = IReactorUDP(self.reactor).listenUDP(0, proto, interface=self.source or "", maxPacketSize=8192)
         self._port = IUDPTransport(port)
         self._port.connect(*self.server)
