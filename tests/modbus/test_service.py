@@ -6,10 +6,15 @@ import subprocess
 import sys
 import tomllib
 
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
 
 from dtucenter.config import read_settings
-from dtucenter.modbus.service import ModbusBridge
+from dtucenter.modbus.service import ModbusBridge, PortRecordingEndpoint
 from tests.modbus.modbus_helpers import SerialOpener, result_of
 
 CONFIG = """
@@ -77,6 +82,26 @@ def test_bridge_builds_listeners_clients_serial_ports_and_the_poller() -> None:
     assert bridge.meter_status("m1").link == "panel"
     bridge.stopService()
     assert reactor.getDelayedCalls() == []
+
+
+@implementer(IStreamServerEndpoint)
+class PendingEndpoint:
+    def __init__(self) -> None:
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def listen(self, factory: Factory) -> Deferred[IListeningPort]:
+        return self.listening
+
+
+def test_a_failure_to_listen_fails_every_waiter_and_leaves_the_service_no_port() -> None:
+    endpoint = PendingEndpoint()
+    recording = PortRecordingEndpoint(endpoint, "modbus")
+    early = recording.when_listening()
+    for_the_service = recording.listen(Factory())
+    endpoint.listening.errback(CannotListenError("127.0.0.1", 5020, OSError("in use")))
+    assert result_of(for_the_service) is None
+    assert result_of(early).check(CannotListenError)
+    assert result_of(recording.when_listening()).check(CannotListenError)
 
 
 def test_the_bridge_stands_apart_from_the_rest_of_the_center() -> None:
