@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch import manhole_ssh
@@ -47,7 +46,8 @@ def host_key(path: Path) -> keys.Key:
     """The SSH host key kept at ``path``, created (mode 0600) on first use."""
     if path.exists():
         try:
-            return keys.Key.fromFile(str(path))
+            key: keys.Key = keys.Key.fromFile(str(path))
+            return key
         except (keys.BadKeyError, OSError, ValueError) as e:
             raise ManholeError(f"manhole host key {path}: cannot read it: {e}") from None
     key = keys.Key(ed25519.Ed25519PrivateKey.generate())
@@ -61,16 +61,29 @@ def host_key(path: Path) -> keys.Key:
     return key
 
 
-def manhole_factory(namespace: dict[str, Any], authorized_keys: Path, host_key_path: Path) -> manhole_ssh.ConchFactory:
+@implementer(portal.IRealm)
+class ManholeRealm(manhole_ssh.TerminalRealm):
+    """Twisted's terminal realm, declared as the IRealm it is, with a Python prompt on ``namespace``."""
+
+    def __init__(self, namespace: dict[str, object]) -> None:
+        super().__init__()
+        # Twisted's annotation comes from its default (the ServerProtocol class); what it calls is any
+        # factory of a ServerProtocol, and its own manhole_tap assigns this one the same way.
+        self.chainedProtocolFactory = chainedProtocolFactory(namespace)  # type: ignore[assignment]
+
+
+def manhole_factory(
+    namespace: dict[str, object], authorized_keys: Path, host_key_path: Path
+) -> manhole_ssh.ConchFactory:
     if not authorized_keys.is_file():
         raise ManholeError(f"manhole: authorized keys file {authorized_keys} does not exist")
-    realm = manhole_ssh.TerminalRealm()
-    realm.chainedProtocolFactory = chainedProtocolFactory(namespace)
     checker = SSHPublicKeyChecker(AuthorizedKeysFile(authorized_keys))
-    factory = manhole_ssh.ConchFactory(portal.Portal(realm, [checker]))
+    factory = manhole_ssh.ConchFactory(portal.Portal(ManholeRealm(namespace), [checker]))
     key = host_key(host_key_path)
     # Per instance: ConchFactory's class attributes would be shared by every factory.
     factory.publicKeys = {key.sshType(): key.public()}
-    factory.privateKeys = {key.sshType(): key}
+    # ConchFactory annotates the values as bytes, but SSHFactory uses them as Key objects
+    # (it asks each for supportedSignatureAlgorithms), as SSHFactory.getPrivateKeys documents.
+    factory.privateKeys = {key.sshType(): key}  # type: ignore[dict-item]
     return factory
 

@@ -414,8 +414,10 @@ async def test_bad_command_requests_are_400_and_nothing_is_sent(tmp_path: Path) 
         reg = {"dev": 1, "addr": 1}
         cases: list[tuple[str, Any, str]] = [
             ("read", {"registers": [{"dev": 256, "addr": 0}]}, "registers[0].dev must be a whole number 0..255"),
-            ("read", {"registers": [reg, {"dev": 0, "addr": 65536}]}, "registers[1].addr must be a whole number 0..65535"),
-            ("write", {"registers": [{**reg, "value": 32768}]}, "registers[0].value must be a whole number -32768..32767"),
+            ("read", {"registers": [reg, {"dev": 0, "addr": 65536}]},
+             "registers[1].addr must be a whole number 0..65535"),
+            ("write", {"registers": [{**reg, "value": 32768}]},
+             "registers[0].value must be a whole number -32768..32767"),
             ("write", {"registers": [{**reg, "value": -40000}]}, "registers[0].value"),
             ("setup", {"send_test_time": 300, "registers": []}, "send_test_time must be a whole number 0..255"),
             ("read", {"registers": [reg] * 342}, "342 registers do not fit one frame; at most 341"),

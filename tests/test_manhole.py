@@ -89,7 +89,7 @@ def test_missing_authorized_keys_is_a_one_line_error(tmp_path: Path) -> None:
     options = Options()
     options.parseOptions(["--db", f"sqlite:///{tmp_path / 'c.db'}", "--manhole", "tcp:0",
                           "--manhole-keys", str(tmp_path / "none")])
-    with pytest.raises(SystemExit, match="authorized keys file .* does not exist"):
+    with pytest.raises(SystemExit, match=r"authorized keys file .* does not exist"):
         makeService(options, reactor)
 
 

@@ -171,7 +171,8 @@ address = 0
             info = meters.get_meter(session, "m")
             assert info is not None
             found = meters.query_meter_samples(session, info)
-            assert [(s.point, s.value) for s in found] == [("count", 7), ("volts", 230.1), ("flow", None), ("door", True)]
+            expected = [("count", 7), ("volts", 230.1), ("flow", None), ("door", True)]
+            assert [(s.point, s.value) for s in found] == expected
             assert type(found[0].value) is int
             assert [s.value for s in meters.query_meter_samples(session, info, point="volts")] == [230.1]
             assert meters.has_samples(session, "m", "flow") and not meters.has_samples(session, "m", "nope")

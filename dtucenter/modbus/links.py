@@ -10,12 +10,13 @@ connection of the same link replaces the older one, which is closed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Protocol as TypingProtocol
 
 import attrs
 from pymodbus.pdu import ModbusPDU
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolFactory, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.serialport import SerialPort
 from twisted.logger import Logger
@@ -31,8 +32,9 @@ from dtucenter.modbus.filter import (
     RegistrationReader,
 )
 from dtucenter.modbus.framing import framing_for
-from dtucenter.modbus.master import LinkCounters, ModbusMaster, close_transport
+from dtucenter.modbus.master import LinkCounters, ModbusMaster
 from dtucenter.throttle import LoginThrottle
+from dtucenter.transports import close_transport, connected_transport
 
 log = Logger()
 
@@ -109,7 +111,7 @@ class Link:
             return defer.succeed(None)
         gone: defer.Deferred[None] = defer.Deferred()
         self._waiting_for_close.append(gone)
-        close_transport(self._master.transport)
+        self._master.close()
         return gone
 
     def status(self) -> LinkStatus:
@@ -128,9 +130,9 @@ class Link:
     # -- MasterObserver -------------------------------------------------------
 
     def master_connected(self, master: ModbusMaster) -> None:
-        transport = master.transport
+        transport = connected_transport(master)
         remote = self.settings.serial.device if self.settings.serial is not None else describe_peer(transport.getPeer())
-        if hasattr(transport, "setTcpKeepAlive"):
+        if ITCPTransport.providedBy(transport):
             transport.setTcpKeepAlive(True)
         older, self._master = self._master, master
         if older is not None:
@@ -138,7 +140,7 @@ class Link:
                 "Link {link}: new connection from {remote} replaces the one from {older}",
                 link=self.name, remote=remote, older=self._remote,
             )
-            close_transport(older.transport)
+            older.close()
         else:
             log.info("Link {link} online ({remote})", link=self.name, remote=remote)
         self._remote = remote
@@ -172,17 +174,17 @@ class LoginProtocol(Protocol):
         self._throttle = throttle
         self._reader = RegistrationReader(links)
         self._master: ModbusMaster | None = None
-        self._deadline = None
+        self._deadline: IDelayedCall | None = None
         self._host = "?"
         self._peer = "?"
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer = connected_transport(self).getPeer()
         self._host = getattr(peer, "host", str(peer))
         self._peer = describe_peer(peer)
         if self._throttle.blocked(self._host):
             log.debug("Refused {peer}: too many failed logins", peer=self._peer)
-            close_transport(self.transport)
+            close_transport(connected_transport(self))
             return
         self._deadline = self._clock.callLater(self._login_timeout, self._login_timed_out)
 
@@ -201,7 +203,7 @@ class LoginProtocol(Protocol):
             link = self._links[result.registration]
             link.counters.bytes_in += len(result.registration)
             self._master = link.build_master()
-            self._master.makeConnection(self.transport)
+            self._master.makeConnection(connected_transport(self))
             if result.rest:
                 self._master.dataReceived(result.rest)
             return
@@ -223,7 +225,7 @@ class LoginProtocol(Protocol):
                      peer=self._peer, why=why, host=self._host, seconds=refused_for)
         else:
             log.warn("Closed {peer}: {why}", peer=self._peer, why=why)
-        close_transport(self.transport)
+        close_transport(connected_transport(self))
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -231,7 +233,7 @@ class LoginProtocol(Protocol):
         self._deadline = None
 
 
-class LoginFactory(Factory):
+class LoginFactory(Factory[LoginProtocol]):
     """For a listener whose DTUs identify themselves by registration packet."""
 
     noisy = False  # links log what matters; "Starting factory" at every redial does not
@@ -243,11 +245,11 @@ class LoginFactory(Factory):
         self.login_timeout = login_timeout
         self.throttle = throttle or LoginThrottle(clock)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> LoginProtocol:
         return LoginProtocol(self.links, self.clock, self.login_timeout, self.throttle)
 
 
-class MasterFactory(Factory):
+class MasterFactory(Factory[ModbusMaster]):
     """For a dedicated port or an outgoing connection: every connection is the link's."""
 
     noisy = False
@@ -255,11 +257,11 @@ class MasterFactory(Factory):
     def __init__(self, link: Link) -> None:
         self.link = link
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> ModbusMaster:
         return self.link.build_master()
 
 
-def link_factory(link: Link, clock: IReactorTime, login_timeout: float) -> Factory:
+def link_factory(link: Link, clock: IReactorTime, login_timeout: float) -> IProtocolFactory:
     """The factory for a link with its own endpoint (``listen`` or ``connect``)."""
     if link.settings.registration is not None:
         return LoginFactory({link.settings.registration: link}, clock, login_timeout)
@@ -267,6 +269,16 @@ def link_factory(link: Link, clock: IReactorTime, login_timeout: float) -> Facto
 
 
 # -- serial lines -------------------------------------------------------------
+
+
+class OpenPort(TypingProtocol):
+    """An open serial port, as far as its service needs it."""
+
+    def loseConnection(self) -> object: ...
+
+
+#: Opens a serial port for a protocol; raises OSError or ValueError when it cannot.
+PortOpener = Callable[[Protocol, SerialSettings, IReactorTime], OpenPort]
 
 
 def open_serial_port(protocol: Protocol, settings: SerialSettings, reactor: IReactorTime) -> SerialPort:
@@ -280,18 +292,19 @@ class SerialLinkService(Service):
     """Keeps a serial link's port open, reopening it (with backoff) when it fails or vanishes."""
 
     def __init__(
-        self, link: Link, reactor, *, open_port: Callable[..., object] = open_serial_port,
+        self, link: Link, reactor: IReactorTime, *, open_port: PortOpener = open_serial_port,
         initial_delay: float = 1.0, max_delay: float = 60.0,
     ) -> None:
         assert link.settings.serial is not None
         self.link = link
+        self._serial = link.settings.serial
         self._reactor = reactor
         self._open_port = open_port
         self._initial_delay = initial_delay
         self._max_delay = max_delay
         self._delay = initial_delay
-        self._retry = None
-        self._port = None
+        self._retry: IDelayedCall | None = None
+        self._port: OpenPort | None = None
         link.when_lost(self._lost)
 
     def startService(self) -> None:
@@ -310,7 +323,7 @@ class SerialLinkService(Service):
 
     def _open(self) -> None:
         self._retry = None
-        serial = self.link.settings.serial
+        serial = self._serial
         try:
             self._port = self._open_port(self.link.build_master(), serial, self._reactor)
         except (OSError, ValueError) as exc:

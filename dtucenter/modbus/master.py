@@ -10,12 +10,13 @@ for the next one's.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
 import attrs
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,17 +29,9 @@ from dtucenter.modbus.errors import (
 )
 from dtucenter.modbus.filter import BoundaryNoise, Discarded, Response, ResponseReader, Stripped
 from dtucenter.modbus.framing import Expectation, Framing
+from dtucenter.transports import close_transport, connected_transport
 
 log = Logger()
-
-
-def close_transport(transport: ITransport) -> None:
-    """Close at once: a peer that went silent or dialled again would not acknowledge a FIN."""
-    abort = getattr(transport, "abortConnection", None)
-    if abort is not None:
-        abort()
-    else:
-        transport.loseConnection()  # serial ports have no abort
 
 
 @attrs.define
@@ -101,13 +94,13 @@ class ModbusMaster(Protocol):
         self._retries = retries
         self._silence = silence
         self._idle_timeout = idle_timeout
-        self._idle = None
+        self._idle: IDelayedCall | None = None
         self._observer = observer
         self._reader = ResponseReader(framing, noise)
         self._queue: collections.deque[_Request] = collections.deque()
         self._current: _Request | None = None
-        self._timer = None
-        self._quiet = None
+        self._timer: IDelayedCall | None = None
+        self._quiet: IDelayedCall | None = None
         self._connected = False
         self._transaction_id = 0
 
@@ -117,6 +110,10 @@ class ModbusMaster(Protocol):
     def pending(self) -> int:
         """Requests queued or in flight."""
         return len(self._queue) + (self._current is not None)
+
+    def close(self) -> None:
+        """Drop the connection at once."""
+        close_transport(connected_transport(self))
 
     def request(self, pdu: ModbusPDU) -> defer.Deferred[ModbusPDU]:
         if not self._connected:
@@ -145,7 +142,7 @@ class ModbusMaster(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.counters.bytes_in += len(data)
-        if self._idle is not None and self._idle.active():
+        if self._idle is not None and self._idle.active() and self._idle_timeout is not None:
             self._idle.reset(self._idle_timeout)
         for event in self._reader.feed(data):
             if isinstance(event, Response):
@@ -188,7 +185,7 @@ class ModbusMaster(Protocol):
         self.counters.requests += 1
         self.counters.bytes_out += len(request.frame)
         self._timer = self._clock.callLater(self._timeout, self._timed_out)
-        self.transport.write(request.frame)
+        connected_transport(self).write(request.frame)
 
     def _answered(self, pdu: ModbusPDU) -> None:
         request = self._current
@@ -224,7 +221,7 @@ class ModbusMaster(Protocol):
         self._after_silence(self._pump)
         request.deferred.errback(ModbusTimeout(request.expected.unit, request.pdu.function_code, request.attempts))
 
-    def _after_silence(self, then) -> None:
+    def _after_silence(self, then: Callable[[], None]) -> None:
         if self._silence <= 0:
             then()
             return
@@ -270,4 +267,4 @@ class ModbusMaster(Protocol):
         self._idle = None
         log.info("{link}: nothing received for {seconds:g} s, closing the connection",
                  link=self.name, seconds=self._idle_timeout)
-        close_transport(self.transport)
+        self.close()

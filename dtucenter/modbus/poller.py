@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 import attrs
 from pymodbus.pdu import ModbusPDU
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from dtucenter.latency import BUCKET_RULE, bucket_of, percentile
@@ -40,6 +40,8 @@ from dtucenter.modbus.points import (
 )
 
 log = Logger()
+
+_Result = TypeVar("_Result")  # what a sink method takes: values or a reason
 
 
 class MeterSink(Protocol):
@@ -121,7 +123,7 @@ class _Meter:
     slot: int = 0
     resume_slot: int = 0
     polling: bool = False
-    call: object = None
+    call: IDelayedCall | None = None
     last_poll: float | None = None
     last_success: float | None = None
     last_error: str | None = None
@@ -200,8 +202,7 @@ class Poller(Service):
             raise UnknownPoint(f"meter {meter_name} has no point {point_name!r}")
         request = write_request(point, value, meter.settings.unit)
         d = self._channels[meter.settings.link].request(request)
-        d.addCallback(lambda response: check_write_response(request, response))
-        return d
+        return d.addCallback(lambda response: check_write_response(request, response))
 
     def _meter(self, name: str) -> _Meter:
         meter = self._meters.get(name)
@@ -295,7 +296,7 @@ class Poller(Service):
         meter.last_error, meter.last_error_time = reason, started
         self._to_sink(self._sink.record_failure, name, started, reason)
 
-    def _to_sink(self, record, name: str, started: float, what) -> None:
+    def _to_sink(self, record: Callable[[str, float, _Result], None], name: str, started: float, what: _Result) -> None:
         try:
             record(name, started, what)
         except Exception:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -18,6 +16,7 @@ from dtucenter.modbus.links import (
     Link,
     LinkStatus,
     LoginFactory,
+    PortOpener,
     SerialLinkService,
     link_factory,
     open_serial_port,
@@ -40,17 +39,19 @@ class PortRecordingEndpoint:
     def __init__(self, endpoint: IStreamServerEndpoint, name: str) -> None:
         self._endpoint = endpoint
         self._name = name
-        self._outcome = None  # the port, or the Failure to listen
+        self._outcome: IListeningPort | Failure | None = None  # the port, or the Failure to listen
         self._waiting: list[defer.Deferred[IListeningPort]] = []
 
-    def listen(self, factory):
-        return self._endpoint.listen(factory).addBoth(self._record)
+    # IStreamServerEndpoint promises a port; after a failure this gives None instead, which is
+    # what StreamServerEndpointService, the only caller, leaves there itself and takes as "no port to stop".
+    def listen(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IListeningPort | None]:  # type: ignore[override]
+        return self._endpoint.listen(protocolFactory).addBoth(self._record)
 
-    def _record(self, outcome):
+    def _record(self, outcome: IListeningPort | Failure) -> IListeningPort | None:
         self._outcome = outcome
         waiting, self._waiting = self._waiting, []
         for d in waiting:
-            d.callback(outcome)
+            _fire(d, outcome)
         if isinstance(outcome, Failure):
             log.error("Listener {name} cannot listen: {error}", name=self._name, error=outcome.getErrorMessage())
             return None  # told above and to when_listening; no traceback from the service
@@ -61,24 +62,33 @@ class PortRecordingEndpoint:
         if self._outcome is None:
             self._waiting.append(d)
         else:
-            d.callback(self._outcome)
+            _fire(d, self._outcome)
         return d
+
+
+def _fire(d: defer.Deferred[IListeningPort], outcome: IListeningPort | Failure) -> None:
+    if isinstance(outcome, Failure):
+        d.errback(outcome)
+    else:
+        d.callback(outcome)
 
 
 class ModbusBridge(MultiService):
     """Everything of the Modbus bridge, built from parsed settings.
 
-    ``reactor`` provides TCP, time and (for serial links) file descriptors;
+    ``reactor`` provides time, TCP and (for serial links) file descriptors; it is
+    annotated with IReactorTime alone, as an annotation cannot require several zope
+    interfaces at once and the endpoint parsers and serial ports take it untyped;
     ``sink`` receives the poll results.
     """
 
     def __init__(
         self,
         settings: ModbusSettings,
-        reactor,
+        reactor: IReactorTime,
         sink: MeterSink,
         *,
-        open_serial: Callable[..., object] = open_serial_port,
+        open_serial: PortOpener = open_serial_port,
         max_backoff: float = 300.0,
     ) -> None:
         super().__init__()
@@ -87,17 +97,21 @@ class ModbusBridge(MultiService):
         self.links: dict[str, Link] = {link.name: Link(link, reactor) for link in settings.links}
         self._endpoints: dict[str, PortRecordingEndpoint] = {}
 
-        shared = {link.settings.registration: link for link in self.links.values() if link.settings.kind == "shared"}
+        shared: dict[bytes, Link] = {}
+        for link in self.links.values():
+            if link.settings.kind == "shared":
+                assert link.settings.registration is not None  # how a shared link is told apart; the config checks
+                shared[link.settings.registration] = link
         if shared:
             assert settings.listen is not None  # the config refuses shared links without it
-            factory = LoginFactory(shared, reactor, self.login_timeout)
-            self._listen(SHARED_LISTENER, serverFromString(reactor, settings.listen), factory)
+            login_factory = LoginFactory(shared, reactor, self.login_timeout)
+            self._listen(SHARED_LISTENER, serverFromString(reactor, settings.listen), login_factory)
 
         for link in self.links.values():
             kind = link.settings.kind
             if kind == "listen":
-                factory = link_factory(link, reactor, self.login_timeout)
-                self._listen(link.name, serverFromString(reactor, link.settings.listen), factory)
+                link_listener = serverFromString(reactor, link.settings.listen)
+                self._listen(link.name, link_listener, link_factory(link, reactor, self.login_timeout))
             elif kind == "connect":
                 client = ClientService(
                     clientFromString(reactor, link.settings.connect),
@@ -112,7 +126,7 @@ class ModbusBridge(MultiService):
         self.poller = Poller(settings.meters, self.links, sink, reactor, max_backoff=max_backoff)
         self.poller.setServiceParent(self)
 
-    def _listen(self, name: str, endpoint: IStreamServerEndpoint, factory) -> None:
+    def _listen(self, name: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         recording = PortRecordingEndpoint(endpoint, name)
         self._endpoints[name] = recording
         StreamServerEndpointService(recording, factory).setServiceParent(self)

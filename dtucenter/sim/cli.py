@@ -15,7 +15,7 @@ import random
 import resource
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.application.service import MultiService
 from twisted.logger import (
@@ -30,13 +30,16 @@ from dtucenter.cli import _bounded
 from dtucenter.dtu import wire
 from dtucenter.sim.dtu import DTUSettings, VirtualDTU
 from dtucenter.sim.fleet import Fleet, Reporter, run
-from dtucenter.sim.links import TCPConnector, UDPConnector, parse_server, spread_sources
+from dtucenter.sim.links import Device, TCPConnector, UDPConnector, parse_server, spread_sources
 from dtucenter.sim.modbus import TransparentDTU, meters_for, numbered_registration, parse_packet_text, parse_units
 from dtucenter.sim.stats import PACKET_PROGRESS_FIELDS, PROGRESS_FIELDS, SimStats
 
+_Number = TypeVar("_Number", int, float)
+_Parsed = TypeVar("_Parsed")
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
+
+def _positive(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
+    def parse(text: str) -> _Number:
         try:
             value = kind(text)
         except ValueError:
@@ -48,8 +51,8 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def wrapped(text: str) -> Any:
+def _checked(parse: Callable[[str], _Parsed]) -> Callable[[str], _Parsed]:
+    def wrapped(text: str) -> _Parsed:
         try:
             return parse(text)
         except ValueError as e:
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dtu = commands.add_parser("dtu", help="DTUs speaking the DTU protocol")
     common(dtu)
-    dtu.add_argument("--psn", type=_bounded(0, 0xFFFFFFFF), default=100000, help="PSN of the first DTU (default 100000)")
+    dtu.add_argument("--psn", type=_bounded(0, 0xFFFFFFFF), default=100000,
+                     help="PSN of the first DTU (default 100000)")
     dtu.add_argument("--password", type=_bounded(0, 0xFFFFFFFF), default=0, help="PASS every DTU logs in with")
     dtu.add_argument("--values", type=_bounded(0, 511), default=8, help="values per upload (default 8)")
     dtu.add_argument("--interval", type=_positive(float), default=10.0,
@@ -147,7 +151,9 @@ def _raise_file_limit() -> None:
 
 def _start_logging(path: str | None) -> None:
     if path:
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(open(path, "a"))], redirectStandardIO=False)
+        # Open for as long as the process logs: no block could hold it.
+        log_file = open(path, "a")  # noqa: SIM115
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
         return
     # Without a log file only real trouble reaches the terminal; the progress line says the rest.
     errors_only = FilteringLogObserver(
@@ -157,7 +163,7 @@ def _start_logging(path: str | None) -> None:
 
 
 def _fleet_run(reactor: Any, args: argparse.Namespace, stats: SimStats,
-               build: Callable[[int, random.Random], Any],
+               build: Callable[[int, random.Random], Device],
                fields: tuple[tuple[str, str], ...] = PROGRESS_FIELDS) -> int:
     """Devices from ``build(i, rng)`` behind TCP or UDP connectors, spread over source addresses."""
     server = args.server

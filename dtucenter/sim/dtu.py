@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any, Protocol
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from dtucenter.dtu import wire
+from dtucenter.sim.links import Link
 from dtucenter.sim.registers import RegisterTable, default_register_list
 from dtucenter.sim.stats import SimStats
 
@@ -31,13 +31,6 @@ from dtucenter.sim.stats import SimStats
 #: only, 1..254 at once when one of the first x values changes, else on the clock.
 MODE_ON_ANY_CHANGE = 0
 MODE_PERIODIC = 255
-
-
-class Link(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-    def drop(self) -> None:
-        """Close this connection; the connector dials again after its backoff."""
 
 
 @attrs.frozen
@@ -159,7 +152,7 @@ class VirtualDTU:
 
     # -- incoming frames ----------------------------------------------------------------------
 
-    def _handle(self, message: Any) -> None:
+    def _handle(self, message: wire.AnyMessage) -> None:
         self._silent_acks = 0
         if isinstance(message, wire.LoginAck):
             self._login_answered(message)
@@ -273,7 +266,7 @@ class VirtualDTU:
             self.table.set(item.dev, item.addr, item.value)
         self._command_answer(wire.SetControlAck(1, command.registers))
 
-    def _command_answer(self, ack: Any) -> None:
+    def _command_answer(self, ack: wire.Message) -> None:
         self.stats.count("commands")
         self._send(ack)
 
@@ -386,7 +379,7 @@ class VirtualDTU:
 
     # -- plumbing -------------------------------------------------------------------------------------
 
-    def _send(self, message: Any) -> None:
+    def _send(self, message: wire.Message) -> None:
         self._write(wire.encode_frame(message, self.settings.dialect))
 
     def _write(self, frame: bytes) -> None:

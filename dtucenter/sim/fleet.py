@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -22,7 +23,7 @@ RATE_FIELDS = ("acked", "polls")
 class Fleet(MultiService):
     """Starts its connectors ``connect_rate`` per second (a crowd dialling at once overflows accept queues)."""
 
-    def __init__(self, reactor: Any, stats: SimStats, connect_rate: float) -> None:
+    def __init__(self, reactor: IReactorTime, stats: SimStats, connect_rate: float) -> None:
         super().__init__()
         self.reactor = reactor
         self.stats = stats
@@ -59,7 +60,7 @@ class Reporter(Service):
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         stats: SimStats,
         out: TextIO = sys.stderr,
         report_path: str | None = None,
@@ -85,7 +86,8 @@ class Reporter(Service):
         super().startService()
         self._started = self.clock.seconds()
         if self.report_path:
-            self._report_file = open(self.report_path, "w", buffering=1)
+            # Open while the service runs: stopService closes it.
+            self._report_file = open(self.report_path, "w", buffering=1)  # noqa: SIM115
         self._loop.start(self.interval, now=False)
 
     def stopService(self) -> None:

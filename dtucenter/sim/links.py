@@ -16,10 +16,24 @@ from typing import Protocol as TypingProtocol
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import protocol
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IReactorUDP,
+    IStreamClientEndpoint,
+    IUDPTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dtucenter.sim.stats import SimStats
+from dtucenter.transports import close_transport, connected_transport
 
 log = Logger()
 
@@ -55,10 +69,21 @@ def parse_server(text: str) -> tuple[str, int]:
     return host.strip("[]"), port
 
 
+class Link(TypingProtocol):
+    """What a connector gives its device for the current connection."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def drop(self) -> None:
+        """Close this connection; the connector dials again after its backoff."""
+
+
 class Device(TypingProtocol):
     """What a connector drives: the DTU state machine or a transparent DTU."""
 
-    def connection_made(self, link: Any) -> None: ...
+    stats: SimStats
+
+    def connection_made(self, link: Link) -> None: ...
 
     def data_received(self, data: bytes) -> None: ...
 
@@ -83,24 +108,24 @@ class _StreamProtocol(protocol.Protocol):
         self.device.connection_lost()
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        connected_transport(self).write(data)
 
     def drop(self) -> None:
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        close_transport(connected_transport(self))
 
 
-class _StreamFactory(protocol.Factory):
+class _StreamFactory(protocol.Factory[_StreamProtocol]):
     def __init__(self, device: Device) -> None:
         self.device = device
 
-    def buildProtocol(self, addr: IAddress) -> _StreamProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> _StreamProtocol:
         return _StreamProtocol(self.device)
 
 
 class _Connector(Service):
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         device: Device,
         server: tuple[str, int],
         source: str | None,
@@ -115,21 +140,20 @@ class _Connector(Service):
         self._policy = backoffPolicy(initialDelay=1.0, maxDelay=max_delay, factor=1.5, jitter=rng.random)
 
 
+@implementer(IStreamClientEndpoint)
 class _CountingEndpoint:
     """Counts failed connection attempts (ClientService retries them quietly)."""
 
-    def __init__(self, endpoint: Any, device: Device) -> None:
+    def __init__(self, endpoint: IStreamClientEndpoint, device: Device) -> None:
         self.endpoint = endpoint
         self.device = device
 
-    def connect(self, factory: Any) -> Any:
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         def failed(failure: Failure) -> Failure:
-            stats = getattr(self.device, "stats", None)
-            if stats is not None:
-                stats.error("connect_failed")
+            self.device.stats.error("connect_failed")
             return failure
 
-        return self.endpoint.connect(factory).addErrback(failed)
+        return self.endpoint.connect(protocolFactory).addErrback(failed)
 
 
 class TCPConnector(_Connector):
@@ -141,7 +165,7 @@ class TCPConnector(_Connector):
         super().startService()
         self._dial()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
         self.device.stop()
         client, self._client = self._client, None
@@ -185,7 +209,7 @@ class UDPConnector(_Connector):
     """One UDP socket per device, "connected" to the server; a drop waits out a backoff and starts over."""
 
     _attempts = 0
-    _port: Any = None
+    _port: IUDPTransport | None = None
     _retry: IDelayedCall | None = None
     _up = False
 
@@ -193,14 +217,13 @@ class UDPConnector(_Connector):
         super().startService()
         self._open()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
         super().stopService()
         self.device.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
         self._close_link()
-        return None
 
     def redirect(self, host: str, port: int) -> None:
         self.server = (host, port)
@@ -211,7 +234,7 @@ class UDPConnector(_Connector):
     # Link
     def write(self, data: bytes) -> None:
         if self._port is not None:
-            self._port.write(data)
+            self._port.write(data, None)  # connected: to the server
 
     def drop(self) -> None:
         self.lost()
@@ -230,7 +253,9 @@ class UDPConnector(_Connector):
     def _open(self) -> None:
         self._retry = None
         proto = _DatagramProtocol(self)
-        self._port = self.reactor.listenUDP(0, proto, interface=self.source or "")
+        # maxPacketSize is Twisted's default, spelled out because IReactorUDP declares no defaults.
+        port = IReactorUDP(self.reactor).listenUDP(0, proto, interface=self.source or "", maxPacketSize=8192)
+        self._port = IUDPTransport(port)
         self._port.connect(*self.server)
         self._up = True
         self.device.connection_made(self)

@@ -10,10 +10,11 @@ PDUs; nothing of its asyncio client or server is used.
 
 from __future__ import annotations
 
+import enum
 import math
 import random
 from collections.abc import Iterable
-from typing import Any
+from typing import Final, TypeAlias
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerRTU, FramerSocket
@@ -32,6 +33,7 @@ from pymodbus.pdu.register_message import (
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from dtucenter.sim.links import Link
 from dtucenter.sim.stats import SimStats
 
 #: Registers and bits a simulated meter has (addresses 0..METER_SIZE-1).
@@ -117,6 +119,21 @@ class Meter:
         return ExceptionResponse(fc, ExcCodes.ILLEGAL_FUNCTION)
 
 
+#: (unit, transaction id, request PDU or None for an unknown function code, function code)
+ParsedRequest: TypeAlias = tuple[int, int, ModbusPDU | None, int]
+
+
+class _Skip(enum.Enum):
+    """Bytes were consumed without a request to show for them."""
+
+    SKIP = enum.auto()
+
+
+_SKIP: Final = _Skip.SKIP
+#: What one parsing step finds: a request, skipped bytes, or None when more input is needed.
+_Step: TypeAlias = ParsedRequest | _Skip | None
+
+
 class RequestParser:
     """Modbus requests out of a byte stream, sans-IO: RTU (CRC-checked) or MBAP.
 
@@ -133,9 +150,9 @@ class RequestParser:
         self.framer = FramerRTU(self.decoder) if protocol == "rtu" else FramerSocket(self.decoder)
         self._buffer = b""
 
-    def feed(self, data: bytes) -> list[tuple[int, int, ModbusPDU | None, int]]:
+    def feed(self, data: bytes) -> list[ParsedRequest]:
         self._buffer += data
-        found: list[tuple[int, int, ModbusPDU | None, int]] = []
+        found: list[ParsedRequest] = []
         step = self._next_rtu if self.protocol == "rtu" else self._next_mbap
         while self._buffer:
             item = step()
@@ -148,7 +165,7 @@ class RequestParser:
             self._buffer = b""
         return found
 
-    def _next_rtu(self) -> Any:
+    def _next_rtu(self) -> _Step:
         buf = self._buffer
         if len(buf) < FramerRTU.MIN_SIZE:
             return None
@@ -166,7 +183,7 @@ class RequestParser:
         self._buffer = buf[size:]
         return self._decoded(buf[0], 0, buf[1 : size - 2])
 
-    def _next_mbap(self) -> Any:
+    def _next_mbap(self) -> _Step:
         buf = self._buffer
         if len(buf) >= 8 and buf[2:4] != b"\x00\x00":
             return self._skip(1)
@@ -176,19 +193,18 @@ class RequestParser:
         self._buffer = buf[used:]
         return self._decoded(unit, tid, pdu_bytes)
 
-    def _decoded(self, unit: int, tid: int, pdu_bytes: bytes) -> Any:
+    def _decoded(self, unit: int, tid: int, pdu_bytes: bytes) -> ParsedRequest | _Skip:
         if not pdu_bytes:
             return _SKIP
         pdu = self.decoder.decode(pdu_bytes)
         return unit, tid, pdu, pdu_bytes[0]
 
-    def _skip(self, count: int) -> Any:
+    def _skip(self, count: int) -> _Skip:
         self._buffer = self._buffer[count:]
         self.stats.count("modbus_bytes_skipped", count)
         return _SKIP
 
 
-_SKIP: Any = object()
 
 
 class Heartbeat:
@@ -199,10 +215,10 @@ class Heartbeat:
         self.interval = interval
         self.clock = clock
         self.stats = stats
-        self._link: Any = None
+        self._link: Link | None = None
         self._call: IDelayedCall | None = None
 
-    def start(self, link: Any) -> None:
+    def start(self, link: Link) -> None:
         self._link = link
         if self.packet is not None and self.interval > 0:
             self._call = self.clock.callLater(self.interval, self._beat)
@@ -233,9 +249,9 @@ class PacketDevice:
         self.clock = clock
         self.stats = stats
         self.heartbeat = Heartbeat(heartbeat, heartbeat_interval, clock, stats)
-        self.link: Any = None
+        self.link: Link | None = None
 
-    def connection_made(self, link: Any) -> None:
+    def connection_made(self, link: Link) -> None:
         self.link = link
         self.stats.connected += 1
         self.stats.logged_in += 1
@@ -274,7 +290,7 @@ class TransparentDTU(PacketDevice):
         self._parser = RequestParser(protocol, stats)
         self._framer = self._parser.framer
 
-    def connection_made(self, link: Any) -> None:
+    def connection_made(self, link: Link) -> None:
         # A new connection starts a new byte stream: nothing half-received survives it.
         self._parser = RequestParser(self.protocol, self.stats)
         super().connection_made(link)
@@ -309,8 +325,8 @@ def meters_for(units: Iterable[int], clock: IReactorTime, rng: random.Random) ->
 def parse_units(text: str) -> list[int]:
     """``"1,2,3"`` or ``"1-4,7"`` -> unit ids 1..247."""
     units: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
+    for item in text.split(","):
+        part = item.strip()
         if not part:
             continue
         low_text, _, high_text = part.partition("-")

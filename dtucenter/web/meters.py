@@ -78,7 +78,7 @@ class MeterApi:
         except UnknownMeter:
             return None
 
-    def _meter_json(self, info: meters.MeterInfo) -> dict[str, Any]:
+    def _meter_json(self, info: meters.MeterInfo) -> dict[str, object]:
         body = info.to_json()
         live = self._live(info.name)
         if live is None or self.bridge is None:
@@ -107,17 +107,17 @@ class MeterApi:
             raise ApiError(404, f"no meter {name!r}")
         return info
 
-    async def list_meters(self, call: Call) -> Any:
+    async def list_meters(self, call: Call) -> dict[str, object]:
         call.query(())
         await self.recorder.synced()
         found = await self.store.read(meters.list_meters)
         return {"meters": [self._meter_json(info) for info in found]}
 
-    async def get_meter(self, call: Call, name: str) -> Any:
+    async def get_meter(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
         return self._meter_json(await self._known(name))
 
-    async def samples(self, call: Call, name: str) -> Any:
+    async def samples(self, call: Call, name: str) -> dict[str, object]:
         params = call.query(("point", "since", "until", "limit"))
         point = params.get("point")
         since, until = time_param(params, "since"), time_param(params, "until")
@@ -136,7 +136,7 @@ class MeterApi:
         found = await self.store.read(job)
         return {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
 
-    async def failures(self, call: Call, name: str) -> Any:
+    async def failures(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
         await self._known(name)
         streaks = await self.store.read(partial(meters.list_failures, meter=name, limit=limit))
@@ -144,7 +144,7 @@ class MeterApi:
 
     # -- writes -----------------------------------------------------------------------------------
 
-    async def write(self, call: Call, name: str) -> Any:
+    async def write(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
         body = call.json_object()
         check_keys(body, "the body", {"point", "value"})
@@ -183,7 +183,7 @@ class MeterApi:
         except Exception:
             log.failure("Could not record a write to meter {meter} in the audit trail", meter=fields["meter"])
 
-    async def writes(self, call: Call, name: str) -> Any:
+    async def writes(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
         await self._known(name)
         found = await self.store.read(partial(meters.list_writes, meter=name, limit=limit))
@@ -191,7 +191,7 @@ class MeterApi:
 
     # -- links ------------------------------------------------------------------------------------
 
-    def _link_json(self, status: LinkStatus) -> dict[str, Any]:
+    def _link_json(self, status: LinkStatus) -> dict[str, object]:
         body = status.as_json()
         body["connected_since"] = _iso_seconds(status.connected_since)
         body["last_disconnect"] = _iso_seconds(status.last_disconnect)
@@ -199,12 +199,12 @@ class MeterApi:
         body["meters"] = [m.name for m in self.bridge.settings.meters if m.link == status.name]
         return body
 
-    async def list_links(self, call: Call) -> Any:
+    async def list_links(self, call: Call) -> dict[str, object]:
         call.query(())
         statuses = self.bridge.link_statuses() if self.bridge is not None else []
         return {"links": [self._link_json(status) for status in statuses]}
 
-    async def get_link(self, call: Call, name: str) -> Any:
+    async def get_link(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
         link = self.bridge.links.get(name) if self.bridge is not None else None
         if link is None:

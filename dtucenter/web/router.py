@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from io import BytesIO
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote
 
 import attrs
@@ -28,7 +28,7 @@ log = Logger()
 #: Request bodies larger than this get 413; they are read and thrown away, never kept.
 MAX_BODY = 1024 * 1024
 
-Handler = Callable[..., Awaitable[Any]]
+Handler = Callable[..., Awaitable[object]]
 
 
 class ApiError(Exception):
@@ -41,7 +41,7 @@ class ApiError(Exception):
 
 @attrs.frozen
 class Reply:
-    body: Any
+    body: object
     status: int = 200
 
 
@@ -60,6 +60,7 @@ class BoundedRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
             return
+        assert self.content is not None  # gotLength made it before the first chunk
         if self.content.tell() + len(data) > MAX_BODY:
             self.body_too_large = True
             self.content = BytesIO()
@@ -96,7 +97,9 @@ class Call:
         return params
 
     def json_object(self) -> dict[str, Any]:
-        raw = self.request.content.read()
+        content = self.request.content
+        assert content is not None  # from the headers until the request is finished
+        raw = content.read()
         if not raw.strip():
             raise ApiError(400, "expected a JSON object in the request body")
         try:
@@ -108,7 +111,7 @@ class Call:
         return body
 
 
-def _no_constants(name: str) -> Any:
+def _no_constants(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -178,7 +181,7 @@ class Router(Resource):
         request.write(data)
         request.finish()
 
-    async def _dispatch(self, request: server.Request) -> tuple[int, Any]:
+    async def _dispatch(self, request: server.Request) -> tuple[int, object]:
         if not bearer_matches(request.getHeader(b"Authorization"), self._token):
             raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": 'Bearer realm="dtucenter"'})
         if getattr(request, "body_too_large", False):

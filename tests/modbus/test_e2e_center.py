@@ -106,15 +106,18 @@ async def test_meters_on_four_transports_land_in_the_store_api_and_cli(
     config = tmp_path / "center.toml"
     config.write_text(center_config(plant, center_end))
 
-    center = await start_center(tmp_path, "--config", str(config), "--modbus", "tcp:0:interface=127.0.0.1", db_url=db_url)
+    center = await start_center(
+        tmp_path, "--config", str(config), "--modbus", "tcp:0:interface=127.0.0.1", db_url=db_url
+    )
     dtus: list[FakeDtu] = []
     try:
         assert (await center.bridge.listening()).getHost().host == "127.0.0.1"
         dtus.append(await FakeDtu(silent_units=frozenset({9})).start(await center.modbus_port(), site_a_bus.port))
-        dtus.append(await FakeDtu(registration=None, framing="tcp").start(await center.modbus_port("yard"), yard_bus.port))
+        yard_dtu = FakeDtu(registration=None, framing="tcp")
+        dtus.append(await yard_dtu.start(await center.modbus_port("yard"), yard_bus.port))
         api = center.api()
         for meter in FULL_METERS:
-            await eventually(lambda: stored_poll_matches(api, meter), f"the stored values of {meter}")
+            await eventually(lambda meter=meter: stored_poll_matches(api, meter), f"the stored values of {meter}")
         assert await latest_poll(api, "m-bus2") == {"serial": 502}
 
         await check_meter_states(api)
@@ -225,7 +228,8 @@ def check_cli(db_url: str) -> None:
     assert header == "time,meter,point,value"
     assert [row.split(",")[1:] for row in rows] == [["m-serial", "voltage", "230.1"]] * 2
     out = io.StringIO()
-    assert cli.main(["samples", "--meter", "m-serial", "--point", "relay", "--limit", "1", "--format", "json", "--db", db_url], out) == 0
+    args = ["samples", "--meter", "m-serial", "--point", "relay", "--limit", "1", "--format", "json", "--db", db_url]
+    assert cli.main(args, out) == 0
     assert '"value": true' in out.getvalue()
 
 

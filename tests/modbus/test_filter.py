@@ -82,7 +82,10 @@ def test_packet_options_decode_text_and_hex(text: str, packet: bytes) -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("hex:0G", "not valid hex"), ("hex:ABC", "not valid hex"), ("", "empty"), ("hex:", "empty"), ("x" * 129, "at most 128")],
+    [
+        ("hex:0G", "not valid hex"), ("hex:ABC", "not valid hex"), ("", "empty"), ("hex:", "empty"),
+        ("x" * 129, "at most 128"),
+    ],
 )
 def test_bad_packet_options_are_refused(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -193,7 +193,9 @@ async def test_meters_behind_a_dtu_that_dials_in(meter_server, prefix: bool) -> 
         dtu = await FakeDtu(prefix=prefix, silent_units=SILENT).start(port, bus.port)
         await sink.wait_for("values of m1", lambda: matches_unit_1(sink.latest("m1")))
         await sink.wait_for("values of m2", lambda: sink.latest("m2") == {"serial": 502})
-        await sink.wait_for("unit 9 timing out", lambda: "unit 9 did not answer function 4 (1 attempt)" in sink.reasons("dead"))
+        await sink.wait_for(
+            "unit 9 timing out", lambda: "unit 9 did not answer function 4 (1 attempt)" in sink.reasons("dead")
+        )
         status = bridge.links["site-a"].status()
         assert status.online and status.remote.startswith("127.0.0.1:")
         assert status.counters["heartbeats"] > 0
@@ -222,7 +224,10 @@ async def test_a_dtu_that_drops_mid_request_and_comes_back(meter_server) -> None
         def since_drop() -> set[str]:
             return {reason for _, _, reason in sink.failures[earlier:]}
 
-        await sink.wait_for("the poll cut short by the hang-up", lambda: "link site-a disconnected before the answer arrived" in since_drop())
+        await sink.wait_for(
+            "the poll cut short by the hang-up",
+            lambda: "link site-a disconnected before the answer arrived" in since_drop(),
+        )
         await sink.wait_for("polls to find the link offline", lambda: "link site-a is offline" in since_drop())
         assert not bridge.links["site-a"].online
         values_before = len(sink.values)

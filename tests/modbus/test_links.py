@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from dtucenter.modbus.config import LinkSettings, SerialSettings
 from dtucenter.modbus.errors import LinkDisconnected, LinkOffline
@@ -43,7 +45,8 @@ class Listener:
     def __init__(self, *settings: LinkSettings) -> None:
         self.clock = Clock()
         self.links = {s.name: Link(s, self.clock) for s in settings}
-        self.factory = LoginFactory({l.settings.registration: l for l in self.links.values()}, self.clock, LOGIN_TIMEOUT)
+        by_registration = {link.settings.registration: link for link in self.links.values()}
+        self.factory = LoginFactory(by_registration, self.clock, LOGIN_TIMEOUT)
 
     def connect(self, host: str = "10.1.2.3", port: int = 40000):
         protocol = self.factory.buildProtocol(peer(host, port))
@@ -210,6 +213,27 @@ def test_dedicated_port_with_registration_expects_it() -> None:
     protocol.makeConnection(transport)
     protocol.dataReceived(b"R2")
     assert transport.disconnecting and not link.online
+
+
+@implementer(ITCPTransport)
+class TCPStringTransport(StringTransport):
+    """A StringTransport that is TCP, as the reactor's connections are."""
+
+    keep_alive = False
+
+    def setTcpKeepAlive(self, enabled: int) -> None:
+        self.keep_alive = bool(enabled)
+
+
+def test_tcp_connections_get_keepalive_and_other_transports_are_left_alone() -> None:
+    clock = Clock()
+    link = Link(LinkSettings(name="yard", listen="tcp:0"), clock)
+    tcp = TCPStringTransport(peerAddress=peer())
+    link.build_master().makeConnection(tcp)
+    assert link.online and tcp.keep_alive
+    link.build_master().makeConnection(StringTransport(peerAddress=peer("10.1.2.4")))  # no keep-alive to set
+    assert link.online and link.status().remote == "10.1.2.4:40000"
+    assert tcp.disconnecting, "replaced"
 
 
 def test_link_status_is_json_ready() -> None:

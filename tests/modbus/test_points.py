@@ -51,7 +51,10 @@ SAMPLES = {
     "uint64": 12345678901234567890,
     "float64": -2.718281828459045,
 }
-CODES = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "float32": "f", "int64": "q", "uint64": "Q", "float64": "d"}
+CODES = {
+    "int16": "h", "uint16": "H", "int32": "i", "uint32": "I",
+    "float32": "f", "int64": "q", "uint64": "Q", "float64": "d",
+}
 
 
 def big_endian_registers(type_: str, value) -> list[int]:
@@ -176,7 +179,9 @@ def test_neighbours_are_read_together_and_tables_apart() -> None:
 def test_gaps_up_to_the_limit_are_read_through() -> None:
     points = [point(address=0), point(address=9), point(address=30)]
     assert spans(plan_reads(points, BlockLimits(max_gap=8))) == [("holding", 0, 10), ("holding", 30, 1)]
-    assert spans(plan_reads(points, BlockLimits(max_gap=0))) == [("holding", 0, 1), ("holding", 9, 1), ("holding", 30, 1)]
+    assert spans(plan_reads(points, BlockLimits(max_gap=0))) == [
+        ("holding", 0, 1), ("holding", 9, 1), ("holding", 30, 1),
+    ]
     adjacent = [point(address=0), point(address=1)]
     assert spans(plan_reads(adjacent, BlockLimits(max_gap=0))) == [("holding", 0, 2)]
 
@@ -217,7 +222,9 @@ def test_block_decodes_registers_and_bits_and_checks_counts() -> None:
     with pytest.raises(ResponseMismatch, match="asked for 3 registers"):
         block.decode(ReadHoldingRegistersResponse(registers=[4, 0]))
 
-    (coils,) = plan_reads([point("bool", table="coil", address=3, name="c"), point("bool", table="coil", address=5, name="d")])
+    (coils,) = plan_reads([
+        point("bool", table="coil", address=3, name="c"), point("bool", table="coil", address=5, name="d"),
+    ])
     response = ReadCoilsResponse(bits=[True, False, False, False, False, False, False, False])
     assert coils.decode(response) == {"c": True, "d": False}
     with pytest.raises(ResponseMismatch):

@@ -79,7 +79,9 @@ VOLTAGE = Point("voltage", Table.HOLDING, 0, PointType.UINT16, scale=0.1, unit="
 ENERGY = Point("energy", Table.HOLDING, 1, PointType.FLOAT32, word_order=WordOrder.LITTLE)
 
 
-def meter(name: str = "m", unit: int = 1, interval: float = 10.0, points=(VOLTAGE, ENERGY), link: str = "bus") -> MeterSettings:
+def meter(
+    name: str = "m", unit: int = 1, interval: float = 10.0, points=(VOLTAGE, ENERGY), link: str = "bus"
+) -> MeterSettings:
     return MeterSettings(name=name, link=link, unit=unit, interval=interval, points=tuple(points))
 
 
@@ -218,7 +220,9 @@ def test_an_exception_for_one_block_keeps_the_values_of_the_others() -> None:
     clock, sink, poller = start(meter(points=(VOLTAGE, far)), channel=FakeChannel(respond))
     clock.advance(0)
     assert sink.values == [("m", 0.0, {"voltage": 1.0})]
-    assert sink.failures == [("m", 0.0, "input 500+1: unit 1 answered function 4 with exception 2 (illegal data address)")]
+    assert sink.failures == [
+        ("m", 0.0, "input 500+1: unit 1 answered function 4 with exception 2 (illegal data address)"),
+    ]
     status = poller.status("m")
     assert (status.failing, status.timeouts_in_a_row, status.last_success) == (True, 0, 0.0)
     clock.advance(10)

@@ -6,10 +6,15 @@ import subprocess
 import sys
 import tomllib
 
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
 
 from dtucenter.config import read_settings
-from dtucenter.modbus.service import ModbusBridge
+from dtucenter.modbus.service import ModbusBridge, PortRecordingEndpoint
 from tests.modbus.modbus_helpers import SerialOpener, result_of
 
 CONFIG = """
@@ -79,13 +84,34 @@ def test_bridge_builds_listeners_clients_serial_ports_and_the_poller() -> None:
     assert reactor.getDelayedCalls() == []
 
 
+@implementer(IStreamServerEndpoint)
+class PendingEndpoint:
+    def __init__(self) -> None:
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def listen(self, factory: Factory) -> Deferred[IListeningPort]:
+        return self.listening
+
+
+def test_a_failure_to_listen_fails_every_waiter_and_leaves_the_service_no_port() -> None:
+    endpoint = PendingEndpoint()
+    recording = PortRecordingEndpoint(endpoint, "modbus")
+    early = recording.when_listening()
+    for_the_service = recording.listen(Factory())
+    endpoint.listening.errback(CannotListenError("127.0.0.1", 5020, OSError("in use")))
+    assert result_of(for_the_service) is None
+    assert result_of(early).check(CannotListenError)
+    assert result_of(recording.when_listening()).check(CannotListenError)
+
+
 def test_the_bridge_stands_apart_from_the_rest_of_the_center() -> None:
     # Integration wires the bridge in; the bridge must not reach back. It may share
     # leaf helpers that import nothing of the center (addresses, the latency histogram, the login throttle,
-    # the settings' declarations).
+    # the settings' declarations, transport handling).
     code = (
         "import sys, dtucenter.modbus.service\n"
         "print(sorted(m for m in sys.modules if m.startswith('dtucenter.') and not m.startswith('dtucenter.modbus')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['dtucenter.addresses', 'dtucenter.latency', 'dtucenter.setting', 'dtucenter.throttle']"
+    leaves = ["addresses", "latency", "setting", "throttle", "transports"]
+    assert out.strip() == repr([f"dtucenter.{leaf}" for leaf in leaves])
