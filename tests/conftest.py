@@ -8,14 +8,13 @@ from pathlib import Path
 import attrs
 import pytest
 from sqlalchemy import create_engine
-from twisted.logger import LogEvent, LogLevel, eventAsText, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, LogLevel, eventAsText, formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 from dtucenter.store.models import Base
 
 #: A PostgreSQL URL the tests may wipe; .ci/run starts a server and sets it.
 POSTGRES_URL = os.environ.get("DTUCENTER_TEST_POSTGRES")
-
-pytest_plugins = ("pytester",)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -56,8 +55,8 @@ def _describe(event: LogEvent) -> str:
 
 @attrs.define
 class _Expected:
-    error: type[BaseException] | None
     message: str | None
+    error: type[BaseException] | None
     seen: int = 0
 
     def matches(self, event: LogEvent) -> bool:
@@ -74,6 +73,7 @@ class _Expected:
         return " ".join(parts)
 
 
+@implementer(ILogObserver)
 @attrs.define
 class LoggedErrors:
     """Every error (a failure, or a level of error or above) logged while a test runs, from any thread."""
@@ -85,13 +85,13 @@ class LoggedErrors:
         if _is_error(event):
             self.events.append(event)
 
-    def expect(self, error: type[BaseException] | None = None, *, message: str | None = None) -> None:
-        """The test logs this error on purpose: a Failure of type ``error`` and/or a text containing ``message``.
+    def expect(self, message: str | None = None, *, error: type[BaseException] | None = None) -> None:
+        """The test logs this error on purpose: a text containing ``message`` and/or a Failure of type ``error``.
 
         Every logged error must match one expectation, and every expectation must match a logged error.
         """
         assert error is not None or message is not None, "expect an error type, a message or both"
-        self.expected.append(_Expected(error, message))
+        self.expected.append(_Expected(message, error))
 
     def problems(self, test_passed: bool) -> list[str]:
         found = []
@@ -112,7 +112,7 @@ _CALL_PASSED = pytest.StashKey[bool]()
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "expected_errors(error=None, *, message=None): the test logs this error on purpose"
+        "expected_errors(message=None, *, error=None): the test logs this error on purpose"
         " (LoggedErrors.expect); one mark per expected error",
     )
 
@@ -131,7 +131,7 @@ def pytest_runtest_makereport(
 def expected_errors(request: pytest.FixtureRequest) -> Iterator[LoggedErrors]:
     """Fails the test (at its teardown) if it logged an error it did not declare, or did not log one it did.
 
-    A test declares an error with ``@pytest.mark.expected_errors(SomeError, message="...")`` or by calling
+    A test declares an error with ``@pytest.mark.expected_errors("text", error=SomeError)`` or by calling
     ``expected_errors.expect(...)`` on this fixture.
 
     Autouse, and the first fixture set up, so it is the last torn down: errors the other fixtures log while

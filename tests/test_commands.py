@@ -212,7 +212,7 @@ def test_setup_is_what_the_dtu_reported_not_what_was_asked(rig: Rig) -> None:
     assert rig.protocol.session.registers == (R1,)
 
 
-@pytest.mark.expected_errors(RuntimeError, message="Could not store the setup DTU 4711 reported")
+@pytest.mark.expected_errors("Could not store the setup DTU 4711 reported", error=RuntimeError)
 def test_a_setup_waits_for_the_store_and_reports_a_failure(rig: Rig) -> None:
     rig.store.hold = True
     save = rig.queue.save_setup(4, [R1])

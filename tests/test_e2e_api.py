@@ -549,7 +549,7 @@ async def test_commands_reach_a_dtu_over_udp(tmp_path: Path) -> None:
         await center.stop()
 
 
-@pytest.mark.expected_errors(RuntimeError, message="secret detail")
+@pytest.mark.expected_errors("secret detail", error=RuntimeError)
 @pytest_twisted.ensureDeferred
 async def test_an_unexpected_error_is_a_logged_500_in_json(tmp_path: Path) -> None:
     center = await start_center(tmp_path)

@@ -51,7 +51,7 @@ async def test_uploads_from_many_dtus_share_few_transactions(db_url: str) -> Non
         await store.stopService()
 
 
-@pytest.mark.expected_errors(message="database is locked")
+@pytest.mark.expected_errors("database is locked")
 @pytest_twisted.ensureDeferred
 async def test_locked_database_delays_but_never_loses_or_fakes_a_commit(tmp_path: Path) -> None:
     store = make_store(f"sqlite:///{tmp_path / 's.db'}", sqlite_busy_timeout=0.05)
@@ -69,7 +69,7 @@ async def test_locked_database_delays_but_never_loses_or_fakes_a_commit(tmp_path
         await store.stopService()
 
 
-@pytest.mark.expected_errors(ValueError, message="will not be retried")
+@pytest.mark.expected_errors("will not be retried", error=ValueError)
 @pytest_twisted.ensureDeferred
 async def test_a_failing_job_fails_alone(db_url: str) -> None:
     store = make_store(db_url)
@@ -108,8 +108,8 @@ async def test_stop_waits_for_pending_writes(db_url: str) -> None:
     engine.dispose()
 
 
-@pytest.mark.expected_errors(message="database is locked")
-@pytest.mark.expected_errors(message="Stopping with the database unwritable")
+@pytest.mark.expected_errors("database is locked")
+@pytest.mark.expected_errors("Stopping with the database unwritable")
 @pytest_twisted.ensureDeferred
 async def test_stop_gives_up_on_a_dead_database_without_acknowledging(tmp_path: Path) -> None:
     store = make_store(f"sqlite:///{tmp_path / 's.db'}", sqlite_busy_timeout=0.05)

@@ -238,9 +238,9 @@ def test_a_mismatched_response_is_a_failure() -> None:
     stop(clock, poller)
 
 
-@pytest.mark.expected_errors(TypeError, message="Meter a: reading holding 0+3 crashed")
-@pytest.mark.expected_errors(TypeError, message="Meter b: reading holding 0+3 crashed")
-@pytest.mark.expected_errors(RuntimeError, message="the sink refused a poll result")
+@pytest.mark.expected_errors("Meter a: reading holding 0+3 crashed", error=TypeError)
+@pytest.mark.expected_errors("Meter b: reading holding 0+3 crashed", error=TypeError)
+@pytest.mark.expected_errors("the sink refused a poll result", error=RuntimeError)
 def test_neither_a_broken_sink_nor_a_crashing_channel_stops_polling() -> None:
     class BrokenSink(MemorySink):
         def record_values(self, meter, time, values):
