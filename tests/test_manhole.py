@@ -10,6 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 
 from tests.conftest import LoggedErrors
 from tests.support import STEP_TIMEOUT, connect_dtu, start_center, until
@@ -56,15 +57,21 @@ def ssh(key: Path, port: int, expression: bytes, answer: bytes) -> defer.Deferre
         "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
         "operator@127.0.0.1",
     ]
-    reactor.spawnProcess(client, "ssh", args, env={"PATH": "/usr/bin:/bin"})
-    return client.done.addTimeout(STEP_TIMEOUT, reactor)
+    process = reactor.spawnProcess(client, "ssh", args, env={"PATH": "/usr/bin:/bin"})
+
+    def kill(failure: Failure) -> Failure:  # ssh starts nothing of its own: ending it ends all it started
+        if process.pid is not None:
+            process.signalProcess("KILL")
+        return failure
+
+    return client.done.addTimeout(STEP_TIMEOUT, reactor).addErrback(kill)
 
 
 async def logged_out(expected_errors: LoggedErrors) -> None:
     """Twisted's SSH server logs every DISCONNECT a client sends as an error (SSHTransportBase.receiveError),
     OpenSSH's "disconnected by user" at the end of an ordinary session too. Expect it, and wait until it is
     logged: inside this test, not in a later one."""
-    expected_errors.expect(message="disconnected by user")
+    expected_errors.expect("disconnected by user")
     await until(lambda: any("disconnected by user" in formatEvent(e) for e in expected_errors.events))
 
 
