@@ -99,9 +99,12 @@ def wait_listening(port: int, child: Child, timeout: float = PATIENCE) -> None:
     raise RuntimeError(f"{child.name} did not listen on {port} within {timeout:.0f}s:\n{child.tail()}")
 
 
-def start_center(workdir: Path, port: int, extra: Sequence[str] = ()) -> Child:
+def start_center(
+    workdir: Path, port: int, extra: Sequence[str] = (), twistd: Sequence[str] = (str(VENV_BIN / "twistd"),)
+) -> Child:
+    """``twistd dtucenter`` on ``port``; ``twistd`` is the command that runs twistd (ack_path.py wraps it)."""
     argv = [
-        str(VENV_BIN / "twistd"), "-n", "--pidfile=", "dtucenter",
+        *twistd, "-n", "--pidfile=", "dtucenter",
         "--dtu", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
         "--db", f"sqlite:///{workdir / 'center.db'}",
         "--unknown-dtu", "accept",
@@ -115,8 +118,11 @@ def start_center(workdir: Path, port: int, extra: Sequence[str] = ()) -> Child:
     return child
 
 
-def start_baseline(workdir: Path, port: int) -> Child:
-    argv = [sys.executable, "-m", "benchmarks.baseline", "--port", str(port)]
+def start_baseline(
+    workdir: Path, port: int, python: Sequence[str] = (sys.executable, "-m", "benchmarks.baseline")
+) -> Child:
+    """The framing-only baseline on ``port``; ``python`` is the command that runs it (ack_path.py wraps it)."""
+    argv = [*python, "--port", str(port)]
     child = Child("baseline", argv, workdir / "baseline.log")
     wait_listening(port, child)
     return child

@@ -106,6 +106,14 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def with_current_findings(report: str) -> str:
+    """A rendered report with its copy of findings.md replaced by the file as it is now: for a change to the
+    findings alone, without running the benchmark again."""
+    findings = FINDINGS.read_text().rstrip()
+    measured = report.split("\n" + findings.splitlines()[0] + "\n", 1)[0]
+    return f"{measured}\n{findings}\n"
+
+
 def _render_targets(results: dict[str, Any]) -> list[str]:
     lines = ["## Targets", ""]
     hold = [r for r in results["hold"] if r["dtus"] >= TARGET_HOLD_DTUS]

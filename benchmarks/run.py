@@ -374,8 +374,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hold", default=None, help="comma-separated DTU counts for the hold scenario")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="only re-render the report from results saved with --json")
+    parser.add_argument("--findings-only", action="store_true",
+                        help="only bring the report's copy of benchmarks/findings.md up to date")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     args = parser.parse_args(argv)
+    if args.findings_only:
+        out = args.out or DEFAULT_OUT
+        out.write_text(report.with_current_findings(out.read_text()))
+        return 0
     if args.from_json:
         out = args.out or DEFAULT_OUT
         out.write_text(report.render(json.loads(args.from_json.read_text())))

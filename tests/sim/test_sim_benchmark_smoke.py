@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from benchmarks import report
 from tests.support import run_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +28,7 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
         assert heading in text
     assert "Python 3." in text and "Twisted" in text and "SQLAlchemy" in text
     assert "Traceback" not in result.stderr
+    assert report.with_current_findings(text) == text, "--findings-only would change a fresh report"
 
 
 def test_profile_summary_reads_py_spy_raw_stacks() -> None:
