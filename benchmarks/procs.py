@@ -19,8 +19,13 @@ VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+#: How long a child may show no progress (no report line, no new login, not listening yet) before the run gives up:
+#: a hang, not a slow or busy machine.
+PATIENCE = 120.0
+
+
 def raise_file_limit() -> None:
-    """In the child: as many sockets as the hard limit allows (20,000 here)."""
+    """As many sockets as the hard limit allows (20,000 here); the children inherit it."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -45,14 +50,19 @@ def rss_bytes(pid: int) -> int:
 
 
 class Child:
+    """A server or simulator, its output in ``log``.
+
+    It stays in the runner's process group: whoever starts the runner in a group of its own (the smoke test does)
+    ends every child with one ``killpg``, even if the runner itself is killed before its ``finally`` blocks run.
+    """
+
     def __init__(self, name: str, argv: Sequence[str], log: Path) -> None:
         self.name = name
         self.log_path = log
-        self._log = open(log, "wb")
-        self.process = subprocess.Popen(
-            list(argv), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=raise_file_limit,
-        )
+        with open(log, "wb") as output:  # the child has its own copy of the descriptor
+            self.process = subprocess.Popen(
+                list(argv), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
 
     @property
     def pid(self) -> int:
@@ -69,7 +79,6 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self._log.close()
         return self.process.returncode
 
     def tail(self, lines: int = 15) -> str:
@@ -77,7 +86,7 @@ class Child:
         return "\n".join(text[-lines:])
 
 
-def wait_listening(port: int, child: Child, timeout: float = 30.0) -> None:
+def wait_listening(port: int, child: Child, timeout: float = PATIENCE) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not child.alive():
@@ -90,9 +99,12 @@ def wait_listening(port: int, child: Child, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{child.name} did not listen on {port} within {timeout:.0f}s:\n{child.tail()}")
 
 
-def start_center(workdir: Path, port: int, extra: Sequence[str] = ()) -> Child:
+def start_center(
+    workdir: Path, port: int, extra: Sequence[str] = (), twistd: Sequence[str] = (str(VENV_BIN / "twistd"),)
+) -> Child:
+    """``twistd dtucenter`` on ``port``; ``twistd`` is the command that runs twistd (ack_path.py wraps it)."""
     argv = [
-        str(VENV_BIN / "twistd"), "-n", "--pidfile=", "dtucenter",
+        *twistd, "-n", "--pidfile=", "dtucenter",
         "--dtu", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
         "--db", f"sqlite:///{workdir / 'center.db'}",
         "--unknown-dtu", "accept",
@@ -106,8 +118,11 @@ def start_center(workdir: Path, port: int, extra: Sequence[str] = ()) -> Child:
     return child
 
 
-def start_baseline(workdir: Path, port: int) -> Child:
-    argv = [sys.executable, "-m", "benchmarks.baseline", "--port", str(port)]
+def start_baseline(
+    workdir: Path, port: int, python: Sequence[str] = (sys.executable, "-m", "benchmarks.baseline")
+) -> Child:
+    """The framing-only baseline on ``port``; ``python`` is the command that runs it (ack_path.py wraps it)."""
+    argv = [*python, "--port", str(port)]
     child = Child("baseline", argv, workdir / "baseline.log")
     wait_listening(port, child)
     return child
@@ -128,7 +143,7 @@ class ApiClient:
 
     def get(self, path: str) -> Any:
         request = urllib.request.Request(self.base + path, headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=PATIENCE) as response:
             return json.loads(response.read())
 
 
@@ -157,7 +172,7 @@ class ReportReader:
             self.latest = newest
         return newest
 
-    def next(self, child: Child, timeout: float = 30.0) -> dict[str, Any]:
+    def next(self, child: Child, timeout: float = PATIENCE) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             snap = self.poll()

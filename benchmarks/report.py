@@ -40,8 +40,9 @@ def step_line(step: dict[str, Any]) -> str:
 
 
 def modbus_line(m: dict[str, Any]) -> str:
-    return (f"{m['polls_per_s']:.0f} polls/s completed of {m['expected_per_s']:.0f} expected, poll p50 {_ms(m['p50'])} ms "
-            f"p99 {_ms(m['p99'])} ms, {m['timed_out']} timed out, {m['failed']} failed, CPU {_pct(m['cpu'])}")
+    return (f"{m['polls_per_s']:.0f} polls/s completed of {m['expected_per_s']:.0f} expected, "
+            f"poll p50 {_ms(m['p50'])} ms p99 {_ms(m['p99'])} ms, {m['timed_out']} timed out, "
+            f"{m['failed']} failed, CPU {_pct(m['cpu'])}")
 
 
 _LINE_NUMBER = re.compile(r":\d+\)$")
@@ -105,6 +106,14 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def with_current_findings(report: str) -> str:
+    """A rendered report with its copy of findings.md replaced by the file as it is now: for a change to the
+    findings alone, without running the benchmark again."""
+    findings = FINDINGS.read_text().rstrip()
+    measured = report.split("\n" + findings.splitlines()[0] + "\n", 1)[0]
+    return f"{measured}\n{findings}\n"
+
+
 def _render_targets(results: dict[str, Any]) -> list[str]:
     lines = ["## Targets", ""]
     hold = [r for r in results["hold"] if r["dtus"] >= TARGET_HOLD_DTUS]
@@ -128,7 +137,8 @@ def _render_targets(results: dict[str, Any]) -> list[str]:
             share = frames / base if base else 0.0
             peak_share = ingest["peak"]["frames_per_s"] / baseline["peak"]["frames_per_s"]
             capped = "" if baseline["steps"][-1]["kept_up"] is False else (
-                " (the baseline kept up with every offered rate: its real ceiling is higher, so the ratio is an upper bound)")
+                " (the baseline kept up with every offered rate: its real ceiling is higher, "
+                "so the ratio is an upper bound)")
             lines.append("- At least 0.5 of the framing-only baseline: "
                          + _verdict(share >= TARGET_BASELINE_SHARE,
                                     f"{share:.2f} of its sustained rate ({frames:.0f} / {base:.0f} frames/s, both with "
@@ -158,13 +168,15 @@ def _render_hold(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "DTUs dial in at the simulator's connect rate, log in, then only send SendTick every TickTime (60 s).",
         "",
-        "| DTUs | login time (s) | connect rate (/s) | center RSS (MiB) | RSS before (MiB) | RSS per DTU (KiB) | idle CPU | still logged in |",
+        ("| DTUs | login time (s) | connect rate (/s) | center RSS (MiB) | RSS before (MiB) | RSS per DTU (KiB) "
+         "| idle CPU | still logged in |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['dtus']:,} | {r['login_time']:.1f} | {r['connect_rate']} | {r['rss'] / MIB:.1f} | "
-            f"{r['rss_before'] / MIB:.1f} | {r['rss_per_dtu'] / 1024:.2f} | {_pct(r['idle_cpu'])} | {r['still_logged_in']:,} |"
+            f"{r['rss_before'] / MIB:.1f} | {r['rss_per_dtu'] / 1024:.2f} | {_pct(r['idle_cpu'])} | "
+            f"{r['still_logged_in']:,} |"
         )
     return [*lines, ""]
 
@@ -187,7 +199,8 @@ def _render_ingest(results: dict[str, Any]) -> list[str]:
         lines += [
             f"### {title}",
             "",
-            "| offered frames/s | acked frames/s | samples/s stored | ack p50 (ms) | ack p99 (ms) | CPU | simulator CPU | resent | kept up |",
+            ("| offered frames/s | acked frames/s | samples/s stored | ack p50 (ms) | ack p99 (ms) | CPU "
+             "| simulator CPU | resent | kept up |"),
             "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
         ]
         for s in data["steps"]:
@@ -197,7 +210,8 @@ def _render_ingest(results: dict[str, Any]) -> list[str]:
                 f"{_pct(s['cpu'])} | {_pct(s['sim_cpu'])} | {s['resent']} | {'yes' if s['kept_up'] else 'no'} |"
             )
         best = data.get("best")
-        lines += ["", f"Sustained: {best['frames_per_s']:,.0f} frames/s." if best else "Sustained: no step kept up.", ""]
+        sustained = f"Sustained: {best['frames_per_s']:,.0f} frames/s." if best else "Sustained: no step kept up."
+        lines += ["", sustained, ""]
     center, base = results.get("ingest"), results.get("baseline")
     if center and base and center.get("steps") and base.get("steps"):
         c = (center["best"] or {"frames_per_s": 0.0})["frames_per_s"]
@@ -244,12 +258,15 @@ def _render_modbus(modbus: dict[str, Any] | None) -> list[str]:
         f"{m['seconds']:.0f} s window after every link was online: completed = polls without any error; a poll",
         "lasts from sending its request to taking the answer.",
         "",
-        "| DTUs | online after (s) | polls/s completed | expected/s | poll p50 (ms) | poll p99 (ms) | timed-out polls | failed polls | request timeouts | center CPU | center RSS (MiB) | answered/s (simulator) |",
+        ("| DTUs | online after (s) | polls/s completed | expected/s | poll p50 (ms) | poll p99 (ms) "
+         "| timed-out polls | failed polls | request timeouts | center CPU | center RSS (MiB) "
+         "| answered/s (simulator) |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        (f"| {m['dtus']:,} | {m['online_time']:.1f} | {m['polls_per_s']:,.0f} | {m['expected_per_s']:,.0f} | {_ms(m['p50'])} | "
-        f"{_ms(m['p99'])} | {m['timed_out']} | {m['failed']} | {m['request_timeouts']} | {_pct(m['cpu'])} | "
-        f"{m['rss'] / MIB:.1f} | {m['sim_answered_per_s']:,.0f} |"),
+        (f"| {m['dtus']:,} | {m['online_time']:.1f} | {m['polls_per_s']:,.0f} | {m['expected_per_s']:,.0f} | "
+         f"{_ms(m['p50'])} | {_ms(m['p99'])} | {m['timed_out']} | {m['failed']} | {m['request_timeouts']} | "
+         f"{_pct(m['cpu'])} | {m['rss'] / MIB:.1f} | {m['sim_answered_per_s']:,.0f} |"),
         "",
-        f"Links online at the end: {m['links_online']:,} of {m['dtus']:,}; reconnections during the run: {m['reconnects']}.",
+        (f"Links online at the end: {m['links_online']:,} of {m['dtus']:,}; "
+         f"reconnections during the run: {m['reconnects']}."),
         "",
     ]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
+import selectors
+import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +34,8 @@ M = TypeVar("M")
 
 #: Seconds an end-to-end step may take before the test fails rather than hangs.
 STEP_TIMEOUT = 10.0
+#: Seconds a child process may go without writing anything before a test gives up on it: a hang, not a busy machine.
+SILENCE_LIMIT = 300.0
 
 
 @attrs.define
@@ -228,10 +234,57 @@ async def until(predicate: Any, timeout: float = STEP_TIMEOUT) -> None:
 
 def run_twistd(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``twistd -n dtucenter ARGS`` in a real process, for what only a real start shows (exit status, stderr)."""
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "dtucenter", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=60,
-    )
+    return run_process([str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "dtucenter", *args], cwd=cwd)
+
+
+def start_process(argv: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """A child in a process group of its own, for ``end_process_group`` to end with everything it started."""
+    return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, start_new_session=True, **popen)
+
+
+def end_process_group(process: subprocess.Popen[Any], grace: float = STEP_TIMEOUT) -> None:
+    """SIGTERM to the child's whole group, SIGKILL to what is left after ``grace`` seconds; then reap the child."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(grace)
+        os.killpg(process.pid, signal.SIGKILL)  # a descendant that outlived the child still has its group
+    process.wait()
+
+
+def run_process(
+    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None, silence_limit: float = SILENCE_LIMIT,
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``argv`` to its end, capturing its output, and ends its whole process group whatever happens.
+
+    No time budget: it gives up only if the child writes nothing at all for ``silence_limit`` seconds.
+    """
+    process = start_process(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    captured = {process.stdout: bytearray(), process.stderr: bytearray()}
+    try:
+        with selectors.DefaultSelector() as selector:
+            for pipe in captured:
+                selector.register(pipe, selectors.EVENT_READ)  # type: ignore[arg-type]
+            while selector.get_map():
+                ready = selector.select(silence_limit)
+                if not ready:
+                    raise AssertionError(
+                        f"{argv[0]} wrote nothing for {silence_limit:.0f}s; its stderr so far:\n"
+                        + captured[process.stderr][-3000:].decode(errors="replace")
+                    )
+                for key, _ in ready:
+                    chunk = os.read(key.fd, 65536)
+                    if chunk:
+                        captured[key.fileobj] += chunk  # type: ignore[index]
+                    else:
+                        selector.unregister(key.fileobj)
+        returncode = process.wait(silence_limit)
+    finally:
+        end_process_group(process, grace=0)
+        for pipe in captured:
+            pipe.close()  # type: ignore[union-attr]
+    stdout, stderr = (bytes(output).decode(errors="replace") for output in captured.values())
+    return subprocess.CompletedProcess(list(argv), returncode, stdout, stderr)
 
 
 async def eventually(check: Any, what: str, timeout: float = STEP_TIMEOUT) -> Any:

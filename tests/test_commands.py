@@ -212,6 +212,7 @@ def test_setup_is_what_the_dtu_reported_not_what_was_asked(rig: Rig) -> None:
     assert rig.protocol.session.registers == (R1,)
 
 
+@pytest.mark.expected_errors("Could not store the setup DTU 4711 reported", error=RuntimeError)
 def test_a_setup_waits_for_the_store_and_reports_a_failure(rig: Rig) -> None:
     rig.store.hold = True
     save = rig.queue.save_setup(4, [R1])
@@ -263,8 +264,10 @@ def test_the_largest_lists_that_fit_do_go_out(rig: Rig) -> None:
     [sent] = rig.center_sent()
     assert len(sent.registers) == 341
     rig.dtu_sends(wire.ReadTestAck(1, (0,) * 341))
-    rig.queue.save_setup(0, [R1] * 340)
+    save = rig.queue.save_setup(0, [R1] * 340)
     assert len(rig.center_sent()[0].registers) == 340
+    rig.dtu_sends(wire.SaveSetupAck(1, 0, (R1,) * 340))
+    assert rig.outcome(save) == Setup(0, (R1,) * 340, confirmed=True)
 
 
 def test_the_queue_is_bounded(rig: Rig) -> None:

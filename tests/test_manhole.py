@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
+from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 
-from tests.support import STEP_TIMEOUT, connect_dtu, start_center
+from tests.conftest import LoggedErrors
+from tests.support import STEP_TIMEOUT, connect_dtu, start_center, until
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")
 
@@ -54,12 +57,26 @@ def ssh(key: Path, port: int, expression: bytes, answer: bytes) -> defer.Deferre
         "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
         "operator@127.0.0.1",
     ]
-    reactor.spawnProcess(client, "ssh", args, env={"PATH": "/usr/bin:/bin"})
-    return client.done.addTimeout(STEP_TIMEOUT, reactor)
+    process = reactor.spawnProcess(client, "ssh", args, env={"PATH": "/usr/bin:/bin"})
+
+    def kill(failure: Failure) -> Failure:  # ssh starts nothing of its own: ending it ends all it started
+        if process.pid is not None:
+            process.signalProcess("KILL")
+        return failure
+
+    return client.done.addTimeout(STEP_TIMEOUT, reactor).addErrback(kill)
+
+
+async def logged_out(expected_errors: LoggedErrors) -> None:
+    """Twisted's SSH server logs every DISCONNECT a client sends as an error (SSHTransportBase.receiveError),
+    OpenSSH's "disconnected by user" at the end of an ordinary session too. Expect it, and wait until it is
+    logged: inside this test, not in a later one."""
+    expected_errors.expect("disconnected by user")
+    await until(lambda: any("disconnected by user" in formatEvent(e) for e in expected_errors.events))
 
 
 @pytest_twisted.ensureDeferred
-async def test_manhole_shows_live_sessions_to_an_authorized_key(tmp_path: Path) -> None:
+async def test_manhole_shows_live_sessions_to_an_authorized_key(tmp_path: Path, expected_errors: LoggedErrors) -> None:
     allowed = keypair(tmp_path, "allowed")
     stranger = keypair(tmp_path, "stranger")
     authorized = tmp_path / "authorized_keys"
@@ -76,6 +93,7 @@ async def test_manhole_shows_live_sessions_to_an_authorized_key(tmp_path: Path) 
         # The answer is computed in the center: 4711 is only there as a live session's PSN.
         output = await ssh(allowed, port, b"sorted(sessions)[0] + 1000000", b"1004711")
         assert b"1004711" in output
+        await logged_out(expected_errors)
         refused = await ssh(stranger, port, b"1", b"never")
         assert b"Permission denied" in refused and b"1004711" not in refused
         assert host_key.stat().st_mode & 0o777 == 0o600
@@ -94,7 +112,7 @@ def test_missing_authorized_keys_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_manhole_namespace_has_the_modbus_bridge(tmp_path: Path) -> None:
+async def test_manhole_namespace_has_the_modbus_bridge(tmp_path: Path, expected_errors: LoggedErrors) -> None:
     allowed = keypair(tmp_path, "allowed")
     authorized = tmp_path / "authorized_keys"
     authorized.write_bytes(allowed.with_suffix(".pub").read_bytes())
@@ -112,5 +130,6 @@ async def test_manhole_namespace_has_the_modbus_bridge(tmp_path: Path) -> None:
         port = (await center.service.getServiceNamed("manhole").when_listening()).getHost().port  # type: ignore[attr-defined]
         output = await ssh(allowed, port, b"sorted(bridge.links)[0] * 3", b"panelpanelpanel")
         assert b"panelpanelpanel" in output
+        await logged_out(expected_errors)
     finally:
         await center.stop()

@@ -154,6 +154,7 @@ def test_upload_is_acknowledged_only_after_commit_and_reading_pauses(h: Harness)
     h.lose(protocol)
 
 
+@pytest.mark.expected_errors("Upload 5 of DTU 1 could not be stored")
 def test_failed_store_is_never_acknowledged(h: Harness) -> None:
     protocol, transport = h.logged_in()
     h.store.hold = True

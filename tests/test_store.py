@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -50,6 +51,7 @@ async def test_uploads_from_many_dtus_share_few_transactions(db_url: str) -> Non
         await store.stopService()
 
 
+@pytest.mark.expected_errors("database is locked")
 @pytest_twisted.ensureDeferred
 async def test_locked_database_delays_but_never_loses_or_fakes_a_commit(tmp_path: Path) -> None:
     store = make_store(f"sqlite:///{tmp_path / 's.db'}", sqlite_busy_timeout=0.05)
@@ -67,6 +69,7 @@ async def test_locked_database_delays_but_never_loses_or_fakes_a_commit(tmp_path
         await store.stopService()
 
 
+@pytest.mark.expected_errors("will not be retried", error=ValueError)
 @pytest_twisted.ensureDeferred
 async def test_a_failing_job_fails_alone(db_url: str) -> None:
     store = make_store(db_url)
@@ -105,6 +108,8 @@ async def test_stop_waits_for_pending_writes(db_url: str) -> None:
     engine.dispose()
 
 
+@pytest.mark.expected_errors("database is locked")
+@pytest.mark.expected_errors("Stopping with the database unwritable")
 @pytest_twisted.ensureDeferred
 async def test_stop_gives_up_on_a_dead_database_without_acknowledging(tmp_path: Path) -> None:
     store = make_store(f"sqlite:///{tmp_path / 's.db'}", sqlite_busy_timeout=0.05)

@@ -59,8 +59,13 @@ def write_now(transport: Any, data: bytes) -> None:
 
     ``transport.write`` only queues: the reactor sends at its next turn, after
     registering for and being told of writability, two epoll_ctl calls and a
-    dispatch through Twisted's per-event logging context per ack. That was about
-    a tenth of the reactor thread at ingest rates (benchmarks/findings.md).
+    dispatch through Twisted's per-event logging context per ack (benchmarks/findings.md,
+    items 12 and 15, measure what that costs). Twisted has no public way to send at
+    once: https://github.com/twisted/twisted/issues/5303 ("Default transport
+    implementation doesn't write out bytes immediately", open since 2011) asks for
+    one. So this reads the transport's private send buffer; if a Twisted release
+    moves it, this falls back to ``transport.write`` and
+    tests/sim/test_sim_center_fast_paths.py fails, so the loss is not silent.
     Only plain TCP (not TLS, not a test's transport); what the socket does not
     take at once goes the usual way, in order.
     """

@@ -18,6 +18,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 
+from tests.support import SILENCE_LIMIT, end_process_group, start_process
+
 #: Seconds a step of an interop test may take before the test fails rather than hangs.
 STEP_TIMEOUT = 10.0
 
@@ -47,7 +49,9 @@ def sample_meter(unit: int) -> SimDevice:
 class PymodbusServer:
     """pymodbus's own server in a thread with its own asyncio loop, over a real socket or serial port."""
 
-    def __init__(self, devices: list[SimDevice], *, framer: FramerType = FramerType.SOCKET, serial_port: str | None = None) -> None:
+    def __init__(
+        self, devices: list[SimDevice], *, framer: FramerType = FramerType.SOCKET, serial_port: str | None = None
+    ) -> None:
         self._devices = devices
         self._framer = framer
         self._serial_port = serial_port
@@ -81,7 +85,9 @@ class PymodbusServer:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self._serial_port is not None:
-            self._server = ModbusSerialServer(self._devices, framer=FramerType.RTU, port=self._serial_port, baudrate=9600)
+            self._server = ModbusSerialServer(
+                self._devices, framer=FramerType.RTU, port=self._serial_port, baudrate=9600
+            )
         else:
             self._server = ModbusTcpServer(self._devices, framer=self._framer, address=("127.0.0.1", 0))
         await self._server.serve_forever(background=True)
@@ -92,31 +98,42 @@ class PymodbusServer:
 
 
 class PtyPair:
-    """Two connected pseudo-terminals made by socat, like the two ends of a serial cable."""
+    """Two connected pseudo-terminals made by socat, like the two ends of a serial cable.
 
-    def __init__(self) -> None:
+    ``links`` names two paths to make symlinks to the ends at; ``ends`` are the paths to open either way.
+    """
+
+    def __init__(self, links: tuple[str, str] | None = None) -> None:
+        options = ["pty,raw,echo=0" + (f",link={link}" if link else "") for link in links or (None, None)]
         try:
-            self._process = subprocess.Popen(
-                ["socat", "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
-                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            self._process = start_process(
+                ["socat", "-d", "-d", *options], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
             )
         except FileNotFoundError:
             raise RuntimeError("socat is needed for the serial tests (apt-get install socat)") from None
-        # Read the raw fd: a buffered readline could swallow both lines while
-        # select() then waits for a third that never comes.
+        try:
+            report = self._read_report()
+        except BaseException:
+            self.close()
+            raise
+        self.ends = list(links) if links else [
+            line.rsplit(b"PTY is ", 1)[1].strip().decode() for line in report.splitlines() if b"PTY is " in line
+        ]
+
+    def _read_report(self) -> bytes:
+        """socat's stderr up to the line that says it is ready to relay, when both ptys (and links) exist."""
+        # Read the raw fd: a buffered readline could swallow the lines while select() waits for more.
         report = b""
-        while report.count(b"PTY is ") < 2 or not report.endswith(b"\n"):
-            ready, _, _ = select.select([self._process.stderr], [], [], STEP_TIMEOUT)
+        while b"starting data transfer loop" not in report or not report.endswith(b"\n"):
+            ready, _, _ = select.select([self._process.stderr], [], [], SILENCE_LIMIT)
             chunk = os.read(self._process.stderr.fileno(), 4096) if ready else b""
             if not chunk:
-                self.close()
                 raise RuntimeError(f"socat did not report its ptys: {report!r}")
             report += chunk
-        self.ends = [line.rsplit(b"PTY is ", 1)[1].strip().decode() for line in report.splitlines() if b"PTY is " in line]
+        return report
 
     def close(self) -> None:
-        self._process.terminate()
-        self._process.wait(STEP_TIMEOUT)
+        end_process_group(self._process)
         self._process.stderr.close()
 
 
@@ -239,7 +256,9 @@ class WaitingSink:
 
     def _give_up(self, what: str, d: defer.Deferred) -> None:
         self._waiters = [w for w in self._waiters if w[1] is not d]
-        d.errback(AssertionError(f"gave up waiting for {what}; values {self.values[-3:]}, failures {self.failures[-3:]}"))
+        d.errback(AssertionError(
+            f"gave up waiting for {what}; values {self.values[-3:]}, failures {self.failures[-3:]}"
+        ))
 
 
 # -- a DTU --------------------------------------------------------------------------------------

@@ -131,6 +131,7 @@ def test_twistd_stops_when_the_modbus_port_is_taken(tmp_path: Path) -> None:
     assert "Traceback" not in output
 
 
+@pytest.mark.expected_errors("Listener site-a cannot listen")
 @pytest_twisted.ensureDeferred
 async def test_a_link_port_in_use_stops_the_start_and_closes_what_was_bound(tmp_path: Path) -> None:
     with socket.socket() as taken:

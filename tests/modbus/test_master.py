@@ -227,6 +227,7 @@ def test_cancelling_during_the_retry_silence_does_not_resend(h: Harness) -> None
     h.sent()
     h.clock.advance(TIMEOUT)
     d.cancel()
+    assert result_of(d).check(defer.CancelledError)
     h.clock.advance(SILENCE)
     assert h.sent() == b""
     h.assert_idle()

@@ -1,22 +1,26 @@
-"""The benchmark at a tiny scale, as CI runs it: it must complete and write its report.
+"""The benchmark at a tiny scale: every scenario must run end to end and write its section of the report.
 
-No assertion on speed: numbers come from running the benchmark on purpose.
+No assertion on speed: numbers come from running the benchmark on purpose. No time budget either: on a busy
+machine it is slower, so it fails only if the benchmark falls silent (each step prints a line), and the
+benchmark's servers and simulators go with its process group whatever happens.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks import report
+from tests.support import run_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
-    result = subprocess.run(
+    result = run_process(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--only", "hold,ingest,baseline,modbus"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
@@ -24,17 +28,21 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
         assert heading in text
     assert "Python 3." in text and "Twisted" in text and "SQLAlchemy" in text
     assert "Traceback" not in result.stderr
+    assert report.with_current_findings(text) == text, "--findings-only would change a fresh report"
 
 
 def test_profile_summary_reads_py_spy_raw_stacks() -> None:
     from benchmarks.report import summarise_profile
 
     raw = (
-        "<module> (twistd:8);run (reactor.py:10);dataReceived (dtucenter/dtu/session.py:90);feed (wire.py:520) 30\n"
+        "<module> (twistd:8);run (reactor.py:10);dataReceived (dtucenter/dtu/session.py:90);"
+        "feed (wire.py:520) 30\n"
         "<module> (twistd:8);run (reactor.py:10);dataReceived (dtucenter/dtu/session.py:91) 10\n"
         "_commit (dtucenter/store/facade.py:200);execute (base.py:1) 60\n"
     )
     summary = summarise_profile(raw)
     assert summary["samples"] == 100
     assert summary["own"][0] == ("execute (base.py)", 0.6)
-    assert summary["total"] == [("_commit (dtucenter/store/facade.py)", 0.6), ("dataReceived (dtucenter/dtu/session.py)", 0.4)]
+    assert summary["total"] == [
+        ("_commit (dtucenter/store/facade.py)", 0.6), ("dataReceived (dtucenter/dtu/session.py)", 0.4)
+    ]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from twisted.internet.serialport import SerialPort
 from dtucenter.sim.bridge import SerialBridge
 from dtucenter.sim.links import TCPConnector
 from dtucenter.sim.stats import SimStats
+from tests.modbus.interop_support import PtyPair
 
 
 class _Center(protocol.Protocol):
@@ -41,15 +40,9 @@ class _Meter(protocol.Protocol):
 def pty_pair(tmp_path: Path) -> Any:
     if shutil.which("socat") is None:
         pytest.skip("socat is not installed (.ci/run installs it)")
-    a, b = tmp_path / "bridge", tmp_path / "meter"
-    proc = subprocess.Popen(["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"])
-    for _ in range(100):
-        if a.exists() and b.exists():
-            break
-        time.sleep(0.05)  # socat creates the links a moment after it starts
-    yield str(a), str(b)
-    proc.terminate()
-    proc.wait()
+    pair = PtyPair(links=(str(tmp_path / "bridge"), str(tmp_path / "meter")))
+    yield pair.ends
+    pair.close()
 
 
 @pytest_twisted.inlineCallbacks

@@ -8,18 +8,23 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest_twisted
 from sqlalchemy.orm import Session
-from twisted.internet import tcp
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import CenterSettings, DTUCenter, upload_row
-from dtucenter.dtu.session import INBOX_LIMIT, DTUProtocol
+from dtucenter.dtu.session import INBOX_LIMIT, DTUProtocol, write_now
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import SAMPLES, _MultiRowInsert
+from tests.support import until
 
 NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -143,3 +148,56 @@ def test_replies_go_out_at_once_and_what_the_socket_refuses_follows_in_order() -
         ours.close()
         theirs.close()
     assert clock.getDelayedCalls() == []
+
+
+
+class _Replier(Protocol):
+    """Answers each read with write_now and looks, before it returns to the reactor, where the answer is."""
+
+    def __init__(self, peer: socket.socket) -> None:
+        self.peer = peer
+        self.seen: list[tuple[bytes, bool]] = []
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        write_now(self.transport, b"ack:" + data)
+        registered = self.transport in reactor.getWriters()  # type: ignore[attr-defined]
+        try:
+            arrived = self.peer.recv(100)
+        except BlockingIOError:
+            arrived = b""
+        self.seen.append((arrived, registered))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(None)
+
+
+class _ReplierFactory(Factory):
+    def __init__(self, peer: socket.socket) -> None:
+        self.peer = peer
+        self.built: list[_Replier] = []
+
+    def buildProtocol(self, addr: IAddress) -> _Replier:
+        self.built.append(_Replier(self.peer))
+        return self.built[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_takes_the_fast_path_on_the_installed_twisted() -> None:
+    """On a real loopback TCP connection the ack is in the peer's socket before write_now returns, and the
+    transport never asked the reactor to be told of writability. This fails when a Twisted release moves the
+    private send buffer write_now reads (it then falls back to transport.write, and the gain is gone)."""
+    peer = socket.socket()
+    factory = _ReplierFactory(peer)
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    try:
+        peer.connect(("127.0.0.1", listening.getHost().port))  # the kernel completes it without the reactor
+        peer.setblocking(False)
+        peer.sendall(b"ping")
+        await until(lambda: factory.built and factory.built[0].seen)
+        assert factory.built[0].seen == [(b"ack:ping", False)]
+    finally:
+        peer.close()
+        await listening.stopListening()
+        if factory.built:
+            await factory.built[0].lost

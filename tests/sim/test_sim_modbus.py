@@ -103,5 +103,5 @@ def test_registration_text_numbering_and_parsing() -> None:
     with pytest.raises(ValueError, match="hex"):
         parse_packet_text("hex:zz")
     assert parse_units("1-3,7,2") == [1, 2, 3, 7]
-    with pytest.raises(ValueError, match="1..247"):
+    with pytest.raises(ValueError, match=r"1\.\.247"):
         parse_units("0")
