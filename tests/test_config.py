@@ -290,6 +290,7 @@ def test_what_only_building_the_center_finds_is_one_line(
         ('dtu = "tcp:0:interface=127.0.0.1"\napi = "tcp:{port}:interface=127.0.0.1"\n', [], "{config}: api"),
     ],
 )
+@pytest.mark.expected_errors("cannot listen: Couldn't listen on 127.0.0.1")
 @pytest_twisted.ensureDeferred
 async def test_a_port_in_use_is_named_by_where_its_endpoint_came_from(
     tmp_path: Path, file: str, args: list[str], where: str
