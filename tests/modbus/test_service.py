@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -93,6 +94,7 @@ class PendingEndpoint:
         return self.listening
 
 
+@pytest.mark.expected_errors("Listener modbus cannot listen")
 def test_a_failure_to_listen_fails_every_waiter_and_leaves_the_service_no_port() -> None:
     endpoint = PendingEndpoint()
     recording = PortRecordingEndpoint(endpoint, "modbus")
