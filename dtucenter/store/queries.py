@@ -93,6 +93,8 @@ def validate_dtu_fields(fields: dict[str, Any]) -> dict[str, Any]:
         elif key in DTU_TEXT_FIELDS:
             if not isinstance(value, str) or len(value) > DTU_TEXT_FIELDS[key]:
                 raise ValueError(f"{key} must be text of at most {DTU_TEXT_FIELDS[key]} characters")
+            if "\0" in value:  # PostgreSQL cannot store it in text; SQLite could, so refuse it on both
+                raise ValueError(f"{key} must not contain a NUL character")
             if key == "new_ip":
                 try:
                     ipv4_octets(value)
