@@ -64,6 +64,10 @@ def test_samples_csv_oldest_first_with_register_names(db: str) -> None:
     ]
     code, text = run("samples", "5", "--since", "2026-11-01T12:00:30Z", "--limit", "1", "--format", "json", "--db", db)
     assert [s["value"] for s in json.loads(text)["samples"]] == [3]
+    code, text = run("samples", "5", "--order", "desc", "--limit", "2", "--db", db)
+    assert text.splitlines()[1:] == [
+        "2026-11-01T12:01:00+00:00,5,20,0,1,100,3", "2026-11-01T12:01:00+00:00,5,20,1,1,101,4",
+    ]
 
 
 def test_errors_are_one_line(db: str, capsys: pytest.CaptureFixture[str]) -> None:

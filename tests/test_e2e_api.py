@@ -222,12 +222,26 @@ async def test_samples_oldest_first_with_since_until_and_limit(tmp_path: Path, d
         later = await api.get(f"/api/dtus/{PSN}/samples?since=2000-01-01T00:00:00Z&until={first.replace('+', '%2B')}")
         assert later.status == 200 and later.body["samples"] == []
         assert (await api.get(f"/api/dtus/{PSN}/samples?since=2999-01-01")).body["samples"] == []
+        # Newest upload first, each upload's values in position order; limit keeps the newest.
+        newest = await api.get(f"/api/dtus/{PSN}/samples?order=desc")
+        assert [(s["net_state"], s["position"], s["value"]) for s in newest.body["samples"]] == [
+            (22, 0, 20), (22, 1, -2), (21, 0, 10), (21, 1, -1), (20, 0, 0), (20, 1, 0),
+        ]
+        two = await api.get(f"/api/dtus/{PSN}/samples?order=desc&limit=2")
+        assert [s["value"] for s in two.body["samples"]] == [20, -2] and two.body["more"] is True
+        assert (await api.get(f"/api/dtus/{PSN}/samples?order=asc&limit=1")).body["samples"][0]["value"] == 0
+        latest = await api.get(f"/api/dtus/{PSN}/latest")
+        assert latest.status == 200 and latest.body == {"samples": newest.body["samples"][:2]}
+        assert (await api.get("/api/dtus/999/latest")).status == 404
+        await api.call("PUT", "/api/dtus/998", {})
+        assert (await api.get("/api/dtus/998/latest")).body == {"samples": []}
         for query, message in [
             ("since=yesterday", "since: not an ISO 8601 time"),
             ("limit=0", "limit must be a whole number 1..100000"),
             ("limit=ten", "limit must be"),
             ("limit=1&limit=2", "given 2 times"),
             ("from=2020-01-01", "unknown query parameter 'from'"),
+            ("order=newest", "order must be asc or desc, got 'newest'"),
         ]:
             bad = await api.get(f"/api/dtus/{PSN}/samples?{query}")
             assert bad.status == 400 and message in bad.error, (query, bad.body)
