@@ -27,7 +27,8 @@ from attrs import AttrsInstance
 from dtucenter.dtu.wire import DEFAULT_HEAD, DEFAULT_MAX_LENGTH, Dialect, WireError, parse_head
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings, SerialSettings
 from dtucenter.modbus.points import BlockLimits, read_points
-from dtucenter.modbus.templates import find_template
+from dtucenter.modbus.rules import RegistrationRule
+from dtucenter.modbus.templates import Template, find_template
 from dtucenter.setting import (
     METADATA_KEY,
     Declared,
@@ -276,6 +277,7 @@ def read_settings(
     modbus_table = read_table(top.pop("modbus", {}), place, "modbus")
     link_tables = list(read_tables(top.pop("link", None), place, "link"))
     meter_tables = list(read_tables(top.pop("meter", None), place, "meter"))
+    rule_tables = list(read_tables(top.pop("rule", None), place, "rule"))
 
     (values,) = read_keys(top, place, Settings)
     origins = {name: f"{source}: {name}" for name in values}
@@ -297,7 +299,12 @@ def read_settings(
     meters = tuple(_read_meter(table, index, place) for index, table in meter_tables)
     _check_links(links, modbus_values.get("listen"), place)
     _check_meters(meters, links, place)
-    modbus = build(ModbusSettings, modbus_values, modbus_place, links=links, meters=meters)
+    rules = tuple(_read_rule(table, place.inner(f"rule[{index}]")) for index, table in rule_tables)
+    if rules and modbus_values.get("listen") is None:
+        raise place.inner("rule[0]").error(
+            None, "applies to DTUs that dial the shared listener: set [modbus] listen (or --modbus)"
+        )
+    modbus = build(ModbusSettings, modbus_values, modbus_place, links=links, meters=meters, rules=rules)
     return build(Settings, values, place, modbus=modbus, source=source, origins=origins)
 
 
@@ -355,13 +362,30 @@ def _read_meter(table: Mapping[str, Any], index: int, file: Place) -> MeterSetti
             raise place.error(
                 "point", f"cannot be combined with template {template!r}; to change its points, list them all instead"
             )
-        try:
-            points = find_template(template).points
-        except LookupError as e:
-            raise place.error("template", str(e)) from None
+        points = _template(template, place).points
     elif not points:
         raise place.error("point", "a meter needs a template or at least one [[meter.point]]")
     return build(MeterSettings, values, place, points=points, limits=BlockLimits(**limits))
+
+
+def _read_rule(table: Mapping[str, Any], place: Place) -> RegistrationRule:
+    (values,) = read_keys(table, place, RegistrationRule)
+    rule = build(RegistrationRule, values, place)
+    _template(rule.template, place)
+    _check_unit(rule.protocol, rule.unit, place)
+    return rule
+
+
+def _template(name: str, place: Place) -> Template:
+    try:
+        return find_template(name)
+    except LookupError as e:
+        raise place.error("template", str(e)) from None
+
+
+def _check_unit(protocol: str, unit: int, place: Place) -> None:
+    if protocol == "rtu" and not 1 <= unit <= 247:
+        raise place.error("unit", f"an rtu unit id is 1..247, got {unit}")
 
 
 def _check_links(links: tuple[LinkSettings, ...], shared_listen: str | None, file: Place) -> None:
@@ -393,8 +417,7 @@ def _check_meters(meters: tuple[MeterSettings, ...], links: tuple[LinkSettings, 
         if meter.link not in protocols:
             known = ", ".join(repr(name) for name in protocols) or "none defined"
             raise place.error("link", f"no link named {meter.link!r} (links: {known})")
-        if protocols[meter.link] == "rtu" and not 1 <= meter.unit <= 247:
-            raise place.error("unit", f"an rtu unit id is 1..247, got {meter.unit}")
+        _check_unit(protocols[meter.link], meter.unit, place)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import attrs
 
 from dtucenter.modbus.filter import decode_packet_option
 from dtucenter.modbus.points import BlockLimits, Point
+from dtucenter.modbus.rules import RegistrationRule
 from dtucenter.setting import (
     boolean,
     choice,
@@ -132,3 +133,5 @@ class ModbusSettings:
     )
     links: tuple[LinkSettings, ...] = ()
     meters: tuple[MeterSettings, ...] = ()
+    #: ``[[rule]]``s for unknown registrations on the shared listener: read and checked, not yet applied.
+    rules: tuple[RegistrationRule, ...] = ()
