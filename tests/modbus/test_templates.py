@@ -14,7 +14,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from dtucenter.config import ConfigError, read_settings
 from dtucenter.modbus.points import PointType, Table, WordOrder, plan_reads
-from dtucenter.modbus.templates import find_template, load_template_file, read_template, shipped_templates
+from dtucenter.modbus.templates import find_template, parse_template, read_template, shipped_templates
 from tests.modbus.interop_support import PymodbusServer
 from tests.support import ApiClient, eventually, start_center
 
@@ -100,7 +100,7 @@ type = "float32"
 
 
 def test_a_template_is_read_from_a_document() -> None:
-    template = load_template_file(GOOD, "my-meter.toml")
+    template = parse_template(GOOD, "my-meter.toml")
     assert (template.name, template.version, [p.name for p in template.points]) == ("my-meter", 2, ["voltage"])
 
 
@@ -129,16 +129,16 @@ def test_template_mistakes_are_one_line(change: tuple[str, str], message: str) -
     old, new = change
     assert old in GOOD
     with pytest.raises(ConfigError) as caught:
-        load_template_file(GOOD.replace(old, new, 1), "my-meter.toml")
+        parse_template(GOOD.replace(old, new, 1), "my-meter.toml")
     assert str(caught.value) == message
 
 
 def test_a_template_without_points_or_toml_is_refused() -> None:
     without_points = GOOD[: GOOD.index("[[point]]")]
     with pytest.raises(ConfigError, match=r"^t.toml: point: a template needs at least one \[\[point\]\]$"):
-        load_template_file(without_points, "t.toml")
+        parse_template(without_points, "t.toml")
     with pytest.raises(ConfigError, match=r"^t.toml: not valid TOML: "):
-        load_template_file(b"name = ", "t.toml")
+        parse_template(b"name = ", "t.toml")
     with pytest.raises(ConfigError, match=r"^t.toml: must be a table, got an array$"):
         read_template([], "t.toml")  # type: ignore[arg-type]
 

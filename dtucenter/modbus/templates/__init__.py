@@ -91,10 +91,10 @@ def read_template(document: Mapping[str, Any], source: str) -> Template:
     return build(Template, values, place, points=points)
 
 
-def load_template_file(text_of_file: bytes | str, source: str) -> Template:
-    """A template from a file's contents."""
+def parse_template(content: bytes | str, source: str) -> Template:
+    """A template from the contents of a TOML file."""
     try:
-        document = tomllib.loads(text_of_file.decode() if isinstance(text_of_file, bytes) else text_of_file)
+        document = tomllib.loads(content.decode() if isinstance(content, bytes) else content)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(source, "", f"not valid TOML: {e}") from None
     return read_template(document, source)
@@ -108,7 +108,7 @@ def shipped_templates() -> Mapping[str, Template]:
         if not entry.name.endswith(".toml"):
             continue
         source = f"{__name__.replace('.', '/')}/{entry.name}"
-        template = load_template_file(entry.read_bytes(), source)
+        template = parse_template(entry.read_bytes(), source)
         if template.name != entry.name.removesuffix(".toml"):
             raise ConfigError(source, "name", f"must be the file's name, {entry.name.removesuffix('.toml')!r}")
         found[template.name] = template
