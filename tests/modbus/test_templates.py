@@ -16,7 +16,8 @@ from dtucenter.config import ConfigError, read_settings
 from dtucenter.modbus.points import PointType, Table, WordOrder, plan_reads
 from dtucenter.modbus.templates import find_template, parse_template, read_template, shipped_templates
 from tests.modbus.interop_support import PymodbusServer
-from tests.support import ApiClient, eventually, start_center
+from tests.modbus.test_e2e_center import latest_poll
+from tests.support import eventually, start_center
 
 #: The Eastron addresses the brief's public register maps give, pinned here so that
 #: a change to a template's address is a deliberate change to this table too.
@@ -227,7 +228,7 @@ async def test_a_templated_meter_is_polled_and_its_floats_stored(tmp_path: Path,
         center = await start_center(tmp_path, "--config", str(config), db_url=db_url)
         try:
             api = center.api()
-            stored = await eventually(lambda: latest_values(api, "house"), "the stored values of the SDM120")
+            stored = await eventually(lambda: latest_poll(api, "house"), "the stored values of the SDM120")
             assert stored == SDM120_VALUES
             info = (await api.get("/api/meters/house")).body
             assert [point["name"] for point in info["points"]] == list(SDM120_MAP)
@@ -236,12 +237,3 @@ async def test_a_templated_meter_is_polled_and_its_floats_stored(tmp_path: Path,
     finally:
         meter.stop()
 
-
-async def latest_values(api: ApiClient, meter: str) -> dict[str, float] | None:
-    response = await api.get(f"/api/meters/{meter}/samples?limit=100000")
-    assert response.status == 200, response.body
-    samples = response.body["samples"]
-    if not samples:
-        return None
-    newest = samples[-1]["time"]
-    return {sample["point"]: sample["value"] for sample in samples if sample["time"] == newest}
