@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import struct
 import tomllib
 from importlib import resources
@@ -12,6 +14,7 @@ import pytest_twisted
 from pymodbus.framer import FramerType
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from dtucenter import cli
 from dtucenter.config import ConfigError, read_settings
 from dtucenter.modbus.points import PointType, Table, WordOrder, plan_reads
 from dtucenter.modbus.templates import find_template, parse_template, read_template, shipped_templates
@@ -79,6 +82,28 @@ def test_an_unknown_template_names_the_shipped_ones() -> None:
         find_template("sdm120")
     assert str(caught.value) == (
         "no template named 'sdm120' (templates: eastron-sdm120, eastron-sdm630, generic-energy-meter)"
+    )
+
+
+def test_the_cli_lists_and_shows_the_shipped_templates() -> None:
+    out = io.StringIO()
+    assert cli.main(["template", "list", "--json"], out) == 0
+    listed = json.loads(out.getvalue())["templates"]
+    assert [entry["name"] for entry in listed] == list(shipped_templates())
+    assert listed[0] == {**shipped_templates()["eastron-sdm120"].summary(), "points": len(SDM120_MAP)}
+    out = io.StringIO()
+    assert cli.main(["template", "list"], out) == 0
+    assert out.getvalue().splitlines()[1].startswith("eastron-sdm630\tversion 1\t31 points\t")
+    out = io.StringIO()
+    assert cli.main(["template", "show", "generic-energy-meter"], out) == 0
+    assert parse_template(out.getvalue(), "shown") == find_template("generic-energy-meter")
+    assert out.getvalue().startswith("# A generic energy meter")
+
+
+def test_the_cli_names_the_templates_when_asked_for_another(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["template", "show", "sdm120"], io.StringIO()) == 1
+    assert capsys.readouterr().err == (
+        "dtucenter: no template named 'sdm120' (templates: eastron-sdm120, eastron-sdm630, generic-energy-meter)\n"
     )
 
 

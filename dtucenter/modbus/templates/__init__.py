@@ -30,6 +30,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
+from importlib.resources.abc import Traversable
 from types import MappingProxyType
 from typing import Any
 
@@ -78,6 +79,14 @@ class Template:
     )
     points: tuple[Point, ...]
 
+    def summary(self) -> dict[str, str | int]:
+        """What a list of templates shows of each: all but the points, and how many there are."""
+        return {
+            "name": self.name, "version": self.version, "description": self.description,
+            "manufacturer": self.manufacturer, "model": self.model, "source": self.source,
+            "points": len(self.points),
+        }
+
 
 def read_template(document: Mapping[str, Any], source: str) -> Template:
     """A template from a loaded TOML document; ``source`` names it in messages (its file)."""
@@ -100,19 +109,31 @@ def parse_template(content: bytes | str, source: str) -> Template:
     return read_template(document, source)
 
 
+def _shipped_files() -> dict[str, Traversable]:
+    files = (entry for entry in resources.files(__name__).iterdir() if entry.name.endswith(".toml"))
+    return {entry.name.removesuffix(".toml"): entry for entry in sorted(files, key=lambda entry: entry.name)}
+
+
 @functools.cache
 def shipped_templates() -> Mapping[str, Template]:
     """The templates shipped with the center, by name (read once: they are package data)."""
     found = {}
-    for entry in sorted(resources.files(__name__).iterdir(), key=lambda entry: entry.name):
-        if not entry.name.endswith(".toml"):
-            continue
+    for name, entry in _shipped_files().items():
         source = f"{__name__.replace('.', '/')}/{entry.name}"
         template = parse_template(entry.read_bytes(), source)
-        if template.name != entry.name.removesuffix(".toml"):
-            raise ConfigError(source, "name", f"must be the file's name, {entry.name.removesuffix('.toml')!r}")
-        found[template.name] = template
+        if template.name != name:
+            raise ConfigError(source, "name", f"must be the file's name, {name!r}")
+        found[name] = template
     return MappingProxyType(found)
+
+
+def shipped_template_text(name: str) -> str:
+    """The file of the shipped template ``name`` as written, comments and all: a start for one's own.
+
+    ``LookupError`` says which exist.
+    """
+    find_template(name)
+    return _shipped_files()[name].read_text(encoding="utf-8")
 
 
 def find_template(name: str) -> Template:
