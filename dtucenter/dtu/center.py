@@ -116,7 +116,12 @@ class LoginDecision:
         return cls(True, outcome.reason, ack, registers, outcome.enrolled)
 
 
-REFUSED = wire.LoginAck(right=wire.LOGIN_REFUSED)
+#: A refused DTU learns nothing but the refusal: every field but Right is 0 (docs/protocol.md),
+#: not the LoginAck defaults (TickTime 60, SendTestMode 255) an accepted DTU would act on.
+REFUSED = wire.LoginAck(
+    right=wire.LOGIN_REFUSED, fota_flag=0, tick_time=0, send_test_mode=0, send_test_time=0,
+    new_ver=0, new_port=0, new_ip="0.0.0.0",
+)
 THROTTLED = LoginDecision(False, "too many failed logins; try later", REFUSED)
 
 
