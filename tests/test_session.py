@@ -238,6 +238,39 @@ def test_connection_lost_during_authentication_leaves_dtu_offline(h: Harness) ->
     assert h.clock.getDelayedCalls() == []
 
 
+def test_a_login_whose_connection_died_does_not_replace_the_live_session(h: Harness) -> None:
+    live, live_transport = h.logged_in()
+    dead, dead_transport = h.connect()
+    h.store.hold = True
+    h.feed(dead, wire.Login(1, 7))
+    h.lose(dead)  # a half-open redial that died before its LoginAck
+    h.store.release()
+    assert dead_transport.value() == b""
+    assert not live_transport.disconnecting
+    assert h.center.sessions == {1: live.session}
+    assert h.center.stats["logins_abandoned"] == 1 and h.center.stats["sessions_replaced"] == 0
+    assert h.store.dtu(1).online  # type: ignore[union-attr]
+    # The live session goes on as before.
+    h.feed(live, wire.SendTest(20, 3, (9,)))
+    assert h.replies(live_transport) == [wire.SendTestAck(3)]
+    h.lose(live)
+    assert not h.store.dtu(1).online  # type: ignore[union-attr]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_login_closed_by_the_center_while_deciding_does_not_replace_the_live_session(h: Harness) -> None:
+    live, live_transport = h.logged_in(tick_time=100)
+    slow, slow_transport = h.connect()
+    h.store.hold = True
+    h.feed(slow, wire.Login(1, 7))
+    slow.session.abort("center stopping")  # closed by the center, its transport not yet gone
+    h.store.release()
+    assert slow_transport.value() == b"" and slow_transport.disconnecting
+    assert not live_transport.disconnecting and h.center.sessions == {1: live.session}
+    h.lose(slow)
+    h.lose(live)
+
+
 def test_bad_frames_are_counted_and_never_raise(h: Harness) -> None:
     protocol, transport = h.logged_in()
     bad = bytearray(wire.encode_frame(wire.SendTick()))

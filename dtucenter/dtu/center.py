@@ -241,6 +241,16 @@ class DTUCenter(Service):
             )
             return decision
         self.login_throttle.succeeded(_throttle_key(session, login))
+        if session.closed:
+            # Its connection died while the store decided: it cannot take over from the
+            # DTU's live session (a stray half-open dial must not cut a working link).
+            self.stats["logins_abandoned"] += 1
+            log.info(
+                "DTU {psn} at {peer} went away before its login was answered", psn=login.psn, peer=session.peer
+            )
+            if login.psn not in self.sessions:  # the store marked it online; nothing is
+                self._mark_offline(login.psn, session.last_seen)
+            return decision
         self.stats["logins"] += 1
         if decision.enrolled:
             log.info("DTU {psn} enrolled from {peer}", psn=login.psn, peer=session.peer)
@@ -263,7 +273,10 @@ class DTUCenter(Service):
         del self.sessions[psn]
         self._seen.pop(psn, None)
         log.info("DTU {psn} offline ({peer})", psn=psn, peer=session.peer)
-        self.records.mark_offline(psn, session.last_seen).addErrback(
+        self._mark_offline(psn, session.last_seen)
+
+    def _mark_offline(self, psn: int, last_seen: dt.datetime) -> None:
+        self.records.mark_offline(psn, last_seen).addErrback(
             lambda f: log.failure("Could not mark DTU {psn} offline", f, psn=psn)
         )
 

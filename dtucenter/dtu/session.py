@@ -201,6 +201,11 @@ class DTUSession:
         return None
 
     @property
+    def closed(self) -> bool:
+        """Closed by either end: it can neither send nor take over its DTU."""
+        return self.state == self.CLOSED
+
+    @property
     def reading_paused(self) -> bool:
         """Waiting for the store: frames the DTU sent may be waiting unread."""
         return self._working
@@ -226,11 +231,7 @@ class DTUSession:
 
     def _logged_in(self, decision: LoginDecision, login: wire.Login) -> None:
         if self.state == self.CLOSED:
-            # Gone while the store was deciding; the center must not think it is online.
-            if decision.accepted:
-                self.psn = login.psn
-                self.center.session_lost(self)
-            return
+            return  # gone while the store was deciding: the center did not take it (DTUCenter._decided)
         self._send(decision.ack)
         if not decision.accepted:
             self._close()
