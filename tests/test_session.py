@@ -18,6 +18,7 @@ from twisted.internet.testing import StringTransport
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.session import INBOX_LIMIT, DTUFactory, DTUProtocol
+from dtucenter.store import queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.dtus import DtuStore
 from tests.stores import HeldStore
@@ -323,4 +324,62 @@ def test_a_dtu_that_keeps_failing_is_refused_without_a_database_job(h: Harness) 
     h.feed(protocol, wire.Login(5, 1))
     assert h.replies(transport)[0].accepted
     h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []
+
+
+EIGHT = tuple(wire.Register(1, addr) for addr in range(8))
+
+
+def stale_list_session(h: Harness) -> tuple[DTUProtocol, StringTransport]:
+    """DTU 1 logged in with a stored list of 2 registers (a SaveSetup it did not keep) and uploading 8 values."""
+    h.store.add_dtu(1, password=7, tick_time=255)
+    h.center.records.replace_register_list(1, 10, ((1, 0), (1, 1)))
+    protocol, transport = h.logged_in()
+    assert len(protocol.session.registers) == 2
+    return protocol, transport
+
+
+def test_a_stale_register_list_is_replaced_by_what_the_dtu_reports(h: Harness) -> None:
+    protocol, transport = stale_list_session(h)
+    h.feed(protocol, wire.SendTest(20, 5, tuple(range(8))), wire.SendTest(20, 5, tuple(range(8))))
+    assert h.replies(transport) == [wire.SendTestAck(4), wire.SendTestAck(4)]
+    h.feed(protocol, wire.SendTest(20, 5, tuple(range(8))))
+    # The third in a row: the DTU is asked for its own list, and the upload refused again.
+    assert h.replies(transport) == [wire.ReadSetup(), wire.SendTestAck(4)]
+    assert h.center.stats["uploads_mismatched"] == 3 and h.center.stats["register_lists_asked"] == 1
+    assert h.center.mismatched_psns() == (1, [1])
+    h.feed(protocol, wire.ReadSetupAck(10, EIGHT))
+    # What it answered is stored and names the next uploads, which are now stored.
+    assert protocol.session.registers == EIGHT
+    assert h.store.read(lambda s: queries.register_list(s, 1)).result == tuple((1, addr) for addr in range(8))
+    h.feed(protocol, wire.SendTest(20, 5, tuple(range(8))))
+    assert h.replies(transport) == [wire.SendTestAck(5)]
+    assert h.store.samples(1) == list(range(8))
+    assert h.center.mismatched_psns() == (0, [])
+    h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_dtu_is_asked_for_its_register_list_at_most_once_per_interval(tmp_path: Path) -> None:
+    h = Harness(tmp_path, mismatch_interval=100.0)
+    protocol, transport = stale_list_session(h)
+    uploads = [wire.SendTest(20, 5, tuple(range(8)))] * 3
+    h.feed(protocol, *uploads)
+    assert wire.ReadSetup() in h.replies(transport)
+    # A DTU that answers the list it does not upload with stays mismatched, and is not asked again at once.
+    h.feed(protocol, wire.ReadSetupAck(10, (wire.Register(1, 0), wire.Register(1, 1))))
+    for _ in range(3):
+        h.feed(protocol, *uploads)
+    assert wire.ReadSetup() not in h.replies(transport)
+    assert h.center.stats["register_lists_asked"] == 1
+    # Nor across a redial.
+    h.lose(protocol)
+    protocol, transport = h.logged_in()
+    h.feed(protocol, *uploads)
+    assert wire.ReadSetup() not in h.replies(transport)
+    h.clock.advance(100)
+    h.feed(protocol, *uploads)
+    assert wire.ReadSetup() in h.replies(transport)
+    assert h.center.stats["register_lists_asked"] == 2 and h.center.stats["uploads_mismatched"] == 18
+    h.lose(protocol)  # the question on the wire fails with the connection, quietly
     assert h.clock.getDelayedCalls() == []
