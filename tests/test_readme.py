@@ -9,8 +9,9 @@ and ``dtucenter.token``. A ``curl`` is sent with the real HTTP client and its
 answer must have the shape of the JSON the README shows under it (the same
 keys and kinds of values; times and readings differ). ``dtucenter-sim``
 runs as a real process until what it plays is seen in the center. Only
-``python3 -m venv``/``pip`` (this test's own environment) and ``dtucenter-sim
-bridge`` (it needs a serial device) are not run.
+``python3 -m venv``, ``pip``, ``pytest``, ``mypy`` and ``ruff`` (this test's own
+environment and checks) and ``dtucenter-sim bridge`` (it needs a serial
+device) are not run.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def readme_steps() -> Iterator[tuple[str, list[str], str | None]]:
             for command in line.split(" && "):
                 argv = shlex.split(command.replace("$(cat dtucenter.token)", "TOKEN"))
                 program = Path(argv[0]).name
-                if program in ("python3", "python", "pip"):
+                if program in ("python3", "python", "pip", "mypy", "ruff"):  # the set-up's environment and checks
                     continue
                 kind = {"twistd": "center", "dtucenter": "cli", "dtucenter-sim": "sim", "curl": "curl"}[program]
                 yield kind, argv, shown
