@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, make_url, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
@@ -231,3 +231,98 @@ async def test_writes_resume_within_a_second_of_the_database_returning_after_a_l
         clock.advance(store.shutdown_grace)  # a batch still failing is given up on, as at a real stop
         await until(lambda: stopped.called)
         stopped.addErrback(lambda f: f.trap(ConnectionError))
+
+
+class CuttableProxy(protocol.Factory):
+    """A TCP proxy on loopback to a real database server, which the test cuts and restores: an outage
+    of the server as its clients see it, without stopping a server others share."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.links: list[_ProxyLink] = []
+        self.listening: Any = None
+        self.port = 0
+
+    def buildProtocol(self, addr: Any) -> _ProxyLink:
+        link = _ProxyLink(self)
+        self.links.append(link)
+        return link
+
+    def listen(self) -> None:
+        self.listening = reactor.listenTCP(self.port, self, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+
+    async def cut(self) -> None:
+        await self.listening.stopListening()
+        for link in self.links:
+            link.transport.abortConnection()
+            if link.server is not None:
+                link.server.transport.abortConnection()
+        self.links.clear()
+
+
+class _ProxyLink(protocol.Protocol):
+    def __init__(self, proxy: CuttableProxy) -> None:
+        self.proxy = proxy
+        self.server: _ServerSide | None = None
+        self.pending = bytearray()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        connected = protocol.ClientCreator(reactor, _ServerSide, self).connectTCP(*self.proxy.target)
+        connected.addCallback(self._server_ready)
+        connected.addErrback(lambda _: self.transport.abortConnection())
+
+    def _server_ready(self, server: _ServerSide) -> None:
+        self.server = server
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.server is not None
+        self.server.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.server is not None:
+            self.server.transport.loseConnection()
+
+
+class _ServerSide(protocol.Protocol):
+    def __init__(self, client: _ProxyLink) -> None:
+        self.client = client
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.client.transport.loseConnection()
+
+
+@pytest.mark.expected_errors("Database write of 0 jobs and 2 rows failed", error=OperationalError)
+@pytest_twisted.ensureDeferred
+async def test_postgresql_going_away_and_coming_back_loses_and_repeats_nothing(db_url: str) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("the outage of a database server; SQLite's is the lock test above")
+    open_engine(db_url).dispose()  # the schema
+    server = make_url(db_url)
+    proxy = CuttableProxy(server.host or "127.0.0.1", server.port or 5432)
+    proxy.listen()
+    proxied = server.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    store = Store(open_engine(proxied, create=False), reactor)
+    store.startService()
+    try:
+        await store.add_samples(rows(6, 1))  # a pooled connection through the proxy
+        await proxy.cut()
+        stored = store.add_samples(rows(6, 2))
+        await until(lambda: store.stats.failures >= 3)  # the failed commit and probes that met no server
+        assert not stored.called and not store.healthy
+        proxy.listen()
+        await stored
+        assert store.healthy
+        # Counted past the proxy: a blocking query through it would wait on this very reactor thread.
+        direct = open_engine(db_url, create=False)
+        with Session(direct) as session:
+            assert session.scalar(select(func.count()).select_from(Sample)) == 3
+        direct.dispose()
+    finally:
+        await proxy.cut()
+        await store.stopService()
