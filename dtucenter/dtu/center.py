@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from dtucenter.dtu import wire
 from dtucenter.dtu.ports import DtuRecords, LoginOutcome, SampleRow
 from dtucenter.isotime import utc_from_millisecond, utc_from_seconds, utc_now
+from dtucenter.junk import DEFAULT_JUNK_LIMIT, DEFAULT_JUNK_WINDOW, DEFAULT_REPORT_INTERVAL
 from dtucenter.throttle import LoginThrottle
 
 if TYPE_CHECKING:
@@ -39,6 +40,12 @@ class CenterSettings:
     login_timeout: float = 30.0
     dialect: wire.Dialect = wire.DEFAULT_DIALECT
     garbage_limit: int = wire.DEFAULT_GARBAGE_LIMIT
+    #: A logged-in DTU is closed when, over junk_window seconds, it sent more than
+    #: junk_limit bytes of junk and more junk than valid frames.
+    junk_limit: int = DEFAULT_JUNK_LIMIT
+    junk_window: float = DEFAULT_JUNK_WINDOW
+    #: At most one line per connection per this many seconds summarises its bad frames.
+    problem_report_interval: float = DEFAULT_REPORT_INTERVAL
     last_seen_interval: float = 15.0
     command_timeout: float = 10.0
 
