@@ -381,3 +381,20 @@ def test_a_read_of_junk_is_parsed_only_up_to_the_garbage_limit(tmp_path: Path) -
     assert h.center.stats["bytes_skipped"] <= 1001
     h.lose(protocol)
     assert h.clock.getDelayedCalls() == []
+
+
+def test_many_junk_connections_before_login_cost_one_line_per_interval(
+    h: Harness, session_warnings: list[str]
+) -> None:
+    """Today's incident: anonymous connections streaming AA 55 wrote a line per frame and one per connection."""
+    for _ in range(100):
+        protocol, transport = h.connect()
+        protocol.dataReceived(b"\xaa\x55" * 40000)  # over the 64 KiB limit
+        assert transport.disconnecting
+        h.lose(protocol)
+        h.clock.advance(1)
+    assert h.center.stats["closed_for_garbage"] == 100
+    assert len(session_warnings) == 2  # at the first, and 60 s later
+    assert "Closed 1 connections" in session_warnings[0] and "Closed 60 connections" in session_warnings[1]
+    h.clock.advance(30)
+    assert h.clock.getDelayedCalls() == []

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from dtucenter.dtu import wire
 from dtucenter.dtu.ports import DtuRecords, LoginOutcome, SampleRow
 from dtucenter.isotime import utc_from_millisecond, utc_from_seconds, utc_now
-from dtucenter.junk import DEFAULT_JUNK_LIMIT, DEFAULT_JUNK_WINDOW, DEFAULT_REPORT_INTERVAL
+from dtucenter.junk import DEFAULT_JUNK_LIMIT, DEFAULT_JUNK_WINDOW, DEFAULT_REPORT_INTERVAL, ProblemSummary
 from dtucenter.throttle import LoginThrottle
 
 if TYPE_CHECKING:
@@ -163,6 +163,9 @@ class DTUCenter(Service):
         self.sessions: dict[int, DTUSession] = {}
         self.login_throttle = LoginThrottle(clock)
         self.stats: Counter[str] = Counter()
+        #: Connections closed for junk before they logged in: summarised here, not one line each,
+        #: since a junk source may open thousands of them.
+        self.junk_closures = ProblemSummary(clock, interval=settings.problem_report_interval)
         self._last_upload: dict[int, _LastUpload] = {}
         #: PSN -> clock seconds of its last frame, written to the store every last_seen_interval.
         self._seen: dict[int, float] = {}

@@ -138,16 +138,10 @@ class DTUSession:
             chunk, data = data[:budget], data[budget:]
             self._parse(chunk)
             if self._parser.garbage > limit:
-                self.stats["closed_for_garbage"] += 1
-                log.warn(
-                    "Closing {peer}: {count} bytes without a valid frame",
-                    peer=self.peer, count=self._parser.garbage,
-                )
-                self._close(abort=True)
+                self._close_for_junk("closed_for_garbage", f"{self._parser.garbage} bytes without a valid frame")
             if self.state == self.CLOSED:
-                self._report_problems()
                 return
-        if self._problems.due:
+        if self._problems.due and self.psn is not None:
             self._report_problems()
         self._process()
         if self._working and len(self._inbox) >= INBOX_LIMIT and not self._paused:
@@ -166,20 +160,43 @@ class DTUSession:
         self._junk.add(skipped, len(data) - skipped)
         if skipped and self.state == self.ONLINE and self._junk.mostly_junk:
             junk, valid = self._junk.totals()
-            self.stats["closed_for_junk"] += 1
-            log.warn(
-                "Closing DTU {psn} at {peer}: {junk} bytes of junk and {valid} bytes of frames"
-                " in the last {window:g} s",
-                psn=self.psn, peer=self.peer, junk=junk, valid=valid, window=self._junk.window,
+            self._close_for_junk(
+                "closed_for_junk",
+                f"{junk} bytes of junk and {valid} bytes of frames in the last {self._junk.window:g} s",
             )
-            self._close(abort=True)
+
+    def _close_for_junk(self, kind: str, why: str) -> None:
+        """Close, counted as ``kind``, in one log line that also tells the untold problems.
+
+        Connections that never logged in are told of together, at most once per interval:
+        a junk source may open thousands of them.
+        """
+        self.stats[kind] += 1
+        if self.psn is None:
+            closures = self.center.junk_closures
+            closures.add(kind, 1, f"{self.peer}: {why}")
+            if closures.due:
+                counts, seconds, first = closures.take()
+                log.warn(
+                    "Closed {count} connections for junk before a login in the last {seconds:.0f} s (first: {first})",
+                    count=sum(counts.values()), seconds=seconds, first=first,
+                )
+        else:
+            problems = ""
+            if self._problems.untold:
+                counts, seconds, _example = self._problems.take()
+                problems = f"; {describe_problems(counts, _SKIPPED)} in the last {seconds:.0f} s"
+            log.warn("Closing DTU {psn} at {peer}: {why}{problems}",
+                     psn=self.psn, peer=self.peer, why=why, problems=problems)
+        self._close(abort=True)
 
     def connection_lost(self) -> None:
         if self._lost:
             return
         self._lost = True
         self.state = self.CLOSED
-        self._report_problems()
+        if self.psn is not None:
+            self._report_problems()
         self._cancel_timer()
         self.commands.close()
         self._inbox.clear()
@@ -396,13 +413,15 @@ class DTUSession:
             self._problems.add(kind, 1, problem)
 
     def _report_problems(self) -> None:
+        """Tell the untold problems of a logged-in DTU in one line (those of a connection
+        that never logs in are only counted: it may be one of thousands)."""
         if not self._problems.untold:
             return
         counts, seconds, example = self._problems.take()
         log.warn(
-            "{who}: {problems} in the last {seconds:.0f} s (first: {example})",
-            who=f"DTU {self.psn} at {self.peer}" if self.psn is not None else self.peer,
-            problems=describe_problems(counts, _SKIPPED), seconds=seconds, example=example or "junk",
+            "DTU {psn} at {peer}: {problems} in the last {seconds:.0f} s (first: {example})",
+            psn=self.psn, peer=self.peer, problems=describe_problems(counts, _SKIPPED),
+            seconds=seconds, example=example or "junk",
         )
 
     @property
