@@ -45,6 +45,14 @@ def modbus_line(m: dict[str, Any]) -> str:
             f"{m['failed']} failed, CPU {_pct(m['cpu'])}")
 
 
+def junk_flood_line(j: dict[str, Any]) -> str:
+    q, f = j["quiet"], j["flooded"]
+    return (f"ack p50/p99 {_ms(q['p50'])}/{_ms(q['p99'])} ms before, {_ms(f['p50'])}/{_ms(f['p99'])} ms during "
+            f"{j['junk_bytes_per_s'] / MIB:.0f} MiB/s of junk written by {j['junk_connections']} connections, "
+            f"{j['junk_connections_closed_per_s']:.0f} closed/s; "
+            f"{j['log_lines']} log lines, CPU {_pct(j['cpu'])}")
+
+
 _LINE_NUMBER = re.compile(r":\d+\)$")
 
 
@@ -101,6 +109,7 @@ def render(results: dict[str, Any]) -> str:
     out += _render_ingest(results)
     out += _render_profile(results.get("profile"))
     out += _render_modbus(results.get("modbus"))
+    out += _render_junk_flood(results.get("junk_flood"))
     if FINDINGS.exists():
         out += ["", FINDINGS.read_text().rstrip(), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -243,6 +252,69 @@ def _render_profile(profile: dict[str, Any] | None) -> list[str]:
     lines += ["", "| total time (incl. callees) | dtucenter function |", "|---:|---|"]
     lines += [f"| {share:.1%} | `{name}` |" for name, share in profile["total"]]
     return [*lines, ""]
+
+
+JUNK_FLOOD_HEADING = "## Junk flood"
+
+
+def _render_junk_flood(junk: dict[str, Any] | None) -> list[str]:
+    if not junk:
+        return []
+    j, q, f = junk, junk["quiet"], junk["flooded"]
+    met = f["p99"] is not None and f["p99"] < TARGET_P99
+    return [
+        f"{JUNK_FLOOD_HEADING}: {j['dtus']:,} DTUs uploading while {j['junk_connections']} connections stream junk",
+        "",
+        (f"{j['dtus']:,} simulated DTUs upload {j['rate']:,} SendTest frames/s in all. Then "
+         f"`benchmarks/junk_flood.py` opens {j['junk_connections']} more connections that write `AA 55` (heads "
+         "with an impossible Length) as fast as loopback takes it and dial again whenever the center closes them "
+         "(after 64 KiB without a valid frame). Acks are measured over a window before the flood and one during "
+         f"it ({f['seconds']:.0f} s); log lines are the center's, written during the flood window."),
+        "",
+        "| window | acked frames/s | ack p50 (ms) | ack p99 (ms) | ack timeouts |",
+        "|---|---:|---:|---:|---:|",
+        (f"| before the flood | {q['acked_per_s']:,.0f} | {_ms(q['p50'])} | {_ms(q['p99'])} | "
+         f"{q['ack_timeouts']} |"),
+        (f"| during the flood | {f['acked_per_s']:,.0f} | {_ms(f['p50'])} | {_ms(f['p99'])} | "
+         f"{f['ack_timeouts']} |"),
+        "",
+        (f"Junk written by the flooder: {j['junk_bytes_per_s'] / MIB:,.1f} MiB/s (into socket buffers; what "
+         "the center had not read when it closed a connection is lost with it); junk connections closed: "
+         f"{j['junk_connections_closed_per_s']:,.0f}/s, each after at most 64 KiB parsed; center log lines "
+         f"written: {j['log_lines']:,} in {j['seconds']:.0f} s; center CPU {_pct(j['cpu'])}."),
+        "",
+        "- Ack p99 under 100 ms during the flood: " + _verdict(met, f"{_ms(f['p99'])} ms"),
+        "",
+    ]
+
+
+def merge_sections(existing: str, fresh: str) -> str:
+    """``existing`` with each ``## `` section that ``fresh`` has replaced by fresh's, or added before
+    the findings: for a run of only some scenarios. The header and targets stay the existing ones."""
+
+    def sections(text: str) -> dict[str, str]:
+        parts = re.split(r"(?m)^(?=## )", text)
+        return {part.splitlines()[0]: part for part in parts[1:]}
+
+    ours = {title: body for title, body in sections(fresh).items() if title != "## Targets"}
+    findings = FINDINGS.read_text().rstrip().splitlines()[0] if FINDINGS.exists() else None
+    out: list[str] = []
+    parts = re.split(r"(?m)^(?=## )", existing)
+    out.append(parts[0])
+    placed: set[str] = set()
+    for part in parts[1:]:
+        title = part.splitlines()[0]
+        key = next((t for t in ours if t.split(":")[0] == title.split(":")[0]), None)
+        if key is not None:
+            out.append(ours[key])
+            placed.add(key)
+            continue
+        if findings is not None and title == findings:
+            out.extend(ours[t] for t in ours if t not in placed)
+            placed.update(ours)
+        out.append(part)
+    out.extend(ours[t] for t in ours if t not in placed)
+    return "".join(out)
 
 
 def _render_modbus(modbus: dict[str, Any] | None) -> list[str]:

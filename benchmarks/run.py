@@ -2,6 +2,8 @@
 
     python -m benchmarks.run                 # full scale, rewrites docs/performance.md (about 10 minutes)
     python -m benchmarks.run --smoke --out /tmp/perf.md   # seconds, every scenario at a tiny scale; the tests run this
+    python -m benchmarks.run --only junk --json /tmp/junk.json --merge-into docs/performance.md
+                                             # one scenario, its section put into the existing report
 
 Every server and simulator is a separate process, so the center's own CPU
 (from /proc/PID/stat, all threads) is measured apart from the load
@@ -27,7 +29,7 @@ from typing import Any
 
 import attrs
 
-from benchmarks import report
+from benchmarks import junk_flood, report
 from benchmarks.procs import (
     PATIENCE,
     ApiClient,
@@ -367,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny scale, seconds (for CI)")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus",
+    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,junk",
                         help="comma-separated scenarios to run (default all)")
     parser.add_argument("--profile-rate", type=int, default=None,
                         help="frames/s offered while profiling (default: the best sustained ingest rate)")
@@ -377,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--findings-only", action="store_true",
                         help="only bring the report's copy of benchmarks/findings.md up to date")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
+    parser.add_argument("--merge-into", type=Path, default=None,
+                        help="put the sections of the scenarios run into this existing report, keeping the others")
     args = parser.parse_args(argv)
     if args.findings_only:
         out = args.out or DEFAULT_OUT
@@ -398,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_file_limit()
     workroot = Path(tempfile.mkdtemp(prefix="dtucenter-bench-"))
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
-                               "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None}
+                               "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
+                               "junk_flood": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -421,13 +426,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("modbus")
             results["modbus"] = run_modbus(_fresh(workroot, "modbus"), scale)
             log(f"  {report.modbus_line(results['modbus'])}")
+        if "junk" in only:
+            log("junk flood")
+            results["junk_flood"] = junk_flood.run_junk_flood(
+                _fresh(workroot, "junk"), junk_flood.SMOKE if args.smoke else junk_flood.FULL)
+            log(f"  {report.junk_flood_line(results['junk_flood'])}")
     finally:
         if args.keep:
             log(f"kept {workroot}")
         else:
             shutil.rmtree(workroot, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.render(results))
+    if args.merge_into:
+        out = args.merge_into
+        out.write_text(report.merge_sections(out.read_text(), report.render(results)))
+    else:
+        out.write_text(report.render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     log(f"wrote {out}")

@@ -248,10 +248,21 @@ def test_bad_frames_are_counted_and_never_raise(h: Harness) -> None:
 
 
 def test_garbage_limit_closes(tmp_path: Path) -> None:
-    h = Harness(tmp_path, garbage_limit=100)
+    h = Harness(tmp_path, login_garbage_limit=100)
     protocol, transport = h.connect()
     protocol.dataReceived(b"\x00" * 101)
     assert transport.disconnecting
+    h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_garbage_limit_of_a_logged_in_dtu_is_the_larger_one(tmp_path: Path) -> None:
+    h = Harness(tmp_path, login_garbage_limit=100, garbage_limit=1000)
+    protocol, transport = h.logged_in()
+    protocol.dataReceived(b"\x00" * 1000)
+    assert not transport.disconnecting
+    protocol.dataReceived(b"\x00")
+    assert transport.disconnecting and h.center.stats["closed_for_garbage"] == 1
     h.lose(protocol)
     assert h.clock.getDelayedCalls() == []
 
@@ -373,7 +384,7 @@ def test_some_junk_among_more_frames_is_tolerated(tmp_path: Path) -> None:
 
 
 def test_a_read_of_junk_is_parsed_only_up_to_the_garbage_limit(tmp_path: Path) -> None:
-    h = Harness(tmp_path, garbage_limit=1000)
+    h = Harness(tmp_path, login_garbage_limit=1000)
     protocol, transport = h.connect()
     protocol.dataReceived(b"\xaa\x55" * 512 * 1024)
     assert transport.disconnecting
@@ -389,7 +400,7 @@ def test_many_junk_connections_before_login_cost_one_line_per_interval(
     """Today's incident: anonymous connections streaming AA 55 wrote a line per frame and one per connection."""
     for _ in range(100):
         protocol, transport = h.connect()
-        protocol.dataReceived(b"\xaa\x55" * 40000)  # over the 64 KiB limit
+        protocol.dataReceived(b"\xaa\x55" * 40000)  # over the limit
         assert transport.disconnecting
         h.lose(protocol)
         h.clock.advance(1)

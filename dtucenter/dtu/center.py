@@ -40,6 +40,9 @@ class CenterSettings:
     login_timeout: float = 30.0
     dialect: wire.Dialect = wire.DEFAULT_DIALECT
     garbage_limit: int = wire.DEFAULT_GARBAGE_LIMIT
+    #: The same before a login: a DTU's first frame is its Login (a registration packet in
+    #: front is a few dozen bytes), and an unauthenticated peer gets bounded work.
+    login_garbage_limit: int = wire.DEFAULT_LOGIN_GARBAGE_LIMIT
     #: A logged-in DTU is closed when, over junk_window seconds, it sent more than
     #: junk_limit bytes of junk and more junk than valid frames.
     junk_limit: int = DEFAULT_JUNK_LIMIT

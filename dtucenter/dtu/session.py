@@ -130,7 +130,8 @@ class DTUSession:
     def data_received(self, data: bytes) -> None:
         if self.state == self.CLOSED:
             return
-        limit = self.center.settings.garbage_limit
+        settings = self.center.settings
+        limit = settings.garbage_limit if self.psn is not None else settings.login_garbage_limit
         while data:
             # Parse no more than would take the bytes since the last valid frame over the
             # limit: a read of junk costs at most the limit, however large it is.

@@ -30,6 +30,8 @@ DEFAULT_MAX_LENGTH = 1024
 #: A stream that yields this many bytes without a single valid frame is
 #: not a DTU; the session closes it.
 DEFAULT_GARBAGE_LIMIT = 64 * 1024
+#: The same before a login, where the first frame must be a Login.
+DEFAULT_LOGIN_GARBAGE_LIMIT = 4 * 1024
 
 LOGIN_ACCEPTED = 0xEA
 LOGIN_REFUSED = 0x00
