@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -36,6 +37,9 @@ class FloodScale:
     rate: int
     warmup: float
     measure: float
+    #: The flooder's niceness: 0 shares the cores evenly with the center; a junk source
+    #: is normally another machine, whose CPU the center does not pay for.
+    flooder_nice: int = 0
 
 
 FULL = FloodScale(junk_connections=100, dtus=200, rate=1000, warmup=3.0, measure=15.0)
@@ -82,14 +86,17 @@ def run_junk_flood(workdir: Path, scale: FloodScale) -> dict[str, Any]:
         time.sleep(scale.warmup)
         quiet = _ack_window(reader, sim, scale.measure)
         flooder = Child("flooder", [
+            *(["nice", "-n", str(scale.flooder_nice)] if scale.flooder_nice else []),
             sys.executable, "-m", "benchmarks.junk_flood", "--server", f"127.0.0.1:{port}",
             "--count", str(scale.junk_connections), "--report", str(flood_report),
         ], workdir / "flooder.log")
         time.sleep(scale.warmup)
         flood_start = _flooder_totals(flood_report)
         lines_a, cpu_a, wall_a = _line_count(center.log_path), cpu_seconds(center.pid), time.monotonic()
+        flooder_cpu_a = cpu_seconds(flooder.pid)
         flooded = _ack_window(reader, sim, scale.measure)
         lines_b, cpu_b, wall_b = _line_count(center.log_path), cpu_seconds(center.pid), time.monotonic()
+        flooder_cpu_b = cpu_seconds(flooder.pid)
         flood_end = _flooder_totals(flood_report)
         if not flooder.alive():
             raise RuntimeError(f"the flooder exited:\n{flooder.tail()}")
@@ -105,6 +112,8 @@ def run_junk_flood(workdir: Path, scale: FloodScale) -> dict[str, Any]:
         "junk_bytes_per_s": (flood_end["bytes"] - flood_start["bytes"]) / seconds,
         "junk_connections_closed_per_s": (flood_end["closed"] - flood_start["closed"]) / seconds,
         "log_lines": lines_b - lines_a, "cpu": (cpu_b - cpu_a) / seconds,
+        "flooder_nice": scale.flooder_nice, "flooder_cpu": (flooder_cpu_b - flooder_cpu_a) / seconds,
+        "load_average": os.getloadavg()[0], "cores": os.cpu_count(),
     }
 
 

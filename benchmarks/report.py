@@ -281,7 +281,9 @@ def _render_junk_flood(junk: dict[str, Any] | None) -> list[str]:
         (f"Junk written by the flooder: {j['junk_bytes_per_s'] / MIB:,.1f} MiB/s (into socket buffers; what "
          "the center had not read when it closed a connection is lost with it); junk connections closed: "
          f"{j['junk_connections_closed_per_s']:,.0f}/s, each after at most 64 KiB parsed; center log lines "
-         f"written: {j['log_lines']:,} in {j['seconds']:.0f} s; center CPU {_pct(j['cpu'])}."),
+         f"written: {j['log_lines']:,} in {j['seconds']:.0f} s; center CPU {_pct(j['cpu'])}; flooder CPU "
+         f"{_pct(j.get('flooder_cpu'))} at niceness {j.get('flooder_nice', 0)}; machine load average at the end "
+         f"{j.get('load_average', 0):.1f} on {j.get('cores', '?')} cores."),
         "",
         "- Ack p99 under 100 ms during the flood: " + _verdict(met, f"{_ms(f['p99'])} ms"),
         "",

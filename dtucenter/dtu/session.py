@@ -132,11 +132,13 @@ class DTUSession:
             return
         settings = self.center.settings
         limit = settings.garbage_limit if self.psn is not None else settings.login_garbage_limit
-        while data:
+        offset = 0
+        while offset < len(data):
             # Parse no more than would take the bytes since the last valid frame over the
             # limit: a read of junk costs at most the limit, however large it is.
             budget = limit + 1 - self._parser.garbage
-            chunk, data = data[:budget], data[budget:]
+            chunk = data if not offset and budget >= len(data) else data[offset : offset + budget]
+            offset += len(chunk)
             self._parse(chunk)
             if self._parser.garbage > limit:
                 self._close_for_junk("closed_for_garbage", f"{self._parser.garbage} bytes without a valid frame")

@@ -13,6 +13,7 @@ any other tool can share it.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import re
@@ -551,10 +552,18 @@ def _byte_range(low: int, high: int) -> bytes:
 
 
 def _plausible_head(head: bytes, types: Mapping[int, MessageClass], max_length: int) -> re.Pattern[bytes]:
-    """A head followed by a known type and a Length of 1..max_length: where a frame may start."""
+    """A head followed by a known type and a Length of 1..max_length: where a frame may start.
+
+    Built once per dialect: a parser is made per connection, and a junk source makes thousands.
+    """
+    return _plausible_head_for(head, tuple(sorted(types)), max_length)
+
+
+@functools.lru_cache(maxsize=16)
+def _plausible_head_for(head: bytes, types: tuple[int, ...], max_length: int) -> re.Pattern[bytes]:
     if not types:
         return re.compile(b"(?!)")
-    type_class = b"[" + b"".join(re.escape(bytes([code])) for code in sorted(types)) + b"]"
+    type_class = b"[" + b"".join(re.escape(bytes([code])) for code in types) + b"]"
     high, low = divmod(max_length, 256)
     zero = re.escape(b"\x00")
     if high == 0:
