@@ -268,8 +268,9 @@ def _render_junk_flood(junk: dict[str, Any] | None) -> list[str]:
         (f"{j['dtus']:,} simulated DTUs upload {j['rate']:,} SendTest frames/s in all. Then "
          f"`benchmarks/junk_flood.py` opens {j['junk_connections']} more connections that write `AA 55` (heads "
          "with an impossible Length) as fast as loopback takes it and dial again whenever the center closes them "
-         "(after 64 KiB without a valid frame). Acks are measured over a window before the flood and one during "
-         f"it ({f['seconds']:.0f} s); log lines are the center's, written during the flood window."),
+         "(after 4 KiB without a valid frame, before a login). Acks are measured over a window before the "
+         f"flood and one during it ({f['seconds']:.0f} s); log lines are the center's, written during the "
+         "flood window."),
         "",
         "| window | acked frames/s | ack p50 (ms) | ack p99 (ms) | ack timeouts |",
         "|---|---:|---:|---:|---:|",
@@ -280,7 +281,7 @@ def _render_junk_flood(junk: dict[str, Any] | None) -> list[str]:
         "",
         (f"Junk written by the flooder: {j['junk_bytes_per_s'] / MIB:,.1f} MiB/s (into socket buffers; what "
          "the center had not read when it closed a connection is lost with it); junk connections closed: "
-         f"{j['junk_connections_closed_per_s']:,.0f}/s, each after at most 64 KiB parsed; center log lines "
+         f"{j['junk_connections_closed_per_s']:,.0f}/s, each after at most 4 KiB parsed; center log lines "
          f"written: {j['log_lines']:,} in {j['seconds']:.0f} s; center CPU {_pct(j['cpu'])}; flooder CPU "
          f"{_pct(j.get('flooder_cpu'))} at niceness {j.get('flooder_nice', 0)}; machine load average at the end "
          f"{j.get('load_average', 0):.1f} on {j.get('cores', '?')} cores."),
@@ -291,31 +292,29 @@ def _render_junk_flood(junk: dict[str, Any] | None) -> list[str]:
 
 
 def merge_sections(existing: str, fresh: str) -> str:
-    """``existing`` with each ``## `` section that ``fresh`` has replaced by fresh's, or added before
-    the findings: for a run of only some scenarios. The header and targets stay the existing ones."""
+    """``existing`` with each generated ``## `` section that ``fresh`` has put in place of the one
+    with the same heading (up to its first colon), or added before the findings: for a run of
+    only some scenarios. The header, the targets and the findings stay the existing ones."""
+    findings_text = FINDINGS.read_text() if FINDINGS.exists() else ""
+    findings = {line for line in findings_text.splitlines() if line.startswith("## ")}
 
-    def sections(text: str) -> dict[str, str]:
-        parts = re.split(r"(?m)^(?=## )", text)
-        return {part.splitlines()[0]: part for part in parts[1:]}
+    def split(text: str) -> list[str]:
+        return re.split(r"(?m)^(?=## )", text)
 
-    ours = {title: body for title, body in sections(fresh).items() if title != "## Targets"}
-    findings = FINDINGS.read_text().rstrip().splitlines()[0] if FINDINGS.exists() else None
-    out: list[str] = []
-    parts = re.split(r"(?m)^(?=## )", existing)
-    out.append(parts[0])
-    placed: set[str] = set()
+    def key(part: str) -> str:
+        return part.splitlines()[0].split(":")[0]
+
+    ours = {key(part): part for part in split(fresh)[1:]
+            if part.splitlines()[0] not in findings and key(part) != "## Targets"}
+    parts = split(existing)
+    out = [parts[0]]
     for part in parts[1:]:
         title = part.splitlines()[0]
-        key = next((t for t in ours if t.split(":")[0] == title.split(":")[0]), None)
-        if key is not None:
-            out.append(ours[key])
-            placed.add(key)
-            continue
-        if findings is not None and title == findings:
-            out.extend(ours[t] for t in ours if t not in placed)
-            placed.update(ours)
-        out.append(part)
-    out.extend(ours[t] for t in ours if t not in placed)
+        if title in findings and ours:
+            out.extend(ours.values())  # new sections go before the findings
+            ours = {}
+        out.append(ours.pop(key(part), part) if title not in findings else part)
+    out.extend(ours.values())
     return "".join(out)
 
 

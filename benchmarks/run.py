@@ -3,7 +3,7 @@
     python -m benchmarks.run                 # full scale, rewrites docs/performance.md (about 10 minutes)
     python -m benchmarks.run --smoke --out /tmp/perf.md   # seconds, every scenario at a tiny scale; the tests run this
     python -m benchmarks.run --only junk --json /tmp/junk.json --merge-into docs/performance.md
-                                             # one scenario, its section put into the existing report
+                       # one scenario, its section put into the existing report (also with --from-json)
 
 Every server and simulator is a separate process, so the center's own CPU
 (from /proc/PID/stat, all threads) is measured apart from the load
@@ -387,8 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.write_text(report.with_current_findings(out.read_text()))
         return 0
     if args.from_json:
-        out = args.out or DEFAULT_OUT
-        out.write_text(report.render(json.loads(args.from_json.read_text())))
+        rendered = report.render(json.loads(args.from_json.read_text()))
+        if args.merge_into:
+            args.merge_into.write_text(report.merge_sections(args.merge_into.read_text(), rendered))
+        else:
+            (args.out or DEFAULT_OUT).write_text(rendered)
         return 0
     scale = SMOKE if args.smoke else FULL
     if args.hold:

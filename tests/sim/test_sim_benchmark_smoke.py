@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
     result = run_process(
-        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--only", "hold,ingest,baseline,modbus,junk"],
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out),
+         "--only", "hold,ingest,baseline,modbus,junk"],
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -47,3 +48,17 @@ def test_profile_summary_reads_py_spy_raw_stacks() -> None:
     assert summary["total"] == [
         ("_commit (dtucenter/store/facade.py)", 0.6), ("dataReceived (dtucenter/dtu/session.py)", 0.4)
     ]
+
+
+def test_merging_one_scenario_keeps_the_others_and_the_findings() -> None:
+    from benchmarks.report import FINDINGS, merge_sections
+
+    findings = FINDINGS.read_text()
+    first_finding = next(line for line in findings.splitlines() if line.startswith("## "))
+    existing = "# Performance\n\n## Targets\n\nold\n\n## Modbus: 1,000 DTUs\n\nmodbus\n\n" + findings
+    fresh = "# Performance\n\n## Targets\n\nnew\n\n## Junk flood: 5 DTUs\n\njunk\n\n" + findings
+    merged = merge_sections(existing, fresh)
+    assert "modbus" in merged and "old" in merged and "new" not in merged
+    assert merged.index("## Modbus") < merged.index("## Junk flood: 5 DTUs") < merged.index(first_finding)
+    again = merge_sections(merged, fresh.replace("junk\n", "junk again\n"))
+    assert again.count("## Junk flood") == 1 and "junk again" in again
