@@ -55,10 +55,10 @@ def test_merging_one_scenario_keeps_the_others_and_the_findings() -> None:
 
     findings = FINDINGS.read_text()
     first_finding = next(line for line in findings.splitlines() if line.startswith("## "))
-    existing = "# Performance\n\n## Targets\n\nold\n\n## Modbus: 1,000 DTUs\n\nmodbus\n\n" + findings
-    fresh = "# Performance\n\n## Targets\n\nnew\n\n## Junk flood: 5 DTUs\n\njunk\n\n" + findings
+    existing = "# Performance\n\n## Targets\n\nold targets\n\n## Modbus: 1,000 DTUs\n\nmodbus\n\n" + findings
+    fresh = "# Performance\n\n## Targets\n\nnew targets\n\n## Junk flood: 5 DTUs\n\njunk\n\n" + findings
     merged = merge_sections(existing, fresh)
-    assert "modbus" in merged and "old" in merged and "new" not in merged
+    assert "modbus" in merged and "old targets" in merged and "new targets" not in merged
     assert merged.index("## Modbus") < merged.index("## Junk flood: 5 DTUs") < merged.index(first_finding)
     again = merge_sections(merged, fresh.replace("junk\n", "junk again\n"))
     assert again.count("## Junk flood") == 1 and "junk again" in again
