@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -152,6 +154,20 @@ def test_frames_behind_a_corrupt_length_are_not_held_back(batch: list[object], s
     assert messages_in(events) == batch
     assert [e for e in events if isinstance(e, wire.AbandonedFrame)] == [wire.AbandonedFrame(0x05, 1024)]
     assert parser.buffered == 0
+
+
+@settings(max_examples=150)
+@given(st.lists(st.one_of(messages, st.just(None)), min_size=1, max_size=6), st.integers(1, 64))
+def test_frames_between_corrupt_lengths_all_come_through(parts: list[object], step: int) -> None:
+    """Corrupt heads (None) anywhere among frames: every frame comes through, in any chunking."""
+    stream = b"".join(CORRUPT_HEAD if p is None else wire.encode_frame(p) for p in parts)  # type: ignore[arg-type]
+    assume(len(stream) < 1024)  # no corrupt frame completes
+    batch = [p for p in parts if p is not None]
+    parser = wire.FrameParser()
+    events = parse_all(stream, parser, step=step)
+    assert messages_in(events) == batch
+    trailing = len(parts) - len(list(itertools.dropwhile(lambda p: p is None, reversed(parts))))
+    assert parser.buffered == trailing * len(CORRUPT_HEAD)  # only the corrupt heads after the last frame wait
 
 
 def test_a_quiet_dtu_tick_behind_a_corrupt_length_is_parsed_at_once() -> None:

@@ -739,13 +739,18 @@ class FrameParser:
         buf = self._buffer
         available = len(buf)
         waiting = self._waiting
-        found = -1
+        complete: list[tuple[int, int]] = []
         while waiting and waiting[0][0] <= available:
             end, start = heapq.heappop(waiting)
-            if start > pos and (found < 0 or start < found) and self._valid_at(start, end):
-                found = start
-        if found >= 0:
-            return found
+            if start > pos and self._valid_at(start, end):
+                complete.append((end, start))
+        if complete:
+            # The first wins; the others wait on, for the incomplete frames that may come between.
+            found = min(complete, key=lambda entry: entry[1])
+            for entry in complete:
+                if entry is not found:
+                    heapq.heappush(waiting, entry)
+            return found[1]
         search = self._plausible.search
         look = max(self._look_from, pos + 1)
         while True:
