@@ -634,8 +634,8 @@ class FrameParser:
     def _drain(self, emit: Callable[[ParseEvent], None]) -> None:
         buf = self._buffer
         header_size = self._header_size
-        head_len = len(self._head)
         head = self._head
+        head_len = len(head)
         types = self._types
         max_length = self._max_length
         search = self._plausible.search
@@ -657,7 +657,6 @@ class FrameParser:
                         match = search(buf, start)
                         start = match.start() if match is not None else self._tail(start)
                 else:
-                    match = None
                     start = self._tail(pos)
                 if start > pos:
                     skipped += start - pos
