@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -25,6 +24,7 @@ from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
+from dtucenter.setting import listening_endpoint
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
@@ -191,7 +191,7 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     recorder = MeterRecorder(store, reactor, settings.modbus, settings.last_seen_interval, stats=center.stats)
     recorder.setName("meter-recorder")
     recorder.setServiceParent(top)
-    dtu_listener = ListeningService(serverFromString(reactor, settings.dtu), DTUFactory(center, reactor), "dtu-tcp")
+    dtu_listener = ListeningService(listening_endpoint(reactor, settings.dtu), DTUFactory(center, reactor), "dtu-tcp")
     dtu_listener.setServiceParent(top)
     top.require_listening(settings.where("dtu"), dtu_listener.when_listening)
     control = Control(center, dtu_store)
@@ -239,7 +239,7 @@ def add_api(
         raise UsageError(str(e)) from None
     site = build_site(center, control, store, token, bridge)
     MeterApi(recorder, bridge, center.now).install(site.resource)
-    listener = ListeningService(serverFromString(reactor, settings.api), site, "api")
+    listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)
 
@@ -267,6 +267,6 @@ def add_manhole(
         )
     except ManholeError as e:
         raise UsageError(str(e)) from None
-    listener = ListeningService(serverFromString(reactor, endpoint), factory, "manhole")
+    listener = ListeningService(listening_endpoint(reactor, endpoint), factory, "manhole")
     listener.setServiceParent(top)
     top.require_listening(settings.where("manhole"), listener.when_listening)
