@@ -24,6 +24,7 @@ from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
+from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.setting import listening_endpoint
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
@@ -156,11 +157,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
-        service = makeService(options, global_reactor)
+        center = makeService(options, global_reactor)
         tune_garbage_collector()
-        return service
+        return own_process(center, options, global_reactor)
     with exit_on_usage_error():
         return build_service(options.settings, reactor)
+
+
+def own_process(center: MultiService, options: Options, reactor: Any) -> OwnProcess:
+    """The center as twistd runs it: its log file bounded, its signals handled (dtucenter/process.py)."""
+    settings = options.settings
+    twistd_options = getattr(options, "parent", None) or {}  # twistd's own options, when twistd parsed ours
+    log_file = bounded_log_file(twistd_options, settings.log_rotate_size, settings.log_keep)
+    return OwnProcess(center, reactor, log_file)
 
 
 def build_service(settings: Settings, reactor: Any) -> CenterService:
