@@ -95,16 +95,21 @@ class Device(TypingProtocol):
 class _StreamProtocol(protocol.Protocol):
     """Forwards a TCP connection's events to its device and serves as the device's Link."""
 
+    factory: _StreamFactory
+
     def __init__(self, device: Device) -> None:
         self.device = device
 
     def connectionMade(self) -> None:
+        self.factory.current = self
         self.device.connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.device.data_received(data)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.factory.current is self:
+            self.factory.current = None
         self.device.connection_lost()
 
     def write(self, data: bytes) -> None:
@@ -117,9 +122,13 @@ class _StreamProtocol(protocol.Protocol):
 class _StreamFactory(protocol.Factory[_StreamProtocol]):
     def __init__(self, device: Device) -> None:
         self.device = device
+        #: The connection up now, if any.
+        self.current: _StreamProtocol | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> _StreamProtocol:
-        return _StreamProtocol(self.device)
+        built = _StreamProtocol(self.device)
+        built.factory = self
+        return built
 
 
 class _Connector(Service):
@@ -138,6 +147,11 @@ class _Connector(Service):
         self.source = source
         # Jitter spreads a crowd of DTUs that lost the center at the same moment.
         self._policy = backoffPolicy(initialDelay=1.0, maxDelay=max_delay, factor=1.5, jitter=rng.random)
+
+    def drop_connection(self) -> bool:
+        """Closes the connection up now, as a network outage would; the device dials again after its backoff.
+        False if there was none."""
+        raise NotImplementedError
 
 
 @implementer(IStreamClientEndpoint)
@@ -160,10 +174,18 @@ class TCPConnector(_Connector):
     """Keeps one device connected to its server; a redirect moves it to another server."""
 
     _client: ClientService | None = None
+    _factory: _StreamFactory | None = None
 
     def startService(self) -> None:
         super().startService()
         self._dial()
+
+    def drop_connection(self) -> bool:
+        current = self._factory.current if self._factory is not None else None
+        if current is None:
+            return False
+        current.drop()
+        return True
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -185,8 +207,9 @@ class TCPConnector(_Connector):
             self.reactor, host, port, timeout=10,
             bindAddress=(self.source, 0) if self.source else None,
         )
+        self._factory = _StreamFactory(self.device)
         self._client = ClientService(
-            _CountingEndpoint(endpoint, self.device), _StreamFactory(self.device),
+            _CountingEndpoint(endpoint, self.device), self._factory,
             retryPolicy=self._policy, clock=self.reactor,
         )
         self._client.startService()
@@ -238,6 +261,11 @@ class UDPConnector(_Connector):
 
     def drop(self) -> None:
         self.lost()
+
+    def drop_connection(self) -> bool:
+        was_up = self._up
+        self.lost()
+        return was_up
 
     def heard(self) -> None:
         self._attempts = 0
