@@ -328,9 +328,9 @@ def with_storm_section(report: str, results: dict[str, Any]) -> str:
         before, _, rest = report.partition(STORM_HEADING + "\n")
         following = re.search(r"^(## |# )", rest, re.MULTILINE)
         after = rest[following.start():] if following else ""
-        return f"{before}{section}\n{after}" if after else f"{before}{section}"
+        return f"{before}{section}\n\n{after}" if after else f"{before}{section}"
     findings_title = FINDINGS.read_text().splitlines()[0] if FINDINGS.exists() else None
     if findings_title and "\n" + findings_title + "\n" in report:
         before, _, after = report.partition("\n" + findings_title + "\n")
-        return f"{before.rstrip()}\n\n{section}\n{findings_title}\n{after}"
+        return f"{before.rstrip()}\n\n{section}\n\n{findings_title}\n{after}"
     return f"{report.rstrip()}\n\n{section}"
