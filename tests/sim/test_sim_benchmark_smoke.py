@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
     result = run_process(
-        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--only", "hold,ingest,baseline,modbus,storm"],
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out),
+         "--only", "hold,ingest,baseline,modbus,storm"],
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
