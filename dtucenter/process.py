@@ -99,11 +99,12 @@ class OwnProcess(MultiService):
         self._reactor.callFromThread(self._reopen_log)
 
     def _reopen_log(self) -> None:
+        # The configuration is read at start only, for now: a reload would go here.
         if self.log_file is None:
-            log.info("received SIGHUP; no log file of ours to reopen, nothing else to do")
+            log.info("received SIGHUP: no log file to reopen (logging to stdout, syslog or an observer of its own)")
             return
         self.log_file.reopen()
-        log.info("received SIGHUP, reopened the log file {path}", path=self.log_file.path)
+        log.info("received SIGHUP: reopened the log file {path}", path=self.log_file.path)
 
     def _rotate(self, number: int, frame: FrameType | None) -> None:
         if self.log_file is not None:
