@@ -293,8 +293,10 @@ def _render_storms(runs: list[dict[str, Any]] | None, machine: dict[str, Any]) -
         "every DTU redials after the same 1-2 s backoff (1 s and a random jitter): the whole fleet at once.",
         f"A DTU not logged in again within {first['bound']:.0f} s of the drop counts as a lost login; \"all back\" is",
         "the time from the drop until every DTU is logged in again. Listen overflows are the kernel's counters",
-        "(TcpExt ListenOverflows / ListenDrops, the whole host) during the storm: connections it dropped because the",
-        f"accept queue was full. net.core.somaxconn was {first['somaxconn']}, which caps any backlog.",
+        "(TcpExt ListenOverflows, the whole host) during the storm: handshakes it dropped because the accept queue",
+        "was full. Login timeouts are DTUs whose connection looked open to them but whose Login never reached the",
+        "center (the overflow dropped it): each waited out its 30 s login timeout and dialled again, a login",
+        f"missed at the first attempt. net.core.somaxconn was {first['somaxconn']}, which caps any backlog.",
         f"Measured {machine['date']}.",
         "",
     ]

@@ -465,10 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only bring the report's copy of benchmarks/findings.md up to date")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--merge", action="store_true",
-                        help="with --only storm: replace only that section of the existing report")
+                        help="with --only storm or --from-json: replace only the storm section of the existing report")
     args = parser.parse_args(argv)
-    if args.merge and args.only != "storm":
-        parser.error("--merge takes --only storm: the other sections share the Targets summary")
+    if args.merge and args.only != "storm" and not args.from_json:
+        parser.error("--merge takes --only storm (or --from-json): the other sections share the Targets summary")
     if args.findings_only:
         out = args.out or DEFAULT_OUT
         out.write_text(report.with_current_findings(out.read_text()))
