@@ -95,21 +95,22 @@ class Device(TypingProtocol):
 class _StreamProtocol(protocol.Protocol):
     """Forwards a TCP connection's events to its device and serves as the device's Link."""
 
-    factory: _StreamFactory
-
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, built_by: _StreamFactory | None = None) -> None:
         self.device = device
+        #: Told which connection is up (tests build the protocol bare).
+        self.built_by = built_by
 
     def connectionMade(self) -> None:
-        self.factory.current = self
+        if self.built_by is not None:
+            self.built_by.current = self
         self.device.connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.device.data_received(data)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if self.factory.current is self:
-            self.factory.current = None
+        if self.built_by is not None and self.built_by.current is self:
+            self.built_by.current = None
         self.device.connection_lost()
 
     def write(self, data: bytes) -> None:
@@ -126,9 +127,7 @@ class _StreamFactory(protocol.Factory[_StreamProtocol]):
         self.current: _StreamProtocol | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> _StreamProtocol:
-        built = _StreamProtocol(self.device)
-        built.factory = self
-        return built
+        return _StreamProtocol(self.device, self)
 
 
 class _Connector(Service):
