@@ -39,6 +39,10 @@ MODBUS_CONFIG = """
 [[link]]
 name = "site-a"
 registration = "DTU-0001"
+
+[[link]]
+name = "yard"
+listen = "tcp:0:interface=127.0.0.1"
 """
 
 
@@ -55,7 +59,10 @@ async def test_every_listener_defaults_to_a_backlog_for_a_fleets_redial(tmp_path
     center = await start_center(tmp_path, "--config", str(config), "--modbus", "tcp:0:interface=127.0.0.1")
     try:
         assert center.api_port is not None
-        ports = {"dtu": center.tcp_port, "api": center.api_port, "modbus": await center.modbus_port()}
+        ports = {
+            "dtu": center.tcp_port, "api": center.api_port,
+            "modbus": await center.modbus_port(), "modbus link": await center.modbus_port("yard"),
+        }
         backlogs = {name: listen_backlog(port) for name, port in ports.items()}
         assert backlogs == dict.fromkeys(ports, expected(DEFAULT_LISTEN_BACKLOG))
     finally:
