@@ -20,13 +20,13 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
     result = run_process(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out),
-         "--only", "hold,ingest,baseline,modbus,junk"],
+         "--only", "hold,ingest,baseline,modbus,storm,junk"],
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     for heading in ("## Targets", "## Hold", "### center (stored in SQLite)", "### framing-only baseline", "## Modbus",
-                    "## Junk flood"):
+                    "## Redial storms", "## Junk flood"):
         assert heading in text
     assert "Python 3." in text and "Twisted" in text and "SQLAlchemy" in text
     assert "Traceback" not in result.stderr
@@ -50,15 +50,32 @@ def test_profile_summary_reads_py_spy_raw_stacks() -> None:
     ]
 
 
-def test_merging_one_scenario_keeps_the_others_and_the_findings() -> None:
-    from benchmarks.report import FINDINGS, merge_sections
+def test_a_storm_section_is_merged_into_an_existing_report() -> None:
+    from benchmarks.report import STORM_HEADING, render, with_storm_section
 
-    findings = FINDINGS.read_text()
-    first_finding = next(line for line in findings.splitlines() if line.startswith("## "))
-    existing = "# Performance\n\n## Targets\n\nold targets\n\n## Modbus: 1,000 DTUs\n\nmodbus\n\n" + findings
-    fresh = "# Performance\n\n## Targets\n\nnew targets\n\n## Junk flood: 5 DTUs\n\njunk\n\n" + findings
-    merged = merge_sections(existing, fresh)
-    assert "modbus" in merged and "old targets" in merged and "new targets" not in merged
-    assert merged.index("## Modbus") < merged.index("## Junk flood: 5 DTUs") < merged.index(first_finding)
-    again = merge_sections(merged, fresh.replace("junk\n", "junk again\n"))
-    assert again.count("## Junk flood") == 1 and "junk again" in again
+    machine = {"cores": 2, "cpu": "x", "ram_gib": 1.0, "kernel": "k", "python": "3", "twisted": "t",
+               "sqlalchemy": "s", "sqlite": "q", "date": "then"}
+    row = {"storm": 1, "dropped": 10, "lost": 0, "all_back": 2.0, "connect_failed": 0, "login_timeouts": 0,
+           "listen_overflows": {"ListenOverflows": 0}, "rss_before": 1 << 20, "rss_after": 1 << 20}
+    run = {"backlog": None, "dtus": 10, "bound": 30.0, "somaxconn": 4096, "storms": [row]}
+    empty = {"machine": machine, "scale": "full", "hold": [], "storm": []}
+    full = render({**empty, "storm": [run]})
+    assert with_storm_section(render(empty), {"machine": machine, "storm": [run]}) == full  # inserted in its place
+    again = with_storm_section(full, {"machine": {**machine, "date": "now"}, "storm": [run]})  # replaced
+    assert again == full.replace("Measured then.", "Measured now.")
+    assert again.splitlines().count(STORM_HEADING) == 1
+
+
+def test_a_junk_flood_section_is_merged_into_an_existing_report() -> None:
+    from benchmarks.report import JUNK_FLOOD_HEADING, render, with_sections
+
+    machine = {"cores": 2, "cpu": "x", "ram_gib": 1.0, "kernel": "k", "python": "3", "twisted": "t",
+               "sqlalchemy": "s", "sqlite": "q", "date": "then"}
+    window = {"p50": 0.001, "p99": 0.002, "acked_per_s": 10.0, "ack_timeouts": 0, "seconds": 1.0}
+    junk = {"junk_connections": 5, "dtus": 5, "rate": 20, "quiet": window, "flooded": window, "seconds": 1.0,
+            "junk_bytes_per_s": 1.0, "junk_connections_closed_per_s": 1.0, "log_lines": 0, "cpu": 0.1}
+    empty = {"machine": machine, "scale": "full", "hold": [], "storm": []}
+    full = render({**empty, "junk_flood": junk})
+    assert with_sections(render(empty), {"machine": machine, "junk_flood": junk}) == full  # inserted in its place
+    again = with_sections(full, {"machine": machine, "junk_flood": {**junk, "log_lines": 7}})  # replaced
+    assert again.splitlines().count(JUNK_FLOOD_HEADING) == 1 and "log lines written: 7 in" in again
