@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # full scale, rewrites docs/performance.md (about 15 minutes)
     python -m benchmarks.run --smoke --out /tmp/perf.md   # seconds, every scenario at a tiny scale; the tests run this
     python -m benchmarks.run --only storm --merge      # one scenario, its section replaced in docs/performance.md
+    python -m benchmarks.run --only junk --merge       # likewise the junk flood (also --only storm,junk)
 
 Every server and simulator is a separate process, so the center's own CPU
 (from /proc/PID/stat, all threads) is measured apart from the load
@@ -29,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from benchmarks import report
+from benchmarks import junk_flood, report
 from benchmarks.procs import (
     PATIENCE,
     ApiClient,
@@ -454,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny scale, seconds (for CI)")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm",
+    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm,junk",
                         help="comma-separated scenarios to run (default all)")
     parser.add_argument("--profile-rate", type=int, default=None,
                         help="frames/s offered while profiling (default: the best sustained ingest rate)")
@@ -465,10 +466,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only bring the report's copy of benchmarks/findings.md up to date")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--merge", action="store_true",
-                        help="with --only storm or --from-json: replace only the storm section of the existing report")
+                        help="with --only storm and/or junk, or --from-json: replace only those sections of the "
+                             "existing report")
     args = parser.parse_args(argv)
-    if args.merge and args.only != "storm" and not args.from_json:
-        parser.error("--merge takes --only storm (or --from-json): the other sections share the Targets summary")
+    if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
+        parser.error("--merge takes --only storm and/or junk (or --from-json): the other sections share the "
+                     "Targets summary")
     if args.findings_only:
         out = args.out or DEFAULT_OUT
         out.write_text(report.with_current_findings(out.read_text()))
@@ -476,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_json:
         out = args.out or DEFAULT_OUT
         saved = json.loads(args.from_json.read_text())
-        out.write_text(report.with_storm_section(out.read_text(), saved) if args.merge else report.render(saved))
+        out.write_text(report.with_sections(out.read_text(), saved) if args.merge else report.render(saved))
         return 0
     scale = SMOKE if args.smoke else FULL
     if args.hold:
@@ -491,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workroot = Path(tempfile.mkdtemp(prefix="dtucenter-bench-"))
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
-                               "storm": []}
+                               "storm": [], "junk_flood": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -519,6 +522,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"storm: {scale.storm.dtus} DTUs, backlog {backlog or 'default'}")
                 workdir = _fresh(workroot, f"storm-{backlog or 'default'}")
                 results["storm"].append(run_storm(workdir, scale, backlog, log))
+        if "junk" in only:
+            log("junk flood")
+            results["junk_flood"] = junk_flood.run_junk_flood(
+                _fresh(workroot, "junk"), junk_flood.SMOKE if args.smoke else junk_flood.FULL)
+            log(f"  {report.junk_flood_line(results['junk_flood'])}")
     finally:
         if args.keep:
             log(f"kept {workroot}")
@@ -526,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(workroot, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        out.write_text(report.with_storm_section(out.read_text(), results))
+        out.write_text(report.with_sections(out.read_text(), results))
     else:
         out.write_text(report.render(results))
     if args.json:

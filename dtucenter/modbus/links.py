@@ -32,7 +32,7 @@ from dtucenter.modbus.filter import (
     RegistrationReader,
 )
 from dtucenter.modbus.framing import framing_for
-from dtucenter.modbus.master import LinkCounters, ModbusMaster
+from dtucenter.modbus.master import LINK_JUNK_LIMIT, LinkCounters, ModbusMaster
 from dtucenter.throttle import LoginThrottle
 from dtucenter.transports import close_transport, connected_transport
 
@@ -99,6 +99,7 @@ class Link:
             silence=self._silence,
             idle_timeout=self.settings.idle_timeout,
             observer=self,
+            junk_limit=None if self.settings.serial is not None else LINK_JUNK_LIMIT,
         )
 
     def when_lost(self, hook: Callable[[], None]) -> None:

@@ -20,13 +20,13 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
     result = run_process(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out),
-         "--only", "hold,ingest,baseline,modbus,storm"],
+         "--only", "hold,ingest,baseline,modbus,storm,junk"],
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     for heading in ("## Targets", "## Hold", "### center (stored in SQLite)", "### framing-only baseline", "## Modbus",
-                    "## Redial storms"):
+                    "## Redial storms", "## Junk flood"):
         assert heading in text
     assert "Python 3." in text and "Twisted" in text and "SQLAlchemy" in text
     assert "Traceback" not in result.stderr
@@ -64,3 +64,18 @@ def test_a_storm_section_is_merged_into_an_existing_report() -> None:
     again = with_storm_section(full, {"machine": {**machine, "date": "now"}, "storm": [run]})  # replaced
     assert again == full.replace("Measured then.", "Measured now.")
     assert again.splitlines().count(STORM_HEADING) == 1
+
+
+def test_a_junk_flood_section_is_merged_into_an_existing_report() -> None:
+    from benchmarks.report import JUNK_FLOOD_HEADING, render, with_sections
+
+    machine = {"cores": 2, "cpu": "x", "ram_gib": 1.0, "kernel": "k", "python": "3", "twisted": "t",
+               "sqlalchemy": "s", "sqlite": "q", "date": "then"}
+    window = {"p50": 0.001, "p99": 0.002, "acked_per_s": 10.0, "ack_timeouts": 0, "seconds": 1.0}
+    junk = {"junk_connections": 5, "dtus": 5, "rate": 20, "quiet": window, "flooded": window, "seconds": 1.0,
+            "junk_bytes_per_s": 1.0, "junk_connections_closed_per_s": 1.0, "log_lines": 0, "cpu": 0.1}
+    empty = {"machine": machine, "scale": "full", "hold": [], "storm": []}
+    full = render({**empty, "junk_flood": junk})
+    assert with_sections(render(empty), {"machine": machine, "junk_flood": junk}) == full  # inserted in its place
+    again = with_sections(full, {"machine": machine, "junk_flood": {**junk, "log_lines": 7}})  # replaced
+    assert again.splitlines().count(JUNK_FLOOD_HEADING) == 1 and "log lines written: 7 in" in again
