@@ -200,7 +200,8 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     udp = settings.udp_interface_and_port
     if udp is not None:
         interface, port = udp
-        udp_service = UDPListenerService(reactor, interface, port, DTUDatagramProtocol(center, reactor))
+        udp_protocol = DTUDatagramProtocol(center, reactor, settings.dtu_udp_pending)
+        udp_service = UDPListenerService(reactor, interface, port, udp_protocol)
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
     bridge = add_modbus(top, settings, recorder, reactor)

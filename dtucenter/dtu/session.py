@@ -89,11 +89,15 @@ class DTUSession:
     ONLINE = "online"
     CLOSED = "closed"
 
-    def __init__(self, center: DTUCenter, link: Link, peer: str, clock: IReactorTime) -> None:
+    def __init__(
+        self, center: DTUCenter, link: Link, peer: str, clock: IReactorTime, *, spoofable: bool = False
+    ) -> None:
         self.center = center
         self.link = link
         self.peer = peer
         self.clock = clock
+        #: The peer's address may be forged (UDP): what arrives from it may be anyone's.
+        self.spoofable = spoofable
         self.state = self.AWAITING_LOGIN
         self.psn: int | None = None
         self.registers: tuple[wire.Register, ...] = ()
@@ -231,10 +235,17 @@ class DTUSession:
                 self.psn = login.psn
                 self.center.session_lost(self)
             return
-        self._send(decision.ack)
         if not decision.accepted:
+            if self.spoofable and self.psn is not None:
+                # Anyone can send a Login "from" a logged-in DTU's UDP address: a refused one
+                # must not end that DTU's session, nor be answered (the DTU would take it as its own).
+                self.state = self.ONLINE
+                self.stats["udp_logins_refused_while_online"] += 1
+                return
+            self._send(decision.ack)
             self._close()
             return
+        self._send(decision.ack)
         self.state = self.ONLINE
         self.psn = login.psn
         self.registers = decision.registers
