@@ -249,7 +249,7 @@ def add_manhole(
     top: CenterService, settings: Settings, endpoint: str, center: DTUCenter, bridge: ModbusBridge | None,
     reactor: Any,
 ) -> None:
-    from dtucenter.manhole import ManholeError, manhole_factory
+    from dtucenter.manhole import ManholeError, loopback_unless_named, manhole_factory
 
     namespace = {
         "service": top,
@@ -268,6 +268,6 @@ def add_manhole(
         )
     except ManholeError as e:
         raise UsageError(str(e)) from None
-    listener = ListeningService(serverFromString(reactor, endpoint), factory, "manhole")
+    listener = ListeningService(serverFromString(reactor, loopback_unless_named(endpoint)), factory, "manhole")
     listener.setServiceParent(top)
     top.require_listening(settings.where("manhole"), listener.when_listening)
