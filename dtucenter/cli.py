@@ -1,7 +1,7 @@
 """``dtucenter``: offline administration of the center's database.
 
 It talks to the database directly (no running center needed); SQLite's WAL
-mode lets it do so beside a running center.
+mode lets it do so beside a running center. ``template`` needs no database.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from dtucenter import __version__
 from dtucenter.config import DEFAULT_DB_URL
 from dtucenter.isotime import parse_iso_time
+from dtucenter.modbus.templates import shipped_template_text, shipped_templates
 from dtucenter.store import meters, queries, schema
 from dtucenter.store.db import DatabaseURLError, open_engine
 
@@ -105,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
             ).set_defaults(on_engine=cmd_db_current)
     with_db(db.add_parser("history", help="the schema revisions this release knows, oldest first")
             ).set_defaults(on_engine=cmd_db_history)
+
+    template = commands.add_parser("template", help="the meter templates shipped with the center").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    listing = template.add_parser("list", help="list the shipped templates")
+    listing.add_argument("--json", action="store_true", help="as JSON")
+    listing.set_defaults(offline=cmd_template_list)
+    show = template.add_parser("show", help="print a template's file, to read or to copy as one's own")
+    show.add_argument("name")
+    show.set_defaults(offline=cmd_template_show)
     return parser
 
 
@@ -113,6 +123,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "check"):
         args.check(args.subparser, args)
+    if hasattr(args, "offline"):
+        try:
+            args.offline(args, out)
+        except CommandError as e:
+            print(f"dtucenter: {e}", file=sys.stderr)
+            return 1
+        return 0
     # The db commands look at the schema themselves; the others need it at this release's head.
     on_engine = getattr(args, "on_engine", None)
     try:
@@ -245,3 +262,21 @@ def cmd_db_history(engine: Engine, out: TextIO) -> None:
     for revision, doc in schema.history():
         marks = [mark for mark, shown in (("head", revision == schema.head()), ("current", revision in at)) if shown]
         print(f"{revision}  {doc}" + (f"  ({', '.join(marks)})" if marks else ""), file=out)
+
+
+def cmd_template_list(args: argparse.Namespace, out: TextIO) -> None:
+    summaries = [template.summary() for template in shipped_templates().values()]
+    if args.json:
+        json.dump({"templates": summaries}, out, indent=2)
+        out.write("\n")
+        return
+    for summary in summaries:
+        out.write(f"{summary['name']}\tversion {summary['version']}\t{summary['points']} points\t"
+                  f"{summary['description']}\n")
+
+
+def cmd_template_show(args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        out.write(shipped_template_text(args.name))
+    except LookupError as e:
+        raise CommandError(str(e)) from None

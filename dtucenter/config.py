@@ -17,9 +17,9 @@ A mistake raises :class:`ConfigError`, one line naming the file, the table
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 from attrs import AttrsInstance
@@ -27,49 +27,38 @@ from attrs import AttrsInstance
 from dtucenter.dtu.udp import DEFAULT_MAX_PENDING
 from dtucenter.dtu.wire import DEFAULT_HEAD, DEFAULT_MAX_LENGTH, Dialect, WireError, parse_head
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings, SerialSettings
-from dtucenter.modbus.points import BlockLimits, Point, PointType
+from dtucenter.modbus.points import BlockLimits, read_points
+from dtucenter.modbus.rules import RegistrationRule
+from dtucenter.modbus.templates import Template, find_template
 from dtucenter.setting import (
     METADATA_KEY,
     Declared,
+    Place,
     boolean,
+    build,
+    check_unique,
     choice,
-    declared,
+    convert_value,
     describe,
     integer,
+    named,
     number,
+    place_of,
+    read_keys,
+    read_table,
+    read_tables,
+    require,
     server_endpoint,
     setting,
     stripped,
 )
-from dtucenter.store.meters import MAX_NAME
+from dtucenter.setting import ConfigError as ConfigError  # raised here; tap.py and callers catch it from here
+from dtucenter.setting import UsageError as UsageError
 from dtucenter.web.auth import ENVIRONMENT_VARIABLE
-
-T = TypeVar("T", bound=AttrsInstance)
 
 DEFAULT_DB_URL = "sqlite:///dtucenter.db"
 DEFAULT_API = "tcp:8080:interface=127.0.0.1"
 UNKNOWN_DTU_POLICIES = ("reject", "accept")
-
-
-class UsageError(Exception):
-    """The center cannot start with what it was given; the message is one line for the operator.
-
-    Library code raises it; ``dtucenter.tap`` alone turns it into ``dtucenter: MESSAGE`` and an exit.
-    """
-
-
-class ConfigError(UsageError):
-    """A file, key or option that cannot be used.
-
-    ``source`` is the file or the option; ``path`` the table and key within the
-    file (``link "site-a": timeout``), empty for the file itself or an option.
-    """
-
-    def __init__(self, source: str, path: str, problem: str) -> None:
-        super().__init__(": ".join(part for part in (source, path, problem) if part))
-        self.source = source
-        self.path = path
-        self.problem = problem
 
 
 def parse_udp(value: str) -> tuple[str, int]:
@@ -223,7 +212,7 @@ class Settings:
         return f"--{declaration.option}" if declaration.option else key
 
     def where_link(self, link: LinkSettings, key: str) -> str:
-        return f"{self.source}: {_named('link', link.name)}: {key}"
+        return f"{self.source}: {named('link', link.name)}: {key}"
 
 
 # -- the command line ----------------------------------------------------------
@@ -273,106 +262,6 @@ def _declaration(cls: type[AttrsInstance], name: str) -> Declared:
 # -- reading -------------------------------------------------------------------
 
 
-@attrs.frozen
-class _Place:
-    """A table being read, for messages: the file and the tables' path within it."""
-
-    source: str
-    path: str = ""
-
-    def inner(self, label: str) -> _Place:
-        return _Place(self.source, f"{self.path}: {label}" if self.path else label)
-
-    def error(self, key: str | None, problem: str) -> ConfigError:
-        return ConfigError(self.source, ": ".join(part for part in (self.path, key) if part), problem)
-
-
-def _named(table: str, name: str) -> str:
-    return f'{table} "{name}"'
-
-
-def _convert(declaration: Declared, value: Any, place: _Place, key: str | None) -> Any:
-    try:
-        return declaration.convert(value)
-    except ValueError as e:
-        raise place.error(key, str(e)) from None
-
-
-def _table(value: object, place: _Place, key: str | None = None) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise place.error(key, f"must be a table, got {describe(value)}")
-    return value
-
-
-def _tables(value: object, place: _Place, key: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
-    """The tables of an array of tables (``[[key]]``), with their indexes."""
-    if value is None:
-        return
-    if not isinstance(value, list):
-        raise place.error(key, f"must be an array of tables ([[{key}]]), got {describe(value)}")
-    for index, item in enumerate(value):
-        yield index, _table(item, place, f"{key}[{index}]")
-
-
-def _read_keys(data: Mapping[str, Any], place: _Place, *classes: type) -> list[dict[str, Any]]:
-    """The converted values of ``data``'s keys, one dict of field values per class.
-
-    A key may be written with dashes or underscores; a key no class declares is an error.
-    """
-    keys = [declared(cls) for cls in classes]
-    values: list[dict[str, Any]] = [{} for _ in classes]
-    written_as: dict[str, str] = {}
-    for written, value in data.items():
-        key = written.replace("-", "_")
-        if key in written_as:
-            raise place.error(written, f"given twice, as {written_as[key]} and {written}")
-        written_as[key] = written
-        for declared_keys, converted in zip(keys, values, strict=True):
-            if key in declared_keys:
-                name, declaration = declared_keys[key]
-                converted[name] = _convert(declaration, value, place, written)
-                break
-        else:
-            raise place.error(written, "unknown key (a typo?)")
-    return values
-
-
-def _require(cls: type[AttrsInstance], given: Collection[str], place: _Place) -> None:
-    """A field without a default must have been given."""
-    for attribute in attrs.fields(cls):
-        if attribute.default is attrs.NOTHING and attribute.name not in given:
-            declaration = attribute.metadata.get(METADATA_KEY)
-            raise place.error((declaration and declaration.key) or attribute.name, "is required")
-
-
-def _build(cls: type[T], values: Mapping[str, Any], place: _Place, **composed: Any) -> T:
-    """``cls`` from read values and composed ones."""
-    _require(cls, {*values, *composed}, place)
-    return cls(**values, **composed)
-
-
-def _place_of(table: Mapping[str, Any], file: _Place, kind: str, index: int) -> _Place:
-    """A ``[[kind]]`` table is named by its name; by its index until it has a usable one.
-
-    Names are stored: they must fit the database's columns.
-    """
-    indexed = file.inner(f"{kind}[{index}]")
-    name = table.get("name")
-    if not isinstance(name, str) or not name.strip():
-        return indexed  # reading the name says what is wrong with it
-    if len(name) > MAX_NAME:
-        raise indexed.error("name", f"at most {MAX_NAME} characters, got {len(name)}")
-    return file.inner(_named(kind, name))
-
-
-def _check_unique(names: list[str], place: _Place, table: str) -> None:
-    first: dict[str, int] = {}
-    for index, name in enumerate(names):
-        if name in first:
-            raise place.error(f"{table}[{index}]: name", f"{name!r} is already the name of {table}[{first[name]}]")
-        first[name] = index
-
-
 def read_settings(
     document: Mapping[str, Any],
     options: Mapping[str, Any] | None = None,
@@ -392,23 +281,24 @@ def read_settings(
       login_timeout``, else the top-level ``login_timeout`` (the file's, or its default).
     """
     given = {name: value for name, value in (options or {}).items() if value is not None and value is not False}
-    place = _Place(source)
-    top = dict(_table(document, place))
-    modbus_table = _table(top.pop("modbus", {}), place, "modbus")
-    link_tables = list(_tables(top.pop("link", None), place, "link"))
-    meter_tables = list(_tables(top.pop("meter", None), place, "meter"))
+    place = Place(source)
+    top = dict(read_table(document, place))
+    modbus_table = read_table(top.pop("modbus", {}), place, "modbus")
+    link_tables = list(read_tables(top.pop("link", None), place, "link"))
+    meter_tables = list(read_tables(top.pop("meter", None), place, "meter"))
+    rule_tables = list(read_tables(top.pop("rule", None), place, "rule"))
 
-    (values,) = _read_keys(top, place, Settings)
+    (values,) = read_keys(top, place, Settings)
     origins = {name: f"{source}: {name}" for name in values}
     token = (environ or {}).get(ENVIRONMENT_VARIABLE)
     if token and "api-token" not in given:
         where = f"${ENVIRONMENT_VARIABLE}"
-        values["api_token"] = _convert(_declaration(Settings, "api_token"), token, _Place(where), None)
+        values["api_token"] = convert_value(_declaration(Settings, "api_token"), token, Place(where), None)
         origins["api_token"] = where
     _apply_options(Settings, given, values, origins, "")
 
     modbus_place = place.inner("modbus")
-    (modbus_values,) = _read_keys(modbus_table, modbus_place, ModbusSettings)
+    (modbus_values,) = read_keys(modbus_table, modbus_place, ModbusSettings)
     origins |= {f"modbus.{name}": f"{source}: modbus: {name}" for name in modbus_values}
     if "login-timeout" in given or "login_timeout" not in modbus_values:
         modbus_values["login_timeout"] = values.get("login_timeout", attrs.fields(Settings).login_timeout.default)
@@ -418,8 +308,13 @@ def read_settings(
     meters = tuple(_read_meter(table, index, place) for index, table in meter_tables)
     _check_links(links, modbus_values.get("listen"), place)
     _check_meters(meters, links, place)
-    modbus = _build(ModbusSettings, modbus_values, modbus_place, links=links, meters=meters)
-    return _build(Settings, values, place, modbus=modbus, source=source, origins=origins)
+    rules = tuple(_read_rule(table, place.inner(f"rule[{index}]")) for index, table in rule_tables)
+    if rules and modbus_values.get("listen") is None:
+        raise place.inner("rule[0]").error(
+            None, "applies to DTUs that dial the shared listener: set [modbus] listen (or --modbus)"
+        )
+    modbus = build(ModbusSettings, modbus_values, modbus_place, links=links, meters=meters, rules=rules)
+    return build(Settings, values, place, modbus=modbus, source=source, origins=origins)
 
 
 def _apply_options(
@@ -429,14 +324,14 @@ def _apply_options(
         if declaration is None or declaration.option not in given:
             continue
         option = f"--{declaration.option}"
-        values[name] = _convert(declaration, given[declaration.option], _Place(option), None)
+        values[name] = convert_value(declaration, given[declaration.option], Place(option), None)
         origins[prefix + name] = option
 
 
-def _read_link(table: Mapping[str, Any], index: int, file: _Place) -> LinkSettings:
-    place = _place_of(table, file, "link", index)
-    values, serial_values = _read_keys(table, place, LinkSettings, SerialSettings)
-    _require(LinkSettings, values, place)
+def _read_link(table: Mapping[str, Any], index: int, file: Place) -> LinkSettings:
+    place = place_of(table, file, "link", index)
+    values, serial_values = read_keys(table, place, LinkSettings, SerialSettings)
+    require(LinkSettings, values, place)
     transports = [key for key, given in (("listen", "listen" in values), ("connect", "connect" in values),
                                          ("serial", "device" in serial_values)) if given]
     if len(transports) > 1:
@@ -455,48 +350,58 @@ def _read_link(table: Mapping[str, Any], index: int, file: _Place) -> LinkSettin
                 raise place.error(key, "only applies to network links, not serial")
         if values.get("protocol", "rtu") != "rtu":
             raise place.error("protocol", "a serial line carries rtu only")
-        serial = _build(SerialSettings, serial_values, place)
+        serial = build(SerialSettings, serial_values, place)
     elif serial_values:
         raise place.error(next(iter(serial_values)), "only applies to serial links")
-    return _build(LinkSettings, values, place, serial=serial)
+    return build(LinkSettings, values, place, serial=serial)
 
 
-def _read_meter(table: Mapping[str, Any], index: int, file: _Place) -> MeterSettings:
+def _read_meter(table: Mapping[str, Any], index: int, file: Place) -> MeterSettings:
     data = dict(table)
     point_tables = data.pop("point", None)
-    place = _place_of(table, file, "meter", index)
-    values, limits = _read_keys(data, place, MeterSettings, BlockLimits)
-    _require(MeterSettings, {*values, "points"}, place)
-    points = tuple(_read_point(point, i, place) for i, point in _tables(point_tables, place, "point"))
-    if not points:
-        raise place.error("point", "a meter needs at least one [[meter.point]]")
-    _check_unique([point.name for point in points], place, "point")
-    return _build(MeterSettings, values, place, points=points, limits=BlockLimits(**limits))
+    place = place_of(table, file, "meter", index)
+    values, limits = read_keys(data, place, MeterSettings, BlockLimits)
+    require(MeterSettings, {*values, "points"}, place)
+    points = read_points(point_tables, place)
+    template = values.get("template")
+    if template is not None:
+        # No overriding: which of a template's points a partial list would replace is a guess,
+        # and a wrong guess stores another register's value under a trusted name.
+        if points:
+            raise place.error(
+                "point", f"cannot be combined with template {template!r}; to change its points, list them all instead"
+            )
+        points = _template(template, place).points
+    elif not points:
+        raise place.error("point", "a meter needs a template or at least one [[meter.point]]")
+    return build(MeterSettings, values, place, points=points, limits=BlockLimits(**limits))
 
 
-def _read_point(table: Mapping[str, Any], index: int, meter: _Place) -> Point:
-    place = _place_of(table, meter, "point", index)
-    (values,) = _read_keys(table, place, Point)
-    _require(Point, {*values, "type"}, place)  # the type has a default that depends on the table
-    kind = values["table"]
-    point_type = values.setdefault("type", PointType.BOOL if kind.holds_bits else PointType.UINT16)
-    if kind.holds_bits and point_type is not PointType.BOOL:
-        raise place.error("type", f"a {kind.value} point is a single bit: use bool, not {point_type.value}")
-    if "word_order" in values and point_type.registers < 2:
-        raise place.error("word_order", f"only applies to 32- and 64-bit types, not {point_type.value}")
-    if "scale" in values and point_type is PointType.BOOL:
-        raise place.error("scale", "does not apply to bool points")
-    point = _build(Point, values, place)
-    if point.end > 65536:
-        raise place.error("address", f"{point_type.value} at {point.address} runs past address 65535")
-    return point
+def _read_rule(table: Mapping[str, Any], place: Place) -> RegistrationRule:
+    (values,) = read_keys(table, place, RegistrationRule)
+    rule = build(RegistrationRule, values, place)
+    _template(rule.template, place)
+    _check_unit(rule.protocol, rule.unit, place)
+    return rule
 
 
-def _check_links(links: tuple[LinkSettings, ...], shared_listen: str | None, file: _Place) -> None:
-    _check_unique([link.name for link in links], file, "link")
+def _template(name: str, place: Place) -> Template:
+    try:
+        return find_template(name)
+    except LookupError as e:
+        raise place.error("template", str(e)) from None
+
+
+def _check_unit(protocol: str, unit: int, place: Place) -> None:
+    if protocol == "rtu" and not 1 <= unit <= 247:
+        raise place.error("unit", f"an rtu unit id is 1..247, got {unit}")
+
+
+def _check_links(links: tuple[LinkSettings, ...], shared_listen: str | None, file: Place) -> None:
+    check_unique([link.name for link in links], file, "link")
     shared = [link for link in links if link.kind == "shared"]
     if shared and shared_listen is None:
-        raise file.inner(_named("link", shared[0].name)).error(
+        raise file.inner(named("link", shared[0].name)).error(
             None, "waits for its DTU on the shared listener: set [modbus] listen (or --modbus)"
         )
     # On a byte stream "DTU-1" cannot be told apart from the start of "DTU-10".
@@ -506,23 +411,22 @@ def _check_links(links: tuple[LinkSettings, ...], shared_listen: str | None, fil
                 continue
             if other.registration.startswith(link.registration):
                 relation = "the same as" if other.registration == link.registration else "a prefix of"
-                raise file.inner(_named("link", link.name)).error(
+                raise file.inner(named("link", link.name)).error(
                     "registration",
                     f"is {relation} the registration of link {other.name!r};"
                     " registrations on the shared listener must be distinguishable",
                 )
 
 
-def _check_meters(meters: tuple[MeterSettings, ...], links: tuple[LinkSettings, ...], file: _Place) -> None:
-    _check_unique([meter.name for meter in meters], file, "meter")
+def _check_meters(meters: tuple[MeterSettings, ...], links: tuple[LinkSettings, ...], file: Place) -> None:
+    check_unique([meter.name for meter in meters], file, "meter")
     protocols = {link.name: link.protocol for link in links}
     for meter in meters:
-        place = file.inner(_named("meter", meter.name))
+        place = file.inner(named("meter", meter.name))
         if meter.link not in protocols:
             known = ", ".join(repr(name) for name in protocols) or "none defined"
             raise place.error("link", f"no link named {meter.link!r} (links: {known})")
-        if protocols[meter.link] == "rtu" and not 1 <= meter.unit <= 247:
-            raise place.error("unit", f"an rtu unit id is 1..247, got {meter.unit}")
+        _check_unit(protocols[meter.link], meter.unit, place)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

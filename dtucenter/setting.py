@@ -2,10 +2,12 @@
 
 Every settings class (``dtucenter.config.Settings``, and the Modbus half's
 classes in ``dtucenter/modbus/``) declares its file keys with :func:`setting`;
-``dtucenter.config`` is the one reader that walks the TOML file and the
-command line into them. This module sits below every package so that the
-protocol packages can declare their settings without importing
-``dtucenter.config``.
+``dtucenter.config`` walks the TOML file and the command line into them.
+The walking of one table (:func:`read_keys` and its helpers, and the
+:class:`ConfigError` they raise) lives here too, so that a protocol package
+can read its own data files (the Modbus half's meter templates) with the same
+converters, rules and one-line messages without importing
+``dtucenter.config``. This module sits below every package.
 
 A converter takes a value as TOML or the command line gives it (the command
 line gives text) and returns the setting's value, or raises ``ValueError``
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -25,6 +27,7 @@ from attrs import AttrsInstance
 from twisted.internet.endpoints import clientFromString, serverFromString
 
 E = TypeVar("E", bound=enum.Enum)
+T = TypeVar("T", bound=AttrsInstance)
 
 #: The metadata key under which a field carries its :class:`Declared`.
 METADATA_KEY = "dtucenter.setting"
@@ -188,3 +191,131 @@ def client_endpoint(value: Any) -> str:
     except Exception as e:
         raise ValueError(f"not a usable client endpoint {description!r}: {e}") from None
     return description
+
+
+# -- reading a table -----------------------------------------------------------
+
+#: Longest link, meter, point or template name: names are stored, and the
+#: database's name columns hold this many characters.
+MAX_NAME = 100
+
+
+class UsageError(Exception):
+    """The center cannot start with what it was given; the message is one line for the operator.
+
+    Library code raises it; ``dtucenter.tap`` alone turns it into ``dtucenter: MESSAGE`` and an exit.
+    """
+
+
+class ConfigError(UsageError):
+    """A file, key or option that cannot be used.
+
+    ``source`` is the file or the option; ``path`` the table and key within the
+    file (``link "site-a": timeout``), empty for the file itself or an option.
+    """
+
+    def __init__(self, source: str, path: str, problem: str) -> None:
+        super().__init__(": ".join(part for part in (source, path, problem) if part))
+        self.source = source
+        self.path = path
+        self.problem = problem
+
+
+@attrs.frozen
+class Place:
+    """A table being read, for messages: the file and the tables' path within it."""
+
+    source: str
+    path: str = ""
+
+    def inner(self, label: str) -> Place:
+        return Place(self.source, f"{self.path}: {label}" if self.path else label)
+
+    def error(self, key: str | None, problem: str) -> ConfigError:
+        return ConfigError(self.source, ": ".join(part for part in (self.path, key) if part), problem)
+
+
+def named(table: str, name: str) -> str:
+    return f'{table} "{name}"'
+
+
+def convert_value(declaration: Declared, value: Any, place: Place, key: str | None) -> Any:
+    try:
+        return declaration.convert(value)
+    except ValueError as e:
+        raise place.error(key, str(e)) from None
+
+
+def read_table(value: object, place: Place, key: str | None = None) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise place.error(key, f"must be a table, got {describe(value)}")
+    return value
+
+
+def read_tables(value: object, place: Place, key: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """The tables of an array of tables (``[[key]]``), with their indexes."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise place.error(key, f"must be an array of tables ([[{key}]]), got {describe(value)}")
+    for index, item in enumerate(value):
+        yield index, read_table(item, place, f"{key}[{index}]")
+
+
+def read_keys(data: Mapping[str, Any], place: Place, *classes: type) -> list[dict[str, Any]]:
+    """The converted values of ``data``'s keys, one dict of field values per class.
+
+    A key may be written with dashes or underscores; a key no class declares is an error.
+    """
+    keys = [declared(cls) for cls in classes]
+    values: list[dict[str, Any]] = [{} for _ in classes]
+    written_as: dict[str, str] = {}
+    for written, value in data.items():
+        key = written.replace("-", "_")
+        if key in written_as:
+            raise place.error(written, f"given twice, as {written_as[key]} and {written}")
+        written_as[key] = written
+        for declared_keys, converted in zip(keys, values, strict=True):
+            if key in declared_keys:
+                name, declaration = declared_keys[key]
+                converted[name] = convert_value(declaration, value, place, written)
+                break
+        else:
+            raise place.error(written, "unknown key (a typo?)")
+    return values
+
+
+def require(cls: type[AttrsInstance], given: Collection[str], place: Place) -> None:
+    """A field without a default must have been given."""
+    for attribute in attrs.fields(cls):
+        if attribute.default is attrs.NOTHING and attribute.name not in given:
+            declaration = attribute.metadata.get(METADATA_KEY)
+            raise place.error((declaration and declaration.key) or attribute.name, "is required")
+
+
+def build(cls: type[T], values: Mapping[str, Any], place: Place, **composed: Any) -> T:
+    """``cls`` from read values and composed ones."""
+    require(cls, {*values, *composed}, place)
+    return cls(**values, **composed)
+
+
+def place_of(table: Mapping[str, Any], file: Place, kind: str, index: int) -> Place:
+    """A ``[[kind]]`` table is named by its name; by its index until it has a usable one.
+
+    Names are stored: they must fit the database's columns.
+    """
+    indexed = file.inner(f"{kind}[{index}]")
+    name = table.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return indexed  # reading the name says what is wrong with it
+    if len(name) > MAX_NAME:
+        raise indexed.error("name", f"at most {MAX_NAME} characters, got {len(name)}")
+    return file.inner(named(kind, name))
+
+
+def check_unique(names: list[str], place: Place, table: str) -> None:
+    first: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in first:
+            raise place.error(f"{table}[{index}]: name", f"{name!r} is already the name of {table}[{first[name]}]")
+        first[name] = index

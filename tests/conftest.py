@@ -134,11 +134,11 @@ def expected_errors(request: pytest.FixtureRequest) -> Iterator[LoggedErrors]:
     A test declares an error with ``@pytest.mark.expected_errors("text", error=SomeError)`` or by calling
     ``expected_errors.expect(...)`` on this fixture.
 
-    Autouse, and the first fixture set up, so it is the last torn down: errors the other fixtures log while
-    stopping count too. The observer sits on the global log publisher, which every thread logs to (the test and
-    the reactor share the main thread under pytest-twisted; the store's threads log there as well).
-    A Deferred that is dropped with a failure logs when it is freed, which for one in a reference cycle is
-    only at a collection: so this collects before it looks.
+    Autouse, so it is set up before the test's other function-scoped fixtures and torn down after them: errors
+    they log while starting or stopping count too. The observer sits on the global log publisher, which every
+    thread logs to (the test and the reactor share the main thread under pytest-twisted; the store's threads
+    log there as well). A Deferred that is dropped with a failure logs when it is freed, which for one in a
+    reference cycle is only at a collection: so this collects before it looks.
     """
     logged = LoggedErrors()
     for mark in request.node.iter_markers("expected_errors"):

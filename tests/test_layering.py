@@ -42,7 +42,10 @@ FORBIDDEN = [
 ]
 
 #: Helpers every layer may use; they use none.
-LEAVES = ("dtucenter.isotime", "dtucenter.addresses", "dtucenter.throttle", "dtucenter.latency")
+LEAVES = (
+    "dtucenter.isotime", "dtucenter.addresses", "dtucenter.throttle", "dtucenter.latency",
+    "dtucenter.setting", "dtucenter.transports",
+)
 
 #: Sans-IO: the DTU wire format is shared with the simulator and tools.
 SANS_IO = {"dtucenter.dtu.wire": ("twisted", "sqlalchemy")}

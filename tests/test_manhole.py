@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from tests.conftest import LoggedErrors
-from tests.support import STEP_TIMEOUT, connect_dtu, start_center, until
+from tests.support import STEP_TIMEOUT, connect_dtu, run_process, start_center, until
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")
 
@@ -44,7 +43,8 @@ class ScriptedSSH(protocol.ProcessProtocol):
 
 def keypair(tmp_path: Path, name: str) -> Path:
     key = tmp_path / name
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    result = run_process(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
     return key
 
 

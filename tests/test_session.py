@@ -18,6 +18,7 @@ from twisted.internet.testing import StringTransport
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.session import INBOX_LIMIT, DTUFactory, DTUProtocol
+from dtucenter.store import queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.dtus import DtuStore
 from tests.stores import HeldStore
@@ -84,11 +85,15 @@ def test_any_other_frame_before_login_closes(h: Harness) -> None:
     assert h.store.samples(1) == [] and h.clock.getDelayedCalls() == []
 
 
-def test_refused_login_gets_right_zero_then_close(h: Harness) -> None:
+#: The refused LoginAck on the wire: head, Type 0x81, Length 14, Right 0 and every other field 0, checksum.
+REFUSED_FRAME = bytes.fromhex("aa55 81 000e 00 00 00 00 00 0000 0000 00000000 8f")
+
+
+def test_refused_login_gets_all_zeros_then_close(h: Harness) -> None:
     h.store.add_dtu(5, password=1)
     protocol, transport = h.connect()
     h.feed(protocol, wire.Login(5, 2))
-    assert h.replies(transport) == [wire.LoginAck(right=wire.LOGIN_REFUSED)]
+    assert transport.value() == REFUSED_FRAME
     assert transport.disconnecting
     h.lose(protocol)
     assert h.center.sessions == {} and h.clock.getDelayedCalls() == []
@@ -234,6 +239,39 @@ def test_connection_lost_during_authentication_leaves_dtu_offline(h: Harness) ->
     assert h.clock.getDelayedCalls() == []
 
 
+def test_a_login_whose_connection_died_does_not_replace_the_live_session(h: Harness) -> None:
+    live, live_transport = h.logged_in()
+    dead, dead_transport = h.connect()
+    h.store.hold = True
+    h.feed(dead, wire.Login(1, 7))
+    h.lose(dead)  # a half-open redial that died before its LoginAck
+    h.store.release()
+    assert dead_transport.value() == b""
+    assert not live_transport.disconnecting
+    assert h.center.sessions == {1: live.session}
+    assert h.center.stats["logins_abandoned"] == 1 and h.center.stats["sessions_replaced"] == 0
+    assert h.store.dtu(1).online  # type: ignore[union-attr]
+    # The live session goes on as before.
+    h.feed(live, wire.SendTest(20, 3, (9,)))
+    assert h.replies(live_transport) == [wire.SendTestAck(3)]
+    h.lose(live)
+    assert not h.store.dtu(1).online  # type: ignore[union-attr]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_login_closed_by_the_center_while_deciding_does_not_replace_the_live_session(h: Harness) -> None:
+    live, live_transport = h.logged_in(tick_time=100)
+    slow, slow_transport = h.connect()
+    h.store.hold = True
+    h.feed(slow, wire.Login(1, 7))
+    slow.session.abort("center stopping")  # closed by the center, its transport not yet gone
+    h.store.release()
+    assert slow_transport.value() == b"" and slow_transport.disconnecting
+    assert not live_transport.disconnecting and h.center.sessions == {1: live.session}
+    h.lose(slow)
+    h.lose(live)
+
+
 def test_bad_frames_are_counted_and_never_raise(h: Harness) -> None:
     protocol, transport = h.logged_in()
     bad = bytearray(wire.encode_frame(wire.SendTick()))
@@ -269,12 +307,12 @@ def test_a_dtu_that_keeps_failing_is_refused_without_a_database_job(h: Harness) 
     for _ in range(3):
         protocol, transport = h.connect()
         h.feed(protocol, wire.Login(5, 2))
-        assert h.replies(transport) == [wire.LoginAck(right=wire.LOGIN_REFUSED)]
+        assert transport.value() == REFUSED_FRAME
         h.lose(protocol)
     h.store.hold = True
     protocol, transport = h.connect()
     h.feed(protocol, wire.Login(5, 1))  # even the right PASS waits out the block
-    assert h.replies(transport) == [wire.LoginAck(right=wire.LOGIN_REFUSED)]
+    assert transport.value() == REFUSED_FRAME
     assert h.store.held == [] and h.center.stats["logins_throttled"] == 1
     h.lose(protocol)
     # Another PSN from the same address (one carrier NAT, many DTUs) is not affected.
@@ -286,4 +324,62 @@ def test_a_dtu_that_keeps_failing_is_refused_without_a_database_job(h: Harness) 
     h.feed(protocol, wire.Login(5, 1))
     assert h.replies(transport)[0].accepted
     h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []
+
+
+EIGHT = tuple(wire.Register(1, addr) for addr in range(8))
+
+
+def stale_list_session(h: Harness) -> tuple[DTUProtocol, StringTransport]:
+    """DTU 1 logged in with a stored list of 2 registers (a SaveSetup it did not keep) and uploading 8 values."""
+    h.store.add_dtu(1, password=7, tick_time=255)
+    h.center.records.replace_register_list(1, 10, ((1, 0), (1, 1)))
+    protocol, transport = h.logged_in()
+    assert len(protocol.session.registers) == 2
+    return protocol, transport
+
+
+def test_a_stale_register_list_is_replaced_by_what_the_dtu_reports(h: Harness) -> None:
+    protocol, transport = stale_list_session(h)
+    h.feed(protocol, wire.SendTest(20, 5, tuple(range(8))), wire.SendTest(20, 5, tuple(range(8))))
+    assert h.replies(transport) == [wire.SendTestAck(4), wire.SendTestAck(4)]
+    h.feed(protocol, wire.SendTest(20, 5, tuple(range(8))))
+    # The third in a row: the DTU is asked for its own list, and the upload refused again.
+    assert h.replies(transport) == [wire.ReadSetup(), wire.SendTestAck(4)]
+    assert h.center.stats["uploads_mismatched"] == 3 and h.center.stats["register_lists_asked"] == 1
+    assert h.center.mismatched_psns() == (1, [1])
+    h.feed(protocol, wire.ReadSetupAck(10, EIGHT))
+    # What it answered is stored and names the next uploads, which are now stored.
+    assert protocol.session.registers == EIGHT
+    assert h.store.read(lambda s: queries.register_list(s, 1)).result == tuple((1, addr) for addr in range(8))
+    h.feed(protocol, wire.SendTest(20, 5, tuple(range(8))))
+    assert h.replies(transport) == [wire.SendTestAck(5)]
+    assert h.store.samples(1) == list(range(8))
+    assert h.center.mismatched_psns() == (0, [])
+    h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_dtu_is_asked_for_its_register_list_at_most_once_per_interval(tmp_path: Path) -> None:
+    h = Harness(tmp_path, mismatch_interval=100.0)
+    protocol, transport = stale_list_session(h)
+    uploads = [wire.SendTest(20, 5, tuple(range(8)))] * 3
+    h.feed(protocol, *uploads)
+    assert wire.ReadSetup() in h.replies(transport)
+    # A DTU that answers the list it does not upload with stays mismatched, and is not asked again at once.
+    h.feed(protocol, wire.ReadSetupAck(10, (wire.Register(1, 0), wire.Register(1, 1))))
+    for _ in range(3):
+        h.feed(protocol, *uploads)
+    assert wire.ReadSetup() not in h.replies(transport)
+    assert h.center.stats["register_lists_asked"] == 1
+    # Nor across a redial.
+    h.lose(protocol)
+    protocol, transport = h.logged_in()
+    h.feed(protocol, *uploads)
+    assert wire.ReadSetup() not in h.replies(transport)
+    h.clock.advance(100)
+    h.feed(protocol, *uploads)
+    assert wire.ReadSetup() in h.replies(transport)
+    assert h.center.stats["register_lists_asked"] == 2 and h.center.stats["uploads_mismatched"] == 18
+    h.lose(protocol)  # the question on the wire fails with the connection, quietly
     assert h.clock.getDelayedCalls() == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import heapq
 import math
 import struct
 from collections import Counter
@@ -41,6 +42,11 @@ class CenterSettings:
     garbage_limit: int = wire.DEFAULT_GARBAGE_LIMIT
     last_seen_interval: float = 15.0
     command_timeout: float = 10.0
+    #: Uploads in a row that disagree with a DTU's stored register list before it is asked for its own.
+    mismatches_before_asking: int = 3
+    #: Seconds between two such questions to one DTU (a DTU that answers a list it does not upload
+    #: with is not flooded), and between two log lines about its mismatched uploads.
+    mismatch_interval: float = 600.0
 
 
 class _LastUpload:
@@ -91,6 +97,22 @@ class _LastUpload:
         return failure
 
 
+@attrs.define
+class _Mismatch:
+    """A DTU whose uploads disagree with its stored register list, until one agrees again."""
+
+    #: Mismatched uploads since it was last asked for its list (or since the first).
+    in_a_row: int = 0
+    total: int = 0
+    #: Clock seconds it was last asked for its list, and its mismatch last logged.
+    asked_at: float | None = None
+    logged_at: float | None = None
+
+
+#: PSNs listed by ``DTUCenter.mismatched_psns`` at most: the status must stay small in a bad fleet.
+MISMATCHED_PSNS_SHOWN = 100
+
+
 @attrs.frozen
 class LoginDecision:
     """The center's answer to a login: the LoginAck to send, and what the session goes on with."""
@@ -116,7 +138,12 @@ class LoginDecision:
         return cls(True, outcome.reason, ack, registers, outcome.enrolled)
 
 
-REFUSED = wire.LoginAck(right=wire.LOGIN_REFUSED)
+#: A refused DTU learns nothing but the refusal: every field but Right is 0 (docs/protocol.md),
+#: not the LoginAck defaults (TickTime 60, SendTestMode 255) an accepted DTU would act on.
+REFUSED = wire.LoginAck(
+    right=wire.LOGIN_REFUSED, fota_flag=0, tick_time=0, send_test_mode=0, send_test_time=0,
+    new_ver=0, new_port=0, new_ip="0.0.0.0",
+)
 THROTTLED = LoginDecision(False, "too many failed logins; try later", REFUSED)
 
 
@@ -163,6 +190,8 @@ class DTUCenter(Service):
         self.login_throttle = LoginThrottle(clock)
         self.stats: Counter[str] = Counter()
         self._last_upload: dict[int, _LastUpload] = {}
+        #: PSN -> its uploads' disagreement with its stored register list (bounded by the fleet).
+        self._mismatched: dict[int, _Mismatch] = {}
         #: PSN -> clock seconds of its last frame, written to the store every last_seen_interval.
         self._seen: dict[int, float] = {}
         self._seen_writer = LoopingCall(self._write_last_seen)
@@ -242,6 +271,16 @@ class DTUCenter(Service):
             )
             return decision
         self.login_throttle.succeeded(_throttle_key(session, login))
+        if session.closed:
+            # Its connection died while the store decided: it cannot take over from the
+            # DTU's live session (a stray half-open dial must not cut a working link).
+            self.stats["logins_abandoned"] += 1
+            log.info(
+                "DTU {psn} at {peer} went away before its login was answered", psn=login.psn, peer=session.peer
+            )
+            if login.psn not in self.sessions:  # the store marked it online; nothing is
+                self._mark_offline(login.psn, session.last_seen)
+            return decision
         self.stats["logins"] += 1
         if decision.enrolled:
             log.info("DTU {psn} enrolled from {peer}", psn=login.psn, peer=session.peer)
@@ -264,7 +303,10 @@ class DTUCenter(Service):
         del self.sessions[psn]
         self._seen.pop(psn, None)
         log.info("DTU {psn} offline ({peer})", psn=psn, peer=session.peer)
-        self.records.mark_offline(psn, session.last_seen).addErrback(
+        self._mark_offline(psn, session.last_seen)
+
+    def _mark_offline(self, psn: int, last_seen: dt.datetime) -> None:
+        self.records.mark_offline(psn, last_seen).addErrback(
             lambda f: log.failure("Could not mark DTU {psn} offline", f, psn=psn)
         )
 
@@ -288,12 +330,10 @@ class DTUCenter(Service):
         assert psn is not None
         registers = session.registers
         if registers and len(upload.values) != len(registers):
-            self.stats["uploads_mismatched"] += 1
-            log.warn(
-                "DTU {psn} sent {count} values but its register list has {expected}; asking it to resend",
-                psn=psn, count=len(upload.values), expected=len(registers),
-            )
+            self._upload_mismatched(session, psn, len(upload.values), len(registers))
             return succeed((upload.test_code - 1) & 0xFF)
+        if self._mismatched:
+            self._upload_matched(psn)
         last = self._last_upload.get(psn)
         if last is not None and last.test_code == upload.test_code and last.values == upload.values:
             self.stats["uploads_repeated"] += 1
@@ -306,6 +346,58 @@ class DTUCenter(Service):
         """An upload was not stored: a resend of it must be stored, not taken for a repeat."""
         if self._last_upload.get(record.psn) is record:
             del self._last_upload[record.psn]
+
+    def _upload_mismatched(self, session: DTUSession, psn: int, count: int, expected: int) -> None:
+        """Refused (TestCode - 1 makes the DTU resend); if it keeps on, ask the DTU for its list.
+
+        A register list stored from a SaveSetup the DTU did not keep (or changed on the DTU
+        since) would otherwise refuse its uploads for ever. The DTU's own answer is stored by
+        the command queue and names the next uploads.
+        """
+        self.stats["uploads_mismatched"] += 1
+        mismatch = self._mismatched.get(psn)
+        if mismatch is None:
+            mismatch = self._mismatched[psn] = _Mismatch()
+        mismatch.in_a_row += 1
+        mismatch.total += 1
+        now = self.clock.seconds()
+        interval = self.settings.mismatch_interval
+        if mismatch.logged_at is None or now - mismatch.logged_at >= interval:
+            mismatch.logged_at = now
+            log.warn(
+                "DTU {psn} sent {count} values but its register list has {expected}; asking it to resend"
+                " ({total} such uploads so far; logged again in {interval:g}s at the earliest)",
+                psn=psn, count=count, expected=expected, total=mismatch.total, interval=interval,
+            )
+        if mismatch.in_a_row < self.settings.mismatches_before_asking:
+            return
+        if mismatch.asked_at is not None and now - mismatch.asked_at < interval:
+            return
+        mismatch.asked_at = now
+        mismatch.in_a_row = 0
+        self.stats["register_lists_asked"] += 1
+        log.info(
+            "Asking DTU {psn} for its register list: {count} uploads in a row disagreed with the stored one",
+            psn=psn, count=self.settings.mismatches_before_asking,
+        )
+        session.commands.read_setup().addErrback(self._register_list_not_read, psn)
+
+    @staticmethod
+    def _register_list_not_read(failure: Failure, psn: int) -> None:
+        # The command queue has logged why (timeout, disconnect, store); it is asked again later.
+        log.info("DTU {psn} did not tell its register list: {why}", psn=psn, why=failure.getErrorMessage())
+
+    def _upload_matched(self, psn: int) -> None:
+        mismatch = self._mismatched.pop(psn, None)
+        if mismatch is not None:
+            log.info(
+                "DTU {psn}'s uploads match its register list again, after {total} that did not",
+                psn=psn, total=mismatch.total,
+            )
+
+    def mismatched_psns(self, limit: int = MISMATCHED_PSNS_SHOWN) -> tuple[int, list[int]]:
+        """How many DTUs' uploads disagree with their stored register list now, and the lowest ``limit`` PSNs."""
+        return len(self._mismatched), heapq.nsmallest(limit, self._mismatched)
 
     # -- setups ----------------------------------------------------------------------
 

@@ -280,12 +280,23 @@ class CommandQueue:
     """The commands of one DTU session: one on the wire, the rest waiting in order."""
 
     def __init__(self, session: CommandOwner) -> None:
-        self._session = session
+        #: Dropped at close: the session holds this queue, and a cycle between them would keep
+        #: both (and the connection behind them) alive until a full collection, which the
+        #: center's GC tuning makes rare (tap.tune_garbage_collector).
+        self._owner: CommandOwner | None = session
         self._clock = session.clock
+        self._dialect = session.dialect
         self._waiting: deque[Ticket] = deque()
         self._current: Ticket | None = None
         self._timer: IDelayedCall | None = None
         self._closed = False
+
+    @property
+    def _session(self) -> CommandOwner:
+        """The session; only while open (a closed queue sends nothing and hears nothing)."""
+        if self._owner is None:
+            raise RuntimeError("the command queue is closed")
+        return self._owner
 
     @property
     def _timeout(self) -> float:
@@ -314,7 +325,7 @@ class CommandQueue:
         """Queue ``command``; its Deferred fails with a CommandError when it does not succeed."""
         ticket = Ticket(command, self._now(), Deferred(self._cancel))
         try:
-            command.check(self._session.dialect)
+            command.check(self._dialect)
         except InvalidCommand as e:
             self._end(ticket, e)
             return ticket
@@ -342,7 +353,7 @@ class CommandQueue:
             ticket = self._waiting.popleft()
             message = ticket.command.message()
             try:
-                frame = wire.encode_frame(message, self._session.dialect)
+                frame = wire.encode_frame(message, self._dialect)
             except wire.WireError as e:  # check() should have caught it; never send half a command
                 self._end(ticket, InvalidCommand(str(e)))
                 continue
@@ -403,6 +414,7 @@ class CommandQueue:
         if self._closed:
             return
         self._closed = True
+        self._owner = None
         self._cancel_timer()
         pending = ([self._current] if self._current is not None else []) + list(self._waiting)
         self._current = None

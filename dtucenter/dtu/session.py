@@ -83,6 +83,32 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+class _Gone:
+    """The Link of a session whose connection is gone: nothing to send to, nothing to pause.
+
+    A session drops its real link when the connection is lost: the link holds the
+    session too, and that cycle would keep both alive until a full collection.
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+
+_GONE = _Gone()
+
+
 class DTUSession:
     AWAITING_LOGIN = "awaiting-login"
     AUTHENTICATING = "authenticating"
@@ -152,6 +178,7 @@ class DTUSession:
         self._cancel_timer()
         self.commands.close()
         self._inbox.clear()
+        self.link = _GONE
         self.center.session_lost(self)
 
     def abort(self, reason: str) -> None:
@@ -205,6 +232,11 @@ class DTUSession:
         return None
 
     @property
+    def closed(self) -> bool:
+        """Closed by either end: it can neither send nor take over its DTU."""
+        return self.state == self.CLOSED
+
+    @property
     def reading_paused(self) -> bool:
         """Waiting for the store: frames the DTU sent may be waiting unread."""
         return self._working
@@ -230,11 +262,7 @@ class DTUSession:
 
     def _logged_in(self, decision: LoginDecision, login: wire.Login) -> None:
         if self.state == self.CLOSED:
-            # Gone while the store was deciding; the center must not think it is online.
-            if decision.accepted:
-                self.psn = login.psn
-                self.center.session_lost(self)
-            return
+            return  # gone while the store was deciding: the center did not take it (DTUCenter._decided)
         if not decision.accepted:
             if self.spoofable and self.psn is not None:
                 # Anyone can send a Login "from" a logged-in DTU's UDP address: a refused one

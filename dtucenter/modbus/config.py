@@ -14,6 +14,7 @@ import attrs
 
 from dtucenter.modbus.filter import decode_packet_option
 from dtucenter.modbus.points import BlockLimits, Point
+from dtucenter.modbus.rules import RegistrationRule
 from dtucenter.setting import (
     boolean,
     choice,
@@ -106,6 +107,10 @@ class MeterSettings:
     link: str = attrs.field(metadata=setting(text, "The name of the link it is on."))
     unit: int = attrs.field(metadata=setting(integer(0, 255), "The unit id (1..247 on rtu links)."))
     points: tuple[Point, ...]
+    #: The shipped template the points came from, if they did.
+    template: str | None = attrs.field(
+        default=None, metadata=setting(text, "A shipped template's name, instead of [[meter.point]]s.")
+    )
     interval: float = attrs.field(default=10.0, metadata=setting(positive, "Seconds between polls."))
     limits: BlockLimits = attrs.Factory(BlockLimits)
 
@@ -128,3 +133,5 @@ class ModbusSettings:
     )
     links: tuple[LinkSettings, ...] = ()
     meters: tuple[MeterSettings, ...] = ()
+    #: ``[[rule]]``s for unknown registrations on the shared listener: read and checked, not yet applied.
+    rules: tuple[RegistrationRule, ...] = ()

@@ -7,6 +7,7 @@ import enum
 import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 from pymodbus.pdu import ModbusPDU
@@ -24,7 +25,21 @@ from pymodbus.pdu.register_message import (
 )
 
 from dtucenter.modbus.errors import ResponseMismatch
-from dtucenter.setting import boolean, integer, member, nonzero, setting, text
+from dtucenter.setting import (
+    Place,
+    boolean,
+    build,
+    check_unique,
+    integer,
+    member,
+    nonzero,
+    place_of,
+    read_keys,
+    read_tables,
+    require,
+    setting,
+    text,
+)
 
 MAX_READ_REGISTERS = 125
 MAX_READ_BITS = 2000
@@ -131,6 +146,40 @@ class Point:
     @property
     def end(self) -> int:
         return self.address + self.width
+
+
+# -- reading ------------------------------------------------------------------
+
+
+def read_points(value: object, place: Place) -> tuple[Point, ...]:
+    """The points of a ``[[point]]`` array (a meter's in the config file, or a template's), checked.
+
+    Possibly none: whether that is allowed is the holder's rule.
+
+    ``place`` is the table holding the array; a mistake raises ``ConfigError`` naming it and the point.
+    """
+    points = tuple(read_point(point, index, place) for index, point in read_tables(value, place, "point"))
+    check_unique([point.name for point in points], place, "point")
+    return points
+
+
+def read_point(table: Mapping[str, Any], index: int, holder: Place) -> Point:
+    """One ``[[point]]`` table: its keys converted, and how they go together checked."""
+    place = place_of(table, holder, "point", index)
+    (values,) = read_keys(table, place, Point)
+    require(Point, {*values, "type"}, place)  # the type has a default that depends on the table
+    kind = values["table"]
+    point_type = values.setdefault("type", PointType.BOOL if kind.holds_bits else PointType.UINT16)
+    if kind.holds_bits and point_type is not PointType.BOOL:
+        raise place.error("type", f"a {kind.value} point is a single bit: use bool, not {point_type.value}")
+    if "word_order" in values and point_type.registers < 2:
+        raise place.error("word_order", f"only applies to 32- and 64-bit types, not {point_type.value}")
+    if "scale" in values and point_type is PointType.BOOL:
+        raise place.error("scale", "does not apply to bool points")
+    point = build(Point, values, place)
+    if point.end > 65536:
+        raise place.error("address", f"{point_type.value} at {point.address} runs past address 65535")
+    return point
 
 
 # -- decoding -----------------------------------------------------------------

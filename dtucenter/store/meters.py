@@ -16,11 +16,9 @@ import attrs
 from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
+from dtucenter.setting import MAX_NAME
 from dtucenter.store.models import Meter, MeterFailure, MeterSample, MeterWrite
 from dtucenter.store.queries import table_of, time_window
-
-#: Longest meter, link or point name the tables hold.
-MAX_NAME = 100
 
 #: Point types whose stored value is a whole number when the scale is one.
 _WHOLE_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})

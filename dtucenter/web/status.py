@@ -22,6 +22,10 @@ class StatusApi:
     def install(self, router: Router) -> None:
         router.add("GET", "/api/status", self.status)
 
+    def _mismatches(self) -> dict[str, Any]:
+        count, psns = self.center.mismatched_psns()
+        return {"dtus": count, "psns": psns}
+
     async def status(self, call: Call) -> Any:
         call.query(())
         center, store = self.center, self.store
@@ -32,6 +36,7 @@ class StatusApi:
             "uptime_s": round((now - center.started).total_seconds(), 3) if center.started else 0,
             "dtus_online": len(center.sessions),
             "counters": dict(sorted(center.stats.items())),
+            "register_list_mismatches": self._mismatches(),
             "store": {"healthy": store.healthy, "backlog_rows": store.backlog, **attrs.asdict(store.stats)},
             "modbus": self.bridge.polling_summary() if self.bridge is not None else None,
         }

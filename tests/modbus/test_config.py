@@ -170,7 +170,7 @@ POINT = 'meter "m": point "p"'
         (with_point(name=""), 'meter "m": point[0]: name', "must be a non-empty string, got ''"),
         (with_point(name=7), 'meter "m": point[0]: name', "must be a non-empty string, got 7"),
         (with_point(name="p" * 101), 'meter "m": point[0]: name', "at most 100 characters, got 101"),
-        (METER, 'meter "m": point', "a meter needs at least one [[meter.point]]"),
+        (METER, 'meter "m": point', "a meter needs a template or at least one [[meter.point]]"),
         (METER + 'point = 3\n', 'meter "m": point', "must be an array of tables ([[point]]), got 3"),
         (METER + 'point = [3]\n', 'meter "m": point[0]', "must be a table, got 3"),
     ],

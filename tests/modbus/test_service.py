@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -17,6 +17,7 @@ from zope.interface import implementer
 from dtucenter.config import read_settings
 from dtucenter.modbus.service import ModbusBridge, PortRecordingEndpoint
 from tests.modbus.modbus_helpers import SerialOpener, result_of
+from tests.support import run_process
 
 CONFIG = """
 [modbus]
@@ -106,7 +107,7 @@ def test_a_failure_to_listen_fails_every_waiter_and_leaves_the_service_no_port()
     assert result_of(recording.when_listening()).check(CannotListenError)
 
 
-def test_the_bridge_stands_apart_from_the_rest_of_the_center() -> None:
+def test_the_bridge_stands_apart_from_the_rest_of_the_center(tmp_path: Path) -> None:
     # Integration wires the bridge in; the bridge must not reach back. It may share
     # leaf helpers that import nothing of the center (addresses, the latency histogram, the login throttle,
     # the settings' declarations, transport handling).
@@ -114,6 +115,8 @@ def test_the_bridge_stands_apart_from_the_rest_of_the_center() -> None:
         "import sys, dtucenter.modbus.service\n"
         "print(sorted(m for m in sys.modules if m.startswith('dtucenter.') and not m.startswith('dtucenter.modbus')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    result = run_process([sys.executable, "-c", code], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     leaves = ["addresses", "latency", "setting", "throttle", "transports"]
     assert out.strip() == repr([f"dtucenter.{leaf}" for leaf in leaves])

@@ -1,0 +1,144 @@
+"""Meter templates: named, versioned point lists for meter models.
+
+A template is a TOML document in the shape of a config file's ``[[meter]]``
+points, with what it describes on top::
+
+    name = "eastron-sdm120"
+    version = 1
+    description = "..."
+    manufacturer = "Eastron"
+    model = "SDM120-Modbus"
+    source = "the public register map it follows, and where it was checked"
+
+    [[point]]
+    name = "voltage"
+    table = "input"
+    address = 0x0000
+    type = "float32"
+    unit = "V"
+
+The templates the center ships are the ``*.toml`` files beside this module,
+each named after its file. A template's points are read by the same reader as
+a config file's (``points.read_points``): the same keys, rules and one-line
+messages, naming the template file and the point.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from importlib.resources.abc import Traversable
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from dtucenter.modbus.points import Point, read_points
+from dtucenter.setting import (
+    MAX_NAME,
+    ConfigError,
+    Place,
+    build,
+    integer,
+    read_keys,
+    read_table,
+    setting,
+    text,
+)
+
+#: Template names go into URLs (``/api/templates/{name}``) and file names.
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
+def template_name(value: Any) -> str:
+    """A template's name: lower-case letters, digits and dashes, starting with a letter or digit."""
+    name = text(value)
+    if len(name) > MAX_NAME or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"must be lower-case letters, digits and dashes (at most {MAX_NAME}), got {name!r}"
+        )
+    return name
+
+
+@attrs.frozen
+class Template:
+    """A meter model's points, and what they were taken from."""
+
+    name: str = attrs.field(metadata=setting(template_name, "The template's name, as meters name it."))
+    version: int = attrs.field(
+        metadata=setting(integer(1, 1_000_000), "Raised whenever the points change.")
+    )
+    description: str = attrs.field(metadata=setting(text, "What the template reads, for people."))
+    manufacturer: str = attrs.field(metadata=setting(text, "Who makes the meter."))
+    model: str = attrs.field(metadata=setting(text, "The meter model (or family) the points are for."))
+    source: str = attrs.field(
+        metadata=setting(text, "The public register map the points follow: document, version, where checked.")
+    )
+    points: tuple[Point, ...]
+
+    def summary(self) -> dict[str, str | int]:
+        """What a list of templates shows of each: all but the points, and how many there are."""
+        return {
+            "name": self.name, "version": self.version, "description": self.description,
+            "manufacturer": self.manufacturer, "model": self.model, "source": self.source,
+            "points": len(self.points),
+        }
+
+
+def read_template(document: Mapping[str, Any], source: str) -> Template:
+    """A template from a loaded TOML document; ``source`` names it in messages (its file)."""
+    place = Place(source)
+    data = dict(read_table(document, place))
+    point_tables = data.pop("point", None)
+    (values,) = read_keys(data, place, Template)
+    points = read_points(point_tables, place)
+    if not points:
+        raise place.error("point", "a template needs at least one [[point]]")
+    return build(Template, values, place, points=points)
+
+
+def parse_template(content: bytes | str, source: str) -> Template:
+    """A template from the contents of a TOML file."""
+    try:
+        document = tomllib.loads(content.decode() if isinstance(content, bytes) else content)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(source, "", f"not valid TOML: {e}") from None
+    return read_template(document, source)
+
+
+def _shipped_files() -> dict[str, Traversable]:
+    files = (entry for entry in resources.files(__name__).iterdir() if entry.name.endswith(".toml"))
+    return {entry.name.removesuffix(".toml"): entry for entry in sorted(files, key=lambda entry: entry.name)}
+
+
+@functools.cache
+def shipped_templates() -> Mapping[str, Template]:
+    """The templates shipped with the center, by name (read once: they are package data)."""
+    found = {}
+    for name, entry in _shipped_files().items():
+        source = f"{__name__.replace('.', '/')}/{entry.name}"
+        template = parse_template(entry.read_bytes(), source)
+        if template.name != name:
+            raise ConfigError(source, "name", f"must be the file's name, {name!r}")
+        found[name] = template
+    return MappingProxyType(found)
+
+
+def shipped_template_text(name: str) -> str:
+    """The file of the shipped template ``name`` as written, comments and all: a start for one's own.
+
+    ``LookupError`` says which exist.
+    """
+    find_template(name)
+    return _shipped_files()[name].read_text(encoding="utf-8")
+
+
+def find_template(name: str) -> Template:
+    """The shipped template ``name``; ``LookupError`` says which exist."""
+    templates = shipped_templates()
+    if name not in templates:
+        raise LookupError(f"no template named {name!r} (templates: {', '.join(templates)})")
+    return templates[name]
