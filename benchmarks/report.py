@@ -45,6 +45,12 @@ def modbus_line(m: dict[str, Any]) -> str:
             f"{m['failed']} failed, CPU {_pct(m['cpu'])}")
 
 
+def storm_line(row: dict[str, Any], dtus: int) -> str:
+    return (f"storm {row['storm']}: {row['dropped']} dropped, {row['lost']} of {dtus} logins lost, "
+            f"all back in {row['all_back']:.1f}s, "
+            f"RSS {row['rss_before'] / MIB:.1f} -> {row['rss_after'] / MIB:.1f} MiB")
+
+
 _LINE_NUMBER = re.compile(r":\d+\)$")
 
 
@@ -101,6 +107,7 @@ def render(results: dict[str, Any]) -> str:
     out += _render_ingest(results)
     out += _render_profile(results.get("profile"))
     out += _render_modbus(results.get("modbus"))
+    out += _render_storms(results.get("storm"), results["machine"])
     if FINDINGS.exists():
         out += ["", FINDINGS.read_text().rstrip(), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -270,3 +277,62 @@ def _render_modbus(modbus: dict[str, Any] | None) -> list[str]:
          f"reconnections during the run: {m['reconnects']}."),
         "",
     ]
+
+
+STORM_HEADING = "## Redial storms"
+
+
+def _render_storms(runs: list[dict[str, Any]] | None, machine: dict[str, Any]) -> list[str]:
+    if not runs:
+        return []
+    first = runs[0]
+    lines = [
+        STORM_HEADING,
+        "",
+        (f"{first['dtus']:,} DTUs logged in; then the simulator drops every connection at once (a power cut), and"),
+        "every DTU redials after the same 1-2 s backoff (1 s and a random jitter): the whole fleet at once.",
+        f"A DTU not logged in again within {first['bound']:.0f} s of the drop counts as a lost login; \"all back\" is",
+        "the time from the drop until every DTU is logged in again. Listen overflows are the kernel's counters",
+        "(TcpExt ListenOverflows, the whole host) during the storm: handshakes it dropped because the accept queue",
+        "was full. Login timeouts are DTUs whose connection looked open to them but whose Login never reached the",
+        "center (the overflow dropped it): each waited out its 30 s login timeout and dialled again, a login",
+        f"missed at the first attempt. net.core.somaxconn was {first['somaxconn']}, which caps any backlog.",
+        f"Measured {machine['date']}.",
+        "",
+    ]
+    for run in runs:
+        backlog = run["backlog"]
+        title = ("the center's default backlog" if backlog is None
+                 else f"backlog={backlog} in the endpoint (Twisted's default is 50)")
+        lines += [
+            f"### {title}",
+            "",
+            ("| storm | dropped | logins lost | all back after (s) | connect failures | login timeouts "
+             "| listen overflows | center RSS before (MiB) | after (MiB) |"),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in run["storms"]:
+            overflows = r["listen_overflows"].get("ListenOverflows", "-")
+            lines.append(
+                f"| {r['storm']} | {r['dropped']:,} | {r['lost']:,} | {r['all_back']:.1f} | {r['connect_failed']:,} "
+                f"| {r['login_timeouts']:,} | {overflows:,} | {r['rss_before'] / MIB:.1f} "
+                f"| {r['rss_after'] / MIB:.1f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def with_storm_section(report: str, results: dict[str, Any]) -> str:
+    """``report`` with its redial-storm section replaced by (or, if it has none, given) the one rendered from
+    ``results``, placed where :func:`render` puts it: after the measured sections, before the findings."""
+    section = "\n".join(_render_storms(results.get("storm"), results["machine"])).rstrip() + "\n"
+    if STORM_HEADING + "\n" in report:
+        before, _, rest = report.partition(STORM_HEADING + "\n")
+        following = re.search(r"^(## |# )", rest, re.MULTILINE)
+        after = rest[following.start():] if following else ""
+        return f"{before}{section}\n\n{after}" if after else f"{before}{section}"
+    findings_title = FINDINGS.read_text().splitlines()[0] if FINDINGS.exists() else None
+    if findings_title and "\n" + findings_title + "\n" in report:
+        before, _, after = report.partition("\n" + findings_title + "\n")
+        return f"{before.rstrip()}\n\n{section}\n\n{findings_title}\n{after}"
+    return f"{report.rstrip()}\n\n{section}"

@@ -183,6 +183,18 @@ class Settings:
             option="api-token",
         ),
     )
+    #: The log file is twistd's (``--logfile``; without ``-n``, twistd.log); bounded here,
+    #: as twistd's own keeps every rotated file for ever.
+    log_rotate_size: int = attrs.field(
+        default=10_000_000,
+        metadata=setting(
+            integer(1000, 10**12), "Bytes at which the log file is rotated.", option="log-rotate-size"
+        ),
+    )
+    log_keep: int = attrs.field(
+        default=10,
+        metadata=setting(integer(1, 1000), "Rotated log files kept; older ones are deleted.", option="log-keep"),
+    )
     modbus: ModbusSettings = attrs.Factory(ModbusSettings)
     #: The config file, or "defaults".
     source: str = "defaults"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readA
 from twisted.conch.manhole_tap import chainedProtocolFactory
 from twisted.conch.ssh import keys
 from twisted.cred import portal
+from twisted.internet.endpoints import _parse
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -30,10 +30,9 @@ class ManholeError(Exception):
     """The manhole cannot start; the message is for the operator."""
 
 
-#: The loopback interface of each endpoint type that listens on every interface unless told otherwise.
+#: The loopback interface of each endpoint type that listens on every interface unless told otherwise,
+#: as an endpoint string writes it (colons escaped).
 LOOPBACK = {"tcp": "127.0.0.1", "tcp6": r"\:\:1"}
-#: Twisted's endpoint strings separate their fields with colons not escaped by a backslash.
-_FIELD_SEPARATOR = re.compile(r"(?<!\\):")
 
 
 def loopback_unless_named(endpoint: str) -> str:
@@ -44,14 +43,14 @@ def loopback_unless_named(endpoint: str) -> str:
     loopback one. One that names an interface is kept as given, with a warning if that
     interface is not loopback. Other endpoint types (``unix:``, say) are kept as given.
     """
-    kind, *fields = _FIELD_SEPARATOR.split(endpoint)
-    loopback = LOOPBACK.get(kind.lower())
+    # Twisted's own tokenizer, so that escaped colons (tcp6 addresses) are read as Twisted reads them.
+    args, kwargs = _parse(endpoint)
+    loopback = LOOPBACK.get(str(args[0]).lower()) if args else None
     if loopback is None:
         return endpoint
-    named = [field.partition("=")[2] for field in fields if field.startswith("interface=")]
-    if not named:
-        return f"{endpoint}:interface={loopback}"
-    interface = named[-1].replace("\\:", ":")
+    interface = kwargs.get("interface")
+    if interface is None:
+        return f"{endpoint.rstrip(':')}:interface={loopback}"
     try:
         is_loopback = ipaddress.ip_address(interface).is_loopback
     except ValueError:
