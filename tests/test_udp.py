@@ -7,6 +7,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import LogEvent, LogLevel, globalLogPublisher
+
 from dtucenter.dtu import wire
 from dtucenter.dtu.session import INBOX_LIMIT, DTUSession
 from dtucenter.dtu.udp import BACKLOG_LIMIT, DTUDatagramProtocol
@@ -152,3 +154,22 @@ def test_forged_wrong_logins_from_a_dtus_address_neither_end_nor_lock_it_out(tmp
     assert sent.to(same_host)[-1].accepted and h.center.sessions[1] is protocol.links[same_host].session
     protocol.stopProtocol()
     assert h.clock.getDelayedCalls() == []
+
+
+def test_forged_addresses_that_never_log_in_are_counted_not_logged_one_by_one(tmp_path: Path) -> None:
+    h, protocol, _sent = udp(tmp_path)
+    warnings: list[LogEvent] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            warnings.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for n in range(1_000):
+            protocol.datagramReceived(b"\x00", (f"10.0.{n >> 8}.{n & 255}", 9000))
+        h.clock.advance(30)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert protocol.links == {} and h.center.stats["login_timeouts"] == 1_000
+    assert warnings == []
