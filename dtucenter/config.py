@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 from attrs import AttrsInstance
 
+from dtucenter.dtu.udp import DEFAULT_MAX_PENDING
 from dtucenter.dtu.wire import DEFAULT_HEAD, DEFAULT_MAX_LENGTH, Dialect, WireError, parse_head
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings, SerialSettings
 from dtucenter.modbus.points import BlockLimits, read_points
@@ -109,6 +110,14 @@ class Settings:
     dtu_udp: str | None = attrs.field(
         default=None,
         metadata=setting(_udp, "UDP PORT or INTERFACE:PORT for DTUs over UDP (default off).", option="dtu-udp"),
+    )
+    dtu_udp_pending: int = attrs.field(
+        default=DEFAULT_MAX_PENDING,
+        metadata=setting(
+            integer(1, 1_000_000),
+            "Most UDP source addresses kept before they log in; past it the oldest is dropped.",
+            option="dtu-udp-pending",
+        ),
     )
     db: str = attrs.field(default=DEFAULT_DB_URL, metadata=setting(stripped, "SQLAlchemy database URL.", option="db"))
     no_upgrade: bool = attrs.field(

@@ -209,7 +209,8 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     udp = settings.udp_interface_and_port
     if udp is not None:
         interface, port = udp
-        udp_service = UDPListenerService(reactor, interface, port, DTUDatagramProtocol(center, reactor))
+        udp_protocol = DTUDatagramProtocol(center, reactor, settings.dtu_udp_pending)
+        udp_service = UDPListenerService(reactor, interface, port, udp_protocol)
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
     bridge = add_modbus(top, settings, recorder, reactor)
@@ -257,7 +258,7 @@ def add_manhole(
     top: CenterService, settings: Settings, endpoint: str, center: DTUCenter, bridge: ModbusBridge | None,
     reactor: Any,
 ) -> None:
-    from dtucenter.manhole import ManholeError, manhole_factory
+    from dtucenter.manhole import ManholeError, loopback_unless_named, manhole_factory
 
     namespace = {
         "service": top,
@@ -276,6 +277,6 @@ def add_manhole(
         )
     except ManholeError as e:
         raise UsageError(str(e)) from None
-    listener = ListeningService(listening_endpoint(reactor, endpoint), factory, "manhole")
+    listener = ListeningService(listening_endpoint(reactor, loopback_unless_named(endpoint)), factory, "manhole")
     listener.setServiceParent(top)
     top.require_listening(settings.where("manhole"), listener.when_listening)

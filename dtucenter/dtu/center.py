@@ -160,7 +160,13 @@ THROTTLED = LoginDecision(False, "too many failed logins; try later", REFUSED)
 def _throttle_key(session: DTUSession, login: wire.Login) -> str:
     # Per source host and PSN, not per host: thousands of DTUs may share one
     # carrier NAT address, and one misconfigured DTU must not lock them out.
-    return f"{session.peer.rpartition(':')[0]}/{login.psn}"
+    key = f"{session.peer.rpartition(':')[0]}/{login.psn}"
+    if session.spoofable:
+        # A UDP source address can be forged, so failures "from" a DTU's address may be
+        # anyone's: with the PASS in the key they block only that wrong PASS, never the
+        # right one (docs/protocol.md, "Login").
+        key += f"/{login.password}"
+    return key
 
 
 _REGISTER = struct.Struct(">BH")

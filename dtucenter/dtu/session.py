@@ -120,11 +120,15 @@ class DTUSession:
     ONLINE = "online"
     CLOSED = "closed"
 
-    def __init__(self, center: DTUCenter, link: Link, peer: str, clock: IReactorTime) -> None:
+    def __init__(
+        self, center: DTUCenter, link: Link, peer: str, clock: IReactorTime, *, spoofable: bool = False
+    ) -> None:
         self.center = center
         self.link = link
         self.peer = peer
         self.clock = clock
+        #: The peer's address may be forged (UDP): what arrives from it may be anyone's.
+        self.spoofable = spoofable
         self.state = self.AWAITING_LOGIN
         self.psn: int | None = None
         self.registers: tuple[wire.Register, ...] = ()
@@ -314,10 +318,17 @@ class DTUSession:
     def _logged_in(self, decision: LoginDecision, login: wire.Login) -> None:
         if self.state == self.CLOSED:
             return  # gone while the store was deciding: the center did not take it (DTUCenter._decided)
-        self._send(decision.ack)
         if not decision.accepted:
+            if self.spoofable and self.psn is not None:
+                # Anyone can send a Login "from" a logged-in DTU's UDP address: a refused one
+                # must not end that DTU's session, nor be answered (the DTU would take it as its own).
+                self.state = self.ONLINE
+                self.stats["udp_logins_refused_while_online"] += 1
+                return
+            self._send(decision.ack)
             self._close()
             return
+        self._send(decision.ack)
         self.state = self.ONLINE
         self.psn = login.psn
         self.registers = decision.registers
@@ -337,7 +348,8 @@ class DTUSession:
             self._arm(self.center.settings.login_timeout, self._login_timed_out)
             return
         self.stats["login_timeouts"] += 1
-        log.warn("Closing {peer}: no valid Login in time", peer=self.peer)
+        # Over UDP every forged source address ends here: counted, not logged one by one.
+        (log.debug if self.spoofable else log.warn)("Closing {peer}: no valid Login in time", peer=self.peer)
         self._close(abort=True)
 
     # -- liveness ---------------------------------------------------------------------------
