@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch import manhole_ssh
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readAuthorizedKeyFile
 from twisted.conch.manhole_tap import chainedProtocolFactory
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import keys, transport
 from twisted.cred import portal
 from twisted.internet.endpoints import _parse
 from twisted.logger import Logger
@@ -109,6 +109,21 @@ class ManholeRealm(manhole_ssh.TerminalRealm):
         self.chainedProtocolFactory = chainedProtocolFactory(namespace)  # type: ignore[assignment]
 
 
+class ManholeTransport(transport.SSHServerTransport):
+    """Twisted's SSH server transport, but an ordinary logout is not an error.
+
+    ``SSHTransportBase.receiveError`` logs every DISCONNECT a client sends at error level,
+    OpenSSH's "disconnected by user" at the end of each session too: an operator's log would
+    show an error for every manhole visit.
+    """
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        if reasonCode == transport.DISCONNECT_BY_APPLICATION:
+            log.info("Manhole client logged out: {description}", description=description.decode("utf-8", "replace"))
+            return
+        super().receiveError(reasonCode, description)
+
+
 def manhole_factory(
     namespace: dict[str, object], authorized_keys: Path, host_key_path: Path
 ) -> manhole_ssh.ConchFactory:
@@ -116,6 +131,7 @@ def manhole_factory(
         raise ManholeError(f"manhole: authorized keys file {authorized_keys} does not exist")
     checker = SSHPublicKeyChecker(AuthorizedKeysFile(authorized_keys))
     factory = manhole_ssh.ConchFactory(portal.Portal(ManholeRealm(namespace), [checker]))
+    factory.protocol = ManholeTransport
     key = host_key(host_key_path)
     # Per instance: ConchFactory's class attributes would be shared by every factory.
     factory.publicKeys = {key.sshType(): key.public()}
