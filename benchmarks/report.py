@@ -45,6 +45,20 @@ def modbus_line(m: dict[str, Any]) -> str:
             f"{m['failed']} failed, CPU {_pct(m['cpu'])}")
 
 
+def junk_flood_line(j: dict[str, Any]) -> str:
+    q, f = j["quiet"], j["flooded"]
+    return (f"ack p50/p99 {_ms(q['p50'])}/{_ms(q['p99'])} ms before, {_ms(f['p50'])}/{_ms(f['p99'])} ms during "
+            f"{j['junk_bytes_per_s'] / MIB:.0f} MiB/s of junk written by {j['junk_connections']} connections, "
+            f"{j['junk_connections_closed_per_s']:.0f} closed/s; "
+            f"{j['log_lines']} log lines, CPU {_pct(j['cpu'])}")
+
+
+def storm_line(row: dict[str, Any], dtus: int) -> str:
+    return (f"storm {row['storm']}: {row['dropped']} dropped, {row['lost']} of {dtus} logins lost, "
+            f"all back in {row['all_back']:.1f}s, "
+            f"RSS {row['rss_before'] / MIB:.1f} -> {row['rss_after'] / MIB:.1f} MiB")
+
+
 _LINE_NUMBER = re.compile(r":\d+\)$")
 
 
@@ -101,6 +115,8 @@ def render(results: dict[str, Any]) -> str:
     out += _render_ingest(results)
     out += _render_profile(results.get("profile"))
     out += _render_modbus(results.get("modbus"))
+    out += _render_storms(results.get("storm"), results["machine"])
+    out += _render_junk_flood(results.get("junk_flood"))
     if FINDINGS.exists():
         out += ["", FINDINGS.read_text().rstrip(), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -245,6 +261,43 @@ def _render_profile(profile: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
+JUNK_FLOOD_HEADING = "## Junk flood: well-behaved DTUs while connections stream junk"
+
+
+def _render_junk_flood(junk: dict[str, Any] | None) -> list[str]:
+    if not junk:
+        return []
+    j, q, f = junk, junk["quiet"], junk["flooded"]
+    met = f["p99"] is not None and f["p99"] < TARGET_P99
+    return [
+        JUNK_FLOOD_HEADING,
+        "",
+        (f"{j['dtus']:,} simulated DTUs upload {j['rate']:,} SendTest frames/s in all. Then "
+         f"`benchmarks/junk_flood.py` opens {j['junk_connections']} more connections that write `AA 55` (heads "
+         "with an impossible Length) as fast as loopback takes it and dial again whenever the center closes them "
+         "(after 4 KiB without a valid frame, before a login). Acks are measured over a window before the "
+         f"flood and one during it ({f['seconds']:.0f} s); log lines are the center's, written during the "
+         "flood window."),
+        "",
+        "| window | acked frames/s | ack p50 (ms) | ack p99 (ms) | ack timeouts |",
+        "|---|---:|---:|---:|---:|",
+        (f"| before the flood | {q['acked_per_s']:,.0f} | {_ms(q['p50'])} | {_ms(q['p99'])} | "
+         f"{q['ack_timeouts']} |"),
+        (f"| during the flood | {f['acked_per_s']:,.0f} | {_ms(f['p50'])} | {_ms(f['p99'])} | "
+         f"{f['ack_timeouts']} |"),
+        "",
+        (f"Junk written by the flooder: {j['junk_bytes_per_s'] / MIB:,.1f} MiB/s (into socket buffers; what "
+         "the center had not read when it closed a connection is lost with it); junk connections closed: "
+         f"{j['junk_connections_closed_per_s']:,.0f}/s, each after at most 4 KiB parsed; center log lines "
+         f"written: {j['log_lines']:,} in {j['seconds']:.0f} s; center CPU {_pct(j['cpu'])}; flooder CPU "
+         f"{_pct(j.get('flooder_cpu'))} at niceness {j.get('flooder_nice', 0)}; machine load average at the end "
+         f"{j.get('load_average', 0):.1f} on {j.get('cores', '?')} cores."),
+        "",
+        "- Ack p99 under 100 ms during the flood: " + _verdict(met, f"{_ms(f['p99'])} ms"),
+        "",
+    ]
+
+
 def _render_modbus(modbus: dict[str, Any] | None) -> list[str]:
     if not modbus:
         return []
@@ -270,3 +323,81 @@ def _render_modbus(modbus: dict[str, Any] | None) -> list[str]:
          f"reconnections during the run: {m['reconnects']}."),
         "",
     ]
+
+
+STORM_HEADING = "## Redial storms"
+
+
+def _render_storms(runs: list[dict[str, Any]] | None, machine: dict[str, Any]) -> list[str]:
+    if not runs:
+        return []
+    first = runs[0]
+    lines = [
+        STORM_HEADING,
+        "",
+        (f"{first['dtus']:,} DTUs logged in; then the simulator drops every connection at once (a power cut), and"),
+        "every DTU redials after the same 1-2 s backoff (1 s and a random jitter): the whole fleet at once.",
+        f"A DTU not logged in again within {first['bound']:.0f} s of the drop counts as a lost login; \"all back\" is",
+        "the time from the drop until every DTU is logged in again. Listen overflows are the kernel's counters",
+        "(TcpExt ListenOverflows, the whole host) during the storm: handshakes it dropped because the accept queue",
+        "was full. Login timeouts are DTUs whose connection looked open to them but whose Login never reached the",
+        "center (the overflow dropped it): each waited out its 30 s login timeout and dialled again, a login",
+        f"missed at the first attempt. net.core.somaxconn was {first['somaxconn']}, which caps any backlog.",
+        f"Measured {machine['date']}.",
+        "",
+    ]
+    for run in runs:
+        backlog = run["backlog"]
+        title = ("the center's default backlog" if backlog is None
+                 else f"backlog={backlog} in the endpoint (Twisted's default is 50)")
+        lines += [
+            f"### {title}",
+            "",
+            ("| storm | dropped | logins lost | all back after (s) | connect failures | login timeouts "
+             "| listen overflows | center RSS before (MiB) | after (MiB) |"),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in run["storms"]:
+            overflows = r["listen_overflows"].get("ListenOverflows", "-")
+            lines.append(
+                f"| {r['storm']} | {r['dropped']:,} | {r['lost']:,} | {r['all_back']:.1f} | {r['connect_failed']:,} "
+                f"| {r['login_timeouts']:,} | {overflows:,} | {r['rss_before'] / MIB:.1f} "
+                f"| {r['rss_after'] / MIB:.1f} |"
+            )
+        lines.append("")
+    return lines
+
+
+#: The scenarios whose sections stand alone (no line in Targets): ``--merge`` replaces just them.
+MERGEABLE = {"storm", "junk"}
+
+
+def with_sections(report: str, results: dict[str, Any]) -> str:
+    """``report`` with the stand-alone sections that ``results`` holds replaced (or added)."""
+    if results.get("storm"):
+        report = with_storm_section(report, results)
+    if results.get("junk_flood"):
+        report = _with_section(report, JUNK_FLOOD_HEADING, _render_junk_flood(results["junk_flood"]))
+    return report
+
+
+def with_storm_section(report: str, results: dict[str, Any]) -> str:
+    """``report`` with its redial-storm section replaced by (or, if it has none, given) the one rendered from
+    ``results``."""
+    return _with_section(report, STORM_HEADING, _render_storms(results.get("storm"), results["machine"]))
+
+
+def _with_section(report: str, heading: str, lines: list[str]) -> str:
+    """``report`` with the section under ``heading`` replaced by ``lines`` (or, if it has none, given them
+    where :func:`render` puts such sections: after the measured ones, before the findings)."""
+    section = "\n".join(lines).rstrip() + "\n"
+    if heading + "\n" in report:
+        before, _, rest = report.partition(heading + "\n")
+        following = re.search(r"^(## |# )", rest, re.MULTILINE)
+        after = rest[following.start():] if following else ""
+        return f"{before}{section}\n\n{after}" if after else f"{before}{section}"
+    findings_title = FINDINGS.read_text().splitlines()[0] if FINDINGS.exists() else None
+    if findings_title and "\n" + findings_title + "\n" in report:
+        before, _, after = report.partition("\n" + findings_title + "\n")
+        return f"{before.rstrip()}\n\n{section}\n\n{findings_title}\n{after}"
+    return f"{report.rstrip()}\n\n{section}"

@@ -1,7 +1,9 @@
 """The load benchmark: the real center (twistd, SQLite in a temp dir) against dtucenter-sim.
 
-    python -m benchmarks.run                 # full scale, rewrites docs/performance.md (about 10 minutes)
+    python -m benchmarks.run                 # full scale, rewrites docs/performance.md (about 15 minutes)
     python -m benchmarks.run --smoke --out /tmp/perf.md   # seconds, every scenario at a tiny scale; the tests run this
+    python -m benchmarks.run --only storm --merge      # one scenario, its section replaced in docs/performance.md
+    python -m benchmarks.run --only junk --merge       # likewise the junk flood (also --only storm,junk)
 
 Every server and simulator is a separate process, so the center's own CPU
 (from /proc/PID/stat, all threads) is measured apart from the load
@@ -16,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -27,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from benchmarks import report
+from benchmarks import junk_flood, report
 from benchmarks.procs import (
     PATIENCE,
     ApiClient,
@@ -48,6 +51,16 @@ DEFAULT_OUT = ROOT / "docs" / "performance.md"
 
 
 @attrs.frozen
+class StormScale:
+    dtus: int
+    storms: int
+    #: Seconds after a drop within which a DTU must be logged in again, else its login counts as lost.
+    bound: float
+    #: Listen backlogs to compare: None is the center's own default (no ``backlog=`` in the endpoint).
+    backlogs: tuple[int | None, ...]
+
+
+@attrs.frozen
 class Scale:
     hold: tuple[int, ...]
     hold_idle: float
@@ -62,18 +75,20 @@ class Scale:
     modbus_warmup: float
     modbus_seconds: float
     connect_rate: int
+    storm: StormScale
 
 
 FULL = Scale(
     hold=(1000, 10000, 19000), hold_idle=15.0, settle=2.0, ingest_dtus=1000,
     ingest_rates=(2000, 5000, 8000, 9500, 11000, 12500, 14000, 17000, 20000, 24000),
     warmup=5.0, measure=10.0, profile_seconds=15.0, modbus_dtus=1000, modbus_warmup=5.0, modbus_seconds=20.0,
-    connect_rate=2000,
+    connect_rate=2000, storm=StormScale(dtus=10_000, storms=5, bound=60.0, backlogs=(None, 50)),
 )
 #: Every scenario end to end (one step each), as briefly as still yields a number: the tests run it.
 SMOKE = Scale(
     hold=(20,), hold_idle=0.5, settle=0.2, ingest_dtus=20, ingest_rates=(40,), warmup=0.5, measure=1.0,
     profile_seconds=0.0, modbus_dtus=5, modbus_warmup=1.0, modbus_seconds=1.0, connect_rate=1000,
+    storm=StormScale(dtus=20, storms=2, bound=30.0, backlogs=(None,)),
 )
 
 #: A step has fallen behind when it delivers less than this share of the offered rate ...
@@ -341,6 +356,79 @@ def run_modbus(workdir: Path, scale: Scale) -> dict[str, Any]:
     }
 
 
+# -- redial storms ----------------------------------------------------------------------------------
+
+
+def _listen_overflows() -> dict[str, int]:
+    """The kernel's count of connections dropped for a full accept queue (this network namespace, all sockets)."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines() if line.startswith("TcpExt:")]
+    if len(lines) != 2:
+        return {}
+    values = dict(zip(lines[0][1:], lines[1][1:], strict=True))
+    return {name: int(values.get(name, 0)) for name in ("ListenOverflows", "ListenDrops")}
+
+
+def _wait_for(reader: ReportReader, sim: Child, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    while not done(snap := reader.next(sim)):
+        pass
+    return snap
+
+
+def run_storm(workdir: Path, scale: Scale, backlog: int | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """The whole fleet logged in, all its connections dropped at once (the simulator's SIGUSR1), all redialling
+    together after the same 1-2 s backoff; ``storms`` times over. A login not back within ``bound`` is lost."""
+    storm = scale.storm
+    port = free_port()
+    endpoint = f"tcp:{port}:interface=127.0.0.1" + ("" if backlog is None else f":backlog={backlog}")
+    center = start_center(workdir, port, ["--dtu", endpoint])  # a later --dtu wins over start_center's
+    label = "default" if backlog is None else str(backlog)
+    sim: Child | None = None
+    rows: list[dict[str, Any]] = []
+    try:
+        sim, path = start_sim(workdir, f"storm-{label}", [
+            *_sim_dtu_args(port, storm.dtus, 4_000_000, 100_000.0, scale.connect_rate), "--report-interval", "0.1",
+        ])
+        reader = ReportReader(path)
+        _wait_logged_in(reader, sim, storm.dtus)
+        for number in range(1, storm.storms + 1):
+            time.sleep(scale.settle)
+            rss_before, overflows_before = rss_bytes(center.pid), _listen_overflows()
+            before = reader.next(sim)
+            os.kill(sim.pid, signal.SIGUSR1)
+            # Redials wait out a backoff of at least 1 s: this snapshot precedes every new login.
+            dropped = _wait_for(reader, sim, lambda snap, n=number: snap["counts"].get("drop_all", 0) >= n)
+            logins = dropped["counts"].get("logins", 0)
+
+            def back(snap: dict[str, Any], logins: int = logins, dropped: dict[str, Any] = dropped) -> bool:
+                relogged = snap["counts"].get("logins", 0) - logins >= storm.dtus
+                return (relogged and snap["logged_in"] >= storm.dtus) or (
+                    snap["elapsed"] - dropped["elapsed"] >= storm.bound)
+
+            at_bound = _wait_for(reader, sim, back)
+            lost = storm.dtus - at_bound["logged_in"] if at_bound["logged_in"] < storm.dtus else 0
+            everyone = at_bound if not lost else _wait_logged_in(reader, sim, storm.dtus)
+            time.sleep(scale.settle)
+            overflows_after = _listen_overflows()
+            counts_a, counts_b = before["counts"], reader.next(sim)["counts"]
+            row = {
+                "storm": number, "dropped": dropped["counts"].get("dropped", 0) - counts_a.get("dropped", 0),
+                "lost": lost, "all_back": everyone["elapsed"] - dropped["elapsed"],
+                "connect_failed": counts_b.get("error_connect_failed", 0) - counts_a.get("error_connect_failed", 0),
+                "login_timeouts": counts_b.get("error_login_timeout", 0) - counts_a.get("error_login_timeout", 0),
+                "listen_overflows": {name: overflows_after[name] - overflows_before.get(name, 0)
+                                     for name in overflows_after},
+                "rss_before": rss_before, "rss_after": rss_bytes(center.pid),
+            }
+            rows.append(row)
+            log(f"  backlog {label}: {report.storm_line(row, storm.dtus)}")
+    finally:
+        if sim is not None:
+            sim.stop()
+        center.stop()
+    return {"backlog": backlog, "dtus": storm.dtus, "bound": storm.bound, "storms": rows,
+            "somaxconn": int(Path("/proc/sys/net/core/somaxconn").read_text())}
+
+
 # -- the whole run ---------------------------------------------------------------------------------
 
 
@@ -367,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny scale, seconds (for CI)")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus",
+    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm,junk",
                         help="comma-separated scenarios to run (default all)")
     parser.add_argument("--profile-rate", type=int, default=None,
                         help="frames/s offered while profiling (default: the best sustained ingest rate)")
@@ -377,14 +465,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--findings-only", action="store_true",
                         help="only bring the report's copy of benchmarks/findings.md up to date")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only storm and/or junk, or --from-json: replace only those sections of the "
+                             "existing report")
     args = parser.parse_args(argv)
+    if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
+        parser.error("--merge takes --only storm and/or junk (or --from-json): the other sections share the "
+                     "Targets summary")
     if args.findings_only:
         out = args.out or DEFAULT_OUT
         out.write_text(report.with_current_findings(out.read_text()))
         return 0
     if args.from_json:
         out = args.out or DEFAULT_OUT
-        out.write_text(report.render(json.loads(args.from_json.read_text())))
+        saved = json.loads(args.from_json.read_text())
+        out.write_text(report.with_sections(out.read_text(), saved) if args.merge else report.render(saved))
         return 0
     scale = SMOKE if args.smoke else FULL
     if args.hold:
@@ -398,7 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_file_limit()
     workroot = Path(tempfile.mkdtemp(prefix="dtucenter-bench-"))
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
-                               "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None}
+                               "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
+                               "storm": [], "junk_flood": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -421,13 +517,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("modbus")
             results["modbus"] = run_modbus(_fresh(workroot, "modbus"), scale)
             log(f"  {report.modbus_line(results['modbus'])}")
+        if "storm" in only:
+            for backlog in scale.storm.backlogs:
+                log(f"storm: {scale.storm.dtus} DTUs, backlog {backlog or 'default'}")
+                workdir = _fresh(workroot, f"storm-{backlog or 'default'}")
+                results["storm"].append(run_storm(workdir, scale, backlog, log))
+        if "junk" in only:
+            log("junk flood")
+            results["junk_flood"] = junk_flood.run_junk_flood(
+                _fresh(workroot, "junk"), junk_flood.SMOKE if args.smoke else junk_flood.FULL)
+            log(f"  {report.junk_flood_line(results['junk_flood'])}")
     finally:
         if args.keep:
             log(f"kept {workroot}")
         else:
             shutil.rmtree(workroot, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.render(results))
+    if args.merge:
+        out.write_text(report.with_sections(out.read_text(), results))
+    else:
+        out.write_text(report.render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     log(f"wrote {out}")

@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 from attrs import AttrsInstance
 
+from dtucenter.dtu.udp import DEFAULT_MAX_PENDING
 from dtucenter.dtu.wire import DEFAULT_HEAD, DEFAULT_MAX_LENGTH, Dialect, WireError, parse_head
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings, SerialSettings
 from dtucenter.modbus.points import BlockLimits, read_points
@@ -110,6 +111,14 @@ class Settings:
         default=None,
         metadata=setting(_udp, "UDP PORT or INTERFACE:PORT for DTUs over UDP (default off).", option="dtu-udp"),
     )
+    dtu_udp_pending: int = attrs.field(
+        default=DEFAULT_MAX_PENDING,
+        metadata=setting(
+            integer(1, 1_000_000),
+            "Most UDP source addresses kept before they log in; past it the oldest is dropped.",
+            option="dtu-udp-pending",
+        ),
+    )
     db: str = attrs.field(default=DEFAULT_DB_URL, metadata=setting(stripped, "SQLAlchemy database URL.", option="db"))
     no_upgrade: bool = attrs.field(
         default=False,
@@ -173,6 +182,18 @@ class Settings:
             f"Bearer token for the API (else ${ENVIRONMENT_VARIABLE}, the config file, or dtucenter.token).",
             option="api-token",
         ),
+    )
+    #: The log file is twistd's (``--logfile``; without ``-n``, twistd.log); bounded here,
+    #: as twistd's own keeps every rotated file for ever.
+    log_rotate_size: int = attrs.field(
+        default=10_000_000,
+        metadata=setting(
+            integer(1000, 10**12), "Bytes at which the log file is rotated.", option="log-rotate-size"
+        ),
+    )
+    log_keep: int = attrs.field(
+        default=10,
+        metadata=setting(integer(1, 1000), "Rotated log files kept; older ones are deleted.", option="log-keep"),
     )
     modbus: ModbusSettings = attrs.Factory(ModbusSettings)
     #: The config file, or "defaults".

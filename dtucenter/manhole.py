@@ -2,11 +2,13 @@
 
 Only public-key logins are accepted, from an authorized_keys file that is
 read at every login (edit it without restarting). The host key is created
-on first use and kept, so clients can pin it.
+on first use and kept, so clients can pin it. It listens on loopback unless
+its endpoint names another interface (:func:`loopback_unless_named`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch import manhole_ssh
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readAuthorizedKeyFile
 from twisted.conch.manhole_tap import chainedProtocolFactory
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import keys, transport
 from twisted.cred import portal
+from twisted.internet.endpoints import _parse
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -25,6 +28,40 @@ log = Logger()
 
 class ManholeError(Exception):
     """The manhole cannot start; the message is for the operator."""
+
+
+#: The loopback interface of each endpoint type that listens on every interface unless told otherwise,
+#: as an endpoint string writes it (colons escaped).
+LOOPBACK = {"tcp": "127.0.0.1", "tcp6": r"\:\:1"}
+
+
+def loopback_unless_named(endpoint: str) -> str:
+    """The manhole's endpoint: ``tcp:2222`` and ``tcp6:2222`` are bound to loopback.
+
+    A Python prompt inside the center is everything the center can do: Twisted would
+    bind those to every interface, so an endpoint that names no interface gets the
+    loopback one. One that names an interface is kept as given, with a warning if that
+    interface is not loopback. Other endpoint types (``unix:``, say) are kept as given.
+    """
+    # Twisted's own tokenizer, so that escaped colons (tcp6 addresses) are read as Twisted reads them.
+    args, kwargs = _parse(endpoint)
+    loopback = LOOPBACK.get(str(args[0]).lower()) if args else None
+    if loopback is None:
+        return endpoint
+    interface = kwargs.get("interface")
+    if interface is None:
+        return f"{endpoint.rstrip(':')}:interface={loopback}"
+    try:
+        is_loopback = ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        is_loopback = interface == "localhost"
+    if not is_loopback:
+        log.warn(
+            "The manhole listens on {interface} ({endpoint}), not only on loopback: anyone who can reach it"
+            " may try to log in; prefer an SSH tunnel to a loopback manhole",
+            interface=interface, endpoint=endpoint,
+        )
+    return endpoint
 
 
 @implementer(IAuthorizedKeysDB)
@@ -72,6 +109,21 @@ class ManholeRealm(manhole_ssh.TerminalRealm):
         self.chainedProtocolFactory = chainedProtocolFactory(namespace)  # type: ignore[assignment]
 
 
+class ManholeTransport(transport.SSHServerTransport):
+    """Twisted's SSH server transport, but an ordinary logout is not an error.
+
+    ``SSHTransportBase.receiveError`` logs every DISCONNECT a client sends at error level,
+    OpenSSH's "disconnected by user" at the end of each session too: an operator's log would
+    show an error for every manhole visit.
+    """
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        if reasonCode == transport.DISCONNECT_BY_APPLICATION:
+            log.info("Manhole client logged out: {description}", description=description.decode("utf-8", "replace"))
+            return
+        super().receiveError(reasonCode, description)
+
+
 def manhole_factory(
     namespace: dict[str, object], authorized_keys: Path, host_key_path: Path
 ) -> manhole_ssh.ConchFactory:
@@ -79,6 +131,7 @@ def manhole_factory(
         raise ManholeError(f"manhole: authorized keys file {authorized_keys} does not exist")
     checker = SSHPublicKeyChecker(AuthorizedKeysFile(authorized_keys))
     factory = manhole_ssh.ConchFactory(portal.Portal(ManholeRealm(namespace), [checker]))
+    factory.protocol = ManholeTransport
     key = host_key(host_key_path)
     # Per instance: ConchFactory's class attributes would be shared by every factory.
     factory.publicKeys = {key.sshType(): key.public()}

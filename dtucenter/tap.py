@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -25,6 +24,8 @@ from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
+from dtucenter.process import OwnProcess, bounded_log_file
+from dtucenter.setting import listening_endpoint
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
@@ -156,11 +157,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
-        service = makeService(options, global_reactor)
+        center = makeService(options, global_reactor)
         tune_garbage_collector()
-        return service
+        return own_process(center, options, global_reactor)
     with exit_on_usage_error():
         return build_service(options.settings, reactor)
+
+
+def own_process(center: MultiService, options: Options, reactor: Any) -> OwnProcess:
+    """The center as twistd runs it: its log file bounded, its signals handled (dtucenter/process.py)."""
+    settings = options.settings
+    twistd_options = getattr(options, "parent", None) or {}  # twistd's own options, when twistd parsed ours
+    log_file = bounded_log_file(twistd_options, settings.log_rotate_size, settings.log_keep)
+    return OwnProcess(center, reactor, log_file)
 
 
 def build_service(settings: Settings, reactor: Any) -> CenterService:
@@ -191,7 +200,7 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     recorder = MeterRecorder(store, reactor, settings.modbus, settings.last_seen_interval, stats=center.stats)
     recorder.setName("meter-recorder")
     recorder.setServiceParent(top)
-    dtu_listener = ListeningService(serverFromString(reactor, settings.dtu), DTUFactory(center, reactor), "dtu-tcp")
+    dtu_listener = ListeningService(listening_endpoint(reactor, settings.dtu), DTUFactory(center, reactor), "dtu-tcp")
     dtu_listener.setServiceParent(top)
     top.require_listening(settings.where("dtu"), dtu_listener.when_listening)
     control = Control(center, dtu_store)
@@ -200,7 +209,8 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     udp = settings.udp_interface_and_port
     if udp is not None:
         interface, port = udp
-        udp_service = UDPListenerService(reactor, interface, port, DTUDatagramProtocol(center, reactor))
+        udp_protocol = DTUDatagramProtocol(center, reactor, settings.dtu_udp_pending)
+        udp_service = UDPListenerService(reactor, interface, port, udp_protocol)
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
     bridge = add_modbus(top, settings, recorder, reactor)
@@ -239,7 +249,7 @@ def add_api(
         raise UsageError(str(e)) from None
     site = build_site(center, control, store, token, bridge)
     MeterApi(recorder, bridge, center.now).install(site.resource)
-    listener = ListeningService(serverFromString(reactor, settings.api), site, "api")
+    listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)
 
@@ -248,7 +258,7 @@ def add_manhole(
     top: CenterService, settings: Settings, endpoint: str, center: DTUCenter, bridge: ModbusBridge | None,
     reactor: Any,
 ) -> None:
-    from dtucenter.manhole import ManholeError, manhole_factory
+    from dtucenter.manhole import ManholeError, loopback_unless_named, manhole_factory
 
     namespace = {
         "service": top,
@@ -267,6 +277,6 @@ def add_manhole(
         )
     except ManholeError as e:
         raise UsageError(str(e)) from None
-    listener = ListeningService(serverFromString(reactor, endpoint), factory, "manhole")
+    listener = ListeningService(listening_endpoint(reactor, loopback_unless_named(endpoint)), factory, "manhole")
     listener.setServiceParent(top)
     top.require_listening(settings.where("manhole"), listener.when_listening)

@@ -180,7 +180,7 @@ async def test_endless_garbage_is_cut_off(tmp_path: Path) -> None:
     center = await start_center(tmp_path)
     try:
         dtu = await connect_dtu(center)
-        dtu.send_raw(b"\x01" * (wire.DEFAULT_GARBAGE_LIMIT + 1))
+        dtu.send_raw(b"\x01" * (wire.DEFAULT_LOGIN_GARBAGE_LIMIT + 1))
         await dtu.closed()
         assert center.center.stats["closed_for_garbage"] == 1
     finally:

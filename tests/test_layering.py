@@ -43,7 +43,7 @@ FORBIDDEN = [
 
 #: Helpers every layer may use; they use none.
 LEAVES = (
-    "dtucenter.isotime", "dtucenter.addresses", "dtucenter.throttle", "dtucenter.latency",
+    "dtucenter.isotime", "dtucenter.addresses", "dtucenter.throttle", "dtucenter.latency", "dtucenter.junk",
     "dtucenter.setting", "dtucenter.transports",
 )
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import CenterSettings, DTUCenter
@@ -285,10 +286,21 @@ def test_bad_frames_are_counted_and_never_raise(h: Harness) -> None:
 
 
 def test_garbage_limit_closes(tmp_path: Path) -> None:
-    h = Harness(tmp_path, garbage_limit=100)
+    h = Harness(tmp_path, login_garbage_limit=100)
     protocol, transport = h.connect()
     protocol.dataReceived(b"\x00" * 101)
     assert transport.disconnecting
+    h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_garbage_limit_of_a_logged_in_dtu_is_the_larger_one(tmp_path: Path) -> None:
+    h = Harness(tmp_path, login_garbage_limit=100, garbage_limit=1000)
+    protocol, transport = h.logged_in()
+    protocol.dataReceived(b"\x00" * 1000)
+    assert not transport.disconnecting
+    protocol.dataReceived(b"\x00")
+    assert transport.disconnecting and h.center.stats["closed_for_garbage"] == 1
     h.lose(protocol)
     assert h.clock.getDelayedCalls() == []
 
@@ -382,4 +394,114 @@ def test_a_dtu_is_asked_for_its_register_list_at_most_once_per_interval(tmp_path
     assert wire.ReadSetup() in h.replies(transport)
     assert h.center.stats["register_lists_asked"] == 2 and h.center.stats["uploads_mismatched"] == 18
     h.lose(protocol)  # the question on the wire fails with the connection, quietly
+    assert h.clock.getDelayedCalls() == []
+
+
+# -- junk: counted, summarised, cut off ---------------------------------------------------
+
+#: A SendTest head whose Length (1024) is corrupt.
+CORRUPT_HEAD = b"\xaa\x55\x05\x04\x00"
+
+
+@pytest.fixture
+def session_warnings() -> Iterator[list[str]]:
+    """The session's log lines at warning level and above, as text."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "dtucenter.dtu.session" and event["log_level"] >= LogLevel.warn:
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_a_tick_behind_a_corrupt_length_is_answered_at_once(h: Harness) -> None:
+    protocol, transport = h.logged_in()
+    protocol.dataReceived(CORRUPT_HEAD)
+    h.feed(protocol, wire.SendTick())
+    assert h.replies(transport) == [wire.SendTickAck()]
+    assert h.center.stats["dropped_AbandonedFrame"] == 1
+    h.lose(protocol)
+
+
+def test_junk_costs_a_summary_line_per_interval_not_a_line_per_frame(
+    tmp_path: Path, session_warnings: list[str]
+) -> None:
+    h = Harness(tmp_path, junk_limit=10**9)
+    protocol, transport = h.logged_in()
+    junk = b"\xaa\x55" * 16384 + b"\xaa\x55\x05\x03\xff" * 100 + bytes(range(256)) * 8
+    tick = wire.encode_frame(wire.SendTick())
+    for _ in range(40):  # 40 s of junk, each read followed by a good frame
+        protocol.dataReceived(junk + tick)
+        h.clock.advance(1)
+    assert h.replies(transport) == [wire.SendTickAck()] * 40
+    assert len(session_warnings) == 1 and "bad frames" in session_warnings[0]
+    h.clock.advance(30)
+    protocol.dataReceived(junk + tick)
+    assert len(session_warnings) == 2 and "in the last 70 s" in session_warnings[1]
+    protocol.dataReceived(junk + tick)
+    h.lose(protocol)  # what was not told yet is told once, at the end
+    assert len(session_warnings) == 3
+    assert h.center.stats["bytes_skipped"] == 42 * len(junk)
+    assert protocol.session.problems["skipped_bytes"] == 42 * len(junk)
+    assert h.center.stats["dropped_BadChecksum"] > 0 and h.center.stats["dropped_OversizedFrame"] > 0
+
+
+def test_a_dtu_sending_mostly_junk_is_closed_once(tmp_path: Path, session_warnings: list[str]) -> None:
+    h = Harness(tmp_path, junk_limit=100_000, junk_window=60)
+    protocol, transport = h.logged_in()
+    tick = wire.encode_frame(wire.SendTick())
+    for _ in range(30):
+        protocol.dataReceived(b"\x00" * 4000 + tick)
+        h.clock.advance(1)
+        if transport.disconnecting:
+            break
+    assert transport.disconnecting
+    assert h.center.stats["closed_for_junk"] == 1
+    protocol.dataReceived(b"\x00" * 4000)  # bytes already on their way: nothing more said
+    h.lose(protocol)
+    closing = [line for line in session_warnings if "Closing" in line]
+    assert len(closing) == 1 and "DTU 1" in closing[0]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_some_junk_among_more_frames_is_tolerated(tmp_path: Path) -> None:
+    h = Harness(tmp_path, junk_limit=1_000)
+    protocol, transport = h.logged_in()
+    ticks = wire.encode_frame(wire.SendTick()) * 100
+    for _ in range(100):
+        protocol.dataReceived(b"\x00" * 500 + ticks)  # 500 bytes of junk, 600 of frames
+        h.clock.advance(1)
+    assert not transport.disconnecting
+    assert len(h.replies(transport)) == 100 * 100
+    h.lose(protocol)
+
+
+def test_a_read_of_junk_is_parsed_only_up_to_the_garbage_limit(tmp_path: Path) -> None:
+    h = Harness(tmp_path, login_garbage_limit=1000)
+    protocol, transport = h.connect()
+    protocol.dataReceived(b"\xaa\x55" * 512 * 1024)
+    assert transport.disconnecting
+    assert h.center.stats["closed_for_garbage"] == 1
+    assert h.center.stats["bytes_skipped"] <= 1001
+    h.lose(protocol)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_many_junk_connections_before_login_cost_one_line_per_interval(
+    h: Harness, session_warnings: list[str]
+) -> None:
+    """Today's incident: anonymous connections streaming AA 55 wrote a line per frame and one per connection."""
+    for _ in range(100):
+        protocol, transport = h.connect()
+        protocol.dataReceived(b"\xaa\x55" * 40000)  # over the limit
+        assert transport.disconnecting
+        h.lose(protocol)
+        h.clock.advance(1)
+    assert h.center.stats["closed_for_garbage"] == 100
+    assert len(session_warnings) == 2  # at the first, and 60 s later
+    assert "Closed 1 connections" in session_warnings[0] and "Closed 60 connections" in session_warnings[1]
+    h.clock.advance(30)
     assert h.clock.getDelayedCalls() == []

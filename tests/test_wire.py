@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dtucenter.dtu import wire
@@ -135,6 +137,92 @@ def test_garbage_counter_resets_on_a_valid_frame() -> None:
     assert parser.garbage == 100
     parser.feed(wire.encode_frame(wire.SendTick()))
     assert parser.garbage == 0
+
+
+#: A SendTest head whose Length (1024) is corrupt: its frame never completes in these tests.
+CORRUPT_HEAD = b"\xaa\x55\x05\x04\x00"
+
+
+@settings(max_examples=150)
+@given(st.lists(messages, min_size=1, max_size=3), st.integers(1, 64))
+def test_frames_behind_a_corrupt_length_are_not_held_back(batch: list[object], step: int) -> None:
+    """A head claiming a long frame must not hold back the valid frames behind it until that many bytes came."""
+    stream = b"".join(wire.encode_frame(m) for m in batch)  # type: ignore[arg-type]
+    assume(len(stream) < 1024)  # so the corrupt frame never completes: only a resync finds the batch
+    parser = wire.FrameParser()
+    events = parse_all(CORRUPT_HEAD + stream, parser, step=step)
+    assert messages_in(events) == batch
+    assert [e for e in events if isinstance(e, wire.AbandonedFrame)] == [wire.AbandonedFrame(0x05, 1024)]
+    assert parser.buffered == 0
+
+
+@settings(max_examples=150)
+@given(st.lists(st.one_of(messages, st.just(None)), min_size=1, max_size=6), st.integers(1, 64))
+def test_frames_between_corrupt_lengths_all_come_through(parts: list[object], step: int) -> None:
+    """Corrupt heads (None) anywhere among frames: every frame comes through, in any chunking."""
+    stream = b"".join(CORRUPT_HEAD if p is None else wire.encode_frame(p) for p in parts)  # type: ignore[arg-type]
+    assume(len(stream) < 1024)  # no corrupt frame completes
+    batch = [p for p in parts if p is not None]
+    parser = wire.FrameParser()
+    events = parse_all(stream, parser, step=step)
+    assert messages_in(events) == batch
+    trailing = len(parts) - len(list(itertools.dropwhile(lambda p: p is None, reversed(parts))))
+    assert parser.buffered == trailing * len(CORRUPT_HEAD)  # only the corrupt heads after the last frame wait
+
+
+def test_a_quiet_dtu_tick_behind_a_corrupt_length_is_parsed_at_once() -> None:
+    parser = wire.FrameParser()
+    assert parser.feed(CORRUPT_HEAD) == []
+    tick = wire.encode_frame(wire.SendTick())
+    events: list[object] = []
+    for byte in tick:
+        events += parser.feed(bytes([byte]))
+    assert messages_in(events) == [wire.SendTick()]
+
+
+def test_a_whole_frame_carrying_a_frame_in_its_data_is_kept() -> None:
+    # Register (0xAA, 0x5502), then (0x00, 0x0103): the bytes of a whole SendTick inside the Data.
+    outer = wire.SaveSetup(1, (wire.Register(0xAA, 0x5502), wire.Register(0x00, 0x0103)))
+    assert wire.encode_frame(wire.SendTick()) in wire.encode_frame(outer)
+    assert parse_all(wire.encode_frame(outer), step=64) == [outer]
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [b"\xaa\x55", b"\xaa\x55\x05\x04\x01", b"\xaa\x55\x7f\x00\x01", bytes(range(256))],
+    ids=["heads", "long-lengths", "unknown-types", "all-bytes"],
+)
+def test_junk_costs_a_count_not_an_event_per_head(unit: bytes) -> None:
+    """Today's incident: 1.5 MiB of AA 55 cost an event, and a log line, per head."""
+    junk = unit * (1024 * 1024 // len(unit))
+    parser = wire.FrameParser()
+    events: list[object] = []
+    reads = 0
+    for i in range(0, len(junk), 65536):
+        events += parser.feed(junk[i : i + 65536])
+        reads += 1
+    assert len(events) <= 3 * reads
+    skipped = [e for e in events if isinstance(e, wire.Skipped)]
+    assert sum(e.count for e in skipped) + parser.buffered == len(junk)
+    assert parser.examined == 0
+    assert parser.buffered < 2 + 3
+    # A frame right after the junk still gets through.
+    assert messages_in(parser.feed(wire.encode_frame(wire.SendTick()))) == [wire.SendTick()]
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096])
+def test_false_frames_cost_linear_work(step: int) -> None:
+    """Overlapping heads that may each start a long frame: each is looked at at most twice (at the
+    front and from behind the front), and the head waiting at the front once per read."""
+    false_frame = b"\xaa\x55\x05\x03\xff"  # SendTest, Length 1023
+    count = 4000
+    junk = false_frame * count
+    parser = wire.FrameParser()
+    parse_all(junk, parser, step=step)
+    reads = -(-len(junk) // step)
+    assert parser.examined <= 2 * count + reads
+    assert parser.buffered <= 2 + 3 + wire.DEFAULT_MAX_LENGTH
+    assert messages_in(parse_all(wire.encode_frame(wire.SendTick()), parser)) == [wire.SendTick()]
 
 
 def test_configured_head() -> None:

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from dtucenter.dtu import wire
 from dtucenter.dtu.ports import DtuRecords, LoginOutcome, SampleRow
 from dtucenter.isotime import utc_from_millisecond, utc_from_seconds, utc_now
+from dtucenter.junk import DEFAULT_JUNK_LIMIT, DEFAULT_JUNK_WINDOW, DEFAULT_REPORT_INTERVAL, ProblemSummary
 from dtucenter.throttle import LoginThrottle
 
 if TYPE_CHECKING:
@@ -40,6 +41,15 @@ class CenterSettings:
     login_timeout: float = 30.0
     dialect: wire.Dialect = wire.DEFAULT_DIALECT
     garbage_limit: int = wire.DEFAULT_GARBAGE_LIMIT
+    #: The same before a login: a DTU's first frame is its Login (a registration packet in
+    #: front is a few dozen bytes), and an unauthenticated peer gets bounded work.
+    login_garbage_limit: int = wire.DEFAULT_LOGIN_GARBAGE_LIMIT
+    #: A logged-in DTU is closed when, over junk_window seconds, it sent more than
+    #: junk_limit bytes of junk and more junk than valid frames.
+    junk_limit: int = DEFAULT_JUNK_LIMIT
+    junk_window: float = DEFAULT_JUNK_WINDOW
+    #: At most one line per connection per this many seconds summarises its bad frames.
+    problem_report_interval: float = DEFAULT_REPORT_INTERVAL
     last_seen_interval: float = 15.0
     command_timeout: float = 10.0
     #: Uploads in a row that disagree with a DTU's stored register list before it is asked for its own.
@@ -150,7 +160,13 @@ THROTTLED = LoginDecision(False, "too many failed logins; try later", REFUSED)
 def _throttle_key(session: DTUSession, login: wire.Login) -> str:
     # Per source host and PSN, not per host: thousands of DTUs may share one
     # carrier NAT address, and one misconfigured DTU must not lock them out.
-    return f"{session.peer.rpartition(':')[0]}/{login.psn}"
+    key = f"{session.peer.rpartition(':')[0]}/{login.psn}"
+    if session.spoofable:
+        # A UDP source address can be forged, so failures "from" a DTU's address may be
+        # anyone's: with the PASS in the key they block only that wrong PASS, never the
+        # right one (docs/protocol.md, "Login").
+        key += f"/{login.password}"
+    return key
 
 
 _REGISTER = struct.Struct(">BH")
@@ -183,6 +199,9 @@ class DTUCenter(Service):
         self.sessions: dict[int, DTUSession] = {}
         self.login_throttle = LoginThrottle(clock)
         self.stats: Counter[str] = Counter()
+        #: Connections closed for junk before they logged in: summarised here, not one line each,
+        #: since a junk source may open thousands of them.
+        self.junk_closures = ProblemSummary(clock, interval=settings.problem_report_interval)
         self._last_upload: dict[int, _LastUpload] = {}
         #: PSN -> its uploads' disagreement with its stored register list (bounded by the fleet).
         self._mismatched: dict[int, _Mismatch] = {}

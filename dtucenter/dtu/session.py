@@ -29,11 +29,16 @@ from dtucenter.dtu import wire
 from dtucenter.dtu.center import DTUCenter, LoginDecision
 from dtucenter.dtu.commands import CommandQueue
 from dtucenter.isotime import utc_from_seconds
+from dtucenter.junk import JunkWindow, ProblemSummary, describe_problems
 
 log = Logger()
 
 #: Messages queued behind the one being handled before reading from the DTU pauses.
 INBOX_LIMIT = 16
+#: Problem kinds besides the parser's event names: bytes skipped, and frame heads
+#: that could not start a frame (counted by the parser, not reported one by one).
+_SKIPPED = "skipped_bytes"
+_INVALID_HEAD = "InvalidHead"
 #: Float rounding between a timer's due time and "last frame + limit": below this, it is due.
 _TIMER_SLACK = 1e-6
 
@@ -115,11 +120,15 @@ class DTUSession:
     ONLINE = "online"
     CLOSED = "closed"
 
-    def __init__(self, center: DTUCenter, link: Link, peer: str, clock: IReactorTime) -> None:
+    def __init__(
+        self, center: DTUCenter, link: Link, peer: str, clock: IReactorTime, *, spoofable: bool = False
+    ) -> None:
         self.center = center
         self.link = link
         self.peer = peer
         self.clock = clock
+        #: The peer's address may be forged (UDP): what arrives from it may be anyone's.
+        self.spoofable = spoofable
         self.state = self.AWAITING_LOGIN
         self.psn: int | None = None
         self.registers: tuple[wire.Register, ...] = ()
@@ -139,6 +148,9 @@ class DTUSession:
         self._watching_idle = False
         self._lost = False
         self.commands = CommandQueue(self)
+        settings = center.settings
+        self._junk = JunkWindow(clock, window=settings.junk_window, limit=settings.junk_limit)
+        self._problems = ProblemSummary(clock, interval=settings.problem_report_interval)
 
     # -- events from the link --------------------------------------------------------
 
@@ -148,29 +160,76 @@ class DTUSession:
     def data_received(self, data: bytes) -> None:
         if self.state == self.CLOSED:
             return
-        for event in self._parser.feed(data):
-            if isinstance(event, wire.PROBLEM_TYPES):
-                self._problem(event)
-            else:
-                self._inbox.append(event)
-        if self._parser.garbage > self.center.settings.garbage_limit:
-            self.stats["closed_for_garbage"] += 1
-            log.warn(
-                "Closing {peer}: {count} bytes without a valid frame",
-                peer=self.peer, count=self._parser.garbage,
-            )
-            self._close(abort=True)
-            return
+        settings = self.center.settings
+        limit = settings.garbage_limit if self.psn is not None else settings.login_garbage_limit
+        offset = 0
+        while offset < len(data):
+            # Parse no more than would take the bytes since the last valid frame over the
+            # limit: a read of junk costs at most the limit, however large it is.
+            budget = limit + 1 - self._parser.garbage
+            chunk = data if not offset and budget >= len(data) else data[offset : offset + budget]
+            offset += len(chunk)
+            self._parse(chunk)
+            if self._parser.garbage > limit:
+                self._close_for_junk("closed_for_garbage", f"{self._parser.garbage} bytes without a valid frame")
+            if self.state == self.CLOSED:
+                return
+        if self._problems.due and self.psn is not None:
+            self._report_problems()
         self._process()
         if self._working and len(self._inbox) >= INBOX_LIMIT and not self._paused:
             self._paused = True
             self.link.pause()
+
+    def _parse(self, data: bytes) -> None:
+        skipped = 0
+        for event in self._parser.feed(data):
+            if isinstance(event, wire.PROBLEM_TYPES):
+                if isinstance(event, wire.Skipped):
+                    skipped += event.count
+                self._problem(event)
+            else:
+                self._inbox.append(event)
+        self._junk.add(skipped, len(data) - skipped)
+        if skipped and self.state == self.ONLINE and self._junk.mostly_junk:
+            junk, valid = self._junk.totals()
+            self._close_for_junk(
+                "closed_for_junk",
+                f"{junk} bytes of junk and {valid} bytes of frames in the last {self._junk.window:g} s",
+            )
+
+    def _close_for_junk(self, kind: str, why: str) -> None:
+        """Close, counted as ``kind``, in one log line that also tells the untold problems.
+
+        Connections that never logged in are told of together, at most once per interval:
+        a junk source may open thousands of them.
+        """
+        self.stats[kind] += 1
+        if self.psn is None:
+            closures = self.center.junk_closures
+            closures.add(kind, 1, f"{self.peer}: {why}")
+            if closures.due:
+                counts, seconds, first = closures.take()
+                log.warn(
+                    "Closed {count} connections for junk before a login in the last {seconds:.0f} s (first: {first})",
+                    count=sum(counts.values()), seconds=seconds, first=first,
+                )
+        else:
+            problems = ""
+            if self._problems.untold:
+                counts, seconds, _example = self._problems.take()
+                problems = f"; {describe_problems(counts, _SKIPPED)} in the last {seconds:.0f} s"
+            log.warn("Closing DTU {psn} at {peer}: {why}{problems}",
+                     psn=self.psn, peer=self.peer, why=why, problems=problems)
+        self._close(abort=True)
 
     def connection_lost(self) -> None:
         if self._lost:
             return
         self._lost = True
         self.state = self.CLOSED
+        if self.psn is not None:
+            self._report_problems()
         self._cancel_timer()
         self.commands.close()
         self._inbox.clear()
@@ -259,10 +318,17 @@ class DTUSession:
     def _logged_in(self, decision: LoginDecision, login: wire.Login) -> None:
         if self.state == self.CLOSED:
             return  # gone while the store was deciding: the center did not take it (DTUCenter._decided)
-        self._send(decision.ack)
         if not decision.accepted:
+            if self.spoofable and self.psn is not None:
+                # Anyone can send a Login "from" a logged-in DTU's UDP address: a refused one
+                # must not end that DTU's session, nor be answered (the DTU would take it as its own).
+                self.state = self.ONLINE
+                self.stats["udp_logins_refused_while_online"] += 1
+                return
+            self._send(decision.ack)
             self._close()
             return
+        self._send(decision.ack)
         self.state = self.ONLINE
         self.psn = login.psn
         self.registers = decision.registers
@@ -282,7 +348,8 @@ class DTUSession:
             self._arm(self.center.settings.login_timeout, self._login_timed_out)
             return
         self.stats["login_timeouts"] += 1
-        log.warn("Closing {peer}: no valid Login in time", peer=self.peer)
+        # Over UDP every forged source address ends here: counted, not logged one by one.
+        (log.debug if self.spoofable else log.warn)("Closing {peer}: no valid Login in time", peer=self.peer)
         self._close(abort=True)
 
     # -- liveness ---------------------------------------------------------------------------
@@ -376,12 +443,34 @@ class DTUSession:
         return self.center.setup_reported(self.psn, send_test_time, registers)
 
     def _problem(self, problem: wire.ParseProblem) -> None:
+        """Count it; :meth:`_report_problems` tells of it, at most once per interval."""
         if isinstance(problem, wire.Skipped):
             self.stats["bytes_skipped"] += problem.count
-            log.debug("Skipped {count} bytes from {peer}", count=problem.count, peer=self.peer)
+            self._problems.add(_SKIPPED, problem.count)
+            if problem.heads:
+                self.stats[f"dropped_{_INVALID_HEAD}"] += problem.heads
+                self._problems.add(_INVALID_HEAD, problem.heads)
         else:
-            self.stats[f"dropped_{type(problem).__name__}"] += 1
-            log.warn("Dropped a frame from {peer}: {problem}", peer=self.peer, problem=problem)
+            kind = type(problem).__name__
+            self.stats[f"dropped_{kind}"] += 1
+            self._problems.add(kind, 1, problem)
+
+    def _report_problems(self) -> None:
+        """Tell the untold problems of a logged-in DTU in one line (those of a connection
+        that never logs in are only counted: it may be one of thousands)."""
+        if not self._problems.untold:
+            return
+        counts, seconds, example = self._problems.take()
+        log.warn(
+            "DTU {psn} at {peer}: {problems} in the last {seconds:.0f} s (first: {example})",
+            psn=self.psn, peer=self.peer, problems=describe_problems(counts, _SKIPPED),
+            seconds=seconds, example=example or "junk",
+        )
+
+    @property
+    def problems(self) -> Counter[str]:
+        """Parse problems of this connection, per kind ("skipped_bytes" counts bytes)."""
+        return self._problems.totals
 
     def _arm(self, seconds: float, action: Callable[[], None]) -> None:
         """One timer per session: login deadline first, then the idle deadline."""

@@ -13,7 +13,12 @@ any other tool can share it.
 
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
+import re
 import struct
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Protocol, Self, TypeAlias
 
@@ -26,6 +31,8 @@ DEFAULT_MAX_LENGTH = 1024
 #: A stream that yields this many bytes without a single valid frame is
 #: not a DTU; the session closes it.
 DEFAULT_GARBAGE_LIMIT = 64 * 1024
+#: The same before a login, where the first frame must be a Login.
+DEFAULT_LOGIN_GARBAGE_LIMIT = 4 * 1024
 
 LOGIN_ACCEPTED = 0xEA
 LOGIN_REFUSED = 0x00
@@ -511,14 +518,61 @@ class MalformedMessage:
 
 @attrs.frozen
 class Skipped:
-    """Bytes thrown away while looking for the next frame head."""
+    """Bytes thrown away while looking for the next frame head.
+
+    ``heads`` counts the frame heads among them that could not start a frame
+    (a Length over the limit, an unknown type) beyond the first of each run,
+    which is reported on its own: a stream of heads costs a count, not an event each.
+    """
 
     count: int
+    heads: int = 0
 
 
-PROBLEM_TYPES = (BadChecksum, OversizedFrame, UnknownType, MalformedMessage, Skipped)
-ParseProblem: TypeAlias = BadChecksum | OversizedFrame | UnknownType | MalformedMessage | Skipped
+@attrs.frozen
+class AbandonedFrame:
+    """A head whose claimed frame was still incomplete when a valid frame behind it was
+    complete: its Length was corrupt, and the parser resynchronised on the later frame."""
+
+    type_code: int
+    length: int
+
+
+PROBLEM_TYPES = (BadChecksum, OversizedFrame, UnknownType, MalformedMessage, Skipped, AbandonedFrame)
+ParseProblem: TypeAlias = BadChecksum | OversizedFrame | UnknownType | MalformedMessage | Skipped | AbandonedFrame
 ParseEvent: TypeAlias = AnyMessage | ParseProblem
+
+#: The parsed bytes are cut off the buffer once they are this many and at least
+#: half of it: one copy per that many bytes, not one per frame or per read.
+_COMPACT_AT = 4096
+
+
+def _byte_range(low: int, high: int) -> bytes:
+    return b"[" + re.escape(bytes([low])) + b"-" + re.escape(bytes([high])) + b"]"
+
+
+def _plausible_head(head: bytes, types: Mapping[int, MessageClass], max_length: int) -> re.Pattern[bytes]:
+    """A head followed by a known type and a Length of 1..max_length: where a frame may start.
+
+    Built once per dialect: a parser is made per connection, and a junk source makes thousands.
+    """
+    return _plausible_head_for(head, tuple(sorted(types)), max_length)
+
+
+@functools.lru_cache(maxsize=16)
+def _plausible_head_for(head: bytes, types: tuple[int, ...], max_length: int) -> re.Pattern[bytes]:
+    if not types:
+        return re.compile(b"(?!)")
+    type_class = b"[" + b"".join(re.escape(bytes([code])) for code in types) + b"]"
+    high, low = divmod(max_length, 256)
+    zero = re.escape(b"\x00")
+    if high == 0:
+        lengths = [zero + _byte_range(1, low)]
+    else:
+        lengths = [zero + _byte_range(1, 255), re.escape(bytes([high])) + _byte_range(0, low)]
+        if high > 1:
+            lengths.append(_byte_range(1, high - 1) + b".")
+    return re.compile(re.escape(head) + type_class + b"(?:" + b"|".join(lengths) + b")", re.DOTALL)
 
 
 class FrameParser:
@@ -526,7 +580,22 @@ class FrameParser:
 
     It never raises on input. On a bad checksum, an oversized Length or an
     unknown type it drops the head it was looking at and resynchronises on
-    the next one, so one corrupt frame costs only itself.
+    the next one, so one corrupt frame costs only itself. A head whose
+    Length is corrupt but plausible would hold back the frames behind it
+    until that many bytes arrived; so while the frame at the head is
+    incomplete, the heads behind it are tried too, and the first of them
+    whose frame is complete and valid wins (:class:`AbandonedFrame`). The
+    price: a frame that is still arriving and carries a whole valid frame
+    inside its Data loses to that inner frame (that takes a head, a known
+    type, a fitting Length and a matching checksum inside Data).
+
+    The cost is linear in the bytes fed, whatever they are: one regular
+    expression finds the next head that may start a frame (heads that cannot
+    are counted, not looked at one by one), checksums come from running sums
+    computed once per byte, the heads behind an incomplete frame are
+    remembered by where their frames end rather than searched again at every
+    read, and the buffer is an offset into a ``bytearray`` compacted once per
+    ``_COMPACT_AT`` bytes. ``examined`` counts the heads looked at, for tests.
 
     ``garbage`` counts the bytes received since the last valid frame; the
     owner decides when that is too much.
@@ -537,74 +606,194 @@ class FrameParser:
         self._header_size = len(dialect.head) + _TYPE_AND_LENGTH.size
         self._max_length = dialect.max_length
         self._types = types
+        self._plausible = _plausible_head(dialect.head, types, dialect.max_length)
         self._buffer = bytearray()
+        #: Where the unparsed bytes start in ``_buffer``.
+        self._pos = 0
+        #: ``_sums[i]`` is the sum of ``_buffer[:i]``, as far as it was needed.
+        self._sums = array("Q", [0])
+        #: Heads behind an incomplete frame: those before ``_look_from`` were tried, and
+        #: those whose frames were still incomplete wait in ``_waiting`` as (end, start).
+        self._look_from = 0
+        self._waiting: list[tuple[int, int]] = []
         self.garbage = 0
+        self.examined = 0
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
     def feed(self, data: bytes) -> list[ParseEvent]:
         self._buffer += data
         self.garbage += len(data)
         events: list[ParseEvent] = []
         self._drain(events.append)
+        self._compact()
         return events
 
     def _drain(self, emit: Callable[[ParseEvent], None]) -> None:
         buf = self._buffer
-        head = self._head
         header_size = self._header_size
+        head = self._head
         head_len = len(head)
-        pos = 0
+        types = self._types
+        max_length = self._max_length
+        search = self._plausible.search
+        pos = self._pos
+        skipped = skipped_heads = 0
+        #: After a bad checksum this read may be a stream of overlapping false frames:
+        #: checksums then come from the running sums, each byte added once.
+        careful = False
         try:
             while True:
                 if pos == len(buf):
                     return  # the usual case: the data ended with a whole frame
+                # The usual case first: the next head starts a frame. Else the regular
+                # expression finds the next one that may, past any number that cannot.
                 start = buf.find(head, pos)
-                if start < 0:
-                    # Keep a tail that could be the beginning of a split head.
-                    keep = _partial_head_suffix(buf, pos, head)
-                    dropped = len(buf) - pos - keep
-                    if dropped:
-                        emit(Skipped(dropped))
-                    pos = len(buf) - keep
-                    return
+                if start >= 0 and start + header_size <= len(buf):
+                    type_code, length = _TYPE_AND_LENGTH.unpack_from(buf, start + head_len)
+                    if not (0 < length <= max_length and type_code in types):
+                        match = search(buf, start)
+                        start = match.start() if match is not None else self._tail(start)
+                else:
+                    start = self._tail(pos)
                 if start > pos:
-                    emit(Skipped(start - pos))
+                    skipped += start - pos
+                    skipped_heads += self._implausible_heads(pos, start, emit)
                     pos = start
-                if len(buf) - pos < header_size:
+                if pos + header_size > len(buf):
                     return
+                self.examined += 1
                 type_code, length = _TYPE_AND_LENGTH.unpack_from(buf, pos + head_len)
-                if length < 1 or length > self._max_length:
-                    emit(OversizedFrame(type_code, length, self._max_length))
-                    pos += 1
-                    continue
-                cls = self._types.get(type_code)
-                if cls is None:
-                    emit(UnknownType(type_code, length))
-                    pos += 1
-                    continue
                 end = pos + header_size + length
                 if len(buf) < end:
-                    return
-                expected = sum(memoryview(buf)[pos + head_len : end - 1]) & 0xFF
-                received = buf[end - 1]
-                if expected != received:
-                    emit(BadChecksum(type_code, expected, received))
+                    later = self._complete_frame_behind(pos)
+                    if later < 0:
+                        return
+                    emit(AbandonedFrame(type_code, length))
+                    skipped += later - pos
+                    pos = later
+                    continue
+                if careful:
+                    expected = self._sum(pos + head_len, end - 1) & 0xFF
+                else:
+                    expected = sum(memoryview(buf)[pos + head_len : end - 1]) & 0xFF
+                if expected != buf[end - 1]:
+                    emit(BadChecksum(type_code, expected, buf[end - 1]))
+                    careful = True
+                    skipped += 1
                     pos += 1
                     continue
                 data = bytes(buf[pos + header_size : end - 1])
                 pos = end
+                if skipped:
+                    emit(Skipped(skipped, skipped_heads))
+                    skipped = skipped_heads = 0
                 try:
-                    message = cls.decode_data(data)
+                    message = types[type_code].decode_data(data)
                 except WireError as e:
                     emit(MalformedMessage(type_code, str(e)))
                     continue
                 self.garbage = len(buf) - pos
                 emit(message)
         finally:
-            del buf[:pos]
+            if skipped:
+                emit(Skipped(skipped, skipped_heads))
+            self._pos = pos
+
+    def _tail(self, pos: int) -> int:
+        """Where the bytes that may still start a frame begin, when no whole header after ``pos`` can.
+
+        A head whose header is not all here yet, or the beginning of a split head.
+        """
+        buf = self._buffer
+        last_header = max(pos, len(buf) - self._header_size + 1)
+        start = buf.find(self._head, last_header)
+        if start >= 0:
+            return start
+        return len(buf) - _partial_head_suffix(buf, last_header, self._head)
+
+    def _implausible_heads(self, pos: int, stop: int, emit: Callable[[ParseEvent], None]) -> int:
+        """Report the first head in ``buf[pos:stop]`` (none can start a frame); count the others."""
+        buf = self._buffer
+        head = self._head
+        first = buf.find(head, pos, stop + len(head) - 1)
+        if first < 0:
+            return 0
+        type_code, length = _TYPE_AND_LENGTH.unpack_from(buf, first + len(head))
+        if length < 1 or length > self._max_length:
+            emit(OversizedFrame(type_code, length, self._max_length))
+        else:
+            emit(UnknownType(type_code, length))
+        return buf.count(head, first + 1, stop + len(head) - 1)
+
+    def _complete_frame_behind(self, pos: int) -> int:
+        """Where the first complete, valid frame behind the incomplete one at ``pos`` starts, or -1.
+
+        Heads tried before are not searched again: those whose frames were
+        incomplete wait by where they end and are checked once that many
+        bytes are here; the search for new heads goes on where it stopped.
+        """
+        buf = self._buffer
+        available = len(buf)
+        waiting = self._waiting
+        complete: list[tuple[int, int]] = []
+        while waiting and waiting[0][0] <= available:
+            end, start = heapq.heappop(waiting)
+            if start > pos and self._valid_at(start, end):
+                complete.append((end, start))
+        if complete:
+            # The first wins; the others wait on, for the incomplete frames that may come between.
+            found = min(complete, key=lambda entry: entry[1])
+            for entry in complete:
+                if entry is not found:
+                    heapq.heappush(waiting, entry)
+            return found[1]
+        search = self._plausible.search
+        look = max(self._look_from, pos + 1)
+        while True:
+            match = search(buf, look)
+            if match is None:
+                # A head found later starts where its whole header was not here yet.
+                self._look_from = max(look, available - self._header_size + 1)
+                return -1
+            start = match.start()
+            self.examined += 1
+            look = start + 1
+            _type_code, length = _TYPE_AND_LENGTH.unpack_from(buf, start + len(self._head))
+            end = start + self._header_size + length
+            if end > available:
+                heapq.heappush(waiting, (end, start))
+            elif self._valid_at(start, end):
+                self._look_from = look
+                return start
+
+    def _valid_at(self, start: int, end: int) -> bool:
+        """Whether the complete frame from ``start`` to ``end`` has a matching checksum."""
+        return self._sum(start + len(self._head), end - 1) & 0xFF == self._buffer[end - 1]
+
+    def _sum(self, start: int, stop: int) -> int:
+        """The sum of ``_buffer[start:stop]``, from running sums each byte is added to once."""
+        sums = self._sums
+        known = len(sums) - 1
+        if stop > known:
+            running = itertools.accumulate(memoryview(self._buffer)[known:stop], initial=sums[known])
+            next(running)
+            sums.extend(running)
+        return sums[stop] - sums[start]
+
+    def _compact(self) -> None:
+        pos = self._pos
+        size = len(self._buffer)
+        if not pos or (pos < size and (pos < _COMPACT_AT or 2 * pos < size)):
+            return
+        del self._buffer[:pos]
+        self._pos = 0
+        self._sums = self._sums[pos:] if len(self._sums) > pos else array("Q", [0])
+        self._look_from = max(self._look_from - pos, 0)
+        self._waiting = [(end - pos, start - pos) for end, start in self._waiting if start >= pos]
+        heapq.heapify(self._waiting)
 
 
 def _partial_head_suffix(buf: bytearray, pos: int, head: bytes) -> int:

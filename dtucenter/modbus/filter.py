@@ -141,6 +141,10 @@ class BoundaryNoise:
         # Longest first, so of two packets sharing a start the longer wins.
         self._packets = sorted(packets, key=lambda noise: len(noise.packet), reverse=True)
 
+    @property
+    def packets(self) -> tuple[bytes, ...]:
+        return tuple(noise.packet for noise in self._packets)
+
     @classmethod
     def for_link(
         cls, registration: bytes | None, registration_prefix: bool, heartbeat: bytes | None
@@ -177,11 +181,33 @@ class Stripped:
 
 @attrs.frozen
 class Discarded:
+    """Bytes thrown away: ``count`` of them, the first ``JUNK_SAMPLE`` kept in ``data`` for the log."""
+
     data: bytes
     reason: str  # "junk" or "foreign frame"
+    count: int = attrs.field()
+
+    @count.default
+    def _whole_data(self) -> int:
+        return len(self.data)
 
 
 InboundEvent = Response | Stripped | Discarded
+
+#: Bytes of a run of junk kept to show in a log line; the rest is only counted.
+JUNK_SAMPLE = 64
+#: The head of the buffer is first looked at through a window this long; a longer one
+#: only when a frame or a noise packet may begin there and needs more bytes to tell.
+_FIRST_LOOK = 16
+#: The parsed bytes are cut off the buffer once they are this many and at least half of it.
+_COMPACT_AT = 4096
+
+
+class _LookFurther:
+    """The window at the head was too short to decide."""
+
+
+_LOOK_FURTHER = _LookFurther()
 
 
 class ResponseReader:
@@ -189,63 +215,117 @@ class ResponseReader:
 
     The owner sets :attr:`expected` when it sends a request; the reader clears
     it when the matching response has been taken from the stream.
+
+    The cost is linear in the bytes fed: the head is looked at through a short
+    window (not the whole buffer), a run of junk is skipped to the next byte
+    where a frame or a noise packet may start (``Framing.next_start`` and the
+    packets' first bytes, found with ``bytes.find``), the buffer is an offset
+    into a ``bytearray`` compacted once per ``_COMPACT_AT`` bytes, and of junk
+    only a sample is kept. What stays buffered between reads is at most a
+    frame or a noise packet. ``examined`` counts the bytes looked at, for tests.
     """
 
     def __init__(self, framing: Framing, noise: BoundaryNoise | None = None) -> None:
         self._framing = framing
         self._noise = noise or BoundaryNoise(())
-        self._buffer = b""
+        self._noise_starts = sorted({packet[:1] for packet in self._noise.packets})
+        #: A window this long decides any head: no frame and no noise packet is longer.
+        self._longest_look = max([framing.max_frame, *(len(p) for p in self._noise.packets)]) + 1
+        self._buffer = bytearray()
+        self._pos = 0
         self.expected: Expectation | None = None
+        self.examined = 0
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
     def feed(self, data: bytes) -> list[InboundEvent]:
         self._buffer += data
         events: list[InboundEvent] = []
-        junk = b""
-        while self._buffer:
+        junk = bytearray()
+        junk_count = 0
+        while self._pos < len(self._buffer):
             decision = self._decide_head()
             if decision is None:
                 break
             if isinstance(decision, Discarded) and decision.reason == "junk":
-                junk += decision.data
+                if len(junk) < JUNK_SAMPLE:
+                    junk += decision.data[: JUNK_SAMPLE - len(junk)]
+                junk_count += decision.count
                 continue
-            if junk:
-                events.append(Discarded(junk, "junk"))
-                junk = b""
+            if junk_count:
+                events.append(Discarded(bytes(junk), "junk", junk_count))
+                junk, junk_count = bytearray(), 0
             events.append(decision)
-        if junk:
-            events.append(Discarded(junk, "junk"))
+        if junk_count:
+            events.append(Discarded(bytes(junk), "junk", junk_count))
+        self._compact()
         return events
 
     def flush(self) -> bytes:
         """Drop whatever is buffered, e.g. after a timeout on an RTU line."""
-        dropped, self._buffer = self._buffer, b""
+        dropped = bytes(self._buffer[self._pos :])
+        self._buffer = bytearray()
+        self._pos = 0
         return dropped
 
     def _consume(self, length: int) -> bytes:
-        head, self._buffer = self._buffer[:length], self._buffer[length:]
+        head = bytes(self._buffer[self._pos : self._pos + length])
+        self._pos += length
         return head
 
+    def _compact(self) -> None:
+        pos = self._pos
+        if pos and (pos == len(self._buffer) or (pos >= _COMPACT_AT and 2 * pos >= len(self._buffer))):
+            del self._buffer[:pos]
+            self._pos = 0
+
     def _decide_head(self) -> InboundEvent | None:
-        probe = self._framing.probe(self._buffer, self.expected)
+        available = len(self._buffer) - self._pos
+        size = min(available, _FIRST_LOOK)
+        while True:
+            truncated = size < available and size < self._longest_look
+            self.examined += size
+            decision = self._decide(bytes(self._buffer[self._pos : self._pos + size]), available, truncated)
+            if not isinstance(decision, _LookFurther):
+                return decision
+            size = min(available, self._longest_look, size * 4)
+
+    def _decide(self, head: bytes, available: int, truncated: bool) -> InboundEvent | _LookFurther | None:
+        """The head's fate, seen through ``head``: the first bytes of the ``available`` ones."""
+        probe = self._framing.probe(head, self.expected)
         if isinstance(probe, Complete):
             self._consume(probe.length)
             self.expected = None
             return Response(probe.pdu)
-        may_grow = len(self._buffer) <= self._framing.max_frame
+        if truncated and isinstance(probe, Incomplete | PartialOtherFrame):
+            return _LOOK_FURTHER
+        may_grow = available <= self._framing.max_frame
         if isinstance(probe, Incomplete) and may_grow:
             return None
-        noise = self._noise.at_head(self._buffer)
+        noise = self._noise.at_head(head)
         if isinstance(noise, Strip):
             self._consume(len(noise.noise.packet))
             return Stripped(noise.noise)
         if noise is WAIT_FOR_MORE:
-            return None
+            return _LOOK_FURTHER if truncated else None
         if isinstance(probe, PartialOtherFrame) and may_grow:
             return None  # let a late answer complete, to drop it whole
         if isinstance(probe, OtherFrame):
             return Discarded(self._consume(probe.length), "foreign frame")
-        return Discarded(self._consume(1), "junk")
+        return self._junk_run()
+
+    def _junk_run(self) -> Discarded:
+        """The head byte is junk, and so is every byte before the next that may start something."""
+        buf = self._buffer
+        start = self._pos
+        after = start + 1
+        stop = len(buf)
+        for first in self._noise_starts:
+            found = buf.find(first, after, stop)
+            if found >= 0:
+                stop = found
+        stop = self._framing.next_start(buf, after, stop, self.expected)
+        self._pos = stop
+        return Discarded(bytes(buf[start : min(stop, start + JUNK_SAMPLE)]), "junk", stop - start)

@@ -10,6 +10,7 @@ become it, is some other whole frame, or is not a frame at all.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import attrs
@@ -75,6 +76,12 @@ class Framing(Protocol):
 
     def probe(self, buffer: bytes, expected: Expectation | None) -> Probe: ...
 
+    def next_start(self, buffer: bytearray, start: int, stop: int, expected: Expectation | None) -> int:
+        """The first position in ``start:stop`` where :meth:`probe` may see more than junk,
+        else ``stop``: every byte before it is junk, whatever follows. Looks at no more
+        than the bytes up to ``stop`` and a header's worth after, so a caller that
+        narrows ``stop`` pays only for what it skips."""
+
 
 def _response_codes(function_code: int) -> tuple[int, int]:
     return function_code, function_code | 0x80
@@ -92,6 +99,12 @@ class RtuFraming:
 
     def encode(self, request: ModbusPDU, transaction_id: int) -> bytes:
         return self._framer.buildFrame(request)
+
+    def next_start(self, buffer: bytearray, start: int, stop: int, expected: Expectation | None) -> int:
+        if expected is None:
+            return stop
+        found = buffer.find(bytes([expected.unit]), start, stop)
+        return found if found >= 0 else stop
 
     def probe(self, buffer: bytes, expected: Expectation | None) -> Probe:
         # Without a request in flight no byte can start a wanted frame, and RTU
@@ -121,6 +134,10 @@ class RtuFraming:
         return Complete(size, pdu)
 
 
+#: Transaction id, protocol id 0, length 2..254: where an MBAP header may start.
+_MBAP_HEADER_START = re.compile(rb"..\x00\x00\x00[\x02-\xfe]", re.DOTALL)
+
+
 class MbapFraming:
     """Modbus TCP frames: a 7-byte MBAP header (transaction, protocol 0, length, unit) and the PDU."""
 
@@ -134,6 +151,14 @@ class MbapFraming:
     def encode(self, request: ModbusPDU, transaction_id: int) -> bytes:
         request.transaction_id = transaction_id
         return self._framer.buildFrame(request)
+
+    def next_start(self, buffer: bytearray, start: int, stop: int, expected: Expectation | None) -> int:
+        # A header needs protocol id zero and a length of 2..254; the last five bytes
+        # may still become one.
+        found = _MBAP_HEADER_START.search(buffer, start, min(len(buffer), stop + 5))
+        if found is not None and found.start() < stop:
+            return found.start()
+        return min(stop, max(start, len(buffer) - 5))
 
     def probe(self, buffer: bytes, expected: Expectation | None) -> Probe:
         # The protocol id must be zero; anything else rules out a header.

@@ -32,7 +32,7 @@ from dtucenter.modbus.filter import (
     RegistrationReader,
 )
 from dtucenter.modbus.framing import framing_for
-from dtucenter.modbus.master import LinkCounters, ModbusMaster
+from dtucenter.modbus.master import LINK_JUNK_LIMIT, LinkCounters, ModbusMaster
 from dtucenter.throttle import LoginThrottle
 from dtucenter.transports import close_transport, connected_transport
 
@@ -99,6 +99,7 @@ class Link:
             silence=self._silence,
             idle_timeout=self.settings.idle_timeout,
             observer=self,
+            junk_limit=None if self.settings.serial is not None else LINK_JUNK_LIMIT,
         )
 
     def when_lost(self, hook: Callable[[], None]) -> None:
@@ -162,8 +163,18 @@ class Link:
 # -- accepted connections -----------------------------------------------------
 
 
+#: Bytes of what a connection sent that key the throttle, at most: a registration's worth, bounded.
+MAX_THROTTLE_KEY_BYTES = 64
+
+
 class LoginProtocol(Protocol):
-    """Reads the registration packet, then hands the connection to its link's master."""
+    """Reads the registration packet, then hands the connection to its link's master.
+
+    Failed logins are throttled per source host *and* what the connection sent where a
+    registration belongs (:meth:`_throttle_key`), not per host: thousands of DTUs may share
+    one carrier NAT address, and one misconfigured DTU redialling must not lock them out.
+    So the throttle is consulted once the registration has been read, not at connect.
+    """
 
     def __init__(
         self, links: Mapping[bytes, Link], clock: IReactorTime, login_timeout: float, throttle: LoginThrottle
@@ -173,6 +184,9 @@ class LoginProtocol(Protocol):
         self._login_timeout = login_timeout
         self._throttle = throttle
         self._reader = RegistrationReader(links)
+        self._key_length = min(max(map(len, links), default=0), MAX_THROTTLE_KEY_BYTES)
+        #: The start of what the connection sent, up to a registration's length.
+        self._head = b""
         self._master: ModbusMaster | None = None
         self._deadline: IDelayedCall | None = None
         self._host = "?"
@@ -182,10 +196,6 @@ class LoginProtocol(Protocol):
         peer = connected_transport(self).getPeer()
         self._host = getattr(peer, "host", str(peer))
         self._peer = describe_peer(peer)
-        if self._throttle.blocked(self._host):
-            log.debug("Refused {peer}: too many failed logins", peer=self._peer)
-            close_transport(connected_transport(self))
-            return
         self._deadline = self._clock.callLater(self._login_timeout, self._login_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
@@ -194,12 +204,14 @@ class LoginProtocol(Protocol):
             return
         if self._deadline is None:
             return  # refused or already given up; the close is under way
+        if len(self._head) < self._key_length:
+            self._head += data[: self._key_length - len(self._head)]
         result = self._reader.feed(data)
         if isinstance(result, LoginPending):
             return
         self._cancel_deadline()
         if isinstance(result, LoginMatched):
-            self._throttle.succeeded(self._host)
+            self._throttle.succeeded(self._throttle_key())
             link = self._links[result.registration]
             link.counters.bytes_in += len(result.registration)
             self._master = link.build_master()
@@ -218,13 +230,22 @@ class LoginProtocol(Protocol):
         self._deadline = None
         self._reject(f"no registration within {self._login_timeout:g} s")
 
+    def _throttle_key(self) -> str:
+        """The host and the bytes where a registration belongs: a DTU sending an unknown
+        registration (or none) is told apart from the good DTUs behind the same address."""
+        return f"{self._host}/{self._head.hex()}"
+
     def _reject(self, why: str) -> None:
-        refused_for = self._throttle.failed(self._host)
-        if refused_for:
-            log.warn("Closed {peer}: {why}; refusing {host} for {seconds:g} s",
-                     peer=self._peer, why=why, host=self._host, seconds=refused_for)
+        key = self._throttle_key()
+        if self._throttle.blocked(key):
+            log.debug("Closed {peer}: {why}; too many failed logins", peer=self._peer, why=why)
         else:
-            log.warn("Closed {peer}: {why}", peer=self._peer, why=why)
+            refused_for = self._throttle.failed(key)
+            if refused_for:
+                log.warn("Closed {peer}: {why}; not logging it again for {seconds:g} s",
+                         peer=self._peer, why=why, seconds=refused_for)
+            else:
+                log.warn("Closed {peer}: {why}", peer=self._peer, why=why)
         close_transport(connected_transport(self))
 
     def _cancel_deadline(self) -> None:

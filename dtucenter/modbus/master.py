@@ -21,6 +21,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dtucenter.junk import DEFAULT_JUNK_WINDOW, JunkWindow
 from dtucenter.modbus.errors import (
     LinkDisconnected,
     LinkOffline,
@@ -32,6 +33,12 @@ from dtucenter.modbus.framing import Expectation, Framing
 from dtucenter.transports import close_transport, connected_transport
 
 log = Logger()
+
+#: A network connection is closed when, over JUNK_WINDOW seconds, it sent more junk
+#: than this and more junk than anything else: Modbus answers are a few hundred bytes.
+LINK_JUNK_LIMIT = 64 * 1024
+#: Reads are looked at in slices this long, so a flood of junk is cut off within one.
+_SLICE = 4096
 
 
 @attrs.define
@@ -47,6 +54,7 @@ class LinkCounters:
     connects: int = 0
     heartbeats: int = 0  # DTU packets stripped from the stream
     discarded_bytes: int = 0  # junk, stray and late frames
+    closed_for_junk: int = 0  # connections closed for sending mostly junk
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)
@@ -85,6 +93,8 @@ class ModbusMaster(Protocol):
         silence: float = 0.0,
         idle_timeout: float | None = None,
         observer: MasterObserver | None = None,
+        junk_limit: int | None = LINK_JUNK_LIMIT,
+        junk_window: float = DEFAULT_JUNK_WINDOW,
     ) -> None:
         self.name = name
         self.counters = counters if counters is not None else LinkCounters()
@@ -103,6 +113,9 @@ class ModbusMaster(Protocol):
         self._quiet: IDelayedCall | None = None
         self._connected = False
         self._transaction_id = 0
+        #: None on a serial line: there junk means wrong settings, and closing would not help.
+        self._junk = JunkWindow(clock, window=junk_window, limit=junk_limit) if junk_limit is not None else None
+        self._closed_for_junk = False
 
     # -- API ------------------------------------------------------------------
 
@@ -141,9 +154,23 @@ class ModbusMaster(Protocol):
             self._observer.master_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._closed_for_junk:
+            return
         self.counters.bytes_in += len(data)
         if self._idle is not None and self._idle.active() and self._idle_timeout is not None:
             self._idle.reset(self._idle_timeout)
+        for offset in range(0, len(data), _SLICE):
+            piece = data[offset : offset + _SLICE] if len(data) > _SLICE else data
+            junk = self._read(piece)
+            if self._junk is not None:
+                self._junk.add(junk, len(piece) - junk)
+                if junk and self._junk.mostly_junk:
+                    self._close_for_junk()
+                    return
+
+    def _read(self, data: bytes) -> int:
+        """Handle what ``data`` completes; returns how many junk bytes it held."""
+        junk = 0
         for event in self._reader.feed(data):
             if isinstance(event, Response):
                 self._answered(event.pdu)
@@ -151,7 +178,21 @@ class ModbusMaster(Protocol):
                 self.counters.heartbeats += 1
                 log.debug("{link}: stripped {kind} packet", link=self.name, kind=event.noise.kind)
             elif isinstance(event, Discarded):
-                self._discard(event.data, event.reason)
+                if event.reason == "junk":
+                    junk += event.count
+                self._discard(event.data, event.reason, event.count)
+        return junk
+
+    def _close_for_junk(self) -> None:
+        assert self._junk is not None
+        junk, valid = self._junk.totals()
+        self._closed_for_junk = True
+        self.counters.closed_for_junk += 1
+        log.warn(
+            "{link}: closing the connection: {junk} bytes of junk and {valid} other bytes in the last {window:g} s",
+            link=self.name, junk=junk, valid=valid, window=self._junk.window,
+        )
+        self.close()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._connected = False
@@ -244,11 +285,12 @@ class ModbusMaster(Protocol):
             self._discard(self._reader.flush(), "unfinished frame")
             self._after_silence(self._pump)
 
-    def _discard(self, data: bytes, reason: str) -> None:
+    def _discard(self, data: bytes, reason: str, count: int | None = None) -> None:
         if data:
-            self.counters.discarded_bytes += len(data)
+            count = len(data) if count is None else count
+            self.counters.discarded_bytes += count
             log.debug("{link}: discarded {count} bytes ({reason}): {data}",
-                      link=self.name, count=len(data), reason=reason, data=data[:64].hex(" "))
+                      link=self.name, count=count, reason=reason, data=data[:64].hex(" "))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():

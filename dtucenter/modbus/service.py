@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,6 +22,7 @@ from dtucenter.modbus.links import (
     open_serial_port,
 )
 from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller
+from dtucenter.setting import listening_endpoint
 
 SHARED_LISTENER = "modbus"
 
@@ -105,12 +106,13 @@ class ModbusBridge(MultiService):
         if shared:
             assert settings.listen is not None  # the config refuses shared links without it
             login_factory = LoginFactory(shared, reactor, self.login_timeout)
-            self._listen(SHARED_LISTENER, serverFromString(reactor, settings.listen), login_factory)
+            self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
         for link in self.links.values():
             kind = link.settings.kind
             if kind == "listen":
-                link_listener = serverFromString(reactor, link.settings.listen)
+                assert link.settings.listen is not None  # what makes its kind "listen"
+                link_listener = listening_endpoint(reactor, link.settings.listen)
                 self._listen(link.name, link_listener, link_factory(link, reactor, self.login_timeout))
             elif kind == "connect":
                 client = ClientService(

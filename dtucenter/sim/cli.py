@@ -5,7 +5,9 @@
     dtucenter-sim bridge --serial /dev/ttyUSB0 --server 127.0.0.1:20100 --registration DTU-0001
 
 Progress goes to stderr once a second; Ctrl-C (or ``--duration``) stops
-every device, and a one-line summary is printed at exit.
+every device, and a one-line summary is printed at exit. SIGUSR1 drops every
+connection at once, as a power cut would: the fleet redials together (the
+benchmark's redial storm).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import random
 import resource
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -186,6 +189,7 @@ def _fleet_run(reactor: Any, args: argparse.Namespace, stats: SimStats,
             device.server = server
             device.on_redirect = connector.redirect
         fleet.add(connector)
+    signal.signal(signal.SIGUSR1, lambda number, frame: reactor.callFromThread(fleet.drop_all))
     return run(reactor, top, args.duration)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, runtime_checkable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IReactorTime
@@ -18,6 +18,11 @@ log = Logger()
 
 #: Counters whose rate the progress line shows.
 RATE_FIELDS = ("acked", "polls")
+
+
+@runtime_checkable
+class Droppable(Protocol):
+    def drop_connection(self) -> bool: ...
 
 
 class Fleet(MultiService):
@@ -47,6 +52,15 @@ class Fleet(MultiService):
             self._waiting.pop().setServiceParent(self)
         if not self._waiting and self._ramp.running:
             self._ramp.stop()
+
+    def drop_all(self) -> int:
+        """Every device's connection closed at once, as a power cut or a carrier outage would; each dials
+        again after its own backoff (1-2 s), so the whole fleet redials together: a redial storm."""
+        dropped = sum(1 for connector in self if isinstance(connector, Droppable) and connector.drop_connection())
+        self.stats.count("drop_all")
+        self.stats.count("dropped", dropped)
+        log.info("Dropped {count} connections at once", count=dropped)
+        return dropped
 
     def stopService(self) -> Any:
         if self._ramp.running:

@@ -95,16 +95,22 @@ class Device(TypingProtocol):
 class _StreamProtocol(protocol.Protocol):
     """Forwards a TCP connection's events to its device and serves as the device's Link."""
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, built_by: _StreamFactory | None = None) -> None:
         self.device = device
+        #: Told which connection is up (tests build the protocol bare).
+        self.built_by = built_by
 
     def connectionMade(self) -> None:
+        if self.built_by is not None:
+            self.built_by.current = self
         self.device.connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.device.data_received(data)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.built_by is not None and self.built_by.current is self:
+            self.built_by.current = None
         self.device.connection_lost()
 
     def write(self, data: bytes) -> None:
@@ -117,9 +123,11 @@ class _StreamProtocol(protocol.Protocol):
 class _StreamFactory(protocol.Factory[_StreamProtocol]):
     def __init__(self, device: Device) -> None:
         self.device = device
+        #: The connection up now, if any.
+        self.current: _StreamProtocol | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> _StreamProtocol:
-        return _StreamProtocol(self.device)
+        return _StreamProtocol(self.device, self)
 
 
 class _Connector(Service):
@@ -138,6 +146,11 @@ class _Connector(Service):
         self.source = source
         # Jitter spreads a crowd of DTUs that lost the center at the same moment.
         self._policy = backoffPolicy(initialDelay=1.0, maxDelay=max_delay, factor=1.5, jitter=rng.random)
+
+    def drop_connection(self) -> bool:
+        """Closes the connection up now, as a network outage would; the device dials again after its backoff.
+        False if there was none."""
+        raise NotImplementedError
 
 
 @implementer(IStreamClientEndpoint)
@@ -160,10 +173,18 @@ class TCPConnector(_Connector):
     """Keeps one device connected to its server; a redirect moves it to another server."""
 
     _client: ClientService | None = None
+    _factory: _StreamFactory | None = None
 
     def startService(self) -> None:
         super().startService()
         self._dial()
+
+    def drop_connection(self) -> bool:
+        current = self._factory.current if self._factory is not None else None
+        if current is None:
+            return False
+        current.drop()
+        return True
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -185,8 +206,9 @@ class TCPConnector(_Connector):
             self.reactor, host, port, timeout=10,
             bindAddress=(self.source, 0) if self.source else None,
         )
+        self._factory = _StreamFactory(self.device)
         self._client = ClientService(
-            _CountingEndpoint(endpoint, self.device), _StreamFactory(self.device),
+            _CountingEndpoint(endpoint, self.device), self._factory,
             retryPolicy=self._policy, clock=self.reactor,
         )
         self._client.startService()
@@ -238,6 +260,11 @@ class UDPConnector(_Connector):
 
     def drop(self) -> None:
         self.lost()
+
+    def drop_connection(self) -> bool:
+        was_up = self._up
+        self.lost()
+        return was_up
 
     def heard(self) -> None:
         self._attempts = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dtucenter.modbus.filter import (
@@ -306,3 +308,49 @@ def test_mbap_garbage_is_hunted_through() -> None:
     expect(reader, tid=1)
     events = feed_all(reader, [b"\x12\x34\x56\x78\x9a\xbc\xde" + mbap(holding_response(1, [5]), 1)])
     assert kinds(events) == ["junk", "response"]
+
+
+# -- junk costs linear work ---------------------------------------------------------
+
+
+class CountingFraming:
+    """A framing that counts the bytes its probe is shown: the reader's work on junk."""
+
+    def __init__(self, framing: RtuFraming | MbapFraming) -> None:
+        self._framing = framing
+        self.name = framing.name
+        self.max_frame = framing.max_frame
+        self.shown = 0
+
+    def encode(self, request: Any, transaction_id: int) -> bytes:
+        return self._framing.encode(request, transaction_id)
+
+    def probe(self, buffer: bytes, expected: Expectation | None) -> Any:
+        self.shown += len(buffer)
+        return self._framing.probe(buffer, expected)
+
+    def next_start(self, buffer: bytearray, start: int, stop: int, expected: Expectation | None) -> int:
+        return self._framing.next_start(buffer, start, stop, expected)
+
+
+@pytest.mark.parametrize("framing", [RtuFraming, MbapFraming])
+@pytest.mark.parametrize(
+    "unit", [b"\xaa\x55", bytes(range(256)), b"\x01\x03\x01\x03", b"\x00", b"HI"],
+    ids=["aa55", "all-bytes", "false-rtu-heads", "zeros", "heartbeat-starts"],
+)
+def test_junk_costs_linear_work_and_keeps_a_sample(framing: type[RtuFraming | MbapFraming], unit: bytes) -> None:
+    counting = CountingFraming(framing())
+    reader = ResponseReader(counting, BoundaryNoise.for_link(None, False, HEARTBEAT))
+    expect(reader)
+    junk = unit * (256 * 1024 // len(unit))
+    events = feed_all(reader, [junk[i : i + 65536] for i in range(0, len(junk), 65536)])
+    # Each byte is shown to the probe a bounded number of times, not once per byte before it.
+    assert counting.shown <= 16 * len(junk)
+    discarded = [e for e in events if isinstance(e, Discarded)]
+    assert sum(e.count for e in discarded) + reader.buffered == len(junk)
+    assert all(len(e.data) <= 64 for e in discarded)
+    assert reader.buffered <= counting.max_frame
+    # The awaited answer right behind the junk still gets through.
+    reader.flush()
+    answer = rtu(holding_response(1, [7])) if framing is RtuFraming else mbap(holding_response(1, [7]), 1)
+    assert kinds(feed_all(reader, [answer])) == ["response"]

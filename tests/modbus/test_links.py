@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -98,24 +101,84 @@ def test_each_registration_finds_its_own_link() -> None:
     assert (listener.links["a"].online, listener.links["b"].online) == (False, True)
 
 
-def test_unknown_registration_is_closed_and_a_repeating_peer_refused() -> None:
+class Warnings:
+    """The warnings the links module logs while it is in use."""
+
+    def __init__(self) -> None:
+        self.events: list[LogEvent] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_namespace") == "dtucenter.modbus.links" and event.get("log_level") == LogLevel.warn:
+            self.events.append(event)
+
+    def __enter__(self) -> Self:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        globalLogPublisher.removeObserver(self)
+
+    def take(self) -> list[str]:
+        texts = [formatEvent(e) for e in self.events]
+        self.events.clear()
+        return texts
+
+
+def test_unknown_registration_is_closed_and_a_repeating_one_no_longer_logged() -> None:
     listener = Listener(shared_link())
-    for _ in range(3):
+    with Warnings() as warnings:
+        for _ in range(3):
+            protocol, transport = listener.connect()
+            protocol.dataReceived(b"NOT-A-DTU")
+            close(protocol, transport)
+        assert len(warnings.take()) == 3
+        # Three failures in a row: the next one is closed as well, but not logged.
         protocol, transport = listener.connect()
         protocol.dataReceived(b"NOT-A-DTU")
         close(protocol, transport)
-    # Three failures in a row: the next connection is refused before reading.
-    protocol, transport = listener.connect()
-    assert transport.disconnecting
-    close(protocol, transport)
-    # Another address is not affected, and the block ends.
-    _other, other_transport = listener.connect(host="10.9.9.9")
-    assert not other_transport.disconnecting
-    listener.clock.advance(10.0)
-    protocol, transport = listener.connect()
-    assert not transport.disconnecting
-    protocol.dataReceived(b"DTU-0001")
+        assert warnings.take() == []
+        # The block ends.
+        listener.clock.advance(10.0)
+        protocol, transport = listener.connect()
+        protocol.dataReceived(b"NOT-A-DTU")
+        close(protocol, transport)
+        assert len(warnings.take()) == 1
+
+
+def test_a_misconfigured_dtu_does_not_lock_out_a_good_one_behind_the_same_nat_address() -> None:
+    listener = Listener(shared_link())
+    with Warnings() as warnings:
+        # One DTU with a wrong registration redials every 5 s for 75 s from the carrier's NAT address
+        # (blocks of 10, 20 and 40 s after its third failure).
+        for attempt in range(15):
+            protocol, transport = listener.connect(port=30000 + attempt)
+            protocol.dataReceived(b"DTU-0009HB")
+            close(protocol, transport)
+            listener.clock.advance(5.0)
+        logged = warnings.take()
+        assert len(logged) == 5, "it is throttled: logged at failures 1, 2, 3, then as each block ends"
+        # A good DTU behind the same address gets in while that one is blocked.
+        protocol, transport = listener.connect(port=40000)
+        protocol.dataReceived(b"DTU-0001")
+        assert listener.links["site-a"].online and not transport.disconnecting
+        # The misconfigured one is still throttled.
+        bad, bad_transport = listener.connect(port=30100)
+        bad.dataReceived(b"DTU-0009")
+        close(bad, bad_transport)
+        assert warnings.take() == []
     assert listener.links["site-a"].online
+    assert listener.clock.getDelayedCalls() == []
+
+
+def test_the_throttle_key_holds_a_registration_s_worth_of_what_was_sent() -> None:
+    listener = Listener(shared_link())
+    with Warnings() as warnings:
+        for attempt in range(4):  # the same wrong registration, each time followed by other bytes
+            protocol, transport = listener.connect()
+            protocol.dataReceived(b"DTU-0009" + bytes([attempt]) * 1000)
+            close(protocol, transport)
+        # Keyed on a registration's worth of bytes, not on all that came: the fourth is throttled.
+        assert len(warnings.take()) == 3
 
 
 def test_no_registration_within_the_login_timeout_closes() -> None:

@@ -283,3 +283,43 @@ def test_mbap_transaction_ids_wrap_around() -> None:
     h.receive(mbap(holding_response(1, [1]), 1), one_at_a_time=False)
     assert result_of(d).registers == [1]
     h.assert_idle()
+
+
+def test_a_connection_sending_mostly_junk_is_closed_and_logged_once() -> None:
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from dtucenter.modbus.master import LINK_JUNK_LIMIT
+
+    warnings: list[dict[str, object]] = []
+
+    def observe(event: dict[str, object]) -> None:
+        if event.get("log_namespace") == "dtucenter.modbus.master" and event["log_level"] >= LogLevel.warn:
+            warnings.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        h = Harness()
+        d = h.master.request(read_holding(1, 0, 1))
+        h.sent()
+        for _ in range(16):  # 1 MiB of junk in reads of 64 KiB
+            h.receive(b"\xaa\x55" * 32768, one_at_a_time=False)
+        assert h.transport.disconnecting
+        assert h.master.counters.closed_for_junk == 1
+        # Cut off within a slice of passing the limit: a flood costs its first 64 KiB, not all of it.
+        assert h.master.counters.discarded_bytes <= LINK_JUNK_LIMIT + 4096
+        assert len(warnings) == 1
+        h.master.connectionLost(Failure(ConnectionError("closed")))
+        assert result_of(d).check(LinkDisconnected)
+        h.assert_idle()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+def test_a_serial_line_is_not_closed_for_junk() -> None:
+    clock = Clock()
+    transport = StringTransport()
+    master = ModbusMaster("bus", RtuFraming(), clock, timeout=TIMEOUT, retries=0, junk_limit=None)
+    master.makeConnection(transport)
+    for _ in range(8):
+        master.dataReceived(b"\xff" * 65536)
+    assert not transport.disconnecting and master.counters.discarded_bytes == 8 * 65536

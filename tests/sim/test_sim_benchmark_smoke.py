@@ -19,12 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
     result = run_process(
-        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--only", "hold,ingest,baseline,modbus"],
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out),
+         "--only", "hold,ingest,baseline,modbus,storm,junk"],
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    for heading in ("## Targets", "## Hold", "### center (stored in SQLite)", "### framing-only baseline", "## Modbus"):
+    for heading in ("## Targets", "## Hold", "### center (stored in SQLite)", "### framing-only baseline", "## Modbus",
+                    "## Redial storms", "## Junk flood"):
         assert heading in text
     assert "Python 3." in text and "Twisted" in text and "SQLAlchemy" in text
     assert "Traceback" not in result.stderr
@@ -46,3 +48,34 @@ def test_profile_summary_reads_py_spy_raw_stacks() -> None:
     assert summary["total"] == [
         ("_commit (dtucenter/store/facade.py)", 0.6), ("dataReceived (dtucenter/dtu/session.py)", 0.4)
     ]
+
+
+def test_a_storm_section_is_merged_into_an_existing_report() -> None:
+    from benchmarks.report import STORM_HEADING, render, with_storm_section
+
+    machine = {"cores": 2, "cpu": "x", "ram_gib": 1.0, "kernel": "k", "python": "3", "twisted": "t",
+               "sqlalchemy": "s", "sqlite": "q", "date": "then"}
+    row = {"storm": 1, "dropped": 10, "lost": 0, "all_back": 2.0, "connect_failed": 0, "login_timeouts": 0,
+           "listen_overflows": {"ListenOverflows": 0}, "rss_before": 1 << 20, "rss_after": 1 << 20}
+    run = {"backlog": None, "dtus": 10, "bound": 30.0, "somaxconn": 4096, "storms": [row]}
+    empty = {"machine": machine, "scale": "full", "hold": [], "storm": []}
+    full = render({**empty, "storm": [run]})
+    assert with_storm_section(render(empty), {"machine": machine, "storm": [run]}) == full  # inserted in its place
+    again = with_storm_section(full, {"machine": {**machine, "date": "now"}, "storm": [run]})  # replaced
+    assert again == full.replace("Measured then.", "Measured now.")
+    assert again.splitlines().count(STORM_HEADING) == 1
+
+
+def test_a_junk_flood_section_is_merged_into_an_existing_report() -> None:
+    from benchmarks.report import JUNK_FLOOD_HEADING, render, with_sections
+
+    machine = {"cores": 2, "cpu": "x", "ram_gib": 1.0, "kernel": "k", "python": "3", "twisted": "t",
+               "sqlalchemy": "s", "sqlite": "q", "date": "then"}
+    window = {"p50": 0.001, "p99": 0.002, "acked_per_s": 10.0, "ack_timeouts": 0, "seconds": 1.0}
+    junk = {"junk_connections": 5, "dtus": 5, "rate": 20, "quiet": window, "flooded": window, "seconds": 1.0,
+            "junk_bytes_per_s": 1.0, "junk_connections_closed_per_s": 1.0, "log_lines": 0, "cpu": 0.1}
+    empty = {"machine": machine, "scale": "full", "hold": [], "storm": []}
+    full = render({**empty, "junk_flood": junk})
+    assert with_sections(render(empty), {"machine": machine, "junk_flood": junk}) == full  # inserted in its place
+    again = with_sections(full, {"machine": machine, "junk_flood": {**junk, "log_lines": 7}})  # replaced
+    assert again.splitlines().count(JUNK_FLOOD_HEADING) == 1 and "log lines written: 7 in" in again

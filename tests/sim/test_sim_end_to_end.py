@@ -47,3 +47,30 @@ def test_virtual_dtus_uploads_are_stored(tmp_path: Path) -> Any:
         for connector in connectors:
             yield connector.stopService()
         yield Deferred.fromCoroutine(center.stop())
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_fleet_drops_every_connection_at_once_and_redials(tmp_path: Path) -> Any:
+    from dtucenter.sim.fleet import Fleet
+
+    center = yield Deferred.fromCoroutine(
+        start_center(tmp_path, "--unknown-dtu", "accept", "--dtu-udp", "127.0.0.1:0")
+    )
+    stats = SimStats()
+    fleet = Fleet(reactor, stats, connect_rate=1000)
+    try:
+        for i, (kind, server_port) in enumerate(
+            [(TCPConnector, center.tcp_port), (TCPConnector, center.tcp_port), (UDPConnector, center.udp_port)]
+        ):
+            rng = random.Random(i)
+            dtu = VirtualDTU(DTUSettings(psn=600 + i, password=9, values=1, interval=60.0), reactor, stats, rng)
+            fleet.add(kind(reactor, dtu, ("127.0.0.1", server_port), None, rng))
+        fleet.startService()
+        yield wait_for(lambda: stats.logged_in == 3, "three logins")
+        assert fleet.drop_all() == 3
+        assert stats.logged_in == 0 or stats.counts["logins"] == 3  # TCP closes complete on the reactor
+        yield wait_for(lambda: stats.counts["logins"] == 6 and stats.logged_in == 3, "three logins again")
+        assert (stats.counts["drop_all"], stats.counts["dropped"], stats.counts["errors"]) == (1, 3, 0)
+    finally:
+        yield fleet.stopService()
+        yield Deferred.fromCoroutine(center.stop())
