@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--point", help="with --meter: only this point")
     samples.add_argument("--since", type=parse_time, help="ISO 8601 time (UTC unless it says otherwise)")
     samples.add_argument("--until", type=parse_time, help="ISO 8601 time, exclusive")
-    samples.add_argument("--limit", type=_bounded(1, 10_000_000), help="at most this many rows, oldest first")
+    samples.add_argument("--limit", type=_bounded(1, 10_000_000), help="at most this many rows, the first in --order")
+    samples.add_argument("--order", choices=("asc", "desc"), default="asc",
+                         help="asc: oldest first (the default); desc: newest first")
     samples.add_argument("--format", choices=("csv", "json"), default="csv")
     samples.set_defaults(run=cmd_samples, check=_check_sample_source, subparser=samples)
 
@@ -211,7 +213,7 @@ def cmd_samples(session: Session, args: argparse.Namespace, out: TextIO) -> None
         return
     if queries.get_dtu(session, args.psn) is None:
         raise CommandError(f"no DTU {args.psn}")
-    rows = queries.query_samples(session, args.psn, args.since, args.until, args.limit)
+    rows = queries.query_samples(session, args.psn, args.since, args.until, args.limit, args.order == "desc")
     _print_samples(out, args.format, rows, SAMPLE_COLUMNS, _csv_row)
 
 
@@ -219,7 +221,8 @@ def _meter_samples(session: Session, args: argparse.Namespace, out: TextIO) -> N
     meter = meters.get_meter(session, args.meter)
     if meter is None:
         raise CommandError(f"no meter {args.meter!r}")
-    rows = meters.query_meter_samples(session, meter, args.point, args.since, args.until, args.limit)
+    rows = meters.query_meter_samples(
+        session, meter, args.point, args.since, args.until, args.limit, args.order == "desc")
     _print_samples(out, args.format, rows, METER_SAMPLE_COLUMNS, _meter_csv_row)
 
 

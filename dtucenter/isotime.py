@@ -32,9 +32,19 @@ def utc_from_millisecond(millisecond: int) -> dt.datetime:
 
 
 def parse_iso_time(text: str) -> dt.datetime:
-    """ISO 8601; a time without an offset is taken as UTC. ValueError says what was wrong."""
+    """ISO 8601 as an aware UTC datetime; a time without an offset is taken as UTC.
+
+    ValueError says what was wrong, including a time that parses but has no
+    UTC equivalent (``0001-01-01T00:00:00+14:00`` is in the year 0), which
+    would otherwise overflow wherever it is first compared or stored.
+    """
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise ValueError(f"not an ISO 8601 time: {text!r}") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=dt.UTC)
+    try:
+        return when.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1..9999 in UTC") from None

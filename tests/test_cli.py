@@ -64,6 +64,10 @@ def test_samples_csv_oldest_first_with_register_names(db: str) -> None:
     ]
     code, text = run("samples", "5", "--since", "2026-11-01T12:00:30Z", "--limit", "1", "--format", "json", "--db", db)
     assert [s["value"] for s in json.loads(text)["samples"]] == [3]
+    code, text = run("samples", "5", "--order", "desc", "--limit", "2", "--db", db)
+    assert text.splitlines()[1:] == [
+        "2026-11-01T12:01:00+00:00,5,20,0,1,100,3", "2026-11-01T12:01:00+00:00,5,20,1,1,101,4",
+    ]
 
 
 def test_errors_are_one_line(db: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,6 +79,15 @@ def test_errors_are_one_line(db: str, capsys: pytest.CaptureFixture[str]) -> Non
         run("dtu", "add", "4294967296", "--db", db)
     assert caught.value.code == 2
     assert "PSN must be a whole number" in capsys.readouterr().err
+    run("dtu", "add", "5", "--db", db)
+    # Times that parse but have no UTC equivalent: refused by the option, not a traceback from the query.
+    for option, text in [("--since", "0001-01-01T00:00:00+14:00"), ("--until", "9999-12-31T23:59:59-14:00")]:
+        with pytest.raises(SystemExit) as caught:
+            run("samples", "5", option, text, "--db", db)
+        assert caught.value.code == 2
+        assert f"{option}: {text!r} is outside the years 1..9999 in UTC" in capsys.readouterr().err
+    assert run("dtu", "add", "5", "--name", "x" * 101, "--db", db)[0] == 1
+    assert capsys.readouterr().err == "dtucenter: name must be text of at most 100 characters\n"
 
 
 def test_meter_samples_csv_and_json(db: str) -> None:

@@ -222,12 +222,26 @@ async def test_samples_oldest_first_with_since_until_and_limit(tmp_path: Path, d
         later = await api.get(f"/api/dtus/{PSN}/samples?since=2000-01-01T00:00:00Z&until={first.replace('+', '%2B')}")
         assert later.status == 200 and later.body["samples"] == []
         assert (await api.get(f"/api/dtus/{PSN}/samples?since=2999-01-01")).body["samples"] == []
+        # Newest upload first, each upload's values in position order; limit keeps the newest.
+        newest = await api.get(f"/api/dtus/{PSN}/samples?order=desc")
+        assert [(s["net_state"], s["position"], s["value"]) for s in newest.body["samples"]] == [
+            (22, 0, 20), (22, 1, -2), (21, 0, 10), (21, 1, -1), (20, 0, 0), (20, 1, 0),
+        ]
+        two = await api.get(f"/api/dtus/{PSN}/samples?order=desc&limit=2")
+        assert [s["value"] for s in two.body["samples"]] == [20, -2] and two.body["more"] is True
+        assert (await api.get(f"/api/dtus/{PSN}/samples?order=asc&limit=1")).body["samples"][0]["value"] == 0
+        latest = await api.get(f"/api/dtus/{PSN}/latest")
+        assert latest.status == 200 and latest.body == {"samples": newest.body["samples"][:2]}
+        assert (await api.get("/api/dtus/999/latest")).status == 404
+        await api.call("PUT", "/api/dtus/998", {})
+        assert (await api.get("/api/dtus/998/latest")).body == {"samples": []}
         for query, message in [
             ("since=yesterday", "since: not an ISO 8601 time"),
             ("limit=0", "limit must be a whole number 1..100000"),
             ("limit=ten", "limit must be"),
             ("limit=1&limit=2", "given 2 times"),
             ("from=2020-01-01", "unknown query parameter 'from'"),
+            ("order=newest", "order must be asc or desc, got 'newest'"),
         ]:
             bad = await api.get(f"/api/dtus/{PSN}/samples?{query}")
             assert bad.status == 400 and message in bad.error, (query, bad.body)
@@ -630,5 +644,116 @@ async def test_commands_pending_at_a_crash_are_marked_interrupted_at_start(tmp_p
         [record] = (await center.api().get("/api/dtus/8/commands")).body["commands"]
         assert record["outcome"] == "interrupted" and record["finished"] is not None
         assert record["error"] == "the center stopped before the command finished"
+    finally:
+        await center.stop()
+
+
+# -- hostile input: always a JSON 4xx, never a 500 -----------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_input_is_a_4xx_never_a_500(tmp_path: Path, db_url: str) -> None:
+    center = await start_center(tmp_path, db_url=db_url)
+    api = center.api()
+    try:
+        await online_dtu(center)
+        deep = b"[" * 100_000 + b"]" * 100_000
+        for raw, message in [
+            (deep, "nested too deeply"),
+            (b'{"name": ' + deep + b"}", "nested too deeply"),
+            (b'{"name": "pump\\u0000house"}', "NUL character"),
+            (b'{"name\\u0000": "x"}', "NUL character"),
+        ]:
+            response = await api.call("PUT", f"/api/dtus/{PSN}", raw=raw)
+            assert response.status == 400 and message in response.error, (raw[:40], response.body)
+        deep_registers = b'{"registers": ' + deep + b"}"
+        response = await api.call("POST", f"/api/dtus/{PSN}/read", raw=deep_registers)
+        assert response.status == 400 and "nested too deeply" in response.error
+        for path, message in [
+            # Times that parse but have no UTC equivalent.
+            (f"/api/dtus/{PSN}/samples?since=0001-01-01T00:00:00%2B14:00", "since: '0001-01-01T00:00:00+14:00' is"),
+            (f"/api/dtus/{PSN}/samples?until=9999-12-31T23:59:59-14:00", "until: '9999-12-31T23:59:59-14:00' is"),
+            ("/api/meters/m/samples?since=0001-01-01T00:00:00%2B01:00", "since:"),
+            # NUL in names, where PostgreSQL cannot even compare text holding one.
+            ("/api/meters/m%00x", "NUL character"),
+            ("/api/meters/m%00x/samples", "NUL character"),
+            ("/api/meters/m/samples?point=p%00q", "query parameter 'point' contains a NUL character"),
+            (f"/api/dtus/{PSN}/samples?since=2020%00", "NUL character"),
+            ("/api/links/l%00", "NUL character"),
+        ]:
+            response = await api.get(path)
+            assert response.status == 400 and message in response.error, (path, response.body)
+        assert (await api.get(f"/api/dtus/{PSN}")).body["name"] == ""  # nothing was stored
+    finally:
+        await center.stop()
+
+
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` as is on a fresh connection and return all the center sends until it hangs up."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    class Collect(Protocol):
+        def __init__(self) -> None:
+            self.received = bytearray()
+            self.closed = False
+
+        def dataReceived(self, data: bytes) -> None:
+            self.received += data
+
+        def connectionLost(self, reason: Any = None) -> None:
+            self.closed = True
+
+    client = Collect()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    assert client.transport is not None
+    client.transport.write(request)
+    try:
+        await until(lambda: client.closed)
+    finally:
+        client.transport.loseConnection()
+    return bytes(client.received)
+
+
+def parse_raw_answer(answer: bytes) -> tuple[int, dict[str, str], Any]:
+    import json
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+    assert headers.get("content-type", "").startswith("application/json"), answer[:300]
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_twisted_refuses_get_json_answers_too(tmp_path: Path) -> None:
+    center = await start_center(tmp_path)
+    assert center.api_port is not None
+    auth = f"Authorization: Bearer {center.api_token}\r\n".encode()
+    try:
+        cases = [
+            # Over Twisted's 16 KiB for the request line and headers together.
+            (b"GET /api/dtus HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Big: " + b"a" * 8000 + b"\r\n"
+             + b"X-Big2: " + b"a" * 9000 + b"\r\n\r\n", 431),
+            # One header line over the line limit.
+            (b"GET /api/dtus HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+            # Over Twisted's 500 headers.
+            (b"GET /api/dtus HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(501)) + b"\r\n",
+             431),
+            (b"NOT HTTP AT ALL\r\n\r\n", 400),
+            (b"GET /api/dtus HTTP/1.1\r\nHost: x\r\nBad header\r\n\r\n", 400),
+            (b"POST /api/dtus/1 HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+        ]
+        for request, status in cases:
+            answer = await raw_exchange(center.api_port, request)
+            code, headers, body = parse_raw_answer(answer)
+            assert code == status and set(body) == {"error"}, (request[:60], answer[:200])
+            assert headers["connection"] == "close"
+        # A path whose bytes are not UTF-8: raw, twisted.web refuses the request line; %-escaped, no such endpoint.
+        for path, status in ((b"/api/dtus/\xff", 400), (b"/api/dtus/%ff", 404)):
+            answer = await raw_exchange(
+                center.api_port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + auth + b"\r\n")
+            code, _, body = parse_raw_answer(answer)
+            assert code == status and set(body) == {"error"}, answer[:200]
     finally:
         await center.stop()

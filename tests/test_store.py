@@ -9,15 +9,19 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, make_url, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
-from twisted.internet import defer, reactor
+from sqlalchemy.pool import NullPool
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import upload_row
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
-from dtucenter.store.facade import Store
+from dtucenter.store.facade import RETRY_MAX, Store
 from dtucenter.store.models import MeterSample, Sample
 from tests.support import until
 
@@ -159,3 +163,166 @@ def test_last_seen_of_a_deleted_dtu_does_not_fail_the_others(tmp_path: Path) -> 
     with Session(engine) as session:
         assert queries.get_dtu(session, 1).last_seen == when  # type: ignore[union-attr]
     engine.dispose()
+
+
+class Outage:
+    """An SQLite database that refuses new connections while ``down``, as a stopped server does.
+
+    With ``NullPool`` every attempt opens a new connection, so every attempt meets the outage.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.down = False
+        self.attempts = 0
+
+    def connect(self) -> sqlite3.Connection:
+        self.attempts += 1
+        if self.down:
+            raise sqlite3.OperationalError("connection refused")
+        return sqlite3.connect(self.path, check_same_thread=False)
+
+
+@pytest.mark.expected_errors("Database write of 0 jobs and 3 rows failed", error=OperationalError)
+@pytest_twisted.ensureDeferred
+async def test_writes_resume_within_a_second_of_the_database_returning_after_a_long_outage(tmp_path: Path) -> None:
+    open_engine(f"sqlite:///{tmp_path / 's.db'}").dispose()  # the schema
+    outage = Outage(tmp_path / "s.db")
+    clock = Clock()
+    store = Store(create_engine("sqlite://", creator=outage.connect, poolclass=NullPool), reactor, clock)
+    store.startService()
+    summaries: list[str] = []
+
+    def collect(event: dict[str, Any]) -> None:
+        if event.get("log_level") is LogLevel.warn and "still failing" in event.get("log_format", ""):
+            summaries.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(collect)
+    try:
+        outage.down = True
+        stored = store.add_samples(rows(5, 3))
+
+        async def advance(seconds: float) -> None:
+            clock.advance(seconds)
+            # A probe or retry that fired runs on the writer thread: wait until it is rescheduled or done.
+            await until(lambda: bool(clock.getDelayedCalls()) or stored.called)
+
+        await until(lambda: bool(clock.getDelayedCalls()))
+        while clock.seconds() < 300:  # five minutes down
+            await advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+        assert not stored.called and not store.healthy
+        attempts_while_down = outage.attempts
+
+        outage.down = False
+        back = clock.seconds()
+        while not stored.called:
+            await advance(0.05)
+            assert clock.seconds() - back <= 1.5, "no attempt within 1.5s of the database coming back"
+        await stored
+        # The batch itself was tried again only once the probe answered.
+        assert outage.attempts - attempts_while_down == 2
+        assert store.healthy and count(store) == 3
+        # A cheap probe at least every RETRY_MAX; one failure logged in full, then a summary a minute.
+        assert attempts_while_down >= 300 / RETRY_MAX
+        assert 4 <= len(summaries) <= 5 and "connection refused" in summaries[-1]
+    finally:
+        globalLogPublisher.removeObserver(collect)
+        stopped = store.stopService()
+        clock.advance(store.shutdown_grace)  # a batch still failing is given up on, as at a real stop
+        await until(lambda: stopped.called)
+        stopped.addErrback(lambda f: f.trap(ConnectionError))
+
+
+class CuttableProxy(protocol.Factory):
+    """A TCP proxy on loopback to a real database server, which the test cuts and restores: an outage
+    of the server as its clients see it, without stopping a server others share."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.links: list[_ProxyLink] = []
+        self.listening: Any = None
+        self.port = 0
+
+    def buildProtocol(self, addr: Any) -> _ProxyLink:
+        link = _ProxyLink(self)
+        self.links.append(link)
+        return link
+
+    def listen(self) -> None:
+        self.listening = reactor.listenTCP(self.port, self, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+
+    async def cut(self) -> None:
+        await self.listening.stopListening()
+        for link in self.links:
+            link.transport.abortConnection()
+            if link.server is not None:
+                link.server.transport.abortConnection()
+        self.links.clear()
+
+
+class _ProxyLink(protocol.Protocol):
+    def __init__(self, proxy: CuttableProxy) -> None:
+        self.proxy = proxy
+        self.server: _ServerSide | None = None
+        self.pending = bytearray()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        connected = protocol.ClientCreator(reactor, _ServerSide, self).connectTCP(*self.proxy.target)
+        connected.addCallback(self._server_ready)
+        connected.addErrback(lambda _: self.transport.abortConnection())
+
+    def _server_ready(self, server: _ServerSide) -> None:
+        self.server = server
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.server is not None
+        self.server.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.server is not None:
+            self.server.transport.loseConnection()
+
+
+class _ServerSide(protocol.Protocol):
+    def __init__(self, client: _ProxyLink) -> None:
+        self.client = client
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.client.transport.loseConnection()
+
+
+@pytest.mark.expected_errors("Database write of 0 jobs and 2 rows failed", error=OperationalError)
+@pytest_twisted.ensureDeferred
+async def test_postgresql_going_away_and_coming_back_loses_and_repeats_nothing(db_url: str) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("the outage of a database server; SQLite's is the lock test above")
+    open_engine(db_url).dispose()  # the schema
+    server = make_url(db_url)
+    proxy = CuttableProxy(server.host or "127.0.0.1", server.port or 5432)
+    proxy.listen()
+    proxied = server.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    store = Store(open_engine(proxied, create=False), reactor)
+    store.startService()
+    try:
+        await store.add_samples(rows(6, 1))  # a pooled connection through the proxy
+        await proxy.cut()
+        stored = store.add_samples(rows(6, 2))
+        await until(lambda: store.stats.failures >= 3)  # the failed commit and probes that met no server
+        assert not stored.called and not store.healthy
+        proxy.listen()
+        await stored
+        assert store.healthy
+        # Counted past the proxy: a blocking query through it would wait on this very reactor thread.
+        direct = open_engine(db_url, create=False)
+        with Session(direct) as session:
+            assert session.scalar(select(func.count()).select_from(Sample)) == 3
+        direct.dispose()
+    finally:
+        await proxy.cut()
+        await store.stopService()

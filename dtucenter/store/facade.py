@@ -7,7 +7,13 @@ quiet center still commits at once. Callers get Deferreds that fire only
 after the commit, which is what lets a session acknowledge only stored data.
 
 When the database fails (down, locked, disk full) the batch is kept and
-retried with backoff; callers keep waiting, nothing is dropped.
+callers keep waiting: nothing is dropped. The writer then probes the
+database with a ``SELECT 1`` at a short interval (backing off from
+RETRY_FIRST to RETRY_MAX, never more) and retries the batch only once the
+probe answers, so uploads resume within about RETRY_MAX of the database
+coming back, however long it was away, and a dead database costs a cheap
+connection attempt a second, not a re-sent batch. The first failure of an
+outage is logged in full, the rest are summarised every SUMMARY_INTERVAL.
 """
 
 from __future__ import annotations
@@ -43,8 +49,12 @@ log = Logger()
 
 #: Rows per transaction at most; more waits for the next one.
 MAX_BATCH_ROWS = 50_000
-RETRY_FIRST = 0.5
-RETRY_MAX = 30.0
+#: Seconds before the first probe of a database that failed a write, doubling up to RETRY_MAX.
+RETRY_FIRST = 0.1
+#: Seconds between probes at most: how long the center may lag behind a database that came back.
+RETRY_MAX = 1.0
+#: Seconds between the log lines that say the database is still failing.
+SUMMARY_INTERVAL = 60.0
 
 
 def is_transient(error: BaseException | None) -> bool:
@@ -78,8 +88,29 @@ class StoreStats:
     commits: int = 0
     rows_committed: int = 0
     jobs_committed: int = 0
+    #: Failed commits and failed probes.
     failures: int = 0
     largest_batch: int = 0
+
+
+@attrs.define
+class _Outage:
+    """The database failing: since when, how often, what it said last; for the summaries."""
+
+    started: float
+    next_summary: float
+    attempts: int = 1
+    last_error: str = ""
+
+
+def _abandoned_error() -> ConnectionError:
+    return ConnectionError("store stopped before the database came back")
+
+
+def _first_line(error: BaseException | None) -> str:
+    """What a summary says of an error: drivers' messages run to several lines."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else repr(error)
 
 
 def _gather(waiters: list[Deferred[None]]) -> Deferred[None]:
@@ -206,6 +237,9 @@ class Store(Service):
         }
         self.stats = StoreStats()
         self.healthy = True
+        self._outage: _Outage | None = None
+        #: stopService gave up on the database: what fails now is not retried.
+        self._abandoned = False
         #: Seconds stopService waits for the database to take what is queued.
         self.shutdown_grace = 30.0
 
@@ -232,6 +266,7 @@ class Store(Service):
         return d
 
     def _abandon_queue(self, result: object, timeout: float) -> None:
+        self._abandoned = True
         waiting_to_retry = self._retry_call is not None
         self.cancel_retry()
         if waiting_to_retry and self._in_flight is not None:
@@ -239,11 +274,13 @@ class Store(Service):
             self._requeue(self._in_flight)
             self._in_flight = None
         jobs, rows = len(self._queued_jobs), self._queued_row_count
+        if self._in_flight is not None:  # on the writer thread: it fails when it reports back
+            jobs, rows = jobs + len(self._in_flight.jobs), rows + self._in_flight.row_count
         log.error(
             "Stopping with the database unwritable for {timeout}s: {jobs} jobs and {rows} unacknowledged rows dropped",
             timeout=timeout, jobs=jobs, rows=rows,
         )
-        error = ConnectionError("store stopped before the database came back")
+        error = _abandoned_error()
         while self._queued_jobs:
             self._queued_jobs.popleft()[1].errback(error)
         while self._queued_rows:
@@ -350,8 +387,14 @@ class Store(Service):
         return results
 
     def _committed(self, results: list[Any], batch: _Batch) -> None:
-        if not self.healthy:
-            log.info("Database is writable again; {rows} rows were waiting", rows=batch.row_count + self.backlog)
+        outage, self._outage = self._outage, None
+        if outage is not None:
+            log.info(
+                "Database is writable again after {seconds:.1f}s and {attempts} failed attempts; "
+                "{rows} rows were waiting",
+                seconds=self._clock.seconds() - outage.started, attempts=outage.attempts,
+                rows=batch.row_count + self.backlog,
+            )
         self.healthy = True
         self._retry_delay = RETRY_FIRST
         self.stats.commits += 1
@@ -367,14 +410,23 @@ class Store(Service):
 
     def _failed(self, failure: Failure, batch: _Batch) -> None:
         self.stats.failures += 1
-        if is_transient(failure.value) and self.running:
+        if is_transient(failure.value) and self._abandoned:
+            self._in_flight = None
+            self._fail_batch(batch, Failure(_abandoned_error()))
+            return
+        if is_transient(failure.value):
             self.healthy = False
-            log.failure(
-                "Database write of {jobs} jobs and {rows} rows failed; retrying in {delay:.1f}s",
-                failure, jobs=len(batch.jobs), rows=batch.row_count, delay=self._retry_delay,
-            )
-            self._retry_call = self._clock.callLater(self._retry_delay, self._retry, batch)
-            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+            if self._outage is None:
+                now = self._clock.seconds()
+                self._outage = _Outage(now, now + SUMMARY_INTERVAL, last_error=_first_line(failure.value))
+                log.failure(
+                    "Database write of {jobs} jobs and {rows} rows failed; probing the database every "
+                    "{most:.0f}s at most and retrying once it answers",
+                    failure, jobs=len(batch.jobs), rows=batch.row_count, most=RETRY_MAX,
+                )
+            else:
+                self._note_failure(failure)
+            self._schedule_probe(batch)
             return
         self._in_flight = None
         parts = len(batch.jobs) + (1 if batch.rows else 0)
@@ -383,11 +435,15 @@ class Store(Service):
             self._isolate = parts
         else:
             log.failure("Database write failed and will not be retried", failure)
-            for _, d in batch.jobs:
-                d.errback(failure)
-            for d in batch.row_waiters:
-                d.errback(failure)
+            self._fail_batch(batch, failure)
         self._kick()
+
+    @staticmethod
+    def _fail_batch(batch: _Batch, failure: Failure) -> None:
+        for _, d in batch.jobs:
+            d.errback(failure)
+        for d in batch.row_waiters:
+            d.errback(failure)
 
     def _requeue(self, batch: _Batch) -> None:
         self._queued_jobs.extendleft(reversed(batch.jobs))
@@ -395,9 +451,45 @@ class Store(Service):
             self._queued_rows.appendleft((batch.rows, batch.row_count, _gather(batch.row_waiters)))
             self._queued_row_count += batch.row_count
 
-    def _retry(self, batch: _Batch) -> None:
+    def _schedule_probe(self, batch: _Batch) -> None:
+        self._retry_call = self._clock.callLater(self._retry_delay, self._probe, batch)
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _probe(self, batch: _Batch) -> None:
+        """Ask the database whether it answers at all before sending it the batch again."""
         self._retry_call = None
-        self._start_batch(batch)
+        answered: Deferred[None] = deferToThreadPool(self._reactor, self._writer, self._ping)
+        answered.addCallbacks(lambda _: self._start_batch(batch), self._probe_failed, errbackArgs=(batch,))
+
+    def _ping(self) -> None:
+        # A connection from the pool is checked (pool_pre_ping) or new: a dead one is replaced, not reused.
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
+    def _probe_failed(self, failure: Failure, batch: _Batch) -> None:
+        if self._abandoned:
+            self._in_flight = None
+            self._fail_batch(batch, Failure(_abandoned_error()))
+            return
+        self.stats.failures += 1
+        self._note_failure(failure)
+        self._schedule_probe(batch)
+
+    def _note_failure(self, failure: Failure) -> None:
+        """One more failed attempt in this outage: counted, and summarised now and then, never logged each."""
+        outage = self._outage
+        assert outage is not None  # only called once an outage began
+        outage.attempts += 1
+        outage.last_error = _first_line(failure.value)
+        now = self._clock.seconds()
+        if now >= outage.next_summary:
+            outage.next_summary = now + SUMMARY_INTERVAL
+            log.warn(
+                "Database still failing after {seconds:.0f}s ({attempts} attempts; last: {error}); "
+                "{rows} rows waiting",
+                seconds=now - outage.started, attempts=outage.attempts, error=outage.last_error,
+                rows=self.backlog + (self._in_flight.row_count if self._in_flight else 0),
+            )
 
     def cancel_retry(self) -> None:
         """For tests and shutdown: stop waiting for a database that will not come back."""

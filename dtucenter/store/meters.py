@@ -219,16 +219,34 @@ def query_meter_samples(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     limit: int | None = None,
+    newest_first: bool = False,
 ) -> list[MeterSampleInfo]:
-    """Samples of one meter (one point of it), oldest first; ``limit`` keeps the oldest after ``since``."""
+    """Samples of one meter (one point of it), oldest first; ``limit`` keeps the oldest after ``since``.
+
+    ``newest_first``: the other way round; ``limit`` keeps the newest before ``until``.
+    """
     query = select(MeterSample).where(MeterSample.meter == meter.name)
     if point is not None:
         query = query.where(MeterSample.point == point)
-    query = time_window(query, MeterSample, since, until, limit)
+    query = time_window(query, MeterSample, since, until, limit, newest_first)
     return [
         MeterSampleInfo(r.time, r.meter, r.point, typed_value(r.value, meter.point(r.point)))
         for r in session.scalars(query)
     ]
+
+
+def latest_meter_values(session: Session, meter: MeterInfo) -> list[MeterSampleInfo]:
+    """The latest stored value of each of the meter's configured points, in config order.
+
+    One query per point, each one step back along the (meter, point, time)
+    index, so it costs the same however many samples are stored. A point
+    never read successfully has no entry.
+    """
+    found: list[MeterSampleInfo] = []
+    for point in meter.points:
+        latest = query_meter_samples(session, meter, point["name"], limit=1, newest_first=True)
+        found.extend(latest)
+    return found
 
 
 # -- failures and writes ---------------------------------------------------------------------------

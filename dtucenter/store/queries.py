@@ -93,6 +93,8 @@ def validate_dtu_fields(fields: dict[str, Any]) -> dict[str, Any]:
         elif key in DTU_TEXT_FIELDS:
             if not isinstance(value, str) or len(value) > DTU_TEXT_FIELDS[key]:
                 raise ValueError(f"{key} must be text of at most {DTU_TEXT_FIELDS[key]} characters")
+            if "\0" in value:  # PostgreSQL cannot store it in text; SQLite could, so refuse it on both
+                raise ValueError(f"{key} must not contain a NUL character")
             if key == "new_ip":
                 try:
                     ipv4_octets(value)
@@ -256,14 +258,19 @@ _Columns = TypeVarTuple("_Columns")
 
 def time_window(
     query: Select[*_Columns], model: Any, since: dt.datetime | None, until: dt.datetime | None,
-    limit: int | None,
+    limit: int | None, newest_first: bool = False,
 ) -> Select[*_Columns]:
-    """Rows of a samples table in [since, until), oldest first, at most ``limit``: how every sample query reads."""
+    """Rows of a samples table in [since, until), oldest (or newest) first, at most ``limit``.
+
+    How every sample query reads: either way it walks the table's (key, time)
+    index, forwards or backwards, so the newest rows cost what the oldest do.
+    """
     if since is not None:
         query = query.where(model.time >= since)
     if until is not None:
         query = query.where(model.time < until)
-    query = query.order_by(model.time, model.id)
+    order = (model.time.desc(), model.id.desc()) if newest_first else (model.time, model.id)
+    query = query.order_by(*order)
     return query if limit is None else query.limit(limit)
 
 
@@ -294,12 +301,17 @@ def query_samples(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     limit: int | None = None,
+    newest_first: bool = False,
 ) -> list[SampleInfo]:
-    """Samples of one DTU, oldest first; ``limit`` keeps the oldest ones after ``since``."""
+    """Samples of one DTU, oldest first; ``limit`` keeps the oldest ones after ``since``.
+
+    ``newest_first``: uploads newest first (an upload's values stay in position
+    order); ``limit`` then keeps the newest ones before ``until``.
+    """
     # ``limit`` counts values, and an upload holds several: the rows are unpacked until it is reached.
     query = time_window(
         select(Sample.time, Sample.psn, Sample.net_state, Sample.values, Sample.registers).where(Sample.psn == psn),
-        Sample, since, until, limit=None,
+        Sample, since, until, limit=None, newest_first=newest_first,
     )
     samples: list[SampleInfo] = []
     for row in session.execute(query):
@@ -308,3 +320,13 @@ def query_samples(
             del samples[limit:]
             break
     return samples
+
+
+def latest_upload(session: Session, psn: int) -> list[SampleInfo]:
+    """The values of a DTU's latest upload, one per position (empty if it never uploaded)."""
+    query = time_window(
+        select(Sample.time, Sample.psn, Sample.net_state, Sample.values, Sample.registers).where(Sample.psn == psn),
+        Sample, None, None, limit=1, newest_first=True,
+    )
+    row = session.execute(query).first()
+    return [] if row is None else _unpack(row)

@@ -12,7 +12,14 @@ from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.control import Control, UnknownDTU
 from dtucenter.store import audit, queries
 from dtucenter.store.facade import Store
-from dtucenter.web.params import DEFAULT_SAMPLES, MAX_SAMPLES, check_keys, limit_param, time_param
+from dtucenter.web.params import (
+    DEFAULT_SAMPLES,
+    MAX_SAMPLES,
+    check_keys,
+    limit_param,
+    newest_first_param,
+    time_param,
+)
 from dtucenter.web.router import ApiError, Call, Reply, Router
 
 DEFAULT_COMMANDS = 50
@@ -94,6 +101,7 @@ class DtuApi:
         router.add("PUT", "/api/dtus/{psn}", self.put_dtu)
         router.add("DELETE", "/api/dtus/{psn}", self.delete_dtu)
         router.add("GET", "/api/dtus/{psn}/samples", self.samples)
+        router.add("GET", "/api/dtus/{psn}/latest", self.latest)
         router.add("GET", "/api/dtus/{psn}/setup", self.get_setup)
         router.add("POST", "/api/dtus/{psn}/setup", self.save_setup)
         router.add("POST", "/api/dtus/{psn}/read", self.read_test)
@@ -151,20 +159,35 @@ class DtuApi:
         return {"deleted": number}
 
     async def samples(self, call: Call, psn: str) -> Any:
-        params = call.query(("since", "until", "limit"))
+        params = call.query(("since", "until", "limit", "order"))
         number = _psn(psn)
         since, until = time_param(params, "since"), time_param(params, "until")
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
+        newest_first = newest_first_param(params)
 
         def job(session: Session) -> list[queries.SampleInfo] | None:
             if queries.get_dtu(session, number) is None:
                 return None
-            return queries.query_samples(session, number, since, until, limit + 1)
+            return queries.query_samples(session, number, since, until, limit + 1, newest_first)
 
         found = await self.store.read(job)
         if found is None:
             raise ApiError(404, f"no DTU {number}")
         return {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
+
+    async def latest(self, call: Call, psn: str) -> Any:
+        call.query(())
+        number = _psn(psn)
+
+        def job(session: Session) -> list[queries.SampleInfo] | None:
+            if queries.get_dtu(session, number) is None:
+                return None
+            return queries.latest_upload(session, number)
+
+        found = await self.store.read(job)
+        if found is None:
+            raise ApiError(404, f"no DTU {number}")
+        return {"samples": [s.to_json() for s in found]}
 
     async def command_log(self, call: Call, psn: str) -> Any:
         number = _psn(psn)

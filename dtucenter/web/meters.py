@@ -29,7 +29,14 @@ from dtucenter.modbus.poller import MeterStatus, UnknownMeter, UnknownPoint
 from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store import meters
 from dtucenter.store.recorder import MeterRecorder
-from dtucenter.web.params import DEFAULT_SAMPLES, MAX_SAMPLES, check_keys, limit_param, time_param
+from dtucenter.web.params import (
+    DEFAULT_SAMPLES,
+    MAX_SAMPLES,
+    check_keys,
+    limit_param,
+    newest_first_param,
+    time_param,
+)
 from dtucenter.web.router import ApiError, Call, Router
 
 log = Logger()
@@ -62,6 +69,7 @@ class MeterApi:
         router.add("GET", "/api/meters", self.list_meters)
         router.add("GET", "/api/meters/{name}", self.get_meter)
         router.add("GET", "/api/meters/{name}/samples", self.samples)
+        router.add("GET", "/api/meters/{name}/latest", self.latest)
         router.add("GET", "/api/meters/{name}/failures", self.failures)
         router.add("POST", "/api/meters/{name}/write", self.write)
         router.add("GET", "/api/meters/{name}/writes", self.writes)
@@ -118,10 +126,11 @@ class MeterApi:
         return self._meter_json(await self._known(name))
 
     async def samples(self, call: Call, name: str) -> dict[str, object]:
-        params = call.query(("point", "since", "until", "limit"))
+        params = call.query(("point", "since", "until", "limit", "order"))
         point = params.get("point")
         since, until = time_param(params, "since"), time_param(params, "until")
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
+        newest_first = newest_first_param(params)
         await self.recorder.synced()
 
         def job(session: Session) -> list[meters.MeterSampleInfo]:
@@ -131,10 +140,16 @@ class MeterApi:
             # A point that left the config still has its samples.
             if point is not None and info.point(point) is None and not meters.has_samples(session, name, point):
                 raise ApiError(404, f"meter {name} has no point {point!r}")
-            return meters.query_meter_samples(session, info, point, since, until, limit + 1)
+            return meters.query_meter_samples(session, info, point, since, until, limit + 1, newest_first)
 
         found = await self.store.read(job)
         return {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
+
+    async def latest(self, call: Call, name: str) -> dict[str, object]:
+        call.query(())
+        info = await self._known(name)
+        found = await self.store.read(partial(meters.latest_meter_values, meter=info))
+        return {"samples": [s.to_json() for s in found]}
 
     async def failures(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)

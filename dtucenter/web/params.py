@@ -44,3 +44,11 @@ def time_param(params: dict[str, str], name: str) -> dt.datetime | None:
         return parse_iso_time(text)
     except ValueError as e:
         raise ApiError(400, f"{name}: {e}") from None
+
+
+def newest_first_param(params: dict[str, str]) -> bool:
+    """``order=asc`` (the default: oldest first) or ``order=desc`` (newest first)."""
+    text = params.get("order", "asc")
+    if text not in ("asc", "desc"):
+        raise ApiError(400, f"order must be asc or desc, got {text!r}")
+    return text == "desc"

@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import attrs
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from dtucenter.addresses import describe_peer
@@ -68,6 +68,43 @@ class BoundedRequest(server.Request):
         super().handleContentChunk(data)
 
 
+class JsonErrorChannel(http.HTTPChannel):
+    """Twisted's HTTP connection, answering the requests it refuses itself in JSON too.
+
+    twisted.web refuses a malformed request line or header, and headers past
+    its limits (``totalHeadersSize`` bytes, ``maxHeaders`` lines), before any
+    resource sees the request, with a bare ``400 Bad Request`` and no body
+    (``_respondToBadRequestAndDisconnect``, the one place it does so), and
+    drops a connection whose single header line passes ``MAX_LENGTH``
+    without a word (``LineReceiver.lineLengthExceeded``). Both are
+    overridden here; headers too large are a 431. Twisted has no public
+    hook for this, so the private method is overridden: docs/api.md says so.
+    """
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        too_large = (
+            getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize
+            or getattr(self, "_receivedHeaderCount", 0) > self.maxHeaders
+        )
+        if too_large:
+            self._refuse(431, f"request line and headers over {self.totalHeadersSize} bytes or {self.maxHeaders} lines")
+        else:
+            self._refuse(400, "malformed HTTP request")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(431, f"a request or header line over {self.MAX_LENGTH} bytes")
+
+    def _refuse(self, status: int, message: str) -> None:
+        assert self.transport is not None  # only called while receiving
+        body = json.dumps({"error": message}).encode("utf-8") + b"\n"
+        reason = http.RESPONSES.get(status, b"Bad Request")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n"
+            b"Cache-Control: no-store\r\nConnection: close\r\n\r\n%s" % (status, reason, len(body), body)
+        )
+        self.loseConnection()
+
+
 class Call:
     """One API request as a handler sees it."""
 
@@ -94,6 +131,9 @@ class Call:
                 params[name] = values[0].decode("utf-8")
             except UnicodeDecodeError:
                 raise ApiError(400, f"query parameter {name!r} is not UTF-8") from None
+            if "\0" in params[name]:
+                # No name or time the API knows has one, and PostgreSQL cannot even compare text with one.
+                raise ApiError(400, f"query parameter {name!r} contains a NUL character")
         return params
 
     def json_object(self) -> dict[str, Any]:
@@ -106,9 +146,29 @@ class Call:
             body = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
         except (UnicodeDecodeError, ValueError) as e:
             raise ApiError(400, f"malformed JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "expected a JSON object in the request body")
+        if _has_nul(body):
+            raise ApiError(400, "text in the request body contains a NUL character (\\u0000)")
         return body
+
+
+def _has_nul(value: object) -> bool:
+    """Whether any string in a decoded JSON value, key or value, holds a NUL; without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\0" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _no_constants(name: str) -> NoReturn:
@@ -191,6 +251,8 @@ class Router(Resource):
             segments = _segments(request.path.decode("utf-8"))
         except UnicodeDecodeError:
             raise ApiError(404, "no such endpoint") from None
+        if any("\0" in segment for segment in segments):
+            raise ApiError(400, "the path contains a NUL character")
         allowed: set[str] = set()
         for route in self._routes:
             params = route.match(segments)

@@ -6,14 +6,14 @@ Other parts of the center add their endpoints to the same router:
 
 from __future__ import annotations
 
-from twisted.web import server
+from twisted.web import http, server
 
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store.facade import Store
 from dtucenter.web.dtus import DtuApi
-from dtucenter.web.router import BoundedRequest, Router
+from dtucenter.web.router import BoundedRequest, JsonErrorChannel, Router
 from dtucenter.web.status import StatusApi
 
 
@@ -23,7 +23,15 @@ def build_site(
     router = Router(token)
     DtuApi(center, control, store).install(router)
     StatusApi(center, store, bridge).install(router)
-    site = server.Site(router)
+    site = ApiSite(router)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     return site
+
+
+class ApiSite(server.Site):
+    """A Site whose connections answer what twisted.web refuses itself in JSON (``JsonErrorChannel``)."""
+
+    def protocol(self) -> http._GenericHTTPChannelProtocol:
+        # As twisted.web's own factory does (the wrapper switches to HTTP/2 when TLS negotiates it).
+        return http._GenericHTTPChannelProtocol(JsonErrorChannel())

@@ -169,6 +169,17 @@ async def check_meter_states(api: ApiClient) -> None:
     one = await api.get("/api/meters/m-dialin/samples?point=voltage&limit=1")
     assert [s["value"] for s in one.body["samples"]] == [230.1]
     assert (await api.get("/api/meters/m-dialin/samples?limit=0")).status == 400
+    # Newest first, and the latest value of each point, both at least as new as what was stored before.
+    before = (await api.get("/api/meters/m-dialin/samples?limit=100000")).body["samples"]
+    newest = (await api.get("/api/meters/m-dialin/samples?point=voltage&order=desc&limit=3")).body["samples"]
+    times = [s["time"] for s in newest]
+    assert times == sorted(times, reverse=True) and times[0] >= before[-1]["time"]
+    latest = (await api.get("/api/meters/m-dialin/latest")).body["samples"]
+    stored_points = {s["point"] for s in before}
+    assert [s["point"] for s in latest] == [p["name"] for p in dialin["points"] if p["name"] in stored_points]
+    assert all(s["time"] >= max(b["time"] for b in before if b["point"] == s["point"]) for s in latest)
+    assert next(s for s in latest if s["point"] == "voltage")["value"] == 230.1
+    assert (await api.get("/api/meters/nope/latest")).status == 404
 
 
 async def check_links(api: ApiClient, serial_device: str) -> None:
