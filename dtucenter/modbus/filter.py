@@ -83,6 +83,7 @@ class LoginPending:
 class LoginMatched:
     registration: bytes
     rest: bytes  # bytes glued behind the registration, for the link's reader
+    heartbeats: tuple[bytes, ...] = ()  # whole heartbeats skipped in front of the registration
 
 
 @attrs.frozen
@@ -107,6 +108,7 @@ class RegistrationReader:
         self._registrations = tuple(registrations)
         self._heartbeats = tuple(sorted(set(heartbeats), key=len, reverse=True))
         self._buffer = b""
+        self._skipped: list[bytes] = []
         self._done = False
 
     def feed(self, data: bytes) -> LoginResult:
@@ -117,12 +119,13 @@ class RegistrationReader:
             for registration in self._registrations:
                 if self._buffer.startswith(registration):
                     self._done = True
-                    return LoginMatched(registration, self._buffer[len(registration) :])
+                    return LoginMatched(registration, self._buffer[len(registration) :], tuple(self._skipped))
             if any(registration.startswith(self._buffer) for registration in self._registrations):
                 return LoginPending()
             heartbeat = next((beat for beat in self._heartbeats if self._buffer.startswith(beat)), None)
             if heartbeat is not None:
                 self._buffer = self._buffer[len(heartbeat) :]
+                self._skipped.append(heartbeat)
                 continue
             if any(beat.startswith(self._buffer) for beat in self._heartbeats):
                 return LoginPending()

@@ -236,7 +236,8 @@ class LoginProtocol(Protocol):
         if isinstance(result, LoginMatched):
             self._throttle.succeeded(self._throttle_key())
             link = self._links[result.registration]
-            link.counters.bytes_in += len(result.registration)
+            link.counters.bytes_in += len(result.registration) + sum(map(len, result.heartbeats))
+            link.counters.heartbeats += len(result.heartbeats)
             self._master = link.build_master()
             self._master.makeConnection(connected_transport(self))
             if result.rest:
