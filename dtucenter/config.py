@@ -315,6 +315,12 @@ def read_settings(
     if "login-timeout" in given or "login_timeout" not in modbus_values:
         modbus_values["login_timeout"] = values.get("login_timeout", attrs.fields(Settings).login_timeout.default)
     _apply_options(ModbusSettings, given, modbus_values, origins, "modbus.")
+    probe_after = modbus_values.get("probe_after", attrs.fields(ModbusSettings).probe_after.default)
+    if "probe" in modbus_values and probe_after >= modbus_values["login_timeout"]:
+        raise modbus_place.error(
+            "probe_after", f"is {probe_after:g} s: the probe must go out before the registration timeout "
+            f"({modbus_values['login_timeout']:g} s) closes the connection"
+        )
 
     links = tuple(_read_link(table, index, place) for index, table in link_tables)
     meters = tuple(_read_meter(table, index, place) for index, table in meter_tables)

@@ -67,7 +67,8 @@ class LinkSettings:
     timeout: float = attrs.field(default=3.0, metadata=setting(positive, "Seconds to wait for an answer."))
     retries: int = attrs.field(default=1, metadata=setting(integer(0, 10), "Retries of an unanswered request."))
     registration: bytes | None = attrs.field(
-        default=None, metadata=setting(packet, "The packet the DTU sends first on the shared listener.")
+        default=None,
+        metadata=setting(packet, "The DTU's registration packet; registration_mode says when it sends it."),
     )
     #: When the DTU sends its registration (USR's "send type"): ``connect`` (once, when it
     #: connects), ``data`` (in front of every packet, only) or ``both``.

@@ -211,7 +211,7 @@ class LoginProtocol(Protocol):
         self._host = getattr(peer, "host", str(peer))
         self._peer = describe_peer(peer)
         self._deadline = self._clock.callLater(self._login_timeout, self._login_timed_out)
-        if self._probe is not None and self._probe.after < self._login_timeout:
+        if self._probe is not None:
             self._probe_call = self._clock.callLater(self._probe.after, self._send_probe)
 
     def _send_probe(self) -> None:
@@ -232,7 +232,7 @@ class LoginProtocol(Protocol):
         result = self._reader.feed(data)
         if isinstance(result, LoginPending):
             return
-        self._cancel_deadline()
+        self._cancel_timers()
         if isinstance(result, LoginMatched):
             self._throttle.succeeded(self._throttle_key())
             link = self._links[result.registration]
@@ -246,7 +246,7 @@ class LoginProtocol(Protocol):
         self._reject(f"unknown registration {result.received[:64]!r}")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._cancel_deadline()
+        self._cancel_timers()
         if self._master is not None:
             self._master.connectionLost(reason)
 
@@ -272,7 +272,7 @@ class LoginProtocol(Protocol):
                 log.warn("Closed {peer}: {why}", peer=self._peer, why=why)
         close_transport(connected_transport(self))
 
-    def _cancel_deadline(self) -> None:
+    def _cancel_timers(self) -> None:
         for call in (self._deadline, self._probe_call):
             if call is not None and call.active():
                 call.cancel()

@@ -287,6 +287,16 @@ def test_registration_mode_mistakes(body: str, message: str) -> None:
         link_of(body)
 
 
+@pytest.mark.parametrize(("timing", "message"), [
+    ("probe_after = 30\n", "modbus: probe_after: is 30 s: the probe must go out before the registration timeout"),
+    ("login_timeout = 4\n", "modbus: probe_after: is 5 s: the probe must go out before the registration timeout"),
+])
+def test_a_probe_after_the_registration_timeout_is_refused(timing: str, message: str) -> None:
+    text = '[modbus]\nlisten = "tcp:0"\nprobe = "hex:01"\n' + timing
+    with pytest.raises(ConfigError, match=message):
+        read_settings(tomllib.loads(text), source="center.toml")
+
+
 def test_the_probe_in_the_file() -> None:
     text = '[modbus]\nlisten = "tcp:0"\nprobe = "hex:01 03 00 00 00 01 84 0A"\nprobe_after = 2\n'
     modbus = read_settings(tomllib.loads(text), source="center.toml").modbus
