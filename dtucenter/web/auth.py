@@ -1,4 +1,4 @@
-"""The API's bearer token: where it comes from, and checking it."""
+"""The API's bearer tokens: where the configured one comes from, and who a request's token is."""
 
 from __future__ import annotations
 
@@ -6,11 +6,16 @@ import hmac
 import os
 import secrets
 import stat
+from functools import partial
 from pathlib import Path
 
+import attrs
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from twisted.logger import Logger
+
+from dtucenter.store import accounts
+from dtucenter.store.facade import Store
 
 log = Logger()
 
@@ -68,11 +73,73 @@ def resolve_token(configured: str | None, db_url: str) -> str:
     return load_or_create_token(token_file_for(db_url))
 
 
-def bearer_matches(header: bytes | None, token: str) -> bool:
-    """Whether an Authorization header carries ``token``, compared in constant time."""
+
+
+# -- who is calling ------------------------------------------------------------------------------
+
+#: The configured token's name in the audit trails: it acts for the first admin account.
+CONFIGURED_TOKEN_NAME = "api-token"
+
+
+@attrs.frozen
+class Caller:
+    """Who makes an API request: the token's account and name, and whether the account is an admin.
+
+    Handlers scope what they read and change by ``scope`` (None for an admin:
+    everything) and write ``who`` in the audit trails.
+    """
+
+    account: str
+    account_id: int
+    token_name: str
+    admin: bool
+
+    @property
+    def who(self) -> str:
+        """For the audit trails: ``account/token``, as token names are unique only per account."""
+        return f"{self.account}/{self.token_name}"
+
+    @property
+    def scope(self) -> int | None:
+        """The account id to restrict queries to; None for an admin, who sees every account's."""
+        return None if self.admin else self.account_id
+
+
+class Authenticator:
+    """Finds the Caller of a request from its bearer token.
+
+    The configured token (``resolve_token``) is compared in constant time
+    in memory and acts for the first admin account, so an installation that
+    had only it keeps working; any other token is looked up by its SHA-256
+    digest in the database (``store.accounts``), never by scanning.
+    """
+
+    def __init__(self, configured: str, store: Store) -> None:
+        self._configured = configured.encode("ascii")
+        self._store = store
+
+    async def caller(self, header: bytes | None) -> Caller | None:
+        given = _bearer(header)
+        if given is None:
+            return None
+        if hmac.compare_digest(given, self._configured):
+            owner = await self._store.read(partial(accounts.first_admin_owner, token_name=CONFIGURED_TOKEN_NAME))
+        else:
+            try:
+                text = given.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+            found = await self._store.read(partial(accounts.token_owner, token=text))
+            if found is None:
+                return None
+            owner = found
+        return Caller(owner.account, owner.account_id, owner.token_name, owner.admin)
+
+
+def _bearer(header: bytes | None) -> bytes | None:
     if header is None:
-        return False
+        return None
     scheme, _, given = header.partition(b" ")
-    if scheme.lower() != b"bearer":
-        return False
-    return hmac.compare_digest(given.strip(), token.encode("ascii"))
+    if scheme.lower() != b"bearer" or not given.strip():
+        return None
+    return given.strip()
