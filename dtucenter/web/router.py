@@ -21,7 +21,8 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from dtucenter.addresses import describe_peer
-from dtucenter.web.auth import Authenticator, Caller
+from dtucenter.web.auth import Caller
+from dtucenter.web.callers import Authenticator
 
 log = Logger()
 

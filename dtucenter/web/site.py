@@ -13,7 +13,7 @@ from dtucenter.dtu.control import Control
 from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store.facade import Store
 from dtucenter.web.accounts import AccountApi
-from dtucenter.web.auth import Authenticator
+from dtucenter.web.callers import Authenticator
 from dtucenter.web.dtus import DtuApi
 from dtucenter.web.router import BoundedRequest, JsonErrorChannel, Router
 from dtucenter.web.status import StatusApi
