@@ -64,7 +64,8 @@ class RunningCenter:
 
     @property
     def api_token(self) -> str:
-        return self.service.getServiceNamed("api").factory.resource._token  # type: ignore[attr-defined]
+        resource = self.service.getServiceNamed("api").factory.resource  # type: ignore[attr-defined]
+        return resource._authenticator._configured.decode("ascii")  # type: ignore[no-any-return]
 
     def api(self, token: str | None = None) -> ApiClient:
         """An HTTP client for the API, with the center's token unless another is given."""

@@ -3,6 +3,10 @@
 What a meter is and what was stored comes from the database, so meters
 that left the config stay readable; how the running poller sees it (last
 poll, last error, link state) comes from the bridge, to the second.
+
+Scoped like /api/dtus: a meter of another account answers 404. The
+config file's links belong to the operator: only admins see them (until
+links are rows with an owner of their own).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dtucenter.modbus.links import LinkStatus
 from dtucenter.modbus.points import PointValueError
 from dtucenter.modbus.poller import MeterStatus, UnknownMeter, UnknownPoint
 from dtucenter.modbus.service import ModbusBridge
-from dtucenter.store import meters
+from dtucenter.store import accounts, meters
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.web.params import (
     DEFAULT_SAMPLES,
@@ -73,6 +77,7 @@ class MeterApi:
         router.add("GET", "/api/meters/{name}/failures", self.failures)
         router.add("POST", "/api/meters/{name}/write", self.write)
         router.add("GET", "/api/meters/{name}/writes", self.writes)
+        router.add("PUT", "/api/meters/{name}/account", self.move)
         router.add("GET", "/api/links", self.list_links)
         router.add("GET", "/api/links/{name}", self.get_link)
 
@@ -108,9 +113,9 @@ class MeterApi:
         )
         return body
 
-    async def _known(self, name: str) -> meters.MeterInfo:
+    async def _known(self, call: Call, name: str) -> meters.MeterInfo:
         await self.recorder.synced()
-        info = await self.store.read(partial(meters.get_meter, name=name))
+        info = await self.store.read(partial(meters.get_meter, name=name, account=call.caller.scope))
         if info is None:
             raise ApiError(404, f"no meter {name!r}")
         return info
@@ -118,12 +123,12 @@ class MeterApi:
     async def list_meters(self, call: Call) -> dict[str, object]:
         call.query(())
         await self.recorder.synced()
-        found = await self.store.read(meters.list_meters)
+        found = await self.store.read(partial(meters.list_meters, account=call.caller.scope))
         return {"meters": [self._meter_json(info) for info in found]}
 
     async def get_meter(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
-        return self._meter_json(await self._known(name))
+        return self._meter_json(await self._known(call, name))
 
     async def samples(self, call: Call, name: str) -> dict[str, object]:
         params = call.query(("point", "since", "until", "limit", "order"))
@@ -132,9 +137,10 @@ class MeterApi:
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
         newest_first = newest_first_param(params)
         await self.recorder.synced()
+        scope = call.caller.scope
 
         def job(session: Session) -> list[meters.MeterSampleInfo]:
-            info = meters.get_meter(session, name)
+            info = meters.get_meter(session, name, scope)
             if info is None:
                 raise ApiError(404, f"no meter {name!r}")
             # A point that left the config still has its samples.
@@ -147,15 +153,38 @@ class MeterApi:
 
     async def latest(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
-        info = await self._known(name)
+        info = await self._known(call, name)
         found = await self.store.read(partial(meters.latest_meter_values, meter=info))
         return {"samples": [s.to_json() for s in found]}
 
     async def failures(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
-        await self._known(name)
+        await self._known(call, name)
         streaks = await self.store.read(partial(meters.list_failures, meter=name, limit=limit))
         return {"failures": [s.to_json() for s in streaks]}
+
+    async def move(self, call: Call, name: str) -> dict[str, object]:
+        """Admins only: give the meter to another account (the config file's start as the admin's)."""
+        call.query(())
+        call.require_admin()
+        body = call.json_object()
+        check_keys(body, "the body", {"account"})
+        owner = body["account"]
+        await self.recorder.synced()
+
+        def job(session: Session) -> int | None:
+            try:
+                return accounts.account_id(session, accounts.check_name(owner, "account"))
+            except accounts.AccountError:
+                return None
+
+        owner_id = await self.store.read(job)
+        if owner_id is None:
+            raise ApiError(400, f"no account {owner!r}")
+        info = await self.store.write(partial(meters.move_meter, name=name, account=owner_id))
+        if info is None:
+            raise ApiError(404, f"no meter {name!r}")
+        return self._meter_json(info)
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -168,6 +197,8 @@ class MeterApi:
             raise ApiError(400, f"point must be a point name, got {point!r}")
         if self.bridge is None:
             raise ApiError(404, f"no configured meter {name!r}")
+        if not call.caller.admin:
+            await self._known(call, name)
         requested = self.now()
         try:
             written = self.bridge.write(name, point, value)
@@ -200,7 +231,7 @@ class MeterApi:
 
     async def writes(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
-        await self._known(name)
+        await self._known(call, name)
         found = await self.store.read(partial(meters.list_writes, meter=name, limit=limit))
         return {"writes": [w.to_json() for w in found]}
 
@@ -216,12 +247,14 @@ class MeterApi:
 
     async def list_links(self, call: Call) -> dict[str, object]:
         call.query(())
+        if not call.caller.admin:
+            return {"links": []}
         statuses = self.bridge.link_statuses() if self.bridge is not None else []
         return {"links": [self._link_json(status) for status in statuses]}
 
     async def get_link(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
-        link = self.bridge.links.get(name) if self.bridge is not None else None
+        link = self.bridge.links.get(name) if self.bridge is not None and call.caller.admin else None
         if link is None:
             raise ApiError(404, f"no link {name!r}")
         return self._link_json(link.status())
