@@ -143,9 +143,7 @@ class ModbusBridge(MultiService):
                     f"link {settings.name!r} has no listen, connect or serial, and the [modbus] listener is off"
                 )
             assert settings.registration is not None  # how a shared link is told apart; the config checks
-            if settings.registration in self._shared:
-                owner = self._shared[settings.registration].name
-                raise LinkConflict(f"link {owner!r} already has registration {settings.registration!r}")
+            self._check_registration(settings.registration, None)
         link = Link(settings, self._reactor)
         self.links[link.name] = link
         reactor = self._reactor
@@ -203,16 +201,24 @@ class ModbusBridge(MultiService):
         old = self.links.get(settings.name)
         if old is None:
             raise UnknownLink(f"no link named {settings.name!r}")
-        clash = self._shared.get(settings.registration) if settings.registration is not None else None
-        if settings.kind == "shared" and clash is not None and clash is not old:
-            raise LinkConflict(f"link {clash.name!r} already has registration {settings.registration!r}")
-        if settings.kind == "shared" and self.settings.listen is None:
-            raise LinkConflict(
-                f"link {settings.name!r} has no listen, connect or serial, and the [modbus] listener is off"
-            )
+        if settings.kind == "shared":
+            if self.settings.listen is None:
+                raise LinkConflict(
+                    f"link {settings.name!r} has no listen, connect or serial, and the [modbus] listener is off"
+                )
+            assert settings.registration is not None  # how a shared link is told apart; the config checks
+            self._check_registration(settings.registration, old)
         gone = self.remove_link(settings.name, keep_meters=True)
         self.add_link(settings)
         return gone
+
+    def _check_registration(self, registration: bytes, replaced: Link | None) -> None:
+        # On a byte stream "DTU-1" cannot be told apart from the start of "DTU-10".
+        for taken, owner in self._shared.items():
+            if owner is not replaced and (taken.startswith(registration) or registration.startswith(taken)):
+                raise LinkConflict(
+                    f"registration {registration!r} cannot be told apart from {taken!r} of link {owner.name!r}"
+                )
 
     def set_meter(self, settings: MeterSettings) -> None:
         """Add a meter, or change one: polled from its next slot with its new points.

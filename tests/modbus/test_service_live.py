@@ -229,8 +229,14 @@ def test_conflicting_links_and_meters_on_unknown_links_are_refused() -> None:
     running.bridge.add_link(SITE_A)
     with pytest.raises(LinkConflict, match="a link named 'site-a' exists"):
         running.bridge.add_link(SITE_A)
-    with pytest.raises(LinkConflict, match="link 'site-a' already has registration"):
+    with pytest.raises(LinkConflict, match="cannot be told apart from b'DTU-0001' of link 'site-a'"):
         running.bridge.add_link(attrs.evolve(SITE_A, name="site-b"))
+    with pytest.raises(LinkConflict, match="cannot be told apart"):
+        running.bridge.add_link(attrs.evolve(SITE_A, name="site-b", registration=b"DTU-00011"))
+    running.bridge.add_link(attrs.evolve(SITE_A, name="site-b", registration=b"DTU-0002"))
+    with pytest.raises(LinkConflict, match="of link 'site-a'"):
+        running.bridge.update_link(attrs.evolve(SITE_A, name="site-b", registration=b"DTU-000"))
+    assert running.bridge.links["site-b"].settings.registration == b"DTU-0002"  # refused changes change nothing
     with pytest.raises(UnknownLink):
         running.bridge.set_meter(attrs.evolve(M1, link="nowhere"))
     with pytest.raises(UnknownLink):
