@@ -6,13 +6,17 @@ import datetime as dt
 import json
 import tomllib
 
+import pytest
 import pytest_twisted
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from twisted.internet.testing import MemoryReactorClock
 
 from dtucenter.config import read_settings
+from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store import links
 from dtucenter.store.models import MANAGED_BY_API, MANAGED_BY_FILE, Link, Meter
+from dtucenter.tap import start_database_devices
 from tests.test_recorder import started, stop
 
 FILE = """
@@ -77,5 +81,39 @@ async def test_the_files_devices_are_imported_with_their_definitions_and_the_api
             listed = [(row.name, row.account, row.managed_by) for row in links.list_links(session)]
             assert listed == [("api-link", "admin", "api"), ("bus2", "admin", "file"), ("site-a", "admin", "file")]
             assert links.list_links(session, account_id=2) == []
+    finally:
+        await stop(store, recorder)
+
+
+def api_devices_to_start(session: Session) -> None:
+    for name, definition in (
+        ("api-link", {"name": "api-link", "registration": "API-1"}),
+        ("clash", {"name": "clash", "registration": "API-1"}),  # cannot be told apart from api-link's
+        ("broken", {"name": "broken", "timeout": -1}),
+    ):
+        session.add(Link(name=name, account_id=1, managed_by=MANAGED_BY_API, definition=json.dumps(definition)))
+    for name, definition in (
+        ("api-meter", {"name": "api-meter", "link": "api-link", "unit": 2, "template": "eastron-sdm120"}),
+        ("orphan", {"name": "orphan", "link": "nowhere", "unit": 2, "template": "eastron-sdm120"}),
+    ):
+        session.add(Meter(name=name, account_id=1, link=definition["link"], unit=2, interval=10.0, points="[]",
+                          managed_by=MANAGED_BY_API, definition=json.dumps(definition), configured=True))
+
+
+@pytest.mark.expected_errors("database: link 'clash': not served")
+@pytest.mark.expected_errors("database: link 'broken': not served")
+@pytest.mark.expected_errors("database: meter 'orphan': not polled")
+@pytest_twisted.ensureDeferred
+async def test_the_apis_devices_are_started_from_the_database_and_a_bad_one_is_skipped(db_url: str) -> None:
+    settings = read_settings(tomllib.loads(FILE)).modbus
+    store, recorder = await started(db_url, settings)
+    bridge = ModbusBridge(settings, MemoryReactorClock(), recorder)
+    try:
+        await store.write(api_devices_to_start)
+        await start_database_devices(store, bridge)
+        assert sorted(bridge.links) == ["api-link", "bus", "site-a"]
+        assert bridge.links["api-link"].settings.registration == b"API-1"
+        assert sorted(bridge.poller.meter_names()) == ["api-meter", "sdm"]
+        assert bridge.meter_status("api-meter").unit == 2
     finally:
         await stop(store, recorder)

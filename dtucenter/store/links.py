@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dtucenter.store.accounts import first_admin_id
-from dtucenter.store.models import MANAGED_BY_FILE, Link
+from dtucenter.store.models import MANAGED_BY_API, MANAGED_BY_FILE, Link
 
 
 @attrs.frozen
@@ -62,3 +62,9 @@ def list_links(session: Session, account_id: int | None = None) -> list[LinkRow]
     if account_id is not None:
         query = query.where(Link.account_id == account_id)
     return [LinkRow(row.name, row.owner.name, row.managed_by, row.definition) for row in session.scalars(query)]
+
+
+def api_link_definitions(session: Session) -> list[tuple[str, str]]:
+    """(name, ``[[link]]`` table as JSON) of the links the API manages, by name."""
+    query = select(Link.name, Link.definition).where(Link.managed_by == MANAGED_BY_API).order_by(Link.name)
+    return [(name, definition) for name, definition in session.execute(query)]

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from dtucenter.setting import MAX_NAME
 from dtucenter.store.accounts import first_admin_id
-from dtucenter.store.models import MANAGED_BY_FILE, Meter, MeterFailure, MeterSample, MeterWrite
+from dtucenter.store.models import MANAGED_BY_API, MANAGED_BY_FILE, Meter, MeterFailure, MeterSample, MeterWrite
 from dtucenter.store.queries import table_of, time_window
 
 #: Point types whose stored value is a whole number when the scale is one.
@@ -144,6 +144,16 @@ def sync_meters(session: Session, meters: Sequence[Mapping[str, Any]], now: dt.d
             row.configured = False
             retired += 1
     return added, retired
+
+
+def api_meter_definitions(session: Session) -> list[tuple[str, str]]:
+    """(name, ``[[meter]]`` table as JSON) of the meters the API manages and has not deleted, by name."""
+    query = (
+        select(Meter.name, Meter.definition)
+        .where(Meter.managed_by == MANAGED_BY_API, Meter.configured.is_(True), Meter.definition.is_not(None))
+        .order_by(Meter.name)
+    )
+    return [(name, definition) for name, definition in session.execute(query) if definition is not None]
 
 
 #: The poll state of a meter row, as ``record_meter_states`` takes it.
