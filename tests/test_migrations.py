@@ -265,7 +265,7 @@ async def test_center_upgrades_a_previous_release_database_and_keeps_a_copy(tmp_
     logged = [formatEvent(e) for e in events if e.get("log_namespace") == "dtucenter.store.schema"]
     assert logged == [
         f"Copied the database to {copy} before upgrading its schema",
-        f"Database schema: upgraded from the pre-migrations schema to 0001; copy of the old database: {copy}",
+        f"Database schema: upgraded from the pre-migrations schema to {schema.head()}; copy of the old database: {copy}",
     ]
     copied = create_engine(f"sqlite:///{copy}")
     try:
@@ -377,35 +377,37 @@ def scratch_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_revision_command_writes_the_next_revision_which_upgrades_an_older_database(
     tmp_path: Path, scratch_migrations: Path
 ) -> None:
+    shipped = schema.head()
+    after = f"{int(shipped) + 1:04d}"
     probe = Table("probe", Base.metadata, Column("id", Integer, primary_key=True), Column("at", UTCDateTime))
     try:
         migrations_command.main(["add the probe table"])
     finally:
         Base.metadata.remove(probe)
     schema.scripts.cache_clear()  # the process that wrote a revision ends; this one goes on
-    written = (scratch_migrations / "versions" / "0002_add_the_probe_table.py").read_text()
+    written = (scratch_migrations / "versions" / f"{after}_add_the_probe_table.py").read_text()
     assert "op.create_table('probe'" in written and "sa.DateTime(timezone=True)" in written
     assert "dtucenter" not in written, "a revision must not import the models"
-    assert schema.head() == "0002" and [r for r, _ in schema.history()] == ["0001", "0002"]
+    assert schema.head() == after and [r for r, _ in schema.history()][-2:] == [shipped, after]
 
-    url = f"sqlite:///{tmp_path / 'at-0001.db'}"
+    url = f"sqlite:///{tmp_path / 'at-shipped.db'}"
     engine = open_engine(url, create=False)
     try:
         with engine.connect() as connection:
-            command.upgrade(schema._config(connection), "0001")
+            command.upgrade(schema._config(connection), shipped)
             connection.commit()
         with engine.begin() as connection:
             connection.execute(text("INSERT INTO dtus (psn, password, name, pname, version, ccid, fota_flag, "
                                     "tick_time, send_test_mode, send_test_time, new_ver, new_port, new_ip, online) "
                                     "VALUES (5, 0, 'five', '', 0, '', 0, 60, 255, 0, 0, 0, '0.0.0.0', false)"))
         rows = all_rows(engine)
-        with pytest.raises(schema.SchemaError, match=r"schema is 0001 \(head is 0002\): run 'dtucenter db upgrade'"):
+        with pytest.raises(schema.SchemaError, match=rf"schema is {shipped} \(head is {after}\): run 'dtucenter db upgrade'"):
             open_engine(url).dispose()
 
         result = schema.upgrade(engine)
 
-        [copy] = tmp_path.glob("at-0001.db.before-0001-*")
-        assert result.describe() == f"upgraded from 0001 to 0002; copy of the old database: {copy}"
+        [copy] = tmp_path.glob(f"at-shipped.db.before-{shipped}-*")
+        assert result.describe() == f"upgraded from {shipped} to {after}; copy of the old database: {copy}"
         assert inspect(engine).has_table("probe") and schema.current(engine).kind == "current"
         after = all_rows(engine)
         assert after.pop("probe") == [] and after == rows
