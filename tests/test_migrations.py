@@ -265,7 +265,8 @@ async def test_center_upgrades_a_previous_release_database_and_keeps_a_copy(tmp_
     logged = [formatEvent(e) for e in events if e.get("log_namespace") == "dtucenter.store.schema"]
     assert logged == [
         f"Copied the database to {copy} before upgrading its schema",
-        f"Database schema: upgraded from the pre-migrations schema to {schema.head()}; copy of the old database: {copy}",
+        f"Database schema: upgraded from the pre-migrations schema to {schema.head()}; "
+        f"copy of the old database: {copy}",
     ]
     copied = create_engine(f"sqlite:///{copy}")
     try:
@@ -401,7 +402,8 @@ def test_revision_command_writes_the_next_revision_which_upgrades_an_older_datab
                                     "tick_time, send_test_mode, send_test_time, new_ver, new_port, new_ip, online) "
                                     "VALUES (5, 0, 'five', '', 0, '', 0, 60, 255, 0, 0, 0, '0.0.0.0', false)"))
         rows = all_rows(engine)
-        with pytest.raises(schema.SchemaError, match=rf"schema is {shipped} \(head is {after}\): run 'dtucenter db upgrade'"):
+        behind = rf"schema is {shipped} \(head is {after}\): run 'dtucenter db upgrade'"
+        with pytest.raises(schema.SchemaError, match=behind):
             open_engine(url).dispose()
 
         result = schema.upgrade(engine)

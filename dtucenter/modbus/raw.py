@@ -2,7 +2,7 @@
 
 Sans-IO: :class:`RawCapture` collects what a link answers to one raw
 exchange and says when the answer is over: at the first whole Modbus frame
-(``modbus-rtu``: a CRC-valid frame; ``modbus-tcp``: the length its MBAP
+(``modbus-rtu``: a CRC-valid answer frame, anywhere in what came; ``modbus-tcp``: the length its MBAP
 header announces), at ``max_bytes``, or (``bytes``) only when the exchange's
 time is up. The master (:mod:`dtucenter.modbus.master`) queues the exchange
 with its requests and, while it runs, hands every byte it receives here.
@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Literal
 
 import attrs
+from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerRTU
+from pymodbus.pdu import DecodePDU
 
 Expect = Literal["modbus-rtu", "modbus-tcp", "bytes"]
 EXPECT_KINDS: tuple[Expect, ...] = ("modbus-rtu", "modbus-tcp", "bytes")
@@ -24,6 +26,7 @@ MAX_RAW_BYTES = 4096
 MAX_RAW_TIMEOUT = 30.0
 
 _MAX_RTU_FRAME = 256
+_DECODER = DecodePDU(is_server=False)
 _MBAP_HEADER = 6  # transaction, protocol and length: the length counts what follows them
 
 
@@ -40,8 +43,9 @@ class RawAnswer:
 
 
 def frame_end(expect: Expect, buffer: bytes, checked: int = 0) -> int | None:
-    """Where the first whole frame of ``buffer`` ends, or None while there is none.
+    """Where the first whole frame in ``buffer`` ends, or None while there is none.
 
+    An RTU answer may come behind a DTU's heartbeat, so its frame may start anywhere;
     ``checked``: the first that many bytes were looked at before and held no whole frame.
     """
     if expect == "modbus-tcp":
@@ -50,12 +54,28 @@ def frame_end(expect: Expect, buffer: bytes, checked: int = 0) -> int | None:
         end = _MBAP_HEADER + int.from_bytes(buffer[4:6], "big")
         return end if len(buffer) >= end else None
     if expect == "modbus-rtu":
-        # An RTU frame has no length field: the shortest prefix with a good CRC ends it.
-        # No frame is longer than _MAX_RTU_FRAME, which bounds the cost.
-        for end in range(max(4, checked + 1), min(len(buffer), _MAX_RTU_FRAME) + 1):
-            if FramerRTU.check_CRC(buffer[: end - 2], int.from_bytes(buffer[end - 2 : end], "big")):
-                return end
+        # Only frames ending in the new bytes are new; none is longer than _MAX_RTU_FRAME.
+        for start in range(max(0, checked - _MAX_RTU_FRAME), len(buffer) - 3):
+            frame_stop = _rtu_frame_end(buffer, start)
+            if frame_stop is not None and frame_stop > checked:
+                return frame_stop
     return None
+
+
+def _rtu_frame_end(buffer: bytes, start: int) -> int | None:
+    """Where an RTU answer (unit, PDU, good CRC) starting at ``start`` ends, if it is whole."""
+    frame = buffer[start : start + _MAX_RTU_FRAME]
+    pdu_class = _DECODER.lookupPduClass(frame)
+    if pdu_class is None:
+        return None
+    try:
+        size = pdu_class.calculateRtuFrameSize(frame)
+    except ModbusException:
+        return None
+    if not size or size < 4 or size > len(frame):
+        return None
+    good = FramerRTU.check_CRC(frame[: size - 2], int.from_bytes(frame[size - 2 : size], "big"))
+    return start + size if good else None
 
 
 class RawCapture:

@@ -377,7 +377,7 @@ def test_read_now_reads_at_once_stores_like_a_poll_and_leaves_the_schedule_alone
 
 def test_read_now_reads_only_the_named_points() -> None:
     channel = FakeChannel(registers_of({0: 2301}))
-    clock, sink, poller = start(meter(), channel=channel)
+    clock, _, poller = start(meter(), channel=channel)
     clock.advance(0)
     channel.requests.clear()
     reading = result_of(poller.read_now("m", ["voltage", "voltage"]))

@@ -26,6 +26,14 @@ def test_an_rtu_answer_ends_at_its_first_good_crc_even_fed_byte_by_byte() -> Non
     assert capture.received == frame and rest == b"HB"
 
 
+def test_an_rtu_answer_behind_a_heartbeat_ends_the_capture_too() -> None:
+    frame = rtu(holding_response(1, [7, 8]))
+    capture = RawCapture("modbus-rtu", 4096)
+    for byte in byte_by_byte(b"HB\x00" + frame):
+        capture.feed(byte)
+    assert capture.complete and capture.received == b"HB\x00" + frame
+
+
 def test_a_broken_crc_is_not_the_end_of_an_rtu_answer() -> None:
     frame = bytearray(rtu(holding_response(1, [7, 8])))
     frame[-1] ^= 0xFF
