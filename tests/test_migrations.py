@@ -265,8 +265,8 @@ async def test_center_upgrades_a_previous_release_database_and_keeps_a_copy(tmp_
     logged = [formatEvent(e) for e in events if e.get("log_namespace") == "dtucenter.store.schema"]
     assert logged == [
         f"Copied the database to {copy} before upgrading its schema",
-        f"Database schema: upgraded from the pre-migrations schema to {schema.head()}; "
-        f"copy of the old database: {copy}",
+        (f"Database schema: upgraded from the pre-migrations schema to {schema.head()}; "
+         f"copy of the old database: {copy}"),
     ]
     copied = create_engine(f"sqlite:///{copy}")
     try:
