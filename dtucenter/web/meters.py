@@ -228,7 +228,7 @@ class MeterApi:
     async def read_now(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
         body = call.json_object() if self._has_body(call) else {}
-        check_keys(body, "the body", {"points"})
+        check_keys(body, "the body", set(), frozenset({"points"}))
         points = body.get("points")
         if points is not None and (
             not isinstance(points, list) or not points or not all(isinstance(p, str) for p in points)
@@ -312,7 +312,7 @@ class MeterApi:
         if not call.admin:
             raise ApiError(403, "raw exchanges are for admin tokens")
         body = call.json_object()
-        check_keys(body, "the body", {"hex", "timeout", "expect", "max_bytes"})
+        check_keys(body, "the body", {"hex"}, frozenset({"timeout", "expect", "max_bytes"}))
         link = self.bridge.links.get(name) if self.bridge is not None else None
         if link is None:
             raise ApiError(404, f"no link {name!r}")
