@@ -201,6 +201,7 @@ class MeterApi:
             status, outcome = _error_status(e)
             error = str(e)
         await self._audit(
+            meters.record_write, f"a write to meter {name}",
             meter=name, point=point, value=float(value), who=call.who, requested=requested,
             finished=self.now(), outcome=outcome, error=error,
         )
@@ -208,20 +209,12 @@ class MeterApi:
             raise ApiError(status, error)
         return {"meter": name, "point": point, "value": value}
 
-    async def _audit(self, **fields: Any) -> None:
+    async def _audit(self, record: Callable[..., None], what: str, **fields: Any) -> None:
         """The answer matters more than its record: a failed audit write is logged, not raised."""
         try:
-            await self.store.write(partial(meters.record_write, **fields))
+            await self.store.write(partial(record, **fields))
         except Exception:
-            log.failure("Could not record a write to meter {meter} in the audit trail", meter=fields["meter"])
-
-    async def _audit_operation(self, **fields: Any) -> None:
-        """As :meth:`_audit`, for the device operation trail (reads on demand, raw exchanges)."""
-        try:
-            await self.store.write(partial(meters.record_operation, **fields))
-        except Exception:
-            log.failure("Could not record a {kind} of {target} in the audit trail",
-                        kind=fields["kind"], target=fields["target"])
+            log.failure("Could not record {what} in the audit trail", what=what)
 
     # -- reads on demand --------------------------------------------------------------------------
 
@@ -243,7 +236,8 @@ class MeterApi:
             raise ApiError(404, str(e)) from None
         status, outcome, error = self._read_outcome(reading)
         values = {point: _json_value(value) for point, value in reading.values.items()}
-        await self._audit_operation(
+        await self._audit(
+            meters.record_operation, f"a read of meter {name}",
             kind="read", target=name, who=call.who, requested=requested, finished=self.now(), outcome=outcome,
             request={"points": points}, answer={"values": values} if values else None, error=error,
         )
@@ -333,7 +327,8 @@ class MeterApi:
             error = str(e)
         if answer is not None and not answer.received:
             outcome = "timeout"  # nothing came back: still an answer (200), but the trail says so
-        await self._audit_operation(
+        await self._audit(
+            meters.record_operation, f"a raw exchange with link {name}",
             kind="raw", target=name, who=call.who, requested=requested, finished=self.now(), outcome=outcome,
             request=request, answer=None if answer is None else {"hex": answer.received.hex()}, error=error,
         )
