@@ -505,3 +505,38 @@ def test_many_junk_connections_before_login_cost_one_line_per_interval(
     assert "Closed 1 connections" in session_warnings[0] and "Closed 60 connections" in session_warnings[1]
     h.clock.advance(30)
     assert h.clock.getDelayedCalls() == []
+
+
+@pytest.fixture
+def center_warnings() -> Iterator[list[str]]:
+    """The center's log lines at warning level and above, as text."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "dtucenter.dtu.center" and event["log_level"] >= LogLevel.warn:
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_refused_logins_cost_a_line_per_interval_not_a_line_each(h: Harness, center_warnings: list[str]) -> None:
+    """Forged UDP logins with a new PSN each, or a fleet with a wrong PASS, are not logged one by one."""
+    for n in range(1, 120, 2):
+        h.store.add_dtu(1000 + n, password=1)
+    for n in range(120):
+        protocol, transport = h.connect()
+        h.feed(protocol, wire.Login(1000 + n, 2 if n % 2 else 3))
+        assert not h.replies(transport)[0].accepted
+        h.lose(protocol)
+        h.clock.advance(1)
+    assert h.center.stats["logins_refused"] == 120
+    assert len(center_warnings) == 2  # the first refusal, and the first one 60 s later
+    assert center_warnings[0].startswith("DTU 1000 refused from ") and center_warnings[0].endswith(": unknown PSN")
+    assert center_warnings[1].startswith("DTU 1060 refused from ")
+    assert "(59 other logins refused in the last 60s, not logged one by one: unknown PSN 30, wrong password 30)" in (
+        center_warnings[1]
+    )
+    h.clock.advance(600)
+    assert h.clock.getDelayedCalls() == []

@@ -198,6 +198,9 @@ class DTUCenter(Service):
         #: PSN -> the session that is logged in for it now.
         self.sessions: dict[int, DTUSession] = {}
         self.login_throttle = LoginThrottle(clock)
+        #: Refused logins, told in full at most once per report interval and counted in between:
+        #: a fleet with a wrong PASS, or forged UDP logins with a new PSN each, must not write a line each.
+        self._refusals = ProblemSummary(clock, interval=settings.problem_report_interval)
         self.stats: Counter[str] = Counter()
         #: Connections closed for junk before they logged in: summarised here, not one line each,
         #: since a junk source may open thousands of them.
@@ -277,11 +280,19 @@ class DTUCenter(Service):
         if not decision.accepted:
             self.stats["logins_refused"] += 1
             blocked_for = self.login_throttle.failed(_throttle_key(session, login))
-            log.warn(
-                "DTU {psn} refused from {peer}: {reason}{blocked}",
-                psn=login.psn, peer=session.peer, reason=decision.reason,
-                blocked=f"; further logins from there refused for {blocked_for:g}s" if blocked_for else "",
-            )
+            self._refusals.add(decision.reason)
+            if self._refusals.due:
+                refused, seconds, _ = self._refusals.take()
+                others = refused.total() - 1
+                log.warn(
+                    "DTU {psn} refused from {peer}: {reason}{blocked}{others}",
+                    psn=login.psn, peer=session.peer, reason=decision.reason,
+                    blocked=f"; further logins from there refused for {blocked_for:g}s" if blocked_for else "",
+                    others=(
+                        f" ({others:,} other logins refused in the last {seconds:.0f}s, not logged one by one: "
+                        + ", ".join(f"{reason} {count:,}" for reason, count in sorted(refused.items())) + ")"
+                    ) if others else "",
+                )
             return decision
         self.login_throttle.succeeded(_throttle_key(session, login))
         if session.closed:

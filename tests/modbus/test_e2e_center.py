@@ -257,8 +257,10 @@ async def check_what_outlives_the_config(tmp_path: Path, db_url: str) -> None:
         [streak] = (await api.get("/api/meters/m-offline/failures")).body["failures"]
         assert streak["reason"] == "link site-b is offline" and streak["count"] >= 3
         assert streak["first"] < streak["last"]
+        # Its timeouts are kept. (A poll of it may also have been on the wire when the first center's
+        # DTUs hung up: that is a streak of its own, "link site-a disconnected before the answer arrived".)
         dead = (await api.get("/api/meters/dead/failures")).body["failures"]
-        assert dead[0]["reason"] == "unit 9 did not answer function 3 (1 attempt)"
+        assert "unit 9 did not answer function 3 (1 attempt)" in {streak["reason"] for streak in dead}
         voltage = await api.get("/api/meters/m-serial/samples?point=voltage&limit=1")
         assert voltage.body["samples"][0]["value"] == 230.1
         assert (await api.get("/api/links")).body == {"links": []}
