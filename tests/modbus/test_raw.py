@@ -6,11 +6,15 @@ import pytest
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
+from dtucenter.modbus.config import MeterSettings
 from dtucenter.modbus.errors import LinkDisconnected, LinkOffline
 from dtucenter.modbus.framing import MbapFraming
+from dtucenter.modbus.points import Point, PointType, Table
+from dtucenter.modbus.poller import Poller
 from dtucenter.modbus.raw import RawAnswer, RawCapture, frame_end
 from tests.modbus.modbus_helpers import byte_by_byte, fired, holding_response, mbap, read_holding, result_of, rtu
 from tests.modbus.test_master import SILENCE, Harness
+from tests.modbus.test_poller import MemorySink
 
 RAW_TIMEOUT = 2.0
 
@@ -165,3 +169,30 @@ def test_a_queued_raw_exchange_can_be_cancelled_before_it_is_sent(h: Harness) ->
     assert result_of(poll).registers == [9]
     assert h.sent() == rtu(read_holding(1, 0, 1)), "the cancelled exchange never went out"
     h.assert_idle()
+
+
+def test_a_raw_exchange_racing_a_scheduled_poll_goes_between_its_blocks_and_both_get_their_answers(
+    h: Harness,
+) -> None:
+    """The poller's blocks and the raw exchange share the master's queue: the exchange goes out
+    when the block in flight is answered, the next block after it, and no answer is mixed up."""
+    near = Point("near", Table.HOLDING, 0, PointType.UINT16)
+    far = Point("far", Table.HOLDING, 200, PointType.UINT16)
+    sink = MemorySink()
+    settings = MeterSettings(name="m", link="bus", unit=1, interval=60.0, points=(near, far))
+    poller = Poller([settings], {"bus": h.master}, sink, h.clock)
+    poller.startService()
+    h.clock.advance(0)
+    assert h.sent() == rtu(read_holding(1, 0, 1))
+    raw = h.master.exchange(rtu(read_holding(1, 0, 1)), timeout=RAW_TIMEOUT, expect="modbus-rtu", max_bytes=4096)
+
+    h.receive(rtu(holding_response(1, [11])))
+    assert h.sent() == rtu(read_holding(1, 0, 1)), "the raw exchange, not the poll's second block"
+    h.receive(rtu(holding_response(1, [99])))
+    assert result_of(raw).received == rtu(holding_response(1, [99]))
+    h.clock.advance(SILENCE)
+    assert h.sent() == rtu(read_holding(1, 200, 1))
+    h.receive(rtu(holding_response(1, [22])))
+    assert sink.values == [("m", 0.0, {"near": 11, "far": 22})]
+    poller.stopService()
+    assert h.clock.getDelayedCalls() == []
