@@ -22,7 +22,7 @@ from dtucenter import __version__
 from dtucenter.config import DEFAULT_DB_URL
 from dtucenter.isotime import parse_iso_time
 from dtucenter.modbus.templates import shipped_template_text, shipped_templates
-from dtucenter.store import meters, queries, schema
+from dtucenter.store import accounts, meters, queries, schema
 from dtucenter.store.db import DatabaseURLError, open_engine
 
 SAMPLE_COLUMNS = ("time", "psn", "net_state", "position", "dev", "addr", "value")
@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", help="a name for people")
     add.add_argument("--tick-time", type=_bounded(1, 255), help="heartbeat interval sent in LoginAck (s)")
     add.add_argument("--send-test-time", type=_bounded(0, 255), help="upload interval sent in LoginAck (s)")
+    add.add_argument("--account", help="the account that owns it (a new DTU: the first admin account unless given)")
     add.set_defaults(run=cmd_dtu_add)
     listing = with_db(dtu.add_parser("list", help="list DTUs"))
+    listing.add_argument("--account", help="only this account's")
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
     listing.set_defaults(run=cmd_dtu_list)
     remove = with_db(dtu.add_parser("remove", help="delete a DTU with its register list and samples"))
@@ -99,6 +101,34 @@ def build_parser() -> argparse.ArgumentParser:
                          help="asc: oldest first (the default); desc: newest first")
     samples.add_argument("--format", choices=("csv", "json"), default="csv")
     samples.set_defaults(run=cmd_samples, check=_check_sample_source, subparser=samples)
+
+    account = commands.add_parser("account", help="accounts, which own DTUs and meters").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    add = with_db(account.add_parser("add", help="add an account"))
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="an admin account: sees and manages every account's")
+    add.set_defaults(run=cmd_account_add)
+    listing = with_db(account.add_parser("list", help="list accounts with what they own"))
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    listing.set_defaults(run=cmd_account_list)
+    remove = with_db(account.add_parser("remove", help="remove an account that owns nothing, with its tokens"))
+    remove.add_argument("name")
+    remove.set_defaults(run=cmd_account_remove)
+
+    token = commands.add_parser("token", help="an account's API tokens").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    add = with_db(token.add_parser("add", help="make a token and print it: the only time it is shown"))
+    add.add_argument("account")
+    add.add_argument("name", help="the token's name, as the audit trails will name who acted")
+    add.set_defaults(run=cmd_token_add)
+    listing = with_db(token.add_parser("list", help="list an account's tokens by name (never the tokens)"))
+    listing.add_argument("account")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    listing.set_defaults(run=cmd_token_list)
+    revoke = with_db(token.add_parser("revoke", help="revoke a token: it stops working at once"))
+    revoke.add_argument("account")
+    revoke.add_argument("name")
+    revoke.set_defaults(run=cmd_token_revoke)
 
     db = commands.add_parser("db", help="the database schema").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -170,28 +200,103 @@ def cmd_dtu_add(session: Session, args: argparse.Namespace, out: TextIO) -> None
         if value is not None
     }
     try:
-        info, created = queries.upsert_dtu(session, args.psn, fields, dt.datetime.now(dt.UTC))
-    except ValueError as e:
+        owner = None if args.account is None else accounts.account_id(session, args.account)
+        info, created = queries.upsert_dtu(session, args.psn, fields, dt.datetime.now(dt.UTC), owner)
+    except ValueError as e:  # AccountError among them
         raise CommandError(str(e)) from None
     print(f"{'added' if created else 'updated'} DTU {info.psn}", file=out)
 
 
 def cmd_dtu_list(session: Session, args: argparse.Namespace, out: TextIO) -> None:
-    dtus = queries.list_dtus(session)
+    try:
+        owner = None if args.account is None else accounts.account_id(session, args.account)
+    except accounts.AccountError as e:
+        raise CommandError(str(e)) from None
+    dtus = queries.list_dtus(session, owner)
     if args.json:
         json.dump({"dtus": [d.to_json() for d in dtus]}, out, indent=2)
         out.write("\n")
         return
-    rows = [("PSN", "NAME", "ONLINE", "REMOTE", "LAST SEEN", "TICK", "SEND")]
+    rows = [("PSN", "NAME", "ONLINE", "REMOTE", "LAST SEEN", "TICK", "SEND", "ACCOUNT")]
     for d in dtus:
         rows.append((
             str(d.psn), d.name, "yes" if d.online else "no", d.remote or "-",
             d.last_seen.isoformat(timespec="seconds") if d.last_seen else "-",
-            str(d.tick_time), str(d.send_test_time),
+            str(d.tick_time), str(d.send_test_time), d.account,
         ))
+    _print_table(rows, out)
+
+
+def _print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip(), file=out)
+
+
+# -- accounts and tokens -------------------------------------------------------------------------
+
+
+def _refused(e: accounts.AccountError) -> CommandError:
+    return CommandError(str(e))
+
+
+def cmd_account_add(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        info = accounts.create_account(session, args.name, args.admin, dt.datetime.now(dt.UTC))
+    except accounts.AccountError as e:
+        raise _refused(e) from None
+    print(f"added {'admin ' if info.admin else ''}account {info.name}", file=out)
+
+
+def cmd_account_list(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    found = accounts.list_accounts(session)
+    if args.json:
+        json.dump({"accounts": [a.to_json() for a in found]}, out, indent=2)
+        out.write("\n")
+        return
+    rows = [("NAME", "ADMIN", "DTUS", "METERS", "TOKENS")]
+    rows += [(a.name, "yes" if a.admin else "no", str(a.dtus), str(a.meters), str(a.tokens)) for a in found]
+    _print_table(rows, out)
+
+
+def cmd_account_remove(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        accounts.remove_account(session, args.name)
+    except accounts.AccountError as e:
+        raise _refused(e) from None
+    print(f"removed account {args.name}", file=out)
+
+
+def cmd_token_add(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        token = accounts.create_token(session, args.account, args.name, dt.datetime.now(dt.UTC))
+    except accounts.AccountError as e:
+        raise _refused(e) from None
+    # The token alone on stdout, for scripts: TOKEN=$(dtucenter token add acme ops)
+    print(token, file=out)
+    print(f"dtucenter: token {args.name} of account {args.account}: shown this once, store it now", file=sys.stderr)
+
+
+def cmd_token_list(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        found = accounts.list_tokens(session, args.account)
+    except accounts.AccountError as e:
+        raise _refused(e) from None
+    if args.json:
+        json.dump({"tokens": [t.to_json() for t in found]}, out, indent=2)
+        out.write("\n")
+        return
+    rows = [("NAME", "CREATED")]
+    rows += [(t.name, t.created.isoformat(timespec="seconds") if t.created else "-") for t in found]
+    _print_table(rows, out)
+
+
+def cmd_token_revoke(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        accounts.revoke_token(session, args.account, args.name)
+    except accounts.AccountError as e:
+        raise _refused(e) from None
+    print(f"revoked token {args.name} of account {args.account}", file=out)
 
 
 def cmd_dtu_remove(session: Session, args: argparse.Namespace, out: TextIO) -> None:

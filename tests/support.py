@@ -64,7 +64,8 @@ class RunningCenter:
 
     @property
     def api_token(self) -> str:
-        return self.service.getServiceNamed("api").factory.resource._token  # type: ignore[attr-defined]
+        resource = self.service.getServiceNamed("api").factory.resource  # type: ignore[attr-defined]
+        return resource._authenticator._configured.decode("ascii")  # type: ignore[no-any-return]
 
     def api(self, token: str | None = None) -> ApiClient:
         """An HTTP client for the API, with the center's token unless another is given."""
@@ -146,6 +147,16 @@ class ApiClient:
 
     async def post(self, path: str, body: Any) -> ApiResponse:
         return await self.call("POST", path, body)
+
+
+async def make_account(admin: ApiClient, name: str, token_name: str = "ops") -> ApiClient:
+    """A new account that is not an admin, made through the API, and a client with a token of its own."""
+    made = await admin.post("/api/accounts", {"name": name})
+    assert made.status == 201, made.body
+    token = await admin.post(f"/api/accounts/{name}/tokens", {"name": token_name})
+    assert token.status == 201, token.body
+    assert set(token.body) == {"account", "name", "token"}
+    return ApiClient(admin.base, token.body["token"])
 
 
 class DTUClient(Protocol):

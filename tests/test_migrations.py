@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import secrets
 import shutil
 import sqlite3
 import threading
@@ -21,11 +22,12 @@ from sqlalchemy.pool import NullPool
 from twisted.logger import formatEvent, globalLogPublisher
 
 from dtucenter import cli
-from dtucenter.store import audit, meters, queries, schema
+from dtucenter.store import accounts, audit, meters, queries, schema
 from dtucenter.store.db import open_engine
 from dtucenter.store.migrations import __main__ as migrations_command
 from dtucenter.store.models import Base, UTCDateTime
 from dtucenter.tap import Options, makeService
+from dtucenter.web.auth import TOKEN_FILE_NAME
 from tests.support import run_twistd, start_center
 
 FIXTURES = Path(__file__).with_name("fixtures")
@@ -59,15 +61,27 @@ def load_previous_release(url: str) -> None:
         engine.dispose()
 
 
-def all_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table but Alembic's, by plain SQL in primary key order, as the driver returns them."""
+def all_rows(engine: Engine, only: dict[str, tuple[str, ...]] | None = None) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table but Alembic's, by plain SQL in primary key order, as the driver returns them.
+
+    With ``only``, just those tables' columns named there: what an older schema had, in its order.
+    """
     with engine.connect() as connection:
         inspector = inspect(connection)
         rows = {}
         for table in sorted(set(inspector.get_table_names()) - {schema.VERSION_TABLE}):
             key = ", ".join(f'"{c}"' for c in inspector.get_pk_constraint(table)["constrained_columns"])
-            rows[table] = [tuple(r) for r in connection.execute(text(f'SELECT * FROM "{table}" ORDER BY {key}'))]
+            columns = "*" if only is None else ", ".join(f'"{c}"' for c in only.get(table, ()))
+            if columns:
+                query = text(f'SELECT {columns} FROM "{table}" ORDER BY {key}')
+                rows[table] = [tuple(r) for r in connection.execute(query)]
         return rows
+
+
+def column_names(engine: Engine) -> dict[str, tuple[str, ...]]:
+    with engine.connect() as connection:
+        inspector = inspect(connection)
+        return {table: tuple(c["name"] for c in inspector.get_columns(table)) for table in inspector.get_table_names()}
 
 
 def describe(engine: Engine) -> dict[str, Any]:
@@ -105,6 +119,7 @@ def test_previous_release_database_upgrades_with_every_row_intact(db_url: str) -
     engine = open_engine(db_url, create=False)
     try:
         before = all_rows(engine)
+        previous_columns = column_names(engine)
         assert set(before) == PREVIOUS_RELEASE_TABLES
         assert all(before[table] for table in before), "the fixture must have rows in every table"
         state = schema.current(engine)
@@ -114,7 +129,7 @@ def test_previous_release_database_upgrades_with_every_row_intact(db_url: str) -
 
         assert result.before.kind == "unversioned" and result.after == schema.head()
         assert schema.current(engine).kind == "current"
-        after = all_rows(engine)
+        after = all_rows(engine, previous_columns)
         assert {table: after[table] for table in before} == before
         assert (result.copy is not None) == (backend(db_url) == "sqlite")
         with Session(engine) as session:
@@ -127,6 +142,11 @@ def check_previous_release_rows_through_todays_code(session: Session) -> None:
     """The values the fixture script wrote, read back by this release's own queries."""
     dtus = {d.psn: d for d in queries.list_dtus(session)}
     assert set(dtus) == {3, 10001, 0xFFFFFFF0}
+    # The accounts migration gave every device to the first account, an admin.
+    assert {d.account for d in dtus.values()} == {accounts.FIRST_ADMIN}
+    assert {m.account for m in meters.list_meters(session)} == {accounts.FIRST_ADMIN}
+    assert [(a.name, a.admin, a.dtus, a.meters) for a in accounts.list_accounts(session)] == [
+        (accounts.FIRST_ADMIN, True, 3, 2)]
     assert dtus[10001].name == "pump house" and dtus[10001].last_login == T0 and dtus[10001].tick_time == 30
     assert dtus[0xFFFFFFF0].name == "Zählerschrank Süd"
     samples = queries.query_samples(session, 10001)
@@ -254,11 +274,28 @@ async def test_center_upgrades_a_previous_release_database_and_keeps_a_copy(tmp_
     load_previous_release(url)
     rows = all_rows(engine := create_engine(url))
     engine.dispose()
+    # The token file that release made beside its database: it must still open the API, as an admin's.
+    old_token = secrets.token_urlsafe(32)
+    (tmp_path / TOKEN_FILE_NAME).write_text(old_token + "\n")
+    (tmp_path / TOKEN_FILE_NAME).chmod(0o600)
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     try:
         center = await start_center(tmp_path)
-        await center.stop()
+        try:
+            api = center.api(old_token)
+            listed = await api.get("/api/dtus")
+            assert listed.status == 200
+            assert [(d["psn"], d["account"]) for d in listed.body["dtus"]] == [
+                (3, "admin"), (10001, "admin"), (0xFFFFFFF0, "admin")]
+            samples = await api.get("/api/dtus/10001/samples")
+            assert samples.status == 200 and len(samples.body["samples"]) == 4
+            whoami = await api.get("/api/accounts")
+            assert [(a["name"], a["admin"]) for a in whoami.body["accounts"]] == [("admin", True)]
+            made = await api.post("/api/accounts", {"name": "acme"})
+            assert made.status == 201, made.body
+        finally:
+            await center.stop()
     finally:
         globalLogPublisher.removeObserver(events.append)
     [copy] = tmp_path.glob("center.db.before-0001-*")
@@ -378,38 +415,37 @@ def scratch_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_revision_command_writes_the_next_revision_which_upgrades_an_older_database(
     tmp_path: Path, scratch_migrations: Path
 ) -> None:
-    shipped = schema.head()
-    after = f"{int(shipped) + 1:04d}"
+    previous = schema.head()
+    following = f"{int(previous) + 1:04d}"
     probe = Table("probe", Base.metadata, Column("id", Integer, primary_key=True), Column("at", UTCDateTime))
     try:
         migrations_command.main(["add the probe table"])
     finally:
         Base.metadata.remove(probe)
     schema.scripts.cache_clear()  # the process that wrote a revision ends; this one goes on
-    written = (scratch_migrations / "versions" / f"{after}_add_the_probe_table.py").read_text()
+    written = (scratch_migrations / "versions" / f"{following}_add_the_probe_table.py").read_text()
     assert "op.create_table('probe'" in written and "sa.DateTime(timezone=True)" in written
     assert "dtucenter" not in written, "a revision must not import the models"
-    assert schema.head() == after and [r for r, _ in schema.history()][-2:] == [shipped, after]
+    assert schema.head() == following and [r for r, _ in schema.history()][-2:] == [previous, following]
 
-    url = f"sqlite:///{tmp_path / 'at-shipped.db'}"
+    url = f"sqlite:///{tmp_path / 'at-previous.db'}"
     engine = open_engine(url, create=False)
     try:
         with engine.connect() as connection:
-            command.upgrade(schema._config(connection), shipped)
+            command.upgrade(schema._config(connection), previous)
             connection.commit()
         with engine.begin() as connection:
-            connection.execute(text("INSERT INTO dtus (psn, password, name, pname, version, ccid, fota_flag, "
-                                    "tick_time, send_test_mode, send_test_time, new_ver, new_port, new_ip, online) "
-                                    "VALUES (5, 0, 'five', '', 0, '', 0, 60, 255, 0, 0, 0, '0.0.0.0', false)"))
+            connection.execute(text("INSERT INTO commands (psn, kind, request, who, queued, outcome) "
+                                    "VALUES (5, 'read_test', '{}', 'someone', '2026-11-30 00:00:00', 'ok')"))
         rows = all_rows(engine)
-        behind = rf"schema is {shipped} \(head is {after}\): run 'dtucenter db upgrade'"
-        with pytest.raises(schema.SchemaError, match=behind):
+        expected = rf"schema is {previous} \(head is {following}\): run 'dtucenter db upgrade'"
+        with pytest.raises(schema.SchemaError, match=expected):
             open_engine(url).dispose()
 
         result = schema.upgrade(engine)
 
-        [copy] = tmp_path.glob(f"at-shipped.db.before-{shipped}-*")
-        assert result.describe() == f"upgraded from {shipped} to {after}; copy of the old database: {copy}"
+        [copy] = tmp_path.glob(f"at-previous.db.before-{previous}-*")
+        assert result.describe() == f"upgraded from {previous} to {following}; copy of the old database: {copy}"
         assert inspect(engine).has_table("probe") and schema.current(engine).kind == "current"
         after = all_rows(engine)
         assert after.pop("probe") == [] and after == rows

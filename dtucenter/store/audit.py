@@ -1,4 +1,4 @@
-"""The command audit trail, as plain synchronous functions of a Session (like ``queries``)."""
+"""The audit trails of commands and of DTU record edits, as plain functions of a Session (like ``queries``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import attrs
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from dtucenter.store.models import CommandRecord
+from dtucenter.store.models import CommandRecord, DtuEdit
 from dtucenter.store.queries import rowcount
 
 PENDING = "pending"
@@ -101,3 +101,36 @@ def list_commands(session: Session, psn: int, limit: int) -> list[CommandInfo]:
         select(CommandRecord).where(CommandRecord.psn == psn).order_by(CommandRecord.id.desc()).limit(limit)
     )
     return [CommandInfo.of(row) for row in rows]
+
+
+# -- DTU record edits ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class DtuEditInfo:
+    id: int
+    psn: int
+    action: str
+    fields: Any
+    who: str
+    time: dt.datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "psn": self.psn, "action": self.action, "fields": self.fields, "who": self.who,
+            "time": self.time.isoformat(),
+        }
+
+
+def record_dtu_edit(
+    session: Session, psn: int, action: str, fields: dict[str, Any], who: str, time: dt.datetime
+) -> None:
+    """``action`` is create, update or delete; a password given is recorded as set, never as itself."""
+    shown = {key: ("(set)" if key == "password" else value) for key, value in fields.items()}
+    session.add(DtuEdit(psn=psn, action=action, fields=json.dumps(shown), who=who[:100], time=time))
+
+
+def list_dtu_edits(session: Session, psn: int, limit: int) -> list[DtuEditInfo]:
+    """Newest first."""
+    rows = session.scalars(select(DtuEdit).where(DtuEdit.psn == psn).order_by(DtuEdit.id.desc()).limit(limit))
+    return [DtuEditInfo(r.id, r.psn, r.action, json.loads(r.fields), r.who, r.time) for r in rows]

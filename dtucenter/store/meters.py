@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from dtucenter.setting import MAX_NAME
+from dtucenter.store.accounts import first_admin_id
 from dtucenter.store.models import DeviceOperation, Meter, MeterFailure, MeterSample, MeterWrite
 from dtucenter.store.queries import table_of, time_window
 
@@ -31,6 +32,7 @@ def _iso(value: Any) -> Any:
 @attrs.frozen
 class MeterInfo:
     name: str
+    account: str
     link: str
     unit: int
     interval: float
@@ -45,7 +47,7 @@ class MeterInfo:
     @classmethod
     def of(cls, row: Meter) -> MeterInfo:
         return cls(
-            name=row.name, link=row.link, unit=row.unit, interval=row.interval,
+            name=row.name, account=row.owner.name, link=row.link, unit=row.unit, interval=row.interval,
             points=tuple(json.loads(row.points)), configured=row.configured, last_poll=row.last_poll,
             last_success=row.last_success, last_error=row.last_error, last_error_time=row.last_error_time,
             failing=row.failing,
@@ -115,13 +117,18 @@ class MeterWriteInfo:
 
 def sync_meters(session: Session, meters: Sequence[Mapping[str, Any]], now: dt.datetime) -> tuple[int, int]:
     """Make the table match the config: add or update ``meters`` (dicts of name, link, unit,
-    interval and points), flag the others as no longer configured. Returns (added, retired)."""
+    interval and points), flag the others as no longer configured. Returns (added, retired).
+
+    A meter new to the table belongs to the first admin account (the file is the operator's);
+    one that exists keeps its owner, so an admin may move it to a customer's account."""
     rows = {row.name: row for row in session.scalars(select(Meter))}
+    owner = first_admin_id(session) if any(spec["name"] not in rows for spec in meters) else None
     added = retired = 0
     for spec in meters:
         row = rows.pop(spec["name"], None)
         if row is None:
-            row = Meter(name=spec["name"], created=now, failing=False)
+            assert owner is not None
+            row = Meter(name=spec["name"], created=now, failing=False, account_id=owner)
             session.add(row)
             added += 1
         row.link, row.unit, row.interval = spec["link"], spec["unit"], spec["interval"]
@@ -181,13 +188,31 @@ def record_failure_streaks(
         )
 
 
-def get_meter(session: Session, name: str) -> MeterInfo | None:
+def get_meter(session: Session, name: str, account: int | None = None) -> MeterInfo | None:
+    """Meter ``name``; None also when ``account`` (an account id) is given and does not own it."""
     row = session.get(Meter, name)
-    return None if row is None else MeterInfo.of(row)
+    if row is None or (account is not None and row.account_id != account):
+        return None
+    return MeterInfo.of(row)
 
 
-def list_meters(session: Session) -> list[MeterInfo]:
-    return [MeterInfo.of(row) for row in session.scalars(select(Meter).order_by(Meter.name))]
+def list_meters(session: Session, account: int | None = None) -> list[MeterInfo]:
+    """All meters by name, or those of ``account`` (an account id)."""
+    query = select(Meter).order_by(Meter.name)
+    if account is not None:
+        query = query.where(Meter.account_id == account)
+    return [MeterInfo.of(row) for row in session.scalars(query)]
+
+
+def move_meter(session: Session, name: str, account: int) -> MeterInfo | None:
+    """Give meter ``name`` to ``account`` (an account id); None when there is no such meter."""
+    row = session.get(Meter, name)
+    if row is None:
+        return None
+    row.account_id = account
+    session.flush()
+    session.refresh(row)
+    return MeterInfo.of(row)
 
 
 # -- samples -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Double,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -16,8 +17,9 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -51,10 +53,44 @@ DEFAULT_SEND_TEST_MODE = 255
 DEFAULT_SEND_TEST_TIME = 0
 
 
+class Account(Base):
+    """A customer (or the operator): owns DTUs and meters, and holds API tokens.
+
+    ``admin`` accounts see and manage everything. The migration that added
+    accounts made the first one, ``admin``, and gave it every existing DTU.
+    """
+
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class ApiToken(Base):
+    """A named API token of an account, kept only as the SHA-256 of the secret (never the secret)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(Integer, ForeignKey("accounts.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    #: hex SHA-256 of the token: a token is 256 random bits, so a fast hash is enough.
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    created: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    __table_args__ = (UniqueConstraint("account_id", "name", name="uq_api_tokens_account_name"),)
+
+
 class Dtu(Base):
     __tablename__ = "dtus"
 
     psn: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    #: The owning account; checked by the API, never on the upload path.
+    account_id: Mapped[int] = mapped_column(Integer, ForeignKey("accounts.id"), index=True)
+    #: Loaded with the row: every answer about a DTU names its account.
+    owner: Mapped[Account] = relationship(lazy="joined", innerjoin=True)
     #: 0 means "not set yet": the next login's PASS is accepted and stored.
     password: Mapped[int] = mapped_column(BigInteger, default=0)
     name: Mapped[str] = mapped_column(String(100), default="")
@@ -133,7 +169,7 @@ class CommandRecord(Base):
     kind: Mapped[str] = mapped_column(String(16))
     #: The command's parameters as JSON.
     request: Mapped[str] = mapped_column(Text)
-    #: Who asked: the API client's address.
+    #: Who asked: the API token's account and name (``acme/ops``).
     who: Mapped[str] = mapped_column(String(100))
     queued: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     sent: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
@@ -162,6 +198,9 @@ class Meter(Base):
     __tablename__ = "meters"
 
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    #: The owning account; the config file's meters go to the first admin account.
+    account_id: Mapped[int] = mapped_column(Integer, ForeignKey("accounts.id"), index=True)
+    owner: Mapped[Account] = relationship(lazy="joined", innerjoin=True)
     link: Mapped[str] = mapped_column(String(100))
     unit: Mapped[int] = mapped_column(SmallInteger)
     interval: Mapped[float] = mapped_column(Double)
@@ -243,6 +282,26 @@ class MeterWrite(Base):
     __table_args__ = (Index("ix_meter_writes_meter_id", "meter", "id"),)
 
 
+class DtuEdit(Base):
+    """The audit trail of changes to DTU records through the API: created, changed, moved, deleted.
+
+    No foreign key, like ``commands``: the trail outlives a deleted DTU.
+    """
+
+    __tablename__ = "dtu_edits"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    psn: Mapped[int] = mapped_column(BigInteger)
+    #: create, update, delete.
+    action: Mapped[str] = mapped_column(String(16))
+    #: The fields given, as JSON (a password only as "set").
+    fields: Mapped[str] = mapped_column(Text)
+    who: Mapped[str] = mapped_column(String(100))
+    time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_dtu_edits_psn_id", "psn", "id"),)
+
+
 class DeviceOperation(Base):
     """The audit trail of operations on devices through the API besides writes: reads
     on demand (``kind`` ``read``, ``target`` a meter) and raw exchanges (``raw``, a link).
@@ -256,6 +315,7 @@ class DeviceOperation(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     target: Mapped[str] = mapped_column(String(100))
+    #: Who asked: the API token's account and name (``acme/ops``).
     who: Mapped[str] = mapped_column(String(100))
     requested: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     finished: Mapped[dt.datetime] = mapped_column(UTCDateTime)

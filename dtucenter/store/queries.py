@@ -18,12 +18,14 @@ from sqlalchemy import CursorResult, Result, Select, Table, bindparam, delete, s
 from sqlalchemy.orm import Session
 
 from dtucenter.addresses import ipv4_octets
-from dtucenter.store.models import Base, Dtu, RegisterEntry, Sample
+from dtucenter.store.accounts import first_admin_id
+from dtucenter.store.models import Account, Base, Dtu, RegisterEntry, Sample
 
 
 @attrs.frozen
 class DtuInfo:
     psn: int
+    account: str
     name: str
     password_set: bool
     pname: str
@@ -44,7 +46,7 @@ class DtuInfo:
     @classmethod
     def of(cls, row: Dtu) -> DtuInfo:
         return cls(
-            psn=row.psn, name=row.name, password_set=row.password != 0, pname=row.pname,
+            psn=row.psn, account=row.owner.name, name=row.name, password_set=row.password != 0, pname=row.pname,
             version=row.version, ccid=row.ccid, fota_flag=row.fota_flag, tick_time=row.tick_time,
             send_test_mode=row.send_test_mode, send_test_time=row.send_test_time,
             new_ver=row.new_ver, new_port=row.new_port, new_ip=row.new_ip, online=row.online,
@@ -125,7 +127,9 @@ def authenticate(
     if row is None:
         if not enroll_unknown:
             return LoginOutcome(False, "unknown PSN")
-        row = Dtu(psn=psn, password=password, name="", created=now)
+        # Enrolled devices go to the admin account, which assigns them to a customer.
+        row = Dtu(psn=psn, password=password, name="", created=now,
+                  owner=session.get_one(Account, first_admin_id(session)))
         _fill_defaults(row)
         session.add(row)
         enrolled = True
@@ -200,28 +204,44 @@ def record_last_seen(session: Session, seen: Mapping[int, dt.datetime]) -> None:
         )
 
 
-def upsert_dtu(session: Session, psn: int, fields: dict[str, Any], now: dt.datetime) -> tuple[DtuInfo, bool]:
-    """Create or update a DTU record; returns it and whether it was created."""
+def upsert_dtu(
+    session: Session, psn: int, fields: dict[str, Any], now: dt.datetime, account: int | None = None
+) -> tuple[DtuInfo, bool]:
+    """Create or update a DTU record; returns it and whether it was created.
+
+    ``account`` (an account id) owns a new record, or takes an existing one over;
+    None leaves an existing record's owner, and gives a new one the first admin account.
+    """
     fields = validate_dtu_fields(fields)
     row = session.get(Dtu, check_psn(psn))
     created = row is None
     if row is None:
-        row = Dtu(psn=psn, created=now, name="")
+        row = Dtu(psn=psn, created=now, name="", account_id=first_admin_id(session) if account is None else account)
         _fill_defaults(row)
         session.add(row)
+    elif account is not None:
+        row.account_id = account
     for key, value in fields.items():
         setattr(row, key, value)
     session.flush()
+    session.refresh(row)  # the owner, by the account id just set
     return DtuInfo.of(row), created
 
 
-def get_dtu(session: Session, psn: int) -> DtuInfo | None:
+def get_dtu(session: Session, psn: int, account: int | None = None) -> DtuInfo | None:
+    """DTU ``psn``; None also when ``account`` (an account id) is given and does not own it."""
     row = session.get(Dtu, psn)
-    return None if row is None else DtuInfo.of(row)
+    if row is None or (account is not None and row.account_id != account):
+        return None
+    return DtuInfo.of(row)
 
 
-def list_dtus(session: Session) -> list[DtuInfo]:
-    return [DtuInfo.of(row) for row in session.scalars(select(Dtu).order_by(Dtu.psn))]
+def list_dtus(session: Session, account: int | None = None) -> list[DtuInfo]:
+    """All DTUs by PSN, or those of ``account`` (an account id)."""
+    query = select(Dtu).order_by(Dtu.psn)
+    if account is not None:
+        query = query.where(Dtu.account_id == account)
+    return [DtuInfo.of(row) for row in session.scalars(query)]
 
 
 def delete_dtu(session: Session, psn: int, with_samples: bool = True) -> bool:

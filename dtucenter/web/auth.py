@@ -1,13 +1,13 @@
-"""The API's bearer token: where it comes from, and checking it."""
+"""The API's bearer tokens: where the configured one comes from, and the record of who calls (``Caller``)."""
 
 from __future__ import annotations
 
-import hmac
 import os
 import secrets
 import stat
 from pathlib import Path
 
+import attrs
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from twisted.logger import Logger
@@ -68,11 +68,33 @@ def resolve_token(configured: str | None, db_url: str) -> str:
     return load_or_create_token(token_file_for(db_url))
 
 
-def bearer_matches(header: bytes | None, token: str) -> bool:
-    """Whether an Authorization header carries ``token``, compared in constant time."""
-    if header is None:
-        return False
-    scheme, _, given = header.partition(b" ")
-    if scheme.lower() != b"bearer":
-        return False
-    return hmac.compare_digest(given.strip(), token.encode("ascii"))
+
+
+# -- who is calling ------------------------------------------------------------------------------
+
+#: The configured token's name in the audit trails: it acts for the first admin account.
+CONFIGURED_TOKEN_NAME = "api-token"
+
+
+@attrs.frozen
+class Caller:
+    """Who makes an API request: the token's account and name, and whether the account is an admin.
+
+    Handlers scope what they read and change by ``scope`` (None for an admin:
+    everything) and write ``who`` in the audit trails.
+    """
+
+    account: str
+    account_id: int
+    token_name: str
+    admin: bool
+
+    @property
+    def who(self) -> str:
+        """For the audit trails: ``account/token``, as token names are unique only per account."""
+        return f"{self.account}/{self.token_name}"
+
+    @property
+    def scope(self) -> int | None:
+        """The account id to restrict queries to; None for an admin, who sees every account's."""
+        return None if self.admin else self.account_id

@@ -1,16 +1,23 @@
-"""The /api/dtus endpoints: DTU records, samples, setup, live commands and their audit trail."""
+"""The /api/dtus endpoints: DTU records, samples, setup, live commands and their audit trails.
+
+Every endpoint is scoped to the caller's account (an admin's to all): a DTU
+of another account answers 404 exactly as one that does not exist. Only an
+admin creates a DTU record or moves one to another account (``account``);
+an account changes and deletes its own.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
 from dtucenter.dtu import commands, wire
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.control import Control, UnknownDTU
-from dtucenter.store import audit, queries
+from dtucenter.store import accounts, audit, queries
 from dtucenter.store.facade import Store
 from dtucenter.web.params import (
     DEFAULT_SAMPLES,
@@ -21,6 +28,8 @@ from dtucenter.web.params import (
     time_param,
 )
 from dtucenter.web.router import ApiError, Call, Reply, Router
+
+T = TypeVar("T")
 
 DEFAULT_COMMANDS = 50
 MAX_COMMANDS = 1000
@@ -86,6 +95,13 @@ def _flag(params: dict[str, str], name: str) -> bool:
     raise ApiError(400, f"{name} must be 1 or 0, got {text!r}")
 
 
+def _account_id(session: Session, name: object) -> int:
+    try:
+        return accounts.account_id(session, accounts.check_name(name, "account"))
+    except accounts.AccountError as e:
+        raise ApiError(400, str(e)) from None
+
+
 # -- the endpoints ---------------------------------------------------------------------------
 
 
@@ -107,6 +123,7 @@ class DtuApi:
         router.add("POST", "/api/dtus/{psn}/read", self.read_test)
         router.add("POST", "/api/dtus/{psn}/write", self.set_control)
         router.add("GET", "/api/dtus/{psn}/commands", self.command_log)
+        router.add("GET", "/api/dtus/{psn}/edits", self.edit_log)
 
     def _dtu_json(self, info: queries.DtuInfo) -> dict[str, Any]:
         """The stored record, with what only the live registry knows to the second."""
@@ -118,40 +135,76 @@ class DtuApi:
             body["last_seen"] = session.last_seen.isoformat()
         return body
 
-    async def _known(self, psn: int) -> queries.DtuInfo:
-        info = await self.store.read(partial(queries.get_dtu, psn=psn))
+    async def _known(self, call: Call, psn: int) -> queries.DtuInfo:
+        """DTU ``psn`` if the caller may see it; else 404, the same whether it exists or not."""
+        info = await self.store.read(partial(queries.get_dtu, psn=psn, account=call.caller.scope))
         if info is None:
             raise ApiError(404, f"no DTU {psn}")
         return info
+
+    def _scoped_job(self, call: Call, psn: int, job: Callable[[Session], T]) -> Callable[[Session], T | None]:
+        """``job``, run only when the caller may see DTU ``psn`` (None otherwise), in one transaction."""
+        scope = call.caller.scope
+
+        def scoped(session: Session) -> T | None:
+            if queries.get_dtu(session, psn, scope) is None:
+                return None
+            return job(session)
+
+        return scoped
 
     # -- records ------------------------------------------------------------------------------
 
     async def list_dtus(self, call: Call) -> Any:
         call.query(())
-        dtus = await self.store.read(queries.list_dtus)
+        dtus = await self.store.read(partial(queries.list_dtus, account=call.caller.scope))
         return {"dtus": [self._dtu_json(info) for info in dtus]}
 
     async def get_dtu(self, call: Call, psn: str) -> Any:
         call.query(())
-        return self._dtu_json(await self._known(_psn(psn)))
+        return self._dtu_json(await self._known(call, _psn(psn)))
 
     async def put_dtu(self, call: Call, psn: str) -> Any:
         call.query(())
         number = _psn(psn)
         body = call.json_object()
+        owner = body.pop("account", None)
+        owner_id = None
+        if owner is not None:
+            call.require_admin()
+            owner_id = await self.store.read(partial(_account_id, name=owner))
         try:
             fields = queries.validate_dtu_fields(body)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        info, created = await self.store.write(
-            partial(queries.upsert_dtu, psn=number, fields=fields, now=self.center.now())
-        )
+        caller, now = call.caller, self.center.now()
+
+        def job(session: Session) -> tuple[queries.DtuInfo, bool] | None:
+            if not caller.admin and queries.get_dtu(session, number, caller.scope) is None:
+                return None  # only an admin creates records; another account's is not there
+            info, created = queries.upsert_dtu(session, number, fields, now, owner_id)
+            edited = dict(fields, account=owner) if owner is not None else fields
+            audit.record_dtu_edit(session, number, "create" if created else "update", edited, caller.who, now)
+            return info, created
+
+        done = await self.store.write(job)
+        if done is None:
+            raise ApiError(404, f"no DTU {number}")
+        info, created = done
         return Reply(self._dtu_json(info), 201 if created else 200)
 
     async def delete_dtu(self, call: Call, psn: str) -> Any:
         call.query(())
         number = _psn(psn)
-        if not await self.store.write(partial(queries.delete_dtu, psn=number)):
+        caller, now = call.caller, self.center.now()
+
+        def job(session: Session) -> bool:
+            if queries.get_dtu(session, number, caller.scope) is None:
+                return False
+            audit.record_dtu_edit(session, number, "delete", {}, caller.who, now)
+            return queries.delete_dtu(session, number)
+
+        if not await self.store.write(job):
             raise ApiError(404, f"no DTU {number}")
         session = self.center.sessions.get(number)
         if session is not None:
@@ -165,12 +218,10 @@ class DtuApi:
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
         newest_first = newest_first_param(params)
 
-        def job(session: Session) -> list[queries.SampleInfo] | None:
-            if queries.get_dtu(session, number) is None:
-                return None
+        def job(session: Session) -> list[queries.SampleInfo]:
             return queries.query_samples(session, number, since, until, limit + 1, newest_first)
 
-        found = await self.store.read(job)
+        found = await self.store.read(self._scoped_job(call, number, job))
         if found is None:
             raise ApiError(404, f"no DTU {number}")
         return {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
@@ -179,12 +230,7 @@ class DtuApi:
         call.query(())
         number = _psn(psn)
 
-        def job(session: Session) -> list[queries.SampleInfo] | None:
-            if queries.get_dtu(session, number) is None:
-                return None
-            return queries.latest_upload(session, number)
-
-        found = await self.store.read(job)
+        found = await self.store.read(self._scoped_job(call, number, partial(queries.latest_upload, psn=number)))
         if found is None:
             raise ApiError(404, f"no DTU {number}")
         return {"samples": [s.to_json() for s in found]}
@@ -193,16 +239,29 @@ class DtuApi:
         number = _psn(psn)
         limit = limit_param(call.query(("limit",)), DEFAULT_COMMANDS, MAX_COMMANDS)
 
-        def job(session: Session) -> list[audit.CommandInfo] | None:
-            records = audit.list_commands(session, number, limit)
-            if not records and queries.get_dtu(session, number) is None:
-                return None
-            return records
-
-        records = await self.store.read(job)
-        if records is None:
-            raise ApiError(404, f"no DTU {number}")
+        records = await self._trail(call, number, partial(audit.list_commands, psn=number, limit=limit))
         return {"commands": [r.to_json() for r in records]}
+
+    async def _trail(self, call: Call, psn: int, job: Callable[[Session], list[T]]) -> list[T]:
+        """An audit trail of DTU ``psn``: an admin's outlives the DTU record, an account's is its DTU's."""
+        if not call.caller.admin:
+            records = await self.store.read(self._scoped_job(call, psn, job))
+        else:
+            def outliving(session: Session) -> list[T] | None:
+                found = job(session)
+                return None if not found and queries.get_dtu(session, psn) is None else found
+
+            records = await self.store.read(outliving)
+        if records is None:
+            raise ApiError(404, f"no DTU {psn}")
+        return records
+
+    async def edit_log(self, call: Call, psn: str) -> Any:
+        """The record's changes through the API, newest first: who created, changed, moved or deleted it."""
+        number = _psn(psn)
+        limit = limit_param(call.query(("limit",)), DEFAULT_COMMANDS, MAX_COMMANDS)
+        records = await self._trail(call, number, partial(audit.list_dtu_edits, psn=number, limit=limit))
+        return {"edits": [r.to_json() for r in records]}
 
     # -- setup and live commands ------------------------------------------------------------------
 
@@ -210,9 +269,10 @@ class DtuApi:
         number = _psn(psn)
         if _flag(call.query(("live",)), "live"):
             return await self._run(call, number, commands.ReadSetupCommand())
+        scope = call.caller.scope
 
         def job(session: Session) -> dict[str, Any] | None:
-            info = queries.get_dtu(session, number)
+            info = queries.get_dtu(session, number, scope)
             if info is None:
                 return None
             registers = tuple(wire.Register(dev, addr) for dev, addr in queries.register_list(session, number))
@@ -246,6 +306,8 @@ class DtuApi:
         return await self._run(call, number, commands.SetControlCommand(_register_values(body)))
 
     async def _run(self, call: Call, psn: int, command: commands.Command) -> Any:
+        if not call.caller.admin:
+            await self._known(call, psn)
         try:
             result = await self.control.run(psn, command, who=call.who)
         except (commands.CommandError, UnknownDTU) as e:

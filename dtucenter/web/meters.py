@@ -3,6 +3,11 @@
 What a meter is and what was stored comes from the database, so meters
 that left the config stay readable; how the running poller sees it (last
 poll, last error, link state) comes from the bridge, to the second.
+
+Scoped like /api/dtus: a meter of another account answers 404, reads on
+demand and their trail included. The config file's links belong to the
+operator: only admins see them (until links are rows with an owner of their
+own), and only admins exchange raw bytes on them.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dtucenter.modbus.points import PointValueError
 from dtucenter.modbus.poller import MeterStatus, Reading, UnknownMeter, UnknownPoint
 from dtucenter.modbus.raw import EXPECT_KINDS, MAX_RAW_BYTES, MAX_RAW_TIMEOUT, Expect, RawAnswer
 from dtucenter.modbus.service import ModbusBridge
-from dtucenter.store import meters
+from dtucenter.store import accounts, meters
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.web.params import (
     DEFAULT_SAMPLES,
@@ -88,6 +93,7 @@ class MeterApi:
         router.add("GET", "/api/meters/{name}/writes", self.writes)
         router.add("POST", "/api/meters/{name}/read", self.read_now)
         router.add("GET", "/api/meters/{name}/reads", self.reads)
+        router.add("PUT", "/api/meters/{name}/account", self.move)
         router.add("GET", "/api/links", self.list_links)
         router.add("GET", "/api/links/{name}", self.get_link)
         router.add("POST", "/api/links/{name}/raw", self.raw)
@@ -125,22 +131,28 @@ class MeterApi:
         )
         return body
 
-    async def _known(self, name: str) -> meters.MeterInfo:
+    async def _known(self, call: Call, name: str) -> meters.MeterInfo:
         await self.recorder.synced()
-        info = await self.store.read(partial(meters.get_meter, name=name))
+        info = await self.store.read(partial(meters.get_meter, name=name, account=call.caller.scope))
         if info is None:
             raise ApiError(404, f"no meter {name!r}")
         return info
 
+    async def _own(self, call: Call, name: str) -> None:
+        """Before asking a meter: another account's answers 404 like an unknown one. An admin's
+        request goes straight to the bridge, which knows every configured meter."""
+        if not call.caller.admin:
+            await self._known(call, name)
+
     async def list_meters(self, call: Call) -> dict[str, object]:
         call.query(())
         await self.recorder.synced()
-        found = await self.store.read(meters.list_meters)
+        found = await self.store.read(partial(meters.list_meters, account=call.caller.scope))
         return {"meters": [self._meter_json(info) for info in found]}
 
     async def get_meter(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
-        return self._meter_json(await self._known(name))
+        return self._meter_json(await self._known(call, name))
 
     async def samples(self, call: Call, name: str) -> dict[str, object]:
         params = call.query(("point", "since", "until", "limit", "order"))
@@ -149,9 +161,10 @@ class MeterApi:
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
         newest_first = newest_first_param(params)
         await self.recorder.synced()
+        scope = call.caller.scope
 
         def job(session: Session) -> list[meters.MeterSampleInfo]:
-            info = meters.get_meter(session, name)
+            info = meters.get_meter(session, name, scope)
             if info is None:
                 raise ApiError(404, f"no meter {name!r}")
             # A point that left the config still has its samples.
@@ -164,15 +177,38 @@ class MeterApi:
 
     async def latest(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
-        info = await self._known(name)
+        info = await self._known(call, name)
         found = await self.store.read(partial(meters.latest_meter_values, meter=info))
         return {"samples": [s.to_json() for s in found]}
 
     async def failures(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
-        await self._known(name)
+        await self._known(call, name)
         streaks = await self.store.read(partial(meters.list_failures, meter=name, limit=limit))
         return {"failures": [s.to_json() for s in streaks]}
+
+    async def move(self, call: Call, name: str) -> dict[str, object]:
+        """Admins only: give the meter to another account (the config file's start as the admin's)."""
+        call.query(())
+        call.require_admin()
+        body = call.json_object()
+        check_keys(body, "the body", {"account"})
+        owner = body["account"]
+        await self.recorder.synced()
+
+        def job(session: Session) -> int | None:
+            try:
+                return accounts.account_id(session, accounts.check_name(owner, "account"))
+            except accounts.AccountError:
+                return None
+
+        owner_id = await self.store.read(job)
+        if owner_id is None:
+            raise ApiError(400, f"no account {owner!r}")
+        info = await self.store.write(partial(meters.move_meter, name=name, account=owner_id))
+        if info is None:
+            raise ApiError(404, f"no meter {name!r}")
+        return self._meter_json(info)
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -185,6 +221,7 @@ class MeterApi:
             raise ApiError(400, f"point must be a point name, got {point!r}")
         if self.bridge is None:
             raise ApiError(404, f"no configured meter {name!r}")
+        await self._own(call, name)
         requested = self.now()
         try:
             written = self.bridge.write(name, point, value)
@@ -229,6 +266,7 @@ class MeterApi:
             raise ApiError(400, f"points must be a non-empty list of point names, got {points!r}")
         if self.bridge is None:
             raise ApiError(404, f"no configured meter {name!r}")
+        await self._own(call, name)
         requested = self.now()
         try:
             reading = await self.bridge.read_now(name, points)
@@ -267,13 +305,13 @@ class MeterApi:
 
     async def reads(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
-        await self._known(name)
+        await self._known(call, name)
         found = await self.store.read(partial(meters.list_operations, kind="read", target=name, limit=limit))
         return {"reads": [r.to_json() for r in found]}
 
     async def writes(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
-        await self._known(name)
+        await self._known(call, name)
         found = await self.store.read(partial(meters.list_writes, meter=name, limit=limit))
         return {"writes": [w.to_json() for w in found]}
 
@@ -289,12 +327,14 @@ class MeterApi:
 
     async def list_links(self, call: Call) -> dict[str, object]:
         call.query(())
+        if not call.caller.admin:
+            return {"links": []}
         statuses = self.bridge.link_statuses() if self.bridge is not None else []
         return {"links": [self._link_json(status) for status in statuses]}
 
     async def get_link(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
-        link = self.bridge.links.get(name) if self.bridge is not None else None
+        link = self.bridge.links.get(name) if self.bridge is not None and call.caller.admin else None
         if link is None:
             raise ApiError(404, f"no link {name!r}")
         return self._link_json(link.status())
@@ -303,8 +343,7 @@ class MeterApi:
 
     async def raw(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
-        if not call.admin:
-            raise ApiError(403, "raw exchanges are for admin tokens")
+        call.require_admin()
         body = call.json_object()
         check_keys(body, "the body", {"hex"}, frozenset({"timeout", "expect", "max_bytes"}))
         link = self.bridge.links.get(name) if self.bridge is not None else None
@@ -341,8 +380,7 @@ class MeterApi:
 
     async def raw_exchanges(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
-        if not call.admin:
-            raise ApiError(403, "raw exchanges are for admin tokens")
+        call.require_admin()
         if self.bridge is None or name not in self.bridge.links:
             raise ApiError(404, f"no link {name!r}")
         found = await self.store.read(partial(meters.list_operations, kind="raw", target=name, limit=limit))

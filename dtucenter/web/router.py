@@ -21,7 +21,8 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from dtucenter.addresses import describe_peer
-from dtucenter.web.auth import bearer_matches
+from dtucenter.web.auth import Caller
+from dtucenter.web.callers import Authenticator
 
 log = Logger()
 
@@ -106,20 +107,26 @@ class JsonErrorChannel(http.HTTPChannel):
 
 
 class Call:
-    """One API request as a handler sees it."""
+    """One API request as a handler sees it: the request and who makes it."""
 
-    def __init__(self, request: server.Request) -> None:
+    def __init__(self, request: server.Request, caller: Caller) -> None:
         self.request = request
+        self.caller = caller
 
     @property
     def who(self) -> str:
-        """The client, for the audit trail."""
-        return describe_peer(self.request.getClientAddress())
+        """Who asked, for the audit trails: the token's account and name."""
+        return self.caller.who
 
     @property
-    def admin(self) -> bool:
-        """Whether the caller may use the admin-only endpoints: the one API token is the admin's."""
-        return True
+    def peer(self) -> str:
+        """The client's address, for log lines."""
+        return describe_peer(self.request.getClientAddress())
+
+    def require_admin(self) -> None:
+        """403 unless the caller's account is an admin."""
+        if not self.caller.admin:
+            raise ApiError(403, "only an admin account may do this")
 
     def query(self, allowed: Iterable[str]) -> dict[str, str]:
         """The query parameters, each given at most once; a name not in ``allowed`` is a 400."""
@@ -207,10 +214,15 @@ class Router(Resource):
 
     isLeaf = True
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, authenticator: Authenticator) -> None:
         super().__init__()
-        self._token = token
+        self._authenticator = authenticator
         self._routes: list[Route] = []
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """Every endpoint, as added: what a test walks so that none is forgotten."""
+        return tuple(self._routes)
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         """``pattern`` like ``/api/dtus/{psn}``: ``{name}`` segments are passed as keyword arguments."""
@@ -247,7 +259,8 @@ class Router(Resource):
         request.finish()
 
     async def _dispatch(self, request: server.Request) -> tuple[int, object]:
-        if not bearer_matches(request.getHeader(b"Authorization"), self._token):
+        caller = await self._authenticator.caller(request.getHeader(b"Authorization"))
+        if caller is None:
             raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": 'Bearer realm="dtucenter"'})
         if getattr(request, "body_too_large", False):
             raise ApiError(413, f"request body over {MAX_BODY} bytes")
@@ -266,7 +279,7 @@ class Router(Resource):
             if route.method != method:
                 allowed.add(route.method)
                 continue
-            result = await route.handler(Call(request), **params)
+            result = await route.handler(Call(request, caller), **params)
             if isinstance(result, Reply):
                 return result.status, result.body
             return 200, result

@@ -12,6 +12,8 @@ from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store.facade import Store
+from dtucenter.web.accounts import AccountApi
+from dtucenter.web.callers import Authenticator
 from dtucenter.web.dtus import DtuApi
 from dtucenter.web.router import BoundedRequest, JsonErrorChannel, Router
 from dtucenter.web.status import StatusApi
@@ -20,7 +22,8 @@ from dtucenter.web.status import StatusApi
 def build_site(
     center: DTUCenter, control: Control, store: Store, token: str, bridge: ModbusBridge | None = None
 ) -> server.Site:
-    router = Router(token)
+    router = Router(Authenticator(token, store))
+    AccountApi(store, center.now).install(router)
     DtuApi(center, control, store).install(router)
     StatusApi(center, store, bridge).install(router)
     site = ApiSite(router)

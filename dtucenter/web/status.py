@@ -1,4 +1,7 @@
-"""GET /api/status: is the center healthy, how many DTUs are online, what has it counted, how polling goes."""
+"""GET /api/status: is the center healthy, how many DTUs are online, what has it counted, how polling goes.
+
+The whole answer is for admins; another account gets the version and whether the store is healthy.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ class StatusApi:
         call.query(())
         center, store = self.center, self.store
         now = center.now()
+        if not call.caller.admin:
+            # Fleet-wide counts are the operator's business, not a customer's.
+            return {"version": __version__, "account": call.caller.account, "store": {"healthy": store.healthy}}
         return {
             "version": __version__,
             "started": center.started.isoformat() if center.started else None,

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 from pymodbus.framer import FramerType
 from twisted.internet import defer
 
 from dtucenter.modbus.raw import frame_end
-from dtucenter.web.router import Call
+from dtucenter.store.accounts import FIRST_ADMIN
+from dtucenter.web.auth import CONFIGURED_TOKEN_NAME
 from tests.modbus.interop_support import EXPECTED_UNIT_1, FakeDtu, matches_unit_1, meter_toml
 from tests.modbus.modbus_helpers import holding_response, read_holding, rtu
-from tests.support import ApiClient, eventually, start_center
+from tests.support import ApiClient, eventually, make_account, start_center
 
 CONFIG = """
 [modbus]
@@ -47,6 +47,8 @@ address = 0
 #: Holding registers 0 and 1 of the sample meter, asked for and answered as raw RTU frames.
 RAW_REQUEST = rtu(read_holding(1, 0, 2))
 RAW_ANSWER = rtu(holding_response(1, [2301, 0]))
+#: The audit trails' ``who`` for the configured token: the first admin account's.
+ADMIN_WHO = f"{FIRST_ADMIN}/{CONFIGURED_TOKEN_NAME}"
 
 
 async def polled(api: ApiClient) -> bool:
@@ -135,12 +137,12 @@ async def check_audit_trail(api: ApiClient) -> None:
     reads = (await api.get("/api/meters/m-dialin/reads?limit=100")).body["reads"]
     assert [r["outcome"] for r in reads] == ["ok"] * 5
     assert reads[0]["request"] == {"points": ["voltage", "serial"]} and reads[-1]["request"] == {"points": None}
-    assert reads[0]["answer"]["values"]["serial"] == 501 and reads[0]["who"].startswith("127.0.0.1:")
+    assert reads[0]["answer"]["values"]["serial"] == 501 and {r["who"] for r in reads} == {ADMIN_WHO}
     offline = (await api.get("/api/meters/m-offline/reads")).body["reads"]
     assert [(r["outcome"], r["error"]) for r in offline] == [("offline", "link site-b is offline")]
 
     exchanges = (await api.get("/api/links/site-a/raw")).body["exchanges"]
-    assert len(exchanges) == 4 and all(e["outcome"] == "ok" for e in exchanges)
+    assert len(exchanges) == 4 and all((e["outcome"], e["who"]) == ("ok", ADMIN_WHO) for e in exchanges)
     assert exchanges[0]["request"] == {"hex": RAW_REQUEST.hex(), "timeout": 2.0, "expect": "modbus-rtu",
                                        "max_bytes": 4096}
     assert bytes.fromhex(exchanges[0]["answer"]["hex"]).endswith(RAW_ANSWER)
@@ -149,18 +151,30 @@ async def check_audit_trail(api: ApiClient) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_raw_exchanges_are_refused_to_a_token_that_is_not_an_admins(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Today the one token is the admin's; what a non-admin caller gets is decided by Call.admin alone.
-    monkeypatch.setattr(Call, "admin", property(lambda call: False))
+async def test_raw_exchanges_are_for_admins_and_reads_for_the_meters_account(tmp_path: Path) -> None:
     config = tmp_path / "center.toml"
     config.write_text(CONFIG)
     center = await start_center(tmp_path, "--config", str(config), "--modbus", "tcp:0:interface=127.0.0.1")
     try:
-        api = center.api()
-        for answer in (await api.post("/api/links/site-a/raw", {"hex": "01"}), await api.get("/api/links/site-a/raw")):
-            assert (answer.status, answer.error) == (403, "raw exchanges are for admin tokens")
-        assert (await api.post("/api/meters/m-dialin/read", {})).status == 409, "reads are for everyone"
+        admin = center.api()
+        acme = await make_account(admin, "acme")
+        asked = await acme.post("/api/links/site-b/raw", {"hex": "01"})
+        for answer in (asked, await acme.get("/api/links/site-b/raw")):
+            assert (answer.status, answer.error) == (403, "only an admin account may do this")
+        assert (await admin.get("/api/links/site-b/raw")).body["exchanges"] == [], "a refused exchange is not tried"
+
+        # The admin's meter is no meter to acme, exactly as one that does not exist.
+        for name in ("m-offline", "nope"):
+            refused = await acme.post(f"/api/meters/{name}/read", {})
+            assert (refused.status, refused.error) == (404, f"no meter {name!r}")
+            assert (await acme.get(f"/api/meters/{name}/reads")).status == 404
+        assert (await admin.get("/api/meters/m-offline/reads")).body["reads"] == []
+
+        # Given to acme, it is acme's to read, and the trail names acme's token.
+        assert (await admin.call("PUT", "/api/meters/m-offline/account", {"account": "acme"})).status == 200
+        offline = await acme.post("/api/meters/m-offline/read", {})
+        assert (offline.status, offline.error) == (409, "link site-b is offline")
+        reads = (await acme.get("/api/meters/m-offline/reads")).body["reads"]
+        assert [(r["who"], r["outcome"]) for r in reads] == [("acme/ops", "offline")]
     finally:
         await center.stop()

@@ -226,7 +226,7 @@ async def check_writes(api: ApiClient, plant: PymodbusServer, yard_bus: Pymodbus
 
     trail = (await api.get("/api/meters/m-connect/writes")).body["writes"]
     assert [(w["point"], w["value"], w["outcome"]) for w in trail] == [("relay", 0.0, "ok"), ("voltage", 231.7, "ok")]
-    assert trail[0]["who"].startswith("127.0.0.1:")
+    assert trail[0]["who"] == "admin/api-token"
     [dead_write] = (await api.get("/api/meters/dead/writes")).body["writes"]
     assert (dead_write["outcome"], dead_write["error"]) == ("timeout", "unit 9 did not answer function 6 (1 attempt)")
     assert [w["outcome"] for w in (await api.get("/api/meters/m-bad/writes")).body["writes"]] == ["refused"]
