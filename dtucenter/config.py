@@ -315,6 +315,12 @@ def read_settings(
     if "login-timeout" in given or "login_timeout" not in modbus_values:
         modbus_values["login_timeout"] = values.get("login_timeout", attrs.fields(Settings).login_timeout.default)
     _apply_options(ModbusSettings, given, modbus_values, origins, "modbus.")
+    probe_after = modbus_values.get("probe_after", attrs.fields(ModbusSettings).probe_after.default)
+    if "probe" in modbus_values and probe_after >= modbus_values["login_timeout"]:
+        raise modbus_place.error(
+            "probe_after", f"is {probe_after:g} s: the probe must go out before the registration timeout "
+            f"({modbus_values['login_timeout']:g} s) closes the connection"
+        )
 
     links = tuple(_read_link(table, index, place) for index, table in link_tables)
     meters = tuple(_read_meter(table, index, place) for index, table in meter_tables)
@@ -351,8 +357,14 @@ def _read_link(table: Mapping[str, Any], index: int, file: Place) -> LinkSetting
     registration = values.get("registration")
     if not transports and registration is None:
         raise place.error(None, "needs one of registration (DTU dials the shared listener), listen, connect or serial")
-    if values.get("registration_prefix") and registration is None:
-        raise place.error("registration_prefix", "needs registration")
+    for key in ("registration_prefix", "registration_mode"):
+        if values.get(key, False) is not False and registration is None:
+            raise place.error(key, "needs registration")
+    # registration_prefix = true is the older spelling of mode "both"; the two must not contradict.
+    if values.get("registration_prefix") and values.setdefault("registration_mode", "both") != "both":
+        raise place.error("registration_prefix", f"true means registration_mode = \"both\", "
+                          f"not {values['registration_mode']!r}; drop one of them")
+    values["registration_prefix"] = values.get("registration_mode", "connect") != "connect"
     if registration is not None and transports and transports[0] != "listen":
         raise place.error("registration", f"only applies to links the DTU dials, not to {transports[0]} links")
     serial = None

@@ -28,6 +28,8 @@ from dtucenter.setting import (
 )
 
 DEFAULT_LOGIN_TIMEOUT = 30.0
+#: USR's registration "send types": on connect only, in front of every packet only, or both.
+REGISTRATION_MODES = ("connect", "data", "both")
 
 
 def packet(value: Any) -> bytes:
@@ -65,10 +67,21 @@ class LinkSettings:
     timeout: float = attrs.field(default=3.0, metadata=setting(positive, "Seconds to wait for an answer."))
     retries: int = attrs.field(default=1, metadata=setting(integer(0, 10), "Retries of an unanswered request."))
     registration: bytes | None = attrs.field(
-        default=None, metadata=setting(packet, "The packet the DTU sends first on the shared listener.")
+        default=None,
+        metadata=setting(packet, "The DTU's registration packet; registration_mode says when it sends it."),
+    )
+    #: When the DTU sends its registration (USR's "send type"): ``connect`` (once, when it
+    #: connects), ``data`` (in front of every packet, only) or ``both``.
+    registration_mode: str = attrs.field(
+        default="connect",
+        metadata=setting(
+            choice(*REGISTRATION_MODES),
+            "When the DTU sends its registration: connect (once), data (before every packet) or both.",
+        ),
     )
     registration_prefix: bool = attrs.field(
-        default=False, metadata=setting(boolean, "The DTU sends its registration before every frame.")
+        default=False,
+        metadata=setting(boolean, "The DTU sends its registration before every frame (registration_mode = both)."),
     )
     heartbeat: bytes | None = attrs.field(
         default=None, metadata=setting(packet, "A packet the DTU sends between frames, to be ignored.")
@@ -86,6 +99,11 @@ class LinkSettings:
     idle_timeout: float | None = attrs.field(
         default=None, metadata=setting(positive, "Seconds of silence after which a connection is closed.")
     )
+
+    @property
+    def sends_registration_on_connect(self) -> bool:
+        """The DTU opens every connection with its registration (modes ``connect`` and ``both``)."""
+        return self.registration is not None and self.registration_mode != "data"
 
     @property
     def kind(self) -> str:
@@ -130,6 +148,16 @@ class ModbusSettings:
     login_timeout: float = attrs.field(
         default=DEFAULT_LOGIN_TIMEOUT,
         metadata=setting(positive, "Seconds a new connection has to send its registration."),
+    )
+    #: Sent as-is to a connection on the shared listener that has said nothing for
+    #: ``probe_after`` seconds, so that a DTU in registration mode ``data`` answers with
+    #: its registration in front; every such DTU behind the listener must accept it.
+    probe: bytes | None = attrs.field(
+        default=None,
+        metadata=setting(packet, "A request sent to a silent new connection (hex:...), to make a data-mode DTU speak."),
+    )
+    probe_after: float = attrs.field(
+        default=5.0, metadata=setting(positive, "Seconds of silence after which a new connection gets the probe."),
     )
     links: tuple[LinkSettings, ...] = ()
     meters: tuple[MeterSettings, ...] = ()

@@ -11,6 +11,12 @@ Heartbeat (and repeated registration) packets are stripped only at a frame
 boundary, i.e. at the head of the receive buffer, never from inside data.
 At the head, in this order:
 
+0. If the DTU puts its registration in front of every packet (registration
+   mode ``data`` or ``both``) and the head is not the body of a packet whose
+   prefix was just stripped: a head that starts with the registration is
+   stripped, one that is a proper prefix of it waits. Such a DTU sends the
+   response behind its registration too, so this comes before rule 1: a
+   prefix whose bytes look like the awaited response is still stripped.
 1. If a request is in flight and the head is, or may still become, the
    awaited response (right unit and function code, and for a complete RTU
    frame a good CRC; right MBAP transaction for Modbus TCP), it is treated
@@ -77,6 +83,7 @@ class LoginPending:
 class LoginMatched:
     registration: bytes
     rest: bytes  # bytes glued behind the registration, for the link's reader
+    heartbeats: tuple[bytes, ...] = ()  # whole heartbeats skipped in front of the registration
 
 
 @attrs.frozen
@@ -92,25 +99,38 @@ class RegistrationReader:
 
     No registration may be a prefix of another (the configuration refuses
     that), so the first full match is the only possible one and is final.
+    Whole ``heartbeats`` in front of it are skipped: a DTU that sends its
+    registration only in front of data (mode ``data``) may send an unprefixed
+    heartbeat first, which says nothing about who it is.
     """
 
-    def __init__(self, registrations: Iterable[bytes]) -> None:
+    def __init__(self, registrations: Iterable[bytes], heartbeats: Iterable[bytes] = ()) -> None:
         self._registrations = tuple(registrations)
+        self._heartbeats = tuple(sorted(set(heartbeats), key=len, reverse=True))
         self._buffer = b""
+        self._skipped: list[bytes] = []
         self._done = False
 
     def feed(self, data: bytes) -> LoginResult:
         if self._done:
             raise RuntimeError("registration already decided")
         self._buffer += data
-        for registration in self._registrations:
-            if self._buffer.startswith(registration):
-                self._done = True
-                return LoginMatched(registration, self._buffer[len(registration) :])
-        if any(registration.startswith(self._buffer) for registration in self._registrations):
-            return LoginPending()
-        self._done = True
-        return LoginRejected(self._buffer)
+        while True:
+            for registration in self._registrations:
+                if self._buffer.startswith(registration):
+                    self._done = True
+                    return LoginMatched(registration, self._buffer[len(registration) :], tuple(self._skipped))
+            if any(registration.startswith(self._buffer) for registration in self._registrations):
+                return LoginPending()
+            heartbeat = next((beat for beat in self._heartbeats if self._buffer.startswith(beat)), None)
+            if heartbeat is not None:
+                self._buffer = self._buffer[len(heartbeat) :]
+                self._skipped.append(heartbeat)
+                continue
+            if any(beat.startswith(self._buffer) for beat in self._heartbeats):
+                return LoginPending()
+            self._done = True
+            return LoginRejected(self._buffer)
 
 
 # -- noise packets at frame boundaries ----------------------------------------
@@ -135,11 +155,16 @@ WAIT_FOR_MORE = WaitForMore()
 
 
 class BoundaryNoise:
-    """The DTU's own packets that may show up between Modbus frames."""
+    """The DTU's own packets that may show up between Modbus frames.
 
-    def __init__(self, packets: Sequence[NoisePacket]) -> None:
+    ``prefix`` is a registration the DTU puts in front of every packet it sends
+    (registration modes ``data`` and ``both``); see :class:`ResponseReader`.
+    """
+
+    def __init__(self, packets: Sequence[NoisePacket], prefix: NoisePacket | None = None) -> None:
         # Longest first, so of two packets sharing a start the longer wins.
         self._packets = sorted(packets, key=lambda noise: len(noise.packet), reverse=True)
+        self.prefix = prefix
 
     @property
     def packets(self) -> tuple[bytes, ...]:
@@ -150,11 +175,13 @@ class BoundaryNoise:
         cls, registration: bytes | None, registration_prefix: bool, heartbeat: bytes | None
     ) -> BoundaryNoise:
         packets = []
+        prefix = None
         if heartbeat:
             packets.append(NoisePacket("heartbeat", heartbeat))
         if registration and registration_prefix:
-            packets.append(NoisePacket("registration", registration))
-        return cls(packets)
+            prefix = NoisePacket("registration", registration)
+            packets.append(prefix)
+        return cls(packets, prefix)
 
     def at_head(self, buffer: bytes) -> Strip | WaitForMore | None:
         for noise in self._packets:
@@ -210,6 +237,13 @@ class _LookFurther:
 _LOOK_FURTHER = _LookFurther()
 
 
+class _Wait:
+    """The head may still become a prefixed registration: wait for more bytes."""
+
+
+_WAIT = _Wait()
+
+
 class ResponseReader:
     """Splits a master's inbound bytes into the awaited response, DTU noise and junk.
 
@@ -235,6 +269,8 @@ class ResponseReader:
         self._pos = 0
         self.expected: Expectation | None = None
         self.examined = 0
+        #: The head is the body of a packet whose registration prefix was just stripped.
+        self._behind_prefix = False
 
     @property
     def buffered(self) -> int:
@@ -268,6 +304,7 @@ class ResponseReader:
         dropped = bytes(self._buffer[self._pos :])
         self._buffer = bytearray()
         self._pos = 0
+        self._behind_prefix = False
         return dropped
 
     def _consume(self, length: int) -> bytes:
@@ -287,10 +324,30 @@ class ResponseReader:
         while True:
             truncated = size < available and size < self._longest_look
             self.examined += size
-            decision = self._decide(bytes(self._buffer[self._pos : self._pos + size]), available, truncated)
-            if not isinstance(decision, _LookFurther):
+            head = bytes(self._buffer[self._pos : self._pos + size])
+            decision = self._decide_prefix(head, truncated) if not self._behind_prefix else None
+            if decision is None:
+                decision = self._decide(head, available, truncated)
+            if decision is None or decision is _WAIT:
+                return None
+            if not isinstance(decision, _LookFurther | _Wait):
+                self._behind_prefix = isinstance(decision, Stripped) and decision.noise is self._noise.prefix
                 return decision
             size = min(available, self._longest_look, size * 4)
+
+    def _decide_prefix(self, head: bytes, truncated: bool) -> InboundEvent | _LookFurther | _Wait | None:
+        """Rule 0: a DTU that prefixes every packet puts its registration in front of the response
+        too, so at a packet's start the registration goes before rule 1, even where its bytes look
+        like the awaited response; the packet's body behind it gets the ordinary rules."""
+        prefix = self._noise.prefix
+        if prefix is None:
+            return None
+        if head.startswith(prefix.packet):
+            self._consume(len(prefix.packet))
+            return Stripped(prefix)
+        if prefix.packet.startswith(head):
+            return _LOOK_FURTHER if truncated else _WAIT
+        return None
 
     def _decide(self, head: bytes, available: int, truncated: bool) -> InboundEvent | _LookFurther | None:
         """The head's fate, seen through ``head``: the first bytes of the ``available`` ones."""

@@ -170,6 +170,16 @@ class Link:
 # -- accepted connections -----------------------------------------------------
 
 
+@attrs.frozen
+class Probe:
+    """Sent as-is to a new connection on the shared listener that has not registered within
+    ``after`` seconds: a request every data-mode DTU behind the listener relays to its bus,
+    so that its answer comes back behind the DTU's registration and names the link."""
+
+    request: bytes
+    after: float
+
+
 #: Bytes of what a connection sent that key the throttle, at most: a registration's worth, bounded.
 MAX_THROTTLE_KEY_BYTES = 64
 
@@ -184,13 +194,17 @@ class LoginProtocol(Protocol):
     """
 
     def __init__(
-        self, links: Mapping[bytes, Link], clock: IReactorTime, login_timeout: float, throttle: LoginThrottle
+        self, links: Mapping[bytes, Link], clock: IReactorTime, login_timeout: float, throttle: LoginThrottle,
+        probe: Probe | None = None,
     ) -> None:
         self._links = links
         self._clock = clock
         self._login_timeout = login_timeout
         self._throttle = throttle
-        self._reader = RegistrationReader(links)
+        self._probe = probe
+        self._probe_call: IDelayedCall | None = None
+        heartbeats = (link.settings.heartbeat for link in links.values() if link.settings.heartbeat is not None)
+        self._reader = RegistrationReader(links, heartbeats)
         self._key_length = min(max(map(len, links), default=0), MAX_THROTTLE_KEY_BYTES)
         #: The start of what the connection sent, up to a registration's length.
         self._head = b""
@@ -204,6 +218,15 @@ class LoginProtocol(Protocol):
         self._host = getattr(peer, "host", str(peer))
         self._peer = describe_peer(peer)
         self._deadline = self._clock.callLater(self._login_timeout, self._login_timed_out)
+        if self._probe is not None:
+            self._probe_call = self._clock.callLater(self._probe.after, self._send_probe)
+
+    def _send_probe(self) -> None:
+        """Make a DTU that registers only in front of data (mode ``data``) send something."""
+        self._probe_call = None
+        assert self._probe is not None  # only scheduled with one
+        log.debug("Probing {peer}: no registration after {seconds:g} s", peer=self._peer, seconds=self._probe.after)
+        connected_transport(self).write(self._probe.request)
 
     def dataReceived(self, data: bytes) -> None:
         if self._master is not None:
@@ -216,11 +239,12 @@ class LoginProtocol(Protocol):
         result = self._reader.feed(data)
         if isinstance(result, LoginPending):
             return
-        self._cancel_deadline()
+        self._cancel_timers()
         if isinstance(result, LoginMatched):
             self._throttle.succeeded(self._throttle_key())
             link = self._links[result.registration]
-            link.counters.bytes_in += len(result.registration)
+            link.counters.bytes_in += len(result.registration) + sum(map(len, result.heartbeats))
+            link.counters.heartbeats += len(result.heartbeats)
             self._master = link.build_master()
             self._master.makeConnection(connected_transport(self))
             if result.rest:
@@ -229,7 +253,7 @@ class LoginProtocol(Protocol):
         self._reject(f"unknown registration {result.received[:64]!r}")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._cancel_deadline()
+        self._cancel_timers()
         if self._master is not None:
             self._master.connectionLost(reason)
 
@@ -255,10 +279,11 @@ class LoginProtocol(Protocol):
                 log.warn("Closed {peer}: {why}", peer=self._peer, why=why)
         close_transport(connected_transport(self))
 
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+    def _cancel_timers(self) -> None:
+        for call in (self._deadline, self._probe_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._deadline = self._probe_call = None
 
 
 class LoginFactory(Factory[LoginProtocol]):
@@ -267,14 +292,15 @@ class LoginFactory(Factory[LoginProtocol]):
     noisy = False  # links log what matters; "Starting factory" at every redial does not
 
     def __init__(self, links: Mapping[bytes, Link], clock: IReactorTime, login_timeout: float,
-                 throttle: LoginThrottle | None = None) -> None:
+                 throttle: LoginThrottle | None = None, probe: Probe | None = None) -> None:
         self.links = dict(links)
         self.clock = clock
         self.login_timeout = login_timeout
         self.throttle = throttle or LoginThrottle(clock)
+        self.probe = probe
 
     def buildProtocol(self, addr: IAddress | None) -> LoginProtocol:
-        return LoginProtocol(self.links, self.clock, self.login_timeout, self.throttle)
+        return LoginProtocol(self.links, self.clock, self.login_timeout, self.throttle, self.probe)
 
 
 class MasterFactory(Factory[ModbusMaster]):
@@ -290,8 +316,15 @@ class MasterFactory(Factory[ModbusMaster]):
 
 
 def link_factory(link: Link, clock: IReactorTime, login_timeout: float) -> IProtocolFactory:
-    """The factory for a link with its own endpoint (``listen`` or ``connect``)."""
-    if link.settings.registration is not None:
+    """The factory for a link with its own endpoint (``listen`` or ``connect``).
+
+    The port names the link. A DTU that opens with its registration (modes ``connect`` and
+    ``both``) has it checked first; one that sends it only in front of data (mode ``data``)
+    says nothing until polled, so its connection is the link's at once and the prefix is
+    stripped from every packet.
+    """
+    if link.settings.sends_registration_on_connect:
+        assert link.settings.registration is not None  # what sends_registration_on_connect says
         return LoginFactory({link.settings.registration: link}, clock, login_timeout)
     return MasterFactory(link)
 

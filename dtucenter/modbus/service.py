@@ -19,6 +19,7 @@ from dtucenter.modbus.links import (
     LinkStatus,
     LoginFactory,
     PortOpener,
+    Probe,
     SerialLinkService,
     link_factory,
     open_serial_port,
@@ -107,7 +108,8 @@ class ModbusBridge(MultiService):
                 shared[link.settings.registration] = link
         if shared:
             assert settings.listen is not None  # the config refuses shared links without it
-            login_factory = LoginFactory(shared, reactor, self.login_timeout)
+            probe = Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
+            login_factory = LoginFactory(shared, reactor, self.login_timeout, probe=probe)
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
         for link in self.links.values():

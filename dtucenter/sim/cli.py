@@ -34,7 +34,14 @@ from dtucenter.dtu import wire
 from dtucenter.sim.dtu import DTUSettings, VirtualDTU
 from dtucenter.sim.fleet import Fleet, Reporter, run
 from dtucenter.sim.links import Device, TCPConnector, UDPConnector, parse_server, spread_sources
-from dtucenter.sim.modbus import TransparentDTU, meters_for, numbered_registration, parse_packet_text, parse_units
+from dtucenter.sim.modbus import (
+    REGISTRATION_MODES,
+    TransparentDTU,
+    meters_for,
+    numbered_registration,
+    parse_packet_text,
+    parse_units,
+)
 from dtucenter.sim.stats import PACKET_PROGRESS_FIELDS, PROGRESS_FIELDS, SimStats
 
 _Number = TypeVar("_Number", int, float)
@@ -109,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     modbus.add_argument("--first", type=_bounded(0, 10**9), default=1, help="number of the first DTU (default 1)")
     modbus.add_argument("--heartbeat", help="heartbeat packet (TEXT or hex:..), default none")
     modbus.add_argument("--heartbeat-interval", type=_positive(float), default=30.0, help="seconds (default 30)")
+    modbus.add_argument("--registration-mode", choices=REGISTRATION_MODES, default="connect",
+                        help="when the registration is sent (USR's send type): connect (once, default), "
+                             "data (in front of every packet only), both")
+    modbus.add_argument("--bare-heartbeats", action="store_true",
+                        help="in data/both mode, send heartbeats without the registration in front")
     modbus.add_argument("--protocol", choices=("rtu", "tcp"), default="rtu",
                         help="rtu: RTU frames with CRC; tcp: MBAP (the DTU's Modbus TCP mode)")
     modbus.add_argument("--units", type=_checked(parse_units), default=[1], help="meter unit ids, e.g. 1,2,3 or 1-8")
@@ -236,6 +248,7 @@ def run_modbus(reactor: Any, args: argparse.Namespace) -> int:
         return TransparentDTU(
             registrations[i], args.protocol, meters_for(args.units, reactor, rng), reactor, stats,
             heartbeat=heartbeat, heartbeat_interval=args.heartbeat_interval,
+            registration_mode=args.registration_mode, bare_heartbeats=args.bare_heartbeats,
         )
 
     return _fleet_run(reactor, args, stats, build, PACKET_PROGRESS_FIELDS)

@@ -238,16 +238,33 @@ class Heartbeat:
             self.start(link)
 
 
+#: USR's registration send types: on connect only, in front of every packet only, or both.
+REGISTRATION_MODES = ("connect", "data", "both")
+
+
 class PacketDevice:
-    """A transparent DTU's connection duties: the registration packet first, then heartbeats."""
+    """A transparent DTU's connection duties: the registration packet, then heartbeats.
+
+    ``registration_mode`` is when the registration is sent, as a USR DTU's "send type":
+    ``connect`` once when connected, ``data`` in front of every packet only (so the DTU
+    says nothing until its first heartbeat or answer), ``both`` both. In ``data`` and
+    ``both`` the heartbeat carries the prefix too, unless ``bare_heartbeats``.
+    """
 
     def __init__(
         self, registration: bytes, clock: IReactorTime, stats: SimStats,
         heartbeat: bytes | None, heartbeat_interval: float,
+        registration_mode: str = "connect", bare_heartbeats: bool = False,
     ) -> None:
+        if registration_mode not in REGISTRATION_MODES:
+            raise ValueError(f"registration mode must be one of {', '.join(REGISTRATION_MODES)}")
         self.registration = registration
+        self.registration_mode = registration_mode
         self.clock = clock
         self.stats = stats
+        self._prefix = registration if registration_mode != "connect" else b""
+        if heartbeat is not None and not bare_heartbeats:
+            heartbeat = self._prefix + heartbeat
         self.heartbeat = Heartbeat(heartbeat, heartbeat_interval, clock, stats)
         self.link: Link | None = None
 
@@ -255,9 +272,15 @@ class PacketDevice:
         self.link = link
         self.stats.connected += 1
         self.stats.logged_in += 1
-        link.write(self.registration)
-        self.stats.count("registrations")
+        if self.registration_mode != "data":
+            link.write(self.registration)
+            self.stats.count("registrations")
         self.heartbeat.start(link)
+
+    def send_data(self, data: bytes) -> None:
+        """Send what the serial side produced as one packet, prefixed as the mode says."""
+        if self.link is not None:
+            self.link.write(self._prefix + data)
 
     def connection_lost(self) -> None:
         if self.link is None:
@@ -272,7 +295,7 @@ class PacketDevice:
 
 
 class TransparentDTU(PacketDevice):
-    """A pass-through DTU: registration on connect, heartbeats, meters answering requests."""
+    """A pass-through DTU: registration (per ``registration_mode``), heartbeats, meters answering requests."""
 
     def __init__(
         self,
@@ -283,8 +306,10 @@ class TransparentDTU(PacketDevice):
         stats: SimStats,
         heartbeat: bytes | None = None,
         heartbeat_interval: float = 30.0,
+        registration_mode: str = "connect",
+        bare_heartbeats: bool = False,
     ) -> None:
-        super().__init__(registration, clock, stats, heartbeat, heartbeat_interval)
+        super().__init__(registration, clock, stats, heartbeat, heartbeat_interval, registration_mode, bare_heartbeats)
         self.protocol = protocol
         self.meters = {meter.unit: meter for meter in meters}
         self._parser = RequestParser(protocol, stats)
@@ -314,8 +339,7 @@ class TransparentDTU(PacketDevice):
         response.dev_id = unit
         response.transaction_id = tid
         self.stats.count("polls")
-        if self.link is not None:
-            self.link.write(self._framer.buildFrame(response))
+        self.send_data(self._framer.buildFrame(response))
 
 
 def meters_for(units: Iterable[int], clock: IReactorTime, rng: random.Random) -> list[Meter]:

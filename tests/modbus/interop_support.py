@@ -317,15 +317,26 @@ class FakeDtu:
     then, answers split across writes with heartbeats glued on; units in
     ``silent_units`` never answer, and ``drop_on_request`` makes it hang up
     when the next request arrives.
+
+    ``registration_mode`` is USR's send type: ``connect`` sends the registration
+    once on connect, ``data`` only in front of every packet (so nothing until its
+    first heartbeat or answer), ``both`` both; ``prefix=True`` means ``both``. In
+    ``data`` mode ``prefix_heartbeats=False`` sends heartbeats bare, as firmware
+    that prefixes serial data only does. ``junk=False`` stops the junk (which
+    before a data-mode DTU's first prefix would get it refused on the shared listener).
     """
 
     def __init__(
         self, *, registration: bytes | None = b"DTU-0001", heartbeat: bytes = b"HB", prefix: bool = False,
+        registration_mode: str | None = None, prefix_heartbeats: bool = True, junk: bool = True,
         framing: str = "rtu", silent_units: frozenset[int] = frozenset(),
     ) -> None:
         self.registration = registration
         self.heartbeat = heartbeat
-        self.prefix = prefix
+        self.registration_mode = registration_mode or ("both" if prefix else "connect")
+        self.prefix = self.registration_mode != "connect"
+        self.prefix_heartbeats = prefix_heartbeats
+        self.junk = junk
         self.framing = framing
         self.silent_units = silent_units
         self.drop_on_request = False
@@ -339,7 +350,7 @@ class FakeDtu:
     async def start(self, center_port: int, bus_port: int) -> FakeDtu:
         self.bus = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", bus_port), _BusSide(self))
         self.center = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", center_port), _CenterSide(self))
-        if self.registration is not None:
+        if self.registration is not None and self.registration_mode != "data":
             half = len(self.registration) // 2
             self.center.transport.write(self.registration[:half])
             reactor.callLater(0.01, self.center.transport.write, self.registration[half:] + self.heartbeat)
@@ -372,8 +383,9 @@ class FakeDtu:
             return
         head, tail = frame[:3], frame[3:]
         self._mid_frame = True
-        self._write_center(self._prefix() + self.heartbeat + head)
-        reactor.callLater(0.005, self._finish_frame, tail + self.heartbeat)
+        # A heartbeat packet glued in front; the answer's own packet starts with the prefix.
+        self._write_center(self._heartbeat_packet() + self._prefix() + head)
+        reactor.callLater(0.005, self._finish_frame, tail + self._heartbeat_packet())
 
     def _finish_frame(self, data: bytes) -> None:
         self._mid_frame = False
@@ -386,12 +398,15 @@ class FakeDtu:
     def _prefix(self) -> bytes:
         return self.registration if self.prefix and self.registration else b""
 
+    def _heartbeat_packet(self) -> bytes:
+        return (self._prefix() if self.prefix_heartbeats else b"") + self.heartbeat
+
     def _send_heartbeat(self) -> None:
         if self._mid_frame:
             return  # a DTU sends its packets between serial frames, never inside one
         self._ticks += 1
-        junk = b"\x00\xff" if self._ticks % 4 == 0 else b""
-        self._write_center(junk + self._prefix() + self.heartbeat)
+        junk = b"\x00\xff" if self.junk and self._ticks % 4 == 0 else b""
+        self._write_center(junk + self._heartbeat_packet())
 
 
 # -- reading a meter independently ----------------------------------------------------------------

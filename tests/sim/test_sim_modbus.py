@@ -105,3 +105,37 @@ def test_registration_text_numbering_and_parsing() -> None:
     assert parse_units("1-3,7,2") == [1, 2, 3, 7]
     with pytest.raises(ValueError, match=r"1\.\.247"):
         parse_units("0")
+
+
+@pytest.mark.parametrize(
+    ("mode", "bare", "on_connect", "answer_prefix", "heartbeat"),
+    [
+        ("connect", False, b"DTU-0007", b"", b"HB"),
+        ("both", False, b"DTU-0007", b"DTU-0007", b"DTU-0007HB"),
+        ("data", False, b"", b"DTU-0007", b"DTU-0007HB"),
+        ("data", True, b"", b"DTU-0007", b"HB"),
+    ],
+)
+def test_each_registration_mode(mode: str, bare: bool, on_connect: bytes, answer_prefix: bytes,
+                                heartbeat: bytes) -> None:
+    clock = Clock()
+    dtu = TransparentDTU(b"DTU-0007", "rtu", meters_for([1], clock, random.Random(5)), clock, SimStats(),
+                         heartbeat=b"HB", heartbeat_interval=30, registration_mode=mode, bare_heartbeats=bare)
+    transport = StringTransport()
+    proto = _StreamProtocol(dtu)
+    proto.makeConnection(transport)
+    assert transport.value() == on_connect
+    transport.clear()
+    feed_bytewise(proto, build_request("rtu", ReadHoldingRegistersRequest(address=0, count=2, dev_id=1)))
+    sent = transport.value()
+    assert sent.startswith(answer_prefix)
+    response = decode_response("rtu", sent[len(answer_prefix):])
+    assert response is not None and len(response.registers) == 2
+    transport.clear()
+    clock.advance(30)
+    assert transport.value() == heartbeat
+
+
+def test_an_unknown_registration_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="registration mode must be one of connect, data, both"):
+        TransparentDTU(b"R", "rtu", [], Clock(), SimStats(), registration_mode="sometimes")
