@@ -231,6 +231,9 @@ ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("GET", "/api/links/{name}"): (None, "404"),
     ("POST", "/api/links/{name}/raw"): ({"hex": "010300000001840a"}, "403"),
     ("GET", "/api/links/{name}/raw"): (None, "403"),
+    # The shipped templates are the same for every account.
+    ("GET", "/api/templates"): (None, "200"),
+    ("GET", "/api/templates/{name}"): (None, "200"),
 }
 
 
@@ -239,6 +242,7 @@ def fill(pattern: str, known: bool) -> str:
     ids = {
         "psn": str(PSN if known else NO_PSN), "token_name": "ops" if known else "nobodys",
         "name": ("acme" if known else "nobody") if pattern.startswith("/api/accounts") else
+                "eastron-sdm120" if pattern.startswith("/api/templates") else
                 (METER if known else NO_METER) if pattern.startswith("/api/meters") else (LINK if known else NO_LINK),
     }
     for key, value in ids.items():
