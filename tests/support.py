@@ -149,6 +149,16 @@ class ApiClient:
         return await self.call("POST", path, body)
 
 
+async def make_account(admin: ApiClient, name: str, token_name: str = "ops") -> ApiClient:
+    """A new account that is not an admin, made through the API, and a client with a token of its own."""
+    made = await admin.post("/api/accounts", {"name": name})
+    assert made.status == 201, made.body
+    token = await admin.post(f"/api/accounts/{name}/tokens", {"name": token_name})
+    assert token.status == 201, token.body
+    assert set(token.body) == {"account", "name", "token"}
+    return ApiClient(admin.base, token.body["token"])
+
+
 class DTUClient(Protocol):
     """A scripted DTU: send frames, await the center's answers."""
 

@@ -20,7 +20,7 @@ from dtucenter.store.db import open_engine
 from dtucenter.store.facade import METER_SAMPLES
 from dtucenter.store.models import ApiToken
 from dtucenter.web.router import Router
-from tests.support import ApiClient, RunningCenter, start_center
+from tests.support import ApiClient, RunningCenter, make_account, start_center
 
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
 #: The first account's DTU, meter and link: what the second account must never see.
@@ -62,15 +62,6 @@ async def start(tmp_path: Path, db_url: str, *args: str) -> RunningCenter:
     config = tmp_path / "center.toml"
     config.write_text(CONFIG)
     return await start_center(tmp_path, "--config", str(config), *args, db_url=db_url)
-
-
-async def make_account(admin: ApiClient, name: str, token_name: str = "ops") -> ApiClient:
-    made = await admin.post("/api/accounts", {"name": name})
-    assert made.status == 201, made.body
-    token = await admin.post(f"/api/accounts/{name}/tokens", {"name": token_name})
-    assert token.status == 201, token.body
-    assert set(token.body) == {"account", "name", "token"}
-    return ApiClient(admin.base, token.body["token"])
 
 
 # -- the store ----------------------------------------------------------------------------------------
@@ -233,9 +224,16 @@ ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("GET", "/api/meters/{name}/failures"): (None, "404"),
     ("POST", "/api/meters/{name}/write"): ({"point": "power", "value": 1}, "404"),
     ("GET", "/api/meters/{name}/writes"): (None, "404"),
+    ("POST", "/api/meters/{name}/read"): ({"points": ["power"]}, "404"),
+    ("GET", "/api/meters/{name}/reads"): (None, "404"),
     ("PUT", "/api/meters/{name}/account"): ({"account": "beta"}, "403"),
     ("GET", "/api/links"): (None, "200"),
     ("GET", "/api/links/{name}"): (None, "404"),
+    ("POST", "/api/links/{name}/raw"): ({"hex": "010300000001840a"}, "403"),
+    ("GET", "/api/links/{name}/raw"): (None, "403"),
+    # The shipped templates are the same for every account.
+    ("GET", "/api/templates"): (None, "200"),
+    ("GET", "/api/templates/{name}"): (None, "200"),
 }
 
 
@@ -244,6 +242,7 @@ def fill(pattern: str, known: bool) -> str:
     ids = {
         "psn": str(PSN if known else NO_PSN), "token_name": "ops" if known else "nobodys",
         "name": ("acme" if known else "nobody") if pattern.startswith("/api/accounts") else
+                "eastron-sdm120" if pattern.startswith("/api/templates") else
                 (METER if known else NO_METER) if pattern.startswith("/api/meters") else (LINK if known else NO_LINK),
     }
     for key, value in ids.items():
@@ -252,7 +251,8 @@ def fill(pattern: str, known: bool) -> str:
 
 
 async def acme_fleet(center: RunningCenter, admin: ApiClient) -> ApiClient:
-    """Account acme with a DTU, its samples, commands and edits, and a meter with samples, failures and writes."""
+    """Account acme with a DTU, its samples, commands and edits, and a meter with samples, failures, writes
+    and reads on demand."""
     acme = await make_account(admin, "acme")
     assert (await admin.call("PUT", f"/api/dtus/{PSN}", {"name": "pump", "account": "acme"})).status == 201
     assert (await admin.call("PUT", f"/api/meters/{METER}/account", {"account": "acme"})).status == 200
@@ -261,6 +261,7 @@ async def acme_fleet(center: RunningCenter, admin: ApiClient) -> ApiClient:
     await center.store.add_rows(METER_SAMPLES, [(METER, "power", T0, 3333.0)])
     assert (await acme.post(f"/api/dtus/{PSN}/read", {"registers": [{"dev": 1, "addr": 2}]})).status == 409
     assert (await acme.post(f"/api/meters/{METER}/write", {"point": "power", "value": 1})).status == 409
+    assert (await acme.post(f"/api/meters/{METER}/read", {"points": ["power"]})).status == 409
     assert (await acme.call("PUT", f"/api/dtus/{PSN}", {"name": "pump 2"})).status == 200
     return acme
 
@@ -277,7 +278,8 @@ async def test_every_endpoint_hides_another_accounts_devices(tmp_path: Path, db_
         assert routes == set(ENDPOINTS), "list every endpoint in ENDPOINTS, with how it is scoped"
         before = {path: (await acme.get(path)).body for path in (
             f"/api/dtus/{PSN}/samples", f"/api/dtus/{PSN}/commands", f"/api/dtus/{PSN}/edits",
-            f"/api/meters/{METER}/samples", f"/api/meters/{METER}/writes", "/api/accounts/acme/tokens",
+            f"/api/meters/{METER}/samples", f"/api/meters/{METER}/writes", f"/api/meters/{METER}/reads",
+            "/api/accounts/acme/tokens",
         )}
         secrets = ("acme", str(PSN), METER, LINK, "1111", "-2222", "3333", "pump", "ACME-0001")
 

@@ -403,18 +403,22 @@ def test_a_dtu_is_asked_for_its_register_list_at_most_once_per_interval(tmp_path
 CORRUPT_HEAD = b"\xaa\x55\x05\x04\x00"
 
 
-@pytest.fixture
-def session_warnings() -> Iterator[list[str]]:
-    """The session's log lines at warning level and above, as text."""
+def warnings_of(namespace: str) -> Iterator[list[str]]:
+    """The log lines of ``namespace`` at warning level and above, as text, while the test runs."""
     lines: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "dtucenter.dtu.session" and event["log_level"] >= LogLevel.warn:
+        if event.get("log_namespace") == namespace and event["log_level"] >= LogLevel.warn:
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
     yield lines
     globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture
+def session_warnings() -> Iterator[list[str]]:
+    yield from warnings_of("dtucenter.dtu.session")
 
 
 def test_a_tick_behind_a_corrupt_length_is_answered_at_once(h: Harness) -> None:
@@ -509,16 +513,7 @@ def test_many_junk_connections_before_login_cost_one_line_per_interval(
 
 @pytest.fixture
 def center_warnings() -> Iterator[list[str]]:
-    """The center's log lines at warning level and above, as text."""
-    lines: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "dtucenter.dtu.center" and event["log_level"] >= LogLevel.warn:
-            lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
+    yield from warnings_of("dtucenter.dtu.center")
 
 
 def test_refused_logins_cost_a_line_per_interval_not_a_line_each(h: Harness, center_warnings: list[str]) -> None:

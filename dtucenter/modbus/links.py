@@ -33,6 +33,7 @@ from dtucenter.modbus.filter import (
 )
 from dtucenter.modbus.framing import framing_for
 from dtucenter.modbus.master import LINK_JUNK_LIMIT, LinkCounters, ModbusMaster
+from dtucenter.modbus.raw import Expect, RawAnswer
 from dtucenter.throttle import LoginThrottle
 from dtucenter.transports import close_transport, connected_transport
 
@@ -83,6 +84,12 @@ class Link:
         if self._master is None:
             return defer.fail(LinkOffline(self.name))
         return self._master.request(pdu)
+
+    def exchange(self, data: bytes, *, timeout: float, expect: Expect, max_bytes: int) -> defer.Deferred[RawAnswer]:
+        """A raw exchange on the attached connection (:meth:`ModbusMaster.exchange`)."""
+        if self._master is None:
+            return defer.fail(LinkOffline(self.name))
+        return self._master.exchange(data, timeout=timeout, expect=expect, max_bytes=max_bytes)
 
     def build_master(self) -> ModbusMaster:
         """A master for a new connection; it attaches itself once connected."""

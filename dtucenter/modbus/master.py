@@ -1,7 +1,9 @@
 """A Twisted Modbus master over any byte stream: accepted or outgoing TCP, or a serial port.
 
 One request is in flight at a time (an RS-485 bus is half-duplex and a DTU
-relays to one), the others wait in order. Each attempt has a timeout on the
+relays to one), the others wait in order. A raw exchange (:meth:`ModbusMaster.exchange`)
+takes its turn in the same queue; while it runs, every byte received is its
+answer's, none goes to the response reader. Each attempt has a timeout on the
 injected clock; after a timeout the receive buffer is flushed and the line
 is left quiet for a moment so a late answer drains instead of being taken
 for the next one's.
@@ -30,6 +32,7 @@ from dtucenter.modbus.errors import (
 )
 from dtucenter.modbus.filter import BoundaryNoise, Discarded, Response, ResponseReader, Stripped
 from dtucenter.modbus.framing import Expectation, Framing
+from dtucenter.modbus.raw import Expect, RawAnswer, RawCapture
 from dtucenter.transports import close_transport, connected_transport
 
 log = Logger()
@@ -55,6 +58,7 @@ class LinkCounters:
     heartbeats: int = 0  # DTU packets stripped from the stream
     discarded_bytes: int = 0  # junk, stray and late frames
     closed_for_junk: int = 0  # connections closed for sending mostly junk
+    raw_exchanges: int = 0  # raw exchanges sent (the API's pass-through)
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)
@@ -75,6 +79,15 @@ class _Request:
     expected: Expectation
     deferred: defer.Deferred[ModbusPDU] = attrs.field(init=False)
     attempts: int = 0
+
+
+@attrs.define(eq=False)
+class _RawExchange:
+    data: bytes
+    timeout: float
+    capture: RawCapture
+    deferred: defer.Deferred[RawAnswer] = attrs.field(init=False)
+    started: float = 0.0
 
 
 class ModbusMaster(Protocol):
@@ -107,8 +120,9 @@ class ModbusMaster(Protocol):
         self._idle: IDelayedCall | None = None
         self._observer = observer
         self._reader = ResponseReader(framing, noise)
-        self._queue: collections.deque[_Request] = collections.deque()
+        self._queue: collections.deque[_Request | _RawExchange] = collections.deque()
         self._current: _Request | None = None
+        self._raw: _RawExchange | None = None
         self._timer: IDelayedCall | None = None
         self._quiet: IDelayedCall | None = None
         self._connected = False
@@ -122,7 +136,7 @@ class ModbusMaster(Protocol):
     @property
     def pending(self) -> int:
         """Requests queued or in flight."""
-        return len(self._queue) + (self._current is not None)
+        return len(self._queue) + (self._current is not None) + (self._raw is not None)
 
     def close(self) -> None:
         """Drop the connection at once."""
@@ -143,6 +157,20 @@ class ModbusMaster(Protocol):
         self._pump()
         return request.deferred
 
+    def exchange(self, data: bytes, *, timeout: float, expect: Expect, max_bytes: int) -> defer.Deferred[RawAnswer]:
+        """Send ``data`` as it is, in turn with the requests, and collect the answer.
+
+        Fires with a :class:`~dtucenter.modbus.raw.RawAnswer` when the answer is over (see
+        :class:`~dtucenter.modbus.raw.RawCapture`) or after ``timeout`` seconds with what came.
+        """
+        if not self._connected:
+            return defer.fail(LinkOffline(self.name))
+        exchange = _RawExchange(data, timeout, RawCapture(expect, max_bytes))
+        exchange.deferred = defer.Deferred(lambda _: self._cancel(exchange))
+        self._queue.append(exchange)
+        self._pump()
+        return exchange.deferred
+
     # -- Protocol -------------------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -159,6 +187,10 @@ class ModbusMaster(Protocol):
         self.counters.bytes_in += len(data)
         if self._idle is not None and self._idle.active() and self._idle_timeout is not None:
             self._idle.reset(self._idle_timeout)
+        if self._raw is not None:
+            data = self._raw.capture.feed(data)
+            if self._raw.capture.done:
+                self._finish_raw()
         for offset in range(0, len(data), _SLICE):
             piece = data[offset : offset + _SLICE] if len(data) > _SLICE else data
             junk = self._read(piece)
@@ -200,8 +232,9 @@ class ModbusMaster(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
-        lost = ([self._current] if self._current is not None else []) + list(self._queue)
-        self._current = None
+        lost: list[_Request | _RawExchange] = [r for r in (self._current, self._raw) if r is not None]
+        lost += self._queue
+        self._current = self._raw = None
         self._queue.clear()
         self._reader.expected = None
         self._reader.flush()
@@ -214,11 +247,16 @@ class ModbusMaster(Protocol):
     # -- the request cycle ----------------------------------------------------
 
     def _pump(self) -> None:
-        if self._current is not None or self._quiet is not None or not self._connected:
+        if self._current is not None or self._raw is not None or self._quiet is not None or not self._connected:
             return
-        if self._queue:
-            self._current = self._queue.popleft()
-            self._send(self._current)
+        if not self._queue:
+            return
+        head = self._queue.popleft()
+        if isinstance(head, _RawExchange):
+            self._start_raw(head)
+        else:
+            self._current = head
+            self._send(head)
 
     def _send(self, request: _Request) -> None:
         request.attempts += 1
@@ -227,6 +265,29 @@ class ModbusMaster(Protocol):
         self.counters.bytes_out += len(request.frame)
         self._timer = self._clock.callLater(self._timeout, self._timed_out)
         connected_transport(self).write(request.frame)
+
+    def _start_raw(self, exchange: _RawExchange) -> None:
+        self._raw = exchange
+        self._reader.expected = None
+        self._discard(self._reader.flush(), "before a raw exchange")
+        exchange.started = self._clock.seconds()
+        self.counters.raw_exchanges += 1
+        self.counters.bytes_out += len(exchange.data)
+        self._timer = self._clock.callLater(exchange.timeout, self._finish_raw)
+        connected_transport(self).write(exchange.data)
+
+    def _finish_raw(self) -> None:
+        exchange = self._raw
+        if exchange is None:  # cannot happen: the timer and the capture both belong to one
+            return
+        self._raw = None
+        self._cancel_timer()
+        capture = exchange.capture
+        answer = RawAnswer(capture.received, capture.complete, capture.truncated,
+                           self._clock.seconds() - exchange.started)
+        # A late rest of the answer drains in the quiet period instead of reaching the next request.
+        self._after_silence(self._pump)
+        exchange.deferred.callback(answer)
 
     def _answered(self, pdu: ModbusPDU) -> None:
         request = self._current
@@ -274,9 +335,14 @@ class ModbusMaster(Protocol):
 
         self._quiet = self._clock.callLater(self._silence, quiet_over)
 
-    def _cancel(self, request: _Request) -> None:
+    def _cancel(self, request: _Request | _RawExchange) -> None:
         if request in self._queue:
             self._queue.remove(request)
+            return
+        if request is self._raw:
+            self._cancel_timers()
+            self._raw = None
+            self._after_silence(self._pump)
             return
         if request is self._current:
             self._cancel_timers()  # also a quiet period that would resend it

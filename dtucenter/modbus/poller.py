@@ -6,6 +6,10 @@ poll still runs is skipped. A unit that keeps timing out costs its bus
 ``(retries + 1) * timeout`` per poll, so after ``n`` timed-out polls in a
 row it is polled only every ``2**n`` slots (at most every ``max_backoff``
 seconds) until it answers again.
+
+:meth:`Poller.read_now` reads a meter (all its points or some) at once, in
+turn with the polls on the link's queue; its values go to the sink as a
+poll's do, and it leaves the schedule, the backoff and the poll statistics alone.
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ class UnknownMeter(LookupError):
 
 class UnknownPoint(LookupError):
     pass
+
+
+@attrs.frozen
+class Reading:
+    """What :meth:`Poller.read_now` read: the values, and what failed, of a read started at ``time``."""
+
+    time: float
+    values: Mapping[str, Value]
+    errors: tuple[str, ...]
+    #: The timeout, offline or disconnected link that cut the read short, if one did.
+    stopped_by: ModbusError | None
 
 
 @attrs.frozen
@@ -245,6 +260,30 @@ class Poller(Service):
         d = self._channels[meter.settings.link].request(request)
         return d.addCallback(lambda response: check_write_response(request, response))
 
+    def read_now(self, meter_name: str, point_names: Sequence[str] | None = None) -> defer.Deferred[Reading]:
+        """Read the meter's points (or the named ones) now; the values are stored as a poll's.
+
+        Raises :class:`UnknownMeter` or :class:`UnknownPoint` at once; the Deferred fires with
+        a :class:`Reading` whatever the meter answers (its failures are in ``errors``).
+        """
+        meter = self._meter(meter_name)
+        if point_names is None:
+            blocks = meter.blocks
+        else:
+            unknown = [name for name in point_names if name not in meter.points]
+            if unknown:
+                raise UnknownPoint(f"meter {meter_name} has no point {unknown[0]!r}")
+            chosen = [meter.points[name] for name in dict.fromkeys(point_names)]
+            blocks = plan_reads(chosen, meter.settings.limits)
+        return defer.ensureDeferred(self._read_now(meter, blocks))
+
+    async def _read_now(self, meter: _Meter, blocks: Sequence[ReadBlock]) -> Reading:
+        started = self._clock.seconds()
+        values, errors, _, stopped_by = await self._read_blocks(meter.settings, blocks)
+        if values:
+            self._to_sink(self._sink.record_values, meter.settings.name, started, values)
+        return Reading(started, values, tuple(errors), stopped_by)
+
     def _meter(self, name: str) -> _Meter:
         meter = self._meters.get(name)
         if meter is None:
@@ -280,29 +319,11 @@ class Poller(Service):
         started = self._clock.seconds()
         meter.last_poll = started
         meter.polls += 1
-        values: dict[str, Value] = {}
-        errors: list[str] = []
-        answered = timed_out = False
         try:
-            for block in meter.blocks:
-                try:
-                    response = await self._channels[settings.link].request(block.request(settings.unit))
-                    answered = True
-                    values.update(block.decode(response))
-                except (ModbusTimeout, LinkOffline, LinkDisconnected) as exc:
-                    # The unit or the link is gone: the other blocks would only wait too.
-                    timed_out = isinstance(exc, ModbusTimeout)
-                    errors.append(str(exc))
-                    break
-                except ModbusError as exc:
-                    answered = True
-                    errors.append(f"{block.describe()}: {exc}")
-                except Exception:
-                    log.failure("Meter {meter}: reading {block} crashed", meter=settings.name, block=block.describe())
-                    errors.append(f"{block.describe()}: internal error (see the log)")
-                    break
+            values, errors, answered, stopped_by = await self._read_blocks(settings, meter.blocks)
         finally:
             meter.polling = False
+        timed_out = isinstance(stopped_by, ModbusTimeout)
         if not self.running:
             return  # shutting down: links dropping their connections is no news
         if self._meters.get(settings.name) is not meter:
@@ -310,6 +331,33 @@ class Poller(Service):
         self.stats.record(self._clock.seconds() - started, bool(errors), timed_out)
         self._backoff(meter, slot, answered, timed_out)
         self._report(meter, started, values, errors)
+
+    async def _read_blocks(
+        self, settings: MeterSettings, blocks: Sequence[ReadBlock]
+    ) -> tuple[dict[str, Value], list[str], bool, ModbusError | None]:
+        """The values read, the errors, whether the unit answered at all, and the error that stopped the read."""
+        values: dict[str, Value] = {}
+        errors: list[str] = []
+        answered = False
+        stopped_by: ModbusError | None = None
+        for block in blocks:
+            try:
+                response = await self._channels[settings.link].request(block.request(settings.unit))
+                answered = True
+                values.update(block.decode(response))
+            except (ModbusTimeout, LinkOffline, LinkDisconnected) as exc:
+                # The unit or the link is gone: the other blocks would only wait too.
+                stopped_by = exc
+                errors.append(str(exc))
+                break
+            except ModbusError as exc:
+                answered = True
+                errors.append(f"{block.describe()}: {exc}")
+            except Exception:
+                log.failure("Meter {meter}: reading {block} crashed", meter=settings.name, block=block.describe())
+                errors.append(f"{block.describe()}: internal error (see the log)")
+                break
+        return values, errors, answered, stopped_by
 
     def _backoff(self, meter: _Meter, slot: int, answered: bool, timed_out: bool) -> None:
         if answered:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -22,7 +24,7 @@ from dtucenter.modbus.links import (
     link_factory,
     open_serial_port,
 )
-from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller
+from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller, Reading
 from dtucenter.setting import listening_endpoint
 
 SHARED_LISTENER = "modbus"
@@ -270,3 +272,6 @@ class ModbusBridge(MultiService):
 
     def write(self, meter: str, point: str, value: object) -> defer.Deferred[None]:
         return self.poller.write(meter, point, value)
+
+    def read_now(self, meter: str, points: Sequence[str] | None = None) -> defer.Deferred[Reading]:
+        return self.poller.read_now(meter, points)

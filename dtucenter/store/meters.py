@@ -18,7 +18,15 @@ from sqlalchemy.orm import Session
 
 from dtucenter.setting import MAX_NAME
 from dtucenter.store.accounts import first_admin_id
-from dtucenter.store.models import MANAGED_BY_API, MANAGED_BY_FILE, Meter, MeterFailure, MeterSample, MeterWrite
+from dtucenter.store.models import (
+    MANAGED_BY_API,
+    MANAGED_BY_FILE,
+    DeviceOperation,
+    Meter,
+    MeterFailure,
+    MeterSample,
+    MeterWrite,
+)
 from dtucenter.store.queries import table_of, time_window
 
 #: Point types whose stored value is a whole number when the scale is one.
@@ -313,5 +321,53 @@ def list_writes(session: Session, meter: str, limit: int) -> list[MeterWriteInfo
     )
     return [
         MeterWriteInfo(r.id, r.meter, r.point, r.value, r.who, r.requested, r.finished, r.outcome, r.error)
+        for r in rows
+    ]
+
+
+# -- the device operation audit trail (reads on demand, raw exchanges) -------------------------
+
+
+@attrs.frozen
+class DeviceOperationInfo:
+    id: int
+    kind: str
+    target: str
+    who: str
+    requested: dt.datetime
+    finished: dt.datetime
+    outcome: str
+    request: Any
+    answer: Any
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: _iso(value) for key, value in attrs.asdict(self).items()}
+
+
+def record_operation(
+    session: Session, *, kind: str, target: str, who: str, requested: dt.datetime, finished: dt.datetime,
+    outcome: str, request: Mapping[str, Any], answer: Mapping[str, Any] | None, error: str | None,
+) -> None:
+    """One row of the device operation audit trail; ``request`` and ``answer`` are stored as JSON."""
+    session.add(DeviceOperation(
+        kind=kind, target=target, who=who[:MAX_NAME], requested=requested, finished=finished, outcome=outcome,
+        request=json.dumps(request), answer=None if answer is None else json.dumps(answer), error=error,
+    ))
+
+
+def list_operations(session: Session, kind: str, target: str, limit: int) -> list[DeviceOperationInfo]:
+    """Newest first."""
+    rows = session.scalars(
+        select(DeviceOperation)
+        .where(DeviceOperation.kind == kind, DeviceOperation.target == target)
+        .order_by(DeviceOperation.id.desc())
+        .limit(limit)
+    )
+    return [
+        DeviceOperationInfo(
+            r.id, r.kind, r.target, r.who, r.requested, r.finished, r.outcome, json.loads(r.request),
+            None if r.answer is None else json.loads(r.answer), r.error,
+        )
         for r in rows
     ]

@@ -340,3 +340,29 @@ class DtuEdit(Base):
     time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_dtu_edits_psn_id", "psn", "id"),)
+
+
+class DeviceOperation(Base):
+    """The audit trail of operations on devices through the API besides writes: reads
+    on demand (``kind`` ``read``, ``target`` a meter) and raw exchanges (``raw``, a link).
+
+    ``request`` and ``answer`` are JSON: what was asked (points; the bytes sent in hex,
+    the timeout, what ended the answer) and what came back (the values; the bytes in hex).
+    """
+
+    __tablename__ = "device_operations"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(String(100))
+    #: Who asked: the API token's account and name (``acme/ops``).
+    who: Mapped[str] = mapped_column(String(100))
+    requested: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    finished: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    #: ok, partial (a read with some errors), offline, timeout, disconnected or error.
+    outcome: Mapped[str] = mapped_column(String(16))
+    request: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str | None] = mapped_column(Text, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+
+    __table_args__ = (Index("ix_device_operations_kind_target_id", "kind", "target", "id"),)

@@ -4,14 +4,17 @@ What a meter is and what was stored comes from the database, so meters
 that left the config stay readable; how the running poller sees it (last
 poll, last error, link state) comes from the bridge, to the second.
 
-Scoped like /api/dtus: a meter of another account answers 404. The
-config file's links belong to the operator: only admins see them (until
-links are rows with an owner of their own).
+Scoped like /api/dtus: a meter of another account answers 404, reads on
+demand and their trail included. The config file's links belong to the
+operator: only admins see them (until links are rows with an owner of their
+own), and only admins exchange raw bytes on them.
 """
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -29,7 +32,8 @@ from dtucenter.modbus.errors import (
 )
 from dtucenter.modbus.links import LinkStatus
 from dtucenter.modbus.points import PointValueError
-from dtucenter.modbus.poller import MeterStatus, UnknownMeter, UnknownPoint
+from dtucenter.modbus.poller import MeterStatus, Reading, UnknownMeter, UnknownPoint
+from dtucenter.modbus.raw import EXPECT_KINDS, MAX_RAW_BYTES, MAX_RAW_TIMEOUT, Expect, RawAnswer
 from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store import accounts, meters
 from dtucenter.store.recorder import MeterRecorder
@@ -58,6 +62,16 @@ WRITE_ERRORS: tuple[tuple[type[ModbusError], int, str], ...] = (
 )
 
 
+def _error_status(error: ModbusError) -> tuple[int, str]:
+    """The HTTP status and audit outcome of a failed request to a device."""
+    return next((status, outcome) for kind, status, outcome in WRITE_ERRORS if isinstance(error, kind))
+
+
+def _printable(data: bytes) -> str:
+    """The answer as text, for AT commands: ASCII as is, every other byte as \\xNN."""
+    return "".join(chr(b) if 32 <= b < 127 or b in (9, 10, 13) else f"\\x{b:02x}" for b in data)
+
+
 def _iso_seconds(seconds: float | None) -> str | None:
     return None if seconds is None else utc_from_seconds(seconds).isoformat()
 
@@ -77,9 +91,13 @@ class MeterApi:
         router.add("GET", "/api/meters/{name}/failures", self.failures)
         router.add("POST", "/api/meters/{name}/write", self.write)
         router.add("GET", "/api/meters/{name}/writes", self.writes)
+        router.add("POST", "/api/meters/{name}/read", self.read_now)
+        router.add("GET", "/api/meters/{name}/reads", self.reads)
         router.add("PUT", "/api/meters/{name}/account", self.move)
         router.add("GET", "/api/links", self.list_links)
         router.add("GET", "/api/links/{name}", self.get_link)
+        router.add("POST", "/api/links/{name}/raw", self.raw)
+        router.add("GET", "/api/links/{name}/raw", self.raw_exchanges)
 
     # -- meters -----------------------------------------------------------------------------------
 
@@ -119,6 +137,12 @@ class MeterApi:
         if info is None:
             raise ApiError(404, f"no meter {name!r}")
         return info
+
+    async def _own(self, call: Call, name: str) -> None:
+        """Before asking a meter: another account's answers 404 like an unknown one. An admin's
+        request goes straight to the bridge, which knows every configured meter."""
+        if not call.caller.admin:
+            await self._known(call, name)
 
     async def list_meters(self, call: Call) -> dict[str, object]:
         call.query(())
@@ -197,8 +221,7 @@ class MeterApi:
             raise ApiError(400, f"point must be a point name, got {point!r}")
         if self.bridge is None:
             raise ApiError(404, f"no configured meter {name!r}")
-        if not call.caller.admin:
-            await self._known(call, name)
+        await self._own(call, name)
         requested = self.now()
         try:
             written = self.bridge.write(name, point, value)
@@ -212,9 +235,10 @@ class MeterApi:
         try:
             await written
         except ModbusError as e:
-            status, outcome = next((s, o) for kind, s, o in WRITE_ERRORS if isinstance(e, kind))
+            status, outcome = _error_status(e)
             error = str(e)
         await self._audit(
+            meters.record_write, f"a write to meter {name}",
             meter=name, point=point, value=float(value), who=call.who, requested=requested,
             finished=self.now(), outcome=outcome, error=error,
         )
@@ -222,12 +246,68 @@ class MeterApi:
             raise ApiError(status, error)
         return {"meter": name, "point": point, "value": value}
 
-    async def _audit(self, **fields: Any) -> None:
+    async def _audit(self, record: Callable[..., None], what: str, **fields: Any) -> None:
         """The answer matters more than its record: a failed audit write is logged, not raised."""
         try:
-            await self.store.write(partial(meters.record_write, **fields))
+            await self.store.write(partial(record, **fields))
         except Exception:
-            log.failure("Could not record a write to meter {meter} in the audit trail", meter=fields["meter"])
+            log.failure("Could not record {what} in the audit trail", what=what)
+
+    # -- reads on demand --------------------------------------------------------------------------
+
+    async def read_now(self, call: Call, name: str) -> dict[str, object]:
+        call.query(())
+        body = call.json_object() if self._has_body(call) else {}
+        check_keys(body, "the body", set(), frozenset({"points"}))
+        points = body.get("points")
+        if points is not None and (
+            not isinstance(points, list) or not points or not all(isinstance(p, str) for p in points)
+        ):
+            raise ApiError(400, f"points must be a non-empty list of point names, got {points!r}")
+        if self.bridge is None:
+            raise ApiError(404, f"no configured meter {name!r}")
+        await self._own(call, name)
+        requested = self.now()
+        try:
+            reading = await self.bridge.read_now(name, points)
+        except (UnknownMeter, UnknownPoint) as e:
+            raise ApiError(404, str(e)) from None
+        status, outcome, error = self._read_outcome(reading)
+        values = {point: _json_value(value) for point, value in reading.values.items()}
+        await self._audit(
+            meters.record_operation, f"a read of meter {name}",
+            kind="read", target=name, who=call.who, requested=requested, finished=self.now(), outcome=outcome,
+            request={"points": points}, answer={"values": values} if values else None, error=error,
+        )
+        if status != 200:
+            raise ApiError(status, error or outcome)
+        return {"meter": name, "time": _iso_seconds(reading.time), "values": values,
+                "errors": list(reading.errors), "stored": True}
+
+    @staticmethod
+    def _read_outcome(reading: Reading) -> tuple[int, str, str | None]:
+        error = "; ".join(reading.errors) or None
+        if reading.values:
+            return 200, "partial" if error else "ok", error
+        if reading.stopped_by is not None:
+            status, outcome = _error_status(reading.stopped_by)
+            return status, outcome, error
+        return 502, "refused", error  # every block got an exception response
+
+    @staticmethod
+    def _has_body(call: Call) -> bool:
+        content = call.request.content
+        if content is None:
+            return False
+        present = bool(content.read().strip())
+        content.seek(0)
+        return present
+
+    async def reads(self, call: Call, name: str) -> dict[str, object]:
+        limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
+        await self._known(call, name)
+        found = await self.store.read(partial(meters.list_operations, kind="read", target=name, limit=limit))
+        return {"reads": [r.to_json() for r in found]}
 
     async def writes(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
@@ -258,3 +338,83 @@ class MeterApi:
         if link is None:
             raise ApiError(404, f"no link {name!r}")
         return self._link_json(link.status())
+
+    # -- raw exchanges (admin only) ---------------------------------------------------------------
+
+    async def raw(self, call: Call, name: str) -> dict[str, object]:
+        call.query(())
+        call.require_admin()
+        body = call.json_object()
+        check_keys(body, "the body", {"hex"}, frozenset({"timeout", "expect", "max_bytes"}))
+        link = self.bridge.links.get(name) if self.bridge is not None else None
+        if link is None:
+            raise ApiError(404, f"no link {name!r}")
+        data = _raw_bytes(body.get("hex"))
+        timeout = _bounded_number(body, "timeout", link.settings.timeout, MAX_RAW_TIMEOUT)
+        max_bytes = int(_bounded_number(body, "max_bytes", MAX_RAW_BYTES, MAX_RAW_BYTES))
+        expect = body.get("expect", "modbus-tcp" if link.settings.protocol == "tcp" else "modbus-rtu")
+        if expect not in EXPECT_KINDS:
+            raise ApiError(400, f"expect must be one of {', '.join(EXPECT_KINDS)}, got {expect!r}")
+        request = {"hex": data.hex(), "timeout": timeout, "expect": expect, "max_bytes": max_bytes}
+        requested = self.now()
+        answer: RawAnswer | None = None
+        status, outcome, error = 200, "ok", None
+        try:
+            answer = await link.exchange(data, timeout=timeout, expect=_expect(expect), max_bytes=max_bytes)
+        except ModbusError as e:
+            status, outcome = _error_status(e)
+            error = str(e)
+        if answer is not None and not answer.received:
+            outcome = "timeout"  # nothing came back: still an answer (200), but the trail says so
+        await self._audit(
+            meters.record_operation, f"a raw exchange with link {name}",
+            kind="raw", target=name, who=call.who, requested=requested, finished=self.now(), outcome=outcome,
+            request=request, answer=None if answer is None else {"hex": answer.received.hex()}, error=error,
+        )
+        if answer is None:
+            raise ApiError(status, error or outcome)
+        return {
+            "link": name, "sent": data.hex(), "received": answer.received.hex(), "text": _printable(answer.received),
+            "complete": answer.complete, "truncated": answer.truncated, "elapsed": round(answer.elapsed, 6),
+        }
+
+    async def raw_exchanges(self, call: Call, name: str) -> dict[str, object]:
+        limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)
+        call.require_admin()
+        if self.bridge is None or name not in self.bridge.links:
+            raise ApiError(404, f"no link {name!r}")
+        found = await self.store.read(partial(meters.list_operations, kind="raw", target=name, limit=limit))
+        return {"exchanges": [r.to_json() for r in found]}
+
+
+def _json_value(value: object) -> object:
+    """A decoded value as JSON can carry it: NaN and infinities as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _expect(text: str) -> Expect:
+    for kind in EXPECT_KINDS:
+        if kind == text:
+            return kind
+    raise ApiError(400, f"expect must be one of {', '.join(EXPECT_KINDS)}")
+
+
+def _raw_bytes(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise ApiError(400, f"hex must be the bytes to send as hex digits, got {text!r}")
+    try:
+        data = binascii.unhexlify("".join(text.split()))
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"hex is not an even number of hex digits: {text[:64]!r}") from None
+    if not data or len(data) > MAX_RAW_BYTES:
+        raise ApiError(400, f"hex must hold 1 to {MAX_RAW_BYTES} bytes, got {len(data)}")
+    return data
+
+
+def _bounded_number(body: dict[str, Any], key: str, default: float, most: float) -> float:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= most:
+        raise ApiError(400, f"{key} must be a number above 0 and at most {most:g}, got {value!r}")
+    return float(value)

@@ -354,3 +354,45 @@ def test_a_dead_unit_cannot_starve_a_healthy_one_on_the_same_bus() -> None:
     # Each dead poll holds the bus past one of the healthy meter's slots, no more.
     assert len(sink.times("healthy")) >= 121 - len(dead_polls)
     stop(clock, poller)
+
+
+# -- reads on demand -----------------------------------------------------------------------------------
+
+
+def test_read_now_reads_at_once_stores_like_a_poll_and_leaves_the_schedule_alone() -> None:
+    channel = FakeChannel(registers_of({0: 2301, 1: 0x0000, 2: 0x3FC0}))
+    clock, sink, poller = start(meter(), channel=channel)
+    clock.advance(0)  # the first poll, at 0
+    clock.advance(3)
+    before = poller.status("m")
+    reading = result_of(poller.read_now("m"))
+    assert reading.time == 3 and reading.values == {"voltage": pytest.approx(230.1), "energy": 1.5}
+    assert reading.errors == () and reading.stopped_by is None
+    assert sink.times() == [0, 3]
+    after = poller.status("m")
+    assert (after.polls, after.next_poll, after.last_poll) == (before.polls, before.next_poll, before.last_poll)
+    assert poller.stats.polls == 1
+    stop(clock, poller)
+
+
+def test_read_now_reads_only_the_named_points() -> None:
+    channel = FakeChannel(registers_of({0: 2301}))
+    clock, _, poller = start(meter(), channel=channel)
+    clock.advance(0)
+    channel.requests.clear()
+    reading = result_of(poller.read_now("m", ["voltage", "voltage"]))
+    assert reading.values == {"voltage": pytest.approx(230.1)}
+    assert [(r.address, r.count) for r in channel.requests] == [(0, 1)]
+    stop(clock, poller)
+
+
+def test_read_now_refuses_unknown_names_and_reports_a_dead_unit() -> None:
+    clock, sink, poller = start(meter(), channel=FakeChannel(timing_out))
+    with pytest.raises(UnknownMeter):
+        poller.read_now("nope")
+    with pytest.raises(UnknownPoint):
+        poller.read_now("m", ["voltage", "frequency"])
+    reading = result_of(poller.read_now("m"))
+    assert reading.values == {} and isinstance(reading.stopped_by, ModbusTimeout)
+    assert len(reading.errors) == 1 and sink.values == [] and sink.failures == []
+    stop(clock, poller)
