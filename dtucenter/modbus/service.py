@@ -139,13 +139,7 @@ class ModbusBridge(MultiService):
         """
         if settings.name in self.links:
             raise LinkConflict(f"a link named {settings.name!r} exists")
-        if settings.kind == "shared":
-            if self.settings.listen is None:
-                raise LinkConflict(
-                    f"link {settings.name!r} has no listen, connect or serial, and the [modbus] listener is off"
-                )
-            assert settings.registration is not None  # how a shared link is told apart; the config checks
-            self._check_registration(settings.registration, None)
+        self._check_shared(settings, None)
         link = Link(settings, self._reactor)
         self.links[link.name] = link
         reactor = self._reactor
@@ -203,18 +197,21 @@ class ModbusBridge(MultiService):
         old = self.links.get(settings.name)
         if old is None:
             raise UnknownLink(f"no link named {settings.name!r}")
-        if settings.kind == "shared":
-            if self.settings.listen is None:
-                raise LinkConflict(
-                    f"link {settings.name!r} has no listen, connect or serial, and the [modbus] listener is off"
-                )
-            assert settings.registration is not None  # how a shared link is told apart; the config checks
-            self._check_registration(settings.registration, old)
+        self._check_shared(settings, old)
         gone = self.remove_link(settings.name, keep_meters=True)
         self.add_link(settings)
         return gone
 
-    def _check_registration(self, registration: bytes, replaced: Link | None) -> None:
+    def _check_shared(self, settings: LinkSettings, replaced: Link | None) -> None:
+        """A shared link needs the shared listener and a registration no other link's can be taken for."""
+        if settings.kind != "shared":
+            return
+        if self.settings.listen is None:
+            raise LinkConflict(
+                f"link {settings.name!r} has no listen, connect or serial, and the [modbus] listener is off"
+            )
+        registration = settings.registration
+        assert registration is not None  # how a shared link is told apart; the config checks
         # On a byte stream "DTU-1" cannot be told apart from the start of "DTU-10".
         for taken, owner in self._shared.items():
             if owner is not replaced and (taken.startswith(registration) or registration.startswith(taken)):
