@@ -346,6 +346,18 @@ def _apply_options(
         origins[prefix + name] = option
 
 
+def read_link_definition(table: object, source: str) -> LinkSettings:
+    """One link from its ``[[link]]`` table as the API, the CLI or the database gives it:
+    the same keys, checks and messages as the file (``source`` names where it came from).
+    How it goes with the other links is the bridge's to check, which holds them all."""
+    return _read_link(read_table(table, Place(source)), 0, Place(source))
+
+
+def read_meter_definition(table: object, source: str) -> MeterSettings:
+    """One meter from its ``[[meter]]`` table, as :func:`read_link_definition`."""
+    return _read_meter(read_table(table, Place(source)), 0, Place(source))
+
+
 def _read_link(table: Mapping[str, Any], index: int, file: Place) -> LinkSettings:
     place = place_of(table, file, "link", index)
     values, serial_values = read_keys(table, place, LinkSettings, SerialSettings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,13 +13,20 @@ from typing import Any, ClassVar
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from dtucenter.config import Settings, UsageError, command_line_options, load_settings
+from dtucenter.config import (
+    Settings,
+    UsageError,
+    command_line_options,
+    load_settings,
+    read_link_definition,
+    read_meter_definition,
+)
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
@@ -26,6 +34,8 @@ from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.setting import listening_endpoint
+from dtucenter.store import links as device_links
+from dtucenter.store import meters as device_meters
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
@@ -221,22 +231,42 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     return top
 
 
-def add_modbus(top: CenterService, settings: Settings, recorder: MeterRecorder, reactor: Any) -> ModbusBridge | None:
-    """The Modbus bridge, when the config has links for it."""
+def add_modbus(top: CenterService, settings: Settings, recorder: MeterRecorder, reactor: Any) -> ModbusBridge:
+    """The Modbus bridge: the file's links and meters at once, the database's (those the API
+    made) once the file's have been imported into it."""
     modbus = settings.modbus
-    if not modbus.links:
-        if modbus.listen is not None:
-            log.warn("Modbus: no [[link]] is configured, so nothing listens on {listen}", listen=modbus.listen)
-        return None
     bridge = ModbusBridge(modbus, reactor, recorder)
     bridge.setName("modbus")
     bridge.setServiceParent(top)
-    if any(link.kind == "shared" for link in modbus.links):
+    if modbus.listen is not None:
         top.require_listening(settings.where("modbus.listen"), partial(bridge.listening, SHARED_LISTENER))
     for link in modbus.links:
         if link.kind == "listen":
             top.require_listening(settings.where_link(link, "listen"), partial(bridge.listening, link.name))
+    starting = recorder.synced().addCallback(lambda _: ensureDeferred(start_database_devices(recorder.store, bridge)))
+    starting.addErrback(
+        lambda f: log.failure("Could not start the links and meters of the database", f)
+    )
     return bridge
+
+
+async def start_database_devices(store: Store, bridge: ModbusBridge) -> None:
+    """Serve the links and poll the meters the API made (the file's are served already).
+
+    One that cannot be read or served is logged and skipped: the others still start.
+    """
+    for name, definition in await store.read(device_links.api_link_definitions):
+        source = f"database: link {name!r}"
+        try:
+            bridge.add_link(read_link_definition(json.loads(definition), source))
+        except (ValueError, UsageError) as e:  # a ConfigError, a LinkConflict, bad JSON
+            log.error("{source}: not served: {error}", source=source, error=e)
+    for name, definition in await store.read(device_meters.api_meter_definitions):
+        source = f"database: meter {name!r}"
+        try:
+            bridge.set_meter(read_meter_definition(json.loads(definition), source))
+        except (ValueError, LookupError, UsageError) as e:  # a ConfigError, an UnknownLink, bad JSON
+            log.error("{source}: not polled: {error}", source=source, error=e)
 
 
 def add_api(

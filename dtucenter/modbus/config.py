@@ -8,17 +8,19 @@ together and names the file, table and key of any mistake.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import attrs
 
-from dtucenter.modbus.filter import decode_packet_option
+from dtucenter.modbus.filter import decode_packet_option, encode_packet_option
 from dtucenter.modbus.points import BlockLimits, Point
 from dtucenter.modbus.rules import RegistrationRule
 from dtucenter.setting import (
     boolean,
     choice,
     client_endpoint,
+    declared,
     describe,
     integer,
     positive,
@@ -105,6 +107,10 @@ class LinkSettings:
         """The DTU opens every connection with its registration (modes ``connect`` and ``both``)."""
         return self.registration is not None and self.registration_mode != "data"
 
+    def table(self) -> dict[str, Any]:
+        """The ``[[link]]`` table that reads back as this link (:func:`link_table`)."""
+        return link_table(self)
+
     @property
     def kind(self) -> str:
         """``shared``, ``listen``, ``connect`` or ``serial``."""
@@ -131,6 +137,10 @@ class MeterSettings:
     )
     interval: float = attrs.field(default=10.0, metadata=setting(positive, "Seconds between polls."))
     limits: BlockLimits = attrs.Factory(BlockLimits)
+
+    def table(self) -> dict[str, Any]:
+        """The ``[[meter]]`` table that reads back as this meter (:func:`meter_table`)."""
+        return meter_table(self)
 
 
 @attrs.frozen
@@ -163,3 +173,43 @@ class ModbusSettings:
     meters: tuple[MeterSettings, ...] = ()
     #: ``[[rule]]``s for unknown registrations on the shared listener: read and checked, not yet applied.
     rules: tuple[RegistrationRule, ...] = ()
+
+
+# -- back to the file's spelling -----------------------------------------------
+
+
+def link_table(link: LinkSettings) -> dict[str, Any]:
+    """The ``[[link]]`` table that reads back as ``link``: the keys that differ from their defaults.
+
+    What the database stores as a link's definition and the API shows, in the file's keys.
+    """
+    table = _settings_table(link)
+    table.pop("registration_prefix", None)  # the older spelling of a registration_mode
+    if link.serial is not None:
+        table |= _settings_table(link.serial)
+    return table
+
+
+def meter_table(meter: MeterSettings) -> dict[str, Any]:
+    """The ``[[meter]]`` table that reads back as ``meter``: its template, or its points as ``point``."""
+    table = _settings_table(meter) | _settings_table(meter.limits)
+    if meter.template is None:
+        table["point"] = [_settings_table(point) for point in meter.points]
+    return table
+
+
+def _settings_table(instance: Any) -> dict[str, Any]:
+    cls = type(instance)
+    fields = attrs.fields_dict(cls)
+    table: dict[str, Any] = {}
+    for key, (name, _) in declared(cls).items():
+        value = getattr(instance, name)
+        default = fields[name].default
+        if value is None or (default is not attrs.NOTHING and value == default):
+            continue
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, bytes):
+            value = encode_packet_option(value)
+        table[key] = value
+    return table

@@ -54,6 +54,18 @@ from dtucenter.modbus.framing import (
 MAX_PACKET_OPTION = 128
 
 
+def encode_packet_option(packet: bytes) -> str:
+    """The spelling :func:`decode_packet_option` reads back as ``packet``: text where it is
+    printable (and cannot be taken for hex), else ``hex:...``."""
+    try:
+        text = packet.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or not text.isprintable() or text.startswith("hex:"):
+        return "hex:" + packet.hex().upper()
+    return text
+
+
 def decode_packet_option(text: str) -> bytes:
     """Bytes of a registration or heartbeat option: ``"hex:0A0B"`` or plain UTF-8 text."""
     if text.startswith("hex:"):

@@ -149,6 +149,10 @@ class _Meter:
     failures: int = 0
 
 
+def _new_meter(settings: MeterSettings) -> _Meter:
+    return _Meter(settings, plan_reads(settings.points, settings.limits), {p.name: p for p in settings.points})
+
+
 class Poller(Service):
     def __init__(
         self,
@@ -163,9 +167,7 @@ class Poller(Service):
         self._sink = sink
         self._clock = clock
         self._max_backoff = max_backoff
-        self._meters = {
-            m.name: _Meter(m, plan_reads(m.points, m.limits), {p.name: p for p in m.points}) for m in meters
-        }
+        self._meters = {m.name: _new_meter(m) for m in meters}
         self._start = 0.0
         self.stats = PollStats()
 
@@ -185,10 +187,49 @@ class Poller(Service):
                 meter.call.cancel()
             meter.call = None
 
+    # -- meters changed while running ------------------------------------------
+
+    def set_meter(self, settings: MeterSettings) -> None:
+        """Add a meter, or change one in place.
+
+        A changed meter keeps its schedule and its failure streak: a poll under way finishes
+        with the points it started with, the next slot reads the new ones. A new interval
+        takes effect from the next slot of the new period; a new meter is polled at once.
+        """
+        meter = self._meters.get(settings.name)
+        if meter is None:
+            meter = self._meters[settings.name] = _new_meter(settings)
+            if self.running:
+                meter.call = self._clock.callLater(0, self._tick, meter)
+            return
+        old_interval = meter.settings.interval
+        meter.settings = settings
+        meter.blocks = plan_reads(settings.points, settings.limits)
+        meter.points = {p.name: p for p in settings.points}
+        if settings.interval != old_interval:
+            meter.resume_slot = 0  # a back-off counted in slots of the old length
+            if meter.call is not None and meter.call.active():
+                meter.call.cancel()
+                now = self._clock.seconds()
+                meter.slot = math.floor((now - self._start) / settings.interval)
+                self._schedule_next(meter)
+
+    def remove_meter(self, name: str) -> None:
+        """Stop polling a meter; a poll under way is not reported. Raises :class:`UnknownMeter`."""
+        meter = self._meters.pop(name, None)
+        if meter is None:
+            raise UnknownMeter(f"no meter named {name!r}")
+        if meter.call is not None and meter.call.active():
+            meter.call.cancel()
+        meter.call = None
+
     # -- status and writes ----------------------------------------------------
 
     def meter_names(self) -> list[str]:
         return list(self._meters)
+
+    def meter_settings(self) -> list[MeterSettings]:
+        return [meter.settings for meter in self._meters.values()]
 
     def status(self, name: str) -> MeterStatus:
         meter = self._meter(name)
@@ -285,6 +326,8 @@ class Poller(Service):
         timed_out = isinstance(stopped_by, ModbusTimeout)
         if not self.running:
             return  # shutting down: links dropping their connections is no news
+        if self._meters.get(settings.name) is not meter:
+            return  # removed while it was polled: no news of a meter that is gone
         self.stats.record(self._clock.seconds() - started, bool(errors), timed_out)
         self._backoff(meter, slot, answered, timed_out)
         self._report(meter, started, values, errors)

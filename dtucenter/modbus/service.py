@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dtucenter.modbus.config import ModbusSettings
+from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings
 from dtucenter.modbus.links import (
     Link,
     LinkStatus,
@@ -30,6 +30,14 @@ from dtucenter.setting import listening_endpoint
 SHARED_LISTENER = "modbus"
 
 log = Logger()
+
+
+class LinkConflict(ValueError):
+    """A link cannot be added as given: its name or registration is taken, or it needs a listener that is off."""
+
+
+class UnknownLink(LookupError):
+    """No link of that name."""
 
 
 @implementer(IStreamServerEndpoint)
@@ -98,44 +106,136 @@ class ModbusBridge(MultiService):
         super().__init__()
         self.settings = settings
         self.login_timeout = settings.login_timeout
-        self.links: dict[str, Link] = {link.name: Link(link, reactor) for link in settings.links}
+        self._reactor = reactor
+        self._open_serial = open_serial
+        self.links: dict[str, Link] = {}
         self._endpoints: dict[str, PortRecordingEndpoint] = {}
-
-        shared: dict[bytes, Link] = {}
-        for link in self.links.values():
-            if link.settings.kind == "shared":
-                assert link.settings.registration is not None  # how a shared link is told apart; the config checks
-                shared[link.settings.registration] = link
-        if shared:
-            assert settings.listen is not None  # the config refuses shared links without it
+        #: The service that owns each link's own listener, outgoing connection or serial port.
+        self._link_services: dict[str, Service] = {}
+        #: The shared listener's registration table: changed in place, so a new connection sees
+        #: the links of the moment it registers.
+        self._shared: dict[bytes, Link] = {}
+        if settings.listen is not None:
+            # Listening even with no shared link yet: one may be added while the center runs.
             probe = Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
-            login_factory = LoginFactory(shared, reactor, self.login_timeout, probe=probe)
+            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=probe)
+            login_factory.links = self._shared  # the factory copies what it is given; share the table instead
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
-        for link in self.links.values():
-            kind = link.settings.kind
-            if kind == "listen":
-                assert link.settings.listen is not None  # what makes its kind "listen"
-                link_listener = listening_endpoint(reactor, link.settings.listen)
-                self._listen(link.name, link_listener, link_factory(link, reactor, self.login_timeout))
-            elif kind == "connect":
-                client = ClientService(
-                    clientFromString(reactor, link.settings.connect),
-                    link_factory(link, reactor, self.login_timeout),
-                    retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0),
-                    clock=reactor,
-                )
-                client.setServiceParent(self)
-            elif kind == "serial":
-                SerialLinkService(link, reactor, open_port=open_serial).setServiceParent(self)
-
+        # The poller reads self.links at each request, so links added later are its channels too.
         self.poller = Poller(settings.meters, self.links, sink, reactor, max_backoff=max_backoff)
         self.poller.setServiceParent(self)
+        for link_settings in settings.links:
+            self.add_link(link_settings)
 
-    def _listen(self, name: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+    # -- links and meters changed while running --------------------------------
+
+    def add_link(self, settings: LinkSettings) -> None:
+        """Start serving a new link at once: its registration is accepted on the shared listener,
+        or its own port listens, its outgoing connection dials, its serial port opens.
+
+        Raises :class:`LinkConflict` for a name or registration already in use, or for a
+        shared link when the bridge has no shared listener.
+        """
+        if settings.name in self.links:
+            raise LinkConflict(f"a link named {settings.name!r} exists")
+        self._check_shared(settings, None)
+        link = Link(settings, self._reactor)
+        self.links[link.name] = link
+        reactor = self._reactor
+        kind = settings.kind
+        service: Service | None = None
+        if kind == "shared":
+            assert settings.registration is not None  # checked above
+            self._shared[settings.registration] = link
+        elif kind == "listen":
+            assert settings.listen is not None  # what makes its kind "listen"
+            link_listener = listening_endpoint(reactor, settings.listen)
+            service = self._listen(link.name, link_listener, link_factory(link, reactor, self.login_timeout))
+        elif kind == "connect":
+            service = ClientService(
+                clientFromString(reactor, settings.connect),
+                link_factory(link, reactor, self.login_timeout),
+                retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0),
+                clock=reactor,
+            )
+            service.setServiceParent(self)
+        elif kind == "serial":
+            service = SerialLinkService(link, reactor, open_port=self._open_serial)
+            service.setServiceParent(self)
+        if service is not None:
+            self._link_services[link.name] = service
+        log.info("Link {link} added ({kind})", link=link.name, kind=kind)
+
+    def remove_link(self, name: str, *, keep_meters: bool = False) -> defer.Deferred[None]:
+        """Stop serving a link: its registration is refused, its own port or outgoing connection
+        or serial port stops, its connection is closed, and (unless ``keep_meters``) its
+        meters stop being polled. Fires once the connection is gone. Raises :class:`UnknownLink`.
+        """
+        link = self.links.pop(name, None)
+        if link is None:
+            raise UnknownLink(f"no link named {name!r}")
+        if link.settings.registration is not None and self._shared.get(link.settings.registration) is link:
+            del self._shared[link.settings.registration]
+        if not keep_meters:
+            for meter in [m for m in self.poller.meter_settings() if m.link == name]:
+                self.poller.remove_meter(meter.name)
+        self._endpoints.pop(name, None)
+        waits: list[defer.Deferred[None]] = []
+        service = self._link_services.pop(name, None)
+        if service is not None:
+            stopped = service.disownServiceParent()
+            waits.append(defer.maybeDeferred(lambda: stopped).addCallback(lambda _: None))
+        waits.append(link.disconnect())
+        log.info("Link {link} removed", link=name)
+        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    def update_link(self, settings: LinkSettings) -> defer.Deferred[None]:
+        """Replace a link's settings: its connection is closed and it is served anew; its meters
+        keep their schedules and use the new link from their next poll. Raises :class:`UnknownLink`.
+        """
+        old = self.links.get(settings.name)
+        if old is None:
+            raise UnknownLink(f"no link named {settings.name!r}")
+        self._check_shared(settings, old)
+        gone = self.remove_link(settings.name, keep_meters=True)
+        self.add_link(settings)
+        return gone
+
+    def _check_shared(self, settings: LinkSettings, replaced: Link | None) -> None:
+        """A shared link needs the shared listener and a registration no other link's can be taken for."""
+        if settings.kind != "shared":
+            return
+        if self.settings.listen is None:
+            raise LinkConflict(
+                f"link {settings.name!r} has no listen, connect or serial, and the [modbus] listener is off"
+            )
+        registration = settings.registration
+        assert registration is not None  # how a shared link is told apart; the config checks
+        # On a byte stream "DTU-1" cannot be told apart from the start of "DTU-10".
+        for taken, owner in self._shared.items():
+            if owner is not replaced and (taken.startswith(registration) or registration.startswith(taken)):
+                raise LinkConflict(
+                    f"registration {registration!r} cannot be told apart from {taken!r} of link {owner.name!r}"
+                )
+
+    def set_meter(self, settings: MeterSettings) -> None:
+        """Add a meter, or change one: polled from its next slot with its new points.
+        Raises :class:`UnknownLink` when its link does not exist."""
+        if settings.link not in self.links:
+            raise UnknownLink(f"meter {settings.name!r}: no link named {settings.link!r}")
+        self.poller.set_meter(settings)
+
+    def remove_meter(self, name: str) -> None:
+        """Stop polling a meter. Raises :class:`~dtucenter.modbus.poller.UnknownMeter`."""
+        self.poller.remove_meter(name)
+
+    def _listen(self, name: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> Service:
         recording = PortRecordingEndpoint(endpoint, name)
         self._endpoints[name] = recording
-        StreamServerEndpointService(recording, factory).setServiceParent(self)
+        service = StreamServerEndpointService(recording, factory)
+        service.setServiceParent(self)
+        return service
 
     def listening(self, name: str = SHARED_LISTENER) -> defer.Deferred[IListeningPort]:
         """Fires with the listening port of the shared listener or of a ``listen`` link, once bound."""

@@ -18,7 +18,15 @@ from sqlalchemy.orm import Session
 
 from dtucenter.setting import MAX_NAME
 from dtucenter.store.accounts import first_admin_id
-from dtucenter.store.models import DeviceOperation, Meter, MeterFailure, MeterSample, MeterWrite
+from dtucenter.store.models import (
+    MANAGED_BY_API,
+    MANAGED_BY_FILE,
+    DeviceOperation,
+    Meter,
+    MeterFailure,
+    MeterSample,
+    MeterWrite,
+)
 from dtucenter.store.queries import table_of, time_window
 
 #: Point types whose stored value is a whole number when the scale is one.
@@ -116,11 +124,14 @@ class MeterWriteInfo:
 
 
 def sync_meters(session: Session, meters: Sequence[Mapping[str, Any]], now: dt.datetime) -> tuple[int, int]:
-    """Make the table match the config: add or update ``meters`` (dicts of name, link, unit,
-    interval and points), flag the others as no longer configured. Returns (added, retired).
+    """Make the file's meters in the table match the config: add or update ``meters`` (dicts of
+    name, link, unit, interval, points and definition) as file-managed, flag the other
+    file-managed ones as no longer configured. Returns (added, retired).
 
     A meter new to the table belongs to the first admin account (the file is the operator's);
-    one that exists keeps its owner, so an admin may move it to a customer's account."""
+    one that exists keeps its owner, so an admin may move it to a customer's account. A meter
+    the API made under a name the file now declares becomes the file's: the file is what
+    the operator wrote last. The API's meters are otherwise left alone."""
     rows = {row.name: row for row in session.scalars(select(Meter))}
     owner = first_admin_id(session) if any(spec["name"] not in rows for spec in meters) else None
     added = retired = 0
@@ -133,12 +144,24 @@ def sync_meters(session: Session, meters: Sequence[Mapping[str, Any]], now: dt.d
             added += 1
         row.link, row.unit, row.interval = spec["link"], spec["unit"], spec["interval"]
         row.points = json.dumps(list(spec["points"]))
+        row.definition = spec["definition"]
+        row.managed_by = MANAGED_BY_FILE
         row.configured = True
     for row in rows.values():
-        if row.configured:
+        if row.configured and row.managed_by == MANAGED_BY_FILE:
             row.configured = False
             retired += 1
     return added, retired
+
+
+def api_meter_definitions(session: Session) -> list[tuple[str, str]]:
+    """(name, ``[[meter]]`` table as JSON) of the meters the API manages and has not deleted, by name."""
+    query = (
+        select(Meter.name, Meter.definition)
+        .where(Meter.managed_by == MANAGED_BY_API, Meter.configured.is_(True), Meter.definition.is_not(None))
+        .order_by(Meter.name)
+    )
+    return [(name, definition) for name, definition in session.execute(query) if definition is not None]
 
 
 #: The poll state of a meter row, as ``record_meter_states`` takes it.

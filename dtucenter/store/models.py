@@ -186,13 +186,49 @@ class CommandRecord(Base):
 # -- the Modbus bridge's meters ------------------------------------------------------------------
 
 
-class Meter(Base):
-    """A meter of the config file, kept with what was last learnt about its polls.
+#: Who may change a link's or a meter's definition: the config file (changed by editing the
+#: file; the API refuses) or the API and the CLI.
+MANAGED_BY_FILE = "file"
+MANAGED_BY_API = "api"
 
-    Synced from the config at every start; a meter that left the config keeps
-    its row (``configured`` false) so that its samples stay reachable by name.
-    The poll state is written in batches, so it may trail the live state
-    (``GET /api/meters``) by a few seconds.
+
+class Link(Base):
+    """A Modbus link (a DTU, a gateway or a serial line), defined in the file or through the API.
+
+    ``definition`` is the link's table with the same keys as a ``[[link]]`` of the
+    config file, as JSON (a registration or heartbeat in its file spelling, ``hex:...``
+    where not printable): one reader checks both, and a key added to the file is a key
+    of the API with no schema change. ``registration`` repeats the parsed registration
+    to find a link by what its DTU sends.
+    """
+
+    __tablename__ = "links"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    account_id: Mapped[int] = mapped_column(Integer, ForeignKey("accounts.id"), index=True)
+    owner: Mapped[Account] = relationship(lazy="joined", innerjoin=True)
+    #: ``file`` or ``api`` (MANAGED_BY_*).
+    managed_by: Mapped[str] = mapped_column(String(8))
+    #: The ``[[link]]`` table as JSON.
+    definition: Mapped[str] = mapped_column(Text)
+    #: The parsed registration, to find a link by it (discovery); the bridge refuses two
+    #: shared links whose registrations cannot be told apart, which a unique index could not.
+    registration: Mapped[bytes | None] = mapped_column(LargeBinary(256), index=True, nullable=True, default=None)
+    created: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    updated: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class Meter(Base):
+    """A meter, defined in the file or through the API, with what was last learnt about its polls.
+
+    ``definition`` is the ``[[meter]]`` table as JSON, with the same keys as the file
+    (``template`` or ``[[meter.point]]``s as ``point``); ``link``, ``unit``,
+    ``interval`` and the resolved ``points`` repeat it for queries and for typing stored
+    values. A meter of the file is synced at every start; one that left the file keeps
+    its row (``configured`` false) so that its samples stay reachable by name, as does
+    a meter deleted through the API. Rows from before definitions were stored have
+    ``definition`` NULL and are not started. The poll state is written in batches, so
+    it may trail the live state (``GET /api/meters``) by a few seconds.
     """
 
     __tablename__ = "meters"
@@ -207,6 +243,10 @@ class Meter(Base):
     #: The points as JSON (name, table, address, type, scale, unit...), to show and to type stored values.
     points: Mapped[str] = mapped_column(Text)
     configured: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: ``file`` or ``api`` (MANAGED_BY_*).
+    managed_by: Mapped[str] = mapped_column(String(8), default=MANAGED_BY_FILE)
+    #: The ``[[meter]]`` table as JSON; NULL for rows stored before definitions were.
+    definition: Mapped[str | None] = mapped_column(Text, default=None)
     last_poll: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
     last_success: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)

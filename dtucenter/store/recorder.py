@@ -15,6 +15,7 @@ count. A successful poll or another reason ends the streak.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import Counter
 from collections.abc import Mapping
 from functools import partial
@@ -33,6 +34,7 @@ from dtucenter.isotime import utc_from_seconds as utc
 from dtucenter.isotime import utc_now
 from dtucenter.modbus.config import MeterSettings, ModbusSettings
 from dtucenter.modbus.points import Point, Value
+from dtucenter.store import links as device_links
 from dtucenter.store import meters
 from dtucenter.store.facade import METER_SAMPLES, Store
 
@@ -55,7 +57,14 @@ def point_spec(point: Point) -> dict[str, Any]:
 def meter_spec(meter: MeterSettings) -> dict[str, Any]:
     """A configured meter as ``meters.sync_meters`` takes it."""
     return {"name": meter.name, "link": meter.link, "unit": meter.unit, "interval": meter.interval,
-            "points": [point_spec(p) for p in meter.points]}
+            "points": [point_spec(p) for p in meter.points], "definition": json.dumps(meter.table())}
+
+
+def sync_file_devices(
+    session: Session, link_specs: list[dict[str, Any]], meter_specs: list[dict[str, Any]], now: dt.datetime,
+) -> tuple[int, int, int, int]:
+    """Import the file's links and meters, marked file-managed, in one transaction."""
+    return (*device_links.sync_links(session, link_specs, now), *meters.sync_meters(session, meter_specs, now))
 
 
 @attrs.define(eq=False)
@@ -102,6 +111,11 @@ class MeterRecorder(Service):
         self.clock = clock
         self.state_interval = state_interval
         self._specs = [meter_spec(m) for m in settings.meters]
+        #: The configured links as ``links.sync_links`` takes them.
+        self._link_specs = [
+            {"name": link.name, "definition": json.dumps(link.table()), "registration": link.registration}
+            for link in settings.links
+        ]
         self._states: dict[str, _MeterState] = {}
         self._dirty_meters: dict[str, None] = {}  # ordered sets
         self._dirty_streaks: dict[_Streak, None] = {}
@@ -116,15 +130,22 @@ class MeterRecorder(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = self.store.write(partial(meters.sync_meters, meters=self._specs, now=utc_now(self.clock)))
+        sync = partial(sync_file_devices, link_specs=self._link_specs, meter_specs=self._specs, now=utc_now(self.clock))
+        d = self.store.write(sync)
         d.addCallbacks(
-            self._sync_done, lambda f: log.failure("Could not sync the configured meters into the database", f)
+            self._sync_done,
+            lambda f: log.failure("Could not sync the configured links and meters into the database", f),
         )
         d.addBoth(self._release_waiters)
         self._flusher.start(self.state_interval, now=False)
 
-    def _sync_done(self, counts: tuple[int, int]) -> None:
-        added, retired = counts
+    def _sync_done(self, counts: tuple[int, int, int, int]) -> None:
+        links_added, links_removed, added, retired = counts
+        if links_added or links_removed:
+            log.info(
+                "Links in the database: {added} added, {removed} removed from the file",
+                added=links_added, removed=links_removed,
+            )
         if added or retired:
             log.info(
                 "Meters in the database: {added} added, {retired} no longer configured", added=added, retired=retired

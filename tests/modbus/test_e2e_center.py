@@ -265,6 +265,6 @@ async def check_what_outlives_the_config(tmp_path: Path, db_url: str) -> None:
         assert voltage.body["samples"][0]["value"] == 230.1
         assert (await api.get("/api/links")).body == {"links": []}
         gone = await api.post("/api/meters/m-connect/write", {"point": "voltage", "value": 1})
-        assert (gone.status, gone.error) == (404, "no configured meter 'm-connect'")
+        assert (gone.status, gone.error) == (404, "no meter named 'm-connect'")
     finally:
         await center.stop()

@@ -1,0 +1,70 @@
+"""The Modbus bridge's links in the database, as plain synchronous functions of a Session.
+
+A link's definition is its ``[[link]]`` table as JSON; the store keeps and
+returns it as text and never parses it (the config reader does, for the file
+and for the API alike).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dtucenter.store.accounts import first_admin_id
+from dtucenter.store.models import MANAGED_BY_API, MANAGED_BY_FILE, Link
+
+
+@attrs.frozen
+class LinkRow:
+    name: str
+    account: str
+    managed_by: str
+    #: The ``[[link]]`` table as JSON.
+    definition: str
+
+
+def sync_links(session: Session, links: Sequence[Mapping[str, Any]], now: dt.datetime) -> tuple[int, int]:
+    """Make the file's links in the table match the config: add or update ``links`` (dicts of
+    name, definition and registration) as file-managed, delete the file-managed ones the file
+    no longer declares. Returns (added, removed).
+
+    As for meters: a new one belongs to the first admin account, an existing one keeps its
+    owner, and one the API made under a name the file now declares becomes the file's.
+    """
+    rows = {row.name: row for row in session.scalars(select(Link))}
+    owner = first_admin_id(session) if any(spec["name"] not in rows for spec in links) else None
+    added = removed = 0
+    for spec in links:
+        row = rows.pop(spec["name"], None)
+        if row is None:
+            assert owner is not None
+            row = Link(name=spec["name"], account_id=owner, created=now)
+            session.add(row)
+            added += 1
+        if (row.definition, row.managed_by) != (spec["definition"], MANAGED_BY_FILE):
+            row.updated = now
+        row.definition, row.registration, row.managed_by = spec["definition"], spec["registration"], MANAGED_BY_FILE
+    for row in rows.values():
+        if row.managed_by == MANAGED_BY_FILE:
+            session.delete(row)
+            removed += 1
+    return added, removed
+
+
+def list_links(session: Session, account_id: int | None = None) -> list[LinkRow]:
+    """Every link, or an account's, by name."""
+    query = select(Link).order_by(Link.name)
+    if account_id is not None:
+        query = query.where(Link.account_id == account_id)
+    return [LinkRow(row.name, row.owner.name, row.managed_by, row.definition) for row in session.scalars(query)]
+
+
+def api_link_definitions(session: Session) -> list[tuple[str, str]]:
+    """(name, ``[[link]]`` table as JSON) of the links the API manages, by name."""
+    query = select(Link.name, Link.definition).where(Link.managed_by == MANAGED_BY_API).order_by(Link.name)
+    return [(name, definition) for name, definition in session.execute(query)]
