@@ -83,11 +83,23 @@ class DefinitionApi:
         return body, owner_id
 
     async def _write(self, job: Callable[[Session], Any]) -> Any:
+        """Run ``job`` in a write transaction; its refusal (raised before it changes anything) is
+        returned from the database thread and raised here: raised there, it would fail the
+        whole batch of writes it went in with."""
+
+        def run(session: Session) -> Any:
+            try:
+                return job(session)
+            except (DeviceConflict, ApiError) as e:
+                return e
+
         await self.recorder.synced()
-        try:
-            return await self.store.write(job)
-        except DeviceConflict as e:
-            raise ApiError(409, str(e)) from None
+        result = await self.store.write(run)
+        if isinstance(result, DeviceConflict):
+            raise ApiError(409, str(result))
+        if isinstance(result, ApiError):
+            raise result
+        return result
 
     # -- links ------------------------------------------------------------------------------------
 
@@ -196,10 +208,10 @@ class DefinitionApi:
         scope, spec, config_file = call.caller.scope, meter_spec(settings), self.config_file
 
         def job(session: Session) -> dict[str, Any] | None:
-            old = device_meters.replace_meter(session, spec, scope, config_file)
-            if old is not None:
-                self._check_link(session, settings, scope)  # raising rolls the replacement back
-            return old
+            if device_meters.get_meter(session, name, scope) is None:
+                return None
+            self._check_link(session, settings, scope)
+            return device_meters.replace_meter(session, spec, scope, config_file)
 
         old = await self._write(job)
         if old is None:
