@@ -139,6 +139,14 @@ async def check_refusals(admin: ApiClient, acme: ApiClient, beta: ApiClient, con
     made = await admin.post("/api/links", {"name": "for-beta", "registration": "BETA-0001", "account": "beta"})
     assert made.status == 201, made.body
     assert [link["name"] for link in (await beta.get("/api/links")).body["links"]] == ["for-beta"]
+    # Replaced; then refused by the bridge, which leaves the row as it was.
+    replaced = await beta.call("PUT", "/api/links/for-beta", {"registration": "BETA-0002", "heartbeat": "hb"})
+    assert replaced.status == 200 and replaced.body["definition"]["heartbeat"] == "hb", replaced.body
+    clash = await beta.call("PUT", "/api/links/for-beta", {"registration": "DTU-000"})
+    assert clash.status == 409 and "cannot be told apart" in clash.error, clash.body
+    kept = (await beta.get("/api/links/for-beta")).body
+    assert kept["definition"] == {"name": "for-beta", "registration": "BETA-0002", "heartbeat": "hb"}
+    assert kept["online"] is False and kept["kind"] == "shared"
     assert (await beta.call("DELETE", "/api/links/for-beta")).status == 200
 
 
