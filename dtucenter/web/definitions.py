@@ -21,10 +21,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from dtucenter.config import ConfigError, read_link_definition, read_meter_definition
 from dtucenter.modbus.config import LinkSettings, MeterSettings
 from dtucenter.modbus.poller import UnknownMeter
 from dtucenter.modbus.service import LinkConflict, ModbusBridge, UnknownLink
+from dtucenter.setting import ConfigError
 from dtucenter.store import accounts
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
@@ -32,11 +32,19 @@ from dtucenter.store.links import DeviceConflict
 from dtucenter.store.recorder import MeterRecorder, link_spec, meter_spec
 from dtucenter.web.router import ApiError, Call, Reply, Router
 
+#: ``config.read_link_definition`` and ``read_meter_definition``, passed in: the config
+#: module imports the API's names, so the API does not import it.
+LinkReader = Callable[[object, str], LinkSettings]
+MeterReader = Callable[[object, str], MeterSettings]
+
 
 class DefinitionApi:
     def __init__(
-        self, recorder: MeterRecorder, bridge: ModbusBridge | None, config_file: str, now: Callable[[], dt.datetime]
+        self, recorder: MeterRecorder, bridge: ModbusBridge | None, config_file: str, now: Callable[[], dt.datetime],
+        read_link: LinkReader, read_meter: MeterReader,
     ) -> None:
+        self.read_link = read_link
+        self.read_meter = read_meter
         self.recorder = recorder
         self.store = recorder.store
         self._bridge = bridge
@@ -103,10 +111,9 @@ class DefinitionApi:
 
     # -- links ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _link(body: dict[str, Any]) -> LinkSettings:
+    def _link(self, body: dict[str, Any]) -> LinkSettings:
         try:
-            return read_link_definition(body, "the body")
+            return self.read_link(body, "the body")
         except ConfigError as e:
             raise ApiError(400, str(e)) from None
 
@@ -141,7 +148,7 @@ class DefinitionApi:
             else:  # it could not be served at start; now it may
                 bridge.add_link(settings)
         except LinkConflict as e:
-            previous = link_spec(read_link_definition(json.loads(old), f"database: link {name!r}"))
+            previous = link_spec(self.read_link(json.loads(old), f"database: link {name!r}"))
             await self.store.write(partial(device_links.replace_link, spec=previous, account=None,
                                            config_file=self.config_file, now=self.now()))
             raise ApiError(409, str(e)) from None
@@ -166,10 +173,9 @@ class DefinitionApi:
 
     # -- meters -----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _meter(body: dict[str, Any]) -> MeterSettings:
+    def _meter(self, body: dict[str, Any]) -> MeterSettings:
         try:
-            return read_meter_definition(body, "the body")
+            return self.read_meter(body, "the body")
         except ConfigError as e:
             raise ApiError(400, str(e)) from None
 
