@@ -25,17 +25,22 @@ from dtucenter.modbus.config import LinkSettings, MeterSettings
 from dtucenter.modbus.poller import UnknownMeter
 from dtucenter.modbus.service import LinkConflict, ModbusBridge, UnknownLink
 from dtucenter.setting import ConfigError
-from dtucenter.store import accounts
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
 from dtucenter.store.links import DeviceConflict
 from dtucenter.store.recorder import MeterRecorder, link_spec, meter_spec
+from dtucenter.web.meters import account_named
 from dtucenter.web.router import ApiError, Call, Reply, Router
 
 #: ``config.read_link_definition`` and ``read_meter_definition``, passed in: the config
 #: module imports the API's names, so the API does not import it.
 LinkReader = Callable[[object, str], LinkSettings]
 MeterReader = Callable[[object, str], MeterSettings]
+
+
+def _answer(settings: LinkSettings | MeterSettings) -> dict[str, object]:
+    """What a write answers: the definition as it reads back (keys at their defaults left out)."""
+    return {"name": settings.name, "managed_by": "api", "definition": settings.table()}
 
 
 class DefinitionApi:
@@ -78,17 +83,7 @@ class DefinitionApi:
         if owner is None or owner == call.caller.account:
             return body, call.caller.account_id
         call.require_admin()
-
-        def job(session: Session) -> int | None:
-            try:
-                return accounts.account_id(session, accounts.check_name(owner, "account"))
-            except accounts.AccountError:
-                return None
-
-        owner_id = await self.store.read(job)
-        if owner_id is None:
-            raise ApiError(400, f"no account {owner!r}")
-        return body, owner_id
+        return body, await account_named(self.store, owner)
 
     async def _write(self, job: Callable[[Session], Any]) -> Any:
         """Run ``job`` in a write transaction; its refusal (raised before it changes anything) is
@@ -117,10 +112,6 @@ class DefinitionApi:
         except ConfigError as e:
             raise ApiError(400, str(e)) from None
 
-    @staticmethod
-    def _link_answer(settings: LinkSettings) -> dict[str, object]:
-        return {"name": settings.name, "managed_by": "api", "definition": settings.table()}
-
     async def create_link(self, call: Call) -> Reply:
         body, owner = await self._body(call, None)
         settings = self._link(body)
@@ -132,7 +123,7 @@ class DefinitionApi:
             await self.store.write(partial(device_links.delete_link, name=settings.name, account=None,
                                            config_file=self.config_file))
             raise ApiError(409, str(e)) from None
-        return Reply(self._link_answer(settings), 201)
+        return Reply(_answer(settings), 201)
 
     async def replace_link(self, call: Call, name: str) -> dict[str, object]:
         body, _ = await self._body(call, name)
@@ -152,7 +143,7 @@ class DefinitionApi:
             await self.store.write(partial(device_links.replace_link, spec=previous, account=None,
                                            config_file=self.config_file, now=self.now()))
             raise ApiError(409, str(e)) from None
-        return self._link_answer(settings)
+        return _answer(settings)
 
     async def delete_link(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
@@ -185,10 +176,6 @@ class DefinitionApi:
         if device_links.get_link(session, settings.link, scope) is None:
             raise ApiError(400, f"meter {settings.name!r}: no link named {settings.link!r}")
 
-    @staticmethod
-    def _meter_answer(settings: MeterSettings) -> dict[str, object]:
-        return {"name": settings.name, "managed_by": "api", "definition": settings.table()}
-
     async def create_meter(self, call: Call) -> Reply:
         body, owner = await self._body(call, None)
         settings = self._meter(body)
@@ -205,7 +192,7 @@ class DefinitionApi:
         except UnknownLink as e:
             await self.store.write(partial(device_meters.undo_create_meter, name=settings.name, created=created))
             raise ApiError(409, str(e)) from None
-        return Reply(self._meter_answer(settings), 201)
+        return Reply(_answer(settings), 201)
 
     async def replace_meter(self, call: Call, name: str) -> dict[str, object]:
         body, _ = await self._body(call, name)
@@ -228,7 +215,7 @@ class DefinitionApi:
             await self.store.write(partial(device_meters.replace_meter, spec=old, account=None,
                                            config_file=config_file))
             raise ApiError(409, str(e)) from None
-        return self._meter_answer(settings)
+        return _answer(settings)
 
     async def delete_meter(self, call: Call, name: str) -> dict[str, object]:
         call.query(())

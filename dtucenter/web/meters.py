@@ -37,6 +37,7 @@ from dtucenter.modbus.raw import EXPECT_KINDS, MAX_RAW_BYTES, MAX_RAW_TIMEOUT, E
 from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store import accounts, meters
 from dtucenter.store import links as device_links
+from dtucenter.store.facade import Store
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.web.params import (
     DEFAULT_SAMPLES,
@@ -194,18 +195,8 @@ class MeterApi:
         call.require_admin()
         body = call.json_object()
         check_keys(body, "the body", {"account"})
-        owner = body["account"]
         await self.recorder.synced()
-
-        def job(session: Session) -> int | None:
-            try:
-                return accounts.account_id(session, accounts.check_name(owner, "account"))
-            except accounts.AccountError:
-                return None
-
-        owner_id = await self.store.read(job)
-        if owner_id is None:
-            raise ApiError(400, f"no account {owner!r}")
+        owner_id = await account_named(self.store, body["account"])
         info = await self.store.write(partial(meters.move_meter, name=name, account=owner_id))
         if info is None:
             raise ApiError(404, f"no meter {name!r}")
@@ -394,6 +385,21 @@ class MeterApi:
             raise ApiError(404, f"no link {name!r}")
         found = await self.store.read(partial(meters.list_operations, kind="raw", target=name, limit=limit))
         return {"exchanges": [r.to_json() for r in found]}
+
+
+async def account_named(store: Store, name: object) -> int:
+    """The id of the account a body names (to own a device); 400 if there is none."""
+
+    def job(session: Session) -> int | None:
+        try:
+            return accounts.account_id(session, accounts.check_name(name, "account"))
+        except accounts.AccountError:
+            return None
+
+    found = await store.read(job)
+    if found is None:
+        raise ApiError(400, f"no account {name!r}")
+    return found
 
 
 def _json_value(value: object) -> object:
