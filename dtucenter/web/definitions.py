@@ -106,15 +106,21 @@ class DefinitionApi:
 
     # -- links ------------------------------------------------------------------------------------
 
-    def _link(self, body: dict[str, Any]) -> LinkSettings:
+    def _link(self, call: Call, body: dict[str, Any]) -> LinkSettings:
         try:
-            return self.read_link(body, "the body")
+            settings = self.read_link(body, "the body")
         except ConfigError as e:
             raise ApiError(400, str(e)) from None
+        # A port of the center's own, a dial to any address or a serial device of the host are
+        # the operator's to hand out; an account's DTUs dial the shared listener.
+        if settings.kind != "shared" and not call.caller.admin:
+            raise ApiError(403, f"only an admin account may make a {settings.kind} link; "
+                                "an account's DTUs dial the shared listener with a registration")
+        return settings
 
     async def create_link(self, call: Call) -> Reply:
         body, owner = await self._body(call, None)
-        settings = self._link(body)
+        settings = self._link(call, body)
         bridge = self.bridge
         await self._write(partial(device_links.create_link, spec=link_spec(settings), account=owner, now=self.now()))
         try:
@@ -127,7 +133,7 @@ class DefinitionApi:
 
     async def replace_link(self, call: Call, name: str) -> dict[str, object]:
         body, _ = await self._body(call, name)
-        settings = self._link(body)
+        settings = self._link(call, body)
         bridge = self.bridge
         old = await self._write(partial(device_links.replace_link, spec=link_spec(settings), account=call.caller.scope,
                                         config_file=self.config_file, now=self.now()))

@@ -135,6 +135,10 @@ async def check_refusals(admin: ApiClient, acme: ApiClient, beta: ApiClient, con
     # Nor may it create in acme's name, nor put a meter on acme's link.
     assert (await beta.post("/api/links", {**LINK, "name": "b", "account": "acme"})).status == 403
     assert (await beta.post("/api/meters", {**METER, "name": "b"})).status == 400
+    # Ports, dials and serial devices of the center's host are the operator's.
+    for transport in ({"listen": "tcp:0"}, {"connect": "tcp:host=192.0.2.1:port=502"}, {"serial": "/dev/ttyS0"}):
+        refused = await acme.post("/api/links", {"name": "own-port", **transport})
+        assert refused.status == 403 and "shared listener" in refused.error, refused.body
     # An admin may create in another account's name.
     made = await admin.post("/api/links", {"name": "for-beta", "registration": "BETA-0001", "account": "beta"})
     assert made.status == 201, made.body
