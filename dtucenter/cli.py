@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, TextIO
 
 from sqlalchemy import Engine
@@ -19,14 +20,22 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dtucenter import __version__
-from dtucenter.config import DEFAULT_DB_URL
+from dtucenter.config import DEFAULT_DB_URL, ConfigError, read_link_definition, read_meter_definition
 from dtucenter.isotime import parse_iso_time
 from dtucenter.modbus.templates import shipped_template_text, shipped_templates
 from dtucenter.store import accounts, meters, queries, schema
+from dtucenter.store import links as device_links
 from dtucenter.store.db import DatabaseURLError, open_engine
+from dtucenter.store.recorder import link_spec, meter_spec
 
 SAMPLE_COLUMNS = ("time", "psn", "net_state", "position", "dev", "addr", "value")
 METER_SAMPLE_COLUMNS = ("time", "meter", "point", "value")
+EXAMPLES = {
+    "link": '{"name": "site-a", "registration": "DTU-0001", "heartbeat": "HB"}',
+    "meter": '{"name": "m1", "link": "site-a", "unit": 1, "template": "eastron-sdm120"}',
+}
+#: The CLI does not know which file the center reads: named in a refusal as its option.
+CONFIG_FILE = "(--config)"
 
 
 class CommandError(Exception):
@@ -147,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     show = template.add_parser("show", help="print a template's file, to read or to copy as one's own")
     show.add_argument("name")
     show.set_defaults(offline=cmd_template_show)
+
+    for kind, what in (("link", "Modbus links"), ("meter", "Modbus meters")):
+        device = commands.add_parser(kind, help=f"{what} in the database (taken up at the next start)").add_subparsers(
+            dest="action", required=True, metavar="ACTION")
+        add = with_db(device.add_parser("add", help=f"add a {kind}: its [[{kind}]] table as JSON, the file's keys"))
+        add.add_argument("definition", help=f"e.g. {EXAMPLES[kind]}")
+        add.add_argument("--account", help="the owning account (default: the first admin account)")
+        add.set_defaults(run=partial(cmd_device_add, kind))
+        listing = with_db(device.add_parser("list", help=f"list {kind}s with their owner and definition"))
+        listing.add_argument("--account", help="only this account's")
+        listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+        listing.set_defaults(run=partial(cmd_device_list, kind))
+        remove = with_db(device.add_parser("remove", help=f"remove a {kind} added through the API or the CLI"))
+        remove.add_argument("name")
+        remove.set_defaults(run=partial(cmd_device_remove, kind))
     return parser
 
 
@@ -388,3 +412,65 @@ def cmd_template_show(args: argparse.Namespace, out: TextIO) -> None:
         out.write(shipped_template_text(args.name))
     except LookupError as e:
         raise CommandError(str(e)) from None
+
+
+# -- links and meters ----------------------------------------------------------------------------
+
+
+def cmd_device_add(kind: str, session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    """Checked by the file's reader; how it goes with the other links (a registration that cannot
+    be told apart) is the running bridge's to check, at the next start."""
+    try:
+        table = json.loads(args.definition)
+        owner = accounts.first_admin_id(session) if args.account is None else accounts.account_id(session, args.account)
+        now = dt.datetime.now(dt.UTC)
+        if kind == "link":
+            link = read_link_definition(table, "the definition")
+            device_links.create_link(session, link_spec(link), owner, now)
+            name = link.name
+        else:
+            settings = read_meter_definition(table, "the definition")
+            if device_links.get_link(session, settings.link) is None:
+                raise CommandError(f"meter {settings.name!r}: no link named {settings.link!r}")
+            meters.create_meter(session, meter_spec(settings), owner, now)
+            name = settings.name
+    except json.JSONDecodeError as e:
+        raise CommandError(f"the definition is not JSON: {e}") from None
+    except (ConfigError, ValueError) as e:  # AccountError and DeviceConflict among them
+        raise CommandError(str(e)) from None
+    print(f"added {kind} {name} (served from the center's next start)", file=out)
+
+
+def cmd_device_list(kind: str, session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        owner = None if args.account is None else accounts.account_id(session, args.account)
+    except accounts.AccountError as e:
+        raise CommandError(str(e)) from None
+    if kind == "link":
+        found = [{"name": row.name, "account": row.account, "managed_by": row.managed_by,
+                  "definition": json.loads(row.definition)} for row in device_links.list_links(session, owner)]
+    else:
+        found = [{"name": info.name, "account": info.account, "managed_by": info.managed_by,
+                  "definition": info.definition} for info in meters.list_meters(session, owner) if info.configured]
+    if args.json:
+        json.dump({f"{kind}s": found}, out, indent=2)
+        out.write("\n")
+        return
+    rows = [("NAME", "ACCOUNT", "MANAGED BY", "DEFINITION")]
+    rows += [(d["name"], d["account"], d["managed_by"], json.dumps(d["definition"])) for d in found]
+    _print_table(rows, out)
+
+
+def cmd_device_remove(kind: str, session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        if kind == "link":
+            found = device_links.delete_link(session, args.name, None, CONFIG_FILE)
+            stopped = meters.retire_link_meters(session, args.name) if found else []
+        else:
+            found, stopped = meters.delete_meter(session, args.name, None, CONFIG_FILE), []
+    except device_links.DeviceConflict as e:
+        raise CommandError(str(e)) from None
+    if not found:
+        raise CommandError(f"no {kind} {args.name!r}")
+    also = f" and its meters {', '.join(stopped)}" if stopped else ""
+    print(f"removed {kind} {args.name}{also} (stopped at the center's next start)", file=out)

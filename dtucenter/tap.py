@@ -42,6 +42,7 @@ from dtucenter.store.facade import Store
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import TokenFileError, resolve_token
+from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.site import build_site
 
@@ -279,6 +280,9 @@ def add_api(
         raise UsageError(str(e)) from None
     site = build_site(center, control, store, token, bridge)
     MeterApi(recorder, bridge, center.now).install(site.resource)
+    DefinitionApi(
+        recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition
+    ).install(site.resource)
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)

@@ -27,6 +27,8 @@ T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
 PSN = 424242
 METER = "acme-meter"
 LINK = "acme-site"
+#: A link acme made through the API: the link routes' known name.
+API_LINK = "acme-api-site"
 #: Ids nobody has: a scoped answer must be exactly the answer for these.
 NO_PSN = 999_999
 NO_METER = "no-such-meter"
@@ -229,6 +231,13 @@ ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("PUT", "/api/meters/{name}/account"): ({"account": "beta"}, "403"),
     ("GET", "/api/links"): (None, "200"),
     ("GET", "/api/links/{name}"): (None, "404"),
+    ("POST", "/api/links"): ({"name": "theirs", "registration": "T-1", "account": "acme"}, "403"),
+    ("PUT", "/api/links/{name}"): ({"registration": "BETA-0001"}, "404"),
+    ("DELETE", "/api/links/{name}"): (None, "404"),
+    ("POST", "/api/meters"): ({"name": "theirs", "link": API_LINK, "unit": 1, "account": "acme",
+                               "template": "eastron-sdm120"}, "403"),
+    ("PUT", "/api/meters/{name}"): ({"link": API_LINK, "unit": 2, "template": "eastron-sdm120"}, "404"),
+    ("DELETE", "/api/meters/{name}"): (None, "404"),
     ("POST", "/api/links/{name}/raw"): ({"hex": "010300000001840a"}, "403"),
     ("GET", "/api/links/{name}/raw"): (None, "403"),
     # The shipped templates are the same for every account.
@@ -243,7 +252,8 @@ def fill(pattern: str, known: bool) -> str:
         "psn": str(PSN if known else NO_PSN), "token_name": "ops" if known else "nobodys",
         "name": ("acme" if known else "nobody") if pattern.startswith("/api/accounts") else
                 "eastron-sdm120" if pattern.startswith("/api/templates") else
-                (METER if known else NO_METER) if pattern.startswith("/api/meters") else (LINK if known else NO_LINK),
+                (METER if known else NO_METER) if pattern.startswith("/api/meters") else
+                (API_LINK if known else NO_LINK),
     }
     for key, value in ids.items():
         pattern = pattern.replace("{" + key + "}", value)
@@ -256,6 +266,7 @@ async def acme_fleet(center: RunningCenter, admin: ApiClient) -> ApiClient:
     acme = await make_account(admin, "acme")
     assert (await admin.call("PUT", f"/api/dtus/{PSN}", {"name": "pump", "account": "acme"})).status == 201
     assert (await admin.call("PUT", f"/api/meters/{METER}/account", {"account": "acme"})).status == 200
+    assert (await acme.post("/api/links", {"name": API_LINK, "registration": "ACME-0002"})).status == 201
     values = struct.pack(">hh", 1111, -2222)
     await center.store.add_samples([(PSN, T0, 1, values, None)])
     await center.store.add_rows(METER_SAMPLES, [(METER, "power", T0, 3333.0)])
@@ -281,7 +292,7 @@ async def test_every_endpoint_hides_another_accounts_devices(tmp_path: Path, db_
             f"/api/meters/{METER}/samples", f"/api/meters/{METER}/writes", f"/api/meters/{METER}/reads",
             "/api/accounts/acme/tokens",
         )}
-        secrets = ("acme", str(PSN), METER, LINK, "1111", "-2222", "3333", "pump", "ACME-0001")
+        secrets = ("acme", str(PSN), METER, LINK, API_LINK, "ACME-0002", "1111", "-2222", "3333", "pump", "ACME-0001")
 
         for (method, pattern), (body, expected) in sorted(ENDPOINTS.items()):
             seen = await beta.call(method, fill(pattern, known=True), body)

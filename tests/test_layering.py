@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: MeterRecorder is configured with and that ``modbus.poller.MeterSink`` hands it,
 #: by name. Nothing else: no codec, framing, link or poller code.
 STORE_MAY_IMPORT_FROM_MODBUS = {
-    "dtucenter.modbus.config": {"MeterSettings", "ModbusSettings"},
+    "dtucenter.modbus.config": {"LinkSettings", "MeterSettings", "ModbusSettings"},
     "dtucenter.modbus.points": {"Point", "Value"},
 }
 

@@ -68,3 +68,59 @@ def api_link_definitions(session: Session) -> list[tuple[str, str]]:
     """(name, ``[[link]]`` table as JSON) of the links the API manages, by name."""
     query = select(Link.name, Link.definition).where(Link.managed_by == MANAGED_BY_API).order_by(Link.name)
     return [(name, definition) for name, definition in session.execute(query)]
+
+
+# -- written through the API ---------------------------------------------------------------
+
+
+class DeviceConflict(ValueError):
+    """A name that is taken, or a device that the config file manages."""
+
+
+def get_link(session: Session, name: str, account: int | None = None) -> LinkRow | None:
+    """Link ``name``; None also when ``account`` (an account id) is given and does not own it."""
+    row = session.get(Link, name)
+    if row is None or (account is not None and row.account_id != account):
+        return None
+    return LinkRow(row.name, row.owner.name, row.managed_by, row.definition)
+
+
+def create_link(session: Session, spec: Mapping[str, Any], account: int, now: dt.datetime) -> None:
+    """Add an API-managed link (``spec`` as ``sync_links`` takes one) owned by ``account``."""
+    if session.get(Link, spec["name"]) is not None:
+        raise DeviceConflict(f"a link named {spec['name']!r} exists")
+    session.add(Link(
+        name=spec["name"], account_id=account, managed_by=MANAGED_BY_API, definition=spec["definition"],
+        registration=spec["registration"], created=now, updated=now,
+    ))
+
+
+def _api_row(session: Session, name: str, account: int | None, config_file: str) -> Link | None:
+    row = session.get(Link, name)
+    if row is None or (account is not None and row.account_id != account):
+        return None
+    if row.managed_by == MANAGED_BY_FILE:
+        raise DeviceConflict(f"link {name!r} is managed by the config file {config_file}: change it there")
+    return row
+
+
+def replace_link(
+    session: Session, spec: Mapping[str, Any], account: int | None, config_file: str, now: dt.datetime
+) -> str | None:
+    """Replace an API-managed link's definition; returns the old one (to put back should the
+    bridge refuse the new one), None when there is no such link or ``account`` does not own it."""
+    row = _api_row(session, spec["name"], account, config_file)
+    if row is None:
+        return None
+    old = row.definition
+    row.definition, row.registration, row.updated = spec["definition"], spec["registration"], now
+    return old
+
+
+def delete_link(session: Session, name: str, account: int | None, config_file: str) -> bool:
+    """Delete an API-managed link; False when there is none (or ``account`` does not own it)."""
+    row = _api_row(session, name, account, config_file)
+    if row is None:
+        return False
+    session.delete(row)
+    return True

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from dtucenter.setting import MAX_NAME
 from dtucenter.store.accounts import first_admin_id
+from dtucenter.store.links import DeviceConflict
 from dtucenter.store.models import (
     MANAGED_BY_API,
     MANAGED_BY_FILE,
@@ -51,6 +52,10 @@ class MeterInfo:
     last_error: str | None
     last_error_time: dt.datetime | None
     failing: bool
+    #: ``file`` or ``api``: where the meter is changed.
+    managed_by: str
+    #: The ``[[meter]]`` table, as the API takes it; None for a row older than definitions.
+    definition: Mapping[str, Any] | None
 
     @classmethod
     def of(cls, row: Meter) -> MeterInfo:
@@ -58,7 +63,8 @@ class MeterInfo:
             name=row.name, account=row.owner.name, link=row.link, unit=row.unit, interval=row.interval,
             points=tuple(json.loads(row.points)), configured=row.configured, last_poll=row.last_poll,
             last_success=row.last_success, last_error=row.last_error, last_error_time=row.last_error_time,
-            failing=row.failing,
+            failing=row.failing, managed_by=row.managed_by,
+            definition=None if row.definition is None else json.loads(row.definition),
         )
 
     def point(self, name: str) -> Mapping[str, Any] | None:
@@ -371,3 +377,87 @@ def list_operations(session: Session, kind: str, target: str, limit: int) -> lis
         )
         for r in rows
     ]
+
+
+# -- written through the API ------------------------------------------------------------------
+
+
+def _set_definition(row: Meter, spec: Mapping[str, Any]) -> None:
+    row.link, row.unit, row.interval = spec["link"], spec["unit"], spec["interval"]
+    row.points = json.dumps(list(spec["points"]))
+    row.definition = spec["definition"]
+    row.configured = True
+
+
+def create_meter(session: Session, spec: Mapping[str, Any], account: int, now: dt.datetime) -> bool:
+    """Add an API-managed meter (``spec`` as ``sync_meters`` takes one) owned by ``account``.
+
+    The name of a meter deleted earlier is free again for its own account, which finds its
+    samples under it; another account's deleted meter keeps its name taken, samples and all.
+    Returns whether the row is new."""
+    row = session.get(Meter, spec["name"])
+    if row is not None and (row.configured or row.account_id != account):
+        raise DeviceConflict(f"a meter named {spec['name']!r} exists")
+    created = row is None
+    if row is None:
+        row = Meter(name=spec["name"], created=now, failing=False, account_id=account)
+        session.add(row)
+    row.managed_by = MANAGED_BY_API
+    _set_definition(row, spec)
+    return created
+
+
+def undo_create_meter(session: Session, name: str, created: bool) -> None:
+    """Take back :func:`create_meter` when the bridge refused the meter: a new row goes, a
+    reused one is no longer configured, as it was."""
+    row = session.get(Meter, name)
+    if row is None:
+        return
+    if created:
+        session.delete(row)
+    else:
+        row.configured = False
+
+
+def _api_row(session: Session, name: str, account: int | None, config_file: str) -> Meter | None:
+    row = session.get(Meter, name)
+    if row is None or not row.configured or (account is not None and row.account_id != account):
+        return None
+    if row.managed_by == MANAGED_BY_FILE:
+        raise DeviceConflict(f"meter {name!r} is managed by the config file {config_file}: change it there")
+    return row
+
+
+def replace_meter(
+    session: Session, spec: Mapping[str, Any], account: int | None, config_file: str
+) -> dict[str, Any] | None:
+    """Replace an API-managed meter's definition; returns the old one as ``spec`` (to put back
+    should the bridge refuse the new one), None when there is no such meter or ``account``
+    does not own it."""
+    row = _api_row(session, spec["name"], account, config_file)
+    if row is None:
+        return None
+    old = {"name": row.name, "link": row.link, "unit": row.unit, "interval": row.interval,
+           "points": json.loads(row.points), "definition": row.definition}
+    _set_definition(row, spec)
+    return old
+
+
+def delete_meter(session: Session, name: str, account: int | None, config_file: str) -> bool:
+    """Stop an API-managed meter: its row stays, not configured, so its samples stay readable.
+    False when there is no such meter (or ``account`` does not own it)."""
+    row = _api_row(session, name, account, config_file)
+    if row is None:
+        return False
+    row.configured = False
+    return True
+
+
+def retire_link_meters(session: Session, link: str) -> list[str]:
+    """Mark the API-managed meters of a deleted link as no longer configured; their names."""
+    rows = session.scalars(
+        select(Meter).where(Meter.link == link, Meter.managed_by == MANAGED_BY_API, Meter.configured.is_(True))
+    ).all()
+    for row in rows:
+        row.configured = False
+    return [row.name for row in rows]

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from dtucenter.isotime import utc_from_seconds as utc
 from dtucenter.isotime import utc_now
-from dtucenter.modbus.config import MeterSettings, ModbusSettings
+from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings
 from dtucenter.modbus.points import Point, Value
 from dtucenter.store import links as device_links
 from dtucenter.store import meters
@@ -58,6 +58,11 @@ def meter_spec(meter: MeterSettings) -> dict[str, Any]:
     """A configured meter as ``meters.sync_meters`` takes it."""
     return {"name": meter.name, "link": meter.link, "unit": meter.unit, "interval": meter.interval,
             "points": [point_spec(p) for p in meter.points], "definition": json.dumps(meter.table())}
+
+
+def link_spec(link: LinkSettings) -> dict[str, Any]:
+    """A configured link as ``links.sync_links`` takes it."""
+    return {"name": link.name, "definition": json.dumps(link.table()), "registration": link.registration}
 
 
 def sync_file_devices(
@@ -112,10 +117,7 @@ class MeterRecorder(Service):
         self.state_interval = state_interval
         self._specs = [meter_spec(m) for m in settings.meters]
         #: The configured links as ``links.sync_links`` takes them.
-        self._link_specs = [
-            {"name": link.name, "definition": json.dumps(link.table()), "registration": link.registration}
-            for link in settings.links
-        ]
+        self._link_specs = [link_spec(link) for link in settings.links]
         self._states: dict[str, _MeterState] = {}
         self._dirty_meters: dict[str, None] = {}  # ordered sets
         self._dirty_streaks: dict[_Streak, None] = {}

@@ -5,15 +5,16 @@ that left the config stay readable; how the running poller sees it (last
 poll, last error, link state) comes from the bridge, to the second.
 
 Scoped like /api/dtus: a meter of another account answers 404, reads on
-demand and their trail included. The config file's links belong to the
-operator: only admins see them (until links are rows with an owner of their
-own), and only admins exchange raw bytes on them.
+demand and their trail included; an account sees its own links (the config
+file's belong to the first admin account) and only admins exchange raw bytes
+on links. Creating, changing and deleting links and meters: ``definitions``.
 """
 
 from __future__ import annotations
 
 import binascii
 import datetime as dt
+import json
 import math
 from collections.abc import Callable
 from functools import partial
@@ -30,12 +31,13 @@ from dtucenter.modbus.errors import (
     ModbusExceptionResponse,
     ModbusTimeout,
 )
-from dtucenter.modbus.links import LinkStatus
 from dtucenter.modbus.points import PointValueError
 from dtucenter.modbus.poller import MeterStatus, Reading, UnknownMeter, UnknownPoint
 from dtucenter.modbus.raw import EXPECT_KINDS, MAX_RAW_BYTES, MAX_RAW_TIMEOUT, Expect, RawAnswer
 from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store import accounts, meters
+from dtucenter.store import links as device_links
+from dtucenter.store.facade import Store
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.web.params import (
     DEFAULT_SAMPLES,
@@ -193,18 +195,8 @@ class MeterApi:
         call.require_admin()
         body = call.json_object()
         check_keys(body, "the body", {"account"})
-        owner = body["account"]
         await self.recorder.synced()
-
-        def job(session: Session) -> int | None:
-            try:
-                return accounts.account_id(session, accounts.check_name(owner, "account"))
-            except accounts.AccountError:
-                return None
-
-        owner_id = await self.store.read(job)
-        if owner_id is None:
-            raise ApiError(400, f"no account {owner!r}")
+        owner_id = await account_named(self.store, body["account"])
         info = await self.store.write(partial(meters.move_meter, name=name, account=owner_id))
         if info is None:
             raise ApiError(404, f"no meter {name!r}")
@@ -317,27 +309,35 @@ class MeterApi:
 
     # -- links ------------------------------------------------------------------------------------
 
-    def _link_json(self, status: LinkStatus) -> dict[str, object]:
-        body = status.as_json()
-        body["connected_since"] = _iso_seconds(status.connected_since)
-        body["last_disconnect"] = _iso_seconds(status.last_disconnect)
-        assert self.bridge is not None
-        body["meters"] = [m.name for m in self.bridge.settings.meters if m.link == status.name]
+    def _link_json(self, row: device_links.LinkRow) -> dict[str, object]:
+        """The link's definition and owner, and how the bridge serves it (null fields when it
+        does not: a link of the database that could not be started)."""
+        link = self.bridge.links.get(row.name) if self.bridge is not None else None
+        if link is None:
+            body: dict[str, object] = {"name": row.name, "online": None}
+        else:
+            status = link.status()
+            body = status.as_json()
+            body["connected_since"] = _iso_seconds(status.connected_since)
+            body["last_disconnect"] = _iso_seconds(status.last_disconnect)
+        meters_of_link = self.bridge.poller.meter_settings() if self.bridge is not None else []
+        body["meters"] = [m.name for m in meters_of_link if m.link == row.name]
+        body.update(account=row.account, managed_by=row.managed_by, definition=json.loads(row.definition))
         return body
 
     async def list_links(self, call: Call) -> dict[str, object]:
         call.query(())
-        if not call.caller.admin:
-            return {"links": []}
-        statuses = self.bridge.link_statuses() if self.bridge is not None else []
-        return {"links": [self._link_json(status) for status in statuses]}
+        await self.recorder.synced()
+        rows = await self.store.read(partial(device_links.list_links, account_id=call.caller.scope))
+        return {"links": [self._link_json(row) for row in rows]}
 
     async def get_link(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
-        link = self.bridge.links.get(name) if self.bridge is not None and call.caller.admin else None
-        if link is None:
+        await self.recorder.synced()
+        row = await self.store.read(partial(device_links.get_link, name=name, account=call.caller.scope))
+        if row is None:
             raise ApiError(404, f"no link {name!r}")
-        return self._link_json(link.status())
+        return self._link_json(row)
 
     # -- raw exchanges (admin only) ---------------------------------------------------------------
 
@@ -385,6 +385,21 @@ class MeterApi:
             raise ApiError(404, f"no link {name!r}")
         found = await self.store.read(partial(meters.list_operations, kind="raw", target=name, limit=limit))
         return {"exchanges": [r.to_json() for r in found]}
+
+
+async def account_named(store: Store, name: object) -> int:
+    """The id of the account a body names (to own a device); 400 if there is none."""
+
+    def job(session: Session) -> int | None:
+        try:
+            return accounts.account_id(session, accounts.check_name(name, "account"))
+        except accounts.AccountError:
+            return None
+
+    found = await store.read(job)
+    if found is None:
+        raise ApiError(400, f"no account {name!r}")
+    return found
 
 
 def _json_value(value: object) -> object:
