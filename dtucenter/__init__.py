@@ -1,3 +1,3 @@
 """dtucenter: a data center for industrial DTUs."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
