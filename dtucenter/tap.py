@@ -43,7 +43,9 @@ from dtucenter.store.facade import Store
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import TokenFileError, resolve_token
+from dtucenter.web.charts import ChartApi
 from dtucenter.web.definitions import DefinitionApi
+from dtucenter.web.live import LiveFeed
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.site import build_site
 
@@ -287,6 +289,11 @@ def add_api(
     DefinitionApi(
         recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition
     ).install(site.resource)
+    ChartApi(store, recorder, center.now).install(site.resource)
+    live = LiveFeed(top.events, center, store, bridge, reactor)
+    live.setName("live")
+    live.setServiceParent(top)
+    live.install(site.resource)
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)

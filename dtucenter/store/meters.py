@@ -9,11 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
-from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy import and_, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from dtucenter.setting import MAX_NAME
@@ -287,6 +287,27 @@ def query_meter_samples(
         MeterSampleInfo(r.time, r.meter, r.point, typed_value(r.value, meter.point(r.point)))
         for r in session.scalars(query)
     ]
+
+
+def meter_values(
+    session: Session, meter: str, point: str | None, since: dt.datetime, until: dt.datetime,
+    after: tuple[dt.datetime, int] | None = None, limit: int | None = None,
+) -> Iterator[tuple[dt.datetime, int, str, float | None]]:
+    """A meter's samples (one point's) in [since, until), oldest first, as (time, id, point, value): streamed.
+
+    ``after`` (a time and id given before) continues where a page ended, for exports read a page at a time.
+    """
+    query = select(MeterSample.time, MeterSample.id, MeterSample.point, MeterSample.value).where(
+        MeterSample.meter == meter
+    )
+    if point is not None:
+        query = query.where(MeterSample.point == point)
+    if after is not None:
+        query = query.where(
+            or_(MeterSample.time > after[0], and_(MeterSample.time == after[0], MeterSample.id > after[1]))
+        )
+    query = time_window(query, MeterSample, since, until, limit)
+    yield from session.execute(query.execution_options(yield_per=10_000)).tuples()
 
 
 def latest_meter_values(session: Session, meter: MeterInfo) -> list[MeterSampleInfo]:

@@ -33,6 +33,9 @@ T = TypeVar("T")
 
 DEFAULT_COMMANDS = 50
 MAX_COMMANDS = 1000
+#: DTUs in one page of the list, unless ``limit`` says otherwise, and at most.
+DEFAULT_PAGE = 50
+MAX_PAGE = 1000
 
 #: HTTP status for each way a command can fail.
 COMMAND_ERROR_STATUS: dict[type[Exception], int] = {
@@ -156,9 +159,23 @@ class DtuApi:
     # -- records ------------------------------------------------------------------------------
 
     async def list_dtus(self, call: Call) -> Any:
-        call.query(())
-        dtus = await self.store.read(partial(queries.list_dtus, account=call.caller.scope))
-        return {"dtus": [self._dtu_json(info) for info in dtus]}
+        """Every DTU the caller sees; or, with any of q, sort, order, offset and limit, one page and the total."""
+        params = call.query(("q", "sort", "order", "offset", "limit"))
+        if not params:
+            dtus = await self.store.read(partial(queries.list_dtus, account=call.caller.scope))
+            return {"dtus": [self._dtu_json(info) for info in dtus], "total": len(dtus)}
+        sort = params.get("sort", "psn")
+        if sort not in queries.DTU_SORT_KEYS:
+            raise ApiError(400, f"sort must be one of {', '.join(queries.DTU_SORT_KEYS)}, got {sort!r}")
+        limit = limit_param(params, DEFAULT_PAGE, MAX_PAGE)
+        offset_text = params.get("offset", "0")
+        if not offset_text.isdigit():
+            raise ApiError(400, f"offset must be a whole number 0 or more, got {offset_text!r}")
+        page, total = await self.store.read(partial(
+            queries.search_dtus, account=call.caller.scope, text=params.get("q", "").strip(), sort=sort,
+            descending=newest_first_param(params), offset=int(offset_text), limit=limit,
+        ))
+        return {"dtus": [self._dtu_json(info) for info in page], "total": total}
 
     async def get_dtu(self, call: Call, psn: str) -> Any:
         call.query(())
