@@ -15,12 +15,13 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from dtucenter import cli
+from dtucenter.events import DtuOnline, MeterRead
 from dtucenter.store import accounts, queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import METER_SAMPLES
 from dtucenter.store.models import ApiToken
 from dtucenter.web.router import Router
-from tests.support import ApiClient, RunningCenter, make_account, start_center
+from tests.support import ApiClient, RunningCenter, make_account, open_events, start_center
 
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
 #: The first account's DTU, meter and link: what the second account must never see.
@@ -243,6 +244,15 @@ ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     # The shipped templates are the same for every account.
     ("GET", "/api/templates"): (None, "200"),
     ("GET", "/api/templates/{name}"): (None, "200"),
+    # The console: its own session, its own events (a stream: its first events are checked), charts and exports.
+    ("GET", "/api/session"): (None, "200"),
+    ("POST", "/api/session"): (None, "201"),
+    ("DELETE", "/api/session"): (None, "200"),
+    ("GET", "/api/events"): (None, "stream"),
+    ("GET", "/api/dtus/{psn}/chart"): (None, "404"),
+    ("GET", "/api/dtus/{psn}/export"): (None, "404"),
+    ("GET", "/api/meters/{name}/chart"): (None, "404"),
+    ("GET", "/api/meters/{name}/export"): (None, "404"),
 }
 
 
@@ -295,8 +305,21 @@ async def test_every_endpoint_hides_another_accounts_devices(tmp_path: Path, db_
         secrets = ("acme", str(PSN), METER, LINK, API_LINK, "ACME-0002", "1111", "-2222", "3333", "pump", "ACME-0001")
 
         for (method, pattern), (body, expected) in sorted(ENDPOINTS.items()):
-            seen = await beta.call(method, fill(pattern, known=True), body)
             where = f"{method} {pattern}"
+            if expected == "stream":
+                # With acme's DTU, meter and link watched: none of it may come, not even a status event.
+                stream = await open_events(center, beta.token, f"dtu:{PSN},meter:{METER},link:{API_LINK}")
+                try:
+                    center.service.events.publish(DtuOnline(PSN, "127.0.0.1:1", T0))  # type: ignore[attr-defined]
+                    center.service.events.publish(MeterRead(METER, T0, {"power": 3333.0}))  # type: ignore[attr-defined]
+                    # A summary written after them: once it is here, so would they be.
+                    center.service.getServiceNamed("live")._summarize()  # type: ignore[attr-defined]
+                    await stream.until(lambda text: text.count("event: summary") >= 2)
+                    assert not [s for s in secrets if s in stream.text], (where, stream.text)
+                finally:
+                    stream.close()
+                continue
+            seen = await beta.call(method, fill(pattern, known=True), body)
             if expected == "404":
                 nobody = await beta.call(method, fill(pattern, known=False), body)
                 assert seen.status == 404, (where, seen.body)
@@ -308,7 +331,7 @@ async def test_every_endpoint_hides_another_accounts_devices(tmp_path: Path, db_
             elif expected == "403":
                 assert seen.status == 403, (where, seen.body)
             else:
-                assert seen.status == 200, (where, seen.body)
+                assert seen.status == int(expected), (where, seen.body)
                 text_seen = json.dumps(seen.body)
                 assert not [s for s in secrets if s in text_seen], (where, seen.body)
 

@@ -82,7 +82,8 @@ def test_sign_in_watch_live_chart_command_write_and_sign_out(tmp_path: Path) -> 
         driver.find_element(By.CSS_SELECTOR, "nav a[data-page=dtus]").click()
         wait(driver).until(ec.element_to_be_clickable((By.LINK_TEXT, str(PSN)))).click()
         wait(driver).until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "h1"), f"DTU {PSN}"))
-        wait(driver).until(lambda d: int(d.find_element(By.CSS_SELECTOR, ".chart").get_attribute("data-samples") or 0) > 0)
+        chart = driver.find_element(By.CSS_SELECTOR, ".chart")
+        wait(driver).until(lambda d: int(chart.get_attribute("data-samples") or 0) > 0)
         assert driver.find_elements(By.CSS_SELECTOR, ".chart canvas")
         assert re.search(r"\d+ samples in range", text_of(driver, ".chart-caption"))
         # The simulator's register (1, 0) starts at 1000 and drifts a little: so do the latest values shown.

@@ -307,7 +307,7 @@ def meter_values(
             or_(MeterSample.time > after[0], and_(MeterSample.time == after[0], MeterSample.id > after[1]))
         )
     query = time_window(query, MeterSample, since, until, limit)
-    yield from session.execute(query.execution_options(yield_per=10_000)).tuples()
+    yield from session.execute(query.execution_options(yield_per=10_000))
 
 
 def latest_meter_values(session: Session, meter: MeterInfo) -> list[MeterSampleInfo]:

@@ -306,7 +306,7 @@ class LiveFeed(Service):
         stream = LiveStream(self, request, caller, visible, watch)
         self.streams.add(stream)
         stream.send(f"retry: {RETRY_MS}\n\n".encode())
-        stream.send(frame("hello", {"account": caller.account, "admin": caller.admin, "watch": sorted(watch)}))
+        stream.send(frame("hello", {"account": caller.account, "admin": caller.admin}))
         self._replay(stream, last_id)
         stream.send(frame("summary", self.summary(stream, 0.0)))
 
