@@ -1,6 +1,6 @@
 """console_sessions: browsers signed in to the web console, each with the digest of the token it used
 
-Revision ID: 0005_console
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-30
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0005_console'
+revision: str = '0005'
 down_revision: str | None = '0004'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
