@@ -44,6 +44,7 @@ from dtucenter.store.recorder import MeterRecorder
 from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.charts import ChartApi
+from dtucenter.web.console_site import console_url
 from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.live import LiveFeed
 from dtucenter.web.meters import MeterApi
@@ -297,6 +298,12 @@ def add_api(
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)
+    # Where to point a browser, once known; a listener that failed is reported by require_listening.
+    listener.when_listening().addCallbacks(
+        lambda port: log.info("Web console: {url} (sign in with an API token)",
+                              url=console_url(port.getHost(), tls=settings.api.startswith(("ssl:", "tls:")))),
+        lambda _: None,
+    )
 
 
 def add_manhole(

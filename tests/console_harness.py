@@ -10,6 +10,7 @@ the harness closes, pass or fail (tests/support.py).
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import socket
 import subprocess
@@ -104,10 +105,7 @@ class Fleet:
         self.modbus_port = free_port()
         self.processes: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         self.token = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}/"
+        self.url = ""
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = self.workdir / f"{name}.log"
@@ -138,6 +136,10 @@ class Fleet:
 
         wait_for(listening, "the center to listen")
         self.token = token_file.read_text().strip()
+        # The URL a user is told to open: the one the center logs.
+        log = self.workdir / "center.log"
+        found = wait_for(lambda: re.search(r"Web console: (\S+)", log.read_text(errors="replace")), "the console's URL")
+        self.url = found.group(1)
 
     def start_dtus(self, psn: int, count: int = 1, interval: float = 2.0) -> None:
         self._start(f"sim-dtu-{psn}", [

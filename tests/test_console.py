@@ -20,6 +20,7 @@ import treq
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.client import HTTPConnectionPool
@@ -31,7 +32,7 @@ from dtucenter.store.facade import METER_SAMPLES
 from dtucenter.store.models import ConsoleSession
 from dtucenter.web import live
 from dtucenter.web.auth import Caller
-from dtucenter.web.console_site import session_cookie
+from dtucenter.web.console_site import console_url, session_cookie
 from dtucenter.web.downsample import Downsampler
 from tests.support import STEP_TIMEOUT, ApiClient, RunningCenter, make_account, open_events, start_center
 
@@ -162,6 +163,12 @@ def test_sessions_expire_and_expired_ones_are_swept(db_url: str) -> None:
         engine.dispose()
 
 
+def test_the_console_url_in_the_log_is_one_a_browser_on_the_machine_opens() -> None:
+    assert console_url(IPv4Address("TCP", "0.0.0.0", 8080), tls=False) == "http://127.0.0.1:8080/"
+    assert console_url(IPv4Address("TCP", "10.0.0.5", 8080), tls=False) == "http://10.0.0.5:8080/"
+    assert console_url(IPv6Address("TCP", "::1", 8443), tls=True) == "https://[::1]:8443/"
+
+
 def test_the_cookie_is_secure_over_tls() -> None:
     assert session_cookie("s", 60, secure=True).endswith("; Secure")
     assert "Secure" not in session_cookie("s", 60, secure=False)
@@ -182,6 +189,15 @@ async def test_the_console_files_are_served_from_the_package(tmp_path: Path) -> 
         # The API keeps answering JSON under /api/, an unknown endpoint included.
         unknown = await center.api().get("/api/nothing-here")
         assert unknown.status == 404
+        # A route added outside /api/ (as /metrics would be) goes before the console's files.
+        router = center.service.getServiceNamed("api").factory.resource  # type: ignore[attr-defined]
+
+        async def metrics(call: Any) -> Any:
+            return {"metrics": True}
+
+        router.add("GET", "/metrics", metrics)
+        assert (await center.api().get("/metrics")).body == {"metrics": True}
+        assert (await browser(center, "GET", "/metrics/more")).status == 404
     finally:
         await center.stop()
 

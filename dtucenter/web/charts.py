@@ -61,6 +61,37 @@ def _positive(params: dict[str, str], name: str, default: float | None, most: fl
     return value
 
 
+def reduce_dtu_samples(
+    session: Session, psn: int, scope: int | None, sampler: Downsampler, since: dt.datetime, until: dt.datetime,
+) -> dict[int, tuple[int, int]] | None:
+    """Feeds ``sampler`` the DTU's uploads in the range; its register places, or None if ``scope`` may not see it."""
+    if queries.get_dtu(session, psn, scope) is None:
+        return None
+    for time, _, values in queries.upload_values(session, psn, since, until):
+        sampler.add_row(time.timestamp(), values)
+    return queries.register_places(session, psn)
+
+
+def reduce_meter_samples(
+    session: Session, meter: str, point: str | None, scope: int | None, sampler: Downsampler, since: dt.datetime,
+    until: dt.datetime,
+) -> list[str] | None:
+    """Feeds ``sampler`` the meter's samples in the range, a series per point; the points' names, or None if
+    ``scope`` may not see the meter."""
+    info = meters.get_meter(session, meter, scope)
+    if info is None:
+        return None
+    names = [p["name"] for p in info.points if point is None or p["name"] == point]
+    index = {n: i for i, n in enumerate(names)}
+    for time, _, found, value in meters.meter_values(session, meter, point, since, until):
+        series = index.get(found)
+        if series is None:  # a point that left the definition, still stored
+            series = index[found] = len(names)
+            names.append(found)
+        sampler.add(time.timestamp(), series, value)
+    return names
+
+
 class ChartApi:
     def __init__(self, store: Store, recorder: MeterRecorder, now: Callable[[], dt.datetime]) -> None:
         self.store = store
@@ -92,16 +123,9 @@ class ChartApi:
         number = _psn(psn)
         since, until = self._range(params)
         sampler = self._sampler(params, since, until)
-        scope = call.caller.scope
-
-        def job(session: Session) -> dict[int, tuple[int, int]] | None:
-            if queries.get_dtu(session, number, scope) is None:
-                return None
-            for time, _, values in queries.upload_values(session, number, since, until):
-                sampler.add_row(time.timestamp(), values)
-            return queries.register_places(session, number)
-
-        places = await self.store.read(job)
+        places = await self.store.read(
+            partial(reduce_dtu_samples, psn=number, scope=call.caller.scope, sampler=sampler, since=since, until=until)
+        )
         if places is None:
             raise ApiError(404, f"no DTU {number}")
         body = sampler.result()
@@ -142,24 +166,11 @@ class ChartApi:
         point = params.get("point")
         since, until = self._range(params)
         sampler = self._sampler(params, since, until)
-        scope = call.caller.scope
         await self.recorder.synced()
-
-        def job(session: Session) -> list[str] | None:
-            info = meters.get_meter(session, name, scope)
-            if info is None:
-                return None
-            names = [p["name"] for p in info.points if point is None or p["name"] == point]
-            index = {n: i for i, n in enumerate(names)}
-            for time, _, found, value in meters.meter_values(session, name, point, since, until):
-                series = index.get(found)
-                if series is None:  # a point that left the definition, still stored
-                    series = index[found] = len(names)
-                    names.append(found)
-                sampler.add(time.timestamp(), series, value)
-            return names
-
-        names = await self.store.read(job)
+        names = await self.store.read(partial(
+            reduce_meter_samples, meter=name, point=point, scope=call.caller.scope, sampler=sampler, since=since,
+            until=until,
+        ))
         if names is None:
             raise ApiError(404, f"no meter {name!r}")
         body = sampler.result()

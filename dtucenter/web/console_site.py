@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -57,6 +58,18 @@ SECURITY_HEADERS = {
     b"Referrer-Policy": b"no-referrer",
     b"X-Frame-Options": b"DENY",
 }
+
+
+def console_url(address: IAddress, tls: bool) -> str:
+    """The URL a browser on this machine opens the console at, for the start-up log."""
+    host = getattr(address, "host", "127.0.0.1")
+    port = getattr(address, "port", None)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # listening on every interface: this machine's own address works
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://{host}/" if port is None else f"{scheme}://{host}:{port}/"
 
 
 def session_cookie(value: str, max_age: int, secure: bool) -> str:

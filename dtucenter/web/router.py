@@ -247,7 +247,7 @@ class Router(Resource):
         super().__init__()
         self._authenticator = authenticator
         self._routes: list[Route] = []
-        #: What answers the paths outside /api/ (the web console); None: they are 404s like any unknown path.
+        #: What answers the paths outside /api/ that no route takes (the web console); None: they are 404s.
         self.fallback: Resource | None = None
 
     @property
@@ -264,10 +264,18 @@ class Router(Resource):
         self._routes.append(Route(method, tuple(_segments(pattern)), handler))
 
     def render(self, request: server.Request) -> int:
-        if self.fallback is not None and not _is_api(request.path):
+        if self.fallback is not None and not _is_api(request.path) and not self._routed(request.path):
             return self.fallback.render(request)  # type: ignore[no-any-return]
         ensureDeferred(self._respond(request))
         return server.NOT_DONE_YET
+
+    def _routed(self, path: bytes) -> bool:
+        """Whether a route takes this path (a route outside /api/, such as /metrics, goes before the console)."""
+        try:
+            segments = _segments(path.decode("utf-8"))
+        except UnicodeDecodeError:
+            return False
+        return any(route.match(segments) is not None for route in self._routes)
 
     async def _respond(self, request: server.Request) -> None:
         gone: list[bool] = []
