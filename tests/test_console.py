@@ -247,7 +247,7 @@ async def test_live_events_are_filtered_per_account_and_resume(tmp_path: Path, d
         hub.publish(DtuOffline(PSN, "127.0.0.1:1000", T0))
         hub.publish(UploadStored(PSN, T0, (5, 6)))
         resumed = await open_events(center, cookie=cookie, watch=f"dtu:{PSN}", last_id=last_id)
-        stale = await open_events(center, cookie=cookie, last_id="not-this-center-1")
+        stale = await open_events(center, cookie=cookie, last_id=f"{feed.epoch}-\u00b2")
         fresh = await open_events(center, cookie=cookie)
         try:
             await resumed.until(lambda text: "event: summary" in text)
@@ -515,7 +515,7 @@ async def test_the_dtu_list_is_searched_sorted_and_paged_by_the_database(tmp_pat
         # An account's page holds only its own DTUs.
         acme: ApiClient = await make_account(admin, "acme")
         assert (await acme.get("/api/dtus?q=pump")).body == {"dtus": [], "total": 0}
-        for query in ("sort=password", "offset=-1", "limit=0", "order=up"):
+        for query in ("sort=password", "offset=-1", "offset=%C2%B2", "offset=99999999999", "limit=0", "order=up"):
             assert (await admin.get(f"/api/dtus?{query}")).status == 400, query
     finally:
         await center.stop()

@@ -169,8 +169,8 @@ class DtuApi:
             raise ApiError(400, f"sort must be one of {', '.join(queries.DTU_SORT_KEYS)}, got {sort!r}")
         limit = limit_param(params, DEFAULT_PAGE, MAX_PAGE)
         offset_text = params.get("offset", "0")
-        if not offset_text.isdigit():
-            raise ApiError(400, f"offset must be a whole number 0 or more, got {offset_text!r}")
+        if not (offset_text.isascii() and offset_text.isdigit()) or len(offset_text) > 9:
+            raise ApiError(400, f"offset must be a whole number 0..999999999, got {offset_text!r}")
         page, total = await self.store.read(partial(
             queries.search_dtus, account=call.caller.scope, text=params.get("q", "").strip(), sort=sort,
             descending=newest_first_param(params), offset=int(offset_text), limit=limit,

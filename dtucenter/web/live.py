@@ -126,7 +126,7 @@ class Visible:
             return True
         kind, _, name = key.partition(":")
         if kind == "dtu":
-            return name.isdigit() and int(name) in self.dtus
+            return name.isascii() and name.isdigit() and int(name) in self.dtus
         return name in (self.meters if kind == "meter" else self.links)
 
 
@@ -319,7 +319,8 @@ class LiveFeed(Service):
             return
         epoch, _, number = last_id.partition("-")
         oldest = self.ring[0].seq if self.ring else self.seq + 1
-        if epoch != self.epoch or not number.isdigit() or not oldest - 1 <= int(number) <= self.seq:
+        known = epoch == self.epoch and number.isascii() and number.isdigit()
+        if not known or not oldest - 1 <= int(number) <= self.seq:
             stream.send(frame("resync", {"reason": "the events since your last one are no longer kept"}))
             return
         for event in self.ring:

@@ -458,7 +458,7 @@ async function dtuPage(psnText, current) {
         const answer = await api("POST", base + path, body);
         loadTrail();
         return answer;
-      }).then(() => loadTrail());
+      });
     }}, h("h3", {}, title), field(labelText, text), button, out);
   };
   const sendTest = h("input", {type: "number", min: 0, max: 255, value: setup.send_test_time});
@@ -537,7 +537,7 @@ async function meterList(_, current) {
     found.meters.length ? h("div.scroll", {}, h("table", {}, h("thead", {}, h("tr", {},
       ["Meter", "Link", "Unit", "Interval", "Polls", "Link state", "Last good poll", "Account"].map((t) => h("th", {scope: "col"}, t)))), body))
       : h("p.muted", {}, "No meters."));
-  listen("", {meter_failed: () => {}, "*": () => {}});
+  listen("", {});
 }
 
 async function meterPage(name, current) {
