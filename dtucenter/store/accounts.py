@@ -19,7 +19,7 @@ import attrs
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from dtucenter.store.models import Account, ApiToken, Dtu, Meter
+from dtucenter.store.models import Account, ApiToken, Dtu, Meter, MeterTemplate
 
 #: The account the schema migration makes and gives every existing DTU and meter.
 FIRST_ADMIN = "admin"
@@ -157,6 +157,7 @@ def remove_account(session: Session, name: str) -> None:
     if row.admin and admins <= 1:
         raise AccountConflict(f"account {name!r} is the last admin account")
     session.execute(delete(ApiToken).where(ApiToken.account_id == row.id))
+    session.execute(delete(MeterTemplate).where(MeterTemplate.account_id == row.id))
     session.delete(row)
 
 
