@@ -9,8 +9,8 @@ account it means with ``account`` (in the body, or ``?account=`` where there is 
 
 A replacement must raise the version (409 otherwise). The meters made from the template
 follow it: their points are replaced in the same transaction, and the bridge polls them
-with the new points from their next poll. A replacement that one of those meters cannot
-take (a point its meter's block limits refuse, say) is refused whole (409, naming it).
+with the new points from their next poll. Each is read again by the meter reader with the
+new template; should one fail it, the replacement is refused whole (409, naming it).
 Deleting a template that meters are made from is refused (409, naming them).
 """
 
