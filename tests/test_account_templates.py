@@ -80,6 +80,9 @@ async def test_a_meter_follows_its_accounts_template_live(tmp_path: Path, db_url
         )
         used = await acme.call("DELETE", "/api/templates/acme-meter")
         assert used.status == 409 and "meters m1" in used.error, used.body
+        # An admin's write of acme's meter resolves its template for acme, not for the admin.
+        assert (await admin.call("PUT", "/api/meters/m1", METER)).status == 200
+        assert [point["name"] for point in (await admin.get("/api/meters/m1")).body["points"]] == ["volts", "amps"]
         moved = await admin.call("PUT", "/api/meters/m1/account", {"account": "beta"})
         assert moved.status == 409 and "template 'acme-meter' of account 'acme'" in moved.error, moved.body
 
@@ -97,6 +100,13 @@ async def test_a_meter_follows_its_accounts_template_live(tmp_path: Path, db_url
         ]
         remade = await acme.post("/api/meters", {**METER, "name": "m2"})
         assert remade.status == 400 and "no template named 'acme-meter'" in remade.error
+        # beta still has a template: the account is not removed until it is deleted.
+        assert (await beta.post("/api/templates", {**TEMPLATE, "name": "beta-meter"})).status == 201
+        assert (await beta.call("DELETE", "/api/links/b-site")).status == 200
+        kept = await admin.call("DELETE", "/api/accounts/beta")
+        assert (kept.status, kept.error) == (409, "account 'beta' still owns 1 meter templates: delete them first")
+        assert (await beta.call("DELETE", "/api/templates/beta-meter")).status == 200
+        assert (await admin.call("DELETE", "/api/accounts/beta")).status == 200
     finally:
         await dtu.stop()
         await center.stop()

@@ -129,7 +129,7 @@ def create_account(session: Session, name: str, admin: bool, now: dt.datetime) -
     return get_account(session, name)
 
 
-def _count(session: Session, model: type[Dtu | Meter | ApiToken], owner: int) -> int:
+def _count(session: Session, model: type[Dtu | Meter | ApiToken | MeterTemplate], owner: int) -> int:
     return session.scalar(select(func.count()).select_from(model).where(model.account_id == owner)) or 0
 
 
@@ -153,11 +153,15 @@ def remove_account(session: Session, name: str) -> None:
     owned = _count(session, Dtu, row.id) + _count(session, Meter, row.id)
     if owned:
         raise AccountConflict(f"account {name!r} still owns {owned} DTUs and meters: move or delete them first")
+    # Refused rather than deleted with it: a running center holds templates by account id,
+    # which the next account made may be given again.
+    templates = _count(session, MeterTemplate, row.id)
+    if templates:
+        raise AccountConflict(f"account {name!r} still owns {templates} meter templates: delete them first")
     admins = session.scalar(select(func.count()).select_from(Account).where(Account.admin.is_(True))) or 0
     if row.admin and admins <= 1:
         raise AccountConflict(f"account {name!r} is the last admin account")
     session.execute(delete(ApiToken).where(ApiToken.account_id == row.id))
-    session.execute(delete(MeterTemplate).where(MeterTemplate.account_id == row.id))
     session.delete(row)
 
 
