@@ -270,12 +270,15 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
 
     One that cannot be read or served is logged and skipped: the others still start.
     """
-    for row in await store.read(device_templates.list_templates):
-        source = f"database: template {row.name!r} of account {row.account!r}"
-        try:
-            templates.put(row.account_id, read_template(json.loads(row.document), source))
-        except ValueError as e:  # a ConfigError, bad JSON, a shipped name
-            log.error("{source}: not loaded: {error}", source=source, error=e)
+    try:
+        for row in await store.read(device_templates.list_templates):
+            source = f"database: template {row.name!r} of account {row.account!r}"
+            try:
+                templates.put(row.account_id, read_template(json.loads(row.document), source))
+            except ValueError as e:  # a ConfigError, bad JSON, a shipped name
+                log.error("{source}: not loaded: {error}", source=source, error=e)
+    finally:  # the API's writers wait for it, loaded or not
+        templates.finish_loading()
     for name, definition in await store.read(device_links.api_link_definitions):
         source = f"database: link {name!r}"
         try:

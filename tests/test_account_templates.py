@@ -16,6 +16,7 @@ from pymodbus.framer import FramerType
 from sqlalchemy import inspect, text
 
 from dtucenter import cli
+from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.store import schema
 from dtucenter.store.db import open_engine
 from tests.modbus.interop_support import FakeDtu, PymodbusServer
@@ -165,6 +166,26 @@ async def check_refusals(acme: ApiClient) -> None:
         assert answer.status == 409 and "shipped with the center" in answer.error, (method, answer.body)
     renamed = await acme.call("PUT", "/api/templates/acme-meter", {**VERSION_2, "name": "other", "version": 9})
     assert renamed.status == 400
+
+
+def test_the_catalog_resolves_a_name_for_one_account_only() -> None:
+    catalog = TemplateCatalog()
+    own = read_template(TEMPLATE, "acme's")
+    catalog.put(1, own)
+    assert catalog.find(1, "acme-meter") is own
+    assert catalog.finder(1)("eastron-sdm120") is catalog.shipped["eastron-sdm120"]
+    with pytest.raises(LookupError) as unknown:
+        catalog.find(2, "acme-meter")
+    assert str(unknown.value) == f"no template named 'acme-meter' (templates: {', '.join(catalog.shipped)})"
+    with pytest.raises(ValueError, match="shipped with the center"):
+        catalog.put(1, catalog.shipped["eastron-sdm120"])
+    catalog.remove(1, "acme-meter")
+    assert catalog.own(1) == {}
+
+    waiting = catalog.loaded()
+    assert not waiting.called
+    catalog.finish_loading()
+    assert waiting.called and catalog.loaded().called
 
 
 # -- offline, and from start -----------------------------------------------------------------------

@@ -223,6 +223,7 @@ class DefinitionApi:
 
     async def create_meter(self, call: Call) -> Reply:
         body, owner = await self._body(call, None)
+        await self.templates.loaded()
         settings, check_template = self._meter(body, owner)
         bridge = self.bridge
         scope, spec, now = call.caller.scope, meter_spec(settings), self.now()
@@ -247,6 +248,7 @@ class DefinitionApi:
         owner = await self.store.read(partial(device_meters.meter_owner, name=name, account=scope))
         if owner is None:
             raise ApiError(404, f"no meter {name!r}")
+        await self.templates.loaded()
         settings, check_template = self._meter(body, owner)
         bridge = self.bridge
         spec, config_file = meter_spec(settings), self.config_file

@@ -123,6 +123,7 @@ class TemplateApi:
     async def create_template(self, call: Call) -> Reply:
         body, account_id, account = await body_and_owner(call, self.store, None)
         template = self._read(body)
+        await self.catalog.loaded()
         await write_or_refuse(self.recorder, partial(
             stored.create_template, account=account_id, name=template.name, version=template.version,
             document=json.dumps(body), who=call.who, now=self.now(),
@@ -134,6 +135,7 @@ class TemplateApi:
         self._refuse_shipped(name)
         body, account_id, account = await body_and_owner(call, self.store, name)
         template = self._read(body)
+        await self.catalog.loaded()
         users = await self.store.read(partial(stored.meters_using, account=account_id, name=name))
         meters = [self._remade(meter, definition, self._finder(account_id, template)) for meter, definition in users]
         found = await write_or_refuse(self.recorder, partial(
@@ -164,6 +166,7 @@ class TemplateApi:
     async def delete_template(self, call: Call, name: str) -> Any:
         self._refuse_shipped(name)
         account_id, _ = await self._account(call, call.query(("account",)).get("account"))
+        await self.catalog.loaded()
         found = await write_or_refuse(self.recorder, partial(
             stored.delete_template, account=account_id, name=name, who=call.who, now=self.now(),
         ))

@@ -35,6 +35,7 @@ from types import MappingProxyType
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 
 from dtucenter.modbus.points import Point, read_points
 from dtucenter.setting import (
@@ -160,11 +161,32 @@ class TemplateCatalog:
     then the shipped ones. Another account's template is not found, as an unknown one is.
     Accounts are the keys the caller owns them by (the store's account ids); this module
     knows nothing else of them.
+
+    The center fills it from the database at start, after the API starts listening:
+    writers that depend on what it holds await :meth:`loaded` first, so that a request
+    in the first moments neither misses an account's template nor races the loading.
     """
 
     def __init__(self, shipped: Mapping[str, Template] | None = None) -> None:
         self.shipped = shipped_templates() if shipped is None else shipped
         self._own: dict[int, dict[str, Template]] = {}
+        self._loaded = False
+        self._waiting: list[Deferred[None]] = []
+
+    def loaded(self) -> Deferred[None]:
+        """Fires once :meth:`finish_loading` has been called (at once if it has)."""
+        if self._loaded:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    def finish_loading(self) -> None:
+        """The stored templates are in (or could not be read: then the loader logged why)."""
+        self._loaded = True
+        waiting, self._waiting = self._waiting, []
+        for each in waiting:
+            each.callback(None)
 
     def own(self, account: int) -> Mapping[str, Template]:
         """The account's own templates, by name."""
