@@ -159,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     template = commands.add_parser(
         "template", help="the meter templates shipped with the center, and accounts' own"
     ).add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = template.add_parser("list", help="list the shipped templates")
+    listing = template.add_parser("list", help="list the shipped templates, and with --db the accounts' own")
     listing.add_argument("--json", action="store_true", help="as JSON")
+    listing.add_argument("--db", help="also the accounts' own templates stored in this database (SQLAlchemy URL)")
+    listing.add_argument("--account", help="with --db: only this account's own")
     listing.set_defaults(offline=cmd_template_list)
     show = template.add_parser("show", help="print a template's file, to read or to copy as one's own")
     show.add_argument("name")
@@ -416,14 +418,42 @@ def cmd_db_history(engine: Engine, out: TextIO) -> None:
 
 
 def cmd_template_list(args: argparse.Namespace, out: TextIO) -> None:
-    summaries = [template.summary() for template in shipped_templates().values()]
+    """As ``GET /api/templates``: the shipped ones (``account`` None), then the accounts' own."""
+    summaries: list[dict[str, Any]] = [
+        {**template.summary(), "account": None} for template in shipped_templates().values()
+    ]
+    if args.db is not None:
+        summaries += _stored_summaries(args.db, args.account)
+    elif args.account is not None:
+        raise CommandError("--account lists an account's own templates: give --db too")
     if args.json:
         json.dump({"templates": summaries}, out, indent=2)
         out.write("\n")
         return
     for summary in summaries:
-        out.write(f"{summary['name']}\tversion {summary['version']}\t{summary['points']} points\t"
+        owner = f"\taccount {summary['account']}" if summary["account"] is not None else ""
+        out.write(f"{summary['name']}\tversion {summary['version']}\t{summary['points']} points{owner}\t"
                   f"{summary['description']}\n")
+
+
+def _stored_summaries(url: str, account: str | None) -> list[dict[str, Any]]:
+    try:
+        engine = open_engine(url)
+    except (DatabaseURLError, schema.SchemaError) as e:
+        raise CommandError(f"--db: {e}") from None
+    try:
+        with Session(engine) as session:
+            owner = None if account is None else accounts.account_id(session, account)
+            rows = stored_templates.list_templates(session, owner)
+    except accounts.AccountError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        engine.dispose()
+    return [
+        {**read_template(json.loads(row.document), f"database: template {row.name!r}").summary(),
+         "account": row.account}
+        for row in rows
+    ]
 
 
 def cmd_template_show(args: argparse.Namespace, out: TextIO) -> None:

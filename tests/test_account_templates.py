@@ -227,6 +227,11 @@ async def test_templates_added_offline_are_used_from_the_next_start(
     ))
     assert run_cli("template", "remove", "acme-meter", "--account", "acme", *db)[0] == 1
     assert "used by meters m1" in capsys.readouterr().err
+    status, listed = run_cli("template", "list", "--json", "--account", "acme", *db)
+    own = [(t["name"], t["version"], t["points"]) for t in json.loads(listed)["templates"] if t["account"] == "acme"]
+    assert status == 0 and own == [("acme-meter", 2, 2)]
+    status, listed = run_cli("template", "list", *db)
+    assert status == 0 and "acme-meter\tversion 2\t2 points\taccount acme\tvoltage and current" in listed
     assert run_cli("template", "add", first.replace("acme-meter.toml", "nowhere.toml"), *db)[0] == 1
 
     bus = PymodbusServer([sdm120(1)], framer=FramerType.RTU).start()
