@@ -90,6 +90,11 @@ async def test_a_meter_follows_its_accounts_template_live(tmp_path: Path, db_url
         await check_scoping(admin, acme, beta)
         await check_refusals(acme)
 
+        # An admin writes acme's template by naming the account.
+        by_admin = await admin.call("PUT", "/api/templates/acme-meter", {**without_name(VERSION_2), "version": 3,
+                                                                         "account": "acme"})
+        assert (by_admin.status, by_admin.body["account"], by_admin.body["meters"]) == (200, "acme", ["m1"])
+
         # Once no meter is made from it, it goes; the trail names each write and who made it.
         assert (await acme.call("DELETE", "/api/meters/m1")).status == 200
         gone = await acme.call("DELETE", "/api/templates/acme-meter")
@@ -97,7 +102,8 @@ async def test_a_meter_follows_its_accounts_template_live(tmp_path: Path, db_url
         assert (await acme.get("/api/templates/acme-meter")).status == 404
         edits = (await admin.get("/api/templates/acme-meter/edits?account=acme")).body["edits"]
         assert [(e["action"], e["version"], e["who"]) for e in edits] == [
-            ("delete", 2, "acme/ops"), ("replace", 2, "acme/ops"), ("create", 1, "acme/ops"),
+            ("delete", 3, "acme/ops"), ("replace", 3, "admin/api-token"), ("replace", 2, "acme/ops"),
+            ("create", 1, "acme/ops"),
         ]
         remade = await acme.post("/api/meters", {**METER, "name": "m2"})
         assert remade.status == 400 and "no template named 'acme-meter'" in remade.error
