@@ -269,6 +269,10 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
     API made (the file's are served already), each meter's template resolved for its account.
 
     One that cannot be read or served is logged and skipped: the others still start.
+    ``templates`` is marked loaded only once all of it is done, loaded or not: the API's
+    writers wait for that, so that a link or meter written in the first moments neither
+    misses a stored template nor is served twice (once by the API, once from the row it
+    wrote, read here).
     """
     try:
         for row in await store.read(device_templates.list_templates):
@@ -277,20 +281,20 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
                 templates.put(row.account_id, read_template(json.loads(row.document), source))
             except ValueError as e:  # a ConfigError, bad JSON, a shipped name
                 log.error("{source}: not loaded: {error}", source=source, error=e)
-    finally:  # the API's writers wait for it, loaded or not
+        for name, definition in await store.read(device_links.api_link_definitions):
+            source = f"database: link {name!r}"
+            try:
+                bridge.add_link(read_link_definition(json.loads(definition), source))
+            except (ValueError, UsageError) as e:  # a ConfigError, a LinkConflict, bad JSON
+                log.error("{source}: not served: {error}", source=source, error=e)
+        for name, account, definition in await store.read(device_meters.api_meter_definitions):
+            source = f"database: meter {name!r}"
+            try:
+                bridge.set_meter(read_meter_definition(json.loads(definition), source, templates.finder(account)))
+            except (ValueError, LookupError, UsageError) as e:  # a ConfigError, an UnknownLink, bad JSON
+                log.error("{source}: not polled: {error}", source=source, error=e)
+    finally:
         templates.finish_loading()
-    for name, definition in await store.read(device_links.api_link_definitions):
-        source = f"database: link {name!r}"
-        try:
-            bridge.add_link(read_link_definition(json.loads(definition), source))
-        except (ValueError, UsageError) as e:  # a ConfigError, a LinkConflict, bad JSON
-            log.error("{source}: not served: {error}", source=source, error=e)
-    for name, account, definition in await store.read(device_meters.api_meter_definitions):
-        source = f"database: meter {name!r}"
-        try:
-            bridge.set_meter(read_meter_definition(json.loads(definition), source, templates.finder(account)))
-        except (ValueError, LookupError, UsageError) as e:  # a ConfigError, an UnknownLink, bad JSON
-            log.error("{source}: not polled: {error}", source=source, error=e)
 
 
 def add_api(
