@@ -18,7 +18,6 @@ from dtucenter.web.console_site import ConsoleFiles, SessionApi
 from dtucenter.web.dtus import DtuApi
 from dtucenter.web.router import BoundedRequest, JsonErrorChannel, Router
 from dtucenter.web.status import StatusApi
-from dtucenter.web.templates import TemplateApi
 
 
 def build_site(
@@ -31,7 +30,6 @@ def build_site(
     AccountApi(store, center.now).install(router)
     DtuApi(center, control, store).install(router)
     StatusApi(center, store, bridge).install(router)
-    TemplateApi().install(router)
     site = ApiSite(router)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
