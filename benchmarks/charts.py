@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import struct
 import tempfile
 import time
@@ -18,10 +19,11 @@ from pathlib import Path
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from dtucenter.store import meters, queries
+from dtucenter.store import queries
+from dtucenter.store.accounts import first_admin_id
 from dtucenter.store.db import open_engine
-from dtucenter.store.models import MeterSample, Sample
-from dtucenter.web.charts import reduce_dtu_samples
+from dtucenter.store.models import Meter, MeterSample, Sample
+from dtucenter.web.charts import reduce_dtu_samples, reduce_meter_samples
 from dtucenter.web.downsample import Downsampler
 
 START = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
@@ -33,6 +35,8 @@ def fill(engine: object, seconds: int) -> None:
     values = [struct.pack(">8h", *(i % 1000 + k for k in range(8))) for i in range(1000)]
     with Session(engine) as session, session.begin():  # type: ignore[call-overload]
         queries.upsert_dtu(session, PSN, {}, START)
+        session.add(Meter(name="m", account_id=first_admin_id(session), link="l", unit=1, interval=1.0,
+                          points=json.dumps([{"name": "power", "table": "holding", "address": 0}])))
     for first in range(0, seconds, CHUNK):
         span = range(first, min(first + CHUNK, seconds))
         with Session(engine) as session, session.begin():  # type: ignore[call-overload]
@@ -68,9 +72,7 @@ def main() -> None:
             sampler = Downsampler(since.timestamp(), until.timestamp(), 1000)
             began = time.perf_counter()
             with Session(engine) as session:
-                # As reduce_meter_samples reads and reduces them, without the meter row it looks up first.
-                for stamp, _, _, value in meters.meter_values(session, "m", "power", since, until):
-                    sampler.add(stamp.timestamp(), 0, value)
+                reduce_meter_samples(session, "m", "power", None, sampler, since, until)
             meter_took = time.perf_counter() - began
             print(f"{days:g} days: DTU chart ({int(days * 86400)} uploads x 8 values -> {points} points) "
                   f"{dtu_took:.2f} s; meter point chart {meter_took:.2f} s")

@@ -1,7 +1,7 @@
 """``python -m benchmarks.screenshots``: the console's screenshots in docs/console/, taken anew.
 
 Starts the real center, simulated DTUs and a simulated meter
-(tests/console_harness.py), lets them run for a minute so the charts have
+(tests/console_harness.py), lets them run for three minutes so the charts have
 something to draw, signs in with headless Chromium and saves each main page
 as a PNG, at desktop and phone width. docs/console.md shows them.
 """
@@ -39,7 +39,7 @@ def show(driver: Any, page: str, ready: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.screenshots", description=__doc__)
-    parser.add_argument("--warm-up", type=float, default=60.0, help="seconds of data before the shots (default 60)")
+    parser.add_argument("--warm-up", type=float, default=180.0, help="seconds of data before the shots (default 180)")
     args = parser.parse_args()
     missing = chromium_available()
     if missing:
@@ -53,7 +53,7 @@ def main() -> None:
         # Let the charts fill: the center stores what the simulators send meanwhile.
         wait_for(lambda: time.monotonic() - started > args.warm_up, "the warm-up", timeout=args.warm_up + PATIENCE)
         shots = [
-            ("overview", "#/overview", ".events li"),
+            ("overview", "#/overview", "[data-card=dtus] .value:not(:empty)"),
             ("dtus", "#/dtus", "tbody tr"),
             ("dtu", f"#/dtus/{FIRST_PSN}", ".chart canvas"),
             ("meter", f"#/meters/{METER}", ".chart canvas"),
@@ -64,6 +64,13 @@ def main() -> None:
             driver.set_window_size(width, height)
             for name, page, ready in shots:
                 show(driver, page, ready)
+                if name == "overview":  # the numbers come with the first summary
+                    wait_for(lambda: "…" not in driver.find_element(By.CSS_SELECTOR, "[data-card=dtus] .value").text,
+                             "the overview's numbers")
+                if name in ("dtu", "meter"):  # the minutes the simulators have run, not an hour mostly empty
+                    driver.find_element(By.CSS_SELECTOR, ".chart-section select option[value='300']").click()
+                    wait_for(lambda: "samples in range" in driver.find_element(By.CSS_SELECTOR, ".chart-caption").text,
+                             "the chart")
                 # The page has drawn once its chart (or list) is there; the summary comes within one interval.
                 wait_for(lambda: driver.execute_script("return document.readyState") == "complete", "the page")
                 driver.execute_script("window.scrollTo(0, 0)")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.procs import free_port
 from tests.support import end_process_group, start_process
 
 VENV_BIN = Path(sys.executable).parent
@@ -75,12 +76,6 @@ def chromium_available() -> str | None:
     except ImportError:
         return "selenium is not installed (pip install -e '.[test]')"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = PATIENCE) -> Any:

@@ -405,6 +405,27 @@ def between(since: dt.datetime, until: dt.datetime) -> str:
     return urlencode({"since": since.isoformat(), "until": until.isoformat()})
 
 
+def test_the_gap_threshold_counts_polls_not_the_points_each_poll_reads() -> None:
+    sampler = Downsampler(0.0, 100.0, 1000)  # buckets narrower than the polls: only real gaps may show
+    for time in range(0, 100, 10):
+        for series in range(5):
+            sampler.add(float(time), series, 1.0)
+    result = sampler.result()
+    assert result["gap_s"] == pytest.approx(30.0) and result["gaps"] == 0
+
+
+def test_rows_of_different_lengths_and_value_by_value_feeding_agree() -> None:
+    rows = [(0.0, (1, 2, 3)), (1.0, (4,)), (2.0, (0, 9)), (3.0, (7, 1, 5, 2))]
+    by_row, by_value = Downsampler(0.0, 10.0, 1), Downsampler(0.0, 10.0, 1)
+    for time, row in rows:
+        by_row.add_row(time, row)
+        for series, value in enumerate(row):
+            by_value.add(time, series, value)
+    assert by_row.result()["min"] == by_value.result()["min"] == [[0], [1], [3], [2]]
+    assert by_row.result()["max"] == by_value.result()["max"] == [[7], [9], [5], [2]]
+    assert by_row.result()["mean"] == by_value.result()["mean"] == [[3.0], [4.0], [4.0], [2.0]]
+
+
 def values(*numbers: int) -> bytes:
     return struct.pack(f">{len(numbers)}h", *numbers)
 

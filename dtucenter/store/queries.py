@@ -16,6 +16,8 @@ from typing import Any, TypeVarTuple
 import attrs
 from sqlalchemy import (
     CursorResult,
+    Float,
+    Integer,
     Result,
     Select,
     String,
@@ -422,6 +424,42 @@ def upload_values(
     query = time_window(query, Sample, since, until, limit)
     for time, row_id, packed in session.execute(query.execution_options(yield_per=10_000)):
         yield time, row_id, tuple(v for (v,) in _VALUE.iter_unpack(packed))
+
+
+def epoch_seconds(session: Session, column: Any) -> Any:
+    """Unix seconds of a time column, computed by the database: reading it costs no datetime per row.
+
+    SQLite keeps the time as text, ``2026-11-30 08:00:10.000000`` (UTC): whole seconds from ``strftime``,
+    the microseconds from the text itself, exactly (``julianday`` is off by tens of microseconds, enough
+    to put a sample on a bucket's edge into the bucket before).
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(func.strftime("%s", column), Integer) + cast(func.substr(column, 20), Float)
+    return cast(func.extract("epoch", column), Float)
+
+
+def bucket_index(session: Session, seconds: Any, start: float, width: float) -> Any:
+    """The number of the ``width``-second bucket from ``start`` a time falls in (times from ``start`` on)."""
+    offset = (seconds - start) / width
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(offset, Integer)  # truncates, which is the floor of what is not negative
+    return cast(func.floor(offset), Integer)  # PostgreSQL's cast rounds
+
+
+def upload_seconds(
+    session: Session, psn: int, since: dt.datetime, until: dt.datetime,
+) -> Iterator[tuple[float, tuple[int, ...]]]:
+    """The uploads of one DTU in [since, until), oldest first, as (Unix seconds, values): for charts, streamed."""
+    query = time_window(
+        select(epoch_seconds(session, Sample.time), Sample.values).where(Sample.psn == psn), Sample, since, until, None
+    )
+    formats: dict[int, struct.Struct] = {}
+    for seconds, packed in session.execute(query.execution_options(yield_per=10_000)):
+        size = len(packed)
+        values = formats.get(size)
+        if values is None:
+            values = formats[size] = struct.Struct(f">{size // 2}h")
+        yield seconds, values.unpack(packed[: size - size % 2])
 
 
 def register_places(session: Session, psn: int) -> dict[int, tuple[int, int]]:

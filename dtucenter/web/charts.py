@@ -26,6 +26,7 @@ from dtucenter.store import meters, queries
 from dtucenter.store.facade import Store
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.web.downsample import Downsampler
+from dtucenter.web.dtus import psn_param
 from dtucenter.web.params import time_param
 from dtucenter.web.router import ApiError, Call, Router, Stream
 from dtucenter.web.streaming import Paced
@@ -39,13 +40,6 @@ MAX_POINTS = 10_000
 DEFAULT_RANGE = dt.timedelta(days=1)
 #: Stored rows an export reads per database round trip.
 EXPORT_PAGE = 5000
-
-
-def _psn(text: str) -> int:
-    try:
-        return queries.check_psn(int(text, 10))
-    except ValueError:
-        raise ApiError(400, f"not a PSN (a whole number 0..4294967295): {text!r}") from None
 
 
 def _positive(params: dict[str, str], name: str, default: float | None, most: float) -> float | None:
@@ -67,8 +61,8 @@ def reduce_dtu_samples(
     """Feeds ``sampler`` the DTU's uploads in the range; its register places, or None if ``scope`` may not see it."""
     if queries.get_dtu(session, psn, scope) is None:
         return None
-    for time, _, values in queries.upload_values(session, psn, since, until):
-        sampler.add_row(time.timestamp(), values)
+    for seconds, values in queries.upload_seconds(session, psn, since, until):
+        sampler.add_row(seconds, values)
     return queries.register_places(session, psn)
 
 
@@ -83,12 +77,13 @@ def reduce_meter_samples(
         return None
     names = [p["name"] for p in info.points if point is None or p["name"] == point]
     index = {n: i for i, n in enumerate(names)}
-    for time, _, found, value in meters.meter_values(session, meter, point, since, until):
-        series = index.get(found)
+    for bucket in meters.meter_buckets(session, meter, point, since, until, sampler.width):
+        series = index.get(bucket.point)
         if series is None:  # a point that left the definition, still stored
-            series = index[found] = len(names)
-            names.append(found)
-        sampler.add(time.timestamp(), series, value)
+            series = index[bucket.point] = len(names)
+            names.append(bucket.point)
+        sampler.add_bucket(bucket.index, bucket.first, bucket.last, series, bucket.samples, bucket.count, bucket.low,
+                           bucket.high, bucket.total)
     return names
 
 
@@ -120,7 +115,7 @@ class ChartApi:
 
     async def dtu_chart(self, call: Call, psn: str) -> Any:
         params = call.query(("since", "until", "points", "gap"))
-        number = _psn(psn)
+        number = psn_param(psn)
         since, until = self._range(params)
         sampler = self._sampler(params, since, until)
         places = await self.store.read(
@@ -137,7 +132,7 @@ class ChartApi:
 
     async def dtu_export(self, call: Call, psn: str) -> Any:
         params = call.query(("since", "until"))
-        number = _psn(psn)
+        number = psn_param(psn)
         since, until = self._range(params)
         scope = call.caller.scope
         places = await self.store.read(

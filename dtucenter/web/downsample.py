@@ -10,12 +10,14 @@ shows a gap rather than a line drawn across it.
 Samples arrive oldest first (the store reads them along the (key, time)
 index), so one bucket is open at a time: memory is one entry per bucket
 and series, whatever the range holds. The sums, minima and maxima of a
-whole upload are taken with ``map`` over the open bucket's lists, which
-keeps the per-value work in C.
+whole upload are taken with ``map`` of the builtins over the open bucket's
+lists, which keeps the per-value work in C. A database that can reduce
+the samples itself hands over whole buckets (``add_bucket``).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -36,6 +38,8 @@ class _Bucket:
     maxs: list[Number | None]
     sums: list[Number]
     counts: list[int]
+    #: Whole rows only (``add_row``): series 0..filled-1 have a value. -1: fed value by value, no such promise.
+    filled: int = 0
 
 
 def _min(a: Number | None, b: Number | None) -> Number | None:
@@ -61,20 +65,27 @@ class Downsampler:
         self.width = (until - since) / buckets
         self.gap = gap
         self.samples = 0
+        #: Samples per series, for the mean interval between samples (several points of one poll share a time);
+        #: whole rows count for every series of theirs at once.
+        self._per_series: list[int] = []
+        self._rows = 0
         self._first: float | None = None
         self._last: float | None = None
         self._open: _Bucket | None = None
         self._closed: list[_Bucket] = []
         self._series = 0
 
-    def _bucket_for(self, time: float) -> _Bucket:
-        index = int((time - self.since) // self.width)
+    def _open_bucket(self, index: int, first: float) -> _Bucket:
         bucket = self._open
         if bucket is None or bucket.index != index:
             if bucket is not None:
                 self._closed.append(bucket)
             n = self._series
-            bucket = self._open = _Bucket(index, time, time, [None] * n, [None] * n, [0] * n, [0] * n)
+            bucket = self._open = _Bucket(index, first, first, [None] * n, [None] * n, [0] * n, [0] * n)
+        return bucket
+
+    def _bucket_for(self, time: float) -> _Bucket:
+        bucket = self._open_bucket(int((time - self.since) // self.width), time)
         bucket.last = time
         if self._first is None:
             self._first = time
@@ -84,6 +95,7 @@ class Downsampler:
     def _widen(self, bucket: _Bucket, series: int) -> None:
         if series > self._series:
             self._series = series
+            self._per_series.extend([0] * (series - len(self._per_series)))
         grow = series - len(bucket.sums)
         if grow > 0:
             bucket.mins.extend([None] * grow)
@@ -94,15 +106,32 @@ class Downsampler:
     def add_row(self, time: float, values: Sequence[Number]) -> None:
         """One upload: a value for each series 0..len(values)-1."""
         self.samples += 1
+        self._rows += 1
         bucket = self._bucket_for(time)
-        if len(values) > len(bucket.sums):
-            self._widen(bucket, len(values))
         n = len(values)
-        head = slice(0, n)
-        bucket.mins[head] = map(_min, bucket.mins[head], values)
-        bucket.maxs[head] = map(_max, bucket.maxs[head], values)
-        bucket.sums[head] = map(float.__add__, map(float, bucket.sums[head]), values)
-        bucket.counts[head] = [c + 1 for c in bucket.counts[head]]
+        if n > len(bucket.sums):
+            self._widen(bucket, n)
+        done = min(n, bucket.filled)
+        if bucket.filled < 0:  # fed value by value before: the careful way
+            done = 0
+            head = slice(0, n)
+            bucket.mins[head] = map(_min, bucket.mins[head], values)
+            bucket.maxs[head] = map(_max, bucket.maxs[head], values)
+            bucket.sums[head] = map(operator.add, bucket.sums[head], values)
+            bucket.counts[head] = [c + 1 for c in bucket.counts[head]]
+            return
+        if done:
+            # The series the bucket has values of already: min, max and sums in C.
+            head = slice(0, done)
+            bucket.mins[head] = map(min, bucket.mins[head], values[:done])  # type: ignore[arg-type]
+            bucket.maxs[head] = map(max, bucket.maxs[head], values[:done])  # type: ignore[arg-type]
+            bucket.sums[head] = map(operator.add, bucket.sums[head], values[:done])
+            bucket.counts[head] = [c + 1 for c in bucket.counts[head]]
+        if n > done:  # the first values of these series in the bucket
+            tail = slice(done, n)
+            bucket.mins[tail] = bucket.maxs[tail] = bucket.sums[tail] = values[done:]
+            bucket.counts[tail] = [1] * (n - done)
+            bucket.filled = n
 
     def add(self, time: float, series: int, value: Number | None) -> None:
         """One value of one series (a meter point); None (a NaN read) only marks the time."""
@@ -110,6 +139,8 @@ class Downsampler:
         bucket = self._bucket_for(time)
         if series >= len(bucket.sums):
             self._widen(bucket, series + 1)
+        self._per_series[series] += 1
+        bucket.filled = -1
         if value is None:
             return
         bucket.mins[series] = _min(bucket.mins[series], value)
@@ -117,13 +148,36 @@ class Downsampler:
         bucket.sums[series] += value
         bucket.counts[series] += 1
 
+    def add_bucket(
+        self, index: int, first: float, last: float, series: int, samples: int, count: int,
+        low: Number | None, high: Number | None, total: Number | None,
+    ) -> None:
+        """One series' bucket as the database reduced it (``samples`` rows, ``count`` of them with a value),
+        in bucket order."""
+        self.samples += samples
+        bucket = self._open_bucket(index, first)
+        bucket.first = min(bucket.first, first)
+        bucket.last = max(bucket.last, last)
+        self._first = first if self._first is None else min(self._first, first)
+        self._last = last if self._last is None else max(self._last, last)
+        if series >= len(bucket.sums):
+            self._widen(bucket, series + 1)
+        self._per_series[series] += samples
+        bucket.filled = -1
+        if count:
+            bucket.mins[series] = _min(bucket.mins[series], low)
+            bucket.maxs[series] = _max(bucket.maxs[series], high)
+            bucket.sums[series] += total or 0
+            bucket.counts[series] += count
+
     def gap_threshold(self) -> float | None:
         """Seconds without a sample that make a gap: the one given, or GAP_INTERVALS mean intervals."""
         if self.gap is not None:
             return self.gap
-        if self._first is None or self._last is None or self.samples < 2:
+        most = max(self._rows, *self._per_series)
+        if self._first is None or self._last is None or most < 2:
             return None
-        return GAP_INTERVALS * (self._last - self._first) / (self.samples - 1)
+        return GAP_INTERVALS * (self._last - self._first) / (most - 1)
 
     def result(self) -> dict[str, Any]:
         """Column-wise, as uPlot draws: ``time`` and, per series, ``mean``, ``min`` and ``max`` (null in gaps)."""

@@ -55,7 +55,8 @@ COMMAND_ERROR_STATUS: dict[type[Exception], int] = {
 # -- reading request values -----------------------------------------------------------------
 
 
-def _psn(text: str) -> int:
+def psn_param(text: str) -> int:
+    """A PSN from a path segment; 400 if it is not one."""
     try:
         return queries.check_psn(int(text, 10))
     except ValueError:
@@ -179,11 +180,11 @@ class DtuApi:
 
     async def get_dtu(self, call: Call, psn: str) -> Any:
         call.query(())
-        return self._dtu_json(await self._known(call, _psn(psn)))
+        return self._dtu_json(await self._known(call, psn_param(psn)))
 
     async def put_dtu(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
         body = call.json_object()
         owner = body.pop("account", None)
         owner_id = None
@@ -212,7 +213,7 @@ class DtuApi:
 
     async def delete_dtu(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
         caller, now = call.caller, self.center.now()
 
         def job(session: Session) -> bool:
@@ -230,7 +231,7 @@ class DtuApi:
 
     async def samples(self, call: Call, psn: str) -> Any:
         params = call.query(("since", "until", "limit", "order"))
-        number = _psn(psn)
+        number = psn_param(psn)
         since, until = time_param(params, "since"), time_param(params, "until")
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
         newest_first = newest_first_param(params)
@@ -245,7 +246,7 @@ class DtuApi:
 
     async def latest(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
 
         found = await self.store.read(self._scoped_job(call, number, partial(queries.latest_upload, psn=number)))
         if found is None:
@@ -253,7 +254,7 @@ class DtuApi:
         return {"samples": [s.to_json() for s in found]}
 
     async def command_log(self, call: Call, psn: str) -> Any:
-        number = _psn(psn)
+        number = psn_param(psn)
         limit = limit_param(call.query(("limit",)), DEFAULT_COMMANDS, MAX_COMMANDS)
 
         records = await self._trail(call, number, partial(audit.list_commands, psn=number, limit=limit))
@@ -275,7 +276,7 @@ class DtuApi:
 
     async def edit_log(self, call: Call, psn: str) -> Any:
         """The record's changes through the API, newest first: who created, changed, moved or deleted it."""
-        number = _psn(psn)
+        number = psn_param(psn)
         limit = limit_param(call.query(("limit",)), DEFAULT_COMMANDS, MAX_COMMANDS)
         records = await self._trail(call, number, partial(audit.list_dtu_edits, psn=number, limit=limit))
         return {"edits": [r.to_json() for r in records]}
@@ -283,7 +284,7 @@ class DtuApi:
     # -- setup and live commands ------------------------------------------------------------------
 
     async def get_setup(self, call: Call, psn: str) -> Any:
-        number = _psn(psn)
+        number = psn_param(psn)
         if _flag(call.query(("live",)), "live"):
             return await self._run(call, number, commands.ReadSetupCommand())
         scope = call.caller.scope
@@ -302,7 +303,7 @@ class DtuApi:
 
     async def save_setup(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
         body = call.json_object()
         check_keys(body, "the body", {"send_test_time", "registers"})
         command = commands.SaveSetupCommand(_whole(body["send_test_time"], "send_test_time"), _registers(body))
@@ -310,14 +311,14 @@ class DtuApi:
 
     async def read_test(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
         body = call.json_object()
         check_keys(body, "the body", {"registers"})
         return await self._run(call, number, commands.ReadTestCommand(_registers(body)))
 
     async def set_control(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
         body = call.json_object()
         check_keys(body, "the body", {"registers"})
         return await self._run(call, number, commands.SetControlCommand(_register_values(body)))

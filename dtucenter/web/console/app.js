@@ -131,7 +131,7 @@ function dot(online) {
 // so the overview's "recent events" survive moving between pages; at most RECENT_KEPT, by event id.
 const RECENT_KEPT = 100;
 const STATUS_EVENTS = ["dtu_online", "dtu_offline", "link_up", "link_down", "meter_failed"];
-const live = {source: null, watch: "", handlers: {}, recent: [], seen: new Set()};
+const live = {source: null, watch: "", handlers: {}, recent: [], seen: new Set(), summary: null};
 
 function remember(id, name, data) {
   if (!id || live.seen.has(id)) return false;
@@ -166,6 +166,7 @@ function listen(watch, handlers) {
         return;
       }
       const data = JSON.parse(event.data);
+      if (name === "summary") live.summary = data; // shown at once by the next overview, not 5 s later
       // A status event replayed to a new stream was shown already: once is enough.
       if (STATUS_EVENTS.includes(name) && !remember(event.lastEventId, name, data)) return;
       if (handler) handler(data, name);
@@ -243,8 +244,7 @@ async function overview(_, current) {
     while (events.children.length > RECENT_KEPT) events.lastChild.remove();
   };
   for (const {name, data} of live.recent) addEvent(data, name);
-  listen("", {
-    summary: (s) => {
+  const showSummary = (s) => {
       cards.dtus.textContent = `${s.dtus_online} / ${s.dtus_total}`;
       cards.meters.textContent = `${s.meters - s.meters_failing} / ${s.meters}`;
       cards.failing.textContent = String(s.meters_failing);
@@ -255,14 +255,18 @@ async function overview(_, current) {
       cards.store.replaceChildren(s.store.healthy ? "healthy" : "NOT healthy",
         s.store.backlog_rows === undefined ? "" : h("span.detail", {}, `${s.store.backlog_rows} rows queued`));
       cards.store.parentElement.classList.toggle("bad", !s.store.healthy);
-    },
+  };
+  if (live.summary) showSummary(live.summary);
+  listen("", {
+    summary: showSummary,
     dtu_online: addEvent, dtu_offline: addEvent, link_up: addEvent, link_down: addEvent, meter_failed: addEvent,
   });
   try {
     const found = await get("/api/pending");
     if (current()) pending.replaceChildren(h("a", {href: "#/discovery"}, String(found.pending.length)));
   } catch (e) {
-    pending.textContent = e.status === 404 ? "not available" : "error";
+    pending.textContent = e.status === 404 ? "not available on this center" : "error";
+    pending.classList.add("text");
     pending.title = e.message;
   }
 }
@@ -323,7 +327,7 @@ async function dtuList(_, current) {
   await load();
 }
 
-const RANGES = [["3600", "Last hour"], ["21600", "Last 6 hours"], ["86400", "Last 24 hours"],
+const RANGES = [["300", "Last 5 minutes"], ["900", "Last 15 minutes"], ["3600", "Last hour"], ["21600", "Last 6 hours"], ["86400", "Last 24 hours"],
                 ["604800", "Last 7 days"], ["2592000", "Last 30 days"]];
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
