@@ -416,14 +416,35 @@ def test_the_gap_threshold_counts_polls_not_the_points_each_poll_reads() -> None
 
 def test_rows_of_different_lengths_and_value_by_value_feeding_agree() -> None:
     rows = [(0.0, (1, 2, 3)), (1.0, (4,)), (2.0, (0, 9)), (3.0, (7, 1, 5, 2))]
-    by_row, by_value = Downsampler(0.0, 10.0, 1), Downsampler(0.0, 10.0, 1)
+    by_row, by_value, batched = Downsampler(0.0, 10.0, 1), Downsampler(0.0, 10.0, 1), Downsampler(0.0, 10.0, 1)
     for time, row in rows:
         by_row.add_row(time, row)
         for series, value in enumerate(row):
             by_value.add(time, series, value)
-    assert by_row.result()["min"] == by_value.result()["min"] == [[0], [1], [3], [2]]
-    assert by_row.result()["max"] == by_value.result()["max"] == [[7], [9], [5], [2]]
-    assert by_row.result()["mean"] == by_value.result()["mean"] == [[3.0], [4.0], [4.0], [2.0]]
+    batched.add_rows(rows)
+    for sampler in (by_row, by_value, batched):
+        result = sampler.result()
+        assert result["min"] == [[0], [1], [3], [2]] and result["max"] == [[7], [9], [5], [2]]
+        assert result["mean"] == [[3.0], [4.0], [4.0], [2.0]] and result["time"] == [1.5]
+
+
+def test_gathering_a_buckets_rows_first_changes_nothing() -> None:
+    rng = random.Random(7)
+    rows, time = [], 0.0
+    for _ in range(3000):
+        time += 2000.0 if rng.random() < 0.005 else rng.choice((0.5, 1.0))  # now and then a gap
+        rows.append((time, tuple(rng.randint(-500, 500) for _ in range(rng.choice((3, 3, 3, 2))))))
+    one_by_one, gathered = Downsampler(0.0, time + 1, 97), Downsampler(0.0, time + 1, 97)
+    for row in rows:
+        one_by_one.add_row(*row)
+    gathered.add_rows(rows)
+    expected, got = one_by_one.result(), gathered.result()
+    assert got["gaps"] > 0 and got.keys() == expected.keys()
+    for key in ("time", "min", "max", "samples", "gaps", "gap_s"):
+        assert got[key] == expected[key], key
+    for mine, theirs in zip(got["mean"], expected["mean"], strict=True):
+        assert [m is None for m in mine] == [t is None for t in theirs]
+        assert [m for m in mine if m is not None] == pytest.approx([t for t in theirs if t is not None])
 
 
 def values(*numbers: int) -> bytes:

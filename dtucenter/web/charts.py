@@ -61,8 +61,7 @@ def reduce_dtu_samples(
     """Feeds ``sampler`` the DTU's uploads in the range; its register places, or None if ``scope`` may not see it."""
     if queries.get_dtu(session, psn, scope) is None:
         return None
-    for seconds, values in queries.upload_seconds(session, psn, since, until):
-        sampler.add_row(seconds, values)
+    sampler.add_rows(queries.upload_seconds(session, psn, since, until))
     return queries.register_places(session, psn)
 
 

@@ -133,6 +133,50 @@ class Downsampler:
             bucket.counts[tail] = [1] * (n - done)
             bucket.filled = n
 
+    def add_rows(self, rows: Iterable[tuple[float, Sequence[Number]]]) -> None:
+        """Uploads in time order, each a value for series 0..len(values)-1: ``add_row`` for each, but a
+        bucket's rows are gathered first and reduced column by column with the builtins, in C."""
+        since, width = self.since, self.width
+        batch: list[Sequence[Number]] = []
+        index, first, last = -1, 0.0, 0.0
+        for time, values in rows:
+            at = int((time - since) // width)
+            if at != index:
+                if batch:
+                    self._add_batch(index, first, last, batch)
+                batch, index, first = [], at, time
+            batch.append(values)
+            last = time
+        if batch:
+            self._add_batch(index, first, last, batch)
+
+    def _add_batch(self, index: int, first: float, last: float, batch: list[Sequence[Number]]) -> None:
+        n = len(batch[0])
+        if any(len(values) != n for values in batch) or (self._open is not None and self._open.index == index):
+            for values in batch:  # rows of different lengths: one by one (their times within the bucket are moot)
+                self.add_row(first, values)
+            self._last = last
+            if self._open is not None:
+                self._open.last = last
+            return
+        columns = list(zip(*batch, strict=True))
+        self._series = max(self._series, n)
+        if len(self._per_series) < self._series:
+            self._per_series.extend([0] * (self._series - len(self._per_series)))
+        missing = self._series - n
+        bucket = _Bucket(
+            index, first, last, [*map(min, columns), *[None] * missing], [*map(max, columns), *[None] * missing],
+            [*map(sum, columns), *[0] * missing], [len(batch)] * n + [0] * missing, filled=n,
+        )
+        if self._open is not None:
+            self._closed.append(self._open)
+        self._open = bucket
+        self.samples += len(batch)
+        self._rows += len(batch)
+        if self._first is None:
+            self._first = first
+        self._last = last
+
     def add(self, time: float, series: int, value: Number | None) -> None:
         """One value of one series (a meter point); None (a NaN read) only marks the time."""
         self.samples += 1
