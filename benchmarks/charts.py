@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import struct
 import tempfile
 import time
@@ -64,18 +65,21 @@ def main() -> None:
         for days in (1, 7, args.days):
             since = until - dt.timedelta(days=days)
             sampler = Downsampler(since.timestamp(), until.timestamp(), 1000)
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             with Session(engine) as session:
                 reduce_dtu_samples(session, PSN, None, sampler, since, until)
-            dtu_took = time.perf_counter() - began
+            dtu_took, dtu_cpu = time.perf_counter() - began, time.process_time() - cpu
             points = len(sampler.result()["time"])
             sampler = Downsampler(since.timestamp(), until.timestamp(), 1000)
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             with Session(engine) as session:
                 reduce_meter_samples(session, "m", "power", None, sampler, since, until)
-            meter_took = time.perf_counter() - began
+            meter_took, meter_cpu = time.perf_counter() - began, time.process_time() - cpu
+            # CPU seconds beside wall seconds: on a shared machine the wall clock counts the others' work too.
             print(f"{days:g} days: DTU chart ({int(days * 86400)} uploads x 8 values -> {points} points) "
-                  f"{dtu_took:.2f} s; meter point chart {meter_took:.2f} s")
+                  f"{dtu_took:.2f} s ({dtu_cpu:.2f} s CPU); meter point chart {meter_took:.2f} s "
+                  f"({meter_cpu:.2f} s CPU)")
+        print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         engine.dispose()
 
 
