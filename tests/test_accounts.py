@@ -200,6 +200,7 @@ async def test_accounts_and_tokens_through_the_api(tmp_path: Path, db_url: str) 
 #: "200": its own (empty) view, in which nothing of the first account's may appear.
 ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("GET", "/api/status"): (None, "200"),
+    ("GET", "/metrics"): (None, "403"),
     ("GET", "/api/accounts"): (None, "200"),
     ("POST", "/api/accounts"): ({"name": "another"}, "403"),
     ("GET", "/api/accounts/{name}"): (None, "404"),
