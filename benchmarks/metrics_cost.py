@@ -10,7 +10,8 @@ source tree (for example ``git archive`` of the commit before the metrics), run
 with ``PYTHONPATH`` pointing at it, not scraped; or, without ``--without``, this
 tree's center not scraped (what only the always-on counting costs, nothing else).
 The variants alternate within each round, so that a busy neighbour on the machine
-slows both alike. The result is a Markdown table on stdout (docs/performance.md).
+slows both alike; the center's CPU per acked frame is the figure to compare when the
+machine, not the center, limits the rate. The result is a Markdown table on stdout (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ def run_variant(workroot: Path, name: str, rate: int, without: Path | None, scra
             scraper.start()
         step = run_ingest_step(workdir, FULL, center, port, rate, name, workdir / "center.db")
     finally:
-        if scraper is not None:
-            scraper.stop()
-        center.stop()
+        try:
+            if scraper is not None:
+                scraper.stop()
+        finally:
+            center.stop()
     if scraper is not None and scraper.durations:
         step["scrape_ms"] = 1000 * statistics.median(scraper.durations)
         step["scrape_bytes"] = scraper.sizes[-1]
@@ -97,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.setdefault((name, rate), []).append(step)
                     print(f"round {round_ + 1} {name} {rate}/s: {step['frames_per_s']:.0f} frames/s, "
                           f"p99 {1000 * (step['p99'] or 0):.1f} ms, CPU {100 * step['cpu']:.0f}%", file=sys.stderr)
-    print("| offered frames/s | metrics | acked frames/s | ack p50 (ms) | ack p99 (ms) | center CPU | scrape (ms) |")
-    print("|---:|:---|---:|---:|---:|---:|---:|")
+    print("| offered frames/s | metrics | acked frames/s | ack p50 (ms) | ack p99 (ms) | center CPU "
+          "| center CPU per frame (us) | scrape (ms) |")
+    print("|---:|:---|---:|---:|---:|---:|---:|---:|")
     for rate in rates:
         for name, _, scrape in variants:
             steps = results[name, rate]
@@ -108,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"| {1000 * statistics.median(s['p50'] or 0 for s in steps):.1f} "
                 f"| {1000 * statistics.median(s['p99'] or 0 for s in steps):.1f} "
                 f"| {100 * statistics.median(s['cpu'] for s in steps):.0f}% "
+                f"| {1e6 * statistics.median(s['cpu'] / s['frames_per_s'] for s in steps):.1f} "
                 f"| {'-' if scrape_ms is None else f'{scrape_ms:.1f}'} |"
             )
     return 0

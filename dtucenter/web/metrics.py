@@ -12,8 +12,8 @@ Label values are never unbounded: no PSN, meter or peer. Per-link labels on
 the Modbus metrics are an opt-in (``metrics_per_link``): links are few and
 configured, but a center with thousands of them would make thousands of series.
 
-docs/integrations.md lists every metric; ``METRIC_NAMES`` is that list, checked
-against what a scrape shows by the tests.
+docs/integrations.md lists every metric; tests/modbus/test_e2e_metrics.py checks
+that list against what a scrape of the real center shows.
 """
 
 from __future__ import annotations
@@ -250,9 +250,8 @@ class CenterCollector(Collector):
         else:
             by_link = {"": bridge.total_counters()}
             stats = {"": poller.stats}
-        label_names = ["link"] if per_link else []
         for name, (field, doc) in _LINK_COUNTERS.items():
-            family = CounterMetricFamily(name + "_total", doc, labels=label_names)
+            family = CounterMetricFamily(name + "_total", doc, labels=["link"] if per_link else [])
             for link, counters in by_link.items():
                 family.add_metric([link] if per_link else [], getattr(counters, field))
             yield family
@@ -270,11 +269,12 @@ class CenterCollector(Collector):
 
 
 def _poll_families(stats: Mapping[str, PollStats], per_link: bool) -> Iterator[Metric]:
+    link_label = ["link"] if per_link else []
     polls = CounterMetricFamily(
-        "dtucenter_modbus_polls_total", "Meter polls finished, by outcome.", labels=[*(["link"] * per_link), "outcome"]
+        "dtucenter_modbus_polls_total", "Meter polls finished, by outcome.", labels=[*link_label, "outcome"]
     )
     durations = HistogramMetricFamily(
-        "dtucenter_modbus_poll_duration_seconds", "Seconds a meter poll took.", labels=["link"] * per_link
+        "dtucenter_modbus_poll_duration_seconds", "Seconds a meter poll took.", labels=link_label
     )
     for link, poll_stats in stats.items():
         prefix = [link] if per_link else []
