@@ -131,16 +131,20 @@ class Reloader:
             self._next.append(d)
             return d
         waiting = self._next = [d]
-        self._lock.run(lambda: ensureDeferred(self._run(waiting)))
+        # The callers hear once the lock is free again: a reload they ask for next starts at once.
+        self._lock.run(lambda: ensureDeferred(self._run())).addCallback(self._tell, waiting)
         return d
 
-    async def _run(self, waiting: list[Deferred[ReloadOutcome | None]]) -> None:
+    async def _run(self) -> ReloadOutcome | None:
         self._next = None  # asked for from now on: the file may have changed again since this read
-        outcome: ReloadOutcome | None = None
         try:
-            outcome = await self._reload()
+            return await self._reload()
         except Exception:
             log.failure("Reload of {file} failed", file=self.settings.source)
+            return None
+
+    @staticmethod
+    def _tell(outcome: ReloadOutcome | None, waiting: list[Deferred[ReloadOutcome | None]]) -> None:
         for d in waiting:
             d.callback(outcome)
 
