@@ -517,10 +517,16 @@ def changed_settings(running: Settings, reread: Settings) -> list[SettingChange]
     """What differs between the settings the center runs with and the file read again, each
     with whether a reload applies it (the fields' :class:`~dtucenter.setting.Reload`)."""
     return [
-        SettingChange(name, reread.where(name), kind is Reload.LIVE)
+        SettingChange(name, _where_changed(running, reread, name), kind is Reload.LIVE)
         for name, kind, old, new in _walk(running, reread, "")
         if kind in (Reload.LIVE, Reload.RESTART) and old != new
     ]
+
+
+def _where_changed(running: Settings, reread: Settings, name: str) -> str:
+    if name in reread.origins or name not in running.origins:
+        return reread.where(name)
+    return f"{running.origins[name]} (gone: back to its default)"
 
 
 def running_settings(running: Settings, reread: Settings) -> Settings:

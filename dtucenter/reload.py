@@ -31,6 +31,8 @@ from contextlib import suppress
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, gatherResults
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from dtucenter.config import SettingChange, Settings, UsageError, changed_settings, running_settings
@@ -103,11 +105,13 @@ class Reloader:
 
     def __init__(
         self, settings: Settings, reread: Callable[[], Settings], recorder: MeterRecorder, bridge: ModbusBridge,
+        reactor: IReactorThreads,
     ) -> None:
         #: What the center runs with: the last file read, but the running value of each setting
         #: that needs a restart.
         self.settings = settings
         self._reread = reread
+        self._reactor = reactor
         self._recorder = recorder
         self._bridge = bridge
         self._appliers: list[Applier] = []
@@ -151,7 +155,8 @@ class Reloader:
     async def _reload(self) -> ReloadOutcome | None:
         running = self.settings
         try:
-            reread = self._reread()
+            # A file, and the templates it names: read in a thread, as the reactor's must not wait on a disk.
+            reread = await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._reread)
         except UsageError as e:
             log.error("Reload not applied, the center runs on as it was: {error}", error=e)
             return None

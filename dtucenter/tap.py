@@ -238,7 +238,7 @@ def build_service(
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
     bridge, starting = add_modbus(top, settings, recorder, reactor)
-    reloader = top.reloader = Reloader(settings, reread or (lambda: settings), recorder, bridge)
+    reloader = top.reloader = Reloader(settings, reread or (lambda: settings), recorder, bridge, reactor)
     reloader.hold_until(starting)
     reloader.on_reload(partial(apply_center_settings, center))
     reloader.on_reload(lambda new: bridge.apply_settings(new.modbus))

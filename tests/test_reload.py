@@ -29,7 +29,7 @@ from dtucenter.store.models import MANAGED_BY_API, MANAGED_BY_FILE, Link, Meter
 from tests.modbus.interop_support import FakeDtu, PymodbusServer
 from tests.modbus.test_e2e_center import latest_poll
 from tests.modbus.test_templates import SDM120_VALUES, sdm120
-from tests.support import eventually, start_center
+from tests.support import eventually, start_center, until
 
 
 def settings(text: str, *options: tuple[str, str]) -> Settings:
@@ -312,14 +312,16 @@ async def test_reloads_run_one_at_a_time_and_those_asked_for_meanwhile_are_one(t
 
         recorder.resync = slow_resync
         first = reloader.reload()
+        await until(lambda: reads == ["sync"])  # read the file; now waits for its database sync
         config.write_text(AFTER)
         second, third = reloader.reload(), reloader.reload()
-        assert reads == ["sync"]  # the first waits for its database sync; the others wait for it
+        # The others wait for the first, as one reload queued behind it.
+        assert reads == ["sync"] and reloader._lock.locked and len(reloader._lock.waiting) == 1
         assert center.bridge.links.keys() == {"site-a", "site-b"}
         syncs[0].callback(None)
         done = await first
         assert done is not None and done.devices == DevicePlan()  # it read the file before the edit
-        assert reads == ["sync", "sync"]  # one more, for both the later ones
+        await until(lambda: len(reads) == 2)  # one more, for both the later ones
         syncs[1].callback(None)
         outcome = await second
         assert outcome is await third and outcome is not None
@@ -359,3 +361,9 @@ def test_a_reload_sets_the_log_files_bounds_for_its_next_rotation(tmp_path: Path
         assert (log_file.rotateLength, log_file.maxRotatedFiles) == (5000, 7)
     finally:
         log_file.close()
+
+
+def test_a_key_taken_out_of_the_file_is_named_where_it_was() -> None:
+    before = settings('api = "tcp:1"\n')
+    (change,) = changed_settings(before, settings(""))
+    assert (change.name, change.where, change.live) == ("api", "center.toml: api (gone: back to its default)", False)
