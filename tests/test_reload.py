@@ -29,7 +29,7 @@ from dtucenter.store.models import MANAGED_BY_API, MANAGED_BY_FILE, Link, Meter
 from tests.modbus.interop_support import FakeDtu, PymodbusServer
 from tests.modbus.test_e2e_center import latest_poll
 from tests.modbus.test_templates import SDM120_VALUES, sdm120
-from tests.support import eventually, start_center, until
+from tests.support import RunningCenter, eventually, start_center, until
 
 
 def settings(text: str, *options: tuple[str, str]) -> Settings:
@@ -146,61 +146,31 @@ def test_the_plan_names_what_was_added_changed_and_removed() -> None:
 
 # -- a running center ------------------------------------------------------------------------------
 
-BEFORE = """
-login_timeout = 30
+LISTEN = "tcp:0:interface=127.0.0.1"
 
-[modbus]
-listen = "tcp:0:interface=127.0.0.1"
 
-[[link]]
-name = "site-a"
-registration = "DTU-A"
-timeout = 1.0
-retries = 0
+def config_text(listen: str, links: str, meter: str, top: str = "") -> str:
+    """A config file: ``top``-level keys, the shared listener, links and a meter."""
+    return f'{top}\n[modbus]\nlisten = "{listen}"\n{links}\n{meter}\n'
 
-[[link]]
-name = "site-b"
-registration = "DTU-B"
 
-[[meter]]
-name = "m1"
-link = "site-a"
-unit = 1
-interval = 0.2
-template = "eastron-sdm120"
-"""
+def link(name: str, registration: str) -> str:
+    return f'[[link]]\nname = "{name}"\nregistration = "{registration}"\ntimeout = 1.0\nretries = 0\n'
 
+
+TEMPLATE_METER = '[[meter]]\nname = "m1"\nlink = "site-a"\nunit = 1\ninterval = 0.2\ntemplate = "eastron-sdm120"\n'
+#: m1 with one point of its own instead of its template's.
+VOLTS_METER = TEMPLATE_METER.replace(
+    'template = "eastron-sdm120"\n', '[[meter.point]]\nname = "volts"\ntable = "input"\naddress = 0\ntype = "float32"\n'
+)
+
+BEFORE = config_text(LISTEN, link("site-a", "DTU-A") + link("site-b", "DTU-B"), TEMPLATE_METER, "login_timeout = 30")
 #: site-b gone, site-c new, m1 with one point of its own; a live setting, a restart-only one, and
 #: one the command line gives (--api), which the file cannot change.
-AFTER = """
-login_timeout = 20
-max_frame_length = 2048
-api = "tcp:9"
-
-[modbus]
-listen = "tcp:0:interface=127.0.0.1"
-
-[[link]]
-name = "site-a"
-registration = "DTU-A"
-timeout = 1.0
-retries = 0
-
-[[link]]
-name = "site-c"
-registration = "DTU-C"
-
-[[meter]]
-name = "m1"
-link = "site-a"
-unit = 1
-interval = 0.2
-[[meter.point]]
-name = "volts"
-table = "input"
-address = 0
-type = "float32"
-"""
+AFTER = config_text(
+    LISTEN, link("site-a", "DTU-A") + link("site-c", "DTU-C"), VOLTS_METER,
+    'login_timeout = 20\nmax_frame_length = 2048\napi = "tcp:9"',
+)
 
 
 def file_links(url: str) -> dict[str, str]:
@@ -253,7 +223,7 @@ async def test_a_reload_applies_the_files_changes_to_the_running_center(tmp_path
         assert center.center.settings.login_timeout == 20
         assert center.bridge.login_timeout == 20
         assert center.bridge._login_factory is not None and center.bridge._login_factory.login_timeout == 20
-        assert center.bridge.settings.listen == BEFORE.split('listen = "')[1].split('"')[0]
+        assert center.bridge.settings.listen == LISTEN
         assert reloader.settings.max_frame_length == 1024  # still what the center runs with
         assert file_links(db_url) == {"site-a": MANAGED_BY_FILE, "site-c": MANAGED_BY_FILE, "api-link": MANAGED_BY_API}
         retired = (await api.get("/api/meters/api-meter")).body
@@ -273,12 +243,18 @@ async def polled(api: Any, meter: str, values: dict[str, float]) -> bool:
     return await latest_poll(api, meter) == values
 
 
+async def started_with(tmp_path: Path, text: str, *options: str) -> tuple[Path, RunningCenter]:
+    """A center in this process on SQLite, reading the config file ``text``, which a test edits."""
+    config = tmp_path / "center.toml"
+    config.write_text(text)
+    return config, await start_center(tmp_path, "--config", str(config), *options,
+                                      db_url=f"sqlite:///{tmp_path / 'c.db'}")
+
+
 @pytest.mark.expected_errors('center.toml: link "site-a": timeout: must be a number > 0, got 0')
 @pytest_twisted.ensureDeferred
 async def test_a_file_that_does_not_read_changes_nothing(tmp_path: Path) -> None:
-    config = tmp_path / "center.toml"
-    config.write_text(BEFORE)
-    center = await start_center(tmp_path, "--config", str(config), db_url=f"sqlite:///{tmp_path / 'c.db'}")
+    config, center = await started_with(tmp_path, BEFORE)
     try:
         reloader = center.service.reloader  # type: ignore[attr-defined]
         before = reloader.settings
@@ -293,9 +269,7 @@ async def test_a_file_that_does_not_read_changes_nothing(tmp_path: Path) -> None
 
 @pytest_twisted.ensureDeferred
 async def test_reloads_run_one_at_a_time_and_those_asked_for_meanwhile_are_one(tmp_path: Path) -> None:
-    config = tmp_path / "center.toml"
-    config.write_text(BEFORE)
-    center = await start_center(tmp_path, "--config", str(config), db_url=f"sqlite:///{tmp_path / 'c.db'}")
+    config, center = await started_with(tmp_path, BEFORE)
     try:
         reloader = center.service.reloader  # type: ignore[attr-defined]
         recorder = center.service.getServiceNamed("meter-recorder")
@@ -333,10 +307,8 @@ async def test_reloads_run_one_at_a_time_and_those_asked_for_meanwhile_are_one(t
 
 @pytest_twisted.ensureDeferred
 async def test_live_settings_reach_what_uses_them(tmp_path: Path) -> None:
-    config = tmp_path / "center.toml"
-    config.write_text('unknown_dtu = "reject"\ndtu_udp_pending = 5\n[modbus]\nlisten = "tcp:0:interface=127.0.0.1"\n')
-    center = await start_center(tmp_path, "--config", str(config), "--dtu-udp", "127.0.0.1:0",
-                                db_url=f"sqlite:///{tmp_path / 'c.db'}")
+    text = f'unknown_dtu = "reject"\ndtu_udp_pending = 5\n[modbus]\nlisten = "{LISTEN}"\n'
+    config, center = await started_with(tmp_path, text, "--dtu-udp", "127.0.0.1:0")
     try:
         config.write_text(
             'unknown_dtu = "accept"\ndtu_udp_pending = 7\ncommand_timeout = 2\n'

@@ -20,6 +20,7 @@ from tests.modbus.interop_support import FakeDtu, PymodbusServer
 from tests.modbus.test_e2e_center import latest_poll
 from tests.modbus.test_templates import SDM120_VALUES, sdm120
 from tests.support import ApiClient, end_process_group, eventually, start_process
+from tests.test_reload import TEMPLATE_METER, VOLTS_METER, config_text, link
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
@@ -32,33 +33,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def config_text(modbus_port: int, links: str, meter: str, extra: str = "") -> str:
-    return f"""{extra}
-[modbus]
-listen = "tcp:{modbus_port}:interface=127.0.0.1"
-{links}
-{meter}
-"""
-
-
-def link(name: str, registration: str) -> str:
-    return f'[[link]]\nname = "{name}"\nregistration = "{registration}"\ntimeout = 1.0\nretries = 0\n'
-
-
-TEMPLATE_METER = '[[meter]]\nname = "m1"\nlink = "site-a"\nunit = 1\ninterval = 0.2\ntemplate = "eastron-sdm120"\n'
-VOLTS_METER = """[[meter]]
-name = "m1"
-link = "site-a"
-unit = 1
-interval = 0.2
-[[meter.point]]
-name = "volts"
-table = "input"
-address = 0
-type = "float32"
-"""
 
 
 class LogFile:
@@ -85,7 +59,8 @@ async def test_sighup_applies_the_edited_file_to_the_running_process(tmp_path: P
     bus = PymodbusServer([sdm120(1)], framer=FramerType.RTU).start()
     modbus_port, api_port, token = free_port(), free_port(), secrets.token_urlsafe()
     config = tmp_path / "center.toml"
-    config.write_text(config_text(modbus_port, link("site-a", "DTU-A") + link("site-b", "DTU-B"), TEMPLATE_METER))
+    listen = f"tcp:{modbus_port}:interface=127.0.0.1"
+    config.write_text(config_text(listen, link("site-a", "DTU-A") + link("site-b", "DTU-B"), TEMPLATE_METER))
     log_path = tmp_path / "center.log"
     with (tmp_path / "stderr.txt").open("wb") as err:
         process = start_process(
@@ -107,7 +82,7 @@ async def test_sighup_applies_the_edited_file_to_the_running_process(tmp_path: P
         # site-b gone, site-c new, m1's points changed, and a setting that needs a restart.
         mark = len(log.text())
         config.write_text(config_text(
-            modbus_port, link("site-a", "DTU-A") + link("site-c", "DTU-C"), VOLTS_METER, "max_frame_length = 2048"
+            listen, link("site-a", "DTU-A") + link("site-c", "DTU-C"), VOLTS_METER, "max_frame_length = 2048"
         ))
         process.send_signal(signal.SIGHUP)
         await log.wait_for(r"Reloaded .*center\.toml: links 1 added, 0 changed, 1 removed; meters 0 added, "
@@ -134,7 +109,7 @@ async def test_sighup_applies_the_edited_file_to_the_running_process(tmp_path: P
         # A file that does not read: one line naming the file, table and key; nothing changes.
         mark = len(log.text())
         broken = VOLTS_METER.replace("unit = 1", "unit = 0")
-        config.write_text(config_text(modbus_port, link("site-a", "DTU-A"), broken))
+        config.write_text(config_text(listen, link("site-a", "DTU-A"), broken))
         process.send_signal(signal.SIGHUP)
         await log.wait_for(r"Reload not applied, the center runs on as it was: .*center\.toml: "
                            r"meter \"m1\": unit: an rtu unit id is 1\.\.247, got 0", after=mark)
