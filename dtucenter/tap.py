@@ -32,6 +32,7 @@ from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
+from dtucenter.events import EventHub
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.reload import Reloader
@@ -101,6 +102,8 @@ class CenterService(MultiService):
     def __init__(self, reactor: Any) -> None:
         super().__init__()
         self._reactor = reactor
+        #: What happens in the center, for the integrations and the console (dtucenter/events.py).
+        self.events = EventHub()
         self._listeners: list[tuple[str, Callable[[], Deferred[IListeningPort]]]] = []
         #: Reads the config file again and applies what changed (SIGHUP, the manhole).
         self.reloader: Reloader
@@ -217,6 +220,7 @@ def build_service(
         CenterSettings(
             dialect=settings.dialect, last_seen_interval=settings.last_seen_interval, **live_center_settings(settings)
         ),
+        events=top.events,
     )
     center.setName("center")
     center.setServiceParent(top)
@@ -272,7 +276,7 @@ def add_modbus(
     made) once the file's have been imported into it. Returns the bridge, and a Deferred that
     fires (with None, even after a failure: logged here) once the database's have started."""
     modbus = settings.modbus
-    bridge = ModbusBridge(modbus, reactor, recorder)
+    bridge = ModbusBridge(modbus, reactor, recorder, events=top.events)
     bridge.setName("modbus")
     bridge.setServiceParent(top)
     if modbus.listen is not None:
