@@ -228,12 +228,15 @@ class Settings:
     def where(self, name: str) -> str:
         """Names the option or file key a setting came from, for a message: ``--dtu``, ``center.toml: db``.
 
-        A default is named by its option, the way to change it.
+        A default is named by its option, the way to change it; what the file's tables make
+        (``modbus.rules``) by the file and the field.
         """
         if name in self.origins:
             return self.origins[name]
         table, _, key = name.rpartition(".")
-        declaration = _declaration(ModbusSettings if table else Settings, key)
+        declaration = attrs.fields_dict(ModbusSettings if table else Settings)[key].metadata.get(METADATA_KEY)
+        if declaration is None:
+            return f"{self.source}: {key}"
         return f"--{declaration.option}" if declaration.option else key
 
     def where_link(self, link: LinkSettings, key: str) -> str:

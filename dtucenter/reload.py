@@ -161,6 +161,7 @@ class Reloader:
             log.error("Reload not applied, the center runs on as it was: {error}", error=e)
             return None
         plan = plan_devices(running.modbus, reread.modbus)
+        changes = tuple(changed_settings(running, reread))
         try:
             await self._recorder.resync(reread.modbus)
         except Exception:
@@ -168,7 +169,6 @@ class Reloader:
                         "the links and meters of {file}", file=reread.source)
             return None
         await self._apply_devices(plan)
-        changes = tuple(changed_settings(running, reread))
         self.settings = running_settings(running, reread)
         for applier in self._appliers:
             try:

@@ -339,3 +339,19 @@ def test_a_key_taken_out_of_the_file_is_named_where_it_was() -> None:
     before = settings('api = "tcp:1"\n')
     (change,) = changed_settings(before, settings(""))
     assert (change.name, change.where, change.live) == ("api", "center.toml: api (gone: back to its default)", False)
+
+
+def test_registration_rules_changed_are_applied_live() -> None:
+    rule = '\n[[rule]]\nmatch = "prefix:PLANT-"\ntemplate = "eastron-sdm630"\n'
+    before = settings(f'[modbus]\nlisten = "{LISTEN}"\n')
+    after = settings(f'[modbus]\nlisten = "{LISTEN}"\n' + rule)
+    (change,) = changed_settings(before, after)
+    assert (change.name, change.where, change.live) == ("modbus.rules", "center.toml: rules", True)
+    assert running_settings(before, after).modbus.rules == after.modbus.rules
+
+
+def test_every_setting_a_reload_may_report_can_be_named() -> None:
+    defaults = settings("")
+    for name, kind in declared_reloads().items():
+        if kind in (Reload.LIVE, Reload.RESTART):
+            assert defaults.where(name), name
