@@ -26,7 +26,7 @@ example, replaced at each reload) or registers an applier here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import suppress
 
 import attrs
@@ -66,11 +66,18 @@ class DevicePlan:
                 f"meters {counts(self.meters_added, self.meters_changed, self.meters_removed)}")
 
 
-def plan_devices(old: ModbusSettings, new: ModbusSettings) -> DevicePlan:
-    """The file's links and meters that a reread file adds, changes and removes, by name."""
-    old_links = {link.name: link for link in old.links}
+def plan_devices(
+    old: ModbusSettings, new: ModbusSettings, served: Collection[str] | None = None,
+    polled: Collection[str] | None = None,
+) -> DevicePlan:
+    """The file's links and meters that a reread file adds, changes and removes, by name.
+
+    ``served`` and ``polled`` name the links and meters the bridge runs: one of the old file
+    that it does not (refused, or its port would not bind) counts as new, so that each reload
+    tries it again."""
+    old_links = {link.name: link for link in old.links if served is None or link.name in served}
     new_links = {link.name: link for link in new.links}
-    old_meters = {meter.name: meter for meter in old.meters}
+    old_meters = {meter.name: meter for meter in old.meters if polled is None or meter.name in polled}
     new_meters = {meter.name: meter for meter in new.meters}
     return DevicePlan(
         links_added=tuple(link for name, link in new_links.items() if name not in old_links),
@@ -160,7 +167,8 @@ class Reloader:
         except UsageError as e:
             log.error("Reload not applied, the center runs on as it was: {error}", error=e)
             return None
-        plan = plan_devices(running.modbus, reread.modbus)
+        bridge = self._bridge
+        plan = plan_devices(running.modbus, reread.modbus, bridge.links.keys(), bridge.poller.meter_names())
         changes = tuple(changed_settings(running, reread))
         try:
             await self._recorder.resync(reread.modbus)
@@ -202,11 +210,22 @@ class Reloader:
                 else:
                     bridge.add_link(link)
             except LinkConflict as e:
-                log.error("Reload: link {link} of {file} not served: {error}",
-                          link=link.name, file=self.settings.source, error=e)
+                self._not_served(link, e)
+        await gatherResults(closing, consumeErrors=True)
+        for link in (*plan.links_changed, *plan.links_added):
+            if link.kind == "listen" and link.name in bridge.links:
+                try:
+                    await bridge.listening(link.name)
+                except Exception as e:  # whatever the endpoint says: in use, no such interface...
+                    await bridge.remove_link(link.name, keep_meters=True)
+                    self._not_served(link, e)
         for meter in (*plan.meters_changed, *plan.meters_added):
             try:
                 bridge.set_meter(meter)
             except UnknownLink as e:
                 log.error("Reload: meter {meter} not polled: {error}", meter=meter.name, error=e)
-        await gatherResults(closing, consumeErrors=True)
+
+    def _not_served(self, link: LinkSettings, error: Exception) -> None:
+        """Until the next reload, which tries it again, or a restart."""
+        log.error("Reload: link {link} of {file} not served: {error}", link=link.name, file=self.settings.source,
+                  error=error)

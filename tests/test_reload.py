@@ -7,6 +7,7 @@ The same through a real ``twistd dtucenter`` and SIGHUP: tests/test_reload_proce
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -355,3 +356,36 @@ def test_every_setting_a_reload_may_report_can_be_named() -> None:
     for name, kind in declared_reloads().items():
         if kind in (Reload.LIVE, Reload.RESTART):
             assert defaults.where(name), name
+
+
+def own_port_link(port: int, timeout: float = 1.0) -> str:
+    return f'[[link]]\nname = "own"\nlisten = "tcp:{port}:interface=127.0.0.1"\ntimeout = {timeout}\n'
+
+
+@pytest.mark.expected_errors("Listener own cannot listen")
+@pytest.mark.expected_errors("Reload: link own of")
+@pytest_twisted.ensureDeferred
+async def test_a_link_whose_port_will_not_bind_is_tried_again_at_the_next_reload(tmp_path: Path) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    config, center = await started_with(tmp_path, f'[modbus]\nlisten = "{LISTEN}"\n')
+    try:
+        reloader = center.service.reloader  # type: ignore[attr-defined]
+        config.write_text(f'[modbus]\nlisten = "{LISTEN}"\n' + own_port_link(port))
+        assert await reloader.reload() is not None
+        assert "own" not in center.bridge.links  # logged as not served, not left half there
+        blocker.close()
+        outcome = await reloader.reload()  # the same file: tried again
+        assert [link.name for link in outcome.devices.links_added] == ["own"]
+        assert (await center.bridge.listening("own")).getHost().port == port
+        # Changed, on the same port: served anew there.
+        config.write_text(f'[modbus]\nlisten = "{LISTEN}"\n' + own_port_link(port, timeout=2.0))
+        outcome = await reloader.reload()
+        assert [link.name for link in outcome.devices.links_changed] == ["own"]
+        assert center.bridge.links["own"].settings.timeout == 2.0
+        assert (await center.bridge.listening("own")).getHost().port == port
+    finally:
+        blocker.close()
+        await center.stop()

@@ -234,12 +234,17 @@ class ModbusBridge(MultiService):
     def update_link(self, settings: LinkSettings) -> defer.Deferred[None]:
         """Replace a link's settings: its connection is closed and it is served anew; its meters
         keep their schedules and use the new link from their next poll. Raises :class:`UnknownLink`.
+
+        A link with its own port listens anew once its old port is closed (the new one is
+        likely the same port); the Deferred fires then, or fails with :class:`LinkConflict`.
         """
         old = self.links.get(settings.name)
         if old is None:
             raise UnknownLink(f"no link named {settings.name!r}")
         self._check_shared(settings, old)
         gone = self.remove_link(settings.name, keep_meters=True)
+        if old.settings.kind == "listen":
+            return gone.addCallback(lambda _: self.add_link(settings))
         self.add_link(settings)
         return gone
 
