@@ -143,6 +143,10 @@ def test_the_plan_names_what_was_added_changed_and_removed() -> None:
     assert plan.meters_removed == ()
     assert plan.summary() == "links 1 added, 1 changed, 1 removed; meters 0 added, 2 changed, 0 removed"
     assert plan_devices(before, before) == DevicePlan()
+    # What the bridge does not run (refused, or its port would not bind) is tried again.
+    unserved = plan_devices(before, before, served=["a"], polled=["ma"])
+    assert ([link.name for link in unserved.links_added], [m.name for m in unserved.meters_added]) == (["b"], ["mb"])
+    assert unserved.links_removed == unserved.meters_removed == ()
 
 
 # -- a running center ------------------------------------------------------------------------------
