@@ -82,6 +82,10 @@ class PortRecordingEndpoint:
         return d
 
 
+def _probe(settings: ModbusSettings) -> Probe | None:
+    return Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
+
+
 def _fire(d: defer.Deferred[IListeningPort], outcome: IListeningPort | Failure) -> None:
     if isinstance(outcome, Failure):
         d.errback(outcome)
@@ -148,11 +152,12 @@ class ModbusBridge(MultiService):
         #: The shared listener's registration table: changed in place, so a new connection sees
         #: the links of the moment it registers.
         self._shared: dict[bytes, Link] = {}
+        self._login_factory: LoginFactory | None = None
         if settings.listen is not None:
             # Listening even with no shared link yet: one may be added while the center runs.
-            probe = Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
-            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=probe)
+            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=_probe(settings))
             login_factory.links = self._shared  # the factory copies what it is given; share the table instead
+            self._login_factory = login_factory
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
         # The poller reads self.links at each request, so links added later are its channels too.
@@ -164,6 +169,17 @@ class ModbusBridge(MultiService):
             self.add_link(link_settings)
 
     # -- links and meters changed while running --------------------------------
+
+    def apply_settings(self, settings: ModbusSettings) -> None:
+        """Take up the ``[modbus]`` settings a reload may change (``Reload.LIVE``): the registration
+        timeout and the probe for the shared listener's new connections and for links added
+        from now on, and ``settings`` itself (the registration rules) for what reads it.
+        Its links and meters are not looked at: they change one by one (``add_link``...)."""
+        self.settings = settings
+        self.login_timeout = settings.login_timeout
+        if self._login_factory is not None:
+            self._login_factory.login_timeout = settings.login_timeout
+            self._login_factory.probe = _probe(settings)
 
     def add_link(self, settings: LinkSettings) -> None:
         """Start serving a new link at once: its registration is accepted on the shared listener,
@@ -230,12 +246,17 @@ class ModbusBridge(MultiService):
     def update_link(self, settings: LinkSettings) -> defer.Deferred[None]:
         """Replace a link's settings: its connection is closed and it is served anew; its meters
         keep their schedules and use the new link from their next poll. Raises :class:`UnknownLink`.
+
+        A link with its own port listens anew once its old port is closed (the new one is
+        likely the same port); the Deferred fires then, or fails with :class:`LinkConflict`.
         """
         old = self.links.get(settings.name)
         if old is None:
             raise UnknownLink(f"no link named {settings.name!r}")
         self._check_shared(settings, old)
         gone = self.remove_link(settings.name, keep_meters=True)
+        if old.settings.kind == "listen":
+            return gone.addCallback(lambda _: self.add_link(settings))
         self.add_link(settings)
         return gone
 
