@@ -20,6 +20,7 @@ from pymodbus.framer import FramerType
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 
 from dtucenter.dtu import wire
@@ -314,5 +315,26 @@ async def test_the_metrics_listener_needs_no_token_and_stays_on_loopback(tmp_pat
         assert ("dtucenter_api_requests_total", ()) not in samples and "dtucenter_api_requests" not in body  # API off
         assert (await http_get(base + "/"))[0] == 404
         check_with_promtool(body)
+    finally:
+        await center.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_metrics_listener_on_a_named_interface_stays_there_with_a_warning(tmp_path: Path) -> None:
+    warnings: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "dtucenter.tap" and event.get("log_level") == LogLevel.warn:
+            warnings.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        center = await start_center(tmp_path, "--metrics", "tcp:0:interface=0.0.0.0", "--api", "off")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    try:
+        port = await center.service.getServiceNamed("metrics").when_listening()  # type: ignore[attr-defined]
+        assert port.getHost().host == "0.0.0.0"
+        assert len(warnings) == 1 and "without a token" in warnings[0], warnings
     finally:
         await center.stop()
