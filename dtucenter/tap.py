@@ -31,6 +31,7 @@ from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
+from dtucenter.modbus.scada_server import ScadaFactory, ScadaServer
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.setting import listening_endpoint
@@ -244,6 +245,11 @@ def add_modbus(top: CenterService, settings: Settings, recorder: MeterRecorder, 
     for link in modbus.links:
         if link.kind == "listen":
             top.require_listening(settings.where_link(link, "listen"), partial(bridge.listening, link.name))
+    if modbus.server is not None:
+        factory = ScadaFactory(bridge, reactor, allow=modbus.server_allow, max_clients=modbus.server_max_clients)
+        scada = ScadaServer(listening_endpoint(reactor, modbus.server), factory)
+        scada.setServiceParent(top)
+        top.require_listening(settings.where("modbus.server"), scada.when_listening)
     starting = recorder.synced().addCallback(lambda _: ensureDeferred(start_database_devices(recorder.store, bridge)))
     starting.addErrback(
         lambda f: log.failure("Could not start the links and meters of the database", f)

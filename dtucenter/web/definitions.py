@@ -4,10 +4,11 @@
 A body is the ``[[link]]`` or ``[[meter]]`` table of the config file as JSON, read by the
 same reader with the same messages (400). Each write changes the row first, then the
 running bridge; should the bridge refuse (a taken name, a registration that cannot be told
-apart from another's) the row is put back as it was and the answer is 409. The config
-file's links and meters are the file's to change: writing one answers 409 naming the file.
-Scoped like the rest: an account manages its own; another account's answers 404 as an
-unknown one; an admin may name the owning ``account`` of what it creates.
+apart from another's, a ``scada_unit`` another meter answers under) the row is put back as
+it was and the answer is 409. The config file's links and meters are the file's to change:
+writing one answers 409 naming the file. Scoped like the rest: an account manages its own;
+another account's answers 404 as an unknown one; an admin may name the owning ``account``
+of what it creates.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from dtucenter.modbus.config import LinkSettings, MeterSettings
 from dtucenter.modbus.poller import UnknownMeter
-from dtucenter.modbus.service import LinkConflict, ModbusBridge, UnknownLink
+from dtucenter.modbus.service import LinkConflict, ModbusBridge, ScadaUnitTaken, UnknownLink
 from dtucenter.setting import ConfigError
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
@@ -195,7 +196,7 @@ class DefinitionApi:
         created = await self._write(job)
         try:
             bridge.set_meter(settings)
-        except UnknownLink as e:
+        except (UnknownLink, ScadaUnitTaken) as e:
             await self.store.write(partial(device_meters.undo_create_meter, name=settings.name, created=created))
             raise ApiError(409, str(e)) from None
         return Reply(_answer(settings), 201)
@@ -217,7 +218,7 @@ class DefinitionApi:
             raise ApiError(404, f"no meter {name!r}")
         try:
             bridge.set_meter(settings)
-        except UnknownLink as e:
+        except (UnknownLink, ScadaUnitTaken) as e:
             await self.store.write(partial(device_meters.replace_meter, spec=old, account=None,
                                            config_file=config_file))
             raise ApiError(409, str(e)) from None
