@@ -178,6 +178,14 @@ class DefinitionApi:
             raise ApiError(400, str(e)) from None
 
     @staticmethod
+    def _check_scada_unit(admin: bool, settings: MeterSettings, current: object) -> None:
+        """The Modbus TCP server has no accounts: which meters it serves, to every client on the
+        plant network, is the operator's to say. An account's PUT keeps what an admin set."""
+        if not admin and settings.scada_unit != current:
+            raise ApiError(403, "only an admin account may set or change a meter's scada_unit: the Modbus TCP "
+                                "server for SCADA serves it to every client, whatever its account")
+
+    @staticmethod
     def _check_link(session: Session, settings: MeterSettings, scope: int | None) -> None:
         """A meter goes on a link its account may use: the caller's own, or any for an admin."""
         if device_links.get_link(session, settings.link, scope) is None:
@@ -186,6 +194,7 @@ class DefinitionApi:
     async def create_meter(self, call: Call) -> Reply:
         body, owner = await self._body(call, None)
         settings = self._meter(body)
+        self._check_scada_unit(call.caller.admin, settings, None)
         bridge = self.bridge
         scope, spec, now = call.caller.scope, meter_spec(settings), self.now()
 
@@ -206,10 +215,13 @@ class DefinitionApi:
         settings = self._meter(body)
         bridge = self.bridge
         scope, spec, config_file = call.caller.scope, meter_spec(settings), self.config_file
+        admin = call.caller.admin
 
         def job(session: Session) -> dict[str, Any] | None:
-            if device_meters.get_meter(session, name, scope) is None:
+            current = device_meters.get_meter(session, name, scope)
+            if current is None:
                 return None
+            self._check_scada_unit(admin, settings, (current.definition or {}).get("scada_unit"))
             self._check_link(session, settings, scope)
             return device_meters.replace_meter(session, spec, scope, config_file)
 

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 
 from tests.modbus.interop_support import STEP_TIMEOUT, FakeDtu, PymodbusServer, meter_toml, read_back, sample_meter
-from tests.support import ApiClient, RunningCenter, eventually, run_process, start_center
+from tests.support import ApiClient, RunningCenter, eventually, make_account, run_process, start_center
 
 #: The meters' unit ids on their bus, and the unit ids SCADA reads them under. Their values are served for
 #: 10 s: the dead meter's timeouts hold up the bus they share, so polls come late.
@@ -258,6 +258,18 @@ async def check_the_api_keeps_scada_units_unique(api: ApiClient, port: int) -> N
         return await in_thread(port, lambda c: read_with(c, "holding", 0, 1, 14)) == [2317]
 
     await eventually(served, "a meter made through the API served under its scada_unit")
+
+    # The server has no accounts: an account may not put its meters on it, nor take them off.
+    acme = await make_account(api, "acme")
+    refused = await acme.post("/api/meters", meter | {"name": "m4", "scada_unit": 15})
+    assert refused.status == 403 and "only an admin account may set or change a meter's scada_unit" in refused.error
+    moved = await api.call("PUT", "/api/meters/m3/account", {"account": "acme"})
+    assert moved.status == 200, moved.body
+    # Keeping the admin's scada_unit passes (to be refused for the admin's link, which is not acme's).
+    kept = await acme.call("PUT", "/api/meters/m3", meter | {"scada_unit": 14})
+    assert (kept.status, kept.error) == (400, "meter 'm3': no link named 'site-a'")
+    dropped = await acme.call("PUT", "/api/meters/m3", {k: v for k, v in meter.items() if k != "scada_unit"})
+    assert dropped.status == 403
 
 
 class _Closed(Protocol):
