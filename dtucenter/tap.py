@@ -31,6 +31,7 @@ from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
+from dtucenter.events import EventHub
 from dtucenter.modbus.scada_server import ScadaFactory, ScadaServer
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.process import OwnProcess, bounded_log_file
@@ -95,6 +96,8 @@ class CenterService(MultiService):
     def __init__(self, reactor: Any) -> None:
         super().__init__()
         self._reactor = reactor
+        #: What happens in the center, for the integrations and the console (dtucenter/events.py).
+        self.events = EventHub()
         self._listeners: list[tuple[str, Callable[[], Deferred[IListeningPort]]]] = []
 
     def require_listening(self, what: str, when_listening: Callable[[], Deferred[IListeningPort]]) -> None:
@@ -205,6 +208,7 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
             last_seen_interval=settings.last_seen_interval,
             command_timeout=settings.command_timeout,
         ),
+        events=top.events,
     )
     center.setName("center")
     center.setServiceParent(top)
@@ -237,7 +241,7 @@ def add_modbus(top: CenterService, settings: Settings, recorder: MeterRecorder, 
     """The Modbus bridge: the file's links and meters at once, the database's (those the API
     made) once the file's have been imported into it."""
     modbus = settings.modbus
-    bridge = ModbusBridge(modbus, reactor, recorder)
+    bridge = ModbusBridge(modbus, reactor, recorder, events=top.events)
     bridge.setName("modbus")
     bridge.setServiceParent(top)
     if modbus.listen is not None:

@@ -126,11 +126,24 @@ class DefinitionApi:
         await self._write(partial(device_links.create_link, spec=link_spec(settings), account=owner, now=self.now()))
         try:
             bridge.add_link(settings)
+            await self._listening(settings)
         except LinkConflict as e:
             await self.store.write(partial(device_links.delete_link, name=settings.name, account=None,
                                            config_file=self.config_file))
             raise ApiError(409, str(e)) from None
         return Reply(_answer(settings), 201)
+
+    async def _listening(self, settings: LinkSettings) -> None:
+        """A link with its own port is made only once the port is bound: a port in use (or a
+        wrong interface) is the caller's 409 now, not a link that silently never accepts.
+        Raises :class:`LinkConflict` after taking the link out of the bridge again."""
+        if settings.kind != "listen":
+            return
+        try:
+            await self.bridge.listening(settings.name)
+        except Exception as e:
+            await self.bridge.remove_link(settings.name)
+            raise LinkConflict(f"link {settings.name!r} cannot listen on {settings.listen}: {e}") from None
 
     async def replace_link(self, call: Call, name: str) -> dict[str, object]:
         body, _ = await self._body(call, name)
@@ -145,10 +158,14 @@ class DefinitionApi:
                 await bridge.update_link(settings)
             else:  # it could not be served at start; now it may
                 bridge.add_link(settings)
+            await self._listening(settings)
         except LinkConflict as e:
-            previous = link_spec(self.read_link(json.loads(old), f"database: link {name!r}"))
-            await self.store.write(partial(device_links.replace_link, spec=previous, account=None,
+            previous = self.read_link(json.loads(old), f"database: link {name!r}")
+            await self.store.write(partial(device_links.replace_link, spec=link_spec(previous), account=None,
                                            config_file=self.config_file, now=self.now()))
+            if name not in bridge.links:  # taken out because its new port would not bind: serve the old one
+                with suppress(LinkConflict):
+                    bridge.add_link(previous)
             raise ApiError(409, str(e)) from None
         return _answer(settings)
 
