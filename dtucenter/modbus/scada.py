@@ -30,8 +30,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dtucenter.junk import ProblemSummary
 from dtucenter.modbus.config import MeterSettings
 from dtucenter.modbus.errors import (
+    EXCEPTION_NAMES,
     LinkDisconnected,
     LinkOffline,
     ModbusError,
@@ -268,8 +270,11 @@ class Gateway:
         self._meters = meters
         self._clock = clock
 
-    def answer(self, unit: int, pdu: bytes) -> bytes | defer.Deferred[bytes]:
-        """The response PDU to a request PDU, at once or (for a write) once the meter answered."""
+    def answer(self, unit: int, pdu: bytes, problems: ProblemSummary) -> bytes | defer.Deferred[bytes]:
+        """The response PDU to a request PDU, at once or (for a write) once the meter answered.
+
+        Each exception answered is counted in ``problems``, the asking connection's, with why.
+        """
         function = pdu[0] if pdu else 0
         try:
             request = decode_request(pdu)
@@ -281,14 +286,14 @@ class Gateway:
             if isinstance(request, Read):
                 return read_response(function, request.table, self._read(meter, request))
             d = defer.ensureDeferred(self._write(meter, request))
-            return d.addCallbacks(lambda _: write_response(pdu), self._write_failed, errbackArgs=(function,))
+            return d.addCallbacks(
+                lambda _: write_response(pdu), self._write_failed, errbackArgs=(unit, function, problems)
+            )
         except Refused as refused:
-            log.debug("SCADA unit {unit}, function {function}: exception {code}: {why}",
-                      unit=unit, function=function, code=int(refused.code), why=str(refused))
-            return exception_response(function, refused.code)
+            return _refusal(problems, unit, function, refused.code, str(refused))
         except Exception:
             log.failure("SCADA unit {unit}, function {function}: answering crashed", unit=unit, function=function)
-            return exception_response(function, Exception_.SERVER_DEVICE_FAILURE)
+            return _refusal(problems, unit, function, Exception_.SERVER_DEVICE_FAILURE, "internal error (see the log)")
 
     def _read(self, meter: MeterSettings, request: Read) -> list[int]:
         now = self._clock.seconds()
@@ -336,7 +341,7 @@ class Gateway:
         return decode_registers(point, words)
 
     @staticmethod
-    def _write_failed(failure: Failure, function: int) -> bytes:
+    def _write_failed(failure: Failure, unit: int, function: int, problems: ProblemSummary) -> bytes:
         error = failure.value
         if isinstance(error, Refused):
             code: Exception_ | int = error.code
@@ -349,9 +354,14 @@ class Gateway:
         else:
             log.failure("SCADA write crashed", failure)
             code = Exception_.SERVER_DEVICE_FAILURE
-        log.debug("SCADA write, function {function}: exception {code}: {why}",
-                  function=function, code=int(code), why=str(error))
-        return exception_response(function, code)
+        return _refusal(problems, unit, function, code, str(error))
+
+
+def _refusal(problems: ProblemSummary, unit: int, function: int, code: Exception_ | int, why: str) -> bytes:
+    """The exception answer, counted with why for the connection's summary in the log."""
+    name = EXCEPTION_NAMES.get(int(code), f"exception {int(code)}")
+    problems.add(name, example=f"unit {unit}, function {function}: {why}")
+    return exception_response(function, code)
 
 
 def _encoded(point: Point, value: Value) -> list[int]:
@@ -371,16 +381,19 @@ class ClientRequests:
     """One client's requests, answered in the order they came (simple masters match answers by
     order, not by transaction id), at most ``max_pending`` at once.
 
-    ``send`` gets each answer frame; :attr:`full` says the caller should stop reading the
-    client until ``on_room`` is called. While :attr:`paused` (the client does not read its
-    answers) no further request is taken; :meth:`resume` takes them again.
+    ``send`` gets each answer frame, and :attr:`problems` counts the exceptions among them;
+    :attr:`full` says the caller should stop reading the client until ``on_room`` is called.
+    While :attr:`paused` (the client does not read its answers) no further request is taken;
+    :meth:`resume` takes them again.
     """
 
     def __init__(
         self, gateway: Gateway, send: Callable[[bytes], None], *, on_room: Callable[[], None],
-        max_pending: int = DEFAULT_MAX_PENDING,
+        problems: ProblemSummary, max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         self._gateway = gateway
+        #: The exceptions answered, by name, for the connection's summary in the log.
+        self.problems = problems
         self._send = send
         self._on_room = on_room
         self._max_pending = max_pending
@@ -409,7 +422,7 @@ class ClientRequests:
                 return frame
             slot: list[bytes | None] = [None]
             self._queue.append(slot)
-            answer = self._gateway.answer(frame.unit, frame.pdu)
+            answer = self._gateway.answer(frame.unit, frame.pdu, self.problems)
             if isinstance(answer, bytes):
                 slot[0] = mbap(frame.transaction_id, frame.unit, answer)
             else:

@@ -71,10 +71,23 @@ class ScadaProtocol(Protocol):
             close_transport(transport)
             return
         self._requests = ClientRequests(
-            self._factory.gateway, transport.write, on_room=self._resume, max_pending=self._factory.max_pending
+            self._factory.gateway, self._send, on_room=self._resume, problems=ProblemSummary(self._factory.clock),
+            max_pending=self._factory.max_pending,
         )
         cast(IConsumer, transport).registerProducer(self, True)  # a TCP transport is a consumer and a producer
         log.info("SCADA client {peer} connected", peer=self.peer)
+
+    def _send(self, frame: bytes) -> None:
+        connected_transport(self).write(frame)
+        if self._requests is not None and self._requests.problems.due:
+            self._tell_problems(self._requests.problems)
+
+    def _tell_problems(self, problems: ProblemSummary) -> None:
+        """At most once a minute: a SCADA master configured for registers no point has shows up here."""
+        counts, seconds, example = problems.take()
+        told = ", ".join(f"{name} {count:,}" for name, count in sorted(counts.items()))
+        log.info("SCADA client {peer}: exceptions answered in {seconds:.0f} s: {told}; e.g. {example}",
+                 peer=self.peer, seconds=seconds, told=told, example=example)
 
     def dataReceived(self, data: bytes) -> None:
         if self._requests is not None:
@@ -122,6 +135,8 @@ class ScadaProtocol(Protocol):
             return
         self._requests.close()
         self._factory.clients.discard(self)
+        if self._requests.problems.untold:
+            self._tell_problems(self._requests.problems)
         log.info("SCADA client {peer} disconnected after {answered} answers",
                  peer=self.peer, answered=self._requests.answered)
 
@@ -132,6 +147,7 @@ class ScadaFactory(Factory):
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         self.gateway = Gateway(meters, clock)
+        self.clock = clock
         self.networks = None if allow is None else [ipaddress.ip_network(network) for network in allow]
         self.max_clients = max_clients
         self.max_pending = max_pending

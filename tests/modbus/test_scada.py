@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import attrs
 import pytest
@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from dtucenter.modbus.config import MeterSettings
 from dtucenter.modbus.errors import LinkOffline, ModbusExceptionResponse, ModbusTimeout
@@ -407,3 +408,43 @@ def test_the_unsent_answer_of_a_client_gone_is_dropped(client: Client, meters: F
     meters.writes[0][3].callback(None)
     assert client.transport.value() == b""
 
+
+
+@pytest.fixture
+def summaries() -> Iterator[list[str]]:
+    """The SCADA server's log lines about its clients."""
+    texts: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "dtucenter.modbus.scada_server":
+            texts.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield texts
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_exceptions_answered_are_summarised_in_the_log_at_most_once_a_minute(
+    client: Client, clock: Clock, summaries: list[str]
+) -> None:
+    summaries.clear()
+    client.ask(7, read(3, 100, 1))
+    assert summaries == [(
+        "SCADA client 10.0.0.7:50000: exceptions answered in 0 s: illegal data address 1;"
+        " e.g. unit 7, function 3: holding 100: no point"
+    )]
+    client.ask(7, read(3, 100, 1))
+    client.ask(8, read(3, 0, 1))
+    clock.advance(59)
+    client.ask(7, read(3, 0, 1))  # read 59 s ago: stale
+    assert len(summaries) == 1, "one line a minute, however many exceptions"
+    clock.advance(1)
+    client.ask(7, bytes.fromhex("41 00"))
+    assert summaries[1] == (
+        "SCADA client 10.0.0.7:50000: exceptions answered in 60 s: gateway path unavailable 1, gateway target"
+        " device failed to respond 1, illegal data address 1, illegal function 1; e.g. unit 7, function 3:"
+        " holding 100: no point"
+    )
+    client.ask(7, read(3, 5, 1))
+    client.protocol.connectionLost()
+    assert "illegal data address 1" in summaries[-2] and "disconnected after 6 answers" in summaries[-1]
