@@ -147,10 +147,16 @@ async def test_scada_masters_read_and_write_meters_through_the_center(tmp_path: 
         await check_many_clients_at_once(port)
         await check_the_api_keeps_scada_units_unique(center.api(), port)
         await check_junk_closes_the_connection(port)
+        lingering = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), _Closed())
     finally:
         await dtu.stop()
         await center.stop()
         bus.stop()
+
+    async def closed() -> bool:
+        return lingering.closed.called
+
+    await eventually(closed, "a SCADA client still connected closed by the center's stop")
 
 
 async def check_reads_match_the_meters(port: int, bus: PymodbusServer) -> None:
