@@ -30,7 +30,8 @@ async def test_links_and_meters_added_offline_are_served_at_the_next_start(
     assert run("account", "add", "acme", "--db", db_url)[0] == 0
     assert run("link", "add", LINK, "--account", "acme", "--db", db_url) == (
         0, "added link site-a (served from the center's next start)\n")
-    assert run("meter", "add", METER, "--account", "acme", "--db", db_url)[0] == 0
+    served_to_scada = METER.replace('"unit": 1', '"unit": 1, "scada_unit": 5')
+    assert run("meter", "add", served_to_scada, "--account", "acme", "--db", db_url)[0] == 0
     listed = run("link", "list", "--json", "--db", db_url)[1]
     assert json.loads(listed) == {"links": [{"name": "site-a", "account": "acme", "managed_by": "api",
                                              "definition": json.loads(LINK)}]}
@@ -45,6 +46,8 @@ async def test_links_and_meters_added_offline_are_served_at_the_next_start(
         (("meter", "add", METER.replace("site-a", "nowhere").replace('"m1"', '"m2"')), "no link named 'nowhere'"),
         (("link", "add", LINK.replace("site-a", "s2"), "--account", "nobody"), "no account 'nobody'"),
         (("meter", "remove", "nobody"), "no meter 'nobody'"),
+        (("meter", "add", served_to_scada.replace('"m1"', '"m2"')),
+         "meter 'm2': scada_unit 5 is already the scada_unit of meter 'm1'"),
     ]
     for args, message in refusals:
         capsys.readouterr()
