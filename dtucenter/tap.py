@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -33,7 +34,7 @@ from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.events import EventHub
 from dtucenter.modbus.scada_server import ScadaFactory, ScadaServer
-from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
+from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint, ScadaUnitTaken
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.setting import listening_endpoint
 from dtucenter.store import links as device_links
@@ -275,7 +276,12 @@ async def start_database_devices(store: Store, bridge: ModbusBridge) -> None:
     for name, definition in await store.read(device_meters.api_meter_definitions):
         source = f"database: meter {name!r}"
         try:
-            bridge.set_meter(read_meter_definition(json.loads(definition), source))
+            meter = read_meter_definition(json.loads(definition), source)
+            try:
+                bridge.set_meter(meter)
+            except ScadaUnitTaken as e:  # the file's meter took it since: its data still matters
+                log.error("{source}: polled, but not served to SCADA: {error}", source=source, error=e)
+                bridge.set_meter(attrs.evolve(meter, scada_unit=None))
         except (ValueError, LookupError, UsageError) as e:  # a ConfigError, an UnknownLink, bad JSON
             log.error("{source}: not polled: {error}", source=source, error=e)
 

@@ -72,3 +72,32 @@ async def test_links_and_meters_added_offline_are_served_at_the_next_start(
         0, "removed link site-a and its meters m1 (stopped at the center's next start)\n")
     assert json.loads(run("meter", "list", "--json", "--db", db_url)[1]) == {"meters": []}
     assert run("link", "remove", "site-a", "--db", db_url)[0] == 1
+
+
+@pytest.mark.expected_errors("polled, but not served to SCADA")
+@pytest_twisted.ensureDeferred
+async def test_a_stored_meter_whose_scada_unit_the_file_took_is_polled_but_not_served(
+    tmp_path: Path, db_url: str
+) -> None:
+    open_engine(db_url).dispose()
+    assert run("link", "add", LINK, "--db", db_url)[0] == 0
+    assert run("meter", "add", METER.replace('"unit": 1', '"unit": 1, "scada_unit": 5'), "--db", db_url)[0] == 0
+    config = tmp_path / "center.toml"
+    config.write_text(
+        '[[link]]\nname = "filed"\nregistration = "FILE-0001"\n\n'
+        '[[meter]]\nname = "fm"\nlink = "filed"\nunit = 1\nscada_unit = 5\ntemplate = "eastron-sdm120"\n'
+    )
+    center = await start_center(
+        tmp_path, "--config", str(config), "--modbus", "tcp:0:interface=127.0.0.1", db_url=db_url
+    )
+    try:
+        api = center.api()
+
+        async def polled() -> bool:
+            return bool((await api.get("/api/links/site-a")).body.get("meters") == ["m1"])
+
+        await eventually(polled, "the stored meter polled")
+        assert center.bridge.scada_meter(5).name == "fm"
+        assert center.bridge.poller.settings_of("m1").scada_unit is None
+    finally:
+        await center.stop()
