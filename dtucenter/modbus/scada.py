@@ -244,23 +244,43 @@ class Refused(Exception):
         self.code = code
 
 
-def _cover(points: Sequence[Point], table: Table, address: int, count: int, *, whole: bool) -> Iterator[Point]:
-    """The points that cover ``address .. address+count-1`` of ``table``, in address order.
+@attrs.frozen
+class _Span:
+    point: Point
+    end: int
 
-    Every address must be covered; with ``whole`` (writes) each point must start inside
-    the range and end inside it. Where points overlap, the first point (in the meter's
-    order) that covers an address is the one read.
-    """
-    in_table = [p for p in points if p.table is table and p.address < address + count and p.end > address]
-    end = address + count
-    at = address
-    while at < end:
-        point = next((p for p in in_table if (p.address == at if whole else p.address <= at < p.end)), None)
-        if point is None or (whole and point.end > end):
-            what = "no point" if point is None else f"only part of {point.name}"
-            raise Refused(Exception_.ILLEGAL_DATA_ADDRESS, f"{table.value} {at}: {what}")
-        yield point
-        at = point.end
+
+class AddressMap:
+    """Which point covers which address of a meter's tables: built once per meter definition, so
+    that a request costs a look-up per address, not a walk over the meter's points."""
+
+    def __init__(self, points: Sequence[Point]) -> None:
+        #: (table, address) -> the first point (in the meter's order) covering it, and the first starting there.
+        self._covering: dict[tuple[Table, int], _Span] = {}
+        self._starting: dict[tuple[Table, int], _Span] = {}
+        for point in points:
+            span = _Span(point, point.end)
+            self._starting.setdefault((point.table, point.address), span)
+            for address in range(point.address, span.end):
+                self._covering.setdefault((point.table, address), span)
+
+    def cover(self, table: Table, address: int, count: int, *, whole: bool) -> Iterator[_Span]:
+        """The points that cover ``address .. address+count-1`` of ``table``, in address order.
+
+        Every address must be covered; with ``whole`` (writes) each point must start inside
+        the range and end inside it. Where points overlap, the first point (in the meter's
+        order) that covers an address is the one read.
+        """
+        end = address + count
+        at = address
+        found = self._starting if whole else self._covering
+        while at < end:
+            span = found.get((table, at))
+            if span is None or (whole and span.end > end):
+                what = "no point" if span is None else f"only part of {span.point.name}"
+                raise Refused(Exception_.ILLEGAL_DATA_ADDRESS, f"{table.value} {at}: {what}")
+            yield span
+            at = span.end
 
 
 class Gateway:
@@ -269,6 +289,16 @@ class Gateway:
     def __init__(self, meters: Meters, clock: IReactorTime) -> None:
         self._meters = meters
         self._clock = clock
+        #: Meter name -> the definition its map was built from, and the map.
+        self._maps: dict[str, tuple[MeterSettings, AddressMap]] = {}
+
+    def _map(self, meter: MeterSettings) -> AddressMap:
+        known = self._maps.get(meter.name)
+        if known is None or known[0] is not meter:  # new, or redefined since (a new settings object)
+            if len(self._maps) > 4 * 247:  # meters renamed or removed over time: start afresh
+                self._maps.clear()
+            known = self._maps[meter.name] = (meter, AddressMap(meter.points))
+        return known[1]
 
     def answer(self, unit: int, pdu: bytes, problems: ProblemSummary) -> bytes | defer.Deferred[bytes]:
         """The response PDU to a request PDU, at once or (for a write) once the meter answered.
@@ -302,7 +332,8 @@ class Gateway:
         except UnknownMeter:  # removed between the lookup and now
             raise Refused(Exception_.GATEWAY_PATH_UNAVAILABLE, f"meter {meter.name} is gone") from None
         values: list[int] = []
-        for point in _cover(meter.points, request.table, request.address, request.count, whole=False):
+        for span in self._map(meter).cover(request.table, request.address, request.count, whole=False):
+            point = span.point
             entry = latest.get(point.name)
             if entry is None:
                 why = f"{meter.name}.{point.name}: no value, or its latest read failed"
@@ -313,17 +344,19 @@ class Gateway:
                 raise Refused(Exception_.GATEWAY_TARGET_FAILED, f"{meter.name}.{point.name}: {age}")
             words = _encoded(point, value)
             first = max(request.address, point.address)
-            last = min(request.address + request.count, point.end)
+            last = min(request.address + request.count, span.end)
             values += words[first - point.address : last - point.address]
         return values
 
     async def _write(self, meter: MeterSettings, request: Write) -> None:
         """One write per point covered, in address order; the first that fails answers for all
         (the points before it are written)."""
-        points = list(_cover(meter.points, request.table, request.address, len(request.values), whole=True))
-        values = [self._value(point, request.values[point.address - request.address : point.end - request.address])
-                  for point in points]
-        for point, value in zip(points, values, strict=True):
+        spans = list(self._map(meter).cover(request.table, request.address, len(request.values), whole=True))
+        first = request.address
+        values = [
+            self._value(span.point, request.values[span.point.address - first : span.end - first]) for span in spans
+        ]
+        for point, value in zip([span.point for span in spans], values, strict=True):
             try:
                 await self._meters.write(meter.name, point.name, value)
             except (UnknownMeter, UnknownPoint) as e:  # redefined while the write was under way

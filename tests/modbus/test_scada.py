@@ -448,3 +448,11 @@ def test_exceptions_answered_are_summarised_in_the_log_at_most_once_a_minute(
     client.ask(7, read(3, 5, 1))
     client.protocol.connectionLost()
     assert "illegal data address 1" in summaries[-2] and "disconnected after 6 answers" in summaries[-1]
+
+
+def test_a_redefined_meter_is_read_by_its_new_addresses(client: Client, meters: FakeMeters) -> None:
+    assert registers(client.ask(7, read(3, 0, 1))) == [2301]
+    moved = attrs.evolve(VOLTAGE, address=20)
+    meters.meters[7] = attrs.evolve(meters.meters[7], points=(moved, *POINTS[1:]))
+    assert client.ask(7, read(3, 0, 1)) == exception(3, 2)
+    assert registers(client.ask(7, read(3, 20, 1))) == [2301]
