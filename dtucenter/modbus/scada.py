@@ -237,7 +237,7 @@ class Meters(Protocol):
 
 
 class Refused(Exception):
-    """A request answered with an exception code; ``why`` is for the debug log."""
+    """A request answered with an exception code; ``why`` goes into the connection's summary in the log."""
 
     def __init__(self, code: Exception_ | int, why: str) -> None:
         super().__init__(why)
