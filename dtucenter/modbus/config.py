@@ -18,9 +18,11 @@ from dtucenter.modbus.filter import decode_packet_option, encode_packet_option
 from dtucenter.modbus.points import BlockLimits, Point
 from dtucenter.modbus.rules import RegistrationRule
 from dtucenter.setting import (
+    Reload,
     boolean,
     choice,
     client_endpoint,
+    composed,
     declared,
     describe,
     integer,
@@ -193,17 +195,23 @@ class ModbusSettings:
     )
     login_timeout: float = attrs.field(
         default=DEFAULT_LOGIN_TIMEOUT,
-        metadata=setting(positive, "Seconds a new connection has to send its registration."),
+        metadata=setting(positive, "Seconds a new connection has to send its registration.", reload=Reload.LIVE),
     )
     #: Sent as-is to a connection on the shared listener that has said nothing for
     #: ``probe_after`` seconds, so that a DTU in registration mode ``data`` answers with
     #: its registration in front; every such DTU behind the listener must accept it.
     probe: bytes | None = attrs.field(
         default=None,
-        metadata=setting(packet, "A request sent to a silent new connection (hex:...), to make a data-mode DTU speak."),
+        metadata=setting(
+            packet, "A request sent to a silent new connection (hex:...), to make a data-mode DTU speak.",
+            reload=Reload.LIVE,
+        ),
     )
     probe_after: float = attrs.field(
-        default=5.0, metadata=setting(positive, "Seconds of silence after which a new connection gets the probe."),
+        default=5.0,
+        metadata=setting(
+            positive, "Seconds of silence after which a new connection gets the probe.", reload=Reload.LIVE
+        ),
     )
     #: The Modbus TCP server SCADA masters read meters through (dtucenter/modbus/scada.py).
     server: str | None = attrs.field(
@@ -227,10 +235,11 @@ class ModbusSettings:
         default=DEFAULT_SCADA_MAX_CLIENTS,
         metadata=setting(integer(1, 10_000), "Most SCADA connections at once; more are closed at once."),
     )
-    links: tuple[LinkSettings, ...] = ()
-    meters: tuple[MeterSettings, ...] = ()
+    links: tuple[LinkSettings, ...] = attrs.field(default=(), metadata=composed(Reload.DEVICES))
+    meters: tuple[MeterSettings, ...] = attrs.field(default=(), metadata=composed(Reload.DEVICES))
     #: ``[[rule]]``s for unknown registrations on the shared listener: read and checked, not yet applied.
-    rules: tuple[RegistrationRule, ...] = ()
+    #: Live: whatever applies them reads the bridge's ``settings`` at each first contact.
+    rules: tuple[RegistrationRule, ...] = attrs.field(default=(), metadata=composed(Reload.LIVE))
 
 
 # -- back to the file's spelling -----------------------------------------------

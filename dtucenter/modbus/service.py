@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import attrs
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -85,6 +86,10 @@ class PortRecordingEndpoint:
         return d
 
 
+def _probe(settings: ModbusSettings) -> Probe | None:
+    return Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
+
+
 def _fire(d: defer.Deferred[IListeningPort], outcome: IListeningPort | Failure) -> None:
     if isinstance(outcome, Failure):
         d.errback(outcome)
@@ -142,11 +147,12 @@ class ModbusBridge(MultiService):
         #: The shared listener's registration table: changed in place, so a new connection sees
         #: the links of the moment it registers.
         self._shared: dict[bytes, Link] = {}
+        self._login_factory: LoginFactory | None = None
         if settings.listen is not None:
             # Listening even with no shared link yet: one may be added while the center runs.
-            probe = Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
-            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=probe)
+            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=_probe(settings))
             login_factory.links = self._shared  # the factory copies what it is given; share the table instead
+            self._login_factory = login_factory
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
         # The poller reads self.links at each request, so links added later are its channels too.
@@ -160,6 +166,17 @@ class ModbusBridge(MultiService):
             self.add_link(link_settings)
 
     # -- links and meters changed while running --------------------------------
+
+    def apply_settings(self, settings: ModbusSettings) -> None:
+        """Take up the ``[modbus]`` settings a reload may change (``Reload.LIVE``): the registration
+        timeout and the probe for the shared listener's new connections and for links added
+        from now on, and ``settings`` itself (the registration rules) for what reads it.
+        Its links and meters are not looked at: they change one by one (``add_link``...)."""
+        self.settings = settings
+        self.login_timeout = settings.login_timeout
+        if self._login_factory is not None:
+            self._login_factory.login_timeout = settings.login_timeout
+            self._login_factory.probe = _probe(settings)
 
     def add_link(self, settings: LinkSettings) -> None:
         """Start serving a new link at once: its registration is accepted on the shared listener,
@@ -224,12 +241,17 @@ class ModbusBridge(MultiService):
     def update_link(self, settings: LinkSettings) -> defer.Deferred[None]:
         """Replace a link's settings: its connection is closed and it is served anew; its meters
         keep their schedules and use the new link from their next poll. Raises :class:`UnknownLink`.
+
+        A link with its own port listens anew once its old port is closed (the new one is
+        likely the same port); the Deferred fires then, or fails with :class:`LinkConflict`.
         """
         old = self.links.get(settings.name)
         if old is None:
             raise UnknownLink(f"no link named {settings.name!r}")
         self._check_shared(settings, old)
         gone = self.remove_link(settings.name, keep_meters=True)
+        if old.settings.kind == "listen":
+            return gone.addCallback(lambda _: self.add_link(settings))
         self.add_link(settings)
         return gone
 
@@ -266,6 +288,19 @@ class ModbusBridge(MultiService):
         self._drop_scada_unit(settings.name)
         if unit is not None:
             self._scada_units[unit] = settings.name
+
+    def set_meter_unserved_if_taken(self, settings: MeterSettings) -> ScadaUnitTaken | None:
+        """:meth:`set_meter`, but a meter whose ``scada_unit`` another meter holds is polled all the
+        same, only not served to SCADA: its data matters more. Returns the refusal, to be logged.
+
+        For the meters a start or a reload sets from the database or the file: whichever meter
+        held the unit first keeps it (at a start, the file's are set first)."""
+        try:
+            self.set_meter(settings)
+        except ScadaUnitTaken as taken:
+            self.set_meter(attrs.evolve(settings, scada_unit=None))
+            return taken
+        return None
 
     def remove_meter(self, name: str) -> None:
         """Stop polling a meter. Raises :class:`~dtucenter.modbus.poller.UnknownMeter`."""

@@ -134,6 +134,11 @@ def test_a_scada_unit_answers_for_one_meter_at_a_time() -> None:
     with pytest.raises(ScadaUnitTaken, match="scada_unit 7 is already the scada_unit of meter 'm1'"):
         bridge.set_meter(m2)
     assert bridge.poller.meter_names() == ["m1"], "refused before it is polled"
+    taken = bridge.set_meter_unserved_if_taken(m2)
+    assert isinstance(taken, ScadaUnitTaken) and bridge.poller.settings_of("m2").scada_unit is None
+    assert bridge.scada_meter(7) == m1, "the unit stays with the meter that held it"
+    assert bridge.set_meter_unserved_if_taken(attrs.evolve(m1, interval=6.0)) is None
+    bridge.remove_meter("m2")
     bridge.set_meter(attrs.evolve(m1, scada_unit=8))
     bridge.set_meter(m2)
     assert (bridge.scada_meter(7), bridge.scada_meter(8).name) == (m2, "m1")
