@@ -47,7 +47,7 @@ def allowed(address: IAddress, networks: Sequence[ipaddress.IPv4Network | ipaddr
     try:
         host = ipaddress.ip_address(getattr(address, "host", ""))
     except ValueError:
-        return False  # not an IP client (a UNIX socket): only an allow-list without networks admits it
+        return False  # not an IP client (a UNIX socket): no allow-list admits it
     if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
         host = host.ipv4_mapped
     return any(host in network for network in networks)
