@@ -18,6 +18,7 @@ reader adds the file, the table and the key.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, TypeVar
@@ -26,12 +27,34 @@ import attrs
 from attrs import AttrsInstance
 from twisted.internet.endpoints import _parse, clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
 
 E = TypeVar("E", bound=enum.Enum)
 T = TypeVar("T", bound=AttrsInstance)
 
 #: The metadata key under which a field carries its :class:`Declared`.
 METADATA_KEY = "dtucenter.setting"
+
+
+class Reload(enum.Enum):
+    """What a reload of the config file (SIGHUP) does with a changed field.
+
+    Declared with the field, so that a setting says in one place whether the running center
+    takes it up; one that says nothing needs a restart, the only safe guess.
+    """
+
+    #: Read at start only (endpoints, the database): a change is logged as needing a restart.
+    RESTART = "restart"
+    #: Applied to the running center: read again by what uses it (new connections, the next decision).
+    LIVE = "live"
+    #: The file's links and meters: synced into the database and the running bridge, as the API does.
+    DEVICES = "devices"
+    #: A table of settings of its own (``[modbus]``): its fields say for themselves.
+    TABLE = "table"
+
+
+#: The metadata key of a field's :class:`Reload`, for a field that is not a file key of its own.
+RELOAD_KEY = "dtucenter.reload"
 
 
 @attrs.frozen
@@ -44,13 +67,29 @@ class Declared:
     key: str | None = None
     #: The command-line option (without ``--``), if there is one.
     option: str | None = None
+    reload: Reload = Reload.RESTART
 
 
 def setting(
-    convert: Callable[[Any], Any], doc: str, *, key: str | None = None, option: str | None = None
+    convert: Callable[[Any], Any], doc: str, *, key: str | None = None, option: str | None = None,
+    reload: Reload = Reload.RESTART,
 ) -> dict[str, Declared]:
-    """Metadata for ``attrs.field(metadata=...)``: a file key, its converter and its doc."""
-    return {METADATA_KEY: Declared(convert, doc, key, option)}
+    """Metadata for ``attrs.field(metadata=...)``: a file key, its converter and its doc, and what
+    a reload does with it (:class:`Reload`; by default: it needs a restart)."""
+    return {METADATA_KEY: Declared(convert, doc, key, option, reload)}
+
+
+def composed(reload: Reload) -> dict[str, Reload]:
+    """Metadata for a field built from tables rather than read from one key (links, ``[modbus]``)."""
+    return {RELOAD_KEY: reload}
+
+
+def reload_of(attribute: attrs.Attribute[Any]) -> Reload:
+    """What a reload does with a changed field: its declaration says, else :data:`Reload.RESTART`."""
+    declaration = attribute.metadata.get(METADATA_KEY)
+    if declaration is not None:
+        return declaration.reload  # type: ignore[no-any-return]
+    return attribute.metadata.get(RELOAD_KEY, Reload.RESTART)  # type: ignore[no-any-return]
 
 
 def declared(cls: type[AttrsInstance]) -> dict[str, tuple[str, Declared]]:
@@ -201,6 +240,39 @@ def listening_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     if args and str(args[0]).lower() in _TAKES_BACKLOG and "backlog" not in kwargs:
         description = f"{description.rstrip(':')}:backlog={DEFAULT_LISTEN_BACKLOG}"
     endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    return endpoint
+
+
+#: The loopback interface of each endpoint type that listens on every interface unless told otherwise,
+#: as an endpoint string writes it (colons escaped).
+LOOPBACK = {"tcp": "127.0.0.1", "tcp6": r"\:\:1"}
+
+
+def loopback_unless_named(endpoint: str, log: Logger, what: str, advice: str) -> str:
+    """``tcp:2222`` and ``tcp6:2222`` bound to loopback, for a listener only the host itself should reach.
+
+    Twisted would bind those to every interface, so an endpoint that names no interface
+    gets the loopback one. One that names an interface is kept as given, with a warning
+    in ``log`` (``what`` listens on ..., ``advice``) if that interface is not loopback. Other endpoint
+    types (``unix:``, say) are kept as given.
+    """
+    # Twisted's own tokenizer, so that escaped colons (tcp6 addresses) are read as Twisted reads them.
+    args, kwargs = _parse(endpoint)
+    loopback = LOOPBACK.get(str(args[0]).lower()) if args else None
+    if loopback is None:
+        return endpoint
+    interface = kwargs.get("interface")
+    if interface is None:
+        return f"{endpoint.rstrip(':')}:interface={loopback}"
+    try:
+        is_loopback = ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        is_loopback = interface == "localhost"
+    if not is_loopback:
+        log.warn(
+            "{what} listens on {interface} ({endpoint}), not only on loopback: {advice}",
+            what=what, interface=interface, endpoint=endpoint, advice=advice,
+        )
     return endpoint
 
 

@@ -189,15 +189,12 @@ async def test_the_console_files_are_served_from_the_package(tmp_path: Path) -> 
         # The API keeps answering JSON under /api/, an unknown endpoint included.
         unknown = await center.api().get("/api/nothing-here")
         assert unknown.status == 404
-        # A route added outside /api/ (as /metrics would be) goes before the console's files.
-        router = center.service.getServiceNamed("api").factory.resource  # type: ignore[attr-defined]
-
-        async def metrics(call: Any) -> Any:
-            return {"metrics": True}
-
-        router.add("GET", "/metrics", metrics)
-        assert (await center.api().get("/metrics")).body == {"metrics": True}
-        assert (await browser(center, "GET", "/metrics/more")).status == 404
+        # A route outside /api/ (/metrics) goes before the console's files.
+        metrics = await browser(center, "GET", "/metrics", token=center.api_token)
+        assert metrics.status == 200 and "dtucenter_build_info" in metrics.text
+        assert (await browser(center, "GET", "/metrics")).status == 401
+        more = await browser(center, "GET", "/metrics/more")
+        assert more.status == 404 and more.headers["content-type"][0].startswith("text/plain")
     finally:
         await center.stop()
 
