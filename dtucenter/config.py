@@ -58,7 +58,7 @@ from dtucenter.web.auth import ENVIRONMENT_VARIABLE
 
 DEFAULT_DB_URL = "sqlite:///dtucenter.db"
 DEFAULT_API = "tcp:8080:interface=127.0.0.1"
-UNKNOWN_DTU_POLICIES = ("reject", "accept")
+UNKNOWN_DTU_POLICIES = ("reject", "pending", "accept")
 
 
 def parse_udp(value: str) -> tuple[str, int]:
@@ -129,9 +129,28 @@ class Settings:
         ),
     )
     unknown_dtu: str = attrs.field(
-        default="reject",
+        default="pending",
         metadata=setting(
-            choice(*UNKNOWN_DTU_POLICIES), "reject or accept (enrol) DTUs not in the database.", option="unknown-dtu"
+            choice(*UNKNOWN_DTU_POLICIES),
+            "reject, pending (hold for adoption) or accept (enrol) DTUs not in the database.", option="unknown-dtu"
+        ),
+    )
+    pending_per_host: int = attrs.field(
+        default=20,
+        metadata=setting(
+            integer(1, 1_000_000), "Most pending (unknown) devices kept from one source host.",
+            option="pending-per-host",
+        ),
+    )
+    pending_total: int = attrs.field(
+        default=10_000,
+        metadata=setting(integer(1, 10_000_000), "Most pending (unknown) devices kept in all.", option="pending-total"),
+    )
+    pending_expire: float = attrs.field(
+        default=7 * 24 * 3600.0,
+        metadata=setting(
+            number(1, 10**9), "Seconds after which a pending device not seen again is dropped.",
+            option="pending-expire",
         ),
     )
     login_timeout: float = attrs.field(

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from dtucenter.adoption import Adopter
 from dtucenter.config import (
     Settings,
     UsageError,
@@ -27,6 +28,7 @@ from dtucenter.config import (
     read_link_definition,
     read_meter_definition,
 )
+from dtucenter.discovery import PendingBook, PendingLimits, PendingService
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
@@ -39,11 +41,13 @@ from dtucenter.store import meters as device_meters
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
+from dtucenter.store.pending import PendingDeviceStore
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
+from dtucenter.web.pending import PendingApi
 from dtucenter.web.site import build_site
 
 log = Logger()
@@ -224,19 +228,30 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
         udp_service = UDPListenerService(reactor, interface, port, udp_protocol)
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
-    bridge = add_modbus(top, settings, recorder, reactor)
+    book = PendingBook(
+        reactor, PendingLimits(settings.pending_per_host, settings.pending_total, settings.pending_expire),
+        PendingDeviceStore(store),
+    )
+    pending = PendingService(book)
+    pending.setName("pending")
+    pending.setServiceParent(top)
+    bridge = add_modbus(top, settings, recorder, reactor, book)
+    adopter = Adopter(store, bridge, book, center.now, read_link_definition, read_meter_definition, recorder.synced)
+    bridge.unknown.adopter = adopter
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     if settings.api != "off":
-        add_api(top, settings, center, control, store, recorder, bridge, reactor)
+        add_api(top, settings, center, control, store, recorder, bridge, reactor, PendingApi(book, adopter))
     return top
 
 
-def add_modbus(top: CenterService, settings: Settings, recorder: MeterRecorder, reactor: Any) -> ModbusBridge:
+def add_modbus(
+    top: CenterService, settings: Settings, recorder: MeterRecorder, reactor: Any, book: PendingBook | None = None,
+) -> ModbusBridge:
     """The Modbus bridge: the file's links and meters at once, the database's (those the API
     made) once the file's have been imported into it."""
     modbus = settings.modbus
-    bridge = ModbusBridge(modbus, reactor, recorder)
+    bridge = ModbusBridge(modbus, reactor, recorder, book=book)
     bridge.setName("modbus")
     bridge.setServiceParent(top)
     if modbus.listen is not None:
@@ -272,7 +287,7 @@ async def start_database_devices(store: Store, bridge: ModbusBridge) -> None:
 
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
-    recorder: MeterRecorder, bridge: ModbusBridge | None, reactor: Any,
+    recorder: MeterRecorder, bridge: ModbusBridge | None, reactor: Any, pending: PendingApi,
 ) -> None:
     try:
         token = resolve_token(settings.api_token, settings.db)
@@ -283,6 +298,7 @@ def add_api(
     DefinitionApi(
         recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition
     ).install(site.resource)
+    pending.install(site.resource)
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)

@@ -15,7 +15,7 @@ import attrs
 
 from dtucenter.modbus.filter import decode_packet_option, encode_packet_option
 from dtucenter.modbus.points import BlockLimits, Point
-from dtucenter.modbus.rules import RegistrationRule
+from dtucenter.modbus.rules import RegistrationRule, UnknownPolicy, unknown_policy
 from dtucenter.setting import (
     boolean,
     choice,
@@ -169,9 +169,31 @@ class ModbusSettings:
     probe_after: float = attrs.field(
         default=5.0, metadata=setting(positive, "Seconds of silence after which a new connection gets the probe."),
     )
+    unknown_registration: UnknownPolicy = attrs.field(
+        default=UnknownPolicy("pending"),
+        metadata=setting(
+            unknown_policy,
+            "What the shared listener does with a registration no link or rule takes: reject (close it),"
+            " pending (hold it for adoption) or adopt:ACCOUNT[:TEMPLATE] (make its link at once).",
+            option="unknown-registration",
+        ),
+    )
+    registration_window: float = attrs.field(
+        default=0.5,
+        metadata=setting(
+            positive, "Seconds from an unknown DTU's first byte within which what it sends is its registration."
+        ),
+    )
+    held_connections: int = attrs.field(
+        default=1000, metadata=setting(integer(0, 1_000_000), "Most connections of pending devices held open.")
+    )
+    held_connections_per_host: int = attrs.field(
+        default=100,
+        metadata=setting(integer(0, 1_000_000), "Most connections of pending devices held open from one host."),
+    )
     links: tuple[LinkSettings, ...] = ()
     meters: tuple[MeterSettings, ...] = ()
-    #: ``[[rule]]``s for unknown registrations on the shared listener: read and checked, not yet applied.
+    #: ``[[rule]]``s for unknown registrations on the shared listener: a match is adopted on first contact.
     rules: tuple[RegistrationRule, ...] = ()
 
 

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dtucenter.discovery import PendingBook
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings
 from dtucenter.modbus.links import (
     Link,
@@ -25,6 +26,7 @@ from dtucenter.modbus.links import (
     open_serial_port,
 )
 from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller, Reading
+from dtucenter.modbus.unknown import HeldLimits, UnknownRegistrations
 from dtucenter.setting import listening_endpoint
 
 SHARED_LISTENER = "modbus"
@@ -102,6 +104,7 @@ class ModbusBridge(MultiService):
         *,
         open_serial: PortOpener = open_serial_port,
         max_backoff: float = 300.0,
+        book: PendingBook | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -115,10 +118,16 @@ class ModbusBridge(MultiService):
         #: The shared listener's registration table: changed in place, so a new connection sees
         #: the links of the moment it registers.
         self._shared: dict[bytes, Link] = {}
+        #: The shared listener's unknown registrations: rules, the policy, the held connections.
+        self.unknown = UnknownRegistrations(
+            settings.unknown_registration, settings.rules, book,
+            HeldLimits(settings.held_connections, settings.held_connections_per_host), SHARED_LISTENER,
+        )
         if settings.listen is not None:
             # Listening even with no shared link yet: one may be added while the center runs.
             probe = Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
-            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=probe)
+            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=probe,
+                                         unknown=self.unknown, window=settings.registration_window)
             login_factory.links = self._shared  # the factory copies what it is given; share the table instead
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
@@ -148,6 +157,9 @@ class ModbusBridge(MultiService):
         if kind == "shared":
             assert settings.registration is not None  # checked above
             self._shared[settings.registration] = link
+            held = self.unknown.take(settings.registration)
+            if held is not None:  # a pending device adopted: its connection is the link's, no reconnect
+                held.hand_to(link)
         elif kind == "listen":
             assert settings.listen is not None  # what makes its kind "listen"
             link_listener = listening_endpoint(reactor, settings.listen)
