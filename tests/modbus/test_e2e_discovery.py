@@ -1,0 +1,240 @@
+"""Discovery end to end over real sockets, on SQLite and PostgreSQL: a DTU with an unknown IMEI
+registration shows up as pending, an account finds it by that registration and adopts it with a
+template, and its values are stored with no restart and on the same TCP connection; another
+account sees none of it; a flood of random registrations from one address neither fills the
+table nor pushes out another address's device nor locks out a good DTU behind the same address;
+rules and the ``adopt:`` and ``reject`` policies."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from pymodbus.framer import FramerType
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+
+from dtucenter.store import meters as device_meters
+from dtucenter.store import pending as pending_rows
+from tests.modbus.interop_support import FakeDtu, PymodbusServer
+from tests.modbus.test_e2e_center import latest_poll
+from tests.modbus.test_templates import SDM120_VALUES, sdm120
+from tests.support import ApiClient, RunningCenter, eventually, make_account, start_center
+
+IMEI = b"864512034567891"
+SHARED = ("--modbus", "tcp:0:interface=127.0.0.1")
+
+
+async def pending(api: ApiClient, query: str = "") -> list[dict[str, Any]]:
+    response = await api.get(f"/api/pending{query}")
+    assert response.status == 200, response.body
+    return list(response.body["pending"])
+
+
+async def link_remote(api: ApiClient, link: str) -> str | None:
+    body = (await api.get(f"/api/links/{link}")).body
+    return body.get("remote") if body.get("online") else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_dtu_is_pending_then_adopted_and_polled_on_the_same_connection(
+    tmp_path: Path, db_url: str
+) -> None:
+    bus = PymodbusServer([sdm120(1)], framer=FramerType.RTU).start()
+    center = await start_center(tmp_path, *SHARED, db_url=db_url)
+    dtu = FakeDtu(registration=IMEI, registration_alone=True)
+    try:
+        admin = center.api()
+        acme = await make_account(admin, "acme")
+        beta = await make_account(admin, "beta")
+        await dtu.start(await center.modbus_port(), bus.port)
+        assert dtu.center is not None
+        local = f"127.0.0.1:{dtu.center.transport.getHost().port}"
+
+        listed = await eventually(lambda: pending(admin), "the unknown DTU listed as pending")
+        assert [(d["kind"], d["registration"], d["peer"]) for d in listed] == [("modbus", IMEI.decode(), local)]
+        assert listed[0]["first_bytes"] == IMEI.hex() and listed[0]["times_seen"] == 1
+        # An account browses nothing; it finds its device by the registration it was given.
+        assert await pending(acme) == []
+        found = await pending(acme, f"?registration={IMEI.decode()}")
+        assert [d["id"] for d in found] == [listed[0]["id"]]
+        device_id = found[0]["id"]
+        # Written to the database in the next batch.
+        stored = await eventually(lambda: center.store.read(pending_rows.list_pending), "the pending row")
+        assert [(d.id, d.registration) for d in stored] == [(device_id, IMEI)]
+
+        taken = await beta.post(f"/api/pending/{device_id}/adopt", {"account": "acme"})
+        assert taken.status == 403, "an account adopts only into itself"
+        adopted = await acme.post(
+            f"/api/pending/{device_id}/adopt", {"template": "eastron-sdm120", "unit": 1, "interval": 0.2}
+        )
+        assert adopted.status == 201, adopted.body
+        name = IMEI.decode()
+        assert adopted.body == {"adopted": device_id, "link": name, "meter": name, "account": "acme"}
+
+        values = await eventually(lambda: latest_poll(acme, name), "the adopted meter's values stored")
+        assert values == SDM120_VALUES
+        # The very connection the DTU opened: no reconnect.
+        assert await link_remote(acme, name) == local
+        assert not dtu.center.lost.called
+
+        assert await pending(admin) == []
+        await eventually(lambda: _no_rows(center), "the pending row deleted")
+        audit = await center.store.read(lambda s: device_meters.list_operations(s, "adopt", name, 10))
+        assert [(a.who, a.outcome) for a in audit] == [("acme/ops", "ok")]
+
+        # Another account sees none of it, through any endpoint.
+        assert await pending(beta, f"?registration={name}") == []
+        assert (await beta.get("/api/links")).body == {"links": []}
+        assert (await beta.get("/api/meters")).body == {"meters": []}
+        for path in (f"/api/links/{name}", f"/api/meters/{name}", f"/api/meters/{name}/samples",
+                     f"/api/meters/{name}/latest"):
+            assert (await beta.get(path)).status == 404, path
+        assert (await beta.post(f"/api/pending/{device_id}/adopt", {})).status == 404
+        assert (await acme.post(f"/api/pending/{device_id}/adopt", {})).status == 404, "adopted once"
+    finally:
+        await dtu.stop()
+        await center.stop()
+        bus.stop()
+
+
+async def _no_rows(center: RunningCenter) -> bool:
+    return not await center.store.read(pending_rows.list_pending)
+
+
+class _Dialer(Protocol):
+    def __init__(self, first: bytes) -> None:
+        self.first = first
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.first)
+
+
+async def dial(port: int, data: bytes, bind: str = "127.0.0.1") -> _Dialer:
+    return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(bind, 0)), _Dialer(data))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_random_registrations_from_one_address_is_bounded(tmp_path: Path, db_url: str) -> None:
+    bus = PymodbusServer([sdm120(1)], framer=FramerType.RTU).start()
+    config = tmp_path / "center.toml"
+    config.write_text('[[link]]\nname = "good"\nregistration = "GOOD-0001"\n\n'
+                      '[[meter]]\nname = "good-1"\nlink = "good"\nunit = 1\ninterval = 0.2\ntemplate = "eastron-sdm120"\n')
+    center = await start_center(
+        tmp_path, *SHARED, "--config", str(config), "--pending-per-host", "5", db_url=db_url
+    )
+    other = FakeDtu(registration=b"OTHER-HOST-1", registration_alone=True, bind="127.0.0.2")
+    good = FakeDtu(registration=b"GOOD-0001")
+    flood: list[_Dialer] = []
+    try:
+        admin = center.api()
+        port = await center.modbus_port()
+        await other.start(port, bus.port)
+        await eventually(lambda: pending(admin), "the other address's device pending")
+        for _ in range(40):
+            flood.append(await dial(port, b"RND-" + secrets.token_hex(8).encode()))
+        await eventually(lambda: _pending_from(admin, "127.0.0.1", 5), "the flooding address at its share")
+        await deferLater(reactor, 1.0, lambda: None)  # every flood connection decided by now
+        listed = await pending(admin)
+        assert sum(d["peer"].startswith("127.0.0.1:") for d in listed) == 5
+        assert [d["registration"] for d in listed if d["peer"].startswith("127.0.0.2:")] == ["OTHER-HOST-1"]
+        assert center.bridge.unknown.held == 6
+
+        # A good DTU behind the flooding address is served.
+        await good.start(port, bus.port)
+        values = await eventually(lambda: latest_poll(admin, "good-1"), "the good DTU polled")
+        assert values == SDM120_VALUES
+    finally:
+        for dialer in flood:
+            if dialer.transport is not None:
+                dialer.transport.loseConnection()
+        await good.stop()
+        await other.stop()
+        await center.stop()
+        bus.stop()
+
+
+async def _pending_from(api: ApiClient, host: str, count: int) -> bool:
+    return sum(d["peer"].startswith(host + ":") for d in await pending(api)) == count
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rule_adopts_a_matching_registration_on_first_contact(tmp_path: Path, db_url: str) -> None:
+    bus = PymodbusServer([sdm120(1)], framer=FramerType.RTU).start()
+    config = tmp_path / "center.toml"
+    config.write_text('[[rule]]\nmatch = "regex:[0-9]{15}"\ntemplate = "eastron-sdm120"\ninterval = 0.2\n'
+                      'account = "acme"\n')
+    center = await start_center(tmp_path, *SHARED, "--config", str(config), db_url=db_url)
+    # The FakeDtu glues a heartbeat to its registration: the rule says where the IMEI ends.
+    dtu = FakeDtu(registration=IMEI)
+    try:
+        admin = center.api()
+        acme = await make_account(admin, "acme")
+        await dtu.start(await center.modbus_port(), bus.port)
+        name = IMEI.decode()
+        await eventually(lambda: _meter_named(acme, name), "the rule's meter made")
+        assert await eventually(lambda: latest_poll(acme, name), "the rule's meter polled") == SDM120_VALUES
+        assert dtu.center is not None and not dtu.center.lost.called
+        shown = (await acme.get(f"/api/links/{name}")).body
+        assert shown["account"] == "acme" and shown["managed_by"] == "api"
+        assert await pending(admin) == []
+    finally:
+        await dtu.stop()
+        await center.stop()
+        bus.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_adopt_policy_makes_every_unknown_registration_a_link(tmp_path: Path, db_url: str) -> None:
+    bus = PymodbusServer([sdm120(1)], framer=FramerType.RTU).start()
+    center = await start_center(
+        tmp_path, *SHARED, "--unknown-registration", "adopt:admin:eastron-sdm120", db_url=db_url
+    )
+    dtu = FakeDtu(registration=b"SITE-77", registration_alone=True)
+    try:
+        admin = center.api()
+        await dtu.start(await center.modbus_port(), bus.port)
+        meter = await eventually(lambda: _meter_named(admin, "SITE-77"), "the policy's meter")
+        assert meter["account"] == "admin" and meter["definition"]["template"] == "eastron-sdm120"
+        assert await link_remote(admin, "SITE-77") is not None
+        assert dtu.center is not None and not dtu.center.lost.called
+    finally:
+        await dtu.stop()
+        await center.stop()
+        bus.stop()
+
+
+async def _meter_named(api: ApiClient, name: str) -> dict[str, Any] | None:
+    response = await api.get(f"/api/meters/{name}")
+    return response.body if response.status == 200 else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_reject_policy_closes_an_unknown_registration(tmp_path: Path) -> None:
+    center = await start_center(tmp_path, *SHARED, "--unknown-registration", "reject")
+    try:
+        dialer = await dial(await center.modbus_port(), b"NOBODY-1")
+        lost = _lost(dialer)
+        await lost
+        assert await pending(center.api()) == []
+    finally:
+        await center.stop()
+
+
+def _lost(dialer: _Dialer) -> Any:
+    from twisted.internet.defer import Deferred
+
+    gone: Deferred[None] = Deferred()
+    original = dialer.connectionLost
+
+    def lost(reason: Any = None) -> None:
+        original(reason)
+        gone.callback(None)
+
+    dialer.connectionLost = lost  # type: ignore[method-assign]
+    return gone
