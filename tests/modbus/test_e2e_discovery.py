@@ -123,8 +123,10 @@ async def dial(port: int, data: bytes, bind: str = "127.0.0.1") -> _Dialer:
 async def test_a_flood_of_random_registrations_from_one_address_is_bounded(tmp_path: Path, db_url: str) -> None:
     bus = PymodbusServer([sdm120(1)], framer=FramerType.RTU).start()
     config = tmp_path / "center.toml"
-    config.write_text('[[link]]\nname = "good"\nregistration = "GOOD-0001"\n\n'
-                      '[[meter]]\nname = "good-1"\nlink = "good"\nunit = 1\ninterval = 0.2\ntemplate = "eastron-sdm120"\n')
+    config.write_text(
+        '[[link]]\nname = "good"\nregistration = "GOOD-0001"\n\n'
+        '[[meter]]\nname = "good-1"\nlink = "good"\nunit = 1\ninterval = 0.2\ntemplate = "eastron-sdm120"\n'
+    )
     center = await start_center(
         tmp_path, *SHARED, "--config", str(config), "--pending-per-host", "5", db_url=db_url
     )
