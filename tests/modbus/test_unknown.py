@@ -61,10 +61,10 @@ class Adopter:
 
 
 class Running:
-    def __init__(self, extra: str = "", limits: PendingLimits = PendingLimits()) -> None:
+    def __init__(self, extra: str = "", limits: PendingLimits | None = None) -> None:
         self.reactor = MemoryReactorClock()
         self.store = MemoryStore()
-        self.book = PendingBook(self.reactor, limits, self.store)
+        self.book = PendingBook(self.reactor, limits or PendingLimits(), self.store)
         settings = read_settings(tomllib.loads(f'[modbus]\nlisten = "tcp:{PORT}"\n{extra}')).modbus
         self.bridge = ModbusBridge(settings, self.reactor, Sink(), book=self.book)
         self.bridge.startService()
@@ -92,7 +92,7 @@ class Running:
     def stop(self) -> None:
         result_of(self.book.stop())
         self.bridge.stopService()
-        for protocol, transport in list(self.open.values()):
+        for protocol, _ in list(self.open.values()):
             protocol.connectionLost(Failure(ConnectionError("closed")))
         assert self.reactor.getDelayedCalls() == []
 
