@@ -171,10 +171,10 @@ class Adopter:
             return accounts.account_name(session, owner)
 
         owner_name = await self._write(job)
+        if self.release_dtu is not None:
+            self.release_dtu(psn)  # before the book forgets it, which would refuse its held login
         if pending_id is not None and self.book is not None:
             self.book.forget(pending_id)
-        if self.release_dtu is not None:
-            self.release_dtu(psn)
         return Adopted(str(psn), None, owner_name)
 
     async def _write(self, job: Callable[[Session], Any]) -> Any:

@@ -38,6 +38,7 @@ from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.setting import listening_endpoint
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
+from dtucenter.store import queries
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
@@ -198,16 +199,22 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     store.setName("store")
     store.setServiceParent(top)
     dtu_store = DtuStore(store)
+    book = PendingBook(
+        reactor, PendingLimits(settings.pending_per_host, settings.pending_total, settings.pending_expire),
+        PendingDeviceStore(store),
+    )
     center = DTUCenter(
         dtu_store,
         reactor,
         CenterSettings(
             enroll_unknown=settings.unknown_dtu == "accept",
+            hold_unknown=settings.unknown_dtu == "pending",
             login_timeout=settings.login_timeout,
             dialect=settings.dialect,
             last_seen_interval=settings.last_seen_interval,
             command_timeout=settings.command_timeout,
         ),
+        book=book,
     )
     center.setName("center")
     center.setServiceParent(top)
@@ -228,15 +235,14 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
         udp_service = UDPListenerService(reactor, interface, port, udp_protocol)
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
-    book = PendingBook(
-        reactor, PendingLimits(settings.pending_per_host, settings.pending_total, settings.pending_expire),
-        PendingDeviceStore(store),
-    )
     pending = PendingService(book)
     pending.setName("pending")
     pending.setServiceParent(top)
     bridge = add_modbus(top, settings, recorder, reactor, book)
-    adopter = Adopter(store, bridge, book, center.now, read_link_definition, read_meter_definition, recorder.synced)
+    adopter = Adopter(
+        store, bridge, book, center.now, read_link_definition, read_meter_definition, recorder.synced,
+        enrol_dtu=queries.enrol_adopted_dtu, release_dtu=center.release_held,
+    )
     bridge.unknown.adopter = adopter
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
