@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dtucenter.discovery import DTU, MODBUS, PendingBook, PendingDevice
+from dtucenter.discovery import DTU, MODBUS, PendingBook, PendingDevice, utc
 from dtucenter.modbus.config import LinkSettings, MeterSettings
 from dtucenter.modbus.filter import encode_packet_option
 from dtucenter.modbus.rules import Adoption, registration_name
@@ -110,29 +110,15 @@ class Adopter:
         bridge = self.bridge
         if bridge is None:
             raise AdoptionRefused(409, "the Modbus bridge is off: the center serves no links")
-        name = registration_name(registration)
-        link_table = {**link_keys, "name": name, "registration": encode_packet_option(registration)}
-        try:
-            link = self.read_link(link_table, "the adoption")
-            meter = None if template is None else self.read_meter(
-                {"name": name, "link": name, "unit": unit, "interval": interval, "template": template}, "the adoption"
-            )
-        except ConfigError as e:
-            raise AdoptionRefused(400, str(e)) from None
-        if link.kind != "shared":
-            raise AdoptionRefused(400, "an adopted device dials the shared listener: no listen, connect or serial")
+        link, meter = definitions(registration, template, unit, interval, link_keys, self.read_link, self.read_meter)
+        name = link.name
         now = self.now()
-        request = {"kind": kind, "registration": name, "template": template, "unit": unit, "interval": interval}
 
         def job(session: Session) -> tuple[str, bool] | AdoptionRefused:
             try:
-                owner = self._owner(session, account)
-                device_links.create_link(session, link_spec(link), owner, now)
-                created = meter is not None and device_meters.create_meter(session, meter_spec(meter), owner, now)
-            except (DeviceConflict, AdoptionRefused) as e:
-                return e if isinstance(e, AdoptionRefused) else AdoptionRefused(409, str(e))
-            self._finish(session, pending_id, name, who, now, request)
-            return accounts.account_name(session, owner), created
+                return record_link_adoption(session, link, meter, account, pending_id, who, now)
+            except AdoptionRefused as e:
+                return e
 
         outcome = await self._write(job)
         owner_name, created = outcome
@@ -161,14 +147,9 @@ class Adopter:
 
         def job(session: Session) -> str | AdoptionRefused:
             try:
-                owner = self._owner(session, account)
-                enrol(session, psn, owner, now)
+                return record_dtu_adoption(session, enrol, psn, account, pending_id, who, now)
             except AdoptionRefused as e:
                 return e
-            except ValueError as e:
-                return AdoptionRefused(409, str(e))
-            self._finish(session, pending_id, str(psn), who, now, {"kind": DTU, "psn": psn})
-            return accounts.account_name(session, owner)
 
         owner_name = await self._write(job)
         if self.release_dtu is not None:
@@ -184,22 +165,93 @@ class Adopter:
             raise result
         return result
 
-    @staticmethod
-    def _owner(session: Session, account: str | None) -> int:
-        if account is None:
-            return accounts.first_admin_id(session)
-        try:
-            return accounts.account_id(session, account)
-        except accounts.AccountError:
-            raise AdoptionRefused(400, f"no account {account!r}") from None
 
-    @staticmethod
-    def _finish(session: Session, pending_id: str | None, target: str, who: str, now: dt.datetime,
-                request: Mapping[str, Any]) -> None:
-        """The pending row goes, and the adoption is audited: who, when, what."""
-        if pending_id is not None:
-            pending_rows.delete_pending(session, pending_id)
-        device_meters.record_operation(
-            session, kind="adopt", target=target, who=who, requested=now, finished=now, outcome="ok",
-            request=request, answer=None, error=None,
+# -- the steps, for the running center and the offline CLI alike ----------------------------------
+
+
+def shown_registration(device: PendingDevice) -> str:
+    """A registration as text, or ``hex:...`` when it is not printable; a PSN in decimal."""
+    return device.registration.decode("ascii") if device.kind == DTU else registration_name(device.registration)
+
+
+def device_json(device: PendingDevice) -> dict[str, Any]:
+    return {
+        "id": device.id, "kind": device.kind, "registration": shown_registration(device), "peer": device.peer,
+        "listener": device.listener, "first_bytes": device.first_bytes.hex(),
+        "first_seen": utc(device.first_seen).isoformat(), "last_seen": utc(device.last_seen).isoformat(),
+        "times_seen": device.times_seen,
+    }
+
+
+
+
+def definitions(
+    registration: bytes, template: str | None, unit: int, interval: float, link_keys: Mapping[str, Any],
+    read_link: LinkReader, read_meter: MeterReader,
+) -> tuple[LinkSettings, MeterSettings | None]:
+    """The link named after ``registration`` and its meter (of the same name) from ``template``,
+    read by the file's readers; AdoptionRefused (400) for what they refuse."""
+    name = registration_name(registration)
+    link_table = {**link_keys, "name": name, "registration": encode_packet_option(registration)}
+    try:
+        link = read_link(link_table, "the adoption")
+        meter = None if template is None else read_meter(
+            {"name": name, "link": name, "unit": unit, "interval": interval, "template": template}, "the adoption"
         )
+    except ConfigError as e:
+        raise AdoptionRefused(400, str(e)) from None
+    if link.kind != "shared":
+        raise AdoptionRefused(400, "an adopted device dials the shared listener: no listen, connect or serial")
+    return link, meter
+
+
+def record_link_adoption(
+    session: Session, link: LinkSettings, meter: MeterSettings | None, account: str | None, pending_id: str | None,
+    who: str, now: dt.datetime,
+) -> tuple[str, bool]:
+    """The link's and meter's rows, the pending row's removal and the audit record; returns the
+    owning account's name and whether the meter's row is new (to undo it)."""
+    owner = _owner(session, account)
+    try:
+        device_links.create_link(session, link_spec(link), owner, now)
+        created = meter is not None and device_meters.create_meter(session, meter_spec(meter), owner, now)
+    except DeviceConflict as e:
+        raise AdoptionRefused(409, str(e)) from None
+    request = {"kind": MODBUS, "registration": link.name, "template": None if meter is None else meter.template,
+               "unit": None if meter is None else meter.unit, "interval": None if meter is None else meter.interval}
+    _finish(session, pending_id, link.name, who, now, request)
+    return accounts.account_name(session, owner), created
+
+
+def record_dtu_adoption(
+    session: Session, enrol: DtuEnroller, psn: int, account: str | None, pending_id: str | None, who: str,
+    now: dt.datetime,
+) -> str:
+    """The DTU's record in the account, the pending row's removal and the audit record."""
+    owner = _owner(session, account)
+    try:
+        enrol(session, psn, owner, now)
+    except ValueError as e:
+        raise AdoptionRefused(409, str(e)) from None
+    _finish(session, pending_id, str(psn), who, now, {"kind": DTU, "psn": psn})
+    return accounts.account_name(session, owner)
+
+
+def _owner(session: Session, account: str | None) -> int:
+    if account is None:
+        return accounts.first_admin_id(session)
+    try:
+        return accounts.account_id(session, account)
+    except accounts.AccountError:
+        raise AdoptionRefused(400, f"no account {account!r}") from None
+
+
+def _finish(session: Session, pending_id: str | None, target: str, who: str, now: dt.datetime,
+            request: Mapping[str, Any]) -> None:
+    """The pending row goes, and the adoption is audited: who, when, what."""
+    if pending_id is not None:
+        pending_rows.delete_pending(session, pending_id)
+    device_meters.record_operation(
+        session, kind="adopt", target=target, who=who, requested=now, finished=now, outcome="ok",
+        request=request, answer=None, error=None,
+    )

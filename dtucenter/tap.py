@@ -11,6 +11,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -36,9 +38,9 @@ from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.setting import listening_endpoint
+from dtucenter.store import accounts, queries
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
-from dtucenter.store import queries
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
@@ -194,6 +196,7 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
         engine = open_engine(settings.db, upgrade=not settings.no_upgrade)
     except (DatabaseURLError, SchemaError) as e:
         raise UsageError(f"{settings.where('db')}: {e}") from None
+    report_missing_adoption_accounts(engine, settings)
     top = CenterService(reactor)
     store = Store(engine, reactor)
     store.setName("store")
@@ -249,6 +252,23 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     if settings.api != "off":
         add_api(top, settings, center, control, store, recorder, bridge, reactor, PendingApi(book, adopter))
     return top
+
+
+def report_missing_adoption_accounts(engine: Engine, settings: Settings) -> None:
+    """An account that ``adopt:`` or a rule names but the database lacks: said at start, in one line
+    each, as adoptions into it fail until it is made (through the API or ``dtucenter account add``)."""
+    modbus = settings.modbus
+    named = {(rule.account, f"rule {rule.match.written}") for rule in modbus.rules if rule.account is not None}
+    adoption = modbus.unknown_registration.adoption
+    if adoption is not None and adoption.account is not None:
+        named.add((adoption.account, f"{settings.where('modbus.unknown_registration')}"))
+    with Session(engine) as session:
+        for account, where in sorted(named):
+            try:
+                accounts.account_id(session, account)
+            except accounts.AccountError:
+                log.warn("{where}: no account {account!r} yet: adoptions into it fail until it is made",
+                         where=where, account=account)
 
 
 def add_modbus(

@@ -216,8 +216,7 @@ class LoginProtocol(Protocol):
         self._throttle = throttle
         self._probe = probe
         self._probe_call: IDelayedCall | None = None
-        heartbeats = (link.settings.heartbeat for link in links.values() if link.settings.heartbeat is not None)
-        self._reader = RegistrationReader(links, heartbeats)
+        self._reader = self._new_reader()
         self._key_length = min(max(map(len, links), default=0), MAX_THROTTLE_KEY_BYTES)
         #: The start of what the connection sent, up to a registration's length.
         self._head = b""
@@ -225,6 +224,12 @@ class LoginProtocol(Protocol):
         self._deadline: IDelayedCall | None = None
         self.host = "?"
         self.peer = "?"
+
+    def _new_reader(self) -> RegistrationReader:
+        """A reader of the registrations of the moment (the bridge adds and removes links live)."""
+        links = self._links
+        heartbeats = (link.settings.heartbeat for link in links.values() if link.settings.heartbeat is not None)
+        return RegistrationReader(links, heartbeats)
 
     def connectionMade(self) -> None:
         peer = connected_transport(self).getPeer()
@@ -268,16 +273,19 @@ class LoginProtocol(Protocol):
             return
         self._cancel_timers()
         if isinstance(result, LoginMatched):
-            self._throttle.succeeded(self._throttle_key())
-            link = self._links[result.registration]
-            link.counters.bytes_in += len(result.registration) + sum(map(len, result.heartbeats))
-            link.counters.heartbeats += len(result.heartbeats)
-            self._master = link.build_master()
-            self._master.makeConnection(connected_transport(self))
-            if result.rest:
-                self._master.dataReceived(result.rest)
+            self._matched(result)
             return
         self._reject(f"unknown registration {result.received[:64]!r}")
+
+    def _matched(self, result: LoginMatched) -> None:
+        self._throttle.succeeded(self._throttle_key())
+        link = self._links[result.registration]
+        link.counters.bytes_in += len(result.registration) + sum(map(len, result.heartbeats))
+        link.counters.heartbeats += len(result.heartbeats)
+        self._master = link.build_master()
+        self._master.makeConnection(connected_transport(self))
+        if result.rest:
+            self._master.dataReceived(result.rest)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._cancel_timers()
@@ -305,6 +313,10 @@ class LoginProtocol(Protocol):
         assert self._unknown is not None  # only read to its end with one
         self._cancel_timers()
         self._deadline = None
+        again = self._new_reader().feed(self._received)
+        if isinstance(again, LoginMatched):  # its link was added while the window ran
+            self._matched(again)
+            return
         if self._unknown.decide(self._received, self):
             self._held = True
             return

@@ -10,30 +10,13 @@ one. Dropping a device is an admin's.
 
 from __future__ import annotations
 
-from typing import Any
-
-from dtucenter.adoption import Adopter, AdoptionRefused
-from dtucenter.discovery import DTU, PendingBook, PendingDevice, utc
-from dtucenter.modbus.rules import registration_name
+from dtucenter.adoption import Adopter, AdoptionRefused, device_json, shown_registration
+from dtucenter.discovery import DTU, PendingBook, PendingDevice
 from dtucenter.web.router import ApiError, Call, Reply, Router
 
 #: What an adoption's body may say besides the account, the template, the unit and the interval:
 #: the new link's keys that are the device's own (how its DTU sends and frames).
 LINK_KEYS = ("protocol", "registration_mode", "heartbeat", "timeout", "retries", "idle_timeout")
-
-
-def shown_registration(device: PendingDevice) -> str:
-    """A registration as text, or ``hex:...`` when it is not printable; a PSN in decimal."""
-    return device.registration.decode("ascii") if device.kind == DTU else registration_name(device.registration)
-
-
-def device_json(device: PendingDevice) -> dict[str, Any]:
-    return {
-        "id": device.id, "kind": device.kind, "registration": shown_registration(device), "peer": device.peer,
-        "listener": device.listener, "first_bytes": device.first_bytes.hex(),
-        "first_seen": utc(device.first_seen).isoformat(), "last_seen": utc(device.last_seen).isoformat(),
-        "times_seen": device.times_seen,
-    }
 
 
 class PendingApi:

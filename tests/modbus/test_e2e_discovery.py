@@ -7,10 +7,13 @@ rules and the ``adopt:`` and ``reject`` policies."""
 
 from __future__ import annotations
 
+import io
+import json
 import secrets
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from pymodbus.framer import FramerType
 from twisted.internet import reactor
@@ -18,6 +21,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
+from dtucenter import cli
 from dtucenter.store import meters as device_meters
 from dtucenter.store import pending as pending_rows
 from tests.modbus.interop_support import FakeDtu, PymodbusServer
@@ -240,3 +244,56 @@ def _lost(dialer: _Dialer) -> Any:
 
     dialer.connectionLost = lost  # type: ignore[method-assign]
     return gone
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_devices_offline_with_the_cli_taken_up_at_the_next_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bus = PymodbusServer([sdm120(1)], framer=FramerType.RTU).start()
+    center = await start_center(tmp_path, *SHARED)
+    url = center.db_url
+    dtu = FakeDtu(registration=IMEI, registration_alone=True)
+    stranger = FakeDtu(registration=b"STRANGER-9", registration_alone=True)
+    try:
+        await dtu.start(await center.modbus_port(), bus.port)
+        await stranger.start(await center.modbus_port(), bus.port)
+        await eventually(lambda: _rows(center, 2), "both pending in the database")
+    finally:
+        await dtu.stop()
+        await stranger.stop()
+        await center.stop()
+    status, listed = run_cli("pending", "list", "--json", "--db", url)
+    devices = {d["registration"]: d["id"] for d in json.loads(listed)["pending"]}
+    assert status == 0 and set(devices) == {IMEI.decode(), "STRANGER-9"}
+    assert run_cli("pending", "adopt", "nope", "--db", url)[0] == 1
+    assert "no pending device 'nope'" in capsys.readouterr().err
+    assert run_cli("pending", "adopt", devices[IMEI.decode()], "--template", "eastron-sdm120", "--interval", "0.2",
+                   "--account", "nobody", "--db", url)[0] == 1
+    assert "no account 'nobody'" in capsys.readouterr().err
+    assert run_cli("pending", "adopt", devices[IMEI.decode()], "--template", "eastron-sdm120", "--interval", "0.2",
+                   "--db", url) == (0, f"adopted link {IMEI.decode()} with meter {IMEI.decode()}"
+                                       " (served from the center's next start)\n")
+    assert run_cli("pending", "drop", devices["STRANGER-9"], "--db", url) == (
+        0, f"dropped pending device {devices['STRANGER-9']}\n")
+    assert run_cli("pending", "list", "--db", url)[1].splitlines()[1:] == []
+
+    center = await start_center(tmp_path, *SHARED)
+    dtu = FakeDtu(registration=IMEI, registration_alone=True)
+    try:
+        await dtu.start(await center.modbus_port(), bus.port)
+        values = await eventually(lambda: latest_poll(center.api(), IMEI.decode()), "the CLI's adoption served")
+        assert values == SDM120_VALUES
+    finally:
+        await dtu.stop()
+        await center.stop()
+        bus.stop()
+
+
+async def _rows(center: RunningCenter, count: int) -> bool:
+    return len(await center.store.read(pending_rows.list_pending)) == count
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return cli.main(list(args), out), out.getvalue()
