@@ -271,9 +271,10 @@ async def test_pending_devices_offline_with_the_cli_taken_up_at_the_next_start(
     assert run_cli("pending", "adopt", devices[IMEI.decode()], "--template", "eastron-sdm120", "--interval", "0.2",
                    "--account", "nobody", "--db", url)[0] == 1
     assert "no account 'nobody'" in capsys.readouterr().err
-    assert run_cli("pending", "adopt", devices[IMEI.decode()], "--template", "eastron-sdm120", "--interval", "0.2",
-                   "--db", url) == (0, f"adopted link {IMEI.decode()} with meter {IMEI.decode()}"
-                                       " (served from the center's next start)\n")
+    adopted = run_cli("pending", "adopt", devices[IMEI.decode()], "--template", "eastron-sdm120", "--interval", "0.2",
+                      "--db", url)
+    name = IMEI.decode()
+    assert adopted == (0, f"adopted link {name} with meter {name} (served from the center's next start)\n")
     assert run_cli("pending", "drop", devices["STRANGER-9"], "--db", url) == (
         0, f"dropped pending device {devices['STRANGER-9']}\n")
     assert run_cli("pending", "list", "--db", url)[1].splitlines()[1:] == []
