@@ -298,3 +298,39 @@ async def _rows(center: RunningCenter, count: int) -> bool:
 def run_cli(*args: str) -> tuple[int, str]:
     out = io.StringIO()
     return cli.main(list(args), out), out.getvalue()
+
+
+def worked_example() -> str:
+    """The shell commands of docs/api.md's seed-002 flow, as the reader would paste them."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    section = text.split("### The whole flow, from sign-up to stored values", 1)[1].split("\n#", 1)[0]
+    lines = [line[4:] for line in section.splitlines() if line.startswith("    ")]
+    return "\n".join(lines) + "\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_worked_example_of_the_docs_runs_as_written(tmp_path: Path) -> None:
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    bus = PymodbusServer([sdm120(1)], framer=FramerType.RTU).start()
+    center = await start_center(tmp_path, *SHARED)
+    dtu = FakeDtu(registration=IMEI, registration_alone=True)
+    try:
+        await dtu.start(await center.modbus_port(), bus.port)
+        await eventually(lambda: pending(center.api()), "the DTU pending")
+        script = worked_example().replace("http://127.0.0.1:8080", f"http://127.0.0.1:{center.api_port}")
+        assert (tmp_path / "dtucenter.token").exists()
+        out, err, status = await getProcessOutputAndValue(
+            "/bin/bash", ("-euo", "pipefail", "-c", script), env={"PATH": "/usr/bin:/bin"}, path=str(tmp_path)
+        )
+        assert status == 0, (out, err)
+        assert b'"link": "864512034567891", "meter": "864512034567891", "account": "acme"' in out, out
+        acme = (await center.api().get("/api/accounts/acme")).body
+        assert acme["meters"] == 1
+        values = await eventually(lambda: latest_poll(center.api(), IMEI.decode()), "the values stored")
+        assert values == SDM120_VALUES
+        assert dtu.center is not None and not dtu.center.lost.called
+    finally:
+        await dtu.stop()
+        await center.stop()
+        bus.stop()
