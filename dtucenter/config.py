@@ -341,6 +341,15 @@ def read_settings(
             f"({modbus_values['login_timeout']:g} s) closes the connection"
         )
 
+    policy = modbus_values.get("unknown_registration")
+    if policy is not None and policy.adoption is not None and policy.adoption.template is not None:
+        try:
+            find_template(policy.adoption.template)
+        except LookupError as e:
+            if origins["modbus.unknown_registration"] == "--unknown-registration":
+                raise Place("--unknown-registration").error(None, str(e)) from None
+            raise modbus_place.error("unknown_registration", str(e)) from None
+
     links = tuple(_read_link(table, index, place) for index, table in link_tables)
     meters = tuple(_read_meter(table, index, place) for index, table in meter_tables)
     _check_links(links, modbus_values.get("listen"), place)

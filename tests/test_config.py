@@ -158,6 +158,12 @@ def test_where_a_value_came_from(tmp_path: Path) -> None:
         ("api_token = 'a b'", "api_token: expected a non-empty token"),
         ("no_upgrade = 'yes'", "no_upgrade: must be true or false, got 'yes'"),
         ("colour = 'blue'", "colour: unknown key (a typo?)"),
+        ("[modbus]\nunknown_registration = 'adopt:acme:nope'",
+         "modbus: unknown_registration: no template named 'nope' (templates: eastron-sdm120, eastron-sdm630,"
+         " generic-energy-meter)"),
+        ("[modbus]\nunknown_registration = 'maybe'",
+         "modbus: unknown_registration: must be reject, pending or adopt:ACCOUNT[:TEMPLATE], got 'maybe'"),
+        ("pending_per_host = 0", "pending_per_host: must be between 1 and 1000000, got 0"),
         ("login-timeout = 5\nlogin_timeout = 6", "login_timeout: given twice, as login-timeout and login_timeout"),
         ("dtu = ", "not valid TOML"),
     ],
@@ -189,6 +195,12 @@ def test_file_values_that_worked_before_still_work(tmp_path: Path) -> None:
         ({"dtu": "nonsense:1"}, "--dtu: not a usable server endpoint 'nonsense:1'"),
         ({"modbus": "tcp:port"}, "--modbus: not a usable server endpoint 'tcp:port'"),
         ({"unknown-dtu": "maybe"}, "--unknown-dtu: must be one of reject, pending, accept, got 'maybe'"),
+        ({"unknown-registration": "adopt::eastron-sdm120"},
+         "--unknown-registration: adopt: names no account, in 'adopt::eastron-sdm120'"),
+        ({"unknown-registration": "adopt:acme:Bad Name"},
+         "--unknown-registration: must be lower-case letters, digits and dashes (at most 100), got 'Bad Name'"),
+        ({"unknown-registration": "adopt:acme:nope"}, "--unknown-registration: no template named 'nope'"
+         " (templates: eastron-sdm120, eastron-sdm630, generic-energy-meter)"),
     ],
 )
 def test_bad_command_line_value_names_the_option(options: dict[str, str], message: str) -> None:

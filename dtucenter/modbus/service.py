@@ -157,7 +157,7 @@ class ModbusBridge(MultiService):
         if kind == "shared":
             assert settings.registration is not None  # checked above
             self._shared[settings.registration] = link
-            held = self.unknown.take(settings.registration)
+            held = self.unknown.claim(settings.registration)
             if held is not None:  # a pending device adopted: its connection is the link's, no reconnect
                 held.hand_to(link)
         elif kind == "listen":

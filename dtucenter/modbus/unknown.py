@@ -111,6 +111,16 @@ class UnknownRegistrations:
             self._count_off(connection)
         return connection
 
+    def claim(self, registration: bytes) -> Holdable | None:
+        """A link now takes ``registration`` (adopted, or made through the API or a reload): it is
+        no longer pending, and its held connection, if any, is released to be handed to the link."""
+        connection = self.take(registration)
+        if self.book is not None:
+            device = self.book.find(MODBUS, registration)
+            if device is not None:
+                self.book.forget(device.id)
+        return connection
+
     def release(self, connection: Holdable) -> None:
         """A held connection went away."""
         for registration, held in self._held.items():

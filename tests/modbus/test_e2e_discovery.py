@@ -334,3 +334,30 @@ async def test_the_worked_example_of_the_docs_runs_as_written(tmp_path: Path) ->
         await dtu.stop()
         await center.stop()
         bus.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_account_the_policy_or_a_rule_names_but_the_database_lacks_is_reported_at_start(
+    tmp_path: Path,
+) -> None:
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    config = tmp_path / "center.toml"
+    config.write_text('[[rule]]\nmatch = "prefix:SITE-"\ntemplate = "eastron-sdm120"\naccount = "ghost"\n')
+    said: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        said.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        center = await start_center(
+            tmp_path, *SHARED, "--config", str(config), "--unknown-registration", "adopt:nobody"
+        )
+        await center.stop()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert sorted(line for line in said if "yet" in line) == [
+        "--unknown-registration: no account 'nobody' yet: adoptions into it fail until it is made",
+        "rule prefix:SITE-: no account 'ghost' yet: adoptions into it fail until it is made",
+    ]

@@ -119,6 +119,7 @@ def test_an_unknown_registration_is_held_then_handed_to_the_link_made_for_it() -
     running.feed(protocol, rtu(holding_response(1, [230])))
     assert result_of(answer).registers == [230]
     assert running.bridge.unknown.held == 0
+    assert running.book.devices() == [], "a link takes it: no longer pending"
     running.stop()
 
 
