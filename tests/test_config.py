@@ -159,8 +159,8 @@ def test_where_a_value_came_from(tmp_path: Path) -> None:
         ("no_upgrade = 'yes'", "no_upgrade: must be true or false, got 'yes'"),
         ("colour = 'blue'", "colour: unknown key (a typo?)"),
         ("[modbus]\nunknown_registration = 'adopt:acme:nope'",
-         "modbus: unknown_registration: no template named 'nope' (templates: eastron-sdm120, eastron-sdm630,"
-         " generic-energy-meter)"),
+         ("modbus: unknown_registration: no template named 'nope' (templates: eastron-sdm120, eastron-sdm630,"
+          " generic-energy-meter)")),
         ("[modbus]\nunknown_registration = 'maybe'",
          "modbus: unknown_registration: must be reject, pending or adopt:ACCOUNT[:TEMPLATE], got 'maybe'"),
         ("pending_per_host = 0", "pending_per_host: must be between 1 and 1000000, got 0"),
@@ -199,8 +199,9 @@ def test_file_values_that_worked_before_still_work(tmp_path: Path) -> None:
          "--unknown-registration: adopt: names no account, in 'adopt::eastron-sdm120'"),
         ({"unknown-registration": "adopt:acme:Bad Name"},
          "--unknown-registration: must be lower-case letters, digits and dashes (at most 100), got 'Bad Name'"),
-        ({"unknown-registration": "adopt:acme:nope"}, "--unknown-registration: no template named 'nope'"
-         " (templates: eastron-sdm120, eastron-sdm630, generic-energy-meter)"),
+        ({"unknown-registration": "adopt:acme:nope"},
+         ("--unknown-registration: no template named 'nope'"
+          " (templates: eastron-sdm120, eastron-sdm630, generic-energy-meter)")),
     ],
 )
 def test_bad_command_line_value_names_the_option(options: dict[str, str], message: str) -> None:
