@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import attrs
@@ -25,11 +26,13 @@ from dtucenter.modbus.config import LinkSettings, MeterSettings
 from dtucenter.modbus.filter import encode_packet_option
 from dtucenter.modbus.rules import Adoption, registration_name
 from dtucenter.modbus.service import LinkConflict, ModbusBridge
+from dtucenter.modbus.templates import TemplateCatalog, TemplateFinder
 from dtucenter.setting import ConfigError
 from dtucenter.store import accounts
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
 from dtucenter.store import pending as pending_rows
+from dtucenter.store import templates as device_templates
 from dtucenter.store.facade import Store
 from dtucenter.store.links import DeviceConflict
 from dtucenter.store.recorder import link_spec, meter_spec
@@ -37,7 +40,7 @@ from dtucenter.store.recorder import link_spec, meter_spec
 log = Logger()
 
 LinkReader = Callable[[object, str], LinkSettings]
-MeterReader = Callable[[object, str], MeterSettings]
+MeterReader = Callable[[object, str, TemplateFinder], MeterSettings]
 #: Enrols an adopted binary-protocol DTU: (session, psn, account id, now); the DTU half's store does it.
 DtuEnroller = Callable[[Session, int, int, dt.datetime], None]
 #: Answers the held login of an adopted binary-protocol DTU, by PSN.
@@ -68,7 +71,7 @@ class Adopter:
     def __init__(
         self, store: Store, bridge: ModbusBridge | None, book: PendingBook | None, now: Callable[[], dt.datetime],
         read_link: LinkReader, read_meter: MeterReader, synced: Callable[[], defer.Deferred[None]],
-        enrol_dtu: DtuEnroller | None = None, release_dtu: DtuReleaser | None = None,
+        templates: TemplateCatalog, enrol_dtu: DtuEnroller | None = None, release_dtu: DtuReleaser | None = None,
     ) -> None:
         self.store = store
         self.bridge = bridge
@@ -77,6 +80,7 @@ class Adopter:
         self.read_link = read_link
         self.read_meter = read_meter
         self.synced = synced
+        self.templates = templates
         self.enrol_dtu = enrol_dtu
         self.release_dtu = release_dtu
 
@@ -110,15 +114,27 @@ class Adopter:
         bridge = self.bridge
         if bridge is None:
             raise AdoptionRefused(409, "the Modbus bridge is off: the center serves no links")
-        link, meter = definitions(registration, template, unit, interval, link_keys, self.read_link, self.read_meter)
+        owner = await self.store.read(partial(_owner_or_refusal, account=account))
+        if isinstance(owner, AdoptionRefused):
+            raise owner
+        await self.templates.loaded()
+        link, meter = definitions(
+            registration, template, unit, interval, link_keys, self.read_link, self.read_meter,
+            self.templates.finder(owner),
+        )
+        own = None if meter is None or meter.template is None else self.templates.own(owner).get(meter.template)
         name = link.name
         now = self.now()
 
         def job(session: Session) -> tuple[str, bool] | AdoptionRefused:
             try:
-                return record_link_adoption(session, link, meter, account, pending_id, who, now)
+                if own is not None:  # the account's template read above is still the one stored
+                    device_templates.check_current(session, owner, own.name, own.version)
+                return record_link_adoption(session, link, meter, owner, pending_id, who, now)
             except AdoptionRefused as e:
                 return e
+            except DeviceConflict as e:
+                return AdoptionRefused(409, str(e))
 
         outcome = await self._write(job)
         owner_name, created = outcome
@@ -187,16 +203,18 @@ def device_json(device: PendingDevice) -> dict[str, Any]:
 
 def definitions(
     registration: bytes, template: str | None, unit: int, interval: float, link_keys: Mapping[str, Any],
-    read_link: LinkReader, read_meter: MeterReader,
+    read_link: LinkReader, read_meter: MeterReader, find: TemplateFinder,
 ) -> tuple[LinkSettings, MeterSettings | None]:
-    """The link named after ``registration`` and its meter (of the same name) from ``template``,
-    read by the file's readers; AdoptionRefused (400) for what they refuse."""
+    """The link named after ``registration`` and its meter (of the same name) from ``template``
+    (found by ``find``: the owning account's, then the shipped ones), read by the file's
+    readers; AdoptionRefused (400) for what they refuse."""
     name = registration_name(registration)
     link_table = {**link_keys, "name": name, "registration": encode_packet_option(registration)}
     try:
         link = read_link(link_table, "the adoption")
         meter = None if template is None else read_meter(
-            {"name": name, "link": name, "unit": unit, "interval": interval, "template": template}, "the adoption"
+            {"name": name, "link": name, "unit": unit, "interval": interval, "template": template}, "the adoption",
+            find,
         )
     except ConfigError as e:
         raise AdoptionRefused(400, str(e)) from None
@@ -206,12 +224,11 @@ def definitions(
 
 
 def record_link_adoption(
-    session: Session, link: LinkSettings, meter: MeterSettings | None, account: str | None, pending_id: str | None,
+    session: Session, link: LinkSettings, meter: MeterSettings | None, owner: int, pending_id: str | None,
     who: str, now: dt.datetime,
 ) -> tuple[str, bool]:
-    """The link's and meter's rows, the pending row's removal and the audit record; returns the
-    owning account's name and whether the meter's row is new (to undo it)."""
-    owner = _owner(session, account)
+    """The link's and meter's rows in account ``owner`` (an id), the pending row's removal and the
+    audit record; returns the account's name and whether the meter's row is new (to undo it)."""
     try:
         device_links.create_link(session, link_spec(link), owner, now)
         created = meter is not None and device_meters.create_meter(session, meter_spec(meter), owner, now)
@@ -228,7 +245,7 @@ def record_dtu_adoption(
     now: dt.datetime,
 ) -> str:
     """The DTU's record in the account, the pending row's removal and the audit record."""
-    owner = _owner(session, account)
+    owner = owner_id(session, account)
     try:
         enrol(session, psn, owner, now)
     except ValueError as e:
@@ -237,7 +254,15 @@ def record_dtu_adoption(
     return accounts.account_name(session, owner)
 
 
-def _owner(session: Session, account: str | None) -> int:
+def _owner_or_refusal(session: Session, account: str | None) -> int | AdoptionRefused:
+    try:
+        return owner_id(session, account)
+    except AdoptionRefused as e:
+        return e
+
+
+def owner_id(session: Session, account: str | None) -> int:
+    """The id of the account an adoption names; the first admin for None; AdoptionRefused (400) if none."""
     if account is None:
         return accounts.first_admin_id(session)
     try:

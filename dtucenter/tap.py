@@ -35,12 +35,15 @@ from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
+from dtucenter.events import EventHub
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
+from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.setting import listening_endpoint
 from dtucenter.store import accounts, queries
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
+from dtucenter.store import templates as device_templates
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
@@ -52,6 +55,7 @@ from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.pending import PendingApi
 from dtucenter.web.site import build_site
+from dtucenter.web.templates import TemplateApi
 
 log = Logger()
 
@@ -101,6 +105,8 @@ class CenterService(MultiService):
     def __init__(self, reactor: Any) -> None:
         super().__init__()
         self._reactor = reactor
+        #: What happens in the center, for the integrations and the console (dtucenter/events.py).
+        self.events = EventHub()
         self._listeners: list[tuple[str, Callable[[], Deferred[IListeningPort]]]] = []
 
     def require_listening(self, what: str, when_listening: Callable[[], Deferred[IListeningPort]]) -> None:
@@ -217,6 +223,7 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
             last_seen_interval=settings.last_seen_interval,
             command_timeout=settings.command_timeout,
         ),
+        events=top.events,
         book=book,
     )
     center.setName("center")
@@ -241,16 +248,17 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     pending = PendingService(book)
     pending.setName("pending")
     pending.setServiceParent(top)
-    bridge = add_modbus(top, settings, recorder, reactor, book)
+    templates = TemplateCatalog()
+    bridge = add_modbus(top, settings, recorder, templates, reactor, book)
     adopter = Adopter(
-        store, bridge, book, center.now, read_link_definition, read_meter_definition, recorder.synced,
+        store, bridge, book, center.now, read_link_definition, read_meter_definition, recorder.synced, templates,
         enrol_dtu=queries.enrol_adopted_dtu, release_dtu=center.release_held,
     )
     bridge.unknown.adopter = adopter
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     if settings.api != "off":
-        add_api(top, settings, center, control, store, recorder, bridge, reactor, PendingApi(book, adopter))
+        add_api(top, settings, center, control, store, recorder, bridge, templates, reactor, PendingApi(book, adopter))
     return top
 
 
@@ -272,12 +280,14 @@ def report_missing_adoption_accounts(engine: Engine, settings: Settings) -> None
 
 
 def add_modbus(
-    top: CenterService, settings: Settings, recorder: MeterRecorder, reactor: Any, book: PendingBook | None = None,
+    top: CenterService, settings: Settings, recorder: MeterRecorder, templates: TemplateCatalog, reactor: Any,
+    book: PendingBook | None = None,
 ) -> ModbusBridge:
     """The Modbus bridge: the file's links and meters at once, the database's (those the API
-    made) once the file's have been imported into it."""
+    made, and the accounts' templates they may be made from) once the file's have been
+    imported into it."""
     modbus = settings.modbus
-    bridge = ModbusBridge(modbus, reactor, recorder, book=book)
+    bridge = ModbusBridge(modbus, reactor, recorder, events=top.events, book=book)
     bridge.setName("modbus")
     bridge.setServiceParent(top)
     if modbus.listen is not None:
@@ -285,35 +295,48 @@ def add_modbus(
     for link in modbus.links:
         if link.kind == "listen":
             top.require_listening(settings.where_link(link, "listen"), partial(bridge.listening, link.name))
-    starting = recorder.synced().addCallback(lambda _: ensureDeferred(start_database_devices(recorder.store, bridge)))
+    starting = recorder.synced().addCallback(
+        lambda _: ensureDeferred(start_database_devices(recorder.store, bridge, templates))
+    )
     starting.addErrback(
         lambda f: log.failure("Could not start the links and meters of the database", f)
     )
     return bridge
 
 
-async def start_database_devices(store: Store, bridge: ModbusBridge) -> None:
-    """Serve the links and poll the meters the API made (the file's are served already).
+async def start_database_devices(store: Store, bridge: ModbusBridge, templates: TemplateCatalog) -> None:
+    """Load the accounts' templates into ``templates``, serve the links and poll the meters the
+    API made (the file's are served already), each meter's template resolved for its account.
 
     One that cannot be read or served is logged and skipped: the others still start.
     """
+    try:
+        for row in await store.read(device_templates.list_templates):
+            source = f"database: template {row.name!r} of account {row.account!r}"
+            try:
+                templates.put(row.account_id, read_template(json.loads(row.document), source))
+            except ValueError as e:  # a ConfigError, bad JSON, a shipped name
+                log.error("{source}: not loaded: {error}", source=source, error=e)
+    finally:  # the API's writers wait for it, loaded or not
+        templates.finish_loading()
     for name, definition in await store.read(device_links.api_link_definitions):
         source = f"database: link {name!r}"
         try:
             bridge.add_link(read_link_definition(json.loads(definition), source))
         except (ValueError, UsageError) as e:  # a ConfigError, a LinkConflict, bad JSON
             log.error("{source}: not served: {error}", source=source, error=e)
-    for name, definition in await store.read(device_meters.api_meter_definitions):
+    for name, account, definition in await store.read(device_meters.api_meter_definitions):
         source = f"database: meter {name!r}"
         try:
-            bridge.set_meter(read_meter_definition(json.loads(definition), source))
+            bridge.set_meter(read_meter_definition(json.loads(definition), source, templates.finder(account)))
         except (ValueError, LookupError, UsageError) as e:  # a ConfigError, an UnknownLink, bad JSON
             log.error("{source}: not polled: {error}", source=source, error=e)
 
 
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
-    recorder: MeterRecorder, bridge: ModbusBridge | None, reactor: Any, pending: PendingApi,
+    recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, reactor: Any,
+    pending: PendingApi,
 ) -> None:
     try:
         token = resolve_token(settings.api_token, settings.db)
@@ -322,8 +345,9 @@ def add_api(
     site = build_site(center, control, store, token, bridge)
     MeterApi(recorder, bridge, center.now).install(site.resource)
     DefinitionApi(
-        recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition
+        recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition, templates
     ).install(site.resource)
+    TemplateApi(recorder, bridge, templates, read_meter_definition, center.now).install(site.resource)
     pending.install(site.resource)
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from dtucenter.discovery import DTU, PendingBook, PendingDevice
 from dtucenter.dtu import wire
 from dtucenter.dtu.ports import DtuRecords, LoginOutcome, SampleRow
+from dtucenter.events import DtuOffline, DtuOnline, EventHub, UploadStored
 from dtucenter.isotime import utc_from_millisecond, utc_from_seconds, utc_now
 from dtucenter.junk import DEFAULT_JUNK_LIMIT, DEFAULT_JUNK_WINDOW, DEFAULT_REPORT_INTERVAL, ProblemSummary
 from dtucenter.throttle import LoginThrottle
@@ -73,11 +74,12 @@ class _LastUpload:
     the profile.
     """
 
-    __slots__ = ("center", "committed", "count", "psn", "test_code", "values", "waiting")
+    __slots__ = ("center", "committed", "count", "psn", "received", "test_code", "values", "waiting")
 
-    def __init__(self, center: DTUCenter, psn: int, upload: wire.SendTest) -> None:
+    def __init__(self, center: DTUCenter, psn: int, upload: wire.SendTest, received: dt.datetime) -> None:
         self.center = center
         self.psn = psn
+        self.received = received
         self.test_code = upload.test_code
         self.values = upload.values
         self.committed = False
@@ -97,9 +99,12 @@ class _LastUpload:
 
     def stored(self, _: None) -> int:
         self.committed = True
-        stats = self.center.stats
+        center = self.center
+        stats = center.stats
         stats["uploads_stored"] += 1
         stats["samples_stored"] += len(self.values)
+        if center.events.listening:
+            center.events.publish(UploadStored(self.psn, self.received, self.values))
         waiting, self.waiting = self.waiting, None
         for d in waiting or ():
             d.callback(None)
@@ -198,9 +203,12 @@ def _pack_registers(registers: tuple[wire.Register, ...]) -> bytes:
 class DTUCenter(Service):
     def __init__(
         self, records: DtuRecords, clock: IReactorTime, settings: CenterSettings = CenterSettings(),
+        events: EventHub | None = None,
         book: PendingBook | None = None,
     ) -> None:
         self.records = records
+        #: Where logins, disconnections and stored uploads are told as they happen.
+        self.events = events if events is not None else EventHub()
         self.book = book
         #: PSN -> a pending DTU's unanswered login: its session, the Login, the decision to fire.
         self._held: dict[int, tuple[DTUSession, wire.Login, Deferred[LoginDecision]]] = {}
@@ -335,6 +343,8 @@ class DTUCenter(Service):
             )
             older.abort("replaced by a newer login")
         log.info("DTU {psn} logged in from {peer}", psn=login.psn, peer=session.peer)
+        if self.events.listening:
+            self.events.publish(DtuOnline(login.psn, session.peer, self.now()))
         return decision
 
     # -- pending DTUs: unknown PSNs held for adoption ---------------------------------------
@@ -390,6 +400,8 @@ class DTUCenter(Service):
         self._seen.pop(psn, None)
         log.info("DTU {psn} offline ({peer})", psn=psn, peer=session.peer)
         self._mark_offline(psn, session.last_seen)
+        if self.events.listening:
+            self.events.publish(DtuOffline(psn, session.peer, self.now()))
 
     def _mark_offline(self, psn: int, last_seen: dt.datetime) -> None:
         self.records.mark_offline(psn, last_seen).addErrback(
@@ -424,8 +436,9 @@ class DTUCenter(Service):
         if last is not None and last.test_code == upload.test_code and last.values == upload.values:
             self.stats["uploads_repeated"] += 1
             return last.repeated()
-        row = upload_row(psn, self.received_at(session.last_seen_at), upload, registers)
-        record = self._last_upload[psn] = _LastUpload(self, psn, upload)
+        received = self.received_at(session.last_seen_at)
+        row = upload_row(psn, received, upload, registers)
+        record = self._last_upload[psn] = _LastUpload(self, psn, upload, received)
         return self._add_samples([row]).addCallbacks(record.stored, record.not_stored)
 
     def forget_upload(self, record: _LastUpload) -> None:
