@@ -361,3 +361,29 @@ async def test_an_account_the_policy_or_a_rule_names_but_the_database_lacks_is_r
         "--unknown-registration: no account 'nobody' yet: adoptions into it fail until it is made",
         "rule prefix:SITE-: no account 'ghost' yet: adoptions into it fail until it is made",
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_account_adopts_with_a_template_of_its_own(tmp_path: Path) -> None:
+    from tests.test_account_templates import TEMPLATE
+
+    bus = PymodbusServer([sdm120(1)], framer=FramerType.RTU).start()
+    center = await start_center(tmp_path, *SHARED)
+    dtu = FakeDtu(registration=IMEI, registration_alone=True)
+    try:
+        admin = center.api()
+        acme = await make_account(admin, "acme")
+        beta = await make_account(admin, "beta")
+        assert (await acme.post("/api/templates", TEMPLATE)).status == 201
+        await dtu.start(await center.modbus_port(), bus.port)
+        (device,) = await eventually(lambda: pending(acme, f"?registration={IMEI.decode()}"), "pending")
+        theirs = await beta.post(f"/api/pending/{device['id']}/adopt", {"template": TEMPLATE["name"]})
+        assert theirs.status == 400 and TEMPLATE["name"] in theirs.error, "another account's template"
+        adopted = await acme.post(f"/api/pending/{device['id']}/adopt", {"template": TEMPLATE["name"], "interval": 0.2})
+        assert adopted.status == 201, adopted.body
+        values = await eventually(lambda: latest_poll(acme, IMEI.decode()), "the own template's values")
+        assert values == {"volts": SDM120_VALUES["voltage"]}
+    finally:
+        await dtu.stop()
+        await center.stop()
+        bus.stop()
