@@ -329,6 +329,9 @@ class LoginProtocol(Protocol):
             return
         if self._unknown.decide(self._received, self):
             self._held = True
+            transport = connected_transport(self)
+            if ITCPTransport.providedBy(transport):
+                transport.setTcpKeepAlive(True)  # a held DTU gone silently (NAT timeout) is noticed
             return
         if self._unknown.policy.action == "pending":
             # Refused by the pending devices' bounds: the book sums refusals up in the log.
