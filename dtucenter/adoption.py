@@ -149,6 +149,8 @@ class Adopter:
                     device_meters.undo_create_meter(session, meter.name, created)
 
             await self.store.write(undo)
+            if pending_id is not None and self.book is not None:
+                self.book.rewrite(pending_id)  # its row went with the adoption's transaction
             raise AdoptionRefused(409, str(e)) from None
         if pending_id is not None and self.book is not None:
             self.book.forget(pending_id)

@@ -144,6 +144,11 @@ class PendingBook:
     def find(self, kind: str, registration: bytes) -> PendingDevice | None:
         return self._by_key.get((kind, registration))
 
+    def rewrite(self, device_id: str) -> None:
+        """Write a device again at the next flush (an adoption that deleted its row was undone)."""
+        if device_id in self._by_id:
+            self._dirty.add(device_id)
+
     def forget(self, device_id: str) -> PendingDevice | None:
         """Take a device out of the book (and, at the next flush, out of the database)."""
         device = self._by_id.pop(device_id, None)

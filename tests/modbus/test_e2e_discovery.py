@@ -388,3 +388,26 @@ async def test_an_account_adopts_with_a_template_of_its_own(tmp_path: Path) -> N
         await dtu.stop()
         await center.stop()
         bus.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_adoption_the_bridge_refuses_leaves_the_device_pending(tmp_path: Path) -> None:
+    config = tmp_path / "center.toml"
+    config.write_text('[[link]]\nname = "longer"\nregistration = "DTU-0011"\n')
+    center = await start_center(tmp_path, *SHARED, "--config", str(config), "--login-timeout", "1")
+    try:
+        admin = center.api()
+        # The start of a known registration: decided at the login timeout, pending.
+        dialer = await dial(await center.modbus_port(), b"DTU-001")
+        (device,) = await eventually(lambda: pending(admin), "the prefix pending")
+        await eventually(lambda: _rows(center, 1), "its row")
+        refused = await admin.post(f"/api/pending/{device['id']}/adopt", {"template": "eastron-sdm120"})
+        assert refused.status == 409 and "cannot be told apart" in refused.error, refused.body
+        assert [d["id"] for d in await pending(admin)] == [device["id"]]
+        assert (await admin.get("/api/links/DTU-001")).status == 404
+        assert (await admin.get("/api/meters/DTU-001")).status == 404
+        await eventually(lambda: _rows(center, 1), "its row written again")
+        assert dialer.transport is not None
+        dialer.transport.loseConnection()
+    finally:
+        await center.stop()
