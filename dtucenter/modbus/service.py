@@ -290,11 +290,13 @@ class ModbusBridge(MultiService):
         return [link.status() for link in self.links.values()]
 
     def polling_summary(self) -> dict[str, object]:
-        """For /api/status: links online, request timeouts, and every poll's outcome and duration."""
+        """For /api/status: links online, request timeouts, pending devices' held connections, and
+        every poll's outcome and duration."""
         return {
             "links": len(self.links),
             "links_online": sum(link.online for link in self.links.values()),
             "request_timeouts": sum(link.counters.timeouts for link in self.links.values()),
+            "held_connections": self.unknown.held,
             **self.poller.stats.as_json(),
         }
 

@@ -150,6 +150,7 @@ async def test_a_flood_of_random_registrations_from_one_address_is_bounded(tmp_p
         assert sum(d["peer"].startswith("127.0.0.1:") for d in listed) == 5
         assert [d["registration"] for d in listed if d["peer"].startswith("127.0.0.2:")] == ["OTHER-HOST-1"]
         assert center.bridge.unknown.held == 6
+        assert (await admin.get("/api/status")).body["modbus"]["held_connections"] == 6
         await eventually(lambda: _rows(center, 6), "the table holding the same six, no more")
 
         # A good DTU behind the flooding address is served.
