@@ -17,9 +17,11 @@ from dtucenter.modbus.filter import decode_packet_option, encode_packet_option
 from dtucenter.modbus.points import BlockLimits, Point
 from dtucenter.modbus.rules import RegistrationRule, UnknownPolicy, unknown_policy
 from dtucenter.setting import (
+    Reload,
     boolean,
     choice,
     client_endpoint,
+    composed,
     declared,
     describe,
     integer,
@@ -159,17 +161,23 @@ class ModbusSettings:
     )
     login_timeout: float = attrs.field(
         default=DEFAULT_LOGIN_TIMEOUT,
-        metadata=setting(positive, "Seconds a new connection has to send its registration."),
+        metadata=setting(positive, "Seconds a new connection has to send its registration.", reload=Reload.LIVE),
     )
     #: Sent as-is to a connection on the shared listener that has said nothing for
     #: ``probe_after`` seconds, so that a DTU in registration mode ``data`` answers with
     #: its registration in front; every such DTU behind the listener must accept it.
     probe: bytes | None = attrs.field(
         default=None,
-        metadata=setting(packet, "A request sent to a silent new connection (hex:...), to make a data-mode DTU speak."),
+        metadata=setting(
+            packet, "A request sent to a silent new connection (hex:...), to make a data-mode DTU speak.",
+            reload=Reload.LIVE,
+        ),
     )
     probe_after: float = attrs.field(
-        default=5.0, metadata=setting(positive, "Seconds of silence after which a new connection gets the probe."),
+        default=5.0,
+        metadata=setting(
+            positive, "Seconds of silence after which a new connection gets the probe.", reload=Reload.LIVE
+        ),
     )
     unknown_registration: UnknownPolicy = attrs.field(
         default=UnknownPolicy("pending"),
@@ -177,26 +185,31 @@ class ModbusSettings:
             unknown_policy,
             "What the shared listener does with a registration no link or rule takes: reject (close it),"
             " pending (hold it for adoption) or adopt:ACCOUNT[:TEMPLATE] (make its link at once).",
-            option="unknown-registration",
+            option="unknown-registration", reload=Reload.LIVE,
         ),
     )
     registration_window: float = attrs.field(
         default=0.5,
         metadata=setting(
-            positive, "Seconds from an unknown DTU's first byte within which what it sends is its registration."
+            positive, "Seconds from an unknown DTU's first byte within which what it sends is its registration.",
+            reload=Reload.LIVE,
         ),
     )
     held_connections: int = attrs.field(
-        default=1000, metadata=setting(integer(0, 1_000_000), "Most connections of pending devices held open.")
+        default=1000,
+        metadata=setting(integer(0, 1_000_000), "Most connections of pending devices held open.", reload=Reload.LIVE),
     )
     held_connections_per_host: int = attrs.field(
         default=100,
-        metadata=setting(integer(0, 1_000_000), "Most connections of pending devices held open from one host."),
+        metadata=setting(
+            integer(0, 1_000_000), "Most connections of pending devices held open from one host.", reload=Reload.LIVE
+        ),
     )
-    links: tuple[LinkSettings, ...] = ()
-    meters: tuple[MeterSettings, ...] = ()
+    links: tuple[LinkSettings, ...] = attrs.field(default=(), metadata=composed(Reload.DEVICES))
+    meters: tuple[MeterSettings, ...] = attrs.field(default=(), metadata=composed(Reload.DEVICES))
     #: ``[[rule]]``s for unknown registrations on the shared listener: a match is adopted on first contact.
-    rules: tuple[RegistrationRule, ...] = ()
+    #: Live: the bridge hands a reload's rules to what applies them (``ModbusBridge.apply_settings``).
+    rules: tuple[RegistrationRule, ...] = attrs.field(default=(), metadata=composed(Reload.LIVE))
 
 
 # -- back to the file's spelling -----------------------------------------------

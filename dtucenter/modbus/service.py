@@ -83,6 +83,10 @@ class PortRecordingEndpoint:
         return d
 
 
+def _probe(settings: ModbusSettings) -> Probe | None:
+    return Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
+
+
 def _fire(d: defer.Deferred[IListeningPort], outcome: IListeningPort | Failure) -> None:
     if isinstance(outcome, Failure):
         d.errback(outcome)
@@ -146,12 +150,13 @@ class ModbusBridge(MultiService):
             settings.unknown_registration, settings.rules, book,
             HeldLimits(settings.held_connections, settings.held_connections_per_host), SHARED_LISTENER,
         )
+        self._login_factory: LoginFactory | None = None
         if settings.listen is not None:
             # Listening even with no shared link yet: one may be added while the center runs.
-            probe = Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
-            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=probe,
+            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=_probe(settings),
                                          unknown=self.unknown, window=settings.registration_window)
             login_factory.links = self._shared  # the factory copies what it is given; share the table instead
+            self._login_factory = login_factory
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
         # The poller reads self.links at each request, so links added later are its channels too.
@@ -163,6 +168,22 @@ class ModbusBridge(MultiService):
             self.add_link(link_settings)
 
     # -- links and meters changed while running --------------------------------
+
+    def apply_settings(self, settings: ModbusSettings) -> None:
+        """Take up the ``[modbus]`` settings a reload may change (``Reload.LIVE``): the registration
+        timeout, the probe and the registration window for the shared listener's new connections
+        and for links added from now on, the unknown-registration policy, rules and held-connection
+        bounds for the next unknown DTU, and ``settings`` itself for what reads it.
+        Its links and meters are not looked at: they change one by one (``add_link``...)."""
+        self.settings = settings
+        self.login_timeout = settings.login_timeout
+        self.unknown.policy = settings.unknown_registration
+        self.unknown.rules = settings.rules
+        self.unknown.limits = HeldLimits(settings.held_connections, settings.held_connections_per_host)
+        if self._login_factory is not None:
+            self._login_factory.login_timeout = settings.login_timeout
+            self._login_factory.probe = _probe(settings)
+            self._login_factory.window = settings.registration_window
 
     def add_link(self, settings: LinkSettings) -> None:
         """Start serving a new link at once: its registration is accepted on the shared listener,
@@ -230,12 +251,17 @@ class ModbusBridge(MultiService):
     def update_link(self, settings: LinkSettings) -> defer.Deferred[None]:
         """Replace a link's settings: its connection is closed and it is served anew; its meters
         keep their schedules and use the new link from their next poll. Raises :class:`UnknownLink`.
+
+        A link with its own port listens anew once its old port is closed (the new one is
+        likely the same port); the Deferred fires then, or fails with :class:`LinkConflict`.
         """
         old = self.links.get(settings.name)
         if old is None:
             raise UnknownLink(f"no link named {settings.name!r}")
         self._check_shared(settings, old)
         gone = self.remove_link(settings.name, keep_meters=True)
+        if old.settings.kind == "listen":
+            return gone.addCallback(lambda _: self.add_link(settings))
         self.add_link(settings)
         return gone
 

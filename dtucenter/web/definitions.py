@@ -118,6 +118,9 @@ class DefinitionApi:
         return body, owner
 
     async def _write(self, job: Callable[[Session], Any]) -> Any:
+        # Not before the center has served what the database held at start: a row written
+        # earlier would be read there and served a second time.
+        await self.templates.loaded()
         return await write_or_refuse(self.recorder, job)
 
     # -- links ------------------------------------------------------------------------------------

@@ -162,9 +162,10 @@ class TemplateCatalog:
     Accounts are the keys the caller owns them by (the store's account ids); this module
     knows nothing else of them.
 
-    The center fills it from the database at start, after the API starts listening:
-    writers that depend on what it holds await :meth:`loaded` first, so that a request
-    in the first moments neither misses an account's template nor races the loading.
+    The center fills it from the database at start, after the API starts listening, and
+    marks it loaded once the links and meters stored with it are served too: writers that
+    depend on either await :meth:`loaded` first, so that a request in the first moments
+    neither misses an account's template nor races the loading.
     """
 
     def __init__(self, shipped: Mapping[str, Template] | None = None) -> None:
