@@ -8,6 +8,7 @@ import tomllib
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -242,4 +243,28 @@ def test_under_reject_an_unknown_registration_is_closed_at_once() -> None:
     running.feed(protocol, b"NOBODY")
     assert transport.disconnecting and running.book.devices() == []
     running.lose(transport)
+    running.stop()
+
+
+def test_a_reload_hands_the_new_policy_and_window_to_the_next_unknown_dtu() -> None:
+    running = Running()
+    before, before_transport = running.dial(port=40001)
+    running.feed(before, b"EARLY-1")
+    running.reactor.advance(0.5)
+    new = read_settings(tomllib.loads(f'[modbus]\nlisten = "tcp:{PORT}"\nunknown_registration = "reject"\n'
+                                      "registration_window = 2\n")).modbus
+    running.bridge.apply_settings(new)
+    protocol, transport = running.dial(port=40002)
+    running.feed(protocol, b"LATE-1")
+    assert transport.disconnecting, "refused at once under reject"
+    running.lose(transport)
+    assert not before_transport.disconnecting, "what was pending stays pending"
+    assert [d.registration for d in running.book.devices()] == [b"EARLY-1"]
+    running.bridge.apply_settings(attrs.evolve(new, unknown_registration=unknown_policy("pending")))
+    protocol, transport = running.dial(port=40003)
+    running.feed(protocol, b"LATER-1")
+    running.reactor.advance(1.9)
+    assert len(running.book.devices()) == 1, "the new window is two seconds"
+    running.reactor.advance(0.1)
+    assert len(running.book.devices()) == 2
     running.stop()
