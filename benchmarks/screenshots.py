@@ -48,6 +48,7 @@ def main() -> None:
     with console_fleet() as (fleet, driver):
         fleet.start_dtus(FIRST_PSN, count=25, interval=2)
         fleet.start_meter()
+        fleet.start_meter("864512034567891")  # unknown: waits on the Discovery page
         started = time.monotonic()
         sign_in(driver, fleet.url, fleet.token)
         # Let the charts fill: the center stores what the simulators send meanwhile.
@@ -58,7 +59,7 @@ def main() -> None:
             ("dtu", f"#/dtus/{FIRST_PSN}", ".chart canvas"),
             ("meter", f"#/meters/{METER}", ".chart canvas"),
             ("links", "#/links", "tbody tr"),
-            ("discovery", "#/discovery", "h1"),
+            ("discovery", "#/discovery", "tbody tr"),
         ]
         for width, height, suffix in ((1280, 900, ""), (390, 844, "-phone")):
             driver.set_window_size(width, height)

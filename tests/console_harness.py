@@ -142,10 +142,10 @@ class Fleet:
             "--psn", str(psn), "--values", "4", "--interval", str(interval), "--quiet",
         ])
 
-    def start_meter(self) -> None:
-        self._start("sim-meter", [
+    def start_meter(self, registration: str = REGISTRATION) -> None:
+        self._start(f"sim-meter-{registration}", [
             str(VENV_BIN / "dtucenter-sim"), "modbus", "--server", f"127.0.0.1:{self.modbus_port}",
-            "--registration", REGISTRATION, "--heartbeat", "HB", "--units", "1", "--quiet",
+            "--registration", registration, "--heartbeat", "HB", "--units", "1", "--quiet",
         ])
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.skipif(missing is not None, reason=missing or "")
 
 
 def wait(driver: Any) -> WebDriverWait[Any]:
-    return WebDriverWait(driver, PATIENCE, poll_frequency=0.1)
+    """A page re-rendered by a live event replaces elements: an element gone stale is looked for again."""
+    return WebDriverWait(driver, PATIENCE, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
 
 
 def text_of(driver: Any, selector: str) -> str:
@@ -119,4 +121,33 @@ def test_sign_in_watch_live_chart_command_write_and_sign_out(tmp_path: Path) -> 
         driver.get(fleet.url + "#/dtus")
         wait(driver).until(ec.presence_of_element_located((By.ID, "token")))
         assert not driver.find_elements(By.CSS_SELECTOR, "nav")
+        assert not script_errors(driver)
+
+
+def test_a_pending_device_is_found_and_adopted(tmp_path: Path) -> None:
+    with console_fleet(tmp_path) as (fleet, driver):
+        fleet.start_meter("864512034567891")  # a registration the center does not know: held as pending
+        driver.get(fleet.url)
+        wait(driver).until(ec.element_to_be_clickable((By.ID, "token"))).send_keys(fleet.token)
+        driver.find_element(By.ID, "signin-button").click()
+        wait(driver).until(ec.text_to_be_present_in_element((By.ID, "who"), "admin"))
+        driver.find_element(By.CSS_SELECTOR, "nav a[data-page=discovery]").click()
+        wait(driver).until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "h1"), "Discovery"))
+
+        def pending_row(d: Any) -> Any:
+            """The device's row once the center holds it; until then "Find" asks the center again."""
+            rows = d.find_elements(By.XPATH, "//tr[td[text()='864512034567891']]")
+            if not rows:
+                d.find_element(By.XPATH, "//button[text()='Find']").click()
+            return rows[0] if rows else None
+
+        row = wait(driver).until(pending_row)
+        row.find_element(By.CSS_SELECTOR, "select option[value='eastron-sdm120']").click()
+        row.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        answer = row.find_element(By.CSS_SELECTOR, "output")
+        wait(driver).until(lambda d: answer.text.startswith("{"))
+        assert json.loads(answer.text)["meter"] == "864512034567891", answer.text
+        # Served at once: its link is up on the links page, without the device dialling again.
+        driver.find_element(By.CSS_SELECTOR, "nav a[data-page=links]").click()
+        wait(driver).until(lambda d: "864512034567891" in text_of(d, "table") and "online" in text_of(d, "table"))
         assert not script_errors(driver)

@@ -655,38 +655,60 @@ async function linkList(_, current) {
 
 // -- discovery ------------------------------------------------------------------------------------------------
 
+const discoveryState = {registration: ""};
+
 async function discovery(_, current) {
+  // An admin sees every pending device; an account finds its own by the registration it set (docs/api.md).
+  const query = discoveryState.registration ? "?registration=" + enc(discoveryState.registration) : "";
   let found;
   try {
-    found = await get("/api/pending");
+    found = await get("/api/pending" + query);
   } catch (e) {
-    if (e.status !== 404) throw e;
+    if (e.status !== 404 || query) throw e;
     page("Discovery", h("p.notice.info", {}, "Discovery of pending devices is not available on this center build."));
     return;
   }
   if (!current()) return;
   const templates = await get("/api/templates").catch(() => ({templates: []}));
-  const accounts = session.admin ? (await get("/api/accounts")).accounts.map((a) => a.name) : [session.account];
+  const accounts = session.admin ? (await get("/api/accounts")).accounts.map((a) => a.name) : [];
+  const search = h("input", {type: "search", value: discoveryState.registration, placeholder: "IMEI, SN or PSN",
+                             spellcheck: "false"});
+  const find = h("form.toolbar", {role: "search", onsubmit: (e) => {
+    e.preventDefault();
+    discoveryState.registration = search.value.trim();
+    render();
+  }}, field("Registration", search), h("button", {type: "submit"}, "Find"));
   const rows = found.pending.map((p) => {
-    const account = h("select", {}, accounts.map((a) => h("option", {value: a}, a)));
-    const template = h("select", {}, templates.templates.map((t) => h("option", {value: t.name}, t.name)));
+    const fields = [];
+    const account = h("select", {}, accounts.map((a) => h("option", {value: a, selected: a === session.account}, a)));
+    if (session.admin) fields.push(field("Account", account));
+    const template = h("select", {}, h("option", {value: ""}, "no meter"),
+      templates.templates.map((t) => h("option", {value: t.name}, t.name)));
     const unit = h("input", {type: "number", min: 1, max: 247, value: 1});
     const interval = h("input", {type: "number", min: 1, value: 10});
-    const out = h("output.answer");
+    if (p.kind !== "dtu") fields.push(field("Template", template), field("Unit", unit), field("Interval (s)", interval));
+    const out = h("output.answer", {"aria-live": "polite"});
     const adopt = h("button", {type: "submit"}, "Adopt");
     const form = h("form.adopt", {onsubmit: (e) => {
       e.preventDefault();
       act(adopt, out, async () => {
-        await api("POST", `/api/pending/${enc(p.id)}/adopt`, {account: account.value, template: template.value,
-          unit: Number(unit.value), interval: Number(interval.value)});
-        return "Adopted.";
+        const body = session.admin ? {account: account.value} : {};
+        if (p.kind !== "dtu" && template.value) {
+          Object.assign(body, {template: template.value, unit: Number(unit.value), interval: Number(interval.value)});
+        }
+        const answer = await api("POST", `/api/pending/${enc(p.id)}/adopt`, body);
+        adopt.disabled = true;
+        return answer;
       });
-    }}, field("Account", account), field("Template", template), field("Unit", unit), field("Interval (s)", interval), adopt, out);
-    return h("tr", {}, h("td.code", {}, p.registration), h("td", {}, p.peer), h("td", {}, when(p.first_seen)),
-      h("td", {}, when(p.last_seen)), h("td", {}, form));
+    }}, ...fields, adopt, out);
+    return h("tr", {}, h("td.code", {}, p.registration), h("td", {}, p.kind || ""), h("td", {}, p.peer),
+      h("td", {}, when(p.first_seen)), h("td", {}, when(p.last_seen)), h("td.num", {}, String(p.times_seen ?? "")),
+      h("td", {}, form));
   });
-  page("Discovery", found.pending.length ? table(["Registration", "Peer", "First seen", "Last seen", "Adopt"], rows)
-    : h("p.muted", {}, "No device is waiting for adoption."));
+  const none = session.admin || query ? "No device is waiting for adoption." :
+    "Enter the registration your DTU sends (its IMEI, SN or PSN) to find it.";
+  page("Discovery", find, found.pending.length ? table(["Registration", "Kind", "Peer", "First seen", "Last seen",
+    "Times seen", "Adopt"], rows) : h("p.muted", {}, none));
   listen("", {});
 }
 
