@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from dtucenter.alarms.service import AlarmService
 from dtucenter.config import (
     Settings,
     UsageError,
@@ -46,6 +47,7 @@ from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.store.schema import SchemaError
+from dtucenter.web.alarms import AlarmApi
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
@@ -246,8 +248,10 @@ def build_service(
         udp_service.setServiceParent(top)
     templates = TemplateCatalog()
     bridge, starting = add_modbus(top, settings, recorder, templates, reactor)
+    alarms = add_alarms(top, settings, center, bridge, store, reactor)
     reloader = top.reloader = Reloader(settings, reread or (lambda: settings), recorder, bridge, reactor)
     reloader.hold_until(starting)
+    reloader.on_reload(lambda new: alarms.set_file_rules(new.alarms))
     reloader.on_reload(partial(apply_center_settings, center))
     reloader.on_reload(lambda new: bridge.apply_settings(new.modbus))
     if udp is not None:
@@ -255,8 +259,24 @@ def build_service(
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     if settings.api != "off":
-        add_api(top, settings, center, control, store, recorder, bridge, templates, reactor)
+        add_api(top, settings, center, control, store, recorder, bridge, templates, alarms, reactor)
     return top
+
+
+def add_alarms(
+    top: CenterService, settings: Settings, center: DTUCenter, bridge: ModbusBridge, store: Store, reactor: Any
+) -> AlarmService:
+    """Alarm rules evaluated on the center's events (dtucenter/alarms/)."""
+
+    def online(kind: str, device: str) -> bool:
+        if kind == "dtu":
+            return int(device) in center.sessions
+        return any(link.name == device and link.online for link in bridge.link_statuses())
+
+    alarms = AlarmService(store, top.events, reactor, center.now, online, settings.alarms)
+    alarms.setName("alarms")
+    alarms.setServiceParent(top)
+    return alarms
 
 
 def live_center_settings(settings: Settings) -> dict[str, Any]:
@@ -333,7 +353,8 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
 
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
-    recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, reactor: Any,
+    recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, alarms: AlarmService,
+    reactor: Any,
 ) -> None:
     try:
         token = resolve_token(settings.api_token, settings.db)
@@ -345,6 +366,7 @@ def add_api(
         recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition, templates
     ).install(site.resource)
     TemplateApi(recorder, bridge, templates, read_meter_definition, center.now).install(site.resource)
+    AlarmApi(alarms, recorder, center.now).install(site.resource)
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)
