@@ -289,6 +289,15 @@ def test_an_alarm_active_in_the_store_is_not_raised_again_and_clears_as_usual() 
     h.meter(10)
     assert h.states() == [("cleared", 10.0)]
     assert h.heard[0].alarm == 100
+    dtu = harness(rule(dtu=7, point="1-2", above=80), registers={7: [(1, 1), (1, 2)]},
+                  active=(ActiveAlarm(1, "acme", "r", "dtu", "7", "1-2"),))
+    dtu.upload(0, 90)
+    dtu.upload(0, 10)
+    assert dtu.states() == [("cleared", 10.0)]
+    offline = harness(rule(dtu=7, offline=5), active=(ActiveAlarm(1, "acme", "r", "dtu", "7", None),))
+    assert not offline.clock.getDelayedCalls()  # offline and raised: nothing to count down
+    offline.hub.publish(DtuOnline(7, "peer", utc_now(offline.clock)))
+    assert offline.states() == [("cleared", None)]
 
 
 def test_an_active_alarm_whose_rule_is_gone_is_cleared_at_start() -> None:

@@ -178,7 +178,7 @@ class AlarmEngine:
             if owned is None:
                 self._clear_orphan(alarm)
                 continue
-            self._watches[key] = _Watch(owned, raised=True)
+            self._watches[key] = self._new_watch(owned, raised=True)
         self._started = True
         self._apply()
 
@@ -242,8 +242,8 @@ class AlarmEngine:
                 self._watches[key] = self._new_watch(owned)
         self._index()
 
-    def _new_watch(self, owned: OwnedRule) -> _Watch:
-        watch = _Watch(owned)
+    def _new_watch(self, owned: OwnedRule, raised: bool = False) -> _Watch:
+        watch = _Watch(owned, raised=raised)
         rule = owned.rule
         if rule.dtu is not None and rule.point is not None:
             if rule.point.isdigit():

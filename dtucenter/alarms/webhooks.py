@@ -23,8 +23,11 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -158,11 +161,13 @@ class WebhookSender:
             lambda failure: self._failed(url, queue, failure.getErrorMessage()),
         )
 
-    def _answered(self, response: IResponse) -> Deferred[bytes]:
-        body: Deferred[bytes] = readBody(response)
+    def _answered(self, response: IResponse) -> Deferred[None]:
+        # The answer's body is read and thrown away, so that the connection can be used again.
+        read: Deferred[None] = Deferred()
+        response.deliverBody(_Discard(read))
         if 200 <= response.code < 300:
-            return body
-        body.addBoth(lambda _: None)  # read it all the same, so the connection can be reused
+            return read
+        read.addBoth(lambda _: None)
         raise _Refused(f"answered {response.code}")
 
     def _delivered(self, url: str, queue: _Queue, delivery: Delivery) -> None:
@@ -201,6 +206,23 @@ class WebhookSender:
 
 class _Refused(Exception):
     pass
+
+
+class _Discard(Protocol):
+    """Reads a response's body without keeping it (a receiver's answer may be of any size)."""
+
+    def __init__(self, done: Deferred[None]) -> None:
+        self._done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # ResponseDone, or the end of a body without a length: either way it was all read.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._done.callback(None)
+        else:
+            self._done.errback(reason)
 
 
 @implementer(IBodyProducer)

@@ -1,0 +1,138 @@
+"""Alarms end to end: the real center, a DTU over TCP crossing a limit, the API, and a webhook
+receiver that fails on purpose for a while; then a restart on the same database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.interfaces import IListeningPort
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from dtucenter.dtu import wire
+from tests.support import ApiClient, RunningCenter, connect_dtu, eventually, start_center, until
+from tests.test_e2e_dtu import add_dtu
+
+PSN = 1001
+
+
+class Receiver(Resource):
+    """A webhook receiver: answers 503 to its first ``failures`` requests, then takes them."""
+
+    isLeaf = True
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.refused = 0
+        self.accepted: list[tuple[str, dict[str, Any]]] = []
+
+    def render_POST(self, request: server.Request) -> bytes:
+        assert request.content is not None
+        body = json.loads(request.content.read())
+        assert request.getHeader("Content-Type") == "application/json"
+        if self.refused < self.failures:
+            self.refused += 1
+            request.setResponseCode(503)
+            return b"down for maintenance"
+        self.accepted.append((request.getHeader("X-Dtucenter-Delivery") or "", body))
+        return b"{}"
+
+
+async def upload(dtu: Any, *values: int) -> None:
+    dtu.send(wire.SendTest(net_state=25, test_code=1, values=values))
+    await dtu.next(wire.SendTestAck)
+
+
+async def alarms(api: ApiClient, query: str = "") -> list[dict[str, Any]]:
+    answer = await api.get(f"/api/alarms{query}")
+    assert answer.status == 200, answer.body
+    return answer.body["alarms"]  # type: ignore[no-any-return]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dtu_crossing_a_limit_raises_an_alarm_listed_and_posted_once_in_order(
+    tmp_path: Path, db_url: str
+) -> None:
+    receiver = Receiver(failures=2)
+    port: IListeningPort = reactor.listenTCP(0, server.Site(receiver), interface="127.0.0.1")  # type: ignore[attr-defined]
+    hook = f"http://127.0.0.1:{port.getHost().port}/hook"
+    center: RunningCenter | None = await start_center(tmp_path, db_url=db_url)
+    try:
+        assert center is not None
+        add_dtu(center, PSN)
+        api = center.api()
+        rule = {"name": "hot", "dtu": PSN, "point": 1, "above": 100, "hysteresis": 10, "webhook": hook}
+        made = await api.post("/api/alarms/rules", rule)
+        assert made.status == 201, made.body
+        assert made.body == {**rule, "point": "1", "above": 100.0, "hysteresis": 10.0, "account": "admin",
+                             "managed_by": "api", "raised": False}
+        assert (await api.post("/api/alarms/rules", rule)).status == 409
+
+        dtu = await connect_dtu(center)
+        assert (await dtu.login(PSN, 1)).accepted
+        await upload(dtu, 500, 50)  # position 0 is not watched
+        await upload(dtu, 0, 150)
+        first = await eventually(lambda: alarms(api, "?active=1"), "the alarm raised")
+        assert [(a["rule"], a["device"], a["point"], a["raised_value"], a["limit"]) for a in first] == [
+            ("hot", str(PSN), "1", 150.0, 100.0)]
+        assert (await api.get("/api/alarms/rules/hot")).body["raised"] is True
+        await upload(dtu, 0, 95)  # inside the hysteresis: still raised
+        await upload(dtu, 0, 90)  # cleared
+        await upload(dtu, 0, 120)  # raised again
+        history = await eventually(
+            lambda: _when(alarms(api), lambda found: len(found) == 2 and found[1]["cleared"]), "the history"
+        )
+        assert [(a["active"], a["raised_value"], a["cleared_value"]) for a in history] == [
+            (True, 120.0, None), (False, 150.0, 90.0)]
+        page = await api.get("/api/alarms?limit=1")
+        assert page.body["next"] == history[0]["id"]
+        assert [a["id"] for a in await alarms(api, f"?limit=1&before={page.body['next']}")] == [history[1]["id"]]
+
+        # The receiver refused twice, then took each delivery once, in the order they happened.
+        await until(lambda: len(receiver.accepted) == 3, timeout=30)
+        assert receiver.refused == 2
+        assert [(body["event"], body["alarm"], body["value"]) for _, body in receiver.accepted] == [
+            ("raised", history[1]["id"], 150.0), ("cleared", history[1]["id"], 90.0),
+            ("raised", history[0]["id"], 120.0)]
+        assert [key for key, _ in receiver.accepted] == [
+            f"{history[1]['id']}-raised", f"{history[1]['id']}-cleared", f"{history[0]['id']}-raised"]
+        assert receiver.accepted[0][1]["message"] == f"dtu {PSN} 1 = 150, above 100"
+
+        # A restart reads the active alarm back: the value still above the limit raises nothing new.
+        dtu.close()
+        await center.stop()
+        center = None
+        center = await start_center(tmp_path, db_url=db_url)
+        api = center.api()
+        dtu = await connect_dtu(center)
+        assert (await dtu.login(PSN, 1)).accepted
+        await eventually(lambda: _rule_raised(api), "the rule raised after the restart")
+        await upload(dtu, 0, 200)
+        await upload(dtu, 0, 10)
+        history = await eventually(
+            lambda: _when(alarms(api), lambda found: not found[0]["active"]), "the alarm cleared after the restart"
+        )
+        assert [(a["raised_value"], a["cleared_value"]) for a in history] == [(120.0, 10.0), (150.0, 90.0)]
+        await until(lambda: len(receiver.accepted) == 4, timeout=30)
+        assert receiver.accepted[3][1]["event"] == "cleared"
+        assert await alarms(api, "?active=1") == []
+        dtu.close()
+    finally:
+        if center is not None:
+            await center.stop()
+        await port.stopListening()
+
+
+async def _when(found: Any, condition: Any) -> Any:
+    result = await found
+    return result if condition(result) else None
+
+
+async def _rule_raised(api: ApiClient) -> bool:
+    answer = await api.get("/api/alarms/rules/hot")
+    return answer.status == 200 and answer.body["raised"] is True
