@@ -329,3 +329,92 @@ def test_the_engine_listens_only_while_it_has_rules() -> None:
     assert hub.listening
     engine.remove_rule(1, "r")
     assert not hub.listening
+
+
+# -- webhooks ------------------------------------------------------------------------------------------
+
+
+@attrs.define
+class FakeAgent:
+    """Answers each POST with the Deferred a test fires; records what was sent."""
+
+    sent: list[tuple[bytes, bytes]] = attrs.Factory(list)
+    answers: list[Deferred[Any]] = attrs.Factory(list)
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
+        key = headers.getRawHeaders(b"X-Dtucenter-Delivery")[0]
+        body: list[bytes] = []
+        bodyProducer.startProducing(_Collect(body))
+        self.sent.append((key, b"".join(body)))
+        answer: Deferred[Any] = Deferred()
+        self.answers.append(answer)
+        return answer
+
+
+class _Collect:
+    def __init__(self, into: list[bytes]) -> None:
+        self.into = into
+
+    def write(self, data: bytes) -> None:
+        self.into.append(data)
+
+
+class FakeResponse:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def deliverBody(self, protocol: Any) -> None:
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseDone
+
+        protocol.dataReceived(b"ok")
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+def sender(**options: Any) -> tuple[Any, FakeAgent, Clock]:
+    from dtucenter.alarms.webhooks import WebhookSender
+
+    clock = Clock()
+    agent = FakeAgent()
+    return WebhookSender(clock, clock, agent=agent, **options), agent, clock  # type: ignore[arg-type]
+
+
+def test_a_webhook_is_retried_with_backoff_one_at_a_time_in_order() -> None:
+    from dtucenter.alarms.webhooks import Delivery
+
+    webhooks, agent, clock = sender(first_retry=1, max_retry=4)
+    for key in ("a", "b", "c"):
+        webhooks.send("http://x/", Delivery(key, key.encode()))
+    assert [key for key, _ in agent.sent] == [b"a"]  # one in flight
+    delays = []
+    for _ in range(4):
+        agent.answers[-1].callback(FakeResponse(503))
+        (retry,) = clock.getDelayedCalls()
+        delays.append(retry.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+    assert delays == [1, 2, 4, 4]
+    agent.answers[-1].errback(ConnectionRefusedError())
+    clock.advance(4)
+    for _ in range(3):
+        agent.answers[-1].callback(FakeResponse(200))
+    assert [key for key, _ in agent.sent] == [b"a"] * 6 + [b"b", b"c"]
+    assert (webhooks.stats.delivered, webhooks.stats.failed_attempts, webhooks.queued) == (3, 5, 0)
+    assert not clock.getDelayedCalls()
+
+
+def test_a_webhook_that_does_not_answer_times_out_and_the_queue_is_bounded() -> None:
+    from dtucenter.alarms.webhooks import Delivery
+
+    webhooks, agent, clock = sender(first_retry=1, max_queued=3, timeout=10)
+    for key in "abcde":
+        webhooks.send("http://x/", Delivery(key, b"{}"))
+    # The oldest waiting ones went (the one in flight stays), counted.
+    assert (webhooks.queued, webhooks.stats.dropped) == (3, 2)
+    clock.advance(10)  # no answer: timed out, retried after a second
+    clock.advance(1)
+    for _ in range(3):
+        agent.answers[-1].callback(FakeResponse(204))
+    assert [key for key, _ in agent.sent] == [b"a", b"a", b"d", b"e"]
+    webhooks.send("http://x/", Delivery("f", b"{}"))
+    webhooks.stop()
+    assert not clock.getDelayedCalls()

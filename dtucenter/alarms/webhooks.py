@@ -73,6 +73,7 @@ class _Queue:
     busy: bool = False
     failures: int = 0
     retry: IDelayedCall | None = None
+    in_flight: Deferred[Any] | None = None
 
 
 @attrs.define
@@ -154,8 +155,10 @@ class WebhookSender:
         d: Deferred[Any] = self._agent.request(
             b"POST", url.encode("utf-8"), headers, _Body(delivery.body)
         )
+        queue.in_flight = d
         d.addCallback(self._answered)
         d.addTimeout(self._timeout, self._clock)
+        d.addBoth(self._landed, queue)
         d.addCallbacks(
             lambda _: self._delivered(url, queue, delivery),
             lambda failure: self._failed(url, queue, failure.getErrorMessage()),
@@ -169,6 +172,11 @@ class WebhookSender:
             return read
         read.addBoth(lambda _: None)
         raise _Refused(f"answered {response.code}")
+
+    @staticmethod
+    def _landed(result: object, queue: _Queue) -> object:
+        queue.in_flight = None
+        return result
 
     def _delivered(self, url: str, queue: _Queue, delivery: Delivery) -> None:
         if queue.waiting and queue.waiting[0] is delivery:
@@ -200,6 +208,8 @@ class WebhookSender:
             if queue.retry is not None and queue.retry.active():
                 queue.retry.cancel()
             queue.retry = None
+            if queue.in_flight is not None:
+                queue.in_flight.cancel()
         if self._pool is not None:
             self._pool.closeCachedConnections()
 
