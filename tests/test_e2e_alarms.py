@@ -136,3 +136,44 @@ async def _when(found: Any, condition: Any) -> Any:
 async def _rule_raised(api: ApiClient) -> bool:
     answer = await api.get("/api/alarms/rules/hot")
     return answer.status == 200 and answer.body["raised"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_files_rules_are_evaluated_read_only_to_the_api_and_follow_a_reload(
+    tmp_path: Path, db_url: str
+) -> None:
+    receiver = Receiver(failures=0)
+    port: IListeningPort = reactor.listenTCP(0, server.Site(receiver), interface="127.0.0.1")  # type: ignore[attr-defined]
+    config = tmp_path / "center.toml"
+    config.write_text('[[alarm]]\nname = "silent"\ndtu = 2002\noffline = 0.2\n')
+    center = await start_center(tmp_path, "--config", str(config), db_url=db_url)
+    try:
+        add_dtu(center, 2002)
+        api = center.api()
+        hook = f"http://127.0.0.1:{port.getHost().port}/all"
+        assert (await api.call("PUT", "/api/alarms/webhook", {"url": hook})).body == {"account": "admin", "url": hook}
+        listed = (await api.get("/api/alarms/rules")).body["rules"]
+        assert [(r["name"], r["managed_by"]) for r in listed] == [("silent", "file")]
+        assert (await api.call("PUT", "/api/alarms/rules/silent", {"dtu": 2002, "offline": 5})).status == 409
+        assert (await api.call("DELETE", "/api/alarms/rules/silent")).status == 409
+        assert (await api.post("/api/alarms/rules", {"name": "silent", "dtu": 2002, "offline": 5})).status == 409
+
+        # Never online since the start: raised once the 0.2 s have passed; its login clears it.
+        await until(lambda: len(receiver.accepted) == 1)
+        dtu = await connect_dtu(center)
+        assert (await dtu.login(2002, 1)).accepted
+        await until(lambda: len(receiver.accepted) == 2)
+        assert [(body["event"], body["rule"], body["device"]) for _, body in receiver.accepted] == [
+            ("raised", "silent", "2002"), ("cleared", "silent", "2002")]
+
+        # A reload with the rule gone: no longer listed; a new one in its place is evaluated.
+        config.write_text('[[alarm]]\nname = "quiet"\ndtu = 2002\noffline = 0.2\n')
+        await center.service.reloader.reload()  # type: ignore[attr-defined]
+        listed = (await api.get("/api/alarms/rules")).body["rules"]
+        assert [r["name"] for r in listed] == ["quiet"]
+        dtu.close()
+        await until(lambda: len(receiver.accepted) == 3)
+        assert receiver.accepted[2][1]["rule"] == "quiet"
+    finally:
+        await center.stop()
+        await port.stopListening()
