@@ -194,6 +194,22 @@ class Settings:
             option="api-token",
         ),
     )
+    #: /metrics is served on the API always; this is a listener of its own, without a token.
+    metrics: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            server_endpoint,
+            "Endpoint serving /metrics without a token, on loopback unless it names an interface (default off).",
+            option="metrics",
+        ),
+    )
+    metrics_per_link: bool = attrs.field(
+        default=False,
+        metadata=setting(
+            boolean, "Label the Modbus metrics by link: one series per link (default: totals over all links).",
+            option="metrics-per-link",
+        ),
+    )
     #: The log file is twistd's (``--logfile``; without ``-n``, twistd.log); bounded here,
     #: as twistd's own keeps every rotated file for ever.
     log_rotate_size: int = attrs.field(
@@ -342,6 +358,10 @@ def read_settings(
             f"({modbus_values['login_timeout']:g} s) closes the connection"
         )
 
+    for key in ("server_allow", "server_max_clients"):
+        if key in modbus_values and modbus_values.get("server") is None:
+            raise modbus_place.error(key, "applies to the Modbus TCP server for SCADA: set server (or --modbus-server)")
+
     links = tuple(_read_link(table, index, place) for index, table in link_tables)
     meters = tuple(_read_meter(table, index, place) for index, table in meter_tables)
     _check_links(links, modbus_values.get("listen"), place)
@@ -487,6 +507,15 @@ def _check_meters(meters: tuple[MeterSettings, ...], links: tuple[LinkSettings, 
             known = ", ".join(repr(name) for name in protocols) or "none defined"
             raise place.error("link", f"no link named {meter.link!r} (links: {known})")
         _check_unit(protocols[meter.link], meter.unit, place)
+    scada_units: dict[int, str] = {}
+    for meter in meters:
+        if meter.scada_unit is None:
+            continue
+        taken = scada_units.setdefault(meter.scada_unit, meter.name)
+        if taken != meter.name:
+            raise file.inner(named("meter", meter.name)).error(
+                "scada_unit", f"{meter.scada_unit} is already the scada_unit of meter {taken!r}"
+            )
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

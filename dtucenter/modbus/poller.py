@@ -15,7 +15,6 @@ poll's do, and it leaves the schedule, the backoff and the poll statistics alone
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
@@ -26,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from dtucenter.latency import BUCKET_RULE, bucket_of, percentile
+from dtucenter.latency import BUCKET_RULE, Histogram, percentile
 from dtucenter.modbus.config import MeterSettings
 from dtucenter.modbus.errors import (
     LinkDisconnected,
@@ -110,22 +109,22 @@ class PollStats:
     polls: int = 0
     failed: int = 0  # had an error (timeout, exception response, link offline...)
     timed_out: int = 0  # ended because a unit did not answer
-    durations: Counter[int] = attrs.Factory(Counter)  # a dtucenter.latency histogram
+    durations: Histogram = attrs.Factory(Histogram)
 
     def record(self, seconds: float, failed: bool, timed_out: bool) -> None:
         self.polls += 1
         self.failed += failed
         self.timed_out += timed_out
-        self.durations[bucket_of(seconds)] += 1
+        self.durations.record(seconds)
 
     def as_json(self) -> dict[str, object]:
         return {
             "polls": self.polls,
             "failed": self.failed,
             "timed_out": self.timed_out,
-            "duration_p50_s": percentile(self.durations, 0.5),
-            "duration_p99_s": percentile(self.durations, 0.99),
-            "duration_histogram": {str(bucket): count for bucket, count in sorted(self.durations.items())},
+            "duration_p50_s": percentile(self.durations.buckets, 0.5),
+            "duration_p99_s": percentile(self.durations.buckets, 0.99),
+            "duration_histogram": {str(bucket): count for bucket, count in sorted(self.durations.buckets.items())},
             "duration_buckets": BUCKET_RULE,
         }
 
@@ -147,6 +146,9 @@ class _Meter:
     timeouts_in_a_row: int = 0
     polls: int = 0
     failures: int = 0
+    #: Point name -> its value and the start of the read it came from, for each point whose
+    #: latest read succeeded; a point whose latest read failed has none.
+    latest: dict[str, tuple[Value, float]] = attrs.Factory(dict)
 
 
 def _new_meter(settings: MeterSettings) -> _Meter:
@@ -170,6 +172,8 @@ class Poller(Service):
         self._meters = {m.name: _new_meter(m) for m in meters}
         self._start = 0.0
         self.stats = PollStats()
+        #: The same, by the name of the link polled (a link's entry goes when the link does).
+        self.link_stats: dict[str, PollStats] = {}
 
     # -- service --------------------------------------------------------------
 
@@ -202,10 +206,14 @@ class Poller(Service):
             if self.running:
                 meter.call = self._clock.callLater(0, self._tick, meter)
             return
-        old_interval = meter.settings.interval
+        old_interval, old_points = meter.settings.interval, meter.points
         meter.settings = settings
         meter.blocks = plan_reads(settings.points, settings.limits)
         meter.points = {p.name: p for p in settings.points}
+        # A value read under another definition of its point would be encoded wrongly.
+        meter.latest = {
+            name: entry for name, entry in meter.latest.items() if old_points.get(name) == meter.points.get(name)
+        }
         if settings.interval != old_interval:
             meter.resume_slot = 0  # a back-off counted in slots of the old length
             if meter.call is not None and meter.call.active():
@@ -228,8 +236,19 @@ class Poller(Service):
     def meter_names(self) -> list[str]:
         return list(self._meters)
 
+    def meter_count(self) -> int:
+        return len(self._meters)
+
+    def failing_count(self) -> int:
+        """Meters whose latest poll had an error."""
+        return sum(meter.failing for meter in self._meters.values())
+
     def meter_settings(self) -> list[MeterSettings]:
         return [meter.settings for meter in self._meters.values()]
+
+    def settings_of(self, name: str) -> MeterSettings:
+        """Raises :class:`UnknownMeter`."""
+        return self._meter(name).settings
 
     def status(self, name: str) -> MeterStatus:
         meter = self._meter(name)
@@ -243,6 +262,11 @@ class Poller(Service):
             last_error_time=meter.last_error_time, failing=meter.failing, timeouts_in_a_row=meter.timeouts_in_a_row,
             next_poll=next_poll, polls=meter.polls, failures=meter.failures,
         )
+
+    def latest_values(self, name: str) -> Mapping[str, tuple[Value, float]]:
+        """Point name -> (value, start of the read it came from), for each point of the meter
+        whose latest read succeeded. Raises :class:`UnknownMeter`."""
+        return self._meter(name).latest
 
     def write(self, meter_name: str, point_name: str, value: object) -> defer.Deferred[None]:
         """Write ``value`` (in the point's scaled unit) to a point.
@@ -280,6 +304,8 @@ class Poller(Service):
     async def _read_now(self, meter: _Meter, blocks: Sequence[ReadBlock]) -> Reading:
         started = self._clock.seconds()
         values, errors, _, stopped_by = await self._read_blocks(meter.settings, blocks)
+        if self._meters.get(meter.settings.name) is meter:
+            self._remember(meter, blocks, values, started)
         if values:
             self._to_sink(self._sink.record_values, meter.settings.name, started, values)
         return Reading(started, values, tuple(errors), stopped_by)
@@ -319,8 +345,9 @@ class Poller(Service):
         started = self._clock.seconds()
         meter.last_poll = started
         meter.polls += 1
+        blocks = meter.blocks
         try:
-            values, errors, answered, stopped_by = await self._read_blocks(settings, meter.blocks)
+            values, errors, answered, stopped_by = await self._read_blocks(settings, blocks)
         finally:
             meter.polling = False
         timed_out = isinstance(stopped_by, ModbusTimeout)
@@ -328,7 +355,13 @@ class Poller(Service):
             return  # shutting down: links dropping their connections is no news
         if self._meters.get(settings.name) is not meter:
             return  # removed while it was polled: no news of a meter that is gone
-        self.stats.record(self._clock.seconds() - started, bool(errors), timed_out)
+        seconds = self._clock.seconds() - started
+        self.stats.record(seconds, bool(errors), timed_out)
+        link_stats = self.link_stats.get(settings.link)
+        if link_stats is None:
+            link_stats = self.link_stats[settings.link] = PollStats()
+        link_stats.record(seconds, bool(errors), timed_out)
+        self._remember(meter, blocks, values, started)
         self._backoff(meter, slot, answered, timed_out)
         self._report(meter, started, values, errors)
 
@@ -358,6 +391,23 @@ class Poller(Service):
                 errors.append(f"{block.describe()}: internal error (see the log)")
                 break
         return values, errors, answered, stopped_by
+
+    @staticmethod
+    def _remember(meter: _Meter, blocks: Sequence[ReadBlock], values: Mapping[str, Value], started: float) -> None:
+        """Keep each value read as its point's latest, and forget the latest of each point the read
+        failed for; a read older than what is kept (a poll and a read-now overlapped) changes nothing."""
+        latest = meter.latest
+        for block in blocks:
+            for point in block.points:
+                if meter.points.get(point.name) != point:
+                    continue  # the point was redefined while it was read
+                kept = latest.get(point.name)
+                if kept is not None and kept[1] > started:
+                    continue
+                if point.name in values:
+                    latest[point.name] = (values[point.name], started)
+                else:
+                    latest.pop(point.name, None)
 
     def _backoff(self, meter: _Meter, slot: int, answered: bool, timed_out: bool) -> None:
         if answered:

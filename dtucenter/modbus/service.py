@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import attrs
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -26,6 +27,7 @@ from dtucenter.modbus.links import (
     link_factory,
     open_serial_port,
 )
+from dtucenter.modbus.master import LinkCounters
 from dtucenter.modbus.points import Value
 from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller, Reading
 from dtucenter.setting import listening_endpoint
@@ -41,6 +43,10 @@ class LinkConflict(ValueError):
 
 class UnknownLink(LookupError):
     """No link of that name."""
+
+
+class ScadaUnitTaken(ValueError):
+    """A meter cannot be added or changed as given: another meter answers SCADA under its ``scada_unit``."""
 
 
 @implementer(IStreamServerEndpoint)
@@ -92,6 +98,11 @@ def _fire(d: defer.Deferred[IListeningPort], outcome: IListeningPort | Failure) 
         d.callback(outcome)
 
 
+def _add_counters(total: LinkCounters, more: LinkCounters) -> None:
+    for field, value in more.as_dict().items():
+        setattr(total, field, getattr(total, field) + value)
+
+
 class PublishingSink:
     """A :class:`MeterSink` that also tells each poll's outcome to the event hub's listeners."""
 
@@ -136,6 +147,10 @@ class ModbusBridge(MultiService):
         self._reactor = reactor
         self._open_serial = open_serial
         self.links: dict[str, Link] = {}
+        #: The traffic of links removed or replaced since the start, so that totals over links never go down.
+        self.retired_counters = LinkCounters()
+        #: Links removed whose connection is still closing: what it fails still counts on them.
+        self._leaving: list[Link] = []
         self._endpoints: dict[str, PortRecordingEndpoint] = {}
         #: The service that owns each link's own listener, outgoing connection or serial port.
         self._link_services: dict[str, Service] = {}
@@ -151,6 +166,8 @@ class ModbusBridge(MultiService):
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
         # The poller reads self.links at each request, so links added later are its channels too.
+        #: scada_unit -> the meter that answers under it (the file's are checked unique by the config).
+        self._scada_units: dict[int, str] = {m.scada_unit: m.name for m in settings.meters if m.scada_unit is not None}
         self.poller = Poller(
             settings.meters, self.links, PublishingSink(sink, self.events), reactor, max_backoff=max_backoff
         )
@@ -220,14 +237,16 @@ class ModbusBridge(MultiService):
             del self._shared[link.settings.registration]
         if not keep_meters:
             for meter in [m for m in self.poller.meter_settings() if m.link == name]:
-                self.poller.remove_meter(meter.name)
+                self.remove_meter(meter.name)
         self._endpoints.pop(name, None)
+        self.poller.link_stats.pop(name, None)
         waits: list[defer.Deferred[None]] = []
         service = self._link_services.pop(name, None)
         if service is not None:
             stopped = service.disownServiceParent()
             waits.append(defer.maybeDeferred(lambda: stopped).addCallback(lambda _: None))
-        waits.append(link.disconnect())
+        self._leaving.append(link)
+        waits.append(link.disconnect().addBoth(self._retire, link))
         log.info("Link {link} removed", link=name)
         return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
@@ -248,6 +267,19 @@ class ModbusBridge(MultiService):
         self.add_link(settings)
         return gone
 
+    def _retire(self, result: object, link: Link) -> object:
+        """A removed link's connection is gone: its traffic joins the retired totals."""
+        self._leaving.remove(link)
+        _add_counters(self.retired_counters, link.counters)
+        return result
+
+    def total_counters(self) -> LinkCounters:
+        """Every link's traffic since the start, of links removed or replaced too."""
+        total = LinkCounters(**self.retired_counters.as_dict())
+        for link in (*self.links.values(), *self._leaving):
+            _add_counters(total, link.counters)
+        return total
+
     def _check_shared(self, settings: LinkSettings, replaced: Link | None) -> None:
         """A shared link needs the shared listener and a registration no other link's can be taken for."""
         if settings.kind != "shared":
@@ -267,14 +299,42 @@ class ModbusBridge(MultiService):
 
     def set_meter(self, settings: MeterSettings) -> None:
         """Add a meter, or change one: polled from its next slot with its new points.
-        Raises :class:`UnknownLink` when its link does not exist."""
+        Raises :class:`UnknownLink` when its link does not exist, :class:`ScadaUnitTaken`
+        when another meter answers SCADA under its ``scada_unit``."""
         if settings.link not in self.links:
             raise UnknownLink(f"meter {settings.name!r}: no link named {settings.link!r}")
+        unit = settings.scada_unit
+        holder = None if unit is None else self._scada_units.get(unit)
+        if holder is not None and holder != settings.name:
+            raise ScadaUnitTaken(
+                f"meter {settings.name!r}: scada_unit {unit} is already the scada_unit of meter {holder!r}"
+            )
         self.poller.set_meter(settings)
+        self._drop_scada_unit(settings.name)
+        if unit is not None:
+            self._scada_units[unit] = settings.name
+
+    def set_meter_unserved_if_taken(self, settings: MeterSettings) -> ScadaUnitTaken | None:
+        """:meth:`set_meter`, but a meter whose ``scada_unit`` another meter holds is polled all the
+        same, only not served to SCADA: its data matters more. Returns the refusal, to be logged.
+
+        For the meters a start or a reload sets from the database or the file: whichever meter
+        held the unit first keeps it (at a start, the file's are set first)."""
+        try:
+            self.set_meter(settings)
+        except ScadaUnitTaken as taken:
+            self.set_meter(attrs.evolve(settings, scada_unit=None))
+            return taken
+        return None
 
     def remove_meter(self, name: str) -> None:
         """Stop polling a meter. Raises :class:`~dtucenter.modbus.poller.UnknownMeter`."""
         self.poller.remove_meter(name)
+        self._drop_scada_unit(name)
+
+    def _drop_scada_unit(self, name: str) -> None:
+        for unit in [unit for unit, holder in self._scada_units.items() if holder == name]:
+            del self._scada_units[unit]
 
     def _listen(self, name: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> Service:
         recording = PortRecordingEndpoint(endpoint, name)
@@ -303,7 +363,7 @@ class ModbusBridge(MultiService):
         return {
             "links": len(self.links),
             "links_online": sum(link.online for link in self.links.values()),
-            "request_timeouts": sum(link.counters.timeouts for link in self.links.values()),
+            "request_timeouts": self.total_counters().timeouts,
             **self.poller.stats.as_json(),
         }
 
@@ -315,6 +375,16 @@ class ModbusBridge(MultiService):
 
     def write(self, meter: str, point: str, value: object) -> defer.Deferred[None]:
         return self.poller.write(meter, point, value)
+
+    # -- what the Modbus TCP server for SCADA needs (dtucenter/modbus/scada.py) -------------------
+
+    def scada_meter(self, unit: int) -> MeterSettings | None:
+        """The meter that answers SCADA under ``unit``, if one does."""
+        name = self._scada_units.get(unit)
+        return None if name is None else self.poller.settings_of(name)
+
+    def latest_values(self, meter: str) -> Mapping[str, tuple[Value, float]]:
+        return self.poller.latest_values(meter)
 
     def read_now(self, meter: str, points: Sequence[str] | None = None) -> defer.Deferred[Reading]:
         return self.poller.read_now(meter, points)
