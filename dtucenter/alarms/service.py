@@ -17,6 +17,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dtucenter.alarms.engine import ActiveAlarm, AlarmEngine, OnlineCheck, OwnedRule, Registers
 from dtucenter.alarms.rules import AlarmRule, read_alarm_rule
@@ -70,14 +71,20 @@ class AlarmService(Service):
         self._admin: tuple[int, str] | None = None
         #: Each account's own webhook, by account id.
         self.account_webhooks: dict[int, str] = {}
-        self._ready: Deferred[None] = Deferred()
+        #: True once started, the Failure if the start failed; None meanwhile.
+        self._outcome: Failure | bool | None = None
+        self._waiters: list[Deferred[None]] = []
         self.engine.on_alarm(self._deliver)
 
     def startService(self) -> None:
         super().startService()
-        ensureDeferred(self._start()).addErrback(
-            lambda f: log.failure("Could not start the alarms: no alarm is evaluated", f)
-        )
+        ensureDeferred(self._start()).addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Failure) -> None:
+        log.failure("Could not start the alarms: no alarm is evaluated", failure)
+        # The API's alarm endpoints answer 500 from now on, rather than wait for ever.
+        self._outcome = failure
+        self._tell_waiters()
 
     async def _start(self) -> None:
         admin = await self.store.read(partial(accounts.first_admin_owner, token_name=""))
@@ -98,16 +105,24 @@ class AlarmService(Service):
             return
         self.engine.start(self._owned_file_rules(self._file_rules), api_rules, active)
         log.info("Alarms: {rules} rules, {active} active", rules=len(self.engine.rules()), active=len(active))
-        self._ready.callback(None)
+        self._outcome = True
+        self._tell_waiters()
 
     def ready(self) -> Deferred[None]:
-        """Fires once the engine has its rules (the API's writers wait for it)."""
+        """Fires once the engine has its rules (the API's writers wait for it); fails if it could not start."""
         d: Deferred[None] = Deferred()
-        if self._ready.called:
-            d.callback(None)
-        else:
-            self._ready.addCallback(lambda _: d.callback(None))
+        self._waiters.append(d)
+        if self._outcome is not None:
+            self._tell_waiters()
         return d
+
+    def _tell_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if isinstance(self._outcome, Failure):
+                d.errback(self._outcome)
+            else:
+                d.callback(None)
 
     def stopService(self) -> None:
         super().stopService()
@@ -122,7 +137,7 @@ class AlarmService(Service):
     def set_file_rules(self, rules: Iterable[AlarmRule]) -> None:
         """The file's rules after a reload (before the start: they are taken at the start)."""
         self._file_rules = tuple(rules)
-        if self._admin is not None and self._ready.called:
+        if self._outcome is True:
             self.engine.set_file_rules(self._owned_file_rules(self._file_rules))
 
     def _registers(self, psn: int) -> Deferred[Registers | None]:
