@@ -418,3 +418,13 @@ def test_a_webhook_that_does_not_answer_times_out_and_the_queue_is_bounded() -> 
     webhooks.send("http://x/", Delivery("f", b"{}"))
     webhooks.stop()
     assert not clock.getDelayedCalls()
+
+
+def test_the_cost_benchmark_runs_and_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import alarms_cost
+
+    alarms_cost.main(["--uploads", "50", "--rate", "1000"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| case | µs per upload | share of a core at 1000 uploads/s |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| no rules", "| 10,000 rules on other DTUs", "| 1 rule per DTU (10,000 DTUs)", "| 8 rules per DTU (2,000 DTUs)"]
