@@ -427,4 +427,5 @@ def test_the_cost_benchmark_runs_and_prints_its_table(capsys: pytest.CaptureFixt
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| case | µs per upload | share of a core at 1000 uploads/s |"
     assert [line.split(" | ")[0] for line in lines[2:]] == [
-        "| no rules", "| 10,000 rules on other DTUs", "| 1 rule per DTU (10,000 DTUs)", "| 8 rules per DTU (2,000 DTUs)"]
+        "| no rules", "| 10,000 rules on other DTUs", "| 1 rule per DTU (10,000 DTUs)",
+        "| 8 rules per DTU (2,000 DTUs)"]
