@@ -26,7 +26,7 @@ from dtucenter.store import alarms as stored
 from dtucenter.store.links import DeviceConflict
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.web.definitions import write_or_refuse
-from dtucenter.web.meters import DEFAULT_HISTORY, MAX_HISTORY, account_named
+from dtucenter.web.meters import DEFAULT_HISTORY, MAX_HISTORY, account_meant
 from dtucenter.web.params import check_keys, limit_param
 from dtucenter.web.router import ApiError, Call, Reply, Router
 
@@ -62,13 +62,6 @@ class AlarmApi:
         router.add("DELETE", "/api/alarms/webhook", self.delete_webhook)
 
     # -- shared steps -----------------------------------------------------------------------------
-
-    async def _account(self, call: Call, named: str | None) -> tuple[int, str]:
-        """The account meant: the caller's, or the one an admin names."""
-        if named is None or named == call.caller.account:
-            return call.caller.account_id, call.caller.account
-        call.require_admin()
-        return await account_named(self.store, named), named
 
     def _owned(self, account_id: int, name: str) -> OwnedRule:
         owned = self.engine.rule(account_id, name)
@@ -106,7 +99,7 @@ class AlarmApi:
         ]}
 
     async def get_rule(self, call: Call, name: str) -> Any:
-        account_id, _ = await self._account(call, call.query(("account",)).get("account"))
+        account_id, _ = await account_meant(call, self.store, call.query(("account",)).get("account"))
         await self.alarms.ready()
         owned = self._owned(account_id, name)
         return rule_json(owned, self.engine.is_raised(account_id, name))
@@ -138,7 +131,7 @@ class AlarmApi:
             raise ApiError(409, f"alarm rule {owned.rule.name!r} is in the config file: change it there")
 
     async def replace_rule(self, call: Call, name: str) -> Any:
-        account_id, _ = await self._account(call, call.query(("account",)).get("account"))
+        account_id, _ = await account_meant(call, self.store, call.query(("account",)).get("account"))
         body = call.json_object()
         if body.setdefault("name", name) != name:
             raise ApiError(400, f"name: a PUT cannot rename {name!r}; create {body['name']!r} and delete this one")
@@ -161,7 +154,7 @@ class AlarmApi:
         return rule_json(owned, self.engine.is_raised(account_id, name))
 
     async def delete_rule(self, call: Call, name: str) -> Any:
-        account_id, _ = await self._account(call, call.query(("account",)).get("account"))
+        account_id, _ = await account_meant(call, self.store, call.query(("account",)).get("account"))
         await self.alarms.ready()
         self._refuse_file_rule(self._owned(account_id, name))
         found = await write_or_refuse(self.recorder, partial(stored.delete_rule, account=account_id, name=name))
@@ -185,7 +178,7 @@ class AlarmApi:
                 raise ApiError(400, f"before must be an alarm id, got {text!r}")
             before = int(text)
         if "account" in params:
-            account: int | None = (await self._account(call, params["account"]))[0]
+            account: int | None = (await account_meant(call, self.store, params["account"]))[0]
         else:
             account = call.caller.scope
         rows = await self.store.read(partial(
@@ -200,12 +193,12 @@ class AlarmApi:
     # -- the account's webhook --------------------------------------------------------------------
 
     async def get_webhook(self, call: Call) -> Any:
-        account_id, account = await self._account(call, call.query(("account",)).get("account"))
+        account_id, account = await account_meant(call, self.store, call.query(("account",)).get("account"))
         await self.alarms.ready()
         return {"account": account, "url": self.alarms.account_webhooks.get(account_id)}
 
     async def set_webhook(self, call: Call) -> Any:
-        account_id, account = await self._account(call, call.query(("account",)).get("account"))
+        account_id, account = await account_meant(call, self.store, call.query(("account",)).get("account"))
         body = call.json_object()
         check_keys(body, "the body", {"url"})
         try:
@@ -218,7 +211,7 @@ class AlarmApi:
         return {"account": account, "url": url}
 
     async def delete_webhook(self, call: Call) -> Any:
-        account_id, account = await self._account(call, call.query(("account",)).get("account"))
+        account_id, account = await account_meant(call, self.store, call.query(("account",)).get("account"))
         await self.alarms.ready()
         had = await write_or_refuse(self.recorder, partial(
             stored.set_webhook, account=account_id, url=None, now=self.now()
