@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from pymodbus.framer import FramerType
 from twisted.internet import reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from dtucenter.dtu import wire
+from tests.modbus.interop_support import PymodbusServer
+from tests.modbus.test_templates import SDM120_VALUES, sdm120
 from tests.support import ApiClient, RunningCenter, connect_dtu, eventually, start_center, until
 from tests.test_e2e_dtu import add_dtu
 
@@ -177,3 +180,35 @@ async def test_the_files_rules_are_evaluated_read_only_to_the_api_and_follow_a_r
     finally:
         await center.stop()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_polled_meter_past_its_limit_and_then_failing_raises_both_rules(
+    tmp_path: Path, db_url: str
+) -> None:
+    meter = PymodbusServer([sdm120(7)], framer=FramerType.SOCKET).start()
+    config = tmp_path / "center.toml"
+    config.write_text(
+        f'[[link]]\nname = "plant"\nprotocol = "tcp"\nconnect = "tcp:host=127.0.0.1:port={meter.port}"\n'
+        '[[meter]]\nname = "house"\nlink = "plant"\nunit = 7\ninterval = 0.2\ntemplate = "eastron-sdm120"\n'
+        '[[alarm]]\nname = "volts-high"\nmeter = "house"\npoint = "voltage"\nabove = 230\ndelay = 0.5\n'
+        '[[alarm]]\nname = "volts-low"\nmeter = "house"\npoint = "voltage"\nbelow = 200\n'
+        '[[alarm]]\nname = "house-dead"\nmeter = "house"\nfailed_polls = 2\n'
+    )
+    stopped = False
+    center = await start_center(tmp_path, "--config", str(config), db_url=db_url)
+    try:
+        api = center.api()
+        high = await eventually(lambda: alarms(api, "?active=1&rule=volts-high"), "volts-high raised")
+        assert [(a["device_kind"], a["device"], a["point"], a["raised_value"], a["limit"]) for a in high] == [
+            ("meter", "house", "voltage", SDM120_VALUES["voltage"], 230.0)]
+        meter.stop()
+        stopped = True
+        dead = await eventually(lambda: alarms(api, "?active=1&rule=house-dead"), "house-dead raised")
+        assert dead[0]["message"].startswith("meter house: 2 polls failed in a row (last: ")
+        # Nothing else: the value never went below 200, and each rule raised once.
+        assert sorted(a["rule"] for a in await alarms(api)) == ["house-dead", "volts-high"]
+    finally:
+        await center.stop()
+        if not stopped:
+            meter.stop()
