@@ -75,6 +75,14 @@ async def test_a_dtu_crossing_a_limit_raises_an_alarm_listed_and_posted_once_in_
         assert made.body == {**rule, "point": "1", "above": 100.0, "hysteresis": 10.0, "account": "admin",
                              "managed_by": "api", "raised": False}
         assert (await api.post("/api/alarms/rules", rule)).status == 409
+        refused = await api.post("/api/alarms/rules", {**rule, "name": "cold", "below": 1})
+        assert (refused.status, refused.error) == (
+            400, "the body: below: cannot be combined with above; make two rules")
+        unknown = await api.post("/api/alarms/rules", {"name": "x", "meter": "nowhere", "failed_polls": 1})
+        assert (unknown.status, unknown.error) == (404, "no meter 'nowhere'")
+        for query, error in (("?active=2", "active must be 0 or 1, got '2'"),
+                             ("?before=x", "before must be an alarm id, got 'x'")):
+            assert (await api.get(f"/api/alarms{query}")).error == error
 
         dtu = await connect_dtu(center)
         assert (await dtu.login(PSN, 1)).accepted
