@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from pymodbus.framer import FramerType
 from twisted.internet import reactor
@@ -15,6 +16,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from dtucenter.dtu import wire
+from dtucenter.store import alarms as stored_alarms
 from tests.modbus.interop_support import PymodbusServer
 from tests.modbus.test_templates import SDM120_VALUES, sdm120
 from tests.support import ApiClient, RunningCenter, connect_dtu, eventually, start_center, until
@@ -59,7 +61,7 @@ async def alarms(api: ApiClient, query: str = "") -> list[dict[str, Any]]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_dtu_crossing_a_limit_raises_an_alarm_listed_and_posted_once_in_order(
-    tmp_path: Path, db_url: str
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     receiver = Receiver(failures=2)
     port: IListeningPort = reactor.listenTCP(0, server.Site(receiver), interface="127.0.0.1")  # type: ignore[attr-defined]
@@ -78,6 +80,11 @@ async def test_a_dtu_crossing_a_limit_raises_an_alarm_listed_and_posted_once_in_
         refused = await api.post("/api/alarms/rules", {**rule, "name": "cold", "below": 1})
         assert (refused.status, refused.error) == (
             400, "the body: below: cannot be combined with above; make two rules")
+        monkeypatch.setattr(stored_alarms, "MAX_RULES_PER_ACCOUNT", 1)
+        full = await api.post("/api/alarms/rules", {"name": "second", "dtu": PSN, "offline": 5})
+        assert (full.status, full.error) == (
+            409, "the account has 1 alarm rules, the most it may have; delete some first")
+        monkeypatch.undo()
         unknown = await api.post("/api/alarms/rules", {"name": "x", "meter": "nowhere", "failed_polls": 1})
         assert (unknown.status, unknown.error) == (404, "no meter 'nowhere'")
         for query, error in (("?active=2", "active must be 0 or 1, got '2'"),

@@ -10,11 +10,15 @@ import datetime as dt
 from typing import Any
 
 import attrs
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dtucenter.store.links import DeviceConflict
 from dtucenter.store.models import Account, Alarm, AlarmRuleRow, AlarmWebhook, Dtu, Link, Meter
+
+#: Alarm rules an account may make through the API: each is evaluated in memory, so an account
+#: (or a script gone wrong) cannot grow the center without bound.
+MAX_RULES_PER_ACCOUNT = 10_000
 
 
 @attrs.frozen
@@ -97,6 +101,9 @@ def device_owner(session: Session, kind: str, device: str) -> tuple[int, str] | 
 def create_rule(session: Session, account: int, name: str, definition: str, now: dt.datetime) -> None:
     if _get_rule(session, account, name) is not None:
         raise DeviceConflict(f"an alarm rule named {name!r} exists")
+    count = session.scalar(select(func.count()).select_from(AlarmRuleRow).where(AlarmRuleRow.account_id == account))
+    if (count or 0) >= MAX_RULES_PER_ACCOUNT:
+        raise DeviceConflict(f"the account has {count} alarm rules, the most it may have; delete some first")
     session.add(AlarmRuleRow(account_id=account, name=name, definition=definition, created=now, updated=now))
 
 
