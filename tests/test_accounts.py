@@ -21,7 +21,7 @@ from dtucenter.store.db import open_engine
 from dtucenter.store.facade import METER_SAMPLES
 from dtucenter.store.models import ApiToken
 from dtucenter.web.router import Router
-from tests.support import ApiClient, RunningCenter, make_account, open_events, start_center
+from tests.support import ApiClient, RunningCenter, eventually, make_account, open_events, start_center
 
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
 #: The first account's DTU, meter and link: what the second account must never see.
@@ -31,6 +31,8 @@ LINK = "acme-site"
 #: A link acme made through the API: the link routes' known name.
 API_LINK = "acme-api-site"
 #: Ids nobody has: a scoped answer must be exactly the answer for these.
+#: acme's alarm rule: its DTU offline.
+ALARM_RULE = "acme-offline"
 NO_PSN = 999_999
 NO_METER = "no-such-meter"
 NO_LINK = "no-such-link"
@@ -260,6 +262,16 @@ ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("PUT", "/api/templates/{name}"): ({**{k: v for k, v in TEMPLATE.items() if k != "name"}, "version": 2}, "404"),
     ("DELETE", "/api/templates/{name}"): (None, "404"),
     ("GET", "/api/templates/{name}/edits"): (None, "404"),
+    # Alarms: acme's rules, alarms and webhook are acme's; a rule on acme's devices is refused as on unknown ones.
+    ("GET", "/api/alarms"): (None, "200"),
+    ("GET", "/api/alarms/rules"): (None, "200"),
+    ("POST", "/api/alarms/rules"): ({"name": "theirs", "meter": METER, "point": "power", "above": 1}, "404"),
+    ("GET", "/api/alarms/rules/{name}"): (None, "404"),
+    ("PUT", "/api/alarms/rules/{name}"): ({"dtu": PSN, "offline": 5}, "404"),
+    ("DELETE", "/api/alarms/rules/{name}"): (None, "404"),
+    ("GET", "/api/alarms/webhook"): (None, "200"),
+    ("PUT", "/api/alarms/webhook"): ({"url": "http://127.0.0.1:9/beta"}, "200"),
+    ("DELETE", "/api/alarms/webhook"): (None, "404"),
     # The console: its own session, its own events (a stream: its first events are checked), charts and exports.
     ("GET", "/api/session"): (None, "200"),
     ("POST", "/api/session"): (None, "201"),
@@ -279,6 +291,7 @@ def fill(pattern: str, known: bool) -> str:
         "id": "guessed-pending-id" if known else "another-guessed-id",
         "name": ("acme" if known else "nobody") if pattern.startswith("/api/accounts") else
                 (TEMPLATE["name"] if known else "nobodys-model") if pattern.startswith("/api/templates") else
+                (ALARM_RULE if known else "nobodys-rule") if pattern.startswith("/api/alarms") else
                 (METER if known else NO_METER) if pattern.startswith("/api/meters") else
                 (API_LINK if known else NO_LINK),
     }
@@ -302,7 +315,15 @@ async def acme_fleet(center: RunningCenter, admin: ApiClient) -> ApiClient:
     assert (await acme.post(f"/api/meters/{METER}/read", {"points": ["power"]})).status == 409
     assert (await acme.call("PUT", f"/api/dtus/{PSN}", {"name": "pump 2"})).status == 200
     assert (await acme.post("/api/templates", TEMPLATE)).status == 201
+    rule = {"name": ALARM_RULE, "dtu": PSN, "offline": 0.01, "webhook": "http://127.0.0.1:9/acme"}
+    assert (await acme.post("/api/alarms/rules", rule)).status == 201
+    assert (await acme.call("PUT", "/api/alarms/webhook", {"url": "http://127.0.0.1:9/acme-all"})).status == 200
+    await eventually(lambda: alarm_of(acme), "acme's DTU offline alarm")
     return acme
+
+
+async def alarm_of(client: ApiClient) -> Any:
+    return (await client.get("/api/alarms?active=1")).body["alarms"]
 
 
 @pytest_twisted.ensureDeferred
@@ -319,7 +340,8 @@ async def test_every_endpoint_hides_another_accounts_devices(tmp_path: Path, db_
             f"/api/dtus/{PSN}/samples", f"/api/dtus/{PSN}/commands", f"/api/dtus/{PSN}/edits",
             f"/api/meters/{METER}/samples", f"/api/meters/{METER}/writes", f"/api/meters/{METER}/reads",
             "/api/accounts/acme/tokens", f"/api/templates/{TEMPLATE['name']}",
-            f"/api/templates/{TEMPLATE['name']}/edits",
+            f"/api/templates/{TEMPLATE['name']}/edits", f"/api/alarms/rules/{ALARM_RULE}", "/api/alarms",
+            "/api/alarms/webhook",
         )}
         secrets = ("acme", str(PSN), METER, LINK, API_LINK, "ACME-0002", "1111", "-2222", "3333", "pump", "ACME-0001",
                    TEMPLATE["name"])
@@ -330,10 +352,12 @@ async def test_every_endpoint_hides_another_accounts_devices(tmp_path: Path, db_
                 # With acme's DTU, meter and link watched: none of it may come, not even a status event.
                 stream = await open_events(center, beta.token, f"dtu:{PSN},meter:{METER},link:{API_LINK}")
                 try:
-                    center.service.events.publish(DtuOnline(PSN, "127.0.0.1:1", T0))  # type: ignore[attr-defined]
-                    center.service.events.publish(MeterRead(METER, T0, {"power": 3333.0}))  # type: ignore[attr-defined]
+                    # Told to the live feed alone: the alarms and metrics listening to the hub must not hear them.
+                    feed = center.service.getServiceNamed("live")
+                    feed._hear(DtuOnline(PSN, "127.0.0.1:1", T0))  # type: ignore[attr-defined]
+                    feed._hear(MeterRead(METER, T0, {"power": 3333.0}))  # type: ignore[attr-defined]
                     # A summary written after them: once it is here, so would they be.
-                    center.service.getServiceNamed("live")._summarize()  # type: ignore[attr-defined]
+                    feed._summarize()  # type: ignore[attr-defined]
                     await stream.until(lambda text: text.count("event: summary") >= 2)
                     assert not [s for s in secrets if s in stream.text], (where, stream.text)
                 finally:

@@ -25,7 +25,16 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.client import HTTPConnectionPool
 
-from dtucenter.events import DtuOffline, DtuOnline, EventHub, LinkUp, MeterFailed, UploadStored
+from dtucenter.events import (
+    AlarmCleared,
+    AlarmRaised,
+    DtuOffline,
+    DtuOnline,
+    EventHub,
+    LinkUp,
+    MeterFailed,
+    UploadStored,
+)
 from dtucenter.store import console_sessions
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import METER_SAMPLES
@@ -357,6 +366,22 @@ def test_a_stream_has_heartbeats_summaries_and_a_bounded_queue() -> None:
 
     feed.stopService()
     assert not clock.getDelayedCalls()
+
+
+def test_alarms_go_to_the_streams_that_may_see_their_device() -> None:
+    clock, hub = Clock(), EventHub()
+    feed = live.LiveFeed(hub, FakeCenter(), FakeStore(), None, clock)  # type: ignore[arg-type]
+    feed.startService()
+    mine, theirs = FakeRequest(), FakeRequest()
+    acme = Caller("acme", 2, "ops", False)
+    feed._open(mine, acme, live.Visible(False, dtus=frozenset({7})), frozenset(), "")  # type: ignore[arg-type]
+    feed._open(theirs, acme, live.Visible(False, dtus=frozenset({8})), frozenset(), "")  # type: ignore[arg-type]
+    hub.publish(AlarmRaised(1, "acme", "hot", "dtu", "7", "0", 99.0, 90.0, "too hot", T0))
+    hub.publish(AlarmCleared(1, "acme", "hot", "dtu", "7", "0", 80.0, "back", T0))
+    text = b"".join(mine.written).decode()
+    assert "event: alarm_raised" in text and "event: alarm_cleared" in text and '"rule":"hot"' in text
+    assert "alarm" not in b"".join(theirs.written).decode()
+    feed.stopService()
 
 
 # -- charts and exports ---------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from twisted.web import server
 
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.events import (
+    AlarmCleared,
+    AlarmRaised,
     DtuOffline,
     DtuOnline,
     Event,
@@ -108,6 +110,10 @@ def describe(event: Event) -> tuple[str, bool, str, dict[str, Any]]:
             return f"link:{link}", False, "link_up", {"link": link, "remote": remote, "time": time}
         case LinkDown(link=link):
             return f"link:{link}", False, "link_down", {"link": link, "time": time}
+        case AlarmRaised() | AlarmCleared():
+            # About a device: seen by whoever may see the device (the rule is its account's).
+            name = "alarm_raised" if isinstance(event, AlarmRaised) else "alarm_cleared"
+            return f"{event.device_kind}:{event.device}", False, name, {**attrs.asdict(event), "time": time}
     raise TypeError(f"not an event: {event!r}")  # pragma: no cover - the match is exhaustive
 
 

@@ -130,7 +130,8 @@ function dot(online) {
 // The status events seen since the console opened (and those the center replays to a new stream), newest last,
 // so the overview's "recent events" survive moving between pages; at most RECENT_KEPT, by event id.
 const RECENT_KEPT = 100;
-const STATUS_EVENTS = ["dtu_online", "dtu_offline", "link_up", "link_down", "meter_failed"];
+const STATUS_EVENTS = ["dtu_online", "dtu_offline", "link_up", "link_down", "meter_failed", "alarm_raised",
+                       "alarm_cleared"];
 const live = {source: null, watch: "", handlers: {}, recent: [], seen: new Set(), summary: null};
 
 function remember(id, name, data) {
@@ -157,8 +158,7 @@ function listen(watch, handlers) {
     // A stream refused (signed out) is not retried by the browser: find out why.
     if (source.readyState === EventSource.CLOSED) get("/api/session").then(() => listen(watch, live.handlers), () => {});
   };
-  for (const name of ["summary", "dtu_online", "dtu_offline", "upload", "meter_read", "meter_failed", "link_up",
-                      "link_down", "resync", "hello"]) {
+  for (const name of ["summary", "upload", "meter_read", "resync", "hello", ...STATUS_EVENTS]) {
     source.addEventListener(name, (event) => {
       const handler = live.handlers[name] || live.handlers["*"];
       if (name === "resync") {
@@ -181,6 +181,8 @@ function describeEvent(name, data) {
     case "link_up": return [`Link ${data.link} up`, `from ${data.remote}`];
     case "link_down": return [`Link ${data.link} down`, ""];
     case "meter_failed": return [`Meter ${data.meter} failed a poll`, data.reason];
+    case "alarm_raised": return [`Alarm: ${data.rule} on ${data.device_kind} ${data.device}`, data.message];
+    case "alarm_cleared": return [`Alarm cleared: ${data.rule} on ${data.device_kind} ${data.device}`, data.message];
     default: return [name, ""];
   }
 }
@@ -259,7 +261,7 @@ async function overview(_, current) {
   if (live.summary) showSummary(live.summary);
   listen("", {
     summary: showSummary,
-    dtu_online: addEvent, dtu_offline: addEvent, link_up: addEvent, link_down: addEvent, meter_failed: addEvent,
+    ...Object.fromEntries(STATUS_EVENTS.map((name) => [name, addEvent])),
   });
   try {
     const found = await get("/api/pending");
