@@ -24,8 +24,7 @@ from typing import Any, TypeVar
 
 import attrs
 from attrs import AttrsInstance
-from twisted.internet.endpoints import _parse, clientFromString, serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.endpoints import clientFromString, serverFromString
 
 E = TypeVar("E", bound=enum.Enum)
 T = TypeVar("T", bound=AttrsInstance)
@@ -220,25 +219,6 @@ def server_endpoint(value: Any) -> str:
     except Exception as e:  # any plugin's parser may be the one that refuses it
         raise ValueError(f"not a usable server endpoint {description!r}: {e}") from None
     return description
-
-
-#: Connections the kernel may hold for a listener before the center accepts them. Twisted's default, 50,
-#: overflowed when a whole fleet redialled at once (a power cut): 6-9% of 10,000 logins were lost.
-#: The kernel silently caps it at ``net.core.somaxconn`` (docs/deployment.md).
-DEFAULT_LISTEN_BACKLOG = 4096
-
-#: The endpoint types whose string takes ``backlog=`` (Twisted's own; a plugin's may not).
-_TAKES_BACKLOG = frozenset({"tcp", "tcp6", "ssl", "unix"})
-
-
-def listening_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
-    """The server endpoint for ``description``, with :data:`DEFAULT_LISTEN_BACKLOG` unless it gives ``backlog=``."""
-    # Twisted's own tokenizer, so that escaped colons (tcp6 addresses) are read as Twisted reads them.
-    args, kwargs = _parse(description)
-    if args and str(args[0]).lower() in _TAKES_BACKLOG and "backlog" not in kwargs:
-        description = f"{description.rstrip(':')}:backlog={DEFAULT_LISTEN_BACKLOG}"
-    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
-    return endpoint
 
 
 def client_endpoint(value: Any) -> str:

@@ -33,11 +33,11 @@ from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.events import EventHub
+from dtucenter.listeners import listening_endpoint
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.reload import Reloader
-from dtucenter.setting import listening_endpoint
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
 from dtucenter.store import templates as device_templates

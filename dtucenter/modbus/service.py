@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from dtucenter.events import EventHub, MeterFailed, MeterRead
 from dtucenter.isotime import utc_from_seconds
+from dtucenter.listeners import listening_endpoint
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings
 from dtucenter.modbus.links import (
     Link,
@@ -28,7 +29,6 @@ from dtucenter.modbus.links import (
 )
 from dtucenter.modbus.points import Value
 from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller, Reading
-from dtucenter.setting import listening_endpoint
 
 SHARED_LISTENER = "modbus"
 
