@@ -256,6 +256,11 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         elif self._received and self._parser is not None:
             self.proxy_factory.refused("closed in the middle of its header", self._balancer())
 
+    @property
+    def relays_to(self) -> ITransport | None:
+        """The socket's transport, which writes go to (the DTU half's ``write_now`` sends on it at once)."""
+        return self.transport
+
     def getPeer(self) -> IAddress:
         if self._source is not None:
             return self._source
