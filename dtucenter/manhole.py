@@ -23,6 +23,8 @@ from twisted.internet.endpoints import _parse
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from dtucenter.listeners import PROXY_PREFIX
+
 log = Logger()
 
 
@@ -45,6 +47,9 @@ def loopback_unless_named(endpoint: str) -> str:
     """
     # Twisted's own tokenizer, so that escaped colons (tcp6 addresses) are read as Twisted reads them.
     args, kwargs = _parse(endpoint)
+    if args and str(args[0]).lower() == PROXY_PREFIX:  # behind a balancer: the endpoint after the prefix
+        prefix, _, inner = endpoint.partition(":")
+        return f"{prefix}:{loopback_unless_named(inner)}"
     loopback = LOOPBACK.get(str(args[0]).lower()) if args else None
     if loopback is None:
         return endpoint

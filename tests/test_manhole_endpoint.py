@@ -75,6 +75,8 @@ async def test_a_manhole_on_a_named_interface_stays_there_with_a_warning(tmp_pat
         ("tcp:2222:interface=192.0.2.7", "tcp:2222:interface=192.0.2.7", True),
         (r"tcp6:2222:interface=\:\:", r"tcp6:2222:interface=\:\:", True),
         ("unix:/run/dtucenter/manhole", "unix:/run/dtucenter/manhole", False),
+        ("haproxy:tcp:2222", "haproxy:tcp:2222:interface=127.0.0.1", False),
+        ("haproxy:tcp:2222:interface=192.0.2.7", "haproxy:tcp:2222:interface=192.0.2.7", True),
     ],
 )
 def test_loopback_unless_named(given: str, used: str, warned: bool, warnings: Warnings) -> None:
