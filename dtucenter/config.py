@@ -338,6 +338,10 @@ def read_settings(
             f"({modbus_values['login_timeout']:g} s) closes the connection"
         )
 
+    for key in ("server_allow", "server_max_clients"):
+        if key in modbus_values and modbus_values.get("server") is None:
+            raise modbus_place.error(key, "applies to the Modbus TCP server for SCADA: set server (or --modbus-server)")
+
     links = tuple(_read_link(table, index, place) for index, table in link_tables)
     meters = tuple(_read_meter(table, index, place) for index, table in meter_tables)
     _check_links(links, modbus_values.get("listen"), place)
@@ -483,6 +487,15 @@ def _check_meters(meters: tuple[MeterSettings, ...], links: tuple[LinkSettings, 
             known = ", ".join(repr(name) for name in protocols) or "none defined"
             raise place.error("link", f"no link named {meter.link!r} (links: {known})")
         _check_unit(protocols[meter.link], meter.unit, place)
+    scada_units: dict[int, str] = {}
+    for meter in meters:
+        if meter.scada_unit is None:
+            continue
+        taken = scada_units.setdefault(meter.scada_unit, meter.name)
+        if taken != meter.name:
+            raise file.inner(named("meter", meter.name)).error(
+                "scada_unit", f"{meter.scada_unit} is already the scada_unit of meter {taken!r}"
+            )
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

@@ -221,9 +221,13 @@ class Reloader:
                     self._not_served(link, e)
         for meter in (*plan.meters_changed, *plan.meters_added):
             try:
-                bridge.set_meter(meter)
+                taken = bridge.set_meter_unserved_if_taken(meter)
             except UnknownLink as e:
                 log.error("Reload: meter {meter} not polled: {error}", meter=meter.name, error=e)
+            else:
+                if taken is not None:
+                    log.error("Reload: meter {meter} polled, but not served to SCADA: {error}",
+                              meter=meter.name, error=taken)
 
     def _not_served(self, link: LinkSettings, error: Exception) -> None:
         """Until the next reload, which tries it again, or a restart."""

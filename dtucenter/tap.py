@@ -34,6 +34,7 @@ from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.events import EventHub
 from dtucenter.listeners import listening_endpoint
+from dtucenter.modbus.scada_server import ScadaFactory, ScadaServer
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
@@ -289,6 +290,11 @@ def add_modbus(
     for link in modbus.links:
         if link.kind == "listen":
             top.require_listening(settings.where_link(link, "listen"), partial(bridge.listening, link.name))
+    if modbus.server is not None:
+        factory = ScadaFactory(bridge, reactor, allow=modbus.server_allow, max_clients=modbus.server_max_clients)
+        scada = ScadaServer(listening_endpoint(reactor, modbus.server), factory)
+        scada.setServiceParent(top)
+        top.require_listening(settings.where("modbus.server"), scada.when_listening)
     starting = recorder.synced().addCallback(
         lambda _: ensureDeferred(start_database_devices(recorder.store, bridge, templates))
     )
@@ -324,7 +330,10 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
         for name, account, definition in await store.read(device_meters.api_meter_definitions):
             source = f"database: meter {name!r}"
             try:
-                bridge.set_meter(read_meter_definition(json.loads(definition), source, templates.finder(account)))
+                meter = read_meter_definition(json.loads(definition), source, templates.finder(account))
+                taken = bridge.set_meter_unserved_if_taken(meter)  # the file's meter took it since
+                if taken is not None:
+                    log.error("{source}: polled, but not served to SCADA: {error}", source=source, error=taken)
             except (ValueError, LookupError, UsageError) as e:  # a ConfigError, an UnknownLink, bad JSON
                 log.error("{source}: not polled: {error}", source=source, error=e)
     finally:

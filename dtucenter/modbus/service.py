@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import attrs
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -41,6 +42,10 @@ class LinkConflict(ValueError):
 
 class UnknownLink(LookupError):
     """No link of that name."""
+
+
+class ScadaUnitTaken(ValueError):
+    """A meter cannot be added or changed as given: another meter answers SCADA under its ``scada_unit``."""
 
 
 @implementer(IStreamServerEndpoint)
@@ -151,6 +156,8 @@ class ModbusBridge(MultiService):
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
         # The poller reads self.links at each request, so links added later are its channels too.
+        #: scada_unit -> the meter that answers under it (the file's are checked unique by the config).
+        self._scada_units: dict[int, str] = {m.scada_unit: m.name for m in settings.meters if m.scada_unit is not None}
         self.poller = Poller(
             settings.meters, self.links, PublishingSink(sink, self.events), reactor, max_backoff=max_backoff
         )
@@ -220,7 +227,7 @@ class ModbusBridge(MultiService):
             del self._shared[link.settings.registration]
         if not keep_meters:
             for meter in [m for m in self.poller.meter_settings() if m.link == name]:
-                self.poller.remove_meter(meter.name)
+                self.remove_meter(meter.name)
         self._endpoints.pop(name, None)
         waits: list[defer.Deferred[None]] = []
         service = self._link_services.pop(name, None)
@@ -267,14 +274,42 @@ class ModbusBridge(MultiService):
 
     def set_meter(self, settings: MeterSettings) -> None:
         """Add a meter, or change one: polled from its next slot with its new points.
-        Raises :class:`UnknownLink` when its link does not exist."""
+        Raises :class:`UnknownLink` when its link does not exist, :class:`ScadaUnitTaken`
+        when another meter answers SCADA under its ``scada_unit``."""
         if settings.link not in self.links:
             raise UnknownLink(f"meter {settings.name!r}: no link named {settings.link!r}")
+        unit = settings.scada_unit
+        holder = None if unit is None else self._scada_units.get(unit)
+        if holder is not None and holder != settings.name:
+            raise ScadaUnitTaken(
+                f"meter {settings.name!r}: scada_unit {unit} is already the scada_unit of meter {holder!r}"
+            )
         self.poller.set_meter(settings)
+        self._drop_scada_unit(settings.name)
+        if unit is not None:
+            self._scada_units[unit] = settings.name
+
+    def set_meter_unserved_if_taken(self, settings: MeterSettings) -> ScadaUnitTaken | None:
+        """:meth:`set_meter`, but a meter whose ``scada_unit`` another meter holds is polled all the
+        same, only not served to SCADA: its data matters more. Returns the refusal, to be logged.
+
+        For the meters a start or a reload sets from the database or the file: whichever meter
+        held the unit first keeps it (at a start, the file's are set first)."""
+        try:
+            self.set_meter(settings)
+        except ScadaUnitTaken as taken:
+            self.set_meter(attrs.evolve(settings, scada_unit=None))
+            return taken
+        return None
 
     def remove_meter(self, name: str) -> None:
         """Stop polling a meter. Raises :class:`~dtucenter.modbus.poller.UnknownMeter`."""
         self.poller.remove_meter(name)
+        self._drop_scada_unit(name)
+
+    def _drop_scada_unit(self, name: str) -> None:
+        for unit in [unit for unit, holder in self._scada_units.items() if holder == name]:
+            del self._scada_units[unit]
 
     def _listen(self, name: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> Service:
         recording = PortRecordingEndpoint(endpoint, name)
@@ -315,6 +350,16 @@ class ModbusBridge(MultiService):
 
     def write(self, meter: str, point: str, value: object) -> defer.Deferred[None]:
         return self.poller.write(meter, point, value)
+
+    # -- what the Modbus TCP server for SCADA needs (dtucenter/modbus/scada.py) -------------------
+
+    def scada_meter(self, unit: int) -> MeterSettings | None:
+        """The meter that answers SCADA under ``unit``, if one does."""
+        name = self._scada_units.get(unit)
+        return None if name is None else self.poller.settings_of(name)
+
+    def latest_values(self, meter: str) -> Mapping[str, tuple[Value, float]]:
+        return self.poller.latest_values(meter)
 
     def read_now(self, meter: str, points: Sequence[str] | None = None) -> defer.Deferred[Reading]:
         return self.poller.read_now(meter, points)
