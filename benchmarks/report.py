@@ -254,33 +254,34 @@ def _render_databases(runs: list[dict[str, Any]] | None) -> list[str]:
     lines = [
         DATABASES_HEADING,
         "",
-        "The ingest scenario above, run back to back on each database (`--only databases --db ...`), the",
-        "database server on the same machine. PostgreSQL through psycopg 3 (`postgresql+psycopg://`) takes the",
-        "samples with `COPY ... FROM STDIN`, through psycopg2 with multi-row `INSERT`s. The center's CPU",
-        "does not include the database server's.",
+        "The ingest scenario above, run back to back on each database (`--only databases --db ...`), in the",
+        "order of the runs' numbers, the database server on the same machine. PostgreSQL through psycopg 3",
+        "(`postgresql+psycopg://`) takes the samples with `COPY ... FROM STDIN`, through psycopg2 with multi-row",
+        "`INSERT`s. The center's CPU does not include the database server's.",
         "",
-        ("| database | sustained frames/s (p99 < 100 ms) | its ack p99 (ms) | its CPU | peak frames/s "
+        ("| run | database | sustained frames/s (p99 < 100 ms) | its ack p99 (ms) | its CPU | peak frames/s "
          "| center CPU per frame at the peak (us) |"),
-        "|---|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for run in runs:
+    for number, run in enumerate(runs, 1):
         best, peak = run.get("best"), run.get("peak")
         sustained = (f"{best['frames_per_s']:,.0f} | {_ms(best['p99'])} | {_pct(best['cpu'])}" if best
                      else "none kept up | - | -")
         if peak and peak["frames_per_s"]:
             per_frame = f"{peak['cpu'] / peak['frames_per_s'] * 1e6:.0f}"
-            lines.append(f"| {run['database']} | {sustained} | {peak['frames_per_s']:,.0f} | {per_frame} |")
+            lines.append(
+                f"| {number} | {run['database']} | {sustained} | {peak['frames_per_s']:,.0f} | {per_frame} |")
         else:
-            lines.append(f"| {run['database']} | {sustained} | - | - |")
+            lines.append(f"| {number} | {run['database']} | {sustained} | - | - |")
     lines += [
         "",
         "CPU per frame is the center's process time (all threads) per acknowledged upload: it depends much less",
         "than throughput on how busy the rest of the machine is.",
         "",
     ]
-    for run in runs:
+    for number, run in enumerate(runs, 1):
         if run.get("steps"):
-            lines += _render_steps(run["database"], run)
+            lines += _render_steps(f"run {number}: {run['database']}", run)
     return lines
 
 
