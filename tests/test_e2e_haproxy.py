@@ -64,17 +64,34 @@ class Balancer:
     ports: dict[str, int]
 
 
-def haproxy_config(backends: dict[str, int], frontends: dict[str, int], send_proxy: str) -> str:
+def haproxy_config(backends: dict[str, int], frontends: dict[str, int], send_proxy: str, stats: Path) -> str:
+    """Health checks as docs/deployment.md configures them: TCP for the DTU and Modbus ports, an HTTP
+    request answered 401 (no token) for the API."""
     sections = [
-        "global\n    maxconn 1000\n",
-        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n",
+        f"global\n    maxconn 1000\n    stats socket {stats} level admin\n",
+        ("defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n"
+         "    timeout check 5s\n"),
     ]
     for name, backend in backends.items():
+        http_check = "    option httpchk GET /api/status\n    http-check expect status 401\n" if name == "api" else ""
         sections.append(
             f"frontend {name}\n    bind 127.0.0.1:{frontends[name]}\n    default_backend {name}\n"
-            f"backend {name}\n    server center 127.0.0.1:{backend} {send_proxy} check inter 500ms\n"
+            f"backend {name}\n{http_check}    server center 127.0.0.1:{backend} {send_proxy} check inter 200ms\n"
         )
     return "\n".join(sections)
+
+
+def health_checks(stats: Path) -> dict[str, tuple[str, str]]:
+    """Each backend's server: HAProxy's status and the result of its last health check."""
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.connect(str(stats))
+        connection.sendall(b"show stat\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    rows = [line.split(",") for line in answer.decode().splitlines() if line and not line.startswith("#")]
+    # pxname, svname, ..., status (17), ..., check_status (36)
+    return {row[0]: (row[17], row[36]) for row in rows if row[1] == "center"}
 
 
 async def start_balancer(
@@ -86,7 +103,7 @@ async def start_balancer(
     }
     frontends = {name: free_port() for name in backends}
     config = tmp_path / "haproxy.cfg"
-    config.write_text(haproxy_config(backends, frontends, send_proxy))
+    config.write_text(haproxy_config(backends, frontends, send_proxy, tmp_path / "haproxy.sock"))
     log = (tmp_path / "haproxy.log").open("wb")
     process = start_process(["haproxy", "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
     log.close()
@@ -180,7 +197,14 @@ async def test_through_haproxy_the_center_sees_each_clients_real_address(
         await until(lambda: len(remotes()) == 2)
         assert remotes() == {"site-a": client_address(modbus_dtu), "yard": client_address(yard_dtu)}
 
-        # HAProxy's health checks (with the PROXY header, then a close) are no problem to log.
+        # HAProxy's health checks pass through the PROXY listeners, and are no problem to log.
+        async def checked() -> bool:
+            return all(check[1] in ("L4OK", "L7OK") for check in health_checks(tmp_path / "haproxy.sock").values())
+
+        await eventually(checked, "HAProxy's health checks of every listener")
+        assert health_checks(tmp_path / "haproxy.sock") == {
+            "dtu": ("UP", "L4OK"), "modbus": ("UP", "L4OK"), "yard": ("UP", "L4OK"), "api": ("UP", "L7OK"),
+        }
         assert not [text for text in warnings.texts if "PROXY" in text], warnings.texts
     finally:
         for client in (dtu, modbus_dtu, yard_dtu):
