@@ -21,33 +21,28 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
-from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 
 from tests.support import (
     ApiClient,
     DTUClient,
     RunningCenter,
+    Warnings,
     end_process_group,
     eventually,
+    logged_warnings,
     start_center,
     start_process,
     until,
 )
+from tests.test_listen_backlog import MODBUS_CONFIG as PLAIN_MODBUS_CONFIG
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs HAProxy (Debian package haproxy)")
 
 #: The clients' source address: a loopback address that is not HAProxy's.
 CLIENT_HOST = "127.0.0.2"
 
-MODBUS_CONFIG = """
-[[link]]
-name = "site-a"
-registration = "DTU-0001"
-
-[[link]]
-name = "yard"
-listen = "haproxy:tcp:0:interface=127.0.0.1"
-"""
+#: A registering link on the shared listener, and one with its own port, behind the PROXY protocol.
+MODBUS_CONFIG = PLAIN_MODBUS_CONFIG.replace('listen = "tcp:', 'listen = "haproxy:tcp:')
 
 
 def free_port() -> int:
@@ -137,21 +132,10 @@ def client_address(protocol: Protocol) -> str:
     return f"{CLIENT_HOST}:{protocol.transport.getHost().port}"
 
 
-class Warnings:
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        if event.get("log_level") == LogLevel.warn:
-            self.texts.append(formatEvent(event))
-
-
 @pytest.fixture
 def warnings() -> Iterator[Warnings]:
-    observer = Warnings()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
+    with logged_warnings() as observer:
+        yield observer
 
 
 async def start_proxied_center(tmp_path: Path) -> RunningCenter:

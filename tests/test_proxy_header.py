@@ -16,7 +16,6 @@ from twisted.internet.interfaces import IAddress, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
-from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from dtucenter.listeners import (
@@ -30,6 +29,7 @@ from dtucenter.listeners import (
     ProxyHeaderProtocol,
     listening_endpoint,
 )
+from tests.support import Warnings, logged_warnings
 
 BALANCER = IPv4Address("TCP", "10.0.0.5", 40001)
 
@@ -77,21 +77,10 @@ class Recorders(Factory):
         return self.built[-1]
 
 
-class Warnings:
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        if event.get("log_namespace") == "dtucenter.listeners" and event.get("log_level") == LogLevel.warn:
-            self.texts.append(formatEvent(event))
-
-
 @pytest.fixture
 def warnings() -> Iterator[Warnings]:
-    observer = Warnings()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
+    with logged_warnings("dtucenter.listeners") as observer:
+        yield observer
 
 
 class Connection:
