@@ -1,7 +1,8 @@
 """Every listener's endpoint: the fleet-sized backlog, and the PROXY protocol behind a balancer.
 
 A listener is an endpoint string (``tcp:20000``); :func:`listening_endpoint` builds it with
-:data:`DEFAULT_LISTEN_BACKLOG` unless the string gives ``backlog=``.
+:data:`DEFAULT_LISTEN_BACKLOG` unless the string gives ``backlog=``, and
+:func:`loopback_unless_named` keeps the listeners only the host should reach on loopback.
 
 Behind a TCP load balancer every connection comes from the balancer, so a listener
 described with Twisted's own prefix, ``haproxy:tcp:20000``, reads HAProxy's PROXY
@@ -80,6 +81,42 @@ def listening_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     if args and str(args[0]).lower() in _TAKES_BACKLOG and "backlog" not in kwargs:
         description = f"{description.rstrip(':')}:backlog={DEFAULT_LISTEN_BACKLOG}"
     endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    return endpoint
+
+
+#: The loopback interface of each endpoint type that listens on every interface unless told otherwise,
+#: as an endpoint string writes it (colons escaped).
+LOOPBACK = {"tcp": "127.0.0.1", "tcp6": r"\:\:1"}
+
+
+def loopback_unless_named(endpoint: str, log: Logger, what: str, advice: str) -> str:
+    """``tcp:2222`` and ``tcp6:2222`` bound to loopback, for a listener only the host itself should reach.
+
+    Twisted would bind those to every interface, so an endpoint that names no interface
+    gets the loopback one. One that names an interface is kept as given, with a warning
+    in ``log`` (``what`` listens on ..., ``advice``) if that interface is not loopback. Other endpoint
+    types (``unix:``, say) are kept as given; ``haproxy:`` in front of one changes nothing.
+    """
+    # Twisted's own tokenizer, so that escaped colons (tcp6 addresses) are read as Twisted reads them.
+    args, kwargs = _parse(endpoint)
+    if args and str(args[0]).lower() == PROXY_PREFIX:  # behind a balancer: the endpoint after the prefix
+        inner = endpoint.partition(":")[2]
+        return f"{endpoint[:len(PROXY_PREFIX)]}:{loopback_unless_named(inner, log, what, advice)}"
+    loopback = LOOPBACK.get(str(args[0]).lower()) if args else None
+    if loopback is None:
+        return endpoint
+    interface = kwargs.get("interface")
+    if interface is None:
+        return f"{endpoint.rstrip(':')}:interface={loopback}"
+    try:
+        is_loopback = ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        is_loopback = interface == "localhost"
+    if not is_loopback:
+        log.warn(
+            "{what} listens on {interface} ({endpoint}), not only on loopback: {advice}",
+            what=what, interface=interface, endpoint=endpoint, advice=advice,
+        )
     return endpoint
 
 
