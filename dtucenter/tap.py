@@ -38,12 +38,12 @@ from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.events import EventHub
+from dtucenter.listeners import listening_endpoint, loopback_unless_named
 from dtucenter.modbus.scada_server import ScadaFactory, ScadaServer
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.reload import Reloader
-from dtucenter.setting import listening_endpoint, loopback_unless_named
 from dtucenter.store import accounts, queries
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
