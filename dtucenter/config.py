@@ -100,6 +100,44 @@ def _server_endpoint_or_off(value: Any) -> str:
     return "off" if value == "off" else server_endpoint(value)
 
 
+def _days(value: Any) -> float:
+    return number(1 / 24, 100_000)(value)
+
+
+def _days_setting(what: str) -> Any:
+    return attrs.field(default=None, metadata=setting(_days, f"Days {what} are kept (default: for ever)."))
+
+
+@attrs.frozen
+class RetentionSettings:
+    """The ``[retention]`` table: how long rows are kept, and the job that rolls up and expires them
+    (``store/retention.py``, docs/integrations.md). Unset, nothing is ever deleted."""
+
+    samples: float | None = _days_setting("DTU samples (raw, one row per upload)")
+    meter_samples: float | None = _days_setting("meter samples (raw, one row per point and poll)")
+    meter_failures: float | None = _days_setting("meter failure streaks (since their last failed poll)")
+    audit: float | None = _days_setting("audit trails (commands, DTU edits, meter writes, reads and raw exchanges)")
+    hourly: float | None = _days_setting("hourly roll-ups")
+    daily: float | None = _days_setting("daily roll-ups")
+    interval: float = attrs.field(
+        default=60.0, metadata=setting(number(1, 86400), "Seconds between runs of the roll-up and expiry job."),
+    )
+    batch_rows: int = attrs.field(
+        default=5000, metadata=setting(integer(100, 1_000_000), "Rows the job reads or deletes per transaction."),
+    )
+    settle: float = attrs.field(
+        default=300.0,
+        metadata=setting(number(0, 86400), "Seconds a sample waits before it is rolled up (a poll's values "
+                         "carry its start time; reads add what is not rolled up yet)."),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        for raw, rolled in (("samples", "hourly"), ("meter_samples", "hourly"), ("hourly", "daily")):
+            shorter, longer = getattr(self, raw), getattr(self, rolled)
+            if shorter is not None and longer is not None and longer < shorter:
+                raise ValueError(f"{rolled} ({longer:g} days) is kept less long than {raw} ({shorter:g} days)")
+
+
 @attrs.frozen
 class Settings:
     """Everything the center runs with."""
@@ -196,6 +234,7 @@ class Settings:
         metadata=setting(integer(1, 1000), "Rotated log files kept; older ones are deleted.", option="log-keep"),
     )
     modbus: ModbusSettings = attrs.Factory(ModbusSettings)
+    retention: RetentionSettings = attrs.Factory(RetentionSettings)
     #: The config file, or "defaults".
     source: str = "defaults"
     #: Where each value that is not a default came from ("--dtu", "center.toml: dtu"), by field
@@ -296,6 +335,7 @@ def read_settings(
     place = Place(source)
     top = dict(read_table(document, place))
     modbus_table = read_table(top.pop("modbus", {}), place, "modbus")
+    retention = _read_retention(read_table(top.pop("retention", {}), place, "retention"), place.inner("retention"))
     link_tables = list(read_tables(top.pop("link", None), place, "link"))
     meter_tables = list(read_tables(top.pop("meter", None), place, "meter"))
     rule_tables = list(read_tables(top.pop("rule", None), place, "rule"))
@@ -332,7 +372,15 @@ def read_settings(
             None, "applies to DTUs that dial the shared listener: set [modbus] listen (or --modbus)"
         )
     modbus = build(ModbusSettings, modbus_values, modbus_place, links=links, meters=meters, rules=rules)
-    return build(Settings, values, place, modbus=modbus, source=source, origins=origins)
+    return build(Settings, values, place, modbus=modbus, retention=retention, source=source, origins=origins)
+
+
+def _read_retention(table: Mapping[str, Any], place: Place) -> RetentionSettings:
+    (values,) = read_keys(table, place, RetentionSettings)
+    try:
+        return build(RetentionSettings, values, place)
+    except ValueError as e:
+        raise place.error(None, str(e)) from None
 
 
 def _apply_options(

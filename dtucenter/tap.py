@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -40,6 +41,7 @@ from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
 from dtucenter.store.recorder import MeterRecorder
+from dtucenter.store.retention import RetentionJob, RetentionPolicy
 from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.definitions import DefinitionApi
@@ -211,6 +213,10 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     recorder = MeterRecorder(store, reactor, settings.modbus, settings.last_seen_interval, stats=center.stats)
     recorder.setName("meter-recorder")
     recorder.setServiceParent(top)
+    # After the store: stopped before it, so that a step under way ends on a running store.
+    retention = RetentionJob(store, reactor, RetentionPolicy(**attrs.asdict(settings.retention)))
+    retention.setName("retention")
+    retention.setServiceParent(top)
     dtu_listener = ListeningService(listening_endpoint(reactor, settings.dtu), DTUFactory(center, reactor), "dtu-tcp")
     dtu_listener.setServiceParent(top)
     top.require_listening(settings.where("dtu"), dtu_listener.when_listening)

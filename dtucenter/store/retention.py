@@ -328,9 +328,10 @@ def read_series(
     resolution: Resolution | Literal["auto"] = "auto",
     point: str | None = None,
     limit: int | None = None,
+    newest_first: bool = False,
 ) -> Series:
     """A DTU's (``DTU_SAMPLES``, ``key`` its PSN) or a meter's (``METER_SAMPLES``, its name; ``point``
-    one of its points) values in [since, until), oldest first, at most ``limit`` points.
+    one of its points) values in [since, until), oldest first (or newest first), at most ``limit`` points.
 
     ``auto`` picks the resolution by the range's length (``choose_resolution``).
     Roll-up buckets are those starting in the range (``since`` is taken back to its
@@ -343,9 +344,9 @@ def read_series(
         selected.append(raw.point == point)
     if chosen == "raw":
         query = select(raw.id, raw.time, *(raw[name] for name in source.columns)).where(*selected)
-        rows = session.execute(_in_range(query, raw.time, since, until).order_by(raw.time, raw.id)).all()
+        order = (raw.time.desc(), raw.id.desc()) if newest_first else (raw.time, raw.id)
         points: list[SeriesPoint] = []
-        for row in rows:
+        for row in session.execute(_in_range(query, raw.time, since, until).order_by(*order)):
             for (_, item), value, extras in source.explode(row):
                 points.append(SeriesPoint(row.time, item, int(value is not None), value, value, value, **extras))
             if limit is not None and len(points) >= limit:
@@ -375,7 +376,7 @@ def read_series(
             buckets[bucket] = later
         else:
             found.merge(later)
-    ordered = sorted(buckets.items(), key=lambda item: (item[0][-1], item[0][1]))
+    ordered = sorted(buckets.items(), key=lambda item: (item[0][-1], item[0][1]), reverse=newest_first)
     return Series(chosen, [
         SeriesPoint(bucket[-1], bucket[1], found.count, found.min, found.max, found.mean,
                     found.extras.get("dev"), found.extras.get("addr"))
@@ -488,15 +489,23 @@ def is_partitioned(session: Session, table: str) -> bool:
 
 
 def days_to_partition(session: Session, table: str, today: dt.date) -> list[dt.date]:
-    """Days from today on without a partition yet, and days of rows that landed in the default one."""
+    """The coming days (from tomorrow on) without a partition yet.
+
+    Never today or a day before: an insert that PostgreSQL routed to the default
+    partition while a partition for its day is attached fails, so a day is
+    partitioned only before its rows arrive. Rows of days without a partition
+    (the center was stopped for longer than the days made ahead) stay in the
+    default partition and are expired row by row.
+    """
     existing = partitions(session, table)
     covered = {name for name, end in existing.items() if end is not None}
-    days = {today + dt.timedelta(days=offset) for offset in range(DAYS_AHEAD)}
+    days = {today + dt.timedelta(days=offset) for offset in range(1, DAYS_AHEAD + 1)}
     default = f"{table}_p_default"
     if default in existing:
+        # Rows from a clock ahead of ours: moved into their day's partition when it is made.
         days |= set(session.scalars(text(
-            f"SELECT DISTINCT (\"time\" AT TIME ZONE 'UTC')::date FROM {default}"
-        )))
+            f"SELECT DISTINCT (\"time\" AT TIME ZONE 'UTC')::date FROM {default} WHERE \"time\" >= :tomorrow"
+        ), {"tomorrow": _midnight_of(today + dt.timedelta(days=1))}))
     # The partition of an upgraded installation's rows covers every day before its end.
     old_rows_end = max((end for name, end in existing.items() if end is not None and "_before" in name),
                        default=None)
@@ -508,9 +517,13 @@ def add_partition(session: Session, table: str, day: dt.date) -> None:
     """The partition of ``day``, taking over the rows of that day from the default partition."""
     name, following = f"{table}_p{day:%Y%m%d}", day + dt.timedelta(days=1)
     session.execute(text(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'"))
-    session.execute(text(f"CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS)"))
     default = f"{table}_p_default"
-    if default in partitions(session, table):
+    has_default = default in partitions(session, table)
+    if has_default:
+        # Else a row of that day inserted after the move would make the attach fail.
+        session.execute(text(f"LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE"))
+    session.execute(text(f"CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS)"))
+    if has_default:
         session.execute(text(
             f"WITH moved AS (DELETE FROM {default} WHERE \"time\" >= {_midnight(day)} "
             f"AND \"time\" < {_midnight(following)} RETURNING *) INSERT INTO {name} SELECT * FROM moved"
@@ -575,13 +588,17 @@ class RetentionJob(Service):
         self._loop = LoopingCall(self.run)
         self._loop.clock = clock
         self._current: Deferred[None] | None = None
+        #: stopService was called: a run under way ends after its current step.
+        self._stopping = False
 
     def startService(self) -> None:
         super().startService()
+        self._stopping = False
         self._loop.start(self.policy.interval, now=True)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self._stopping = True
         if self._loop.running:
             self._loop.stop()
         # The store stops after us (it started before): a step under way finishes first.
@@ -621,7 +638,7 @@ class RetentionJob(Service):
 
     async def _repeat(self, step: Callable[[Session], int], counter: str) -> None:
         """Run ``step`` in transactions until a batch comes out short (or the service stops)."""
-        while self.running:
+        while not self._stopping:
             done = await self.store.maintain(step)
             setattr(self.stats, counter, getattr(self.stats, counter) + done)
             if done < self.policy.batch_rows:
@@ -637,7 +654,7 @@ class RetentionJob(Service):
             table = rolled_by.name
             if await self.store.read(partial(is_partitioned, table=table)):
                 for name in await self.store.read(partial(expired_partitions, table=table, cutoff=cutoff)):
-                    if not self.running:
+                    if self._stopping:
                         return
                     await self.store.maintain(partial(drop_partition, name=name))
                     self.stats.partitions_dropped += 1
@@ -654,7 +671,7 @@ class RetentionJob(Service):
             if not await self.store.read(partial(is_partitioned, table=table)):
                 continue
             for day in await self.store.read(partial(days_to_partition, table=table, today=today)):
-                if not self.running:
+                if self._stopping:
                     return
                 await self.store.maintain(partial(add_partition, table=table, day=day))
                 self.stats.partitions_added += 1
