@@ -119,6 +119,10 @@ class RetentionSettings:
     audit: float | None = _days_setting("audit trails (commands, DTU edits, meter writes, reads and raw exchanges)")
     hourly: float | None = _days_setting("hourly roll-ups")
     daily: float | None = _days_setting("daily roll-ups")
+    job: bool = attrs.field(
+        default=True,
+        metadata=setting(boolean, "Run the roll-up and expiry job in this center (one center per database should)."),
+    )
     interval: float = attrs.field(
         default=60.0, metadata=setting(number(1, 86400), "Seconds between runs of the roll-up and expiry job."),
     )

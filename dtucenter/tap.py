@@ -213,10 +213,12 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     recorder = MeterRecorder(store, reactor, settings.modbus, settings.last_seen_interval, stats=center.stats)
     recorder.setName("meter-recorder")
     recorder.setServiceParent(top)
-    # After the store: stopped before it, so that a step under way ends on a running store.
-    retention = RetentionJob(store, reactor, RetentionPolicy(**attrs.asdict(settings.retention)))
-    retention.setName("retention")
-    retention.setServiceParent(top)
+    if settings.retention.job:
+        # After the store: stopped before it, so that a step under way ends on a running store.
+        policy = attrs.asdict(settings.retention, filter=lambda field, _: field.name != "job")
+        retention = RetentionJob(store, reactor, RetentionPolicy(**policy))
+        retention.setName("retention")
+        retention.setServiceParent(top)
     dtu_listener = ListeningService(listening_endpoint(reactor, settings.dtu), DTUFactory(center, reactor), "dtu-tcp")
     dtu_listener.setServiceParent(top)
     top.require_listening(settings.where("dtu"), dtu_listener.when_listening)
