@@ -18,7 +18,6 @@ from alembic import command
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from dtucenter.config import ConfigError, read_settings
@@ -201,11 +200,24 @@ async def test_rows_within_the_settle_time_wait_and_reads_add_them(db_url: str) 
                     session, PSNS[0], NOW - dt.timedelta(hours=1), NOW)]
 
 
-def test_the_resolution_follows_the_length_of_the_range() -> None:
+def test_the_resolution_follows_the_length_of_the_range(db_url: str) -> None:
     assert retention.choose_resolution(NOW - dt.timedelta(hours=47), NOW) == "raw"
     assert retention.choose_resolution(NOW - dt.timedelta(days=30), NOW) == "hour"
     assert retention.choose_resolution(NOW - dt.timedelta(days=400), NOW) == "day"
     assert retention.choose_resolution(None, NOW) == "day"
+    engine = open_engine(db_url)
+    try:
+        with Session(engine) as session, session.begin():
+            session.add(Sample(psn=PSNS[0], time=NOW, net_state=0, values=b"\0\1"))
+        with Session(engine) as session:
+            # No end: up to the newest value.
+            def resolve(days: int, psn: int = PSNS[0]) -> str:
+                since = NOW - dt.timedelta(days=days)
+                return retention.resolve_resolution(session, retention.DTU_SAMPLES, psn, since, None)
+
+            assert [resolve(1), resolve(10), resolve(100), resolve(100, PSNS[1])] == ["raw", "hour", "day", "raw"]
+    finally:
+        engine.dispose()
 
 
 # -- expiry --------------------------------------------------------------------------------------------
@@ -299,22 +311,18 @@ async def test_the_job_runs_while_uploads_are_ingested_and_none_is_lost(db_url: 
         clock = clock_at(NOW)
         job = RetentionJob(store, clock, RetentionPolicy(samples=1, batch_rows=100, settle=0))
         running = job.run()
-        uploads: list[Deferred[None]] = []
         committed_during_the_run = 0
         wave = 0
         while not running.called or wave < 5:
             # Uploads arrive now: after the horizon of the run under way.
             fresh = [(PSNS[0], NOW + dt.timedelta(seconds=wave + i / 100), 1, struct.pack(">h", i), None)
                      for i in range(100)]
-            uploads.append(store.add_samples(fresh))
-            await store.flushed()
+            await store.add_samples(fresh)  # acknowledged: committed, or this raises
             wave += 1
             if not running.called:
                 committed_during_the_run += 1
             assert wave < 3000, "the job never ended"
         await running
-        for upload in uploads:
-            assert upload.called and upload.result is None
         assert committed_during_the_run >= 2, "uploads waited for the whole run"
         # Every upload is stored, and a later run rolls up each of them exactly once.
         clock.advance(3600)
@@ -350,6 +358,18 @@ async def test_a_failed_run_is_logged_and_the_next_one_goes_on(db_url: str) -> N
         assert job.stats.failed_runs == 1
         await job.run()
         assert job.stats.runs == 1 and stored_rollups(store.engine, HOUR) == direct_aggregates(store.engine, HOUR)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_ends_a_run_after_the_step_under_way(db_url: str) -> None:
+    with running_store(db_url) as store:
+        samples, meter_samples = random_rows(9, NOW - dt.timedelta(days=1), 10, 500)
+        await add(store, samples, meter_samples)
+        job = RetentionJob(store, clock_at(NOW), RetentionPolicy(samples=1, batch_rows=50))
+        job.startService()  # the first run starts at once
+        await job.stopService()
+        assert job.stats.rows_rolled_up == 50 and job.stats.runs == 0 and job.stats.failed_runs == 0
+        assert count(store.engine, Sample) == 500
 
 
 # -- the view, the migration ---------------------------------------------------------------------------

@@ -447,11 +447,12 @@ class Store(Service):
         self.stats.jobs_committed += len(batch.jobs)
         self.stats.largest_batch = max(self.stats.largest_batch, batch.row_count)
         self._in_flight = None
+        # Counted first, so that what a waiter does next already sees these rows as settled.
+        self._settled(batch.row_count)
         for (_, d), result in zip(batch.jobs, results, strict=False):
             d.callback(result)
         for d in batch.row_waiters:
             d.callback(None)
-        self._settled(batch.row_count)
         self._kick()
 
     def _failed(self, failure: Failure, batch: _Batch) -> None:
@@ -485,11 +486,11 @@ class Store(Service):
         self._kick()
 
     def _fail_batch(self, batch: _Batch, failure: Failure) -> None:
+        self._settled(batch.row_count)
         for _, d in batch.jobs:
             d.errback(failure)
         for d in batch.row_waiters:
             d.errback(failure)
-        self._settled(batch.row_count)
 
     def _requeue(self, batch: _Batch) -> None:
         self._queued_jobs.extendleft(reversed(batch.jobs))

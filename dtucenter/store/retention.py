@@ -28,7 +28,7 @@ import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 from sqlalchemy import ColumnElement, Table, case, delete, func, literal, select, text, tuple_
@@ -58,6 +58,7 @@ from dtucenter.store.models import (
 from dtucenter.store.queries import rowcount, table_of
 
 log = Logger()
+T = TypeVar("T")
 
 HOUR = 3600
 DAY = 86400
@@ -311,12 +312,29 @@ class Series:
 
 
 def choose_resolution(since: dt.datetime | None, until: dt.datetime | None) -> Resolution:
-    """Raw values for short ranges, hourly roll-ups for longer ones, daily ones beyond (or unbounded)."""
-    if since is None or until is None:
-        return "day" if since is None else "hour"
+    """Raw values for short ranges, hourly roll-ups for longer ones, daily ones beyond (or no start)."""
+    if since is None:
+        return "day"
+    if until is None:  # of unknown length: resolve_resolution measures it
+        return "hour"
     if until - since <= LONGEST_RAW:
         return "raw"
     return "hour" if until - since <= LONGEST_HOURLY else "day"
+
+
+def resolve_resolution(
+    session: Session, source: RollupSource, key: int | str, since: dt.datetime | None, until: dt.datetime | None,
+    point: str | None = None,
+) -> Resolution:
+    """``choose_resolution``, a missing ``until`` taken as the time of the newest raw row (one index step)."""
+    if since is not None and until is None:
+        raw = source.raw.c
+        query = select(raw.time).where(raw[source.key[0]] == key)
+        if point is not None:
+            query = query.where(raw.point == point)
+        newest = session.scalar(query.order_by(raw.time.desc()).limit(1))
+        until = since if newest is None else max(since, newest)
+    return choose_resolution(since, until)
 
 
 def read_series(
@@ -337,7 +355,7 @@ def read_series(
     Roll-up buckets are those starting in the range (``since`` is taken back to its
     bucket's start), and include the raw rows the roll-up job has not reached yet.
     """
-    chosen = choose_resolution(since, until) if resolution == "auto" else resolution
+    chosen = resolve_resolution(session, source, key, since, until, point) if resolution == "auto" else resolution
     raw = source.raw.c
     selected = [raw[source.key[0]] == key]
     if point is not None:
@@ -559,6 +577,10 @@ def expire_default_partition(session: Session, table: str, cutoff: dt.datetime, 
 # -- the job ----------------------------------------------------------------------------------------
 
 
+class _Stopping(Exception):
+    """The service is stopping: a run ends after the step under way, before the next."""
+
+
 @attrs.define
 class RetentionStats:
     runs: int = 0
@@ -628,6 +650,8 @@ class RetentionJob(Service):
                 await self._expire(expiry, now - dt.timedelta(days=days), rolled_by)
             await self._add_partitions(now.date())
             self.stats.runs += 1
+        except _Stopping:
+            return
         except Exception as error:
             self.stats.failed_runs += 1
             if is_transient(error):
@@ -636,10 +660,21 @@ class RetentionJob(Service):
             else:
                 log.failure("Retention run failed; trying again in {interval:g}s", interval=self.policy.interval)
 
+    def _write(self, job: Callable[[Session], T]) -> Deferred[T]:
+        """``job`` in a transaction of its own on the store's threads, unless the service is stopping."""
+        if self._stopping:
+            raise _Stopping()
+        return self.store.maintain(job)
+
+    def _read(self, job: Callable[[Session], T]) -> Deferred[T]:
+        if self._stopping:
+            raise _Stopping()
+        return self.store.read(job)
+
     async def _repeat(self, step: Callable[[Session], int], counter: str) -> None:
         """Run ``step`` in transactions until a batch comes out short (or the service stops)."""
-        while not self._stopping:
-            done = await self.store.maintain(step)
+        while True:
+            done = await self._write(step)
             setattr(self.stats, counter, getattr(self.stats, counter) + done)
             if done < self.policy.batch_rows:
                 return
@@ -647,16 +682,14 @@ class RetentionJob(Service):
     async def _expire(self, expiry: Expiry, cutoff: dt.datetime, rolled_by: RollupSource | None) -> None:
         if rolled_by is not None:
             # Raw rows go only once rolled up.
-            rolled = await self.store.read(partial(rolled_up_until, source=rolled_by))
+            rolled = await self._read(partial(rolled_up_until, source=rolled_by))
             if rolled is None:
                 return
             cutoff = min(cutoff, rolled)
             table = rolled_by.name
-            if await self.store.read(partial(is_partitioned, table=table)):
-                for name in await self.store.read(partial(expired_partitions, table=table, cutoff=cutoff)):
-                    if self._stopping:
-                        return
-                    await self.store.maintain(partial(drop_partition, name=name))
+            if await self._read(partial(is_partitioned, table=table)):
+                for name in await self._read(partial(expired_partitions, table=table, cutoff=cutoff)):
+                    await self._write(partial(drop_partition, name=name))
                     self.stats.partitions_dropped += 1
                     log.info("Dropped partition {name}: all its rows are past their retention", name=name)
                 await self._repeat(partial(expire_default_partition, table=table, cutoff=cutoff,
@@ -668,10 +701,8 @@ class RetentionJob(Service):
     async def _add_partitions(self, today: dt.date) -> None:
         for source in SOURCES:
             table = source.name
-            if not await self.store.read(partial(is_partitioned, table=table)):
+            if not await self._read(partial(is_partitioned, table=table)):
                 continue
-            for day in await self.store.read(partial(days_to_partition, table=table, today=today)):
-                if self._stopping:
-                    return
-                await self.store.maintain(partial(add_partition, table=table, day=day))
+            for day in await self._read(partial(days_to_partition, table=table, today=today)):
+                await self._write(partial(add_partition, table=table, day=day))
                 self.stats.partitions_added += 1

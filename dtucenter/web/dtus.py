@@ -219,23 +219,24 @@ class DtuApi:
         since, until = time_param(params, "since"), time_param(params, "until")
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
         newest_first = newest_first_param(params)
-        resolution = resolution_param(params, since, until)
-        if resolution in ("hour", "day"):
-            series = await self.store.read(self._scoped_job(call, number, partial(
-                retention.read_series, source=retention.DTU_SAMPLES, key=number, since=since, until=until,
-                resolution=resolution, limit=limit + 1, newest_first=newest_first)))
-            if series is None:
-                raise ApiError(404, f"no DTU {number}")
-            return rollups_answer(series, "position", limit)
+        resolution = resolution_param(params)
 
-        def job(session: Session) -> list[queries.SampleInfo]:
+        def job(session: Session) -> list[queries.SampleInfo] | retention.Series:
+            chosen = resolution
+            if chosen == "auto":
+                chosen = retention.resolve_resolution(session, retention.DTU_SAMPLES, number, since, until)
+            if chosen == "hour" or chosen == "day":
+                return retention.read_series(session, retention.DTU_SAMPLES, number, since, until, chosen,
+                                             limit=limit + 1, newest_first=newest_first)
             return queries.query_samples(session, number, since, until, limit + 1, newest_first)
 
         found = await self.store.read(self._scoped_job(call, number, job))
         if found is None:
             raise ApiError(404, f"no DTU {number}")
+        if isinstance(found, retention.Series):
+            return rollups_answer(found, "position", limit)
         answer = {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
-        return answer if resolution is None else {"resolution": resolution, **answer}
+        return answer if resolution is None else {"resolution": "raw", **answer}
 
     async def latest(self, call: Call, psn: str) -> Any:
         call.query(())

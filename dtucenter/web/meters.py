@@ -164,7 +164,7 @@ class MeterApi:
         since, until = time_param(params, "since"), time_param(params, "until")
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
         newest_first = newest_first_param(params)
-        resolution = resolution_param(params, since, until)
+        resolution = resolution_param(params)
         await self.recorder.synced()
         scope = call.caller.scope
 
@@ -177,20 +177,21 @@ class MeterApi:
                 raise ApiError(404, f"meter {name} has no point {point!r}")
             return info
 
-        if resolution in ("hour", "day"):
-            def rolled(session: Session) -> retention.Series:
-                known(session)
+        def job(session: Session) -> list[meters.MeterSampleInfo] | retention.Series:
+            info = known(session)
+            chosen = resolution
+            if chosen == "auto":
+                chosen = retention.resolve_resolution(session, retention.METER_SAMPLES, name, since, until, point)
+            if chosen == "hour" or chosen == "day":
                 return retention.read_series(
-                    session, retention.METER_SAMPLES, name, since, until, resolution, point, limit + 1, newest_first)
-
-            return rollups_answer(await self.store.read(rolled), "point", limit)
-
-        def job(session: Session) -> list[meters.MeterSampleInfo]:
-            return meters.query_meter_samples(session, known(session), point, since, until, limit + 1, newest_first)
+                    session, retention.METER_SAMPLES, name, since, until, chosen, point, limit + 1, newest_first)
+            return meters.query_meter_samples(session, info, point, since, until, limit + 1, newest_first)
 
         found = await self.store.read(job)
+        if isinstance(found, retention.Series):
+            return rollups_answer(found, "point", limit)
         answer: dict[str, object] = {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
-        return answer if resolution is None else {"resolution": resolution, **answer}
+        return answer if resolution is None else {"resolution": "raw", **answer}
 
     async def latest(self, call: Call, name: str) -> dict[str, object]:
         call.query(())

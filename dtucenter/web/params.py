@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from dtucenter.isotime import parse_iso_time
-from dtucenter.store.retention import RESOLUTIONS, Resolution, Series, choose_resolution
+from dtucenter.store.retention import RESOLUTIONS, Resolution, Series
 from dtucenter.web.router import ApiError
 
 #: Samples an answer holds unless ``limit`` says otherwise, and at most.
@@ -55,15 +55,13 @@ def newest_first_param(params: dict[str, str]) -> bool:
     return text == "desc"
 
 
-def resolution_param(
-    params: dict[str, str], since: dt.datetime | None, until: dt.datetime | None
-) -> Resolution | None:
+def resolution_param(params: dict[str, str]) -> Resolution | Literal["auto"] | None:
     """``resolution=raw|hour|day|auto`` (auto: by the range's length); None when not asked for."""
     text = params.get("resolution")
     if text is None:
         return None
     if text == "auto":
-        return choose_resolution(since, until)
+        return "auto"
     for resolution in RESOLUTIONS:
         if text == resolution:
             return resolution
