@@ -1,5 +1,6 @@
 """Retention and roll-ups: the roll-ups against a direct aggregate, expiry (by partitions on PostgreSQL),
-the job beside ingest, the dtu_values view, the 0005 migration with data, the API's resolution parameter."""
+the job beside ingest, the dtu_values view, the retention migration on a 0004 database with data,
+the API's resolution parameter."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from dtucenter.dtu import wire
 from dtucenter.dtu.ports import DtuRecords, LoginOutcome, SampleRow
+from dtucenter.events import DtuOffline, DtuOnline, EventHub, UploadStored
 from dtucenter.isotime import utc_from_millisecond, utc_from_seconds, utc_now
 from dtucenter.junk import DEFAULT_JUNK_LIMIT, DEFAULT_JUNK_WINDOW, DEFAULT_REPORT_INTERVAL, ProblemSummary
 from dtucenter.throttle import LoginThrottle
@@ -67,11 +68,12 @@ class _LastUpload:
     the profile.
     """
 
-    __slots__ = ("center", "committed", "count", "psn", "test_code", "values", "waiting")
+    __slots__ = ("center", "committed", "count", "psn", "received", "test_code", "values", "waiting")
 
-    def __init__(self, center: DTUCenter, psn: int, upload: wire.SendTest) -> None:
+    def __init__(self, center: DTUCenter, psn: int, upload: wire.SendTest, received: dt.datetime) -> None:
         self.center = center
         self.psn = psn
+        self.received = received
         self.test_code = upload.test_code
         self.values = upload.values
         self.committed = False
@@ -91,9 +93,12 @@ class _LastUpload:
 
     def stored(self, _: None) -> int:
         self.committed = True
-        stats = self.center.stats
+        center = self.center
+        stats = center.stats
         stats["uploads_stored"] += 1
         stats["samples_stored"] += len(self.values)
+        if center.events.listening:
+            center.events.publish(UploadStored(self.psn, self.received, self.values))
         waiting, self.waiting = self.waiting, None
         for d in waiting or ():
             d.callback(None)
@@ -188,9 +193,12 @@ def _pack_registers(registers: tuple[wire.Register, ...]) -> bytes:
 
 class DTUCenter(Service):
     def __init__(
-        self, records: DtuRecords, clock: IReactorTime, settings: CenterSettings = CenterSettings()
+        self, records: DtuRecords, clock: IReactorTime, settings: CenterSettings = CenterSettings(),
+        events: EventHub | None = None,
     ) -> None:
         self.records = records
+        #: Where logins, disconnections and stored uploads are told as they happen.
+        self.events = events if events is not None else EventHub()
         #: Taken once: the upload path is hot.
         self._add_samples = records.add_samples
         self.clock = clock
@@ -318,6 +326,8 @@ class DTUCenter(Service):
             )
             older.abort("replaced by a newer login")
         log.info("DTU {psn} logged in from {peer}", psn=login.psn, peer=session.peer)
+        if self.events.listening:
+            self.events.publish(DtuOnline(login.psn, session.peer, self.now()))
         return decision
 
     def session_lost(self, session: DTUSession) -> None:
@@ -328,6 +338,8 @@ class DTUCenter(Service):
         self._seen.pop(psn, None)
         log.info("DTU {psn} offline ({peer})", psn=psn, peer=session.peer)
         self._mark_offline(psn, session.last_seen)
+        if self.events.listening:
+            self.events.publish(DtuOffline(psn, session.peer, self.now()))
 
     def _mark_offline(self, psn: int, last_seen: dt.datetime) -> None:
         self.records.mark_offline(psn, last_seen).addErrback(
@@ -362,8 +374,9 @@ class DTUCenter(Service):
         if last is not None and last.test_code == upload.test_code and last.values == upload.values:
             self.stats["uploads_repeated"] += 1
             return last.repeated()
-        row = upload_row(psn, self.received_at(session.last_seen_at), upload, registers)
-        record = self._last_upload[psn] = _LastUpload(self, psn, upload)
+        received = self.received_at(session.last_seen_at)
+        row = upload_row(psn, received, upload, registers)
+        record = self._last_upload[psn] = _LastUpload(self, psn, upload, received)
         return self._add_samples([row]).addCallbacks(record.stored, record.not_stored)
 
     def forget_upload(self, record: _LastUpload) -> None:

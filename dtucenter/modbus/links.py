@@ -23,6 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dtucenter.addresses import describe_peer
+from dtucenter.events import EventHub, LinkDown, LinkUp
+from dtucenter.isotime import utc_now
 from dtucenter.modbus.config import LinkSettings, SerialSettings
 from dtucenter.modbus.errors import LinkOffline
 from dtucenter.modbus.filter import (
@@ -63,11 +65,15 @@ class LinkStatus:
 class Link:
     """One configured link; :meth:`request` goes to whichever connection is attached."""
 
-    def __init__(self, settings: LinkSettings, clock: IReactorTime, *, silence: float | None = None) -> None:
+    def __init__(
+        self, settings: LinkSettings, clock: IReactorTime, *, silence: float | None = None,
+        events: EventHub | None = None,
+    ) -> None:
         self.settings = settings
         self.name = settings.name
         self.counters = LinkCounters()
         self._clock = clock
+        self._events = events if events is not None else EventHub()
         self._silence = silence if silence is not None else (RTU_SILENCE if settings.protocol == "rtu" else 0.0)
         self._master: ModbusMaster | None = None
         self._remote: str | None = None
@@ -153,6 +159,8 @@ class Link:
             log.info("Link {link} online ({remote})", link=self.name, remote=remote)
         self._remote = remote
         self._connected_since = self._clock.seconds()
+        if self._events.listening:
+            self._events.publish(LinkUp(self.name, remote, utc_now(self._clock)))
 
     def master_disconnected(self, master: ModbusMaster) -> None:
         if master is not self._master:
@@ -160,6 +168,8 @@ class Link:
         self._master = None
         self._last_disconnect = self._clock.seconds()
         log.info("Link {link} offline ({remote} disconnected)", link=self.name, remote=self._remote)
+        if self._events.listening:
+            self._events.publish(LinkDown(self.name, utc_now(self._clock)))
         for hook in list(self._lost_hooks):
             hook()
         waiting, self._waiting_for_close = self._waiting_for_close, []

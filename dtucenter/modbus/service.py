@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.application.service import MultiService, Service
@@ -13,6 +13,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dtucenter.events import EventHub, MeterFailed, MeterRead
+from dtucenter.isotime import utc_from_seconds
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings
 from dtucenter.modbus.links import (
     Link,
@@ -24,6 +26,7 @@ from dtucenter.modbus.links import (
     link_factory,
     open_serial_port,
 )
+from dtucenter.modbus.points import Value
 from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller, Reading
 from dtucenter.setting import listening_endpoint
 
@@ -85,13 +88,31 @@ def _fire(d: defer.Deferred[IListeningPort], outcome: IListeningPort | Failure) 
         d.callback(outcome)
 
 
+class PublishingSink:
+    """A :class:`MeterSink` that also tells each poll's outcome to the event hub's listeners."""
+
+    def __init__(self, sink: MeterSink, events: EventHub) -> None:
+        self._sink = sink
+        self._events = events
+
+    def record_values(self, meter: str, time: float, values: Mapping[str, Value]) -> None:
+        self._sink.record_values(meter, time, values)
+        if self._events.listening:
+            self._events.publish(MeterRead(meter, utc_from_seconds(time), dict(values)))
+
+    def record_failure(self, meter: str, time: float, reason: str) -> None:
+        self._sink.record_failure(meter, time, reason)
+        if self._events.listening:
+            self._events.publish(MeterFailed(meter, utc_from_seconds(time), reason))
+
+
 class ModbusBridge(MultiService):
     """Everything of the Modbus bridge, built from parsed settings.
 
     ``reactor`` provides time, TCP and (for serial links) file descriptors; it is
     annotated with IReactorTime alone, as an annotation cannot require several zope
     interfaces at once and the endpoint parsers and serial ports take it untyped;
-    ``sink`` receives the poll results.
+    ``sink`` receives the poll results; ``events`` hears them too, and links going on and offline.
     """
 
     def __init__(
@@ -102,9 +123,11 @@ class ModbusBridge(MultiService):
         *,
         open_serial: PortOpener = open_serial_port,
         max_backoff: float = 300.0,
+        events: EventHub | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
+        self.events = events if events is not None else EventHub()
         self.login_timeout = settings.login_timeout
         self._reactor = reactor
         self._open_serial = open_serial
@@ -123,7 +146,9 @@ class ModbusBridge(MultiService):
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
         # The poller reads self.links at each request, so links added later are its channels too.
-        self.poller = Poller(settings.meters, self.links, sink, reactor, max_backoff=max_backoff)
+        self.poller = Poller(
+            settings.meters, self.links, PublishingSink(sink, self.events), reactor, max_backoff=max_backoff
+        )
         self.poller.setServiceParent(self)
         for link_settings in settings.links:
             self.add_link(link_settings)
@@ -140,7 +165,7 @@ class ModbusBridge(MultiService):
         if settings.name in self.links:
             raise LinkConflict(f"a link named {settings.name!r} exists")
         self._check_shared(settings, None)
-        link = Link(settings, self._reactor)
+        link = Link(settings, self._reactor, events=self.events)
         self.links[link.name] = link
         reactor = self._reactor
         kind = settings.kind

@@ -13,7 +13,7 @@ writer's group commits, so that it never holds up an upload:
   (``Store.flushed``): a meter's values carry the time its poll started.
 - **Expiry.** Rows older than a table's retention go, oldest first, a batch per
   transaction; raw samples only once they are rolled up. On PostgreSQL the
-  sample tables are partitioned by UTC day (migration ``0005_retention``): the
+  sample tables are partitioned by UTC day (migration ``0006_retention``): the
   job makes the coming days' partitions ahead and expires samples by dropping
   whole partitions, so a raw sample is kept until its whole day has expired.
 - **Reads.** ``read_series`` answers a DTU's or a meter's values over a range
@@ -53,6 +53,7 @@ from dtucenter.store.models import (
     RollupCursor,
     Sample,
     SampleRollup,
+    TemplateEdit,
     UTCDateTime,
 )
 from dtucenter.store.queries import rowcount, table_of
@@ -83,7 +84,7 @@ class RetentionPolicy:
     samples: float | None = None
     meter_samples: float | None = None
     meter_failures: float | None = None
-    #: Every audit trail: commands, DTU edits, meter writes, device operations.
+    #: Every audit trail: commands, DTU edits, meter writes, device operations, template edits.
     audit: float | None = None
     hourly: float | None = None
     daily: float | None = None
@@ -436,6 +437,7 @@ def expiries(policy: RetentionPolicy) -> list[tuple[Expiry, float, RollupSource 
         Expiry(table_of(DtuEdit), "time", False),
         Expiry(table_of(MeterWrite), "requested", False),
         Expiry(table_of(DeviceOperation), "requested", False),
+        Expiry(table_of(TemplateEdit), "time", False),
     ]
     planned: list[tuple[Expiry, float | None, RollupSource | None]] = [
         (Expiry(DTU_SAMPLES.raw, "time", True), policy.samples, DTU_SAMPLES),
