@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from dtucenter.config import ConfigError, read_settings
+from dtucenter.config import ConfigError, RetentionSettings, read_settings
 from dtucenter.store import queries, retention, schema
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import METER_SAMPLES, Store
@@ -437,7 +437,8 @@ def test_a_0004_database_upgrades_with_its_rows_intact(db_url: str) -> None:
 def test_retention_settings_are_read_from_their_table() -> None:
     read = read_settings({"retention": {"samples": 30, "hourly": 365, "batch-rows": 1000}}).retention
     assert (read.samples, read.hourly, read.daily, read.batch_rows) == (30, 365, None, 1000)
-    assert read_settings({}).retention == read_settings({}).retention.__class__()
+    assert read_settings({}).retention == RetentionSettings()  # nothing expires unless configured
+    assert RetentionSettings().samples is None and RetentionSettings().job
     with pytest.raises(ConfigError, match=r"retention: hourly .* less long than samples"):
         read_settings({"retention": {"samples": 30, "hourly": 7}}, source="center.toml")
     with pytest.raises(ConfigError, match="retention: sample: unknown key"):

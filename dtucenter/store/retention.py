@@ -425,10 +425,6 @@ class Expiry:
     #: For roll-ups: only this period's rows.
     period: int | None = None
 
-    @property
-    def name(self) -> str:
-        return self.table.name if self.period is None else f"{self.table.name} ({self.period} s)"
-
 
 def expiries(policy: RetentionPolicy) -> list[tuple[Expiry, float, RollupSource | None]]:
     """What the policy expires: the table, days kept, and for raw samples the source that must roll them up first."""
@@ -465,7 +461,7 @@ def expire_step(session: Session, expiry: Expiry, cutoff: dt.datetime, batch_row
         return rowcount(session.execute(delete(table).where(*chosen)))
     # No index on the time: the oldest ids, of which those before the cutoff go. Ids grow with
     # the time in these tables, so once the oldest ids are not expired, nothing is.
-    oldest = select(table.c.id).order_by(table.c.id).limit(batch_rows).scalar_subquery()
+    oldest = select(table.c.id).order_by(table.c.id).limit(batch_rows)
     return rowcount(session.execute(delete(table).where(table.c.id.in_(oldest), *chosen)))
 
 
@@ -641,6 +637,7 @@ class RetentionJob(Service):
         return d
 
     async def _run(self) -> None:
+        before = attrs.evolve(self.stats)
         try:
             await self.store.flushed()
             horizon = utc_now(self.clock) - dt.timedelta(seconds=self.policy.settle)
@@ -652,6 +649,7 @@ class RetentionJob(Service):
                 await self._expire(expiry, now - dt.timedelta(days=days), rolled_by)
             await self._add_partitions(now.date())
             self.stats.runs += 1
+            self._report(before)
         except _Stopping:
             return
         except Exception as error:
@@ -661,6 +659,14 @@ class RetentionJob(Service):
                          error=str(error).strip().splitlines()[0], interval=self.policy.interval)
             else:
                 log.failure("Retention run failed; trying again in {interval:g}s", interval=self.policy.interval)
+
+    def _report(self, before: RetentionStats) -> None:
+        """One line for a run that changed something."""
+        done = {name: getattr(self.stats, name) - getattr(before, name)
+                for name in ("rows_rolled_up", "rows_expired", "partitions_added", "partitions_dropped")}
+        if any(done.values()):
+            log.info("Retention: {rows_rolled_up} rows rolled up, {rows_expired} rows expired, "
+                     "{partitions_added} partitions added and {partitions_dropped} dropped", **done)
 
     def _write(self, job: Callable[[Session], T]) -> Deferred[T]:
         """``job`` in a transaction of its own on the store's threads, unless the service is stopping."""
