@@ -17,7 +17,7 @@ A mistake raises :class:`ConfigError`, one line naming the file, the table
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,12 @@ from dtucenter.setting import (
     METADATA_KEY,
     Declared,
     Place,
+    Reload,
     boolean,
     build,
     check_unique,
     choice,
+    composed,
     convert_value,
     describe,
     integer,
@@ -47,6 +49,7 @@ from dtucenter.setting import (
     read_keys,
     read_table,
     read_tables,
+    reload_of,
     require,
     server_endpoint,
     setting,
@@ -128,12 +131,17 @@ class RetentionSettings:
         default=60.0, metadata=setting(number(1, 86400), "Seconds between runs of the roll-up and expiry job."),
     )
     batch_rows: int = attrs.field(
-        default=5000, metadata=setting(integer(100, 1_000_000), "Rows the job reads or deletes per transaction."),
+        default=2000, metadata=setting(integer(100, 1_000_000), "Rows the job reads or deletes per transaction."),
     )
     settle: float = attrs.field(
         default=300.0,
         metadata=setting(number(0, 86400), "Seconds a sample waits before it is rolled up (a poll's values "
                          "carry its start time; reads add what is not rolled up yet)."),
+    )
+
+    share: float = attrs.field(
+        default=0.25,
+        metadata=setting(number(0.01, 1), "Share of the time the job works at most; it pauses between steps."),
     )
 
     def __attrs_post_init__(self) -> None:
@@ -160,6 +168,7 @@ class Settings:
             integer(1, 1_000_000),
             "Most UDP source addresses kept before they log in; past it the oldest is dropped.",
             option="dtu-udp-pending",
+            reload=Reload.LIVE,
         ),
     )
     db: str = attrs.field(default=DEFAULT_DB_URL, metadata=setting(stripped, "SQLAlchemy database URL.", option="db"))
@@ -174,12 +183,15 @@ class Settings:
     unknown_dtu: str = attrs.field(
         default="reject",
         metadata=setting(
-            choice(*UNKNOWN_DTU_POLICIES), "reject or accept (enrol) DTUs not in the database.", option="unknown-dtu"
+            choice(*UNKNOWN_DTU_POLICIES), "reject or accept (enrol) DTUs not in the database.", option="unknown-dtu",
+            reload=Reload.LIVE,
         ),
     )
     login_timeout: float = attrs.field(
         default=30.0,
-        metadata=setting(number(1, 3600), "Seconds a new connection has to log in.", option="login-timeout"),
+        metadata=setting(
+            number(1, 3600), "Seconds a new connection has to log in.", option="login-timeout", reload=Reload.LIVE
+        ),
     )
     frame_head: bytes = attrs.field(
         default=DEFAULT_HEAD, metadata=setting(_head, "Frame head bytes in hex.", option="frame-head")
@@ -210,7 +222,10 @@ class Settings:
     )
     command_timeout: float = attrs.field(
         default=10.0,
-        metadata=setting(number(0.01, 3600), "Seconds a DTU has to answer a command.", option="command-timeout"),
+        metadata=setting(
+            number(0.01, 3600), "Seconds a DTU has to answer a command.", option="command-timeout",
+            reload=Reload.LIVE,
+        ),
     )
     api: str = attrs.field(
         default=DEFAULT_API,
@@ -231,15 +246,18 @@ class Settings:
     log_rotate_size: int = attrs.field(
         default=10_000_000,
         metadata=setting(
-            integer(1000, 10**12), "Bytes at which the log file is rotated.", option="log-rotate-size"
+            integer(1000, 10**12), "Bytes at which the log file is rotated.", option="log-rotate-size",
+            reload=Reload.LIVE,
         ),
     )
     log_keep: int = attrs.field(
         default=10,
-        metadata=setting(integer(1, 1000), "Rotated log files kept; older ones are deleted.", option="log-keep"),
+        metadata=setting(
+            integer(1, 1000), "Rotated log files kept; older ones are deleted.", option="log-keep", reload=Reload.LIVE
+        ),
     )
-    modbus: ModbusSettings = attrs.Factory(ModbusSettings)
-    retention: RetentionSettings = attrs.Factory(RetentionSettings)
+    modbus: ModbusSettings = attrs.field(factory=ModbusSettings, metadata=composed(Reload.TABLE))
+    retention: RetentionSettings = attrs.field(factory=RetentionSettings, metadata=composed(Reload.TABLE))
     #: The config file, or "defaults".
     source: str = "defaults"
     #: Where each value that is not a default came from ("--dtu", "center.toml: dtu"), by field
@@ -259,12 +277,16 @@ class Settings:
     def where(self, name: str) -> str:
         """Names the option or file key a setting came from, for a message: ``--dtu``, ``center.toml: db``.
 
-        A default is named by its option, the way to change it.
+        A default is named by its option, the way to change it; what the file's tables make
+        (``modbus.rules``) by the file and the field.
         """
         if name in self.origins:
             return self.origins[name]
         table, _, key = name.rpartition(".")
-        declaration = _declaration(ModbusSettings if table else Settings, key)
+        holder = {"": Settings, "modbus": ModbusSettings, "retention": RetentionSettings}[table]
+        declaration = attrs.fields_dict(holder)[key].metadata.get(METADATA_KEY)
+        if declaration is None:
+            return f"{self.source}: {key}"
         return f"--{declaration.option}" if declaration.option else key
 
     def where_link(self, link: LinkSettings, key: str) -> str:
@@ -340,7 +362,7 @@ def read_settings(
     place = Place(source)
     top = dict(read_table(document, place))
     modbus_table = read_table(top.pop("modbus", {}), place, "modbus")
-    retention = _read_retention(read_table(top.pop("retention", {}), place, "retention"), place.inner("retention"))
+    retention_table = read_table(top.pop("retention", {}), place, "retention")
     link_tables = list(read_tables(top.pop("link", None), place, "link"))
     meter_tables = list(read_tables(top.pop("meter", None), place, "meter"))
     rule_tables = list(read_tables(top.pop("rule", None), place, "rule"))
@@ -367,6 +389,10 @@ def read_settings(
             f"({modbus_values['login_timeout']:g} s) closes the connection"
         )
 
+    for key in ("server_allow", "server_max_clients"):
+        if key in modbus_values and modbus_values.get("server") is None:
+            raise modbus_place.error(key, "applies to the Modbus TCP server for SCADA: set server (or --modbus-server)")
+
     links = tuple(_read_link(table, index, place) for index, table in link_tables)
     meters = tuple(_read_meter(table, index, place) for index, table in meter_tables)
     _check_links(links, modbus_values.get("listen"), place)
@@ -377,15 +403,15 @@ def read_settings(
             None, "applies to DTUs that dial the shared listener: set [modbus] listen (or --modbus)"
         )
     modbus = build(ModbusSettings, modbus_values, modbus_place, links=links, meters=meters, rules=rules)
-    return build(Settings, values, place, modbus=modbus, retention=retention, source=source, origins=origins)
 
-
-def _read_retention(table: Mapping[str, Any], place: Place) -> RetentionSettings:
-    (values,) = read_keys(table, place, RetentionSettings)
+    retention_place = place.inner("retention")
+    (retention_values,) = read_keys(retention_table, retention_place, RetentionSettings)
+    origins |= {f"retention.{name}": f"{source}: retention: {name}" for name in retention_values}
     try:
-        return build(RetentionSettings, values, place)
+        retention = build(RetentionSettings, retention_values, retention_place)
     except ValueError as e:
-        raise place.error(None, str(e)) from None
+        raise retention_place.error(None, str(e)) from None
+    return build(Settings, values, place, modbus=modbus, retention=retention, source=source, origins=origins)
 
 
 def _apply_options(
@@ -520,6 +546,15 @@ def _check_meters(meters: tuple[MeterSettings, ...], links: tuple[LinkSettings, 
             known = ", ".join(repr(name) for name in protocols) or "none defined"
             raise place.error("link", f"no link named {meter.link!r} (links: {known})")
         _check_unit(protocols[meter.link], meter.unit, place)
+    scada_units: dict[int, str] = {}
+    for meter in meters:
+        if meter.scada_unit is None:
+            continue
+        taken = scada_units.setdefault(meter.scada_unit, meter.name)
+        if taken != meter.name:
+            raise file.inner(named("meter", meter.name)).error(
+                "scada_unit", f"{meter.scada_unit} is already the scada_unit of meter {taken!r}"
+            )
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -540,3 +575,66 @@ def load_settings(
     """Settings from the file at ``config_path`` (if any), the options and the environment."""
     document = load_file(config_path) if config_path else {}
     return read_settings(document, options, source=config_path or "defaults", environ=environ)
+
+
+# -- reloading -----------------------------------------------------------------
+
+
+@attrs.frozen
+class SettingChange:
+    """A setting whose value a reread of the file changed (links and meters aside: see ``dtucenter.reload``)."""
+
+    #: The field's name, ``modbus.``-prefixed for the ``[modbus]`` table's.
+    name: str
+    #: Where its new value comes from, for the log: ``center.toml: api``, or the option.
+    where: str
+    #: Applied to the running center; else it waits for a restart.
+    live: bool
+
+
+def changed_settings(running: Settings, reread: Settings) -> list[SettingChange]:
+    """What differs between the settings the center runs with and the file read again, each
+    with whether a reload applies it (the fields' :class:`~dtucenter.setting.Reload`)."""
+    return [
+        SettingChange(name, _where_changed(running, reread, name), kind is Reload.LIVE)
+        for name, kind, old, new in _walk(running, reread, "")
+        if kind in (Reload.LIVE, Reload.RESTART) and old != new
+    ]
+
+
+def _where_changed(running: Settings, reread: Settings, name: str) -> str:
+    if name in reread.origins or name not in running.origins:
+        return reread.where(name)
+    return f"{running.origins[name]} (gone: back to its default)"
+
+
+def running_settings(running: Settings, reread: Settings) -> Settings:
+    """The settings the center runs with after a reload: the reread ones, but the old value of
+    every setting that needs a restart, so that what is running is what is said to run."""
+    kept: Settings = _keep_restart_values(running, reread)
+    return kept
+
+
+def _walk(old: AttrsInstance, new: AttrsInstance, prefix: str) -> Iterator[tuple[str, Reload, Any, Any]]:
+    for attribute in attrs.fields(type(old)):
+        if not attribute.eq:  # bookkeeping (where values came from), not a setting
+            continue
+        kind = reload_of(attribute)
+        old_value, new_value = getattr(old, attribute.name), getattr(new, attribute.name)
+        if kind is Reload.TABLE:
+            yield from _walk(old_value, new_value, f"{prefix}{attribute.name}.")
+        else:
+            yield f"{prefix}{attribute.name}", kind, old_value, new_value
+
+
+def _keep_restart_values(old: Any, new: Any) -> Any:
+    kept: dict[str, Any] = {}
+    for attribute in attrs.fields(type(old)):
+        if not attribute.eq:
+            continue
+        kind = reload_of(attribute)
+        if kind is Reload.TABLE:
+            kept[attribute.name] = _keep_restart_values(getattr(old, attribute.name), getattr(new, attribute.name))
+        elif kind is Reload.RESTART:
+            kept[attribute.name] = getattr(old, attribute.name)
+    return attrs.evolve(new, **kept)

@@ -36,7 +36,7 @@ from dtucenter.store.models import (
     SampleRollup,
 )
 from dtucenter.store.retention import DAY, HOUR, RetentionJob, RetentionPolicy
-from tests.support import make_account
+from tests.support import make_account, until
 from tests.test_accounts import METER, start
 
 #: The job's "now" in these tests: the clock's time.
@@ -371,6 +371,33 @@ async def test_stopping_ends_a_run_after_the_step_under_way(db_url: str) -> None
         await job.stopService()
         assert job.stats.rows_rolled_up == 50 and job.stats.runs == 0 and job.stats.failed_runs == 0
         assert count(store.engine, Sample) == 500
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_job_pauses_after_each_step_to_keep_to_its_share(db_url: str) -> None:
+    with running_store(db_url) as store:
+        samples, meter_samples = random_rows(10, NOW - dt.timedelta(days=1), 10, 300)
+        await add(store, samples, meter_samples)
+        clock = clock_at(NOW)
+        maintain = store.maintain
+
+        def taking_a_second(job: Any) -> Any:  # each step takes a second of the job's clock
+            return maintain(job).addCallback(lambda result: (clock.advance(1), result)[1])
+
+        store.maintain = taking_a_second  # type: ignore[method-assign]
+        job = RetentionJob(store, clock, RetentionPolicy(batch_rows=100, share=0.25))
+        running = job.run()
+        pauses = []
+        while not running.called:
+            await until(lambda: running.called or bool(clock.getDelayedCalls()))
+            for call in clock.getDelayedCalls():
+                pauses.append(call.getTime() - clock.seconds())
+                clock.advance(call.getTime() - clock.seconds())
+        await running
+        assert job.stats.rows_rolled_up == 600
+        # 3 s of pause after each 1 s step, a quarter of the time: 3 full steps and a short one per
+        # table (on PostgreSQL, one more per partition made ahead).
+        assert set(pauses) == {3.0} and len(pauses) == 8 + job.stats.partitions_added
 
 
 # -- the view, the migration ---------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from dtucenter.isotime import utc_now
@@ -91,9 +91,13 @@ class RetentionPolicy:
     #: Seconds between runs.
     interval: float = 60.0
     #: Rows per step (transaction) at most.
-    batch_rows: int = 5000
+    batch_rows: int = 2000
     #: Seconds a sample is left before it is rolled up: rows of a poll carry its start time.
     settle: float = 300.0
+    #: The share of the time the job works at most: after a step it waits for the rest. The
+    #: steps' Python (unpacking and summing values) holds the interpreter's lock, which the
+    #: reactor thread needs for every upload.
+    share: float = 0.25
 
 
 # -- the raw tables and their roll-ups ---------------------------------------------------------------
@@ -668,11 +672,17 @@ class RetentionJob(Service):
             log.info("Retention: {rows_rolled_up} rows rolled up, {rows_expired} rows expired, "
                      "{partitions_added} partitions added and {partitions_dropped} dropped", **done)
 
-    def _write(self, job: Callable[[Session], T]) -> Deferred[T]:
-        """``job`` in a transaction of its own on the store's threads, unless the service is stopping."""
+    async def _write(self, job: Callable[[Session], T]) -> T:
+        """``job`` in a transaction of its own on the store's threads, unless the service is stopping;
+        then a pause, so that the job takes at most ``policy.share`` of the time."""
         if self._stopping:
             raise _Stopping()
-        return self.store.maintain(job)
+        started = self.clock.seconds()
+        result = await self.store.maintain(job)
+        pause = (self.clock.seconds() - started) * (1 / self.policy.share - 1)
+        if pause > 0:
+            await deferLater(self.clock, pause, lambda: None)
+        return result
 
     def _read(self, job: Callable[[Session], T]) -> Deferred[T]:
         if self._stopping:
