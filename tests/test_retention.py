@@ -21,7 +21,14 @@ from sqlalchemy.orm import Session
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from dtucenter.config import ConfigError, RetentionSettings, read_settings
+from dtucenter.config import (
+    ConfigError,
+    RetentionSettings,
+    SettingChange,
+    changed_settings,
+    read_settings,
+    running_settings,
+)
 from dtucenter.store import queries, retention, schema
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import METER_SAMPLES, Store
@@ -470,6 +477,12 @@ def test_retention_settings_are_read_from_their_table() -> None:
         read_settings({"retention": {"samples": 30, "hourly": 7}}, source="center.toml")
     with pytest.raises(ConfigError, match="retention: sample: unknown key"):
         read_settings({"retention": {"sample": 30}}, source="center.toml")
+    # A reload names a changed [retention] as waiting for a restart.
+    running = read_settings({}, source="center.toml")
+    reread = read_settings({"retention": {"samples": 7}}, source="center.toml")
+    assert changed_settings(running, reread) == [
+        SettingChange("retention.samples", "center.toml: retention: samples", live=False)]
+    assert running_settings(running, reread).retention == running.retention
 
 
 @pytest_twisted.ensureDeferred
