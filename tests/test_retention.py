@@ -7,8 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import random
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,14 +58,14 @@ def clock_at(when: dt.datetime) -> Clock:
     return clock
 
 
-@contextmanager
-def running_store(db_url: str) -> Iterator[Store]:
+@asynccontextmanager
+async def running_store(db_url: str) -> AsyncIterator[Store]:
     store = Store(open_engine(db_url), reactor)
     store.startService()
     try:
         yield store
     finally:
-        store.stopService()
+        await store.stopService()
 
 
 def random_rows(seed: int, start: dt.datetime, hours: float, count: int) -> tuple[list[Any], list[Any]]:
@@ -144,7 +144,7 @@ def partition_names(engine: Engine, table: str) -> set[str]:
 
 @pytest_twisted.ensureDeferred
 async def test_rollups_equal_a_direct_aggregate_of_the_raw_rows(db_url: str) -> None:
-    with running_store(db_url) as store:
+    async with running_store(db_url) as store:
         samples, meter_samples = random_rows(1, NOW - dt.timedelta(days=3), 70, 600)
         await add(store, samples, meter_samples)
         policy = RetentionPolicy(batch_rows=37, settle=300)
@@ -172,7 +172,7 @@ async def test_rollups_equal_a_direct_aggregate_of_the_raw_rows(db_url: str) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_rows_within_the_settle_time_wait_and_reads_add_them(db_url: str) -> None:
-    with running_store(db_url) as store:
+    async with running_store(db_url) as store:
         # An hour whose first half is rolled up and whose second half is not (within the settle time).
         start = NOW - dt.timedelta(minutes=60)
         early, early_meter = random_rows(2, start - dt.timedelta(hours=5), 5.5, 200)
@@ -233,7 +233,7 @@ def test_the_resolution_follows_the_length_of_the_range(db_url: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_expiry_removes_what_is_old_and_nothing_else(db_url: str) -> None:
-    with running_store(db_url) as store:
+    async with running_store(db_url) as store:
         engine = store.engine
         partitioned = engine.dialect.name == "postgresql"
         days = set()
@@ -298,7 +298,7 @@ async def test_expiry_removes_what_is_old_and_nothing_else(db_url: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_raw_rows_are_not_expired_before_they_are_rolled_up(db_url: str) -> None:
-    with running_store(db_url) as store:
+    async with running_store(db_url) as store:
         samples, meter_samples = random_rows(5, NOW - dt.timedelta(days=5), 24, 50)
         await add(store, samples, meter_samples)
 
@@ -313,7 +313,7 @@ async def test_raw_rows_are_not_expired_before_they_are_rolled_up(db_url: str) -
 
 @pytest_twisted.ensureDeferred
 async def test_the_job_runs_while_uploads_are_ingested_and_none_is_lost(db_url: str) -> None:
-    with running_store(db_url) as store:
+    async with running_store(db_url) as store:
         old, old_meter = random_rows(6, NOW - dt.timedelta(days=2), 40, 3000)
         await add(store, old, old_meter)
         clock = clock_at(NOW)
@@ -348,7 +348,7 @@ async def test_the_job_runs_while_uploads_are_ingested_and_none_is_lost(db_url: 
 @pytest.mark.expected_errors("Retention run failed")
 @pytest_twisted.ensureDeferred
 async def test_a_failed_run_is_logged_and_the_next_one_goes_on(db_url: str) -> None:
-    with running_store(db_url) as store:
+    async with running_store(db_url) as store:
         samples, meter_samples = random_rows(7, NOW - dt.timedelta(days=1), 10, 40)
         await add(store, samples, meter_samples)
         job = RetentionJob(store, clock_at(NOW), RetentionPolicy())
@@ -370,7 +370,7 @@ async def test_a_failed_run_is_logged_and_the_next_one_goes_on(db_url: str) -> N
 
 @pytest_twisted.ensureDeferred
 async def test_stopping_ends_a_run_after_the_step_under_way(db_url: str) -> None:
-    with running_store(db_url) as store:
+    async with running_store(db_url) as store:
         samples, meter_samples = random_rows(9, NOW - dt.timedelta(days=1), 10, 500)
         await add(store, samples, meter_samples)
         job = RetentionJob(store, clock_at(NOW), RetentionPolicy(samples=1, batch_rows=50))
@@ -382,7 +382,7 @@ async def test_stopping_ends_a_run_after_the_step_under_way(db_url: str) -> None
 
 @pytest_twisted.ensureDeferred
 async def test_the_job_pauses_after_each_step_to_keep_to_its_share(db_url: str) -> None:
-    with running_store(db_url) as store:
+    async with running_store(db_url) as store:
         samples, meter_samples = random_rows(10, NOW - dt.timedelta(days=1), 10, 300)
         await add(store, samples, meter_samples)
         clock = clock_at(NOW)
@@ -412,7 +412,7 @@ async def test_the_job_pauses_after_each_step_to_keep_to_its_share(db_url: str) 
 
 @pytest_twisted.ensureDeferred
 async def test_the_dtu_values_view_has_one_row_per_value(db_url: str) -> None:
-    with running_store(db_url) as store:
+    async with running_store(db_url) as store:
         await store.add_samples([
             (PSNS[0], NOW, 20, struct.pack(">hhh", 1, -2, 32767), REGISTERS),
             (PSNS[0], NOW + dt.timedelta(seconds=1), 20, struct.pack(">hh", -32768, 0), None),
