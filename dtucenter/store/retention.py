@@ -14,7 +14,7 @@ writer's group commits, so that it never holds up an upload:
   values carry the time its poll started.
 - **Expiry.** Rows older than a table's retention go, oldest first, a batch per
   transaction; raw samples only once they are rolled up. On PostgreSQL the
-  sample tables are partitioned by UTC day (migration ``0006_retention``): the
+  sample tables are partitioned by UTC day (migration ``0007_retention``): the
   job makes the coming days' partitions ahead and expires samples by dropping
   whole partitions, so a raw sample is kept until its whole day has expired.
 - **Reads.** ``read_series`` answers a DTU's or a meter's values over a range
@@ -290,7 +290,7 @@ def rollup_step(session: Session, source: RollupSource, horizon: dt.datetime, ba
 
 #: Per source, PostgreSQL's rows of values to roll up: the roll-up's key, value and extras, and the time.
 _SQL_VALUES = {
-    # The documented view (migration 0006_retention) unpacks the uploads.
+    # The documented view (migration 0007_retention) unpacks the uploads.
     "samples": 'SELECT psn, position, value, dev, addr, "time" FROM dtu_values',
     "meter_samples": 'SELECT meter, point, value, "time" FROM meter_samples',
 }

@@ -37,7 +37,7 @@ VERSION_TABLE = "alembic_version"
 #: ``pg_advisory_lock`` key held while upgrading, so two centers starting together do not race.
 UPGRADE_LOCK = int.from_bytes(b"dtucentr", "big")
 
-#: The view of DTU samples as one row per value (migration 0006_retention, docs/integrations.md).
+#: The view of DTU samples as one row per value (migration 0007_retention, docs/integrations.md).
 VALUES_VIEW = "dtu_values"
 #: PostgreSQL's partitions of the sample tables (store/retention.py): tables the models do not describe.
 PARTITION_NAME = re.compile(r"^(samples|meter_samples)_p(\d{8}|_before\d{8}|_default)$")

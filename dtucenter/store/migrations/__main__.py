@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _next_revision() -> str:
-    # Revisions are numbered, maybe with a name after the number (0006_retention).
+    # Revisions are numbered, maybe with a name after the number (0007_retention).
     return f"{int(schema.head().partition('_')[0]) + 1:04d}"
 
 

@@ -1,8 +1,8 @@
 """retention: roll-up tables and their cursors, a time index on the sample tables, the dtu_values view;
 on PostgreSQL the sample tables become partitioned by day
 
-Revision ID: 0006_retention
-Revises: 0005
+Revision ID: 0007_retention
+Revises: 0006
 Create Date: 2026-11-30
 
 On PostgreSQL ``samples`` and ``meter_samples`` are turned into tables
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0006_retention'
-down_revision: str | None = '0005'
+revision: str = '0007_retention'
+down_revision: str | None = '0006'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
