@@ -289,7 +289,9 @@ def build_service(
     if settings.api != "off":
         api = add_api(top, settings, center, control, store, recorder, bridge, templates, reactor)
         PendingApi(book, adopter).install(api)
-    add_metrics(top, settings, MetricsSources(center, store, bridge, api, per_link=settings.metrics_per_link), reactor)
+    add_metrics(top, settings, MetricsSources(
+        center, store, bridge, api, pending_devices=book.count, per_link=settings.metrics_per_link
+    ), reactor)
     return top
 
 
