@@ -436,6 +436,12 @@ def with_storm_section(report: str, results: dict[str, Any]) -> str:
     return _with_section(report, STORM_HEADING, _render_storms(results.get("storm"), results["machine"]))
 
 
+def with_section(report: str, heading: str, lines: list[str]) -> str:
+    """``report`` with the section under ``heading`` replaced by ``lines``: for a scenario run on its own
+    (``benchmarks/retention_cost.py``)."""
+    return _with_section(report, heading, lines)
+
+
 def _with_section(report: str, heading: str, lines: list[str]) -> str:
     """``report`` with the section under ``heading`` replaced by ``lines`` (or, if it has none, given them
     where :func:`render` puts such sections: after the measured ones, before the findings)."""

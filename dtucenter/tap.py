@@ -53,6 +53,7 @@ from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
 from dtucenter.store.pending import PendingDeviceStore
 from dtucenter.store.recorder import MeterRecorder
+from dtucenter.store.retention import RetentionJob, RetentionPolicy
 from dtucenter.store.schema import SchemaError
 from dtucenter.web.alarms import AlarmApi
 from dtucenter.web.auth import TokenFileError, resolve_token
@@ -252,6 +253,12 @@ def build_service(
     recorder = MeterRecorder(store, reactor, settings.modbus, settings.last_seen_interval, stats=center.stats)
     recorder.setName("meter-recorder")
     recorder.setServiceParent(top)
+    if settings.retention.job:
+        # After the store: stopped before it, so that a step under way ends on a running store.
+        policy = attrs.asdict(settings.retention, filter=lambda field, _: field.name != "job")
+        retention = RetentionJob(store, reactor, RetentionPolicy(**policy))
+        retention.setName("retention")
+        retention.setServiceParent(top)
     dtu_listener = ListeningService(listening_endpoint(reactor, settings.dtu), DTUFactory(center, reactor), "dtu-tcp")
     dtu_listener.setServiceParent(top)
     top.require_listening(settings.where("dtu"), dtu_listener.when_listening)

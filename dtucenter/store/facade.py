@@ -281,6 +281,12 @@ class Store(Service):
         self._retry_delay = RETRY_FIRST
         self._retry_call: Any = None
         self._idle_waiters: list[Deferred[None]] = []
+        #: Rows ever given to add_rows, and how many of them were committed or failed since: rows
+        #: go through in the order they came, so the first ``_rows_settled`` of them are settled.
+        self._rows_submitted = 0
+        self._rows_settled = 0
+        #: flushed() callers: the row count they wait to see settled.
+        self._flush_waiters: list[tuple[int, Deferred[None]]] = []
         self._isolate = 0
         #: Tables whose rows go through _MultiRowInsert; other tables' rows through SQLAlchemy.
         self._fast_inserts = {
@@ -340,6 +346,8 @@ class Store(Service):
             self._queued_jobs.popleft()[1].errback(error)
         while self._queued_rows:
             self._queued_rows.popleft()[2].errback(error)
+        # Those still on the writer thread settle when it reports back.
+        self._settled(self._queued_row_count)
         self._queued_row_count = 0
 
     def when_idle(self) -> Deferred[None]:
@@ -349,6 +357,29 @@ class Store(Service):
         d: Deferred[None] = Deferred()
         self._idle_waiters.append(d)
         return d
+
+    def flushed(self) -> Deferred[None]:
+        """Fires once every row given to ``add_rows`` before this call is committed (or given up).
+
+        Unlike ``when_idle`` it does not wait for rows that come later, so it
+        fires under any load: what reads the sample tables up to a time (the
+        roll-ups, store/retention.py) waits on it to see every row queued before then.
+        """
+        target = self._rows_submitted
+        if self._rows_settled >= target:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._flush_waiters.append((target, d))
+        return d
+
+    def _settled(self, rows: int) -> None:
+        self._rows_settled += rows
+        if not self._flush_waiters:
+            return
+        ready = [d for target, d in self._flush_waiters if target <= self._rows_settled]
+        self._flush_waiters = [(target, d) for target, d in self._flush_waiters if target > self._rows_settled]
+        for d in ready:
+            d.callback(None)
 
     def _busy(self) -> bool:
         return bool(self._in_flight or self._queued_jobs or self._queued_rows)
@@ -378,12 +409,26 @@ class Store(Service):
         d: Deferred[None] = Deferred()
         self._queued_rows.append(({table: rows}, len(rows), d))
         self._queued_row_count += len(rows)
+        self._rows_submitted += len(rows)
         self._kick()
         return d
 
     def read(self, job: Callable[[Session], T]) -> Deferred[T]:
         def run() -> T:
             with Session(self.engine) as session:
+                return job(session)
+
+        return deferToThreadPool(self._reactor, self._readers, run)
+
+    def maintain(self, job: Callable[[Session], T]) -> Deferred[T]:
+        """Run ``job`` in a transaction of its own on a reader thread, committed when it returns.
+
+        For background upkeep (roll-ups, expiry): beside the writer, not in its
+        group commits, so a slow or failing upkeep step never holds up an upload's
+        acknowledgement; keep each step short, as on SQLite it takes the write lock.
+        """
+        def run() -> T:
+            with Session(self.engine) as session, session.begin():
                 return job(session)
 
         return deferToThreadPool(self._reactor, self._readers, run)
@@ -464,6 +509,8 @@ class Store(Service):
         self.stats.largest_batch = max(self.stats.largest_batch, batch.row_count)
         self.commit_durations.record(self._clock.seconds() - self._batch_started)
         self._in_flight = None
+        # Counted first, so that what a waiter does next already sees these rows as settled.
+        self._settled(batch.row_count)
         for (_, d), result in zip(batch.jobs, results, strict=False):
             d.callback(result)
         for d in batch.row_waiters:
@@ -501,8 +548,8 @@ class Store(Service):
             self._fail_batch(batch, failure)
         self._kick()
 
-    @staticmethod
-    def _fail_batch(batch: _Batch, failure: Failure) -> None:
+    def _fail_batch(self, batch: _Batch, failure: Failure) -> None:
+        self._settled(batch.row_count)
         for _, d in batch.jobs:
             d.errback(failure)
         for d in batch.row_waiters:

@@ -50,6 +50,18 @@ def test_the_databases_scenario_compares_sqlite_and_postgresql(tmp_path: Path, p
     assert "Traceback" not in result.stderr
 
 
+def test_retention_cost_smoke_run_writes_its_section(tmp_path: Path) -> None:
+    out = tmp_path / "retention.md"
+    result = run_process([sys.executable, "-m", "benchmarks.retention_cost", "--smoke", "--out", str(out)], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("## Retention job beside ingest")
+    rows = [line.split("|") for line in text.splitlines() if line.startswith(("| with ", "| without "))]
+    assert [row[1].strip() for row in rows] == ["without", "with"]
+    # The job did its work during the step with it, and none without it.
+    assert [int(row[7].replace(",", "")) for row in rows] == [0, 2000]
+
+
 def test_profile_summary_reads_py_spy_raw_stacks() -> None:
     from benchmarks.report import summarise_profile
 
