@@ -30,6 +30,7 @@ from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings,
 from dtucenter.modbus.points import BlockLimits, read_points
 from dtucenter.modbus.rules import RegistrationRule
 from dtucenter.modbus.templates import Template, find_template
+from dtucenter.mqtt.config import MqttSettings
 from dtucenter.setting import (
     METADATA_KEY,
     Declared,
@@ -196,6 +197,7 @@ class Settings:
         metadata=setting(integer(1, 1000), "Rotated log files kept; older ones are deleted.", option="log-keep"),
     )
     modbus: ModbusSettings = attrs.Factory(ModbusSettings)
+    mqtt: MqttSettings = attrs.Factory(MqttSettings)
     #: The config file, or "defaults".
     source: str = "defaults"
     #: Where each value that is not a default came from ("--dtu", "center.toml: dtu"), by field
@@ -220,7 +222,7 @@ class Settings:
         if name in self.origins:
             return self.origins[name]
         table, _, key = name.rpartition(".")
-        declaration = _declaration(ModbusSettings if table else Settings, key)
+        declaration = _declaration(_TABLE_CLASSES[table], key)
         return f"--{declaration.option}" if declaration.option else key
 
     def where_link(self, link: LinkSettings, key: str) -> str:
@@ -240,7 +242,9 @@ class CommandLineOption:
 
 
 #: The classes whose fields carry options, in the order ``--help`` lists them.
-_OPTION_CLASSES: tuple[type, ...] = (Settings, ModbusSettings)
+_OPTION_CLASSES: tuple[type, ...] = (Settings, ModbusSettings, MqttSettings)
+#: The settings class of each table, by its name in ``Settings.where``'s names ("" for the top level).
+_TABLE_CLASSES: dict[str, type[AttrsInstance]] = {"": Settings, "modbus": ModbusSettings, "mqtt": MqttSettings}
 
 
 def command_line_options() -> list[CommandLineOption]:
@@ -296,6 +300,7 @@ def read_settings(
     place = Place(source)
     top = dict(read_table(document, place))
     modbus_table = read_table(top.pop("modbus", {}), place, "modbus")
+    mqtt_table = read_table(top.pop("mqtt", {}), place, "mqtt")
     link_tables = list(read_tables(top.pop("link", None), place, "link"))
     meter_tables = list(read_tables(top.pop("meter", None), place, "meter"))
     rule_tables = list(read_tables(top.pop("rule", None), place, "rule"))
@@ -332,7 +337,22 @@ def read_settings(
             None, "applies to DTUs that dial the shared listener: set [modbus] listen (or --modbus)"
         )
     modbus = build(ModbusSettings, modbus_values, modbus_place, links=links, meters=meters, rules=rules)
-    return build(Settings, values, place, modbus=modbus, source=source, origins=origins)
+    mqtt = _read_mqtt(mqtt_table, place.inner("mqtt"), given, origins)
+    return build(Settings, values, place, modbus=modbus, mqtt=mqtt, source=source, origins=origins)
+
+
+def _read_mqtt(
+    table: Mapping[str, Any], place: Place, given: Mapping[str, Any], origins: dict[str, str]
+) -> MqttSettings:
+    (values,) = read_keys(table, place, MqttSettings)
+    origins |= {f"mqtt.{name}": f"{place.source}: mqtt: {name}" for name in values}
+    _apply_options(MqttSettings, given, values, origins, "mqtt.")
+    tls_files = [key for key in ("ca", "cert", "key") if key in values]
+    if tls_files and "url" in values and not values["url"].startswith("mqtts://"):
+        raise place.error(tls_files[0], "is for a TLS broker: the url must start with mqtts://")
+    if "key" in values and "cert" not in values:
+        raise place.error("key", "needs cert, the certificate it is the key of")
+    return build(MqttSettings, values, place)
 
 
 def _apply_options(

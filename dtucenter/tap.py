@@ -229,6 +229,8 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
     bridge = add_modbus(top, settings, recorder, reactor)
+    if settings.mqtt.url is not None:
+        add_mqtt(top, settings, store, reactor)
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     if settings.api != "off":
@@ -272,6 +274,28 @@ async def start_database_devices(store: Store, bridge: ModbusBridge) -> None:
             bridge.set_meter(read_meter_definition(json.loads(definition), source))
         except (ValueError, LookupError, UsageError) as e:  # a ConfigError, an UnknownLink, bad JSON
             log.error("{source}: not polled: {error}", source=source, error=e)
+
+
+def add_mqtt(top: CenterService, settings: Settings, store: Store, reactor: Any) -> None:
+    """Publishing to the broker: a service that hears the event hub, keeping its backlog in the store."""
+    from dtucenter.isotime import utc_now
+    from dtucenter.mqtt.client import BrokerConnection
+    from dtucenter.mqtt.messages import Composer
+    from dtucenter.mqtt.publisher import MqttPublisher
+    from dtucenter.store.outbox import MqttOutbox
+
+    mqtt = settings.mqtt
+    broker = mqtt.broker
+    assert broker is not None
+    composer = Composer(mqtt)
+    connection = BrokerConnection(
+        mqtt, broker, reactor,
+        center_status=lambda online: composer.center_status(online, utc_now(reactor).isoformat()),
+        last_will=composer.center_status(False, None),
+    )
+    publisher = MqttPublisher(mqtt, top.events, MqttOutbox(store), connection, composer, reactor)
+    publisher.setName("mqtt")
+    publisher.setServiceParent(top)
 
 
 def add_api(

@@ -366,3 +366,18 @@ class DeviceOperation(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
 
     __table_args__ = (Index("ix_device_operations_kind_target_id", "kind", "target", "id"),)
+
+
+class MqttBacklog(Base):
+    """Messages for the MQTT broker while it is away (dtucenter/mqtt/publisher.py), sent in ``seq`` order.
+
+    Bounded by the ``[mqtt] backlog`` setting; rows are deleted once the broker has them.
+    """
+
+    __tablename__ = "mqtt_backlog"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    topic: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    qos: Mapped[int] = mapped_column(SmallInteger)
+    retain: Mapped[bool] = mapped_column(Boolean)

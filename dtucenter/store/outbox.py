@@ -1,0 +1,89 @@
+"""The MQTT publisher's backlog and directory in the database (``mqtt/publisher.py``'s ``Backlog``).
+
+Implemented by structure, in plain types: the store imports nothing of the MQTT
+package. Appends, reads and removals all go through the store's one writer, so
+they run in the order they are asked for: a read of the oldest messages sees
+every append asked for before it.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+from twisted.internet.defer import Deferred
+
+from dtucenter.store.facade import Store
+from dtucenter.store.models import Account, Dtu, Link, Meter, MqttBacklog, RegisterEntry
+from dtucenter.store.queries import rowcount, table_of
+
+#: (seq, topic, payload, qos, retain)
+BacklogRow = tuple[int, str, bytes, int, bool]
+#: A device's kind ("dtu", "meter", "link") and key (a PSN or a name) -> its account's name.
+Accounts = dict[tuple[str, int | str], str]
+#: A DTU's PSN -> its register list, (dev, addr) by position.
+RegisterLists = dict[int, tuple[tuple[int, int], ...]]
+
+MQTT_BACKLOG = table_of(MqttBacklog)
+
+
+def backlog_state(session: Session) -> tuple[int, int]:
+    count, highest = session.execute(select(func.count(), func.max(MqttBacklog.seq))).one()
+    return int(count), int(highest or 0)
+
+
+def oldest_messages(session: Session, limit: int) -> list[BacklogRow]:
+    query = select(
+        MqttBacklog.seq, MqttBacklog.topic, MqttBacklog.payload, MqttBacklog.qos, MqttBacklog.retain
+    ).order_by(MqttBacklog.seq).limit(limit)
+    return [
+        (seq, topic, bytes(payload), qos, bool(retain)) for seq, topic, payload, qos, retain in session.execute(query)
+    ]
+
+
+def remove_messages_through(session: Session, seq: int) -> int:
+    return rowcount(session.execute(delete(MqttBacklog).where(MqttBacklog.seq <= seq)))
+
+
+def device_directory(session: Session) -> tuple[Accounts, RegisterLists]:
+    """Every device's account name, in three queries whatever the number of devices."""
+    accounts: Accounts = {}
+    for psn, account in session.execute(select(Dtu.psn, Account.name).join(Account, Dtu.account_id == Account.id)):
+        accounts[("dtu", psn)] = account
+    for kind, model in (("meter", Meter), ("link", Link)):
+        named = select(model.name, Account.name).join(Account, model.account_id == Account.id)
+        for device, account in session.execute(named):
+            accounts[(kind, device)] = account
+    registers: dict[int, list[tuple[int, int]]] = {}
+    entries = select(RegisterEntry.psn, RegisterEntry.dev, RegisterEntry.addr).order_by(
+        RegisterEntry.psn, RegisterEntry.position
+    )
+    for psn, dev, addr in session.execute(entries):
+        registers.setdefault(psn, []).append((dev, addr))
+    return accounts, {psn: tuple(entries) for psn, entries in registers.items()}
+
+
+class MqttOutbox:
+    """The backlog and directory the MQTT publisher reads and writes through the store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def state(self) -> Deferred[tuple[int, int]]:
+        return self._store.read(backlog_state)
+
+    def append(self, rows: list[BacklogRow]) -> Deferred[None]:
+        return self._store.add_rows(
+            MQTT_BACKLOG,
+            [{"seq": seq, "topic": topic, "payload": payload, "qos": qos, "retain": retain}
+             for seq, topic, payload, qos, retain in rows],
+        )
+
+    def oldest(self, limit: int) -> Deferred[list[BacklogRow]]:
+        # Through the writer, not a reader: it must see the appends queued before it.
+        return self._store.write(lambda session: oldest_messages(session, limit))
+
+    def remove_through(self, seq: int) -> Deferred[int]:
+        return self._store.write(lambda session: remove_messages_through(session, seq))
+
+    def directory(self) -> Deferred[tuple[Accounts, RegisterLists]]:
+        return self._store.read(device_directory)
