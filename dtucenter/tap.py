@@ -230,7 +230,7 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
         udp_service.setServiceParent(top)
     bridge = add_modbus(top, settings, recorder, reactor)
     if settings.mqtt.url is not None:
-        add_mqtt(top, settings, store, reactor)
+        add_mqtt(top, settings, store, recorder, reactor)
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     if settings.api != "off":
@@ -276,7 +276,7 @@ async def start_database_devices(store: Store, bridge: ModbusBridge) -> None:
             log.error("{source}: not polled: {error}", source=source, error=e)
 
 
-def add_mqtt(top: CenterService, settings: Settings, store: Store, reactor: Any) -> None:
+def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: MeterRecorder, reactor: Any) -> None:
     """Publishing to the broker: a service that hears the event hub, keeping its backlog in the store."""
     from dtucenter.isotime import utc_now
     from dtucenter.mqtt.client import BrokerConnection
@@ -293,7 +293,9 @@ def add_mqtt(top: CenterService, settings: Settings, store: Store, reactor: Any)
         center_status=lambda online: composer.center_status(online, utc_now(reactor).isoformat()),
         last_will=composer.center_status(False, None),
     )
-    publisher = MqttPublisher(mqtt, top.events, MqttOutbox(store), connection, composer, reactor)
+    publisher = MqttPublisher(
+        mqtt, top.events, MqttOutbox(store), connection, composer, reactor, devices_known=recorder.synced
+    )
     publisher.setName("mqtt")
     publisher.setServiceParent(top)
 

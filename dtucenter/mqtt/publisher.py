@@ -26,11 +26,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -105,12 +105,16 @@ class MqttPublisher(Service):
     """Subscribes to the hub once started; see the module's docstring for the ways a message goes."""
 
     def __init__(self, settings: MqttSettings, events: EventHub, backlog: Backlog, connection: Connection,
-                 composer: Composer, clock: IReactorTime) -> None:
+                 composer: Composer, clock: IReactorTime, devices_known: Callable[[], Deferred[Any]] | None = None,
+                 ) -> None:
+        """``devices_known``: fires once the database holds the devices of the config file (they are
+        imported at start), so that the first events are published under their accounts."""
         self._settings = settings
         self._hub = events
         self._backlog = backlog
         self._connection = connection
         self._clock = clock
+        self._devices_known = devices_known
         self.composer = composer
         self.directory = Directory()
         self.stats = PublisherStats()
@@ -132,13 +136,22 @@ class MqttPublisher(Service):
         self._dropped_unreported = 0
         self._summary_call: IDelayedCall | None = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether the broker is connected, as the connection last told."""
+        return self._broker_up
+
     # -- life --------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         # Heard from now on, composed once the backlog's state and the directory are read.
         self._unsubscribe = self._hub.subscribe(self._hear)
-        self._backlog.state().addCallbacks(self._started, self._start_failed)
+        known = self._devices_known() if self._devices_known is not None else succeed(None)
+        # A failed import is logged by its owner; the directory is read anyway.
+        known.addErrback(lambda _: None).addCallback(lambda _: self._backlog.state()).addCallbacks(
+            self._started, self._start_failed
+        )
 
     def _started(self, state: tuple[int, int]) -> None:
         self._waiting, highest = state
