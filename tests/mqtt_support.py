@@ -15,11 +15,11 @@ from typing import Any
 
 import attrs
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support import STEP_TIMEOUT, end_process_group, start_process
 
@@ -64,7 +64,8 @@ def make_test_ca(directory: Path) -> TlsFiles:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     server_key = ec.generate_private_key(ec.SECP256R1())
     files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    files.ca.write_bytes(certificate("test CA", ca_key, "test CA", ca_key, True).public_bytes(serialization.Encoding.PEM))
+    authority = certificate("test CA", ca_key, "test CA", ca_key, True)
+    files.ca.write_bytes(authority.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(
         certificate("localhost", server_key, "test CA", ca_key, False).public_bytes(serialization.Encoding.PEM)
     )

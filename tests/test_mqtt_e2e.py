@@ -176,7 +176,7 @@ async def test_broker_restart_loses_nothing_and_keeps_order(
         await until(lambda: backlog_count(center) >= 80)
         broker.start()
         await upload(30)  # while the backlog drains, or after
-        await until(lambda: len(set(m["value"] for m in subscriber.on("dtucenter/admin/7/0"))) == 80,
+        await until(lambda: len({m["value"] for m in subscriber.on("dtucenter/admin/7/0")}) == 80,
                     timeout=3 * STEP_TIMEOUT)
         for position, sign in ((0, 1), (1, -1)):
             values = [m["value"] for m in subscriber.on(f"dtucenter/admin/7/{position}")]
