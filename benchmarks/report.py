@@ -117,6 +117,7 @@ def render(results: dict[str, Any]) -> str:
     out += _render_modbus(results.get("modbus"))
     out += _render_storms(results.get("storm"), results["machine"])
     out += _render_junk_flood(results.get("junk_flood"))
+    out += _render_mqtt(results.get("mqtt"))
     if FINDINGS.exists():
         out += ["", FINDINGS.read_text().rstrip(), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -368,8 +369,49 @@ def _render_storms(runs: list[dict[str, Any]] | None, machine: dict[str, Any]) -
     return lines
 
 
+MQTT_HEADING = "## MQTT publishing at the ingest rate"
+#: Issue 14's budget: publishing at the ingest rate costs less than this share of the center's throughput.
+MQTT_BUDGET = 0.25
+
+
+def _render_mqtt(mqtt: dict[str, Any] | None) -> list[str]:
+    if not mqtt or not mqtt.get("without"):
+        return []
+    lines = [
+        MQTT_HEADING,
+        "",
+        ("The ingest scenario (1,000 DTUs x 8 values) against the center without MQTT, then with `--mqtt` to a "
+         "local Mosquitto (QoS 1, retained values) for each `[mqtt] payload` shape: `value` publishes a message "
+         "per value (8 per upload), `device` one per upload with all its values. Mosquitto is another process on "
+         "the same 2 cores; nobody subscribes, so the broker only stores the retained last values."),
+        "",
+        ("| run | sustained frames/s | of the run without MQTT | peak frames/s | ack p99 at sustained (ms) "
+         "| center CPU at sustained | left in the backlog |"),
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = (mqtt["without"].get("best") or {"frames_per_s": 0.0})["frames_per_s"]
+    verdicts = []
+    for label, title in (("without", "without MQTT"), ("value", "payload = value"), ("device", "payload = device")):
+        run = mqtt.get(label)
+        if not run or not run.get("steps"):
+            continue
+        best, peak = run.get("best"), run.get("peak")
+        rate = best["frames_per_s"] if best else 0.0
+        share = f"{rate / base:.0%}" if base else "-"
+        lines.append(
+            f"| {title} | {rate:,.0f} | {share} | {peak['frames_per_s']:,.0f} | "
+            f"{_ms(best['p99']) if best else '-'} | {_pct(best['cpu']) if best else '-'} | "
+            f"{run.get('backlog_rows', '-')} |"
+        )
+        if label != "without" and base:
+            verdicts.append(f"- `payload = {label}` costs less than {MQTT_BUDGET:.0%} of the throughput: " + _verdict(
+                rate >= (1 - MQTT_BUDGET) * base, f"{1 - rate / base:.0%} lost"
+            ))
+    return [*lines, "", *verdicts, ""]
+
+
 #: The scenarios whose sections stand alone (no line in Targets): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk"}
+MERGEABLE = {"storm", "junk", "mqtt"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -378,6 +420,8 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
         report = with_storm_section(report, results)
     if results.get("junk_flood"):
         report = _with_section(report, JUNK_FLOOD_HEADING, _render_junk_flood(results["junk_flood"]))
+    if results.get("mqtt"):
+        report = _with_section(report, MQTT_HEADING, _render_mqtt(results["mqtt"]))
     return report
 
 

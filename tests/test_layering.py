@@ -39,6 +39,13 @@ FORBIDDEN = [
     ("dtucenter.dtu", "dtucenter.tap", "only the twisted plugin starts the center"),
     ("dtucenter.modbus", "dtucenter.tap", "only the twisted plugin starts the center"),
     ("dtucenter.web", "dtucenter.tap", "only the twisted plugin starts the center"),
+    ("dtucenter.mqtt", "dtucenter.store", "the MQTT publisher speaks to the store only through its Backlog interface"),
+    ("dtucenter.mqtt", "dtucenter.dtu", "integrations hear the protocols through the event hub"),
+    ("dtucenter.mqtt", "dtucenter.modbus", "integrations hear the protocols through the event hub"),
+    ("dtucenter.mqtt", "dtucenter.web", "the publisher does not know the API"),
+    ("dtucenter.mqtt", "dtucenter.config", "the publisher gets its settings passed in"),
+    ("dtucenter.mqtt", "dtucenter.tap", "only the twisted plugin starts the center"),
+    ("dtucenter.store", "dtucenter.mqtt", "the store implements the publisher's Backlog without importing it"),
 ]
 
 #: Helpers every layer may use; they use none.
