@@ -279,7 +279,13 @@ async def start_database_devices(store: Store, bridge: ModbusBridge) -> None:
 def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: MeterRecorder, reactor: Any) -> None:
     """Publishing to the broker: a service that hears the event hub, keeping its backlog in the store."""
     from dtucenter.isotime import utc_now
-    from dtucenter.mqtt.client import BrokerConnection
+
+    try:
+        from dtucenter.mqtt.client import BrokerConnection
+    except ImportError as e:
+        raise UsageError(
+            f"{settings.where('mqtt.url')}: needs paho-mqtt ({e}): pip install 'dtucenter[mqtt]'"
+        ) from None
     from dtucenter.mqtt.messages import Composer
     from dtucenter.mqtt.publisher import MqttPublisher
     from dtucenter.store.outbox import MqttOutbox

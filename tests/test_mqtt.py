@@ -15,7 +15,7 @@ from dtucenter.config import ConfigError, read_settings
 from dtucenter.events import DtuOnline, EventHub, LinkUp, MeterFailed, MeterRead, UploadStored
 from dtucenter.mqtt import publisher as publisher_module
 from dtucenter.mqtt.config import Broker, MqttSettings, parse_broker_url
-from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Message
+from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Extra, Message
 from dtucenter.mqtt.publisher import BacklogRow, MqttPublisher
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
@@ -281,3 +281,21 @@ def test_options_win_over_the_file() -> None:
     assert settings.mqtt.client_id == "a"
     assert settings.where("mqtt.url") == "--mqtt" and settings.where("mqtt.client_id") == "c.toml: mqtt: client_id"
     assert read_settings({}).mqtt.url is None
+
+
+def test_extras_are_published_in_order_with_the_events() -> None:
+    r = rig()
+    assert r.connection.up is not None
+    r.connection.up()
+    r.connection.deliver_all()
+    r.upload(1)
+    alarm = Extra(("dtu", 1), "alarms/{account}/{device}/{point}", {"state": "raised", "value": 1}, point="p0")
+    r.publisher.publish_extra(alarm)
+    r.upload(2)
+    r.clock.advance(0)
+    assert [(m.topic, m.payload) for _, m in r.connection.sent] == [
+        ("dtucenter/acme/1/0", b'{"time":"2026-11-30T12:00:00+00:00","value":1}'),
+        ("alarms/acme/1/p0", b'{"state": "raised", "value": 1}'),
+        ("dtucenter/acme/1/0", b'{"time":"2026-11-30T12:00:00+00:00","value":2}'),
+    ]
+    stop(r)

@@ -42,6 +42,21 @@ class Message:
     retain: bool
 
 
+@attrs.frozen
+class Extra:
+    """A message that is no event of the hub (an alarm raised or cleared), published in order with them.
+
+    ``template`` takes the same placeholders as the value topic; ``body`` is sent as JSON.
+    """
+
+    device: DeviceKey
+    template: str
+    body: Mapping[str, object]
+    point: str = ""
+    retain: bool = False
+    qos: int = 1
+
+
 @attrs.define
 class Directory:
     """Whose each device is, and the DTUs' register lists (``(dev, addr)`` per position)."""
@@ -75,7 +90,9 @@ class Composer:
         #: Meters whose latest poll failed: their status is published when it changes, not per poll.
         self._failing: set[str] = set()
 
-    def device_of(self, event: Event) -> DeviceKey:
+    def device_of(self, event: Event | Extra) -> DeviceKey:
+        if isinstance(event, Extra):
+            return event.device
         if isinstance(event, UploadStored | DtuOnline | DtuOffline):
             return ("dtu", event.psn)
         if isinstance(event, MeterRead | MeterFailed):
@@ -95,9 +112,12 @@ class Composer:
         topic = self._topic(self._settings.center_topic, "", "center", "center")
         return Message(topic, json.dumps(body).encode(), 1, True)
 
-    def messages(self, event: Event, directory: Directory) -> list[Message]:
+    def messages(self, event: Event | Extra, directory: Directory) -> list[Message]:
         key = self.device_of(event)
         account = directory.accounts.get(key, UNKNOWN_ACCOUNT)
+        if isinstance(event, Extra):
+            topic = self._topic(event.template, account, key[0], key[1], event.point)
+            return [Message(topic, json.dumps(event.body).encode(), event.qos, event.retain)]
         if isinstance(event, UploadStored):
             return self._upload(event, account, directory.registers.get(event.psn))
         if isinstance(event, MeterRead):

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from dtucenter.events import Event, EventHub
 from dtucenter.mqtt.config import MqttSettings
-from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Message
+from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Extra, Message
 
 log = Logger()
 
@@ -118,7 +118,7 @@ class MqttPublisher(Service):
         self.composer = composer
         self.directory = Directory()
         self.stats = PublisherStats()
-        self._heard: deque[Event] = deque()
+        self._heard: deque[Event | Extra] = deque()
         self._flush_call: IDelayedCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._ready = False
@@ -187,7 +187,13 @@ class MqttPublisher(Service):
 
     # -- hearing and composing ---------------------------------------------------
 
-    def _hear(self, event: Event) -> None:
+    def publish_extra(self, extra: Extra) -> None:
+        """Publish what is no event of the hub (alarms raised and cleared), in order with the events,
+        through the same backlog. Call it in the reactor thread; it never blocks."""
+        if self.running:
+            self._hear(extra)
+
+    def _hear(self, event: Event | Extra) -> None:
         self._heard.append(event)
         if self._flush_call is None and self._ready:
             self._flush_call = self._clock.callLater(0, self._flush)
