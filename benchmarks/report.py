@@ -381,27 +381,32 @@ def _render_mqtt(mqtt: dict[str, Any] | None) -> list[str]:
         MQTT_HEADING,
         "",
         ("The ingest scenario (1,000 DTUs x 8 values) against the center without MQTT, then with `--mqtt` to a "
-         "local Mosquitto (QoS 1, retained values) for each `[mqtt] payload` shape: `value` publishes a message "
-         "per value (8 per upload), `device` one per upload with all its values. Mosquitto is another process on "
-         "the same 2 cores; nobody subscribes, so the broker only stores the retained last values."),
+         "local Mosquitto (QoS 1) for each `[mqtt] payload` shape: `value` publishes a message per value (8 per "
+         "upload, retained), `device` one per upload with all its values (retained), `batch` one per account and "
+         "reactor turn with every upload of the turn. Mosquitto is another process on the same 2 cores; nobody "
+         "subscribes. CPU per 1,000 frames is the center's at its sustained step (or its peak step when none "
+         "kept up): less sensitive than frames/s to what else the machine runs."),
         "",
         ("| run | sustained frames/s | of the run without MQTT | peak frames/s | ack p99 at sustained (ms) "
-         "| center CPU at sustained | left in the backlog |"),
-        "|---|---:|---:|---:|---:|---:|---:|",
+         "| center CPU at sustained | center CPU per 1,000 frames (ms) | left in the backlog |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = (mqtt["without"].get("best") or {"frames_per_s": 0.0})["frames_per_s"]
     verdicts = []
-    for label, title in (("without", "without MQTT"), ("value", "payload = value"), ("device", "payload = device")):
+    for label, title in (("without", "without MQTT"), ("value", "payload = value"), ("device", "payload = device"),
+                         ("batch", "payload = batch")):
         run = mqtt.get(label)
         if not run or not run.get("steps"):
             continue
         best, peak = run.get("best"), run.get("peak")
         rate = best["frames_per_s"] if best else 0.0
         share = f"{rate / base:.0%}" if base else "-"
+        measured = best or peak
+        per_frame = measured["cpu"] / measured["frames_per_s"] * 1e6 if measured["frames_per_s"] else None
         lines.append(
             f"| {title} | {rate:,.0f} | {share} | {peak['frames_per_s']:,.0f} | "
             f"{_ms(best['p99']) if best else '-'} | {_pct(best['cpu']) if best else '-'} | "
-            f"{run.get('backlog_rows', '-')} |"
+            f"{'-' if per_frame is None else f'{per_frame:.0f}'} | {run.get('backlog_rows', '-')} |"
         )
         if label != "without" and base:
             verdicts.append(f"- `payload = {label}` costs less than {MQTT_BUDGET:.0%} of the throughput: " + _verdict(

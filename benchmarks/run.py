@@ -233,7 +233,7 @@ def run_ingest(workdir: Path, scale: Scale, label: str, log: Callable[[str], Non
 # -- MQTT publishing at the ingest rate ------------------------------------------------------------
 
 #: The MQTT comparison's runs: the center without MQTT, and with each payload shape (docs/integrations.md).
-MQTT_RUNS = (("without", None), ("value", "value"), ("device", "device"))
+MQTT_RUNS = (("without", None), ("value", "value"), ("device", "device"), ("batch", "batch"))
 
 
 def start_mosquitto(workdir: Path) -> tuple[Child, int]:

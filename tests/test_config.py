@@ -53,6 +53,7 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "manhole_host_key": "h1", "command_timeout": 5, "api": "tcp:6", "api_token": "file-token",
         "no_upgrade": False, "modbus": {"listen": "tcp:7"}, "log_rotate_size": 8000, "log_keep": 8,
         "dtu_udp_pending": 8,
+        "mqtt": {"url": "mqtt://file", "topic": "f/{point}", "version": "3.1.1", "qos": 0, "client_id": "f"},
     }
     options = {
         "dtu": "tcp:11", "dtu-udp": "12", "db": "sqlite:///b.db", "unknown-dtu": "accept", "login-timeout": "13",
@@ -60,6 +61,8 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "manhole-host-key": "h2", "command-timeout": "15", "api": "off", "api-token": "option-token",
         "no-upgrade": True, "modbus": "tcp:17", "log-rotate-size": "18000", "log-keep": "18",
         "dtu-udp-pending": "18",
+        "mqtt": "mqtts://option", "mqtt-topic": "o/{point}", "mqtt-version": "5", "mqtt-qos": "1",
+        "mqtt-client-id": "o",
     }
     assert {option.name for option in command_line_options()} == set(options), "every option is covered here"
     from_file = read_settings(file, source="center.toml")
@@ -74,6 +77,11 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         15, "off", "option-token", True, "tcp:17")
     assert (from_file.log_rotate_size, from_file.log_keep, both.log_rotate_size, both.log_keep) == (8000, 8, 18000, 18)
     assert (from_file.dtu_udp_pending, both.dtu_udp_pending) == (8, 18)
+    assert attrs.astuple(from_file.mqtt)[:5] == ("mqtt://file", "f/{point}", "dtucenter/{account}/{device}/status",
+                                                 "dtucenter/center/status", "3.1.1")
+    assert (from_file.mqtt.qos, from_file.mqtt.client_id) == (0, "f")
+    assert (both.mqtt.url, both.mqtt.topic, both.mqtt.version, both.mqtt.qos, both.mqtt.client_id) == (
+        "mqtts://option", "o/{point}", "5", 1, "o")
 
 
 def test_no_upgrade_from_the_file_or_the_flag(tmp_path: Path) -> None:

@@ -299,3 +299,30 @@ def test_extras_are_published_in_order_with_the_events() -> None:
         ("dtucenter/acme/1/0", b'{"time":"2026-11-30T12:00:00+00:00","value":2}'),
     ]
     stop(r)
+
+
+def test_batches_carry_a_turns_uploads_and_polls_per_account_and_keep_order_with_states() -> None:
+    r = rig(payload="batch")
+    r.backlog.accounts[("meter", "m")] = "other"
+    r.publisher._reload()
+    assert r.connection.up is not None
+    r.connection.up()
+    r.connection.deliver_all()
+    r.hub.publish(UploadStored(1, T0, (1, 2)))
+    r.hub.publish(MeterRead("m", T0, {"v": 1.5}))
+    r.hub.publish(UploadStored(1, T0, (3, 4)))
+    r.hub.publish(MeterFailed("m", T0, "timeout"))  # a state: after the values before it
+    r.hub.publish(UploadStored(1, T0, (5, 6)))
+    r.clock.advance(0)
+    time = "2026-11-30T12:00:00+00:00"
+    assert [(m.topic, m.payload, m.retain) for _, m in r.connection.sent] == [
+        ("dtucenter/acme/batch",
+         b'[{"kind":"dtu","device":"1","time":"%s","values":{"0":1,"1":2}},'
+         b'{"kind":"dtu","device":"1","time":"%s","values":{"0":3,"1":4}}]' % (time.encode(), time.encode()), False),
+        ("dtucenter/other/batch", b'[{"kind":"meter","device":"m","time":"%s","values":{"v":1.5}}]' % time.encode(),
+         False),
+        ("dtucenter/other/m/status", b'{"time": "%s", "state": "failing", "reason": "timeout"}' % time.encode(), True),
+        ("dtucenter/acme/batch",
+         b'[{"kind":"dtu","device":"1","time":"%s","values":{"0":5,"1":6}}]' % time.encode(), False),
+    ]
+    stop(r)

@@ -18,8 +18,9 @@ from dtucenter.setting import boolean, choice, integer, number, setting, strippe
 PLACEHOLDERS = ("account", "kind", "device", "point")
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 PROTOCOL_VERSIONS = ("3.1.1", "5")
-#: ``value``: a message per value (``{point}`` in the topic); ``device``: one per upload or poll, all its values.
-PAYLOAD_SHAPES = ("value", "device")
+#: ``value``: a message per value (``{point}`` in the topic); ``device``: one per upload or poll, all its values;
+#: ``batch``: one per account and reactor turn, every upload and poll of the turn (for fleets at ingest rates).
+PAYLOAD_SHAPES = ("value", "device", "batch")
 
 
 @attrs.frozen
@@ -127,8 +128,13 @@ class MqttSettings:
         default="value",
         metadata=setting(
             choice(*PAYLOAD_SHAPES),
-            "value: a message per value; device: one message per upload or poll with all its values.",
+            "value: a message per value; device: one per upload or poll with all its values;"
+            " batch: one per account and moment, with every upload and poll of that moment.",
         ),
+    )
+    batch_topic: str = attrs.field(
+        default="dtucenter/{account}/batch",
+        metadata=setting(topic_template, "Topic of the batches, with payload = batch."),
     )
     client_id: str = attrs.field(
         default="dtucenter",

@@ -89,6 +89,9 @@ class Composer:
         self._retain = settings.retain
         #: Meters whose latest poll failed: their status is published when it changes, not per poll.
         self._failing: set[str] = set()
+        self._batching = settings.payload == "batch"
+        #: With payload = batch: each account's uploads and polls since the last :meth:`flush`, in order.
+        self._batches: dict[str, list[dict[str, object]]] = {}
 
     def device_of(self, event: Event | Extra) -> DeviceKey:
         if isinstance(event, Extra):
@@ -113,8 +116,57 @@ class Composer:
         return Message(topic, json.dumps(body).encode(), 1, True)
 
     def messages(self, event: Event | Extra, directory: Directory) -> list[Message]:
+        """The messages of ``event``; with payload = batch, values wait for :meth:`flush` instead."""
         key = self.device_of(event)
         account = directory.accounts.get(key, UNKNOWN_ACCOUNT)
+        if self._batching:
+            if isinstance(event, UploadStored | MeterRead):
+                published: list[Message] = []
+                if isinstance(event, MeterRead) and event.meter in self._failing:
+                    self._failing.discard(event.meter)
+                    published = [*self.flush(), *self._status(key, account, event.time.isoformat(), state="ok")]
+                self._batch(event, account, directory)
+                return published
+            # Whatever comes after the values batched so far is published after them.
+            return [*self.flush(), *self._messages(event, key, account, directory)]
+        return self._messages(event, key, account, directory)
+
+    def flush(self) -> list[Message]:
+        """With payload = batch, a message per account with what was batched since the last flush."""
+        if not self._batches:
+            return []
+        batches, self._batches = self._batches, {}
+        return [
+            Message(
+                self._topic(self._settings.batch_topic, account, "", ""),
+                json.dumps(entries, separators=(",", ":")).encode(),
+                self._qos,
+                False,  # a batch is no "last value": nothing for a new subscriber to take
+            )
+            for account, entries in batches.items()
+        ]
+
+    def _batch(self, event: UploadStored | MeterRead, account: str, directory: Directory) -> None:
+        entries = self._batches.get(account)
+        if entries is None:
+            entries = self._batches[account] = []
+        time = event.time.isoformat()
+        if isinstance(event, UploadStored):
+            points = self._points(event.values, directory.registers.get(event.psn))
+            entries.append({"kind": "dtu", "device": str(event.psn), "time": time,
+                            "values": dict(zip(points, event.values, strict=True))})
+        else:
+            entries.append({"kind": "meter", "device": event.meter, "time": time,
+                            "values": {name: _json_value(v) for name, v in event.values.items()}})
+
+    @staticmethod
+    def _points(values: tuple[int, ...], registers: tuple[tuple[int, int], ...] | None) -> list[str]:
+        """A DTU upload's point names: ``dev-addr`` when its register list is known and fits, else positions."""
+        if registers is not None and len(registers) == len(values):
+            return [f"{dev}-{addr}" for dev, addr in registers]
+        return [str(position) for position in range(len(values))]
+
+    def _messages(self, event: Event | Extra, key: DeviceKey, account: str, directory: Directory) -> list[Message]:
         if isinstance(event, Extra):
             topic = self._topic(event.template, account, key[0], key[1], event.point)
             return [Message(topic, json.dumps(event.body).encode(), event.qos, event.retain)]
@@ -137,10 +189,7 @@ class Composer:
     ) -> list[Message]:
         time = event.time.isoformat()
         values = event.values
-        if registers is not None and len(registers) == len(values):
-            points: list[str] = [f"{dev}-{addr}" for dev, addr in registers]
-        else:
-            points = [str(position) for position in range(len(values))]
+        points = self._points(values, registers)
         if self._settings.payload == "device":
             body = json.dumps({"time": time, "values": dict(zip(points, values, strict=True))})
             topic = self._topic(self._settings.topic, account, "dtu", event.psn, "values")

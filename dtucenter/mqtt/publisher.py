@@ -214,6 +214,7 @@ class MqttPublisher(Service):
                 break
             heard.popleft()
             messages += composer.messages(event, directory)
+        messages += composer.flush()
         if messages:
             self._route(messages)
 

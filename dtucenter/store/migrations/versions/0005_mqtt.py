@@ -1,6 +1,6 @@
 """mqtt: the MQTT publisher's backlog of messages waiting for the broker
 
-Revision ID: 0005_mqtt
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-30
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0005_mqtt'
+revision: str = '0005'
 down_revision: str | None = '0004'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
