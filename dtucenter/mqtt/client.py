@@ -8,7 +8,8 @@ that every message up to was delivered (PUBACK for QoS 1, written to the
 socket for QoS 0). The thread runs the client's network loop itself and makes
 a new client for each connection, so a message is never re-sent by paho
 behind the publisher's back: what was not delivered when the connection
-dropped is the publisher's to keep, in order.
+dropped is the publisher's to keep, in order, and a batch handed over for
+one connection is never published on the next.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ class BrokerConnection:
         self._reactor = reactor
         self._center_status = center_status
         self._last_will = last_will
-        self._inbox: deque[Numbered] = deque()
+        #: Batches to publish, each with the connection it was meant for (see :meth:`send`).
+        self._inbox: deque[tuple[int, list[Numbered]]] = deque()
+        #: The connection the publisher was last told is up (reactor thread); 0: none.
+        self._told_up = 0
+        #: The connection being served (network thread), counted from 1.
+        self._connection = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
@@ -82,8 +88,20 @@ class BrokerConnection:
         self._thread.start()
 
     def send(self, messages: list[Numbered]) -> None:
-        """Publish these after everything sent before; never blocks."""
-        self._inbox.extend(messages)
+        """Publish these after everything sent before; never blocks.
+
+        A batch is published only on the connection the publisher last heard was up: one sent
+        before the publisher heard of a drop is its to keep, even if the thread has reconnected since.
+        """
+        self._inbox.append((self._told_up, messages))
+
+    def _up(self, connection: int) -> None:
+        self._told_up = connection
+        self._on_up()
+
+    def _down(self, reason: str) -> None:
+        self._told_up = 0
+        self._on_down(reason)
 
     def stop(self) -> Deferred[None]:
         """Says goodbye (the retained offline status), disconnects; fires when the thread has ended."""
@@ -152,7 +170,7 @@ class BrokerConnection:
             reason = self._connect_and_serve()
             if self._stopping.is_set():
                 break
-            self._tell(self._on_down, reason)
+            self._tell(self._down, reason)
             self._stopping.wait(delay)
             delay = min(delay * 2, RETRY_MAX)
             if reason == "":
@@ -186,9 +204,8 @@ class BrokerConnection:
         self._connected = True
         birth = self._center_status(True)
         client.publish(birth.topic, birth.payload, birth.qos, birth.retain)
-        # What waited here was sent before the last connection dropped: the publisher keeps it now.
-        self._inbox.clear()
-        self._tell(self._on_up)
+        self._connection += 1
+        self._tell(self._up, self._connection)
         lost = self._serve(client)
         if self._stopping.is_set():
             self._say_goodbye(client)
@@ -197,18 +214,20 @@ class BrokerConnection:
         return lost
 
     def _serve(self, client: paho.Client) -> str:
-        inbox = self._inbox
+        inbox, pending = self._inbox, deque[Numbered]()
         while self._connected and not self._stopping.is_set():
             while inbox:
-                seq, message = inbox.popleft()
+                connection, batch = inbox.popleft()
+                if connection == self._connection:  # else meant for an earlier connection: the publisher kept it
+                    pending.extend(batch)
+            while pending and len(self._waiting) < MAX_INFLIGHT:  # else read the acks before paho's queue grows
+                seq, message = pending.popleft()
                 info = client.publish(message.topic, message.payload, message.qos, message.retain)
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     return f"{self._broker}: publishing failed: {paho.error_string(info.rc)}"
                 self._waiting[info.mid] = seq
                 self._order.append(seq)
-                if len(self._waiting) >= MAX_INFLIGHT:
-                    break  # read the acks before paho's own queue grows
-            rc = client.loop(0 if inbox else IDLE_WAIT)
+            rc = client.loop(0 if pending or inbox else IDLE_WAIT)
             through = self._delivered_through()
             if through is not None:
                 self._tell(self._on_delivered, through)

@@ -135,6 +135,8 @@ class MqttPublisher(Service):
         self._refresh.clock = clock
         self._dropped_unreported = 0
         self._summary_call: IDelayedCall | None = None
+        #: Whether the broker's absence was logged: once per outage, and once before the first connection.
+        self._absence_logged = False
 
     @property
     def connected(self) -> bool:
@@ -154,6 +156,8 @@ class MqttPublisher(Service):
         )
 
     def _started(self, state: tuple[int, int]) -> None:
+        if not self.running:
+            return  # stopped before the database answered
         self._waiting, highest = state
         self._next_seq = highest + 1
         if self._waiting:
@@ -334,14 +338,15 @@ class MqttPublisher(Service):
 
     def _came_up(self) -> None:
         self.stats.connections += 1
+        self._absence_logged = False
         log.info("MQTT: connected to the broker; {count} messages wait in the backlog", count=self._waiting)
         self._broker_up = True
         self._drain()
 
     def _went_down(self, reason: str) -> None:
-        if self._broker_up or (self.stats.connections == 0 and not self._warned_unreachable):
+        if not self._absence_logged:
             log.warn("MQTT: {reason}; keeping messages in the backlog until the broker is back", reason=reason)
-        self._warned_unreachable = True
+            self._absence_logged = True
         self._broker_up = False
         self._direct = False
         self._draining = False
@@ -349,8 +354,6 @@ class MqttPublisher(Service):
         self._outstanding.clear()
         if left:
             self._keep(left)
-
-    _warned_unreachable = False
 
     def _delivered(self, seq: int) -> None:
         outstanding = self._outstanding
