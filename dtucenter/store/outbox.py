@@ -1,7 +1,7 @@
 """The MQTT publisher's backlog and directory in the database (``mqtt/publisher.py``'s ``Backlog``).
 
 Implemented by structure, in plain types: the store imports nothing of the MQTT
-package. Appends, reads and removals all go through the store's one writer, so
+package. Appends, reads and removals are all jobs of the store's one writer, so
 they run in the order they are asked for: a read of the oldest messages sees
 every append asked for before it.
 """
@@ -40,6 +40,10 @@ def oldest_messages(session: Session, limit: int) -> list[BacklogRow]:
     ]
 
 
+def append_messages(session: Session, values: list[dict[str, object]]) -> None:
+    session.execute(MQTT_BACKLOG.insert(), values)
+
+
 def remove_messages_through(session: Session, seq: int) -> int:
     return rowcount(session.execute(delete(MqttBacklog).where(MqttBacklog.seq <= seq)))
 
@@ -72,11 +76,11 @@ class MqttOutbox:
         return self._store.read(backlog_state)
 
     def append(self, rows: list[BacklogRow]) -> Deferred[None]:
-        return self._store.add_rows(
-            MQTT_BACKLOG,
-            [{"seq": seq, "topic": topic, "payload": payload, "qos": qos, "retain": retain}
-             for seq, topic, payload, qos, retain in rows],
-        )
+        # A job, not add_rows: a transaction runs its jobs before its rows, and a read of the oldest
+        # messages must see every append asked for before it.
+        values = [{"seq": seq, "topic": topic, "payload": payload, "qos": qos, "retain": retain}
+                  for seq, topic, payload, qos, retain in rows]
+        return self._store.write(lambda session: append_messages(session, values))
 
     def oldest(self, limit: int) -> Deferred[list[BacklogRow]]:
         # Through the writer, not a reader: it must see the appends queued before it.
