@@ -1,7 +1,7 @@
 """``dtucenter``: offline administration of the center's database.
 
 It talks to the database directly (no running center needed); SQLite's WAL
-mode lets it do so beside a running center. ``template`` needs no database.
+mode lets it do so beside a running center. ``template list|show`` need no database.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import csv
 import datetime as dt
 import json
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, TextIO
@@ -22,9 +23,16 @@ from sqlalchemy.orm import Session
 from dtucenter import __version__
 from dtucenter.config import DEFAULT_DB_URL, ConfigError, read_link_definition, read_meter_definition
 from dtucenter.isotime import parse_iso_time
-from dtucenter.modbus.templates import shipped_template_text, shipped_templates
+from dtucenter.modbus.templates import (
+    TemplateCatalog,
+    parse_template,
+    read_template,
+    shipped_template_text,
+    shipped_templates,
+)
 from dtucenter.store import accounts, meters, queries, schema
 from dtucenter.store import links as device_links
+from dtucenter.store import templates as stored_templates
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.recorder import link_spec, meter_spec
 
@@ -148,14 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
     with_db(db.add_parser("history", help="the schema revisions this release knows, oldest first")
             ).set_defaults(on_engine=cmd_db_history)
 
-    template = commands.add_parser("template", help="the meter templates shipped with the center").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
-    listing = template.add_parser("list", help="list the shipped templates")
+    template = commands.add_parser(
+        "template", help="the meter templates shipped with the center, and accounts' own"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = template.add_parser("list", help="list the shipped templates, and with --db the accounts' own")
     listing.add_argument("--json", action="store_true", help="as JSON")
+    listing.add_argument("--db", help="also the accounts' own templates stored in this database (SQLAlchemy URL)")
+    listing.add_argument("--account", help="with --db: only this account's own")
     listing.set_defaults(offline=cmd_template_list)
     show = template.add_parser("show", help="print a template's file, to read or to copy as one's own")
     show.add_argument("name")
     show.set_defaults(offline=cmd_template_show)
+    add = with_db(template.add_parser(
+        "add", help="add an account's template from its file, or replace it with a higher version "
+                    "(taken up at the next start)"))
+    add.add_argument("file", help="a template file, as 'template show' prints one")
+    add.add_argument("--account", help="the owning account (default: the first admin account)")
+    add.set_defaults(run=cmd_template_add)
+    remove = with_db(template.add_parser("remove", help="remove an account's template no meter is made from"))
+    remove.add_argument("name")
+    remove.add_argument("--account", help="the owning account (default: the first admin account)")
+    remove.set_defaults(run=cmd_template_remove)
 
     for kind, what in (("link", "Modbus links"), ("meter", "Modbus meters")):
         device = commands.add_parser(kind, help=f"{what} in the database (taken up at the next start)").add_subparsers(
@@ -397,14 +418,42 @@ def cmd_db_history(engine: Engine, out: TextIO) -> None:
 
 
 def cmd_template_list(args: argparse.Namespace, out: TextIO) -> None:
-    summaries = [template.summary() for template in shipped_templates().values()]
+    """As ``GET /api/templates``: the shipped ones (``account`` None), then the accounts' own."""
+    summaries: list[dict[str, Any]] = [
+        {**template.summary(), "account": None} for template in shipped_templates().values()
+    ]
+    if args.db is not None:
+        summaries += _stored_summaries(args.db, args.account)
+    elif args.account is not None:
+        raise CommandError("--account lists an account's own templates: give --db too")
     if args.json:
         json.dump({"templates": summaries}, out, indent=2)
         out.write("\n")
         return
     for summary in summaries:
-        out.write(f"{summary['name']}\tversion {summary['version']}\t{summary['points']} points\t"
+        owner = f"\taccount {summary['account']}" if summary["account"] is not None else ""
+        out.write(f"{summary['name']}\tversion {summary['version']}\t{summary['points']} points{owner}\t"
                   f"{summary['description']}\n")
+
+
+def _stored_summaries(url: str, account: str | None) -> list[dict[str, Any]]:
+    try:
+        engine = open_engine(url)
+    except (DatabaseURLError, schema.SchemaError) as e:
+        raise CommandError(f"--db: {e}") from None
+    try:
+        with Session(engine) as session:
+            owner = None if account is None else accounts.account_id(session, account)
+            rows = stored_templates.list_templates(session, owner)
+    except accounts.AccountError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        engine.dispose()
+    return [
+        {**read_template(json.loads(row.document), f"database: template {row.name!r}").summary(),
+         "account": row.account}
+        for row in rows
+    ]
 
 
 def cmd_template_show(args: argparse.Namespace, out: TextIO) -> None:
@@ -412,6 +461,68 @@ def cmd_template_show(args: argparse.Namespace, out: TextIO) -> None:
         out.write(shipped_template_text(args.name))
     except LookupError as e:
         raise CommandError(str(e)) from None
+
+
+#: Who the audit trail names for a change made offline with this command.
+CLI_WHO = "(dtucenter cli)"
+
+
+def _owner(session: Session, account: str | None) -> int:
+    return accounts.first_admin_id(session) if account is None else accounts.account_id(session, account)
+
+
+def _stored_catalog(session: Session, owner: int) -> TemplateCatalog:
+    """The templates ``owner``'s meters may be made from, as the center loads them at start."""
+    catalog = TemplateCatalog()
+    for row in stored_templates.list_templates(session, owner):
+        catalog.put(owner, read_template(json.loads(row.document), f"database: template {row.name!r}"))
+    return catalog
+
+
+def cmd_template_add(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    """As ``POST`` or ``PUT /api/templates``: the meters made from a replaced template get its
+    new points in the database; the center polls them so from its next start."""
+    try:
+        with open(args.file, "rb") as f:
+            content = f.read()
+    except OSError as e:
+        raise CommandError(f"{args.file}: cannot read: {e.strerror}") from None
+    try:
+        template = parse_template(content, args.file)
+        document = json.dumps(tomllib.loads(content.decode()))
+        owner = _owner(session, args.account)
+        catalog = _stored_catalog(session, owner)
+        replacing = template.name in catalog.own(owner)
+        catalog.put(owner, template)
+        now = dt.datetime.now(dt.UTC)
+        if not replacing:
+            stored_templates.create_template(session, owner, template.name, template.version, document, CLI_WHO, now)
+            print(f"added template {template.name} (usable from the center's next start)", file=out)
+            return
+        points = {
+            name: meter_spec(read_meter_definition(json.loads(definition), f"meter {name!r}", catalog.finder(owner)))
+            ["points"] for name, definition in stored_templates.meters_using(session, owner, template.name)
+        }
+        stored_templates.replace_template(
+            session, owner, template.name, template.version, document, CLI_WHO, now, points
+        )
+    except (ConfigError, ValueError) as e:  # AccountError and DeviceConflict among them; a shipped name
+        raise CommandError(str(e)) from None
+    print(f"replaced template {template.name} with version {template.version}"
+          f"{' and the points of ' + ', '.join(points) if points else ''} (polled so from the center's next start)",
+          file=out)
+
+
+def cmd_template_remove(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        found = stored_templates.delete_template(
+            session, _owner(session, args.account), args.name, CLI_WHO, dt.datetime.now(dt.UTC)
+        )
+    except ValueError as e:  # AccountError, DeviceConflict
+        raise CommandError(str(e)) from None
+    if not found:
+        raise CommandError(f"no template {args.name!r}")
+    print(f"removed template {args.name}", file=out)
 
 
 # -- links and meters ----------------------------------------------------------------------------
@@ -422,14 +533,14 @@ def cmd_device_add(kind: str, session: Session, args: argparse.Namespace, out: T
     be told apart) is the running bridge's to check, at the next start."""
     try:
         table = json.loads(args.definition)
-        owner = accounts.first_admin_id(session) if args.account is None else accounts.account_id(session, args.account)
+        owner = _owner(session, args.account)
         now = dt.datetime.now(dt.UTC)
         if kind == "link":
             link = read_link_definition(table, "the definition")
             device_links.create_link(session, link_spec(link), owner, now)
             name = link.name
         else:
-            settings = read_meter_definition(table, "the definition")
+            settings = read_meter_definition(table, "the definition", _stored_catalog(session, owner).finder(owner))
             if device_links.get_link(session, settings.link) is None:
                 raise CommandError(f"meter {settings.name!r}: no link named {settings.link!r}")
             meters.create_meter(session, meter_spec(settings), owner, now)

@@ -29,7 +29,7 @@ from dtucenter.dtu.wire import DEFAULT_HEAD, DEFAULT_MAX_LENGTH, Dialect, WireEr
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings, SerialSettings
 from dtucenter.modbus.points import BlockLimits, read_points
 from dtucenter.modbus.rules import RegistrationRule
-from dtucenter.modbus.templates import Template, find_template
+from dtucenter.modbus.templates import Template, TemplateFinder, find_template
 from dtucenter.mqtt.config import MqttSettings
 from dtucenter.setting import (
     METADATA_KEY,
@@ -373,9 +373,11 @@ def read_link_definition(table: object, source: str) -> LinkSettings:
     return _read_link(read_table(table, Place(source)), 0, Place(source))
 
 
-def read_meter_definition(table: object, source: str) -> MeterSettings:
-    """One meter from its ``[[meter]]`` table, as :func:`read_link_definition`."""
-    return _read_meter(read_table(table, Place(source)), 0, Place(source))
+def read_meter_definition(table: object, source: str, find: TemplateFinder = find_template) -> MeterSettings:
+    """One meter from its ``[[meter]]`` table, as :func:`read_link_definition`; its ``template``
+    is resolved by ``find``: for a meter of the database, its account's
+    ``TemplateCatalog.finder`` (its own templates, then the shipped ones)."""
+    return _read_meter(read_table(table, Place(source)), 0, Place(source), find)
 
 
 def _read_link(table: Mapping[str, Any], index: int, file: Place) -> LinkSettings:
@@ -412,7 +414,9 @@ def _read_link(table: Mapping[str, Any], index: int, file: Place) -> LinkSetting
     return build(LinkSettings, values, place, serial=serial)
 
 
-def _read_meter(table: Mapping[str, Any], index: int, file: Place) -> MeterSettings:
+def _read_meter(
+    table: Mapping[str, Any], index: int, file: Place, find: TemplateFinder = find_template
+) -> MeterSettings:
     data = dict(table)
     point_tables = data.pop("point", None)
     place = place_of(table, file, "meter", index)
@@ -427,7 +431,7 @@ def _read_meter(table: Mapping[str, Any], index: int, file: Place) -> MeterSetti
             raise place.error(
                 "point", f"cannot be combined with template {template!r}; to change its points, list them all instead"
             )
-        points = _template(template, place).points
+        points = _template(template, place, find).points
     elif not points:
         raise place.error("point", "a meter needs a template or at least one [[meter.point]]")
     return build(MeterSettings, values, place, points=points, limits=BlockLimits(**limits))
@@ -441,9 +445,9 @@ def _read_rule(table: Mapping[str, Any], place: Place) -> RegistrationRule:
     return rule
 
 
-def _template(name: str, place: Place) -> Template:
+def _template(name: str, place: Place, find: TemplateFinder = find_template) -> Template:
     try:
-        return find_template(name)
+        return find(name)
     except LookupError as e:
         raise place.error("template", str(e)) from None
 

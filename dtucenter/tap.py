@@ -33,10 +33,12 @@ from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.events import EventHub
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
+from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.setting import listening_endpoint
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
+from dtucenter.store import templates as device_templates
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
@@ -46,6 +48,7 @@ from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.site import build_site
+from dtucenter.web.templates import TemplateApi
 
 log = Logger()
 
@@ -228,19 +231,23 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
         udp_service = UDPListenerService(reactor, interface, port, udp_protocol)
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
-    bridge = add_modbus(top, settings, recorder, reactor)
+    templates = TemplateCatalog()
+    bridge = add_modbus(top, settings, recorder, templates, reactor)
     if settings.mqtt.url is not None:
         add_mqtt(top, settings, store, recorder, reactor)
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     if settings.api != "off":
-        add_api(top, settings, center, control, store, recorder, bridge, reactor)
+        add_api(top, settings, center, control, store, recorder, bridge, templates, reactor)
     return top
 
 
-def add_modbus(top: CenterService, settings: Settings, recorder: MeterRecorder, reactor: Any) -> ModbusBridge:
+def add_modbus(
+    top: CenterService, settings: Settings, recorder: MeterRecorder, templates: TemplateCatalog, reactor: Any
+) -> ModbusBridge:
     """The Modbus bridge: the file's links and meters at once, the database's (those the API
-    made) once the file's have been imported into it."""
+    made, and the accounts' templates they may be made from) once the file's have been
+    imported into it."""
     modbus = settings.modbus
     bridge = ModbusBridge(modbus, reactor, recorder, events=top.events)
     bridge.setName("modbus")
@@ -250,30 +257,46 @@ def add_modbus(top: CenterService, settings: Settings, recorder: MeterRecorder, 
     for link in modbus.links:
         if link.kind == "listen":
             top.require_listening(settings.where_link(link, "listen"), partial(bridge.listening, link.name))
-    starting = recorder.synced().addCallback(lambda _: ensureDeferred(start_database_devices(recorder.store, bridge)))
+    starting = recorder.synced().addCallback(
+        lambda _: ensureDeferred(start_database_devices(recorder.store, bridge, templates))
+    )
     starting.addErrback(
         lambda f: log.failure("Could not start the links and meters of the database", f)
     )
     return bridge
 
 
-async def start_database_devices(store: Store, bridge: ModbusBridge) -> None:
-    """Serve the links and poll the meters the API made (the file's are served already).
+async def start_database_devices(store: Store, bridge: ModbusBridge, templates: TemplateCatalog) -> None:
+    """Load the accounts' templates into ``templates``, serve the links and poll the meters the
+    API made (the file's are served already), each meter's template resolved for its account.
 
     One that cannot be read or served is logged and skipped: the others still start.
+    ``templates`` is marked loaded only once all of it is done, loaded or not: the API's
+    writers wait for that, so that a link or meter written in the first moments neither
+    misses a stored template nor is served twice (once by the API, once from the row it
+    wrote, read here).
     """
-    for name, definition in await store.read(device_links.api_link_definitions):
-        source = f"database: link {name!r}"
-        try:
-            bridge.add_link(read_link_definition(json.loads(definition), source))
-        except (ValueError, UsageError) as e:  # a ConfigError, a LinkConflict, bad JSON
-            log.error("{source}: not served: {error}", source=source, error=e)
-    for name, definition in await store.read(device_meters.api_meter_definitions):
-        source = f"database: meter {name!r}"
-        try:
-            bridge.set_meter(read_meter_definition(json.loads(definition), source))
-        except (ValueError, LookupError, UsageError) as e:  # a ConfigError, an UnknownLink, bad JSON
-            log.error("{source}: not polled: {error}", source=source, error=e)
+    try:
+        for row in await store.read(device_templates.list_templates):
+            source = f"database: template {row.name!r} of account {row.account!r}"
+            try:
+                templates.put(row.account_id, read_template(json.loads(row.document), source))
+            except ValueError as e:  # a ConfigError, bad JSON, a shipped name
+                log.error("{source}: not loaded: {error}", source=source, error=e)
+        for name, definition in await store.read(device_links.api_link_definitions):
+            source = f"database: link {name!r}"
+            try:
+                bridge.add_link(read_link_definition(json.loads(definition), source))
+            except (ValueError, UsageError) as e:  # a ConfigError, a LinkConflict, bad JSON
+                log.error("{source}: not served: {error}", source=source, error=e)
+        for name, account, definition in await store.read(device_meters.api_meter_definitions):
+            source = f"database: meter {name!r}"
+            try:
+                bridge.set_meter(read_meter_definition(json.loads(definition), source, templates.finder(account)))
+            except (ValueError, LookupError, UsageError) as e:  # a ConfigError, an UnknownLink, bad JSON
+                log.error("{source}: not polled: {error}", source=source, error=e)
+    finally:
+        templates.finish_loading()
 
 
 def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: MeterRecorder, reactor: Any) -> None:
@@ -308,7 +331,7 @@ def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: Met
 
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
-    recorder: MeterRecorder, bridge: ModbusBridge | None, reactor: Any,
+    recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, reactor: Any,
 ) -> None:
     try:
         token = resolve_token(settings.api_token, settings.db)
@@ -317,8 +340,9 @@ def add_api(
     site = build_site(center, control, store, token, bridge)
     MeterApi(recorder, bridge, center.now).install(site.resource)
     DefinitionApi(
-        recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition
+        recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition, templates
     ).install(site.resource)
+    TemplateApi(recorder, bridge, templates, read_meter_definition, center.now).install(site.resource)
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)

@@ -198,6 +198,12 @@ async def test_accounts_and_tokens_through_the_api(tmp_path: Path, db_url: str) 
 #: the walk until it is listed here, so none can be added without saying how it is scoped.
 #: "404": exactly what the same request about a device that does not exist gets. "403": admins only.
 #: "200": its own (empty) view, in which nothing of the first account's may appear.
+#: acme's own meter template.
+TEMPLATE: dict[str, Any] = {
+    "name": "acme-model", "version": 1, "description": "acme's meter", "manufacturer": "Acme", "model": "A-1",
+    "source": "acme's register map", "point": [{"name": "power", "table": "holding", "address": 0, "type": "int16"}],
+}
+
 ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("GET", "/api/status"): (None, "200"),
     ("GET", "/api/accounts"): (None, "200"),
@@ -240,9 +246,13 @@ ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("DELETE", "/api/meters/{name}"): (None, "404"),
     ("POST", "/api/links/{name}/raw"): ({"hex": "010300000001840a"}, "403"),
     ("GET", "/api/links/{name}/raw"): (None, "403"),
-    # The shipped templates are the same for every account.
+    # The shipped templates are the same for every account (tests/test_templates_api.py); acme's own are acme's.
     ("GET", "/api/templates"): (None, "200"),
-    ("GET", "/api/templates/{name}"): (None, "200"),
+    ("GET", "/api/templates/{name}"): (None, "404"),
+    ("POST", "/api/templates"): ({**TEMPLATE, "name": "theirs", "account": "acme"}, "403"),
+    ("PUT", "/api/templates/{name}"): ({**{k: v for k, v in TEMPLATE.items() if k != "name"}, "version": 2}, "404"),
+    ("DELETE", "/api/templates/{name}"): (None, "404"),
+    ("GET", "/api/templates/{name}/edits"): (None, "404"),
 }
 
 
@@ -251,7 +261,7 @@ def fill(pattern: str, known: bool) -> str:
     ids = {
         "psn": str(PSN if known else NO_PSN), "token_name": "ops" if known else "nobodys",
         "name": ("acme" if known else "nobody") if pattern.startswith("/api/accounts") else
-                "eastron-sdm120" if pattern.startswith("/api/templates") else
+                (TEMPLATE["name"] if known else "nobodys-model") if pattern.startswith("/api/templates") else
                 (METER if known else NO_METER) if pattern.startswith("/api/meters") else
                 (API_LINK if known else NO_LINK),
     }
@@ -274,6 +284,7 @@ async def acme_fleet(center: RunningCenter, admin: ApiClient) -> ApiClient:
     assert (await acme.post(f"/api/meters/{METER}/write", {"point": "power", "value": 1})).status == 409
     assert (await acme.post(f"/api/meters/{METER}/read", {"points": ["power"]})).status == 409
     assert (await acme.call("PUT", f"/api/dtus/{PSN}", {"name": "pump 2"})).status == 200
+    assert (await acme.post("/api/templates", TEMPLATE)).status == 201
     return acme
 
 
@@ -290,9 +301,11 @@ async def test_every_endpoint_hides_another_accounts_devices(tmp_path: Path, db_
         before = {path: (await acme.get(path)).body for path in (
             f"/api/dtus/{PSN}/samples", f"/api/dtus/{PSN}/commands", f"/api/dtus/{PSN}/edits",
             f"/api/meters/{METER}/samples", f"/api/meters/{METER}/writes", f"/api/meters/{METER}/reads",
-            "/api/accounts/acme/tokens",
+            "/api/accounts/acme/tokens", f"/api/templates/{TEMPLATE['name']}",
+            f"/api/templates/{TEMPLATE['name']}/edits",
         )}
-        secrets = ("acme", str(PSN), METER, LINK, API_LINK, "ACME-0002", "1111", "-2222", "3333", "pump", "ACME-0001")
+        secrets = ("acme", str(PSN), METER, LINK, API_LINK, "ACME-0002", "1111", "-2222", "3333", "pump", "ACME-0001",
+                   TEMPLATE["name"])
 
         for (method, pattern), (body, expected) in sorted(ENDPOINTS.items()):
             seen = await beta.call(method, fill(pattern, known=True), body)

@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from dtucenter.config import read_settings
 from dtucenter.modbus.service import ModbusBridge
+from dtucenter.modbus.templates import TemplateCatalog
 from dtucenter.store import links
 from dtucenter.store.models import MANAGED_BY_API, MANAGED_BY_FILE, Link, Meter
 from dtucenter.tap import start_database_devices
@@ -110,7 +111,7 @@ async def test_the_apis_devices_are_started_from_the_database_and_a_bad_one_is_s
     bridge = ModbusBridge(settings, MemoryReactorClock(), recorder)
     try:
         await store.write(api_devices_to_start)
-        await start_database_devices(store, bridge)
+        await start_database_devices(store, bridge, TemplateCatalog())
         assert sorted(bridge.links) == ["api-link", "bus", "site-a"]
         assert bridge.links["api-link"].settings.registration == b"API-1"
         assert sorted(bridge.poller.meter_names()) == ["api-meter", "sdm"]

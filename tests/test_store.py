@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +328,35 @@ async def test_postgresql_going_away_and_coming_back_loses_and_repeats_nothing(d
     finally:
         await proxy.cut()
         await store.stopService()
+
+
+def test_a_postgresql_server_that_never_answers_fails_the_connection_instead_of_hanging() -> None:
+    """A server that accepts and then says nothing (a dead backend behind a live port, a
+    half-open NAT) must cost the store's thread ``connect_timeout`` seconds, not the kernel's
+    minutes: the connection fails, and the store retries."""
+    pytest.importorskip("psycopg2")
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    port = silent.getsockname()[1]
+    engine = open_engine(f"postgresql+psycopg2://u:p@127.0.0.1:{port}/db", create=False, connect_timeout=2)
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            engine.connect().close()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    attempt = threading.Thread(target=connect, daemon=True)
+    attempt.start()
+    attempt.join(120)  # a generous bound: without a connect timeout this would wait for ever
+    try:
+        assert outcome, "the connection attempt still hangs"
+        assert isinstance(outcome[0], OperationalError)
+        assert "timeout" in str(outcome[0]).lower()
+    finally:
+        engine.dispose()
+        for sock in (*accepted, silent):
+            sock.close()

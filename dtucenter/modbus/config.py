@@ -131,9 +131,11 @@ class MeterSettings:
     link: str = attrs.field(metadata=setting(text, "The name of the link it is on."))
     unit: int = attrs.field(metadata=setting(integer(0, 255), "The unit id (1..247 on rtu links)."))
     points: tuple[Point, ...]
-    #: The shipped template the points came from, if they did.
+    #: The template the points came from, if they did: a shipped one, or (a meter of the
+    #: database) one of its account's own.
     template: str | None = attrs.field(
-        default=None, metadata=setting(text, "A shipped template's name, instead of [[meter.point]]s.")
+        default=None,
+        metadata=setting(text, "A template's name (shipped, or the account's own), instead of [[meter.point]]s."),
     )
     interval: float = attrs.field(default=10.0, metadata=setting(positive, "Seconds between polls."))
     limits: BlockLimits = attrs.Factory(BlockLimits)

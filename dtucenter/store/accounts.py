@@ -19,7 +19,7 @@ import attrs
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from dtucenter.store.models import Account, ApiToken, Dtu, Meter
+from dtucenter.store.models import Account, ApiToken, Dtu, Meter, MeterTemplate
 
 #: The account the schema migration makes and gives every existing DTU and meter.
 FIRST_ADMIN = "admin"
@@ -129,7 +129,7 @@ def create_account(session: Session, name: str, admin: bool, now: dt.datetime) -
     return get_account(session, name)
 
 
-def _count(session: Session, model: type[Dtu | Meter | ApiToken], owner: int) -> int:
+def _count(session: Session, model: type[Dtu | Meter | ApiToken | MeterTemplate], owner: int) -> int:
     return session.scalar(select(func.count()).select_from(model).where(model.account_id == owner)) or 0
 
 
@@ -153,6 +153,11 @@ def remove_account(session: Session, name: str) -> None:
     owned = _count(session, Dtu, row.id) + _count(session, Meter, row.id)
     if owned:
         raise AccountConflict(f"account {name!r} still owns {owned} DTUs and meters: move or delete them first")
+    # Refused rather than deleted with it: a running center holds templates by account id,
+    # which the next account made may be given again.
+    templates = _count(session, MeterTemplate, row.id)
+    if templates:
+        raise AccountConflict(f"account {name!r} still owns {templates} meter templates: delete them first")
     admins = session.scalar(select(func.count()).select_from(Account).where(Account.admin.is_(True))) or 0
     if row.admin and admins <= 1:
         raise AccountConflict(f"account {name!r} is the last admin account")

@@ -17,7 +17,8 @@ class DatabaseURLError(ValueError):
 
 
 def open_engine(
-    url: str, *, create: bool = True, upgrade: bool = False, sqlite_busy_timeout: float = 30.0
+    url: str, *, create: bool = True, upgrade: bool = False, sqlite_busy_timeout: float = 30.0,
+    connect_timeout: int = 10,
 ) -> Engine:
     """An engine for ``url`` whose schema is this release's.
 
@@ -28,6 +29,9 @@ def open_engine(
     Neither: the schema is not looked at.
     ``sqlite_busy_timeout``: seconds SQLite waits for another writer's lock
     before the write fails (and the store retries it).
+    ``connect_timeout``: whole seconds PostgreSQL's client waits to connect (unless the URL's
+    query sets ``connect_timeout``): libpq would otherwise wait as long as the kernel does for a
+    server that drops packets, minutes in which the store's threads hang instead of retrying.
     """
     try:
         parsed = make_url(url)
@@ -46,6 +50,8 @@ def open_engine(
         kwargs["connect_args"] = {"timeout": sqlite_busy_timeout, "check_same_thread": False}
     else:
         kwargs["pool_pre_ping"] = True
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            kwargs["connect_args"] = {"connect_timeout": connect_timeout}
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ImportError) as e:

@@ -29,6 +29,7 @@ from dtucenter.store.models import (
     MeterWrite,
 )
 from dtucenter.store.queries import table_of, time_window
+from dtucenter.store.templates import template_of_meter
 
 #: Point types whose stored value is a whole number when the scale is one.
 _WHOLE_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
@@ -160,14 +161,16 @@ def sync_meters(session: Session, meters: Sequence[Mapping[str, Any]], now: dt.d
     return added, retired
 
 
-def api_meter_definitions(session: Session) -> list[tuple[str, str]]:
-    """(name, ``[[meter]]`` table as JSON) of the meters the API manages and has not deleted, by name."""
+def api_meter_definitions(session: Session) -> list[tuple[str, int, str]]:
+    """(name, account id, ``[[meter]]`` table as JSON) of the meters the API manages and has not
+    deleted, by name."""
     query = (
-        select(Meter.name, Meter.definition)
+        select(Meter.name, Meter.account_id, Meter.definition)
         .where(Meter.managed_by == MANAGED_BY_API, Meter.configured.is_(True), Meter.definition.is_not(None))
         .order_by(Meter.name)
     )
-    return [(name, definition) for name, definition in session.execute(query) if definition is not None]
+    return [(name, account, definition) for name, account, definition in session.execute(query)
+            if definition is not None]
 
 
 #: The poll state of a meter row, as ``record_meter_states`` takes it.
@@ -225,6 +228,15 @@ def get_meter(session: Session, name: str, account: int | None = None) -> MeterI
     return MeterInfo.of(row)
 
 
+def meter_owner(session: Session, name: str, account: int | None = None) -> int | None:
+    """The id of the account owning meter ``name`` (configured); None also when ``account`` is
+    given and is not it."""
+    row = session.get(Meter, name)
+    if row is None or not row.configured or (account is not None and row.account_id != account):
+        return None
+    return row.account_id
+
+
 def list_meters(session: Session, account: int | None = None) -> list[MeterInfo]:
     """All meters by name, or those of ``account`` (an account id)."""
     query = select(Meter).order_by(Meter.name)
@@ -234,10 +246,19 @@ def list_meters(session: Session, account: int | None = None) -> list[MeterInfo]
 
 
 def move_meter(session: Session, name: str, account: int) -> MeterInfo | None:
-    """Give meter ``name`` to ``account`` (an account id); None when there is no such meter."""
+    """Give meter ``name`` to ``account`` (an account id); None when there is no such meter.
+
+    ``DeviceConflict`` when it is made from its account's own template: no other account's
+    meter may use that."""
     row = session.get(Meter, name)
     if row is None:
         return None
+    own_template = template_of_meter(session, name)
+    if own_template is not None and own_template[0] != account:
+        raise DeviceConflict(
+            f"meter {name!r} is made from template {own_template[1]!r} of account {row.owner.name!r}, which "
+            "another account's meters cannot use: give it its points or a shipped template first"
+        )
     row.account_id = account
     session.flush()
     session.refresh(row)

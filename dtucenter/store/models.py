@@ -368,6 +368,51 @@ class DeviceOperation(Base):
     __table_args__ = (Index("ix_device_operations_kind_target_id", "kind", "target", "id"),)
 
 
+class MeterTemplate(Base):
+    """An account's own meter template: a named, versioned point list its meters may be made from.
+
+    ``document`` is the template with the same keys as a shipped template's file, as JSON
+    (the API's body): the template reader checks it, as it checks the shipped files. Names
+    are unique per account; the shipped templates' names are refused by the writers, so a
+    meter's template name means one template for its account.
+    """
+
+    __tablename__ = "meter_templates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(Integer, ForeignKey("accounts.id", ondelete="CASCADE"))
+    owner: Mapped[Account] = relationship(lazy="joined", innerjoin=True)
+    name: Mapped[str] = mapped_column(String(100))
+    version: Mapped[int] = mapped_column(Integer)
+    #: The template as JSON, in the keys of a template file.
+    document: Mapped[str] = mapped_column(Text)
+    created: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    updated: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    __table_args__ = (UniqueConstraint("account_id", "name", name="uq_meter_templates_account_name"),)
+
+
+class TemplateEdit(Base):
+    """The audit trail of accounts' templates: created, replaced, deleted, through the API or the CLI.
+
+    No foreign key, like ``dtu_edits``: the trail outlives a deleted template (and its account).
+    """
+
+    __tablename__ = "template_edits"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(100))
+    #: create, replace, delete.
+    action: Mapped[str] = mapped_column(String(16))
+    #: The version written (the one deleted, for a delete).
+    version: Mapped[int] = mapped_column(Integer)
+    who: Mapped[str] = mapped_column(String(100))
+    time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_template_edits_account_name_id", "account", "name", "id"),)
+
+
 class MqttBacklog(Base):
     """Messages for the MQTT broker while it is away (dtucenter/mqtt/publisher.py), sent in ``seq`` order.
 

@@ -24,18 +24,22 @@ from sqlalchemy.orm import Session
 from dtucenter.modbus.config import LinkSettings, MeterSettings
 from dtucenter.modbus.poller import UnknownMeter
 from dtucenter.modbus.service import LinkConflict, ModbusBridge, UnknownLink
+from dtucenter.modbus.templates import TemplateCatalog, TemplateFinder
 from dtucenter.setting import ConfigError
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
+from dtucenter.store import templates as device_templates
+from dtucenter.store.facade import Store
 from dtucenter.store.links import DeviceConflict
 from dtucenter.store.recorder import MeterRecorder, link_spec, meter_spec
 from dtucenter.web.meters import account_named
 from dtucenter.web.router import ApiError, Call, Reply, Router
 
 #: ``config.read_link_definition`` and ``read_meter_definition``, passed in: the config
-#: module imports the API's names, so the API does not import it.
+#: module imports the API's names, so the API does not import it. A meter's template is
+#: resolved by its account's ``TemplateCatalog.finder``.
 LinkReader = Callable[[object, str], LinkSettings]
-MeterReader = Callable[[object, str], MeterSettings]
+MeterReader = Callable[[object, str, TemplateFinder], MeterSettings]
 
 
 def _answer(settings: LinkSettings | MeterSettings) -> dict[str, object]:
@@ -43,11 +47,48 @@ def _answer(settings: LinkSettings | MeterSettings) -> dict[str, object]:
     return {"name": settings.name, "managed_by": "api", "definition": settings.table()}
 
 
+async def body_and_owner(call: Call, store: Store, name: str | None) -> tuple[dict[str, Any], int, str]:
+    """The object in the body and the account that is to own what it defines: the caller's
+    unless an admin names another with ``account`` (popped), as its id and name; ``name`` from
+    the path fills in or must match the body's."""
+    call.query(())
+    body = call.json_object()
+    owner = body.pop("account", None)
+    if name is not None and body.setdefault("name", name) != name:
+        raise ApiError(400, f"name: a PUT cannot rename {name!r}; create {body['name']!r} and delete this one")
+    if owner is None or owner == call.caller.account:
+        return body, call.caller.account_id, call.caller.account
+    call.require_admin()
+    return body, await account_named(store, owner), str(owner)
+
+
+async def write_or_refuse(recorder: MeterRecorder, job: Callable[[Session], Any]) -> Any:
+    """Run ``job`` in a write transaction once the file's devices are in the database; its
+    refusal (a ``DeviceConflict`` or ``ApiError`` raised before it changes anything) is
+    returned from the database thread and raised here (409 for a conflict): raised there,
+    it would fail the whole batch of writes it went in with."""
+
+    def run(session: Session) -> Any:
+        try:
+            return job(session)
+        except (DeviceConflict, ApiError) as e:
+            return e
+
+    await recorder.synced()
+    result = await recorder.store.write(run)
+    if isinstance(result, DeviceConflict):
+        raise ApiError(409, str(result))
+    if isinstance(result, ApiError):
+        raise result
+    return result
+
+
 class DefinitionApi:
     def __init__(
         self, recorder: MeterRecorder, bridge: ModbusBridge | None, config_file: str, now: Callable[[], dt.datetime],
-        read_link: LinkReader, read_meter: MeterReader,
+        read_link: LinkReader, read_meter: MeterReader, templates: TemplateCatalog,
     ) -> None:
+        self.templates = templates
         self.read_link = read_link
         self.read_meter = read_meter
         self.recorder = recorder
@@ -73,36 +114,14 @@ class DefinitionApi:
         return self._bridge
 
     async def _body(self, call: Call, name: str | None) -> tuple[dict[str, Any], int]:
-        """The definition in the body and the account that is to own it (the caller's unless
-        an admin names another); ``name`` from the path fills in or must match the body's."""
-        call.query(())
-        body = call.json_object()
-        owner = body.pop("account", None)
-        if name is not None and body.setdefault("name", name) != name:
-            raise ApiError(400, f"name: a PUT cannot rename {name!r}; create {body['name']!r} and delete this one")
-        if owner is None or owner == call.caller.account:
-            return body, call.caller.account_id
-        call.require_admin()
-        return body, await account_named(self.store, owner)
+        body, owner, _ = await body_and_owner(call, self.store, name)
+        return body, owner
 
     async def _write(self, job: Callable[[Session], Any]) -> Any:
-        """Run ``job`` in a write transaction; its refusal (raised before it changes anything) is
-        returned from the database thread and raised here: raised there, it would fail the
-        whole batch of writes it went in with."""
-
-        def run(session: Session) -> Any:
-            try:
-                return job(session)
-            except (DeviceConflict, ApiError) as e:
-                return e
-
-        await self.recorder.synced()
-        result = await self.store.write(run)
-        if isinstance(result, DeviceConflict):
-            raise ApiError(409, str(result))
-        if isinstance(result, ApiError):
-            raise result
-        return result
+        # Not before the center has served what the database held at start: a row written
+        # earlier would be read there and served a second time.
+        await self.templates.loaded()
+        return await write_or_refuse(self.recorder, job)
 
     # -- links ------------------------------------------------------------------------------------
 
@@ -125,11 +144,24 @@ class DefinitionApi:
         await self._write(partial(device_links.create_link, spec=link_spec(settings), account=owner, now=self.now()))
         try:
             bridge.add_link(settings)
+            await self._listening(settings)
         except LinkConflict as e:
             await self.store.write(partial(device_links.delete_link, name=settings.name, account=None,
                                            config_file=self.config_file))
             raise ApiError(409, str(e)) from None
         return Reply(_answer(settings), 201)
+
+    async def _listening(self, settings: LinkSettings) -> None:
+        """A link with its own port is made only once the port is bound: a port in use (or a
+        wrong interface) is the caller's 409 now, not a link that silently never accepts.
+        Raises :class:`LinkConflict` after taking the link out of the bridge again."""
+        if settings.kind != "listen":
+            return
+        try:
+            await self.bridge.listening(settings.name)
+        except Exception as e:
+            await self.bridge.remove_link(settings.name)
+            raise LinkConflict(f"link {settings.name!r} cannot listen on {settings.listen}: {e}") from None
 
     async def replace_link(self, call: Call, name: str) -> dict[str, object]:
         body, _ = await self._body(call, name)
@@ -144,10 +176,14 @@ class DefinitionApi:
                 await bridge.update_link(settings)
             else:  # it could not be served at start; now it may
                 bridge.add_link(settings)
+            await self._listening(settings)
         except LinkConflict as e:
-            previous = link_spec(self.read_link(json.loads(old), f"database: link {name!r}"))
-            await self.store.write(partial(device_links.replace_link, spec=previous, account=None,
+            previous = self.read_link(json.loads(old), f"database: link {name!r}")
+            await self.store.write(partial(device_links.replace_link, spec=link_spec(previous), account=None,
                                            config_file=self.config_file, now=self.now()))
+            if name not in bridge.links:  # taken out because its new port would not bind: serve the old one
+                with suppress(LinkConflict):
+                    bridge.add_link(previous)
             raise ApiError(409, str(e)) from None
         return _answer(settings)
 
@@ -170,11 +206,17 @@ class DefinitionApi:
 
     # -- meters -----------------------------------------------------------------------------------
 
-    def _meter(self, body: dict[str, Any]) -> MeterSettings:
+    def _meter(self, body: dict[str, Any], owner: int) -> tuple[MeterSettings, Callable[[Session], None]]:
+        """The meter in the body, its template resolved for ``owner``, and a check for its write
+        job that the account's template it was made from is still the one read here."""
         try:
-            return self.read_meter(body, "the body")
+            settings = self.read_meter(body, "the body", self.templates.finder(owner))
         except ConfigError as e:
             raise ApiError(400, str(e)) from None
+        own = None if settings.template is None else self.templates.own(owner).get(settings.template)
+        if own is None:
+            return settings, lambda session: None
+        return settings, partial(device_templates.check_current, account=owner, name=own.name, version=own.version)
 
     @staticmethod
     def _check_link(session: Session, settings: MeterSettings, scope: int | None) -> None:
@@ -184,12 +226,14 @@ class DefinitionApi:
 
     async def create_meter(self, call: Call) -> Reply:
         body, owner = await self._body(call, None)
-        settings = self._meter(body)
+        await self.templates.loaded()
+        settings, check_template = self._meter(body, owner)
         bridge = self.bridge
         scope, spec, now = call.caller.scope, meter_spec(settings), self.now()
 
         def job(session: Session) -> bool:
             self._check_link(session, settings, scope)
+            check_template(session)
             return device_meters.create_meter(session, spec, owner, now)
 
         created = await self._write(job)
@@ -202,14 +246,21 @@ class DefinitionApi:
 
     async def replace_meter(self, call: Call, name: str) -> dict[str, object]:
         body, _ = await self._body(call, name)
-        settings = self._meter(body)
+        scope = call.caller.scope
+        # Its template is its owner's, which for an admin's call need not be the caller.
+        owner = await self.store.read(partial(device_meters.meter_owner, name=name, account=scope))
+        if owner is None:
+            raise ApiError(404, f"no meter {name!r}")
+        await self.templates.loaded()
+        settings, check_template = self._meter(body, owner)
         bridge = self.bridge
-        scope, spec, config_file = call.caller.scope, meter_spec(settings), self.config_file
+        spec, config_file = meter_spec(settings), self.config_file
 
         def job(session: Session) -> dict[str, Any] | None:
-            if device_meters.get_meter(session, name, scope) is None:
+            if device_meters.meter_owner(session, name, scope) != owner:
                 return None
             self._check_link(session, settings, scope)
+            check_template(session)
             return device_meters.replace_meter(session, spec, scope, config_file)
 
         old = await self._write(job)

@@ -38,6 +38,7 @@ from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store import accounts, meters
 from dtucenter.store import links as device_links
 from dtucenter.store.facade import Store
+from dtucenter.store.links import DeviceConflict
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.web.params import (
     DEFAULT_SAMPLES,
@@ -197,7 +198,16 @@ class MeterApi:
         check_keys(body, "the body", {"account"})
         await self.recorder.synced()
         owner_id = await account_named(self.store, body["account"])
-        info = await self.store.write(partial(meters.move_meter, name=name, account=owner_id))
+
+        def job(session: Session) -> meters.MeterInfo | DeviceConflict | None:
+            try:
+                return meters.move_meter(session, name, owner_id)
+            except DeviceConflict as e:  # returned: raised, it would fail the batch it went in with
+                return e
+
+        info = await self.store.write(job)
+        if isinstance(info, DeviceConflict):
+            raise ApiError(409, str(info))
         if info is None:
             raise ApiError(404, f"no meter {name!r}")
         return self._meter_json(info)

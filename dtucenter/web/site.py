@@ -17,7 +17,6 @@ from dtucenter.web.callers import Authenticator
 from dtucenter.web.dtus import DtuApi
 from dtucenter.web.router import BoundedRequest, JsonErrorChannel, Router
 from dtucenter.web.status import StatusApi
-from dtucenter.web.templates import TemplateApi
 
 
 def build_site(
@@ -27,7 +26,6 @@ def build_site(
     AccountApi(store, center.now).install(router)
     DtuApi(center, control, store).install(router)
     StatusApi(center, store, bridge).install(router)
-    TemplateApi().install(router)
     site = ApiSite(router)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False

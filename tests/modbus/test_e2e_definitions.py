@@ -5,9 +5,11 @@ are used from its next poll, a deleted link's connection is closed; and the refu
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from pymodbus.framer import FramerType
 
@@ -154,3 +156,26 @@ async def check_refusals(admin: ApiClient, acme: ApiClient, beta: ApiClient, con
     assert (await beta.call("DELETE", "/api/links/for-beta")).status == 200
 
 
+
+
+@pytest.mark.expected_errors("Listener own-port cannot listen")
+@pytest_twisted.ensureDeferred
+async def test_a_link_whose_own_port_cannot_bind_is_refused_and_leaves_nothing(tmp_path: Path, db_url: str) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    busy = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+    center = await start_center(tmp_path, "--modbus", "tcp:0:interface=127.0.0.1", db_url=db_url)
+    try:
+        admin = center.api()
+        refused = await admin.post("/api/links", {"name": "own-port", "listen": busy})
+        assert refused.status == 409 and "cannot listen" in refused.error, refused.body
+        assert (await admin.get("/api/links/own-port")).status == 404
+        made = await admin.post("/api/links", {"name": "own-port", "listen": "tcp:0:interface=127.0.0.1"})
+        assert made.status == 201, made.body
+        moved = await admin.call("PUT", "/api/links/own-port", {"listen": busy})
+        assert moved.status == 409 and "cannot listen" in moved.error, moved.body
+        kept = (await admin.get("/api/links/own-port")).body
+        assert kept["kind"] == "listen" and kept["definition"]["listen"] == "tcp:0:interface=127.0.0.1", kept
+        assert "own-port" in [link["name"] for link in (await admin.get("/api/links")).body["links"]]
+    finally:
+        taken.close()
+        await center.stop()

@@ -90,7 +90,7 @@ def test_the_cli_lists_and_shows_the_shipped_templates() -> None:
     assert cli.main(["template", "list", "--json"], out) == 0
     listed = json.loads(out.getvalue())["templates"]
     assert [entry["name"] for entry in listed] == list(shipped_templates())
-    assert listed[0] == {**shipped_templates()["eastron-sdm120"].summary(), "points": len(SDM120_MAP)}
+    assert listed[0] == {**shipped_templates()["eastron-sdm120"].summary(), "points": len(SDM120_MAP), "account": None}
     out = io.StringIO()
     assert cli.main(["template", "list"], out) == 0
     assert out.getvalue().splitlines()[1].startswith("eastron-sdm630\tversion 1\t31 points\t")

@@ -28,13 +28,14 @@ from __future__ import annotations
 import functools
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from importlib.resources.abc import Traversable
 from types import MappingProxyType
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 
 from dtucenter.modbus.points import Point, read_points
 from dtucenter.setting import (
@@ -138,7 +139,80 @@ def shipped_template_text(name: str) -> str:
 
 def find_template(name: str) -> Template:
     """The shipped template ``name``; ``LookupError`` says which exist."""
-    templates = shipped_templates()
+    return _find(name, shipped_templates())
+
+
+def _find(name: str, templates: Mapping[str, Template]) -> Template:
     if name not in templates:
         raise LookupError(f"no template named {name!r} (templates: {', '.join(templates)})")
     return templates[name]
+
+
+#: What a meter reader resolves a template name with: the template, or ``LookupError``
+#: saying which exist (``find_template`` for the shipped ones, ``TemplateCatalog.finder``).
+TemplateFinder = Callable[[str], Template]
+
+
+class TemplateCatalog:
+    """The templates meters may be made from: the shipped ones, for every account, and each
+    account's own (``put`` by whoever loads or writes them; here only held).
+
+    The one place a meter's template name is resolved: against its own account's templates,
+    then the shipped ones. Another account's template is not found, as an unknown one is.
+    Accounts are the keys the caller owns them by (the store's account ids); this module
+    knows nothing else of them.
+
+    The center fills it from the database at start, after the API starts listening, and
+    marks it loaded once the links and meters stored with it are served too: writers that
+    depend on either await :meth:`loaded` first, so that a request in the first moments
+    neither misses an account's template nor races the loading.
+    """
+
+    def __init__(self, shipped: Mapping[str, Template] | None = None) -> None:
+        self.shipped = shipped_templates() if shipped is None else shipped
+        self._own: dict[int, dict[str, Template]] = {}
+        self._loaded = False
+        self._waiting: list[Deferred[None]] = []
+
+    def loaded(self) -> Deferred[None]:
+        """Fires once :meth:`finish_loading` has been called (at once if it has)."""
+        if self._loaded:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    def finish_loading(self) -> None:
+        """The stored templates are in (or could not be read: then the loader logged why)."""
+        self._loaded = True
+        waiting, self._waiting = self._waiting, []
+        for each in waiting:
+            each.callback(None)
+
+    def own(self, account: int) -> Mapping[str, Template]:
+        """The account's own templates, by name."""
+        return MappingProxyType(self._own.get(account, {}))
+
+    def available(self, account: int) -> Mapping[str, Template]:
+        """What the account's meters may name: the shipped templates, then its own."""
+        return {**self.shipped, **self._own.get(account, {})}
+
+    def find(self, account: int, name: str) -> Template:
+        """The template ``name`` for a meter of ``account``; ``LookupError`` names those it may use."""
+        return _find(name, self.available(account))
+
+    def finder(self, account: int) -> TemplateFinder:
+        """``find`` for one account, as the meter readers take it."""
+        return functools.partial(self.find, account)
+
+    def put(self, account: int, template: Template) -> None:
+        """Add or replace one of the account's own templates (its name is never a shipped one)."""
+        if template.name in self.shipped:
+            raise ValueError(f"template {template.name!r} is shipped with the center")
+        self._own.setdefault(account, {})[template.name] = template
+
+    def remove(self, account: int, name: str) -> None:
+        own = self._own.get(account, {})
+        own.pop(name, None)
+        if not own:
+            self._own.pop(account, None)
