@@ -255,7 +255,7 @@ def _backlog_rows(db: Path) -> int:
 
 def run_mqtt(workdir: Path, scale: Scale, log: Callable[[str], None]) -> dict[str, Any]:
     """The ingest steps without MQTT and with --mqtt to a local Mosquitto, one payload shape after the other."""
-    rates = scale.ingest_rates if scale is SMOKE else tuple(r for r in scale.ingest_rates if r >= 5000)
+    rates = scale.ingest_rates if scale is SMOKE else tuple(r for r in scale.ingest_rates if r <= 14000)
     runs: dict[str, Any] = {}
     for label, payload in MQTT_RUNS:
         run_dir = _fresh(workdir, label)
