@@ -79,16 +79,18 @@ class Mosquitto:
     """Debian's mosquitto on a free loopback port with a config file of its own, persistent across restarts
     (so that a subscriber's session and its queued messages outlive a restart, as in production)."""
 
-    def __init__(self, directory: Path, tls: TlsFiles | None = None) -> None:
+    def __init__(self, directory: Path, tls: TlsFiles | None = None, users: dict[str, str] | None = None) -> None:
+        """``users``: names and passwords the broker requires (else it takes anonymous clients)."""
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
         self.config = directory / "mosquitto.conf"
+        self.users = dict(users or {})
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if users else 'true'}",
             "persistence true",
             f"persistence_location {directory}/",
             "max_queued_messages 100000",
@@ -98,6 +100,11 @@ class Mosquitto:
             lines.append("user root")  # else it drops to the mosquitto user, who cannot write the test's directory
         if tls is not None:
             lines += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}"]
+        if users:
+            passwords = directory / "passwords"
+            passwords.write_text("".join(f"{name}:{password}\n" for name, password in users.items()))
+            subprocess.run(["mosquitto_passwd", "-U", str(passwords)], check=True)  # hashes them in place
+            lines.append(f"password_file {passwords}")
         self.config.write_text("\n".join(lines) + "\n")
 
     @property
@@ -141,12 +148,15 @@ class Subscriber:
     """A paho client subscribed to everything (QoS 1, a persistent session) that keeps what it hears, in order."""
 
     def __init__(self, broker: Mosquitto, client_id: str = "checker", persistent: bool = True) -> None:
+        """With the broker's first user, if it has users."""
         self.messages: list[Received] = []
         self.subscribed = threading.Event()
         self._lock = threading.Lock()
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id, clean_session=not persistent)
         if broker.tls is not None:
             client.tls_set(ca_certs=str(broker.tls.ca), cert_reqs=ssl.CERT_REQUIRED)
+        for name, password in list(broker.users.items())[:1]:
+            client.username_pw_set(name, password)
         client.on_connect = lambda c, u, f, reason, p: c.subscribe("#", 1)
         client.on_subscribe = lambda c, u, mid, reasons, p: self.subscribed.set()
         client.on_message = self._heard

@@ -238,6 +238,53 @@ async def test_tls_and_mqtt_5(tmp_path: Path) -> None:
         broker.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_password_and_batches(tmp_path: Path) -> None:
+    """The broker takes only its users: the center's URL carries one (percent-encoded); payload = batch."""
+    broker = Mosquitto(tmp_path / "broker", users={"checker": "seen", "center": "p@ss w/rd"})
+    broker.start()
+    subscriber = Subscriber(broker)
+    (tmp_path / "wrong").mkdir()
+    wrong = await start_center(tmp_path / "wrong", "--mqtt", f"mqtt://center:nope@127.0.0.1:{broker.port}")
+    try:
+        await until(lambda: "refused" in (publisher_of(wrong).problem or ""))
+        assert publisher_of(wrong).stats.connections == 0 and "nope" not in (publisher_of(wrong).problem or "")
+    finally:
+        await wrong.stop()
+    config = tmp_path / "center.toml"
+    config.write_text(
+        f'[mqtt]\nurl = "mqtt://center:p%40ss%20w%2Frd@127.0.0.1:{broker.port}"\npayload = "batch"\n'
+    )
+    center = await start_center(tmp_path, "--config", str(config))
+    try:
+        add_dtu(center, 41)
+        add_dtu(center, 42, registers=[(1, 100)])
+        first, second = await connect_dtu(center), await connect_dtu(center)
+        await first.login(41)
+        await second.login(42)
+        for n in range(3):
+            first.send(wire.SendTest(20, n, (n, n + 1)))
+            second.send(wire.SendTest(20, n, (10 + n,)))
+            await first.next(wire.SendTestAck)
+            await second.next(wire.SendTestAck)
+
+        def batched() -> list[Any]:
+            return [entry for body in subscriber.on("dtucenter/admin/batch") for entry in body]
+
+        await until(lambda: len(batched()) == 6)
+        assert [(e["device"], e["values"]) for e in batched() if e["device"] == "41"] == [
+            ("41", {"0": 0, "1": 1}), ("41", {"0": 1, "1": 2}), ("41", {"0": 2, "1": 3}),
+        ]
+        assert [e["values"] for e in batched() if e["device"] == "42"] == [{"1-100": 10}, {"1-100": 11}, {"1-100": 12}]
+        assert all(e["kind"] == "dtu" and ISO_UTC.match(e["time"]) for e in batched())
+        assert [m.retained for m in subscriber.all() if m.topic == "dtucenter/admin/batch"] == [False] * len(
+            subscriber.on("dtucenter/admin/batch"))
+    finally:
+        await center.stop()
+        subscriber.stop()
+        broker.stop()
+
+
 def test_the_last_will_says_the_center_died(tmp_path: Path, broker: Mosquitto, subscriber: Subscriber) -> None:
     """Stopped, the center says it is offline itself; killed, the broker says it for the center."""
 

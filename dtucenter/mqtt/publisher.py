@@ -137,6 +137,8 @@ class MqttPublisher(Service):
         self._summary_call: IDelayedCall | None = None
         #: Whether the broker's absence was logged: once per outage, and once before the first connection.
         self._absence_logged = False
+        #: Why the broker is away (refused, unreachable, connection lost), or None while connected.
+        self.problem: str | None = None
 
     @property
     def connected(self) -> bool:
@@ -339,11 +341,13 @@ class MqttPublisher(Service):
     def _came_up(self) -> None:
         self.stats.connections += 1
         self._absence_logged = False
+        self.problem = None
         log.info("MQTT: connected to the broker; {count} messages wait in the backlog", count=self._waiting)
         self._broker_up = True
         self._drain()
 
     def _went_down(self, reason: str) -> None:
+        self.problem = reason
         if not self._absence_logged:
             log.warn("MQTT: {reason}; keeping messages in the backlog until the broker is back", reason=reason)
             self._absence_logged = True
