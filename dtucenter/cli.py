@@ -529,8 +529,9 @@ def cmd_template_remove(session: Session, args: argparse.Namespace, out: TextIO)
 
 
 def cmd_device_add(kind: str, session: Session, args: argparse.Namespace, out: TextIO) -> None:
-    """Checked by the file's reader; how it goes with the other links (a registration that cannot
-    be told apart) is the running bridge's to check, at the next start."""
+    """Checked by the file's reader, and a meter's scada_unit against the stored meters'; how it
+    goes with the other links (a registration that cannot be told apart) is the running
+    bridge's to check, at the next start."""
     try:
         table = json.loads(args.definition)
         owner = _owner(session, args.account)
@@ -543,6 +544,7 @@ def cmd_device_add(kind: str, session: Session, args: argparse.Namespace, out: T
             settings = read_meter_definition(table, "the definition", _stored_catalog(session, owner).finder(owner))
             if device_links.get_link(session, settings.link) is None:
                 raise CommandError(f"meter {settings.name!r}: no link named {settings.link!r}")
+            _check_scada_unit(session, settings.name, settings.scada_unit)
             meters.create_meter(session, meter_spec(settings), owner, now)
             name = settings.name
     except json.JSONDecodeError as e:
@@ -550,6 +552,15 @@ def cmd_device_add(kind: str, session: Session, args: argparse.Namespace, out: T
     except (ConfigError, ValueError) as e:  # AccountError and DeviceConflict among them
         raise CommandError(str(e)) from None
     print(f"added {kind} {name} (served from the center's next start)", file=out)
+
+
+def _check_scada_unit(session: Session, name: str, unit: int | None) -> None:
+    """A scada_unit a stored meter answers SCADA under is taken (as the running bridge would say)."""
+    for meter in meters.list_meters(session):
+        if unit is not None and meter.configured and meter.name != name and (meter.definition or {}).get(
+            "scada_unit"
+        ) == unit:
+            raise CommandError(f"meter {name!r}: scada_unit {unit} is already the scada_unit of meter {meter.name!r}")
 
 
 def cmd_device_list(kind: str, session: Session, args: argparse.Namespace, out: TextIO) -> None:

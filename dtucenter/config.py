@@ -17,7 +17,7 @@ A mistake raises :class:`ConfigError`, one line naming the file, the table
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,12 @@ from dtucenter.setting import (
     METADATA_KEY,
     Declared,
     Place,
+    Reload,
     boolean,
     build,
     check_unique,
     choice,
+    composed,
     convert_value,
     describe,
     integer,
@@ -48,6 +50,7 @@ from dtucenter.setting import (
     read_keys,
     read_table,
     read_tables,
+    reload_of,
     require,
     server_endpoint,
     setting,
@@ -118,6 +121,7 @@ class Settings:
             integer(1, 1_000_000),
             "Most UDP source addresses kept before they log in; past it the oldest is dropped.",
             option="dtu-udp-pending",
+            reload=Reload.LIVE,
         ),
     )
     db: str = attrs.field(default=DEFAULT_DB_URL, metadata=setting(stripped, "SQLAlchemy database URL.", option="db"))
@@ -132,12 +136,15 @@ class Settings:
     unknown_dtu: str = attrs.field(
         default="reject",
         metadata=setting(
-            choice(*UNKNOWN_DTU_POLICIES), "reject or accept (enrol) DTUs not in the database.", option="unknown-dtu"
+            choice(*UNKNOWN_DTU_POLICIES), "reject or accept (enrol) DTUs not in the database.", option="unknown-dtu",
+            reload=Reload.LIVE,
         ),
     )
     login_timeout: float = attrs.field(
         default=30.0,
-        metadata=setting(number(1, 3600), "Seconds a new connection has to log in.", option="login-timeout"),
+        metadata=setting(
+            number(1, 3600), "Seconds a new connection has to log in.", option="login-timeout", reload=Reload.LIVE
+        ),
     )
     frame_head: bytes = attrs.field(
         default=DEFAULT_HEAD, metadata=setting(_head, "Frame head bytes in hex.", option="frame-head")
@@ -168,7 +175,10 @@ class Settings:
     )
     command_timeout: float = attrs.field(
         default=10.0,
-        metadata=setting(number(0.01, 3600), "Seconds a DTU has to answer a command.", option="command-timeout"),
+        metadata=setting(
+            number(0.01, 3600), "Seconds a DTU has to answer a command.", option="command-timeout",
+            reload=Reload.LIVE,
+        ),
     )
     api: str = attrs.field(
         default=DEFAULT_API,
@@ -189,15 +199,18 @@ class Settings:
     log_rotate_size: int = attrs.field(
         default=10_000_000,
         metadata=setting(
-            integer(1000, 10**12), "Bytes at which the log file is rotated.", option="log-rotate-size"
+            integer(1000, 10**12), "Bytes at which the log file is rotated.", option="log-rotate-size",
+            reload=Reload.LIVE,
         ),
     )
     log_keep: int = attrs.field(
         default=10,
-        metadata=setting(integer(1, 1000), "Rotated log files kept; older ones are deleted.", option="log-keep"),
+        metadata=setting(
+            integer(1, 1000), "Rotated log files kept; older ones are deleted.", option="log-keep", reload=Reload.LIVE
+        ),
     )
-    modbus: ModbusSettings = attrs.Factory(ModbusSettings)
-    mqtt: MqttSettings = attrs.Factory(MqttSettings)
+    modbus: ModbusSettings = attrs.field(factory=ModbusSettings, metadata=composed(Reload.TABLE))
+    mqtt: MqttSettings = attrs.field(factory=MqttSettings, metadata=composed(Reload.TABLE))
     #: The config file, or "defaults".
     source: str = "defaults"
     #: Where each value that is not a default came from ("--dtu", "center.toml: dtu"), by field
@@ -217,12 +230,15 @@ class Settings:
     def where(self, name: str) -> str:
         """Names the option or file key a setting came from, for a message: ``--dtu``, ``center.toml: db``.
 
-        A default is named by its option, the way to change it.
+        A default is named by its option, the way to change it; what the file's tables make
+        (``modbus.rules``) by the file and the field.
         """
         if name in self.origins:
             return self.origins[name]
         table, _, key = name.rpartition(".")
-        declaration = _declaration(_TABLE_CLASSES[table], key)
+        declaration = attrs.fields_dict(_TABLE_CLASSES[table])[key].metadata.get(METADATA_KEY)
+        if declaration is None:
+            return f"{self.source}: {key}"
         return f"--{declaration.option}" if declaration.option else key
 
     def where_link(self, link: LinkSettings, key: str) -> str:
@@ -326,6 +342,10 @@ def read_settings(
             "probe_after", f"is {probe_after:g} s: the probe must go out before the registration timeout "
             f"({modbus_values['login_timeout']:g} s) closes the connection"
         )
+
+    for key in ("server_allow", "server_max_clients"):
+        if key in modbus_values and modbus_values.get("server") is None:
+            raise modbus_place.error(key, "applies to the Modbus TCP server for SCADA: set server (or --modbus-server)")
 
     links = tuple(_read_link(table, index, place) for index, table in link_tables)
     meters = tuple(_read_meter(table, index, place) for index, table in meter_tables)
@@ -487,6 +507,15 @@ def _check_meters(meters: tuple[MeterSettings, ...], links: tuple[LinkSettings, 
             known = ", ".join(repr(name) for name in protocols) or "none defined"
             raise place.error("link", f"no link named {meter.link!r} (links: {known})")
         _check_unit(protocols[meter.link], meter.unit, place)
+    scada_units: dict[int, str] = {}
+    for meter in meters:
+        if meter.scada_unit is None:
+            continue
+        taken = scada_units.setdefault(meter.scada_unit, meter.name)
+        if taken != meter.name:
+            raise file.inner(named("meter", meter.name)).error(
+                "scada_unit", f"{meter.scada_unit} is already the scada_unit of meter {taken!r}"
+            )
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -507,3 +536,66 @@ def load_settings(
     """Settings from the file at ``config_path`` (if any), the options and the environment."""
     document = load_file(config_path) if config_path else {}
     return read_settings(document, options, source=config_path or "defaults", environ=environ)
+
+
+# -- reloading -----------------------------------------------------------------
+
+
+@attrs.frozen
+class SettingChange:
+    """A setting whose value a reread of the file changed (links and meters aside: see ``dtucenter.reload``)."""
+
+    #: The field's name, ``modbus.``-prefixed for the ``[modbus]`` table's.
+    name: str
+    #: Where its new value comes from, for the log: ``center.toml: api``, or the option.
+    where: str
+    #: Applied to the running center; else it waits for a restart.
+    live: bool
+
+
+def changed_settings(running: Settings, reread: Settings) -> list[SettingChange]:
+    """What differs between the settings the center runs with and the file read again, each
+    with whether a reload applies it (the fields' :class:`~dtucenter.setting.Reload`)."""
+    return [
+        SettingChange(name, _where_changed(running, reread, name), kind is Reload.LIVE)
+        for name, kind, old, new in _walk(running, reread, "")
+        if kind in (Reload.LIVE, Reload.RESTART) and old != new
+    ]
+
+
+def _where_changed(running: Settings, reread: Settings, name: str) -> str:
+    if name in reread.origins or name not in running.origins:
+        return reread.where(name)
+    return f"{running.origins[name]} (gone: back to its default)"
+
+
+def running_settings(running: Settings, reread: Settings) -> Settings:
+    """The settings the center runs with after a reload: the reread ones, but the old value of
+    every setting that needs a restart, so that what is running is what is said to run."""
+    kept: Settings = _keep_restart_values(running, reread)
+    return kept
+
+
+def _walk(old: AttrsInstance, new: AttrsInstance, prefix: str) -> Iterator[tuple[str, Reload, Any, Any]]:
+    for attribute in attrs.fields(type(old)):
+        if not attribute.eq:  # bookkeeping (where values came from), not a setting
+            continue
+        kind = reload_of(attribute)
+        old_value, new_value = getattr(old, attribute.name), getattr(new, attribute.name)
+        if kind is Reload.TABLE:
+            yield from _walk(old_value, new_value, f"{prefix}{attribute.name}.")
+        else:
+            yield f"{prefix}{attribute.name}", kind, old_value, new_value
+
+
+def _keep_restart_values(old: Any, new: Any) -> Any:
+    kept: dict[str, Any] = {}
+    for attribute in attrs.fields(type(old)):
+        if not attribute.eq:
+            continue
+        kind = reload_of(attribute)
+        if kind is Reload.TABLE:
+            kept[attribute.name] = _keep_restart_values(getattr(old, attribute.name), getattr(new, attribute.name))
+        elif kind is Reload.RESTART:
+            kept[attribute.name] = getattr(old, attribute.name)
+    return attrs.evolve(new, **kept)

@@ -7,7 +7,7 @@ center inside their own process leave their signal handlers and logging alone.
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
@@ -16,6 +16,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import ILogObserver, Logger, textFileLogObserver
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
+
+from dtucenter.config import Settings
 
 log = Logger()
 
@@ -50,14 +52,19 @@ class OwnProcess(MultiService):
     - SIGTERM and SIGINT stop the reactor, which stops every service (connections closed,
       queued writes flushed), and the process exits with status 0: twistd would re-raise the
       signal at exit, which reads as a crash to a supervisor.
-    - SIGHUP does not kill: it reopens the log file (for external rotation tools).
+    - SIGHUP does not kill: it reopens the log file (for external rotation tools), then
+      reloads the config file (``reload``: ``dtucenter.reload.Reloader.reload``).
     - Says when everything has stopped, the last line of a clean stop.
     """
 
-    def __init__(self, center: MultiService, reactor: Any, log_file: LogFile | None) -> None:
+    def __init__(
+        self, center: MultiService, reactor: Any, log_file: LogFile | None,
+        reload: Callable[[], Deferred[Any]] | None = None,
+    ) -> None:
         super().__init__()
         self._reactor = reactor
         self.log_file = log_file
+        self._reload = reload
         self._stopping = False
         center.setServiceParent(self)
 
@@ -96,10 +103,20 @@ class OwnProcess(MultiService):
         self._reactor.stop()
 
     def _hangup(self, number: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(self._reopen_log)
+        self._reactor.callFromThread(self._reopen_log_and_reload)
+
+    def _reopen_log_and_reload(self) -> None:
+        self._reopen_log()
+        if self._reload is not None:
+            self._reload()  # logs its own outcome and errors
+
+    def apply_log_settings(self, settings: Settings) -> None:
+        """A reload's ``log_rotate_size`` and ``log_keep``, for the next rotation."""
+        if self.log_file is not None:
+            self.log_file.rotateLength = settings.log_rotate_size
+            self.log_file.maxRotatedFiles = settings.log_keep
 
     def _reopen_log(self) -> None:
-        # The configuration is read at start only, for now: a reload would go here.
         if self.log_file is None:
             log.info("received SIGHUP: no log file to reopen (logging to stdout, syslog or an observer of its own)")
             return

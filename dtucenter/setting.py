@@ -34,6 +34,27 @@ T = TypeVar("T", bound=AttrsInstance)
 METADATA_KEY = "dtucenter.setting"
 
 
+class Reload(enum.Enum):
+    """What a reload of the config file (SIGHUP) does with a changed field.
+
+    Declared with the field, so that a setting says in one place whether the running center
+    takes it up; one that says nothing needs a restart, the only safe guess.
+    """
+
+    #: Read at start only (endpoints, the database): a change is logged as needing a restart.
+    RESTART = "restart"
+    #: Applied to the running center: read again by what uses it (new connections, the next decision).
+    LIVE = "live"
+    #: The file's links and meters: synced into the database and the running bridge, as the API does.
+    DEVICES = "devices"
+    #: A table of settings of its own (``[modbus]``): its fields say for themselves.
+    TABLE = "table"
+
+
+#: The metadata key of a field's :class:`Reload`, for a field that is not a file key of its own.
+RELOAD_KEY = "dtucenter.reload"
+
+
 @attrs.frozen
 class Declared:
     """What a field's metadata says about the setting."""
@@ -44,13 +65,29 @@ class Declared:
     key: str | None = None
     #: The command-line option (without ``--``), if there is one.
     option: str | None = None
+    reload: Reload = Reload.RESTART
 
 
 def setting(
-    convert: Callable[[Any], Any], doc: str, *, key: str | None = None, option: str | None = None
+    convert: Callable[[Any], Any], doc: str, *, key: str | None = None, option: str | None = None,
+    reload: Reload = Reload.RESTART,
 ) -> dict[str, Declared]:
-    """Metadata for ``attrs.field(metadata=...)``: a file key, its converter and its doc."""
-    return {METADATA_KEY: Declared(convert, doc, key, option)}
+    """Metadata for ``attrs.field(metadata=...)``: a file key, its converter and its doc, and what
+    a reload does with it (:class:`Reload`; by default: it needs a restart)."""
+    return {METADATA_KEY: Declared(convert, doc, key, option, reload)}
+
+
+def composed(reload: Reload) -> dict[str, Reload]:
+    """Metadata for a field built from tables rather than read from one key (links, ``[modbus]``)."""
+    return {RELOAD_KEY: reload}
+
+
+def reload_of(attribute: attrs.Attribute[Any]) -> Reload:
+    """What a reload does with a changed field: its declaration says, else :data:`Reload.RESTART`."""
+    declaration = attribute.metadata.get(METADATA_KEY)
+    if declaration is not None:
+        return declaration.reload  # type: ignore[no-any-return]
+    return attribute.metadata.get(RELOAD_KEY, Reload.RESTART)  # type: ignore[no-any-return]
 
 
 def declared(cls: type[AttrsInstance]) -> dict[str, tuple[str, Declared]]:

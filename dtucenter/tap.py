@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -32,9 +33,11 @@ from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.events import EventHub
+from dtucenter.modbus.scada_server import ScadaFactory, ScadaServer
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
+from dtucenter.reload import Reloader
 from dtucenter.setting import listening_endpoint
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
@@ -83,12 +86,17 @@ class Options(usage.Options):
     settings: Settings
 
     def postOptions(self) -> None:
+        with exit_on_usage_error():
+            self.settings = self.read_settings()
+
+    def read_settings(self) -> Settings:
+        """The settings from the config file as it is now, with these options on top: at start,
+        and again at each reload. Raises :class:`UsageError`."""
         # A flag not given is 0 here; the settings take only what was given.
         given = {
             option.name: (bool(self[option.name]) or None) if option.flag else self[option.name] for option in OPTIONS
         }
-        with exit_on_usage_error():
-            self.settings = load_settings(self["config"], given, os.environ)
+        return load_settings(self["config"], given, os.environ)
 
 
 class CenterService(MultiService):
@@ -101,6 +109,8 @@ class CenterService(MultiService):
         #: What happens in the center, for the integrations and the console (dtucenter/events.py).
         self.events = EventHub()
         self._listeners: list[tuple[str, Callable[[], Deferred[IListeningPort]]]] = []
+        #: Reads the config file again and applies what changed (SIGHUP, the manhole).
+        self.reloader: Reloader
 
     def require_listening(self, what: str, when_listening: Callable[[], Deferred[IListeningPort]]) -> None:
         """``what`` names the option or key for the error message."""
@@ -174,23 +184,31 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
-        center = makeService(options, global_reactor)
+        with exit_on_usage_error():
+            center = build_service(options.settings, global_reactor, options.read_settings)
         tune_garbage_collector()
         return own_process(center, options, global_reactor)
     with exit_on_usage_error():
-        return build_service(options.settings, reactor)
+        return build_service(options.settings, reactor, options.read_settings)
 
 
-def own_process(center: MultiService, options: Options, reactor: Any) -> OwnProcess:
+def own_process(center: CenterService, options: Options, reactor: Any) -> OwnProcess:
     """The center as twistd runs it: its log file bounded, its signals handled (dtucenter/process.py)."""
     settings = options.settings
     twistd_options = getattr(options, "parent", None) or {}  # twistd's own options, when twistd parsed ours
     log_file = bounded_log_file(twistd_options, settings.log_rotate_size, settings.log_keep)
-    return OwnProcess(center, reactor, log_file)
+    process = OwnProcess(center, reactor, log_file, center.reloader.reload)
+    center.reloader.on_reload(process.apply_log_settings)
+    return process
 
 
-def build_service(settings: Settings, reactor: Any) -> CenterService:
-    """The service tree; raises :class:`UsageError` for what the settings could not show before."""
+def build_service(
+    settings: Settings, reactor: Any, reread: Callable[[], Settings] | None = None
+) -> CenterService:
+    """The service tree; raises :class:`UsageError` for what the settings could not show before.
+
+    ``reread`` reads the settings again for a reload (:class:`~dtucenter.reload.Reloader`);
+    without it a reload finds nothing changed."""
     try:
         engine = open_engine(settings.db, upgrade=not settings.no_upgrade)
     except (DatabaseURLError, SchemaError) as e:
@@ -204,11 +222,7 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
         dtu_store,
         reactor,
         CenterSettings(
-            enroll_unknown=settings.unknown_dtu == "accept",
-            login_timeout=settings.login_timeout,
-            dialect=settings.dialect,
-            last_seen_interval=settings.last_seen_interval,
-            command_timeout=settings.command_timeout,
+            dialect=settings.dialect, last_seen_interval=settings.last_seen_interval, **live_center_settings(settings)
         ),
         events=top.events,
     )
@@ -232,7 +246,13 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
     templates = TemplateCatalog()
-    bridge = add_modbus(top, settings, recorder, templates, reactor)
+    bridge, starting = add_modbus(top, settings, recorder, templates, reactor)
+    reloader = top.reloader = Reloader(settings, reread or (lambda: settings), recorder, bridge, reactor)
+    reloader.hold_until(starting)
+    reloader.on_reload(partial(apply_center_settings, center))
+    reloader.on_reload(lambda new: bridge.apply_settings(new.modbus))
+    if udp is not None:
+        reloader.on_reload(lambda new: setattr(udp_protocol, "max_pending", new.dtu_udp_pending))
     if settings.mqtt.url is not None:
         add_mqtt(top, settings, store, recorder, reactor)
     if settings.manhole is not None:
@@ -242,12 +262,27 @@ def build_service(settings: Settings, reactor: Any) -> CenterService:
     return top
 
 
+def live_center_settings(settings: Settings) -> dict[str, Any]:
+    """The DTU side's settings that a reload changes (``Reload.LIVE``), as ``CenterSettings`` takes them:
+    read by each new connection and each decision, so they apply to what comes next."""
+    return {
+        "enroll_unknown": settings.unknown_dtu == "accept",
+        "login_timeout": settings.login_timeout,
+        "command_timeout": settings.command_timeout,
+    }
+
+
+def apply_center_settings(center: DTUCenter, settings: Settings) -> None:
+    center.settings = attrs.evolve(center.settings, **live_center_settings(settings))
+
+
 def add_modbus(
     top: CenterService, settings: Settings, recorder: MeterRecorder, templates: TemplateCatalog, reactor: Any
-) -> ModbusBridge:
+) -> tuple[ModbusBridge, Deferred[None]]:
     """The Modbus bridge: the file's links and meters at once, the database's (those the API
     made, and the accounts' templates they may be made from) once the file's have been
-    imported into it."""
+    imported into it. Returns the bridge, and a Deferred that
+    fires (with None, even after a failure: logged here) once the database's have started."""
     modbus = settings.modbus
     bridge = ModbusBridge(modbus, reactor, recorder, events=top.events)
     bridge.setName("modbus")
@@ -257,13 +292,18 @@ def add_modbus(
     for link in modbus.links:
         if link.kind == "listen":
             top.require_listening(settings.where_link(link, "listen"), partial(bridge.listening, link.name))
+    if modbus.server is not None:
+        factory = ScadaFactory(bridge, reactor, allow=modbus.server_allow, max_clients=modbus.server_max_clients)
+        scada = ScadaServer(listening_endpoint(reactor, modbus.server), factory)
+        scada.setServiceParent(top)
+        top.require_listening(settings.where("modbus.server"), scada.when_listening)
     starting = recorder.synced().addCallback(
         lambda _: ensureDeferred(start_database_devices(recorder.store, bridge, templates))
     )
     starting.addErrback(
         lambda f: log.failure("Could not start the links and meters of the database", f)
     )
-    return bridge
+    return bridge, starting
 
 
 async def start_database_devices(store: Store, bridge: ModbusBridge, templates: TemplateCatalog) -> None:
@@ -292,7 +332,10 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
         for name, account, definition in await store.read(device_meters.api_meter_definitions):
             source = f"database: meter {name!r}"
             try:
-                bridge.set_meter(read_meter_definition(json.loads(definition), source, templates.finder(account)))
+                meter = read_meter_definition(json.loads(definition), source, templates.finder(account))
+                taken = bridge.set_meter_unserved_if_taken(meter)  # the file's meter took it since
+                if taken is not None:
+                    log.error("{source}: polled, but not served to SCADA: {error}", source=source, error=taken)
             except (ValueError, LookupError, UsageError) as e:  # a ConfigError, an UnknownLink, bad JSON
                 log.error("{source}: not polled: {error}", source=source, error=e)
     finally:
@@ -361,6 +404,7 @@ def add_manhole(
         "stats": center.stats,
         "store": top.getServiceNamed("store"),
         "bridge": bridge,
+        "reloader": top.reloader,
         "reactor": reactor,
     }
     try:

@@ -56,12 +56,17 @@ def _needs_room() -> None:
 async def test_every_listener_defaults_to_a_backlog_for_a_fleets_redial(tmp_path: Path) -> None:
     config = tmp_path / "center.toml"
     config.write_text(MODBUS_CONFIG)
-    center = await start_center(tmp_path, "--config", str(config), "--modbus", "tcp:0:interface=127.0.0.1")
+    center = await start_center(
+        tmp_path, "--config", str(config), "--modbus", "tcp:0:interface=127.0.0.1",
+        "--modbus-server", "tcp:0:interface=127.0.0.1",
+    )
     try:
         assert center.api_port is not None
+        scada = center.service.getServiceNamed("modbus-server")
         ports = {
             "dtu": center.tcp_port, "api": center.api_port,
             "modbus": await center.modbus_port(), "modbus link": await center.modbus_port("yard"),
+            "modbus server": (await scada.when_listening()).getHost().port,  # type: ignore[attr-defined]
         }
         backlogs = {name: listen_backlog(port) for name, port in ports.items()}
         assert backlogs == dict.fromkeys(ports, expected(DEFAULT_LISTEN_BACKLOG))

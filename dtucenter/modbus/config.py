@@ -9,6 +9,7 @@ together and names the file, table and key of any mistake.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from typing import Any
 
 import attrs
@@ -17,9 +18,11 @@ from dtucenter.modbus.filter import decode_packet_option, encode_packet_option
 from dtucenter.modbus.points import BlockLimits, Point
 from dtucenter.modbus.rules import RegistrationRule
 from dtucenter.setting import (
+    Reload,
     boolean,
     choice,
     client_endpoint,
+    composed,
     declared,
     describe,
     integer,
@@ -30,6 +33,10 @@ from dtucenter.setting import (
 )
 
 DEFAULT_LOGIN_TIMEOUT = 30.0
+#: A value polled this many intervals ago is too old for SCADA unless the meter says otherwise:
+#: one missed or slow poll is tolerated, a meter that stopped answering is not.
+SCADA_MAX_AGE_INTERVALS = 3
+DEFAULT_SCADA_MAX_CLIENTS = 64
 #: USR's registration "send types": on connect only, in front of every packet only, or both.
 REGISTRATION_MODES = ("connect", "data", "both")
 
@@ -37,6 +44,20 @@ REGISTRATION_MODES = ("connect", "data", "both")
 def packet(value: Any) -> bytes:
     """A registration or heartbeat packet: ``"hex:0A0B"`` or plain text."""
     return decode_packet_option(text(value))
+
+
+def client_networks(value: Any) -> tuple[str, ...]:
+    """Addresses or networks (``10.1.2.3``, ``10.1.0.0/16``, ``::1``): an array, or one comma-separated text."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError(f"must be a non-empty array of addresses or networks, got {describe(value)}")
+    networks = []
+    for item in items:
+        try:
+            networks.append(str(ipaddress.ip_network(text(item).strip(), strict=False)))
+        except ValueError as e:
+            raise ValueError(f"not an address or network: {item!r} ({e})") from None
+    return tuple(networks)
 
 
 def stopbits(value: Any) -> float:
@@ -139,6 +160,21 @@ class MeterSettings:
     )
     interval: float = attrs.field(default=10.0, metadata=setting(positive, "Seconds between polls."))
     limits: BlockLimits = attrs.Factory(BlockLimits)
+    #: The unit id SCADA reads the meter under on the Modbus TCP server; None: not served there.
+    scada_unit: int | None = attrs.field(
+        default=None,
+        metadata=setting(integer(1, 247), "Unit id on the Modbus TCP server for SCADA (default: not served)."),
+    )
+    #: How old a polled value may be and still be served to SCADA; None: SCADA_MAX_AGE_INTERVALS polls.
+    scada_max_age: float | None = attrs.field(
+        default=None,
+        metadata=setting(positive, "Seconds a polled value is served to SCADA (default 3 poll intervals)."),
+    )
+
+    @property
+    def served_age(self) -> float:
+        """How old a polled value may be and still be answered to SCADA."""
+        return self.scada_max_age if self.scada_max_age is not None else SCADA_MAX_AGE_INTERVALS * self.interval
 
     def table(self) -> dict[str, Any]:
         """The ``[[meter]]`` table that reads back as this meter (:func:`meter_table`)."""
@@ -159,22 +195,51 @@ class ModbusSettings:
     )
     login_timeout: float = attrs.field(
         default=DEFAULT_LOGIN_TIMEOUT,
-        metadata=setting(positive, "Seconds a new connection has to send its registration."),
+        metadata=setting(positive, "Seconds a new connection has to send its registration.", reload=Reload.LIVE),
     )
     #: Sent as-is to a connection on the shared listener that has said nothing for
     #: ``probe_after`` seconds, so that a DTU in registration mode ``data`` answers with
     #: its registration in front; every such DTU behind the listener must accept it.
     probe: bytes | None = attrs.field(
         default=None,
-        metadata=setting(packet, "A request sent to a silent new connection (hex:...), to make a data-mode DTU speak."),
+        metadata=setting(
+            packet, "A request sent to a silent new connection (hex:...), to make a data-mode DTU speak.",
+            reload=Reload.LIVE,
+        ),
     )
     probe_after: float = attrs.field(
-        default=5.0, metadata=setting(positive, "Seconds of silence after which a new connection gets the probe."),
+        default=5.0,
+        metadata=setting(
+            positive, "Seconds of silence after which a new connection gets the probe.", reload=Reload.LIVE
+        ),
     )
-    links: tuple[LinkSettings, ...] = ()
-    meters: tuple[MeterSettings, ...] = ()
+    #: The Modbus TCP server SCADA masters read meters through (dtucenter/modbus/scada.py).
+    server: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            server_endpoint,
+            "Endpoint of the Modbus TCP server for SCADA, e.g. tcp:502:interface=10.0.0.5 (default off).",
+            option="modbus-server",
+        ),
+    )
+    #: None: any client that reaches the endpoint.
+    server_allow: tuple[str, ...] | None = attrs.field(
+        default=None,
+        metadata=setting(
+            client_networks,
+            "Client addresses or networks the Modbus TCP server accepts, comma-separated (default any).",
+            option="modbus-server-allow",
+        ),
+    )
+    server_max_clients: int = attrs.field(
+        default=DEFAULT_SCADA_MAX_CLIENTS,
+        metadata=setting(integer(1, 10_000), "Most SCADA connections at once; more are closed at once."),
+    )
+    links: tuple[LinkSettings, ...] = attrs.field(default=(), metadata=composed(Reload.DEVICES))
+    meters: tuple[MeterSettings, ...] = attrs.field(default=(), metadata=composed(Reload.DEVICES))
     #: ``[[rule]]``s for unknown registrations on the shared listener: read and checked, not yet applied.
-    rules: tuple[RegistrationRule, ...] = ()
+    #: Live: whatever applies them reads the bridge's ``settings`` at each first contact.
+    rules: tuple[RegistrationRule, ...] = attrs.field(default=(), metadata=composed(Reload.LIVE))
 
 
 # -- back to the file's spelling -----------------------------------------------

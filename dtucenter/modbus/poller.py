@@ -147,6 +147,9 @@ class _Meter:
     timeouts_in_a_row: int = 0
     polls: int = 0
     failures: int = 0
+    #: Point name -> its value and the start of the read it came from, for each point whose
+    #: latest read succeeded; a point whose latest read failed has none.
+    latest: dict[str, tuple[Value, float]] = attrs.Factory(dict)
 
 
 def _new_meter(settings: MeterSettings) -> _Meter:
@@ -202,10 +205,14 @@ class Poller(Service):
             if self.running:
                 meter.call = self._clock.callLater(0, self._tick, meter)
             return
-        old_interval = meter.settings.interval
+        old_interval, old_points = meter.settings.interval, meter.points
         meter.settings = settings
         meter.blocks = plan_reads(settings.points, settings.limits)
         meter.points = {p.name: p for p in settings.points}
+        # A value read under another definition of its point would be encoded wrongly.
+        meter.latest = {
+            name: entry for name, entry in meter.latest.items() if old_points.get(name) == meter.points.get(name)
+        }
         if settings.interval != old_interval:
             meter.resume_slot = 0  # a back-off counted in slots of the old length
             if meter.call is not None and meter.call.active():
@@ -231,6 +238,10 @@ class Poller(Service):
     def meter_settings(self) -> list[MeterSettings]:
         return [meter.settings for meter in self._meters.values()]
 
+    def settings_of(self, name: str) -> MeterSettings:
+        """Raises :class:`UnknownMeter`."""
+        return self._meter(name).settings
+
     def status(self, name: str) -> MeterStatus:
         meter = self._meter(name)
         settings = meter.settings
@@ -243,6 +254,11 @@ class Poller(Service):
             last_error_time=meter.last_error_time, failing=meter.failing, timeouts_in_a_row=meter.timeouts_in_a_row,
             next_poll=next_poll, polls=meter.polls, failures=meter.failures,
         )
+
+    def latest_values(self, name: str) -> Mapping[str, tuple[Value, float]]:
+        """Point name -> (value, start of the read it came from), for each point of the meter
+        whose latest read succeeded. Raises :class:`UnknownMeter`."""
+        return self._meter(name).latest
 
     def write(self, meter_name: str, point_name: str, value: object) -> defer.Deferred[None]:
         """Write ``value`` (in the point's scaled unit) to a point.
@@ -280,6 +296,8 @@ class Poller(Service):
     async def _read_now(self, meter: _Meter, blocks: Sequence[ReadBlock]) -> Reading:
         started = self._clock.seconds()
         values, errors, _, stopped_by = await self._read_blocks(meter.settings, blocks)
+        if self._meters.get(meter.settings.name) is meter:
+            self._remember(meter, blocks, values, started)
         if values:
             self._to_sink(self._sink.record_values, meter.settings.name, started, values)
         return Reading(started, values, tuple(errors), stopped_by)
@@ -319,8 +337,9 @@ class Poller(Service):
         started = self._clock.seconds()
         meter.last_poll = started
         meter.polls += 1
+        blocks = meter.blocks
         try:
-            values, errors, answered, stopped_by = await self._read_blocks(settings, meter.blocks)
+            values, errors, answered, stopped_by = await self._read_blocks(settings, blocks)
         finally:
             meter.polling = False
         timed_out = isinstance(stopped_by, ModbusTimeout)
@@ -329,6 +348,7 @@ class Poller(Service):
         if self._meters.get(settings.name) is not meter:
             return  # removed while it was polled: no news of a meter that is gone
         self.stats.record(self._clock.seconds() - started, bool(errors), timed_out)
+        self._remember(meter, blocks, values, started)
         self._backoff(meter, slot, answered, timed_out)
         self._report(meter, started, values, errors)
 
@@ -358,6 +378,23 @@ class Poller(Service):
                 errors.append(f"{block.describe()}: internal error (see the log)")
                 break
         return values, errors, answered, stopped_by
+
+    @staticmethod
+    def _remember(meter: _Meter, blocks: Sequence[ReadBlock], values: Mapping[str, Value], started: float) -> None:
+        """Keep each value read as its point's latest, and forget the latest of each point the read
+        failed for; a read older than what is kept (a poll and a read-now overlapped) changes nothing."""
+        latest = meter.latest
+        for block in blocks:
+            for point in block.points:
+                if meter.points.get(point.name) != point:
+                    continue  # the point was redefined while it was read
+                kept = latest.get(point.name)
+                if kept is not None and kept[1] > started:
+                    continue
+                if point.name in values:
+                    latest[point.name] = (values[point.name], started)
+                else:
+                    latest.pop(point.name, None)
 
     def _backoff(self, meter: _Meter, slot: int, answered: bool, timed_out: bool) -> None:
         if answered:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import attrs
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -43,6 +44,10 @@ class UnknownLink(LookupError):
     """No link of that name."""
 
 
+class ScadaUnitTaken(ValueError):
+    """A meter cannot be added or changed as given: another meter answers SCADA under its ``scada_unit``."""
+
+
 @implementer(IStreamServerEndpoint)
 class PortRecordingEndpoint:
     """Passes ``listen`` through and remembers the port, e.g. to learn what ``tcp:0`` bound.
@@ -79,6 +84,10 @@ class PortRecordingEndpoint:
         else:
             _fire(d, self._outcome)
         return d
+
+
+def _probe(settings: ModbusSettings) -> Probe | None:
+    return Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
 
 
 def _fire(d: defer.Deferred[IListeningPort], outcome: IListeningPort | Failure) -> None:
@@ -138,14 +147,17 @@ class ModbusBridge(MultiService):
         #: The shared listener's registration table: changed in place, so a new connection sees
         #: the links of the moment it registers.
         self._shared: dict[bytes, Link] = {}
+        self._login_factory: LoginFactory | None = None
         if settings.listen is not None:
             # Listening even with no shared link yet: one may be added while the center runs.
-            probe = Probe(settings.probe, settings.probe_after) if settings.probe is not None else None
-            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=probe)
+            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=_probe(settings))
             login_factory.links = self._shared  # the factory copies what it is given; share the table instead
+            self._login_factory = login_factory
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
 
         # The poller reads self.links at each request, so links added later are its channels too.
+        #: scada_unit -> the meter that answers under it (the file's are checked unique by the config).
+        self._scada_units: dict[int, str] = {m.scada_unit: m.name for m in settings.meters if m.scada_unit is not None}
         self.poller = Poller(
             settings.meters, self.links, PublishingSink(sink, self.events), reactor, max_backoff=max_backoff
         )
@@ -154,6 +166,17 @@ class ModbusBridge(MultiService):
             self.add_link(link_settings)
 
     # -- links and meters changed while running --------------------------------
+
+    def apply_settings(self, settings: ModbusSettings) -> None:
+        """Take up the ``[modbus]`` settings a reload may change (``Reload.LIVE``): the registration
+        timeout and the probe for the shared listener's new connections and for links added
+        from now on, and ``settings`` itself (the registration rules) for what reads it.
+        Its links and meters are not looked at: they change one by one (``add_link``...)."""
+        self.settings = settings
+        self.login_timeout = settings.login_timeout
+        if self._login_factory is not None:
+            self._login_factory.login_timeout = settings.login_timeout
+            self._login_factory.probe = _probe(settings)
 
     def add_link(self, settings: LinkSettings) -> None:
         """Start serving a new link at once: its registration is accepted on the shared listener,
@@ -204,7 +227,7 @@ class ModbusBridge(MultiService):
             del self._shared[link.settings.registration]
         if not keep_meters:
             for meter in [m for m in self.poller.meter_settings() if m.link == name]:
-                self.poller.remove_meter(meter.name)
+                self.remove_meter(meter.name)
         self._endpoints.pop(name, None)
         waits: list[defer.Deferred[None]] = []
         service = self._link_services.pop(name, None)
@@ -218,12 +241,17 @@ class ModbusBridge(MultiService):
     def update_link(self, settings: LinkSettings) -> defer.Deferred[None]:
         """Replace a link's settings: its connection is closed and it is served anew; its meters
         keep their schedules and use the new link from their next poll. Raises :class:`UnknownLink`.
+
+        A link with its own port listens anew once its old port is closed (the new one is
+        likely the same port); the Deferred fires then, or fails with :class:`LinkConflict`.
         """
         old = self.links.get(settings.name)
         if old is None:
             raise UnknownLink(f"no link named {settings.name!r}")
         self._check_shared(settings, old)
         gone = self.remove_link(settings.name, keep_meters=True)
+        if old.settings.kind == "listen":
+            return gone.addCallback(lambda _: self.add_link(settings))
         self.add_link(settings)
         return gone
 
@@ -246,14 +274,42 @@ class ModbusBridge(MultiService):
 
     def set_meter(self, settings: MeterSettings) -> None:
         """Add a meter, or change one: polled from its next slot with its new points.
-        Raises :class:`UnknownLink` when its link does not exist."""
+        Raises :class:`UnknownLink` when its link does not exist, :class:`ScadaUnitTaken`
+        when another meter answers SCADA under its ``scada_unit``."""
         if settings.link not in self.links:
             raise UnknownLink(f"meter {settings.name!r}: no link named {settings.link!r}")
+        unit = settings.scada_unit
+        holder = None if unit is None else self._scada_units.get(unit)
+        if holder is not None and holder != settings.name:
+            raise ScadaUnitTaken(
+                f"meter {settings.name!r}: scada_unit {unit} is already the scada_unit of meter {holder!r}"
+            )
         self.poller.set_meter(settings)
+        self._drop_scada_unit(settings.name)
+        if unit is not None:
+            self._scada_units[unit] = settings.name
+
+    def set_meter_unserved_if_taken(self, settings: MeterSettings) -> ScadaUnitTaken | None:
+        """:meth:`set_meter`, but a meter whose ``scada_unit`` another meter holds is polled all the
+        same, only not served to SCADA: its data matters more. Returns the refusal, to be logged.
+
+        For the meters a start or a reload sets from the database or the file: whichever meter
+        held the unit first keeps it (at a start, the file's are set first)."""
+        try:
+            self.set_meter(settings)
+        except ScadaUnitTaken as taken:
+            self.set_meter(attrs.evolve(settings, scada_unit=None))
+            return taken
+        return None
 
     def remove_meter(self, name: str) -> None:
         """Stop polling a meter. Raises :class:`~dtucenter.modbus.poller.UnknownMeter`."""
         self.poller.remove_meter(name)
+        self._drop_scada_unit(name)
+
+    def _drop_scada_unit(self, name: str) -> None:
+        for unit in [unit for unit, holder in self._scada_units.items() if holder == name]:
+            del self._scada_units[unit]
 
     def _listen(self, name: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> Service:
         recording = PortRecordingEndpoint(endpoint, name)
@@ -294,6 +350,16 @@ class ModbusBridge(MultiService):
 
     def write(self, meter: str, point: str, value: object) -> defer.Deferred[None]:
         return self.poller.write(meter, point, value)
+
+    # -- what the Modbus TCP server for SCADA needs (dtucenter/modbus/scada.py) -------------------
+
+    def scada_meter(self, unit: int) -> MeterSettings | None:
+        """The meter that answers SCADA under ``unit``, if one does."""
+        name = self._scada_units.get(unit)
+        return None if name is None else self.poller.settings_of(name)
+
+    def latest_values(self, meter: str) -> Mapping[str, tuple[Value, float]]:
+        return self.poller.latest_values(meter)
 
     def read_now(self, meter: str, points: Sequence[str] | None = None) -> defer.Deferred[Reading]:
         return self.poller.read_now(meter, points)

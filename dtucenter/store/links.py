@@ -28,17 +28,18 @@ class LinkRow:
     definition: str
 
 
-def sync_links(session: Session, links: Sequence[Mapping[str, Any]], now: dt.datetime) -> tuple[int, int]:
+def sync_links(session: Session, links: Sequence[Mapping[str, Any]], now: dt.datetime) -> tuple[int, list[str]]:
     """Make the file's links in the table match the config: add or update ``links`` (dicts of
     name, definition and registration) as file-managed, delete the file-managed ones the file
-    no longer declares. Returns (added, removed).
+    no longer declares. Returns how many were added, and the names of those removed.
 
     As for meters: a new one belongs to the first admin account, an existing one keeps its
     owner, and one the API made under a name the file now declares becomes the file's.
     """
     rows = {row.name: row for row in session.scalars(select(Link))}
     owner = first_admin_id(session) if any(spec["name"] not in rows for spec in links) else None
-    added = removed = 0
+    added = 0
+    removed: list[str] = []
     for spec in links:
         row = rows.pop(spec["name"], None)
         if row is None:
@@ -52,7 +53,7 @@ def sync_links(session: Session, links: Sequence[Mapping[str, Any]], now: dt.dat
     for row in rows.values():
         if row.managed_by == MANAGED_BY_FILE:
             session.delete(row)
-            removed += 1
+            removed.append(row.name)
     return added, removed
 
 

@@ -68,8 +68,14 @@ def link_spec(link: LinkSettings) -> dict[str, Any]:
 def sync_file_devices(
     session: Session, link_specs: list[dict[str, Any]], meter_specs: list[dict[str, Any]], now: dt.datetime,
 ) -> tuple[int, int, int, int]:
-    """Import the file's links and meters, marked file-managed, in one transaction."""
-    return (*device_links.sync_links(session, link_specs, now), *meters.sync_meters(session, meter_specs, now))
+    """Import the file's links and meters, marked file-managed, in one transaction: at start, and
+    at each reload. The API's meters on a link the file dropped stop with it, as when the API
+    deletes a link. Returns how many links were added and removed, meters added and retired."""
+    links_added, links_removed = device_links.sync_links(session, link_specs, now)
+    added, retired = meters.sync_meters(session, meter_specs, now)
+    for link in links_removed:
+        meters.retire_link_meters(session, link)
+    return links_added, len(links_removed), added, retired
 
 
 @attrs.define(eq=False)
@@ -140,6 +146,15 @@ class MeterRecorder(Service):
         )
         d.addBoth(self._release_waiters)
         self._flusher.start(self.state_interval, now=False)
+
+    def resync(self, settings: ModbusSettings) -> Deferred[tuple[int, int, int, int]]:
+        """Import the links and meters of the file read again (a reload), as at start; fires with
+        the counts of :func:`sync_file_devices`, or fails, the database unchanged."""
+        link_specs, specs = [link_spec(link) for link in settings.links], [meter_spec(m) for m in settings.meters]
+        d: Deferred[tuple[int, int, int, int]] = self.store.write(
+            partial(sync_file_devices, link_specs=link_specs, meter_specs=specs, now=utc_now(self.clock))
+        )
+        return d
 
     def _sync_done(self, counts: tuple[int, int, int, int]) -> None:
         links_added, links_removed, added, retired = counts

@@ -4,10 +4,11 @@
 A body is the ``[[link]]`` or ``[[meter]]`` table of the config file as JSON, read by the
 same reader with the same messages (400). Each write changes the row first, then the
 running bridge; should the bridge refuse (a taken name, a registration that cannot be told
-apart from another's) the row is put back as it was and the answer is 409. The config
-file's links and meters are the file's to change: writing one answers 409 naming the file.
-Scoped like the rest: an account manages its own; another account's answers 404 as an
-unknown one; an admin may name the owning ``account`` of what it creates.
+apart from another's, a ``scada_unit`` another meter answers under) the row is put back as
+it was and the answer is 409. The config file's links and meters are the file's to change:
+writing one answers 409 naming the file. Scoped like the rest: an account manages its own;
+another account's answers 404 as an unknown one; an admin may name the owning ``account``
+of what it creates.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from dtucenter.modbus.config import LinkSettings, MeterSettings
 from dtucenter.modbus.poller import UnknownMeter
-from dtucenter.modbus.service import LinkConflict, ModbusBridge, UnknownLink
+from dtucenter.modbus.service import LinkConflict, ModbusBridge, ScadaUnitTaken, UnknownLink
 from dtucenter.modbus.templates import TemplateCatalog, TemplateFinder
 from dtucenter.setting import ConfigError
 from dtucenter.store import links as device_links
@@ -219,6 +220,14 @@ class DefinitionApi:
         return settings, partial(device_templates.check_current, account=owner, name=own.name, version=own.version)
 
     @staticmethod
+    def _check_scada_unit(admin: bool, settings: MeterSettings, current: object) -> None:
+        """The Modbus TCP server has no accounts: which meters it serves, to every client on the
+        plant network, is the operator's to say. An account's PUT keeps what an admin set."""
+        if not admin and settings.scada_unit != current:
+            raise ApiError(403, "only an admin account may set or change a meter's scada_unit: the Modbus TCP "
+                                "server for SCADA serves it to every client, whatever its account")
+
+    @staticmethod
     def _check_link(session: Session, settings: MeterSettings, scope: int | None) -> None:
         """A meter goes on a link its account may use: the caller's own, or any for an admin."""
         if device_links.get_link(session, settings.link, scope) is None:
@@ -228,6 +237,7 @@ class DefinitionApi:
         body, owner = await self._body(call, None)
         await self.templates.loaded()
         settings, check_template = self._meter(body, owner)
+        self._check_scada_unit(call.caller.admin, settings, None)
         bridge = self.bridge
         scope, spec, now = call.caller.scope, meter_spec(settings), self.now()
 
@@ -239,7 +249,7 @@ class DefinitionApi:
         created = await self._write(job)
         try:
             bridge.set_meter(settings)
-        except UnknownLink as e:
+        except (UnknownLink, ScadaUnitTaken) as e:
             await self.store.write(partial(device_meters.undo_create_meter, name=settings.name, created=created))
             raise ApiError(409, str(e)) from None
         return Reply(_answer(settings), 201)
@@ -254,11 +264,13 @@ class DefinitionApi:
         await self.templates.loaded()
         settings, check_template = self._meter(body, owner)
         bridge = self.bridge
-        spec, config_file = meter_spec(settings), self.config_file
+        spec, config_file, admin = meter_spec(settings), self.config_file, call.caller.admin
 
         def job(session: Session) -> dict[str, Any] | None:
-            if device_meters.meter_owner(session, name, scope) != owner:
+            current = device_meters.get_meter(session, name, scope)
+            if current is None or device_meters.meter_owner(session, name, scope) != owner:
                 return None
+            self._check_scada_unit(admin, settings, (current.definition or {}).get("scada_unit"))
             self._check_link(session, settings, scope)
             check_template(session)
             return device_meters.replace_meter(session, spec, scope, config_file)
@@ -268,7 +280,7 @@ class DefinitionApi:
             raise ApiError(404, f"no meter {name!r}")
         try:
             bridge.set_meter(settings)
-        except UnknownLink as e:
+        except (UnknownLink, ScadaUnitTaken) as e:
             await self.store.write(partial(device_meters.replace_meter, spec=old, account=None,
                                            config_file=config_file))
             raise ApiError(409, str(e)) from None

@@ -151,3 +151,19 @@ async def test_a_link_port_in_use_stops_the_start_and_closes_what_was_bound(tmp_
     dtu_port = service.getServiceNamed("dtu-tcp")._waitingForPort.result
     await deferLater(reactor, 0, lambda: None)  # a port closes on the reactor's next turn
     assert not dtu_port.connected, "the DTU port that did bind was closed again"
+
+
+@pytest.mark.expected_errors("Listener modbus-server cannot listen")
+def test_a_scada_server_port_in_use_stops_the_start(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = makeService(options(
+            tmp_path, "--dtu", "tcp:0:interface=127.0.0.1", "--modbus-server", f"tcp:{port}:interface=127.0.0.1",
+        ), reactor)
+        with pytest.raises(SystemExit) as caught:
+            service.privilegedStartService()
+    assert str(caught.value) == (
+        f"dtucenter: --modbus-server: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use."
+    )

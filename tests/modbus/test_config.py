@@ -298,3 +298,28 @@ def test_tcp_links_accept_any_unit_id() -> None:
     text = with_point().replace('listen = "tcp:20101"', 'listen = "tcp:20101"\nprotocol = "tcp"')
     text = text.replace("unit = 1", "unit = 255")
     assert parse(text).meters[0].unit == 255
+
+
+def test_scada_units_are_checked_and_unique() -> None:
+    served = with_point().replace("unit = 1\n", "unit = 1\nscada_unit = 7\nscada_max_age = 60\n")
+    [meter] = parse(served).meters
+    assert (meter.scada_unit, meter.scada_max_age, meter.served_age) == (7, 60.0, 60.0)
+    [unserved] = parse(with_point()).meters
+    assert (unserved.scada_unit, unserved.served_age) == (None, 3 * unserved.interval)
+    assert error_of(served.replace("scada_unit = 7", "scada_unit = 0")).path == 'meter "m": scada_unit'
+    other = served + '[[meter]]\nname = "n"\nlink = "l"\nunit = 2\nscada_unit = 7\n'
+    other += '[[meter.point]]\nname = "p"\ntable = "input"\naddress = 0\n'
+    error = error_of(other)
+    assert (error.path, error.problem) == ('meter "n": scada_unit', "7 is already the scada_unit of meter 'm'")
+
+
+def test_the_scada_server_keys_need_the_server() -> None:
+    text = with_point().replace('[[link]]', '[modbus]\nserver_allow = ["10.0.0.0/8"]\n\n[[link]]', 1)
+    error = error_of(text)
+    assert (error.path, error.problem) == (
+        "modbus: server_allow", "applies to the Modbus TCP server for SCADA: set server (or --modbus-server)")
+    settings = parse(text.replace("[modbus]\n", '[modbus]\nserver = "tcp:502:interface=10.0.0.5"\n'))
+    assert (settings.server, settings.server_allow, settings.server_max_clients) == (
+        "tcp:502:interface=10.0.0.5", ("10.0.0.0/8",), 64)
+    bad = error_of(text.replace("10.0.0.0/8", "10.0.0.300"))
+    assert bad.path == "modbus: server_allow" and "not an address or network: '10.0.0.300'" in bad.problem

@@ -396,3 +396,66 @@ def test_read_now_refuses_unknown_names_and_reports_a_dead_unit() -> None:
     assert reading.values == {} and isinstance(reading.stopped_by, ModbusTimeout)
     assert len(reading.errors) == 1 and sink.values == [] and sink.failures == []
     stop(clock, poller)
+
+
+def test_the_latest_value_of_each_point_is_kept_and_forgotten_when_its_read_fails() -> None:
+    far = Point("far", Table.INPUT, 500, PointType.UINT16)
+    refuse_input = False
+
+    def respond(pdu):
+        if pdu.function_code == 4:
+            return ModbusExceptionResponse(pdu.dev_id, 4, 2) if refuse_input else ReadInputRegistersResponse(
+                registers=[42], dev_id=pdu.dev_id)
+        return registers_of({0: 2301, 1: 0x0000, 2: 0x3FC0})(pdu)
+
+    clock, _, poller = start(meter(points=(VOLTAGE, ENERGY, far)), channel=FakeChannel(respond))
+    clock.advance(0)
+    assert poller.latest_values("m") == {"voltage": (230.1, 0.0), "energy": (1.5, 0.0), "far": (42, 0.0)}
+    refuse_input = True
+    clock.advance(10)
+    assert poller.latest_values("m") == {"voltage": (230.1, 10.0), "energy": (1.5, 10.0)}, "far's read failed"
+    poller.set_meter(meter(points=(Point("voltage", Table.HOLDING, 0, PointType.INT16), ENERGY, far)))
+    assert poller.latest_values("m") == {"energy": (1.5, 10.0)}, "a value read under another definition is dropped"
+    poller.set_meter(meter(points=(VOLTAGE, ENERGY, far), interval=20.0))
+    assert poller.latest_values("m") == {"energy": (1.5, 10.0)}
+    stop(clock, poller)
+
+
+def test_a_dead_unit_has_no_latest_values() -> None:
+    answer = True
+
+    def respond(pdu):
+        return registers_of({0: 2301})(pdu) if answer else timing_out(pdu)
+
+    clock, _, poller = start(meter(), channel=FakeChannel(respond))
+    clock.advance(0)
+    assert set(poller.latest_values("m")) == {"voltage", "energy"}
+    answer = False
+    clock.advance(10)
+    assert poller.latest_values("m") == {}
+    stop(clock, poller)
+
+
+def test_read_now_keeps_its_values_as_the_latest_unless_a_newer_poll_did() -> None:
+    pending: list[tuple[defer.Deferred, ModbusPDU]] = []
+
+    def later(pdu):
+        d = defer.Deferred()
+        pending.append((d, pdu))
+        return d
+
+    clock, _, poller = start(meter(points=(VOLTAGE,)), channel=FakeChannel(later))
+    clock.advance(0)
+    first, first_pdu = pending.pop()
+    first.callback(registers_of({0: 10})(first_pdu))
+    assert poller.latest_values("m") == {"voltage": (1.0, 0.0)}
+    clock.advance(5)
+    now = poller.read_now("m")
+    clock.advance(5)  # the 10 s poll starts while the read-now waits
+    poll_d, poll_pdu = pending.pop()
+    read_d, read_pdu = pending.pop()
+    poll_d.callback(registers_of({0: 30})(poll_pdu))
+    read_d.callback(registers_of({0: 20})(read_pdu))
+    assert result_of(now).values == {"voltage": 2.0}
+    assert poller.latest_values("m") == {"voltage": (3.0, 10.0)}, "the older read-now does not overwrite it"
+    stop(clock, poller)

@@ -6,6 +6,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import attrs
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -15,7 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
 from dtucenter.config import read_settings
-from dtucenter.modbus.service import ModbusBridge, PortRecordingEndpoint
+from dtucenter.modbus.service import ModbusBridge, PortRecordingEndpoint, ScadaUnitTaken
 from tests.modbus.modbus_helpers import SerialOpener, result_of
 from tests.support import run_process
 
@@ -121,3 +122,27 @@ def test_the_bridge_stands_apart_from_the_rest_of_the_center(tmp_path: Path) -> 
     out = result.stdout
     leaves = ["addresses", "events", "isotime", "junk", "latency", "setting", "throttle", "transports"]
     assert out.strip() == repr([f"dtucenter.{leaf}" for leaf in leaves])
+
+
+def test_a_scada_unit_answers_for_one_meter_at_a_time() -> None:
+    reactor = MemoryReactorClock()
+    served = CONFIG.replace("interval = 5\n", "interval = 5\nscada_unit = 7\n")
+    bridge = ModbusBridge(read_settings(tomllib.loads(served)).modbus, reactor, NoSink(), open_serial=SerialOpener())
+    [m1] = bridge.poller.meter_settings()
+    assert bridge.scada_meter(7) == m1 and bridge.scada_meter(8) is None
+    m2 = attrs.evolve(m1, name="m2")
+    with pytest.raises(ScadaUnitTaken, match="scada_unit 7 is already the scada_unit of meter 'm1'"):
+        bridge.set_meter(m2)
+    assert bridge.poller.meter_names() == ["m1"], "refused before it is polled"
+    taken = bridge.set_meter_unserved_if_taken(m2)
+    assert isinstance(taken, ScadaUnitTaken) and bridge.poller.settings_of("m2").scada_unit is None
+    assert bridge.scada_meter(7) == m1, "the unit stays with the meter that held it"
+    assert bridge.set_meter_unserved_if_taken(attrs.evolve(m1, interval=6.0)) is None
+    bridge.remove_meter("m2")
+    bridge.set_meter(attrs.evolve(m1, scada_unit=8))
+    bridge.set_meter(m2)
+    assert (bridge.scada_meter(7), bridge.scada_meter(8).name) == (m2, "m1")
+    bridge.remove_meter("m2")
+    assert bridge.scada_meter(7) is None
+    result_of(bridge.remove_link("panel"))
+    assert bridge.scada_meter(8) is None, "its link's meters went with it"
