@@ -16,7 +16,7 @@ from dtucenter.events import DtuOnline, EventHub, LinkUp, MeterFailed, MeterRead
 from dtucenter.mqtt import publisher as publisher_module
 from dtucenter.mqtt.config import Broker, MqttSettings, parse_broker_url
 from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Extra, Message
-from dtucenter.mqtt.publisher import BacklogRow, MqttPublisher
+from dtucenter.mqtt.publisher import BacklogRow, Found, MqttPublisher
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 
@@ -29,6 +29,7 @@ class FakeBacklog:
         self.accounts = dict(accounts or {("dtu", 1): "acme"})
         self.registers: dict[int, tuple[tuple[int, int], ...]] = {}
         self.directory_reads = 0
+        self.looked_up: list[list[DeviceKey]] = []
 
     def state(self) -> Deferred[tuple[int, int]]:
         return succeed((len(self.rows), max((row[0] for row in self.rows), default=0)))
@@ -48,6 +49,13 @@ class FakeBacklog:
     def directory(self) -> Deferred[tuple[dict[DeviceKey, str], dict[int, tuple[tuple[int, int], ...]]]]:
         self.directory_reads += 1
         return succeed((dict(self.accounts), dict(self.registers)))
+
+    def devices(self, keys: list[DeviceKey]) -> Deferred[Found]:
+        self.looked_up.append(keys)
+        return succeed((
+            {key: self.accounts[key] for key in keys if key in self.accounts},
+            {psn: self.registers[psn] for kind, psn in keys if kind == "dtu" and psn in self.registers},
+        ))
 
 
 @attrs.define
@@ -184,19 +192,23 @@ def test_a_device_not_yet_known_is_looked_up_and_order_is_kept() -> None:
     assert r.connection.up is not None
     r.connection.up()
     r.connection.deliver_all()
-    reads = r.backlog.directory_reads
     r.backlog.accounts[("dtu", 2)] = "newco"
+    r.backlog.accounts[("dtu", 4)] = "other"
+    r.backlog.registers[4] = ((1, 2),)
     r.hub.publish(UploadStored(2, T0, (10,)))
     r.hub.publish(UploadStored(1, T0, (11,)))
+    r.hub.publish(UploadStored(4, T0, (12,)))
     r.clock.advance(0)
-    assert r.backlog.directory_reads == reads + 1
-    assert [m.topic for _, m in r.connection.sent] == ["dtucenter/newco/2/0", "dtucenter/acme/1/0"]
+    # Every device the waiting events name and the directory lacks, in one look-up.
+    assert r.backlog.looked_up == [[("dtu", 2), ("dtu", 4)]]
+    assert [m.topic for _, m in r.connection.sent] == ["dtucenter/newco/2/0", "dtucenter/acme/1/0",
+                                                       "dtucenter/other/4/1-2"]
     # One the database does not know either is published under "-", and looked up once, not per event.
     r.hub.publish(UploadStored(3, T0, (12,)))
     r.hub.publish(UploadStored(3, T0, (13,)))
     r.clock.advance(0)
-    assert [m.topic for _, m in r.connection.sent][2:] == ["dtucenter/-/3/0", "dtucenter/-/3/0"]
-    assert r.backlog.directory_reads == reads + 2
+    assert [m.topic for _, m in r.connection.sent][3:] == ["dtucenter/-/3/0", "dtucenter/-/3/0"]
+    assert r.backlog.looked_up[1:] == [[("dtu", 3)]]
     stop(r)
 
 

@@ -336,7 +336,11 @@ async def test_the_outbox_keeps_order_and_reads_what_was_appended_before(db_url:
         with Session(store.engine) as session, session.begin():
             queries.upsert_dtu(session, 5, {}, dt.datetime.now(dt.UTC))
             queries.replace_register_list(session, 5, 1, [(1, 2), (3, 4)])
+            queries.upsert_dtu(session, 6, {}, dt.datetime.now(dt.UTC))
+            queries.replace_register_list(session, 6, 1, [(5, 6)])
         accounts, registers = await outbox.directory()
-        assert accounts == {("dtu", 5): "admin"} and registers == {5: ((1, 2), (3, 4))}
+        assert accounts == {("dtu", 5): "admin", ("dtu", 6): "admin"}
+        assert registers == {5: ((1, 2), (3, 4)), 6: ((5, 6),)}
+        assert await outbox.devices([("dtu", 6), ("dtu", 7), ("meter", "m")]) == ({("dtu", 6): "admin"}, {6: ((5, 6),)})
     finally:
         await store.stopService()

@@ -38,12 +38,16 @@ from twisted.python.failure import Failure
 
 from dtucenter.events import Event, EventHub
 from dtucenter.mqtt.config import MqttSettings
-from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Extra, Message
+from dtucenter.mqtt.messages import UNKNOWN_ACCOUNT, Composer, DeviceKey, Directory, Extra, Message
 
 log = Logger()
 
 #: A message as the backlog keeps it: (seq, topic, payload, qos, retain).
 BacklogRow = tuple[int, str, bytes, int, bool]
+#: Devices' account names and DTUs' register lists, as the database tells them.
+Found = tuple[dict[DeviceKey, str], dict[int, tuple[tuple[int, int], ...]]]
+#: Devices looked up in one read at most (a database's limit on a statement's parameters is far above).
+LOOK_UP_BATCH = 1000
 #: Messages handed to the connection and not yet delivered, at most; more go to the backlog.
 MAX_OUTSTANDING = 50_000
 #: Messages read from the backlog at a time when draining it.
@@ -69,8 +73,11 @@ class Backlog(Protocol):
     def remove_through(self, seq: int) -> Deferred[int]:
         """Forget the messages numbered up to ``seq``; fires with how many there were."""
 
-    def directory(self) -> Deferred[tuple[dict[DeviceKey, str], dict[int, tuple[tuple[int, int], ...]]]]:
+    def directory(self) -> Deferred[Found]:
         """Every DTU's, meter's and link's account name, and the DTUs' register lists."""
+
+    def devices(self, keys: list[DeviceKey]) -> Deferred[Found]:
+        """As :meth:`directory`, for these devices only (those the database does not know are left out)."""
 
 
 class Connection(Protocol):
@@ -130,7 +137,7 @@ class MqttPublisher(Service):
         self._draining = False
         self._drain_through = 0
         self._appends = 0  # appends asked for, to tell whether one came after a drain's read
-        self._reloading: Deferred[None] | None = None
+        self._looking_up: Deferred[Any] | None = None  # a look-up of devices not in the directory
         self._refresh = LoopingCall(self._reload)
         self._refresh.clock = clock
         self._dropped_unreported = 0
@@ -239,20 +246,34 @@ class MqttPublisher(Service):
     # -- the directory -----------------------------------------------------------
 
     def _look_up(self, key: DeviceKey) -> None:
-        if self._reloading is not None:
+        """Look up every device waiting events name that the directory does not know, in one read:
+        a fleet enrolling at once costs a few reads, not one per DTU (nor a whole directory each)."""
+        if self._looking_up is not None:
             return
-        self._reloading = self._reload()
-        self._reloading.addBoth(self._looked_up, key)
+        device_of, knows = self.composer.device_of, self.directory.knows
+        others = {device for device in map(device_of, self._heard) if not knows(device)} - {key}
+        unknown = {key, *sorted(others, key=repr)[: LOOK_UP_BATCH - 1]}
+        # Set before the callbacks are added: they may run at once, and they clear it.
+        looking_up = self._looking_up = self._backlog.devices(sorted(unknown, key=repr))
+        looking_up.addCallbacks(self._looked_up, self._look_up_failed, (unknown,))
 
-    def _looked_up(self, _: object, key: DeviceKey) -> None:
-        self._reloading = None
-        if not self.directory.knows(key):
+    def _looked_up(self, found: Found, unknown: set[DeviceKey]) -> None:
+        self._looking_up = None
+        accounts, registers = found
+        self.directory.accounts.update(accounts)
+        self.directory.registers.update(registers)
+        for key in unknown - accounts.keys():
             # Gone from the database (deleted meanwhile): published under the unknown account.
-            self.directory.accounts[key] = "-"
+            self.directory.accounts[key] = UNKNOWN_ACCOUNT
         self._compose()
 
+    def _look_up_failed(self, failure: Failure) -> None:
+        self._looking_up = None
+        log.failure("MQTT: could not look up devices' accounts; trying again", failure)
+        self._clock.callLater(1.0, self._compose)
+
     def _reload(self) -> Deferred[None]:
-        def loaded(found: tuple[dict[DeviceKey, str], dict[int, tuple[tuple[int, int], ...]]]) -> None:
+        def loaded(found: Found) -> None:
             self.directory = Directory(*found)
             if not self._ready:
                 self._ready = True
