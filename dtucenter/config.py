@@ -194,6 +194,22 @@ class Settings:
             option="api-token",
         ),
     )
+    #: /metrics is served on the API always; this is a listener of its own, without a token.
+    metrics: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            server_endpoint,
+            "Endpoint serving /metrics without a token, on loopback unless it names an interface (default off).",
+            option="metrics",
+        ),
+    )
+    metrics_per_link: bool = attrs.field(
+        default=False,
+        metadata=setting(
+            boolean, "Label the Modbus metrics by link: one series per link (default: totals over all links).",
+            option="metrics-per-link",
+        ),
+    )
     #: The log file is twistd's (``--logfile``; without ``-n``, twistd.log); bounded here,
     #: as twistd's own keeps every rotated file for ever.
     log_rotate_size: int = attrs.field(

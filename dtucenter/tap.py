@@ -38,7 +38,7 @@ from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordin
 from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.reload import Reloader
-from dtucenter.setting import listening_endpoint
+from dtucenter.setting import listening_endpoint, loopback_unless_named
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
 from dtucenter.store import templates as device_templates
@@ -50,6 +50,8 @@ from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
+from dtucenter.web.metrics import MetricsApi, MetricsSources, metrics_registry, metrics_site
+from dtucenter.web.router import Router
 from dtucenter.web.site import build_site
 from dtucenter.web.templates import TemplateApi
 
@@ -257,8 +259,10 @@ def build_service(
         add_mqtt(top, settings, store, recorder, reactor)
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
+    api = None
     if settings.api != "off":
-        add_api(top, settings, center, control, store, recorder, bridge, templates, reactor)
+        api = add_api(top, settings, center, control, store, recorder, bridge, templates, reactor)
+    add_metrics(top, settings, MetricsSources(center, store, bridge, api, per_link=settings.metrics_per_link), reactor)
     return top
 
 
@@ -375,7 +379,8 @@ def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: Met
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
     recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, reactor: Any,
-) -> None:
+) -> Router:
+    """The API's listener; returns its router, where other parts add their endpoints."""
     try:
         token = resolve_token(settings.api_token, settings.db)
     except TokenFileError as e:
@@ -389,6 +394,24 @@ def add_api(
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)
+    router: Router = site.resource
+    return router
+
+
+def add_metrics(top: CenterService, settings: Settings, sources: MetricsSources, reactor: Any) -> None:
+    """/metrics on the API (with its token), and on a listener of its own without one if ``--metrics`` asks."""
+    registry = metrics_registry(sources)
+    if sources.api is not None:
+        MetricsApi(registry).install(sources.api)
+    if settings.metrics is None:
+        return
+    endpoint = loopback_unless_named(
+        settings.metrics, log, "The metrics listener",
+        "anyone who can reach it reads the center's metrics without a token; prefer /metrics on the API",
+    )
+    listener = ListeningService(listening_endpoint(reactor, endpoint), metrics_site(registry), "metrics")
+    listener.setServiceParent(top)
+    top.require_listening(settings.where("metrics"), listener.when_listening)
 
 
 def add_manhole(

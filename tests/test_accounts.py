@@ -206,6 +206,7 @@ TEMPLATE: dict[str, Any] = {
 
 ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("GET", "/api/status"): (None, "200"),
+    ("GET", "/metrics"): (None, "403"),
     ("GET", "/api/accounts"): (None, "200"),
     ("POST", "/api/accounts"): ({"name": "another"}, "403"),
     ("GET", "/api/accounts/{name}"): (None, "404"),

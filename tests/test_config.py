@@ -53,7 +53,7 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "manhole_host_key": "h1", "command_timeout": 5, "api": "tcp:6", "api_token": "file-token",
         "no_upgrade": False, "modbus": {"listen": "tcp:7", "server": "tcp:9", "server_allow": ["10.0.0.0/8"]},
         "log_rotate_size": 8000, "log_keep": 8,
-        "dtu_udp_pending": 8,
+        "dtu_udp_pending": 8, "metrics": "tcp:5", "metrics_per_link": False,
         "mqtt": {"url": "mqtt://file", "topic": "f/{point}", "version": "3.1.1", "qos": 0, "client_id": "f"},
     }
     options = {
@@ -62,6 +62,7 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "manhole-host-key": "h2", "command-timeout": "15", "api": "off", "api-token": "option-token",
         "no-upgrade": True, "modbus": "tcp:17", "log-rotate-size": "18000", "log-keep": "18",
         "dtu-udp-pending": "18", "modbus-server": "tcp:19", "modbus-server-allow": "192.168.1.0/24, 10.1.2.3",
+        "metrics": "tcp:15", "metrics-per-link": True,
         "mqtt": "mqtts://option", "mqtt-topic": "o/{point}", "mqtt-version": "5", "mqtt-qos": "1",
         "mqtt-client-id": "o",
     }
@@ -80,6 +81,8 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
     assert (from_file.dtu_udp_pending, both.dtu_udp_pending) == (8, 18)
     assert (from_file.modbus.server, from_file.modbus.server_allow) == ("tcp:9", ("10.0.0.0/8",))
     assert (both.modbus.server, both.modbus.server_allow) == ("tcp:19", ("192.168.1.0/24", "10.1.2.3/32"))
+    assert (from_file.metrics, from_file.metrics_per_link, both.metrics, both.metrics_per_link) == (
+        "tcp:5", False, "tcp:15", True)
     assert attrs.astuple(from_file.mqtt)[:5] == ("mqtt://file", "f/{point}", "dtucenter/{account}/{device}/status",
                                                  "dtucenter/center/status", "3.1.1")
     assert (from_file.mqtt.qos, from_file.mqtt.client_id) == (0, "f")

@@ -28,6 +28,7 @@ from dtucenter.dtu.ports import DtuRecords, LoginOutcome, SampleRow
 from dtucenter.events import DtuOffline, DtuOnline, EventHub, UploadStored
 from dtucenter.isotime import utc_from_millisecond, utc_from_seconds, utc_now
 from dtucenter.junk import DEFAULT_JUNK_LIMIT, DEFAULT_JUNK_WINDOW, DEFAULT_REPORT_INTERVAL, ProblemSummary
+from dtucenter.latency import Histogram
 from dtucenter.throttle import LoginThrottle
 
 if TYPE_CHECKING:
@@ -210,6 +211,8 @@ class DTUCenter(Service):
         #: a fleet with a wrong PASS, or forged UDP logins with a new PSN each, must not write a line each.
         self._refusals = ProblemSummary(clock, interval=settings.problem_report_interval)
         self.stats: Counter[str] = Counter()
+        #: Seconds from an upload's handling to its acknowledgement, for uploads that waited for the store.
+        self.ack_latency = Histogram()
         #: Connections closed for junk before they logged in: summarised here, not one line each,
         #: since a junk source may open thousands of them.
         self.junk_closures = ProblemSummary(clock, interval=settings.problem_report_interval)

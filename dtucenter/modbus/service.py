@@ -27,6 +27,7 @@ from dtucenter.modbus.links import (
     link_factory,
     open_serial_port,
 )
+from dtucenter.modbus.master import LinkCounters
 from dtucenter.modbus.points import Value
 from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller, Reading
 from dtucenter.setting import listening_endpoint
@@ -97,6 +98,11 @@ def _fire(d: defer.Deferred[IListeningPort], outcome: IListeningPort | Failure) 
         d.callback(outcome)
 
 
+def _add_counters(total: LinkCounters, more: LinkCounters) -> None:
+    for field, value in more.as_dict().items():
+        setattr(total, field, getattr(total, field) + value)
+
+
 class PublishingSink:
     """A :class:`MeterSink` that also tells each poll's outcome to the event hub's listeners."""
 
@@ -141,6 +147,10 @@ class ModbusBridge(MultiService):
         self._reactor = reactor
         self._open_serial = open_serial
         self.links: dict[str, Link] = {}
+        #: The traffic of links removed or replaced since the start, so that totals over links never go down.
+        self.retired_counters = LinkCounters()
+        #: Links removed whose connection is still closing: what it fails still counts on them.
+        self._leaving: list[Link] = []
         self._endpoints: dict[str, PortRecordingEndpoint] = {}
         #: The service that owns each link's own listener, outgoing connection or serial port.
         self._link_services: dict[str, Service] = {}
@@ -229,12 +239,14 @@ class ModbusBridge(MultiService):
             for meter in [m for m in self.poller.meter_settings() if m.link == name]:
                 self.remove_meter(meter.name)
         self._endpoints.pop(name, None)
+        self.poller.link_stats.pop(name, None)
         waits: list[defer.Deferred[None]] = []
         service = self._link_services.pop(name, None)
         if service is not None:
             stopped = service.disownServiceParent()
             waits.append(defer.maybeDeferred(lambda: stopped).addCallback(lambda _: None))
-        waits.append(link.disconnect())
+        self._leaving.append(link)
+        waits.append(link.disconnect().addBoth(self._retire, link))
         log.info("Link {link} removed", link=name)
         return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
@@ -254,6 +266,19 @@ class ModbusBridge(MultiService):
             return gone.addCallback(lambda _: self.add_link(settings))
         self.add_link(settings)
         return gone
+
+    def _retire(self, result: object, link: Link) -> object:
+        """A removed link's connection is gone: its traffic joins the retired totals."""
+        self._leaving.remove(link)
+        _add_counters(self.retired_counters, link.counters)
+        return result
+
+    def total_counters(self) -> LinkCounters:
+        """Every link's traffic since the start, of links removed or replaced too."""
+        total = LinkCounters(**self.retired_counters.as_dict())
+        for link in (*self.links.values(), *self._leaving):
+            _add_counters(total, link.counters)
+        return total
 
     def _check_shared(self, settings: LinkSettings, replaced: Link | None) -> None:
         """A shared link needs the shared listener and a registration no other link's can be taken for."""
@@ -338,7 +363,7 @@ class ModbusBridge(MultiService):
         return {
             "links": len(self.links),
             "links_online": sum(link.online for link in self.links.values()),
-            "request_timeouts": sum(link.counters.timeouts for link in self.links.values()),
+            "request_timeouts": self.total_counters().timeouts,
             **self.poller.stats.as_json(),
         }
 
