@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -20,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from dtucenter.adoption import Adopter
 from dtucenter.config import (
     Settings,
     UsageError,
@@ -28,6 +31,7 @@ from dtucenter.config import (
     read_link_definition,
     read_meter_definition,
 )
+from dtucenter.discovery import PendingBook, PendingLimits, PendingService
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
@@ -39,18 +43,21 @@ from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.reload import Reloader
 from dtucenter.setting import listening_endpoint, loopback_unless_named
+from dtucenter.store import accounts, queries
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
 from dtucenter.store import templates as device_templates
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
+from dtucenter.store.pending import PendingDeviceStore
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.metrics import MetricsApi, MetricsSources, metrics_registry, metrics_site
+from dtucenter.web.pending import PendingApi
 from dtucenter.web.router import Router
 from dtucenter.web.site import build_site
 from dtucenter.web.templates import TemplateApi
@@ -215,11 +222,16 @@ def build_service(
         engine = open_engine(settings.db, upgrade=not settings.no_upgrade)
     except (DatabaseURLError, SchemaError) as e:
         raise UsageError(f"{settings.where('db')}: {e}") from None
+    report_missing_adoption_accounts(engine, settings)
     top = CenterService(reactor)
     store = Store(engine, reactor)
     store.setName("store")
     store.setServiceParent(top)
     dtu_store = DtuStore(store)
+    book = PendingBook(
+        reactor, PendingLimits(settings.pending_per_host, settings.pending_total, settings.pending_expire),
+        PendingDeviceStore(store),
+    )
     center = DTUCenter(
         dtu_store,
         reactor,
@@ -227,6 +239,7 @@ def build_service(
             dialect=settings.dialect, last_seen_interval=settings.last_seen_interval, **live_center_settings(settings)
         ),
         events=top.events,
+        book=book,
     )
     center.setName("center")
     center.setServiceParent(top)
@@ -247,8 +260,16 @@ def build_service(
         udp_service = UDPListenerService(reactor, interface, port, udp_protocol)
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
+    pending = PendingService(book)
+    pending.setName("pending")
+    pending.setServiceParent(top)
     templates = TemplateCatalog()
-    bridge, starting = add_modbus(top, settings, recorder, templates, reactor)
+    bridge, starting = add_modbus(top, settings, recorder, templates, reactor, book)
+    adopter = Adopter(
+        store, bridge, book, center.now, read_link_definition, read_meter_definition, recorder.synced, templates,
+        enrol_dtu=queries.enrol_adopted_dtu, release_dtu=center.release_held,
+    )
+    bridge.unknown.adopter = adopter
     reloader = top.reloader = Reloader(settings, reread or (lambda: settings), recorder, bridge, reactor)
     reloader.hold_until(starting)
     reloader.on_reload(partial(apply_center_settings, center))
@@ -262,8 +283,26 @@ def build_service(
     api = None
     if settings.api != "off":
         api = add_api(top, settings, center, control, store, recorder, bridge, templates, reactor)
+        PendingApi(book, adopter).install(api)
     add_metrics(top, settings, MetricsSources(center, store, bridge, api, per_link=settings.metrics_per_link), reactor)
     return top
+
+
+def report_missing_adoption_accounts(engine: Engine, settings: Settings) -> None:
+    """An account that ``adopt:`` or a rule names but the database lacks: said at start, in one line
+    each, as adoptions into it fail until it is made (through the API or ``dtucenter account add``)."""
+    modbus = settings.modbus
+    named = {(rule.account, f"rule {rule.match.written}") for rule in modbus.rules if rule.account is not None}
+    adoption = modbus.unknown_registration.adoption
+    if adoption is not None and adoption.account is not None:
+        named.add((adoption.account, f"{settings.where('modbus.unknown_registration')}"))
+    with Session(engine) as session:
+        for account, where in sorted(named):
+            try:
+                accounts.account_id(session, account)
+            except accounts.AccountError:
+                log.warn("{where}: no account {account!r} yet: adoptions into it fail until it is made",
+                         where=where, account=account)
 
 
 def live_center_settings(settings: Settings) -> dict[str, Any]:
@@ -271,6 +310,7 @@ def live_center_settings(settings: Settings) -> dict[str, Any]:
     read by each new connection and each decision, so they apply to what comes next."""
     return {
         "enroll_unknown": settings.unknown_dtu == "accept",
+        "hold_unknown": settings.unknown_dtu == "pending",
         "login_timeout": settings.login_timeout,
         "command_timeout": settings.command_timeout,
     }
@@ -281,14 +321,15 @@ def apply_center_settings(center: DTUCenter, settings: Settings) -> None:
 
 
 def add_modbus(
-    top: CenterService, settings: Settings, recorder: MeterRecorder, templates: TemplateCatalog, reactor: Any
+    top: CenterService, settings: Settings, recorder: MeterRecorder, templates: TemplateCatalog, reactor: Any,
+    book: PendingBook | None = None,
 ) -> tuple[ModbusBridge, Deferred[None]]:
     """The Modbus bridge: the file's links and meters at once, the database's (those the API
     made, and the accounts' templates they may be made from) once the file's have been
     imported into it. Returns the bridge, and a Deferred that
     fires (with None, even after a failure: logged here) once the database's have started."""
     modbus = settings.modbus
-    bridge = ModbusBridge(modbus, reactor, recorder, events=top.events)
+    bridge = ModbusBridge(modbus, reactor, recorder, events=top.events, book=book)
     bridge.setName("modbus")
     bridge.setServiceParent(top)
     if modbus.listen is not None:

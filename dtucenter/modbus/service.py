@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dtucenter.discovery import PendingBook
 from dtucenter.events import EventHub, MeterFailed, MeterRead
 from dtucenter.isotime import utc_from_seconds
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings
@@ -30,6 +31,7 @@ from dtucenter.modbus.links import (
 from dtucenter.modbus.master import LinkCounters
 from dtucenter.modbus.points import Value
 from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller, Reading
+from dtucenter.modbus.unknown import HeldLimits, UnknownRegistrations
 from dtucenter.setting import listening_endpoint
 
 SHARED_LISTENER = "modbus"
@@ -138,6 +140,7 @@ class ModbusBridge(MultiService):
         *,
         open_serial: PortOpener = open_serial_port,
         max_backoff: float = 300.0,
+        book: PendingBook | None = None,
         events: EventHub | None = None,
     ) -> None:
         super().__init__()
@@ -157,10 +160,16 @@ class ModbusBridge(MultiService):
         #: The shared listener's registration table: changed in place, so a new connection sees
         #: the links of the moment it registers.
         self._shared: dict[bytes, Link] = {}
+        #: The shared listener's unknown registrations: rules, the policy, the held connections.
+        self.unknown = UnknownRegistrations(
+            settings.unknown_registration, settings.rules, book,
+            HeldLimits(settings.held_connections, settings.held_connections_per_host), SHARED_LISTENER,
+        )
         self._login_factory: LoginFactory | None = None
         if settings.listen is not None:
             # Listening even with no shared link yet: one may be added while the center runs.
-            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=_probe(settings))
+            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=_probe(settings),
+                                         unknown=self.unknown, window=settings.registration_window)
             login_factory.links = self._shared  # the factory copies what it is given; share the table instead
             self._login_factory = login_factory
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
@@ -179,14 +188,19 @@ class ModbusBridge(MultiService):
 
     def apply_settings(self, settings: ModbusSettings) -> None:
         """Take up the ``[modbus]`` settings a reload may change (``Reload.LIVE``): the registration
-        timeout and the probe for the shared listener's new connections and for links added
-        from now on, and ``settings`` itself (the registration rules) for what reads it.
+        timeout, the probe and the registration window for the shared listener's new connections
+        and for links added from now on, the unknown-registration policy, rules and held-connection
+        bounds for the next unknown DTU, and ``settings`` itself for what reads it.
         Its links and meters are not looked at: they change one by one (``add_link``...)."""
         self.settings = settings
         self.login_timeout = settings.login_timeout
+        self.unknown.policy = settings.unknown_registration
+        self.unknown.rules = settings.rules
+        self.unknown.limits = HeldLimits(settings.held_connections, settings.held_connections_per_host)
         if self._login_factory is not None:
             self._login_factory.login_timeout = settings.login_timeout
             self._login_factory.probe = _probe(settings)
+            self._login_factory.window = settings.registration_window
 
     def add_link(self, settings: LinkSettings) -> None:
         """Start serving a new link at once: its registration is accepted on the shared listener,
@@ -206,6 +220,9 @@ class ModbusBridge(MultiService):
         if kind == "shared":
             assert settings.registration is not None  # checked above
             self._shared[settings.registration] = link
+            held = self.unknown.claim(settings.registration)
+            if held is not None:  # a pending device adopted: its connection is the link's, no reconnect
+                held.hand_to(link)
         elif kind == "listen":
             assert settings.listen is not None  # what makes its kind "listen"
             link_listener = listening_endpoint(reactor, settings.listen)
@@ -359,11 +376,13 @@ class ModbusBridge(MultiService):
         return [link.status() for link in self.links.values()]
 
     def polling_summary(self) -> dict[str, object]:
-        """For /api/status: links online, request timeouts, and every poll's outcome and duration."""
+        """For /api/status: links online, request timeouts, pending devices' held connections, and
+        every poll's outcome and duration."""
         return {
             "links": len(self.links),
             "links_online": sum(link.online for link in self.links.values()),
             "request_timeouts": self.total_counters().timeouts,
+            "held_connections": self.unknown.held,
             **self.poller.stats.as_json(),
         }
 

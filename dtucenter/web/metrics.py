@@ -61,6 +61,7 @@ STATS_METRICS: Mapping[str, tuple[str, str | None]] = {
     "logins_refused": ("dtucenter_dtu_logins", "refused"),
     "logins_throttled": ("dtucenter_dtu_logins", "throttled"),
     "logins_abandoned": ("dtucenter_dtu_logins", "abandoned"),
+    "logins_held": ("dtucenter_dtu_logins", "held_pending"),
     "login_timeouts": ("dtucenter_dtu_logins", "timed_out"),
     "udp_logins_refused_while_online": ("dtucenter_dtu_logins", "refused_while_online"),
     "idle_timeouts": ("dtucenter_dtu_connections_dropped", "idle_timeout"),
