@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 from attrs import AttrsInstance
 
+from dtucenter.alarms.rules import AlarmRule, read_alarm_rules
 from dtucenter.dtu.udp import DEFAULT_MAX_PENDING
 from dtucenter.dtu.wire import DEFAULT_HEAD, DEFAULT_MAX_LENGTH, Dialect, WireError, parse_head
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings, SerialSettings
@@ -246,6 +247,8 @@ class Settings:
     )
     modbus: ModbusSettings = attrs.field(factory=ModbusSettings, metadata=composed(Reload.TABLE))
     mqtt: MqttSettings = attrs.field(factory=MqttSettings, metadata=composed(Reload.TABLE))
+    #: The ``[[alarm]]`` rules (dtucenter/alarms/rules.py); a reload replaces them in the running center.
+    alarms: tuple[AlarmRule, ...] = attrs.field(default=(), metadata=composed(Reload.LIVE))
     #: The config file, or "defaults".
     source: str = "defaults"
     #: Where each value that is not a default came from ("--dtu", "center.toml: dtu"), by field
@@ -355,6 +358,7 @@ def read_settings(
     link_tables = list(read_tables(top.pop("link", None), place, "link"))
     meter_tables = list(read_tables(top.pop("meter", None), place, "meter"))
     rule_tables = list(read_tables(top.pop("rule", None), place, "rule"))
+    alarms = read_alarm_rules(top.pop("alarm", None), place)
 
     (values,) = read_keys(top, place, Settings)
     origins = {name: f"{source}: {name}" for name in values}
@@ -401,7 +405,7 @@ def read_settings(
         )
     modbus = build(ModbusSettings, modbus_values, modbus_place, links=links, meters=meters, rules=rules)
     mqtt = _read_mqtt(mqtt_table, place.inner("mqtt"), given, origins)
-    return build(Settings, values, place, modbus=modbus, mqtt=mqtt, source=source, origins=origins)
+    return build(Settings, values, place, modbus=modbus, mqtt=mqtt, alarms=alarms, source=source, origins=origins)
 
 
 def _read_mqtt(

@@ -138,6 +138,10 @@ class PendingBook:
     def devices(self) -> list[PendingDevice]:
         return sorted(self._by_id.values(), key=lambda d: (d.first_seen, d.id))
 
+    def count(self) -> int:
+        """How many devices wait to be adopted (for the metrics: no list is made)."""
+        return len(self._by_id)
+
     def get(self, device_id: str) -> PendingDevice | None:
         return self._by_id.get(device_id)
 

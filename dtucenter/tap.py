@@ -23,6 +23,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from dtucenter.adoption import Adopter
+from dtucenter.alarms.service import AlarmService
 from dtucenter.config import (
     Settings,
     UsageError,
@@ -53,6 +54,7 @@ from dtucenter.store.facade import Store
 from dtucenter.store.pending import PendingDeviceStore
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.store.schema import SchemaError
+from dtucenter.web.alarms import AlarmApi
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
@@ -270,8 +272,10 @@ def build_service(
         enrol_dtu=queries.enrol_adopted_dtu, release_dtu=center.release_held,
     )
     bridge.unknown.adopter = adopter
+    alarms = add_alarms(top, settings, center, bridge, store, reactor)
     reloader = top.reloader = Reloader(settings, reread or (lambda: settings), recorder, bridge, reactor)
     reloader.hold_until(starting)
+    reloader.on_reload(lambda new: alarms.set_file_rules(new.alarms))
     reloader.on_reload(partial(apply_center_settings, center))
     reloader.on_reload(lambda new: bridge.apply_settings(new.modbus))
     if udp is not None:
@@ -282,10 +286,28 @@ def build_service(
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     api = None
     if settings.api != "off":
-        api = add_api(top, settings, center, control, store, recorder, bridge, templates, reactor)
+        api = add_api(top, settings, center, control, store, recorder, bridge, templates, alarms, reactor)
         PendingApi(book, adopter).install(api)
-    add_metrics(top, settings, MetricsSources(center, store, bridge, api, per_link=settings.metrics_per_link), reactor)
+    add_metrics(top, settings, MetricsSources(
+        center, store, bridge, api, pending_devices=book.count, per_link=settings.metrics_per_link
+    ), reactor)
     return top
+
+
+def add_alarms(
+    top: CenterService, settings: Settings, center: DTUCenter, bridge: ModbusBridge, store: Store, reactor: Any
+) -> AlarmService:
+    """Alarm rules evaluated on the center's events (dtucenter/alarms/)."""
+
+    def online(kind: str, device: str) -> bool:
+        if kind == "dtu":
+            return int(device) in center.sessions
+        return any(link.name == device and link.online for link in bridge.link_statuses())
+
+    alarms = AlarmService(store, top.events, reactor, center.now, online, settings.alarms)
+    alarms.setName("alarms")
+    alarms.setServiceParent(top)
+    return alarms
 
 
 def report_missing_adoption_accounts(engine: Engine, settings: Settings) -> None:
@@ -419,7 +441,8 @@ def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: Met
 
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
-    recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, reactor: Any,
+    recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, alarms: AlarmService,
+    reactor: Any,
 ) -> Router:
     """The API's listener; returns its router, where other parts add their endpoints."""
     try:
@@ -432,6 +455,7 @@ def add_api(
         recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition, templates
     ).install(site.resource)
     TemplateApi(recorder, bridge, templates, read_meter_definition, center.now).install(site.resource)
+    AlarmApi(alarms, recorder, center.now).install(site.resource)
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)

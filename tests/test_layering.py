@@ -46,6 +46,11 @@ FORBIDDEN = [
     ("dtucenter.mqtt", "dtucenter.config", "the publisher gets its settings passed in"),
     ("dtucenter.mqtt", "dtucenter.tap", "only the twisted plugin starts the center"),
     ("dtucenter.store", "dtucenter.mqtt", "the store implements the publisher's Backlog without importing it"),
+    ("dtucenter.dtu", "dtucenter.alarms", "alarms hear the protocols through the event hub"),
+    ("dtucenter.modbus", "dtucenter.alarms", "alarms hear the protocols through the event hub"),
+    ("dtucenter.store", "dtucenter.alarms", "the store keeps alarms as plain rows"),
+    ("dtucenter.alarms", "dtucenter.web", "alarms do not know the API"),
+    ("dtucenter.alarms", "dtucenter.tap", "only the twisted plugin starts the center"),
 ]
 
 #: Helpers every layer may use; they use none.

@@ -338,3 +338,27 @@ def test_batches_carry_a_turns_uploads_and_polls_per_account_and_keep_order_with
          b'[{"kind":"dtu","device":"1","time":"%s","values":{"0":5,"1":6}}]' % time.encode(), False),
     ]
     stop(r)
+
+
+def test_alarms_are_published_retained_per_rule_after_what_was_batched_before() -> None:
+    from dtucenter.events import AlarmCleared, AlarmRaised
+
+    r = rig(payload="batch")
+    assert r.connection.up is not None
+    r.connection.up()
+    r.connection.deliver_all()
+    r.hub.publish(UploadStored(1, T0, (90,)))
+    # Alarms name their account: no look-up, even for a device the directory does not know.
+    r.hub.publish(AlarmRaised(7, "acme", "hot/1", "dtu", "1", "0", 90.0, 80.0, "dtu 1 0 = 90 above 80", T0))
+    r.hub.publish(AlarmCleared(7, "acme", "hot/1", "dtu", "1", "0", 70.0, "back", T0))
+    r.clock.advance(0)
+    sent = [(m.topic, m.retain, m.qos) for _, m in r.connection.sent]
+    assert sent == [("dtucenter/acme/batch", False, 1), ("dtucenter/acme/1/alarms/hot_1", True, 1),
+                    ("dtucenter/acme/1/alarms/hot_1", True, 1)]
+    assert r.connection.sent[1][1].payload == (
+        b'{"time": "2026-11-30T12:00:00+00:00", "state": "raised", "alarm": 7, "rule": "hot/1", "kind": "dtu", '
+        b'"device": "1", "point": "0", "value": 90.0, "limit": 80.0, "message": "dtu 1 0 = 90 above 80"}'
+    )
+    assert b'"state": "cleared"' in r.connection.sent[2][1].payload
+    assert r.backlog.looked_up == []
+    stop(r)

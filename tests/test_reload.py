@@ -45,7 +45,7 @@ LIVE = {
     "dtu_udp_pending", "unknown_dtu", "login_timeout", "command_timeout", "log_rotate_size", "log_keep",
     "modbus.login_timeout", "modbus.probe", "modbus.probe_after", "modbus.rules",
     "modbus.unknown_registration", "modbus.registration_window", "modbus.held_connections",
-    "modbus.held_connections_per_host",
+    "modbus.held_connections_per_host", "alarms",
 }
 
 
@@ -68,8 +68,8 @@ def test_each_setting_says_whether_a_reload_applies_it_and_silence_means_a_resta
     # A field declared without a word about reloads needs a restart.
     undeclared = attrs.make_class("Later", {"x": attrs.field(default=0, metadata={})})
     assert reload_of(attrs.fields(undeclared).x) is Reload.RESTART
-    tables = ("modbus", "mqtt", "source")
-    assert all(METADATA_KEY in a.metadata or a.name in tables for a in attrs.fields(Settings) if a.eq)
+    composed = ("modbus", "mqtt", "alarms", "source")
+    assert all(METADATA_KEY in a.metadata or a.name in composed for a in attrs.fields(Settings) if a.eq)
 
 
 def test_changed_settings_name_each_change_where_it_comes_from_and_whether_it_is_live() -> None:

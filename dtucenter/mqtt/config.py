@@ -15,7 +15,7 @@ import attrs
 from dtucenter.setting import boolean, choice, integer, number, setting, stripped, text
 
 #: Placeholders a topic template may use.
-PLACEHOLDERS = ("account", "kind", "device", "point")
+PLACEHOLDERS = ("account", "kind", "device", "point", "rule")
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 PROTOCOL_VERSIONS = ("3.1.1", "5")
 #: ``value``: a message per value (``{point}`` in the topic); ``device``: one per upload or poll, all its values;
@@ -68,7 +68,7 @@ def _broker_url(value: Any) -> str:
 
 
 def topic_template(value: Any) -> str:
-    """A topic with ``{account}``, ``{kind}``, ``{device}``, ``{point}`` placeholders and no wildcards."""
+    """A topic with ``{account}``, ``{kind}``, ``{device}``, ``{point}``, ``{rule}`` placeholders and no wildcards."""
     template = text(value)
     if "+" in template or "#" in template:
         raise ValueError(f"a topic to publish on has no wildcards (+, #), got {template!r}")
@@ -108,6 +108,10 @@ class MqttSettings:
     status_topic: str = attrs.field(
         default="dtucenter/{account}/{device}/status",
         metadata=setting(topic_template, "Topic template of the retained online status of DTUs, links and meters."),
+    )
+    alarm_topic: str = attrs.field(
+        default="dtucenter/{account}/{device}/alarms/{rule}",
+        metadata=setting(topic_template, "Topic template of alarms raised and cleared (retained: each rule's state)."),
     )
     center_topic: str = attrs.field(
         default="dtucenter/center/status",

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import attrs
 
 from dtucenter.events import (
+    AlarmCleared,
+    AlarmRaised,
     DtuOffline,
     DtuOnline,
     Event,
@@ -95,18 +97,23 @@ class Composer:
         #: A DTU's register list (as last seen) and its points' JSON keys, for batches.
         self._keys: dict[int, tuple[tuple[tuple[int, int], ...] | None, tuple[str, ...]]] = {}
 
-    def device_of(self, event: Event | Extra) -> DeviceKey:
+    def device_of(self, event: Event | Extra) -> DeviceKey | None:
+        """The device whose account the directory must know to publish ``event``; None when the
+        event names its account itself (alarms)."""
         if isinstance(event, Extra):
             return event.device
+        if isinstance(event, AlarmRaised | AlarmCleared):
+            return None
         if isinstance(event, UploadStored | DtuOnline | DtuOffline):
             return ("dtu", event.psn)
         if isinstance(event, MeterRead | MeterFailed):
             return ("meter", event.meter)
         return ("link", event.link)
 
-    def _topic(self, template: str, account: str, kind: str, device: object, point: object = "") -> str:
+    def _topic(self, template: str, account: str, kind: str, device: object, point: object = "", rule: str = "") -> str:
         return template.format(
-            account=topic_part(account), kind=kind, device=topic_part(device), point=topic_part(point)
+            account=topic_part(account), kind=kind, device=topic_part(device), point=topic_part(point),
+            rule=topic_part(rule),
         )
 
     def center_status(self, online: bool, time: str | None) -> Message:
@@ -119,7 +126,11 @@ class Composer:
 
     def messages(self, event: Event | Extra, directory: Directory) -> list[Message]:
         """The messages of ``event``; with payload = batch, values wait for :meth:`flush` instead."""
+        if isinstance(event, AlarmRaised | AlarmCleared):
+            # A state, like a device's: whatever was batched before it goes first.
+            return [*self.flush(), self._alarm(event)]
         key = self.device_of(event)
+        assert key is not None
         account = directory.accounts.get(key, UNKNOWN_ACCOUNT)
         if self._batching:
             if isinstance(event, UploadStored | MeterRead):
@@ -197,6 +208,22 @@ class Composer:
         if isinstance(event, LinkUp):
             return self._status(key, account, event.time.isoformat(), online=True, remote=event.remote)
         return self._status(key, account, event.time.isoformat(), online=False)
+
+    def _alarm(self, event: AlarmRaised | AlarmCleared) -> Message:
+        raised = isinstance(event, AlarmRaised)
+        body: dict[str, object] = {
+            "time": event.time.isoformat(), "state": "raised" if raised else "cleared", "alarm": event.alarm,
+            "rule": event.rule, "kind": event.device_kind, "device": event.device, "point": event.point,
+            "value": _json_value(event.value) if event.value is not None else None,
+        }
+        if isinstance(event, AlarmRaised):
+            body["limit"] = event.limit
+        body["message"] = event.message
+        topic = self._topic(
+            self._settings.alarm_topic, event.account, event.device_kind, event.device, event.point or "", event.rule
+        )
+        # Retained: the topic holds the rule's current state on that device for who subscribes later.
+        return Message(topic, json.dumps(body).encode(), 1, True)
 
     def _upload(
         self, event: UploadStored, account: str, registers: tuple[tuple[int, int], ...] | None

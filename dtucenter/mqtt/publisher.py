@@ -221,7 +221,7 @@ class MqttPublisher(Service):
         while heard:
             event = heard[0]
             key = composer.device_of(event)
-            if not directory.knows(key):
+            if key is not None and not directory.knows(key):
                 # Published in order: this one, and all after it, wait for the look-up.
                 self._look_up(key)
                 break
@@ -251,7 +251,7 @@ class MqttPublisher(Service):
         if self._looking_up is not None:
             return
         device_of, knows = self.composer.device_of, self.directory.knows
-        others = {device for device in map(device_of, self._heard) if not knows(device)} - {key}
+        others = {device for device in map(device_of, self._heard) if device is not None and not knows(device)} - {key}
         unknown = {key, *sorted(others, key=repr)[: LOOK_UP_BATCH - 1]}
         # Set before the callbacks are added: they may run at once, and they clear it.
         looking_up = self._looking_up = self._backlog.devices(sorted(unknown, key=repr))

@@ -436,6 +436,72 @@ class PendingDeviceRow(Base):
     __table_args__ = (UniqueConstraint("kind", "registration", name="uq_pending_devices_kind_registration"),)
 
 
+class AlarmRuleRow(Base):
+    """An account's alarm rule made through the API: its ``[[alarm]]`` keys as JSON.
+
+    The config file's rules are not stored: the file holds them. Names are unique per
+    account, among the file's rules too (the API refuses a file rule's name).
+    """
+
+    __tablename__ = "alarm_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(Integer, ForeignKey("accounts.id", ondelete="CASCADE"))
+    owner: Mapped[Account] = relationship(lazy="joined", innerjoin=True)
+    name: Mapped[str] = mapped_column(String(100))
+    #: The rule's keys as JSON, read by the file's reader.
+    definition: Mapped[str] = mapped_column(Text)
+    created: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    updated: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    __table_args__ = (UniqueConstraint("account_id", "name", name="uq_alarm_rules_account_name"),)
+
+
+class AlarmWebhook(Base):
+    """Where an account's alarms are POSTed, besides the webhooks of their rules."""
+
+    __tablename__ = "alarm_webhooks"
+
+    account_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    url: Mapped[str] = mapped_column(String(1000))
+    updated: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class Alarm(Base):
+    """One alarm: raised by a rule, active until ``cleared`` is set; the history is these rows.
+
+    The rule, device and account are kept by name, like the audit trails: the history
+    outlives a rule, a device or an account that is deleted. At most one row per
+    account and rule is active (``cleared`` NULL): a restart reads them back instead of
+    raising again.
+    """
+
+    __tablename__ = "alarms"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(Integer)
+    account: Mapped[str] = mapped_column(String(100))
+    rule: Mapped[str] = mapped_column(String(100))
+    #: dtu, meter or link.
+    device_kind: Mapped[str] = mapped_column(String(8))
+    device: Mapped[str] = mapped_column(String(100))
+    point: Mapped[str | None] = mapped_column(String(100), default=None)
+    limit: Mapped[float | None] = mapped_column(Double, default=None)
+    message: Mapped[str] = mapped_column(Text)
+    raised: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    raised_value: Mapped[float | None] = mapped_column(Double, default=None)
+    cleared: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    cleared_value: Mapped[float | None] = mapped_column(Double, default=None)
+    cleared_message: Mapped[str | None] = mapped_column(Text, default=None)
+
+    __table_args__ = (
+        Index("ix_alarms_account_id", "account_id", "id"),
+        Index("ix_alarms_account_rule_cleared", "account_id", "rule", "cleared"),
+    )
+
+
 class MqttBacklog(Base):
     """Messages for the MQTT broker while it is away (dtucenter/mqtt/publisher.py), sent in ``seq`` order.
 

@@ -412,6 +412,15 @@ async def account_named(store: Store, name: object) -> int:
     return found
 
 
+async def account_meant(call: Call, store: Store, named: str | None) -> tuple[int, str]:
+    """(id, name) of the account a request means: the caller's, or the one an admin names
+    (``?account=``); 403 for another account naming one not its own."""
+    if named is None or named == call.caller.account:
+        return call.caller.account_id, call.caller.account
+    call.require_admin()
+    return await account_named(store, named), named
+
+
 def _json_value(value: object) -> object:
     """A decoded value as JSON can carry it: NaN and infinities as null."""
     if isinstance(value, float) and not math.isfinite(value):

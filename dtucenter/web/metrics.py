@@ -131,7 +131,7 @@ class MetricsSources:
     bridge: ModbusBridge | None = None
     #: The API's router, for its request counts (None with the API off).
     api: Router | None = None
-    #: How many devices wait to be adopted; None until the center keeps such a list (then the gauge shows).
+    #: How many devices wait to be adopted (``PendingBook.count``); the gauge is left out without it.
     pending_devices: Callable[[], int] | None = None
     #: Modbus metrics with a ``link`` label, one series per link (off: one series for all links).
     per_link: bool = False

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
 from pymodbus.framer import FramerType
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -152,6 +154,7 @@ async def test_a_flood_of_random_registrations_from_one_address_is_bounded(tmp_p
         assert center.bridge.unknown.held == 6
         assert (await admin.get("/api/status")).body["modbus"]["held_connections"] == 6
         await eventually(lambda: _rows(center, 6), "the table holding the same six, no more")
+        assert await _pending_gauge(admin) == 6
 
         # A good DTU behind the flooding address is served.
         await good.start(port, bus.port)
@@ -165,6 +168,17 @@ async def test_a_flood_of_random_registrations_from_one_address_is_bounded(tmp_p
         await other.stop()
         await center.stop()
         bus.stop()
+
+
+async def _pending_gauge(api: ApiClient) -> float:
+    """``dtucenter_pending_devices`` as the API's /metrics shows it."""
+    response = await treq.get(api.base + "/metrics", headers={"Authorization": f"Bearer {api.token}"},
+                              pool=api.pool)
+    assert response.code == 200
+    text = (await treq.content(response)).decode()
+    (family,) = (f for f in text_string_to_metric_families(text) if f.name == "dtucenter_pending_devices")
+    (sample,) = family.samples
+    return sample.value
 
 
 async def _pending_from(api: ApiClient, host: str, count: int) -> bool:

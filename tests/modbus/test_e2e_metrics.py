@@ -244,8 +244,8 @@ async def test_metrics_move_with_dtu_traffic_and_polls(
         await eventually(polled_again, "more successful polls counted")
         text = await scraper.text()
         check_with_promtool(text)
-        # Only the pending devices' gauge waits for a count to read (docs/integrations.md says so).
-        assert documented_metrics() - scraped_metrics(text) == {"dtucenter_pending_devices"}
+        assert documented_metrics() - scraped_metrics(text) == set(), "every documented metric is served"
+        assert value(after, "dtucenter_pending_devices") == 0
         assert scraped_metrics(text) - documented_metrics() == set(), "document every metric"
     finally:
         await center.stop()
