@@ -91,8 +91,9 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
     assert (both.modbus.server, both.modbus.server_allow) == ("tcp:19", ("192.168.1.0/24", "10.1.2.3/32"))
     assert (from_file.metrics, from_file.metrics_per_link, both.metrics, both.metrics_per_link) == (
         "tcp:5", False, "tcp:15", True)
-    assert attrs.astuple(from_file.mqtt)[:5] == ("mqtt://file", "f/{point}", "dtucenter/{account}/{device}/status",
-                                                 "dtucenter/center/status", "3.1.1")
+    mqtt = from_file.mqtt
+    assert (mqtt.url, mqtt.topic, mqtt.status_topic, mqtt.center_topic, mqtt.version) == (
+        "mqtt://file", "f/{point}", "dtucenter/{account}/{device}/status", "dtucenter/center/status", "3.1.1")
     assert (from_file.mqtt.qos, from_file.mqtt.client_id) == (0, "f")
     assert (both.mqtt.url, both.mqtt.topic, both.mqtt.version, both.mqtt.qos, both.mqtt.client_id) == (
         "mqtts://option", "o/{point}", "5", 1, "o")
