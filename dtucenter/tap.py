@@ -290,6 +290,8 @@ def build_service(
     reloader.on_reload(lambda new: bridge.apply_settings(new.modbus))
     if udp is not None:
         reloader.on_reload(lambda new: setattr(udp_protocol, "max_pending", new.dtu_udp_pending))
+    if settings.mqtt.url is not None:
+        add_mqtt(top, settings, store, recorder, reactor)
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     api = None
@@ -415,6 +417,36 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
                 log.error("{source}: not polled: {error}", source=source, error=e)
     finally:
         templates.finish_loading()
+
+
+def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: MeterRecorder, reactor: Any) -> None:
+    """Publishing to the broker: a service that hears the event hub, keeping its backlog in the store."""
+    from dtucenter.isotime import utc_now
+
+    try:
+        from dtucenter.mqtt.client import BrokerConnection
+    except ImportError as e:
+        raise UsageError(
+            f"{settings.where('mqtt.url')}: needs paho-mqtt ({e}): pip install 'dtucenter[mqtt]'"
+        ) from None
+    from dtucenter.mqtt.messages import Composer
+    from dtucenter.mqtt.publisher import MqttPublisher
+    from dtucenter.store.outbox import MqttOutbox
+
+    mqtt = settings.mqtt
+    broker = mqtt.broker
+    assert broker is not None
+    composer = Composer(mqtt)
+    connection = BrokerConnection(
+        mqtt, broker, reactor,
+        center_status=lambda online: composer.center_status(online, utc_now(reactor).isoformat()),
+        last_will=composer.center_status(False, None),
+    )
+    publisher = MqttPublisher(
+        mqtt, top.events, MqttOutbox(store), connection, composer, reactor, devices_known=recorder.synced
+    )
+    publisher.setName("mqtt")
+    publisher.setServiceParent(top)
 
 
 def add_api(

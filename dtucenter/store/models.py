@@ -588,3 +588,18 @@ class RollupCursor(Base):
     source: Mapped[str] = mapped_column(String(64), primary_key=True)
     time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     row_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class MqttBacklog(Base):
+    """Messages for the MQTT broker while it is away (dtucenter/mqtt/publisher.py), sent in ``seq`` order.
+
+    Bounded by the ``[mqtt] backlog`` setting; rows are deleted once the broker has them.
+    """
+
+    __tablename__ = "mqtt_backlog"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    topic: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    qos: Mapped[int] = mapped_column(SmallInteger)
+    retain: Mapped[bool] = mapped_column(Boolean)
