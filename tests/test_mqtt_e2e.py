@@ -6,7 +6,7 @@ import datetime as dt
 import os
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dtucenter.dtu import wire
+from dtucenter.mqtt.client import BrokerConnection
 from dtucenter.mqtt.publisher import MqttPublisher
 from dtucenter.store import queries
 from dtucenter.store.models import MqttBacklog
@@ -344,3 +345,95 @@ async def test_the_outbox_keeps_order_and_reads_what_was_appended_before(db_url:
         assert await outbox.devices([("dtu", 6), ("dtu", 7), ("meter", "m")]) == ({("dtu", 6): "admin"}, {6: ((5, 6),)})
     finally:
         await store.stopService()
+
+
+def worker_of(center: RunningCenter) -> BrokerConnection:
+    connection = publisher_of(center).connection
+    assert isinstance(connection, BrokerConnection)
+    return connection
+
+
+def process_gone(pid: int) -> bool:
+    """Ended: reaped, or a zombie whose parent has not reaped it yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_worker_is_restarted_and_nothing_is_lost_or_reordered(
+    tmp_path: Path, db_url: str, broker: Mosquitto, subscriber: Subscriber
+) -> None:
+    center = await start_center(tmp_path, "--mqtt", broker.url, "--mqtt-qos", "1", db_url=db_url)
+    publisher, connection = publisher_of(center), worker_of(center)
+    try:
+        add_dtu(center, 8)
+        dtu = await connect_dtu(center)
+        await dtu.login(8)
+        sent = 0
+
+        async def upload(count: int) -> None:
+            nonlocal sent
+            for _ in range(count):
+                dtu.send(wire.SendTest(20, sent % 256, (sent, -sent)))
+                await dtu.next(wire.SendTestAck)
+                sent += 1
+
+        await upload(10)
+        await until(lambda: len(subscriber.on("dtucenter/admin/8/0")) == 10)
+        for _ in range(3):
+            first = connection.pid
+            assert first is not None
+            await upload(20)  # not waited for: some are on their way when the worker dies
+            os.kill(first, signal.SIGKILL)
+            await upload(10)  # while it is dead: kept in the backlog
+            await until(lambda: connection.pid not in (None, first) and publisher.connected)  # noqa: B023
+        await upload(10)
+        await until(lambda: len({m["value"] for m in subscriber.on("dtucenter/admin/8/0")}) == sent,
+                    timeout=3 * STEP_TIMEOUT)
+        assert connection.starts == 4 and publisher.stats.connections == 4
+        for position, sign in ((0, 1), (1, -1)):
+            values = [m["value"] for m in subscriber.on(f"dtucenter/admin/8/{position}")]
+            # At least once: what was published but not confirmed when the worker died comes again; in order.
+            assert list(dict.fromkeys(values)) == [sign * n for n in range(sent)], values
+        await until(lambda: backlog_count(center) == 0 and publisher.stats.delivered >= publisher.stats.published)
+        assert publisher.stats.dropped == 0
+    finally:
+        await center.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_center_ends_the_worker(tmp_path: Path, broker: Mosquitto, subscriber: Subscriber) -> None:
+    center = await start_center(tmp_path, "--mqtt", broker.url)
+    try:
+        await until(lambda: subscriber.on("dtucenter/center/status"))
+        pid = worker_of(center).pid
+        assert pid is not None and not process_gone(pid)
+    finally:
+        await center.stop()
+    assert process_gone(pid) and worker_of(center).pid is None
+    assert [s["online"] for s in subscriber.on("dtucenter/center/status")] == [True, False]
+
+
+def test_a_killed_center_takes_its_worker_along(tmp_path: Path, broker: Mosquitto, subscriber: Subscriber) -> None:
+    """SIGKILL to the center's process alone (not its group): the worker ends too, and the broker says the will."""
+    import time
+
+    def wait(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 3 * STEP_TIMEOUT
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    with twistd_center(tmp_path, "--mqtt", broker.url) as center:
+        wait(lambda: len(subscriber.on("dtucenter/center/status")) == 1)
+        children = Path(f"/proc/{center.process.pid}/task/{center.process.pid}/children").read_text().split()
+        (worker,) = [int(pid) for pid in children
+                     if "dtucenter.mqtt.worker" in Path(f"/proc/{pid}/cmdline").read_text()]
+        os.kill(center.process.pid, signal.SIGKILL)
+        center.process.wait(STEP_TIMEOUT)
+        wait(lambda: process_gone(worker))
+    wait(lambda: len(subscriber.on("dtucenter/center/status")) == 2)
+    assert subscriber.on("dtucenter/center/status")[1] == {"online": False}

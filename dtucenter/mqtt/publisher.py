@@ -5,7 +5,7 @@ whole group commit's uploads, not one per value). Each message gets the next
 sequence number and goes one of two ways:
 
 - *direct*: the broker is up and nothing waits in the backlog: to the
-  connection's inbox (:mod:`dtucenter.mqtt.client`), remembered as
+  connection (:mod:`dtucenter.mqtt.client`, a worker process), remembered as
   outstanding until the connection says it was delivered;
 - *backlog*: the broker is down, or messages still wait in the database, or
   too many are outstanding: appended to the persistent backlog
@@ -146,6 +146,11 @@ class MqttPublisher(Service):
         self._absence_logged = False
         #: Why the broker is away (refused, unreachable, connection lost), or None while connected.
         self.problem: str | None = None
+
+    @property
+    def connection(self) -> Connection:
+        """The broker's connection it publishes through."""
+        return self._connection
 
     @property
     def connected(self) -> bool:
