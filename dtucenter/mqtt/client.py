@@ -29,6 +29,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -49,8 +50,10 @@ RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
 #: Seconds a stopping center gives the worker to say goodbye and end (its own wait for acks is 5 s).
 STOP_TIMEOUT = 15.0
-#: Lines of the worker's stderr kept at most before a newline (a line longer than that is logged in parts).
+#: Bytes of a line of the worker's stderr kept at most before its newline (a longer line is logged in parts).
 MAX_ERROR_LINE = 8192
+#: The directory that holds the ``dtucenter`` package.
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 Numbered = tuple[int, Message]
 Row = tuple[int, str, bytes, int, bool]
@@ -173,8 +176,11 @@ class BrokerConnection:
         self._restart_call = None
         self.starts += 1
         worker = self._worker = _WorkerProtocol(self)
+        # The worker imports this package from where the center did, installed or not.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
         self._transport = self._reactor.spawnProcess(
-            worker, sys.executable, [sys.executable, "-m", "dtucenter.mqtt.worker"], env=dict(os.environ),
+            worker, sys.executable, [sys.executable, "-m", "dtucenter.mqtt.worker"], env=env,
             childFDs={0: "w", 1: "r", 2: "r"},
         )
         # The settings (with the broker's password) go through the pipe, never on a command line.
