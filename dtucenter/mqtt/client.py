@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from dtucenter.mqtt.config import Broker, MqttSettings
 from dtucenter.mqtt.frames import FrameError, FrameReader, encode
 from dtucenter.mqtt.messages import Message
+from dtucenter.mqtt.publisher import BacklogRow, backlog_row
 
 log = Logger()
 
@@ -56,11 +57,6 @@ MAX_ERROR_LINE = 8192
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 Numbered = tuple[int, Message]
-Row = tuple[int, str, bytes, int, bool]
-
-
-def _row(seq: int, message: Message) -> Row:
-    return (seq, message.topic, message.payload, message.qos, message.retain)
 
 
 class _WorkerProtocol(ProcessProtocol):
@@ -109,7 +105,7 @@ class BrokerConnection:
         self._center_status = center_status
         self._last_will = last_will
         #: Batches handed over in this reactor turn, each with the connection it was meant for.
-        self._outbox: list[tuple[int, list[Row]]] = []
+        self._outbox: list[tuple[int, list[BacklogRow]]] = []
         self._flush_call: IDelayedCall | None = None
         #: The worker's connection the publisher was last told is up; 0: none.
         self._told_up = 0
@@ -142,7 +138,7 @@ class BrokerConnection:
         A batch is published only on the connection the publisher last heard was up: one sent
         before the publisher heard of a drop is its to keep, even if the worker has reconnected since.
         """
-        self._outbox.append((self._told_up, [_row(seq, message) for seq, message in messages]))
+        self._outbox.append((self._told_up, [backlog_row(seq, message) for seq, message in messages]))
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
 
@@ -160,7 +156,7 @@ class BrokerConnection:
             return self._stopped
         self._flush()
         goodbye = self._center_status(False)
-        self._write(("stop", _row(0, goodbye)))
+        self._write(("stop", backlog_row(0, goodbye)))
         self._kill_call = self._reactor.callLater(STOP_TIMEOUT, self.kill)
         return self._stopped
 
@@ -184,7 +180,7 @@ class BrokerConnection:
             childFDs={0: "w", 1: "r", 2: "r"},
         )
         # The settings (with the broker's password) go through the pipe, never on a command line.
-        will = _row(0, self._last_will)
+        will = backlog_row(0, self._last_will)
         self._write(("config", self._settings, self._broker, will))
 
     def _write(self, frame: tuple[object, ...]) -> None:
@@ -217,7 +213,7 @@ class BrokerConnection:
                 self._restart_delay = RESTART_FIRST
                 self._flush()  # batches for an earlier connection, before the birth of this one
                 self._told_up = frame[1]
-                self._write(("birth", frame[1], _row(0, self._center_status(True))))
+                self._write(("birth", frame[1], backlog_row(0, self._center_status(True))))
                 self._on_up()
             elif kind == "down":
                 self._told_up = 0

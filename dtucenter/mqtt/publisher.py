@@ -197,7 +197,7 @@ class MqttPublisher(Service):
         # what was handed over without word of its delivery (sent again at the next start if it was).
         if self._ready:
             self._compose()
-        left = [_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
+        left = [backlog_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
         self._outstanding.clear()
         if left:
             self._keep(left)
@@ -246,7 +246,7 @@ class MqttPublisher(Service):
             self._connection.send(numbered)
             return
         self._direct = False
-        self._keep([_row(seq, message) for seq, message in enumerate(messages, first)])
+        self._keep([backlog_row(seq, message) for seq, message in enumerate(messages, first)])
 
     # -- the directory -----------------------------------------------------------
 
@@ -380,7 +380,7 @@ class MqttPublisher(Service):
         self._broker_up = False
         self._direct = False
         self._draining = False
-        left = [_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
+        left = [backlog_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
         self._outstanding.clear()
         if left:
             self._keep(left)
@@ -406,7 +406,8 @@ class MqttPublisher(Service):
         log.failure("MQTT: could not remove delivered messages from the backlog", failure)
 
 
-def _row(seq: int, message: Message) -> BacklogRow:
+def backlog_row(seq: int, message: Message) -> BacklogRow:
+    """A numbered message as the backlog keeps it (and the worker process gets it)."""
     return (seq, message.topic, message.payload, message.qos, message.retain)
 
 
