@@ -23,7 +23,7 @@ from dtucenter.store import queries
 from dtucenter.store.models import MqttBacklog
 from tests.modbus.interop_support import EXPECTED_UNIT_1, PymodbusServer, meter_toml, sample_meter
 from tests.mqtt_support import Mosquitto, Received, Subscriber, make_test_ca
-from tests.support import STEP_TIMEOUT, RunningCenter, connect_dtu, start_center, until
+from tests.support import STEP_TIMEOUT, DTUClient, RunningCenter, connect_dtu, start_center, until
 from tests.test_process import twistd_center
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
@@ -62,6 +62,20 @@ def add_dtu(center: RunningCenter, psn: int, registers: list[tuple[int, int]] | 
 def backlog_count(center: RunningCenter) -> int:
     with Session(center.store.engine) as session:
         return int(session.scalar(select(func.count()).select_from(MqttBacklog)) or 0)
+
+
+class Uploads:
+    """A DTU's uploads of two values, n and -n, each waited for until acknowledged."""
+
+    def __init__(self, dtu: DTUClient) -> None:
+        self.dtu = dtu
+        self.sent = 0
+
+    async def send(self, count: int) -> None:
+        for _ in range(count):
+            self.dtu.send(wire.SendTest(20, self.sent % 256, (self.sent, -self.sent)))
+            await self.dtu.next(wire.SendTestAck)
+            self.sent += 1
 
 
 def check_every_message(messages: list[Received], value_topic: re.Pattern[str]) -> None:
@@ -159,23 +173,16 @@ async def test_broker_restart_loses_nothing_and_keeps_order(
         add_dtu(center, 7)
         dtu = await connect_dtu(center)
         await dtu.login(7)
-        sent = 0
+        upload = Uploads(dtu)
 
-        async def upload(count: int) -> None:
-            nonlocal sent
-            for _ in range(count):
-                dtu.send(wire.SendTest(20, sent % 256, (sent, -sent)))
-                await dtu.next(wire.SendTestAck)
-                sent += 1
-
-        await upload(10)
+        await upload.send(10)
         await until(lambda: len(subscriber.on("dtucenter/admin/7/0")) == 10)
         broker.stop()
         await until(lambda: not publisher.connected)
-        await upload(40)  # acknowledged as ever: the broker is not on the ingest path
+        await upload.send(40)  # acknowledged as ever: the broker is not on the ingest path
         await until(lambda: backlog_count(center) >= 80)
         broker.start()
-        await upload(30)  # while the backlog drains, or after
+        await upload.send(30)  # while the backlog drains, or after
         await until(lambda: len({m["value"] for m in subscriber.on("dtucenter/admin/7/0")}) == 80,
                     timeout=3 * STEP_TIMEOUT)
         for position, sign in ((0, 1), (1, -1)):
@@ -372,32 +379,25 @@ async def test_a_killed_worker_is_restarted_and_nothing_is_lost_or_reordered(
         add_dtu(center, 8)
         dtu = await connect_dtu(center)
         await dtu.login(8)
-        sent = 0
+        upload = Uploads(dtu)
 
-        async def upload(count: int) -> None:
-            nonlocal sent
-            for _ in range(count):
-                dtu.send(wire.SendTest(20, sent % 256, (sent, -sent)))
-                await dtu.next(wire.SendTestAck)
-                sent += 1
-
-        await upload(10)
+        await upload.send(10)
         await until(lambda: len(subscriber.on("dtucenter/admin/8/0")) == 10)
         for _ in range(3):
             first = connection.pid
             assert first is not None
-            await upload(20)  # not waited for: some are on their way when the worker dies
+            await upload.send(20)  # not waited for: some are on their way when the worker dies
             os.kill(first, signal.SIGKILL)
-            await upload(10)  # while it is dead: kept in the backlog
+            await upload.send(10)  # while it is dead: kept in the backlog
             await until(lambda: connection.pid not in (None, first) and publisher.connected)  # noqa: B023
-        await upload(10)
-        await until(lambda: len({m["value"] for m in subscriber.on("dtucenter/admin/8/0")}) == sent,
+        await upload.send(10)
+        await until(lambda: len({m["value"] for m in subscriber.on("dtucenter/admin/8/0")}) == upload.sent,
                     timeout=3 * STEP_TIMEOUT)
         assert connection.starts == 4 and publisher.stats.connections == 4
         for position, sign in ((0, 1), (1, -1)):
             values = [m["value"] for m in subscriber.on(f"dtucenter/admin/8/{position}")]
             # At least once: what was published but not confirmed when the worker died comes again; in order.
-            assert list(dict.fromkeys(values)) == [sign * n for n in range(sent)], values
+            assert list(dict.fromkeys(values)) == [sign * n for n in range(upload.sent)], values
         await until(lambda: backlog_count(center) == 0 and publisher.stats.delivered >= publisher.stats.published)
         assert publisher.stats.dropped == 0
     finally:
