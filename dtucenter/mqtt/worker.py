@@ -32,6 +32,7 @@ import signal
 import ssl
 import sys
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -47,6 +48,8 @@ RETRY_FIRST = 0.5
 RETRY_MAX = 10.0
 #: Seconds the network loop waits for the socket when there is nothing to send.
 IDLE_WAIT = 0.05
+#: Seconds between "delivered" tells at most, so that acks cost the center a wake-up per batch, not per message.
+TELL_INTERVAL = 0.01
 #: Seconds a connection attempt has to be answered (CONNACK).
 CONNECT_TIMEOUT = 10.0
 #: QoS 1 messages on their way at once; paho queues more and sends them as acks come.
@@ -213,7 +216,16 @@ class Worker:
         return lost
 
     def _serve(self, client: paho.Client) -> str:
+        untold: list[int] = []  # delivered through, not yet told
+        try:
+            return self._publish_what_comes(client, untold)
+        finally:
+            if untold:  # before the center hears the connection is gone, and keeps what was not delivered
+                self._tell("delivered", untold[-1])
+
+    def _publish_what_comes(self, client: paho.Client, untold: list[int]) -> str:
         inbox, pending = self._inbox, deque[Row]()
+        told_at = 0.0
         while self._connected and not self._stopping.is_set():
             while inbox:
                 kind, connection, rows = inbox.popleft()
@@ -231,10 +243,14 @@ class Worker:
                     return f"{self._broker}: publishing failed: {paho.error_string(info.rc)}"
                 self._waiting[info.mid] = seq
                 self._order.append(seq)
-            rc = client.loop(0 if pending or inbox else IDLE_WAIT)
+            # Acks are told at most every TELL_INTERVAL: each tell wakes the center's reactor up.
+            rc = client.loop(0 if pending or inbox else TELL_INTERVAL if untold else IDLE_WAIT)
             through = self._delivered_through()
             if through is not None:
-                self._tell("delivered", through)
+                untold[:] = [through]
+            if untold and time.monotonic() - told_at >= TELL_INTERVAL:
+                self._tell("delivered", untold.pop())
+                told_at = time.monotonic()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return f"{self._broker}: connection lost: {paho.error_string(rc)}"
         return f"{self._broker}: connection lost"
