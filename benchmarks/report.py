@@ -435,7 +435,8 @@ def _render_mqtt(mqtt: dict[str, Any] | None) -> list[str]:
          f"subscribes. The center's CPU per 1,000 frames is taken at the first step ({first:,} frames/s offered), "
          "which every run delivers: the same work with and without MQTT, so the difference is what publishing "
          "costs, and it is less sensitive than frames/s to what else the machine runs. At the CPU-bound limit, "
-         "throughput goes as its inverse: that is the throughput cost below."),
+         "throughput goes as its inverse: that is the throughput cost below. paho runs in the center's MQTT "
+         "worker process: its CPU is shown apart, on the same cores but not under the center's interpreter lock."),
         "",
         ("| run | sustained frames/s | peak frames/s | peak, of the run without MQTT | ack p99 at the first step (ms) "
          "| center CPU per 1,000 frames at the first step (ms) | throughput cost from CPU "
