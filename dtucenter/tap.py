@@ -57,7 +57,10 @@ from dtucenter.store.retention import RetentionJob, RetentionPolicy
 from dtucenter.store.schema import SchemaError
 from dtucenter.web.alarms import AlarmApi
 from dtucenter.web.auth import TokenFileError, resolve_token
+from dtucenter.web.charts import ChartApi
+from dtucenter.web.console_site import console_url
 from dtucenter.web.definitions import DefinitionApi
+from dtucenter.web.live import LiveFeed
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.metrics import MetricsApi, MetricsSources, metrics_registry, metrics_site
 from dtucenter.web.pending import PendingApi
@@ -463,9 +466,20 @@ def add_api(
     ).install(site.resource)
     TemplateApi(recorder, bridge, templates, read_meter_definition, center.now).install(site.resource)
     AlarmApi(alarms, recorder, center.now).install(site.resource)
+    ChartApi(store, recorder, center.now).install(site.resource)
+    live = LiveFeed(top.events, center, store, bridge, reactor)
+    live.setName("live")
+    live.setServiceParent(top)
+    live.install(site.resource)
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)
+    # Where to point a browser, once known; a listener that failed is reported by require_listening.
+    listener.when_listening().addCallbacks(
+        lambda port: log.info("Web console: {url} (sign in with an API token)",
+                              url=console_url(port.getHost(), tls=settings.api.startswith(("ssl:", "tls:")))),
+        lambda _: None,
+    )
     router: Router = site.resource
     return router
 
