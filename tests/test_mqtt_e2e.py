@@ -71,6 +71,14 @@ class Uploads:
         self.dtu = dtu
         self.sent = 0
 
+    @classmethod
+    async def logged_in(cls, center: RunningCenter, psn: int) -> Uploads:
+        """A DTU known to the database (so published under its account), connected and logged in."""
+        add_dtu(center, psn)
+        dtu = await connect_dtu(center)
+        await dtu.login(psn)
+        return cls(dtu)
+
     async def send(self, count: int) -> None:
         for _ in range(count):
             self.dtu.send(wire.SendTest(20, self.sent % 256, (self.sent, -self.sent)))
@@ -170,11 +178,7 @@ async def test_broker_restart_loses_nothing_and_keeps_order(
     center = await start_center(tmp_path, "--mqtt", broker.url, "--mqtt-qos", "1", db_url=db_url)
     publisher = publisher_of(center)
     try:
-        add_dtu(center, 7)
-        dtu = await connect_dtu(center)
-        await dtu.login(7)
-        upload = Uploads(dtu)
-
+        upload = await Uploads.logged_in(center, 7)
         await upload.send(10)
         await until(lambda: len(subscriber.on("dtucenter/admin/7/0")) == 10)
         broker.stop()
@@ -376,11 +380,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_is_lost_or_reordered(
     center = await start_center(tmp_path, "--mqtt", broker.url, "--mqtt-qos", "1", db_url=db_url)
     publisher, connection = publisher_of(center), worker_of(center)
     try:
-        add_dtu(center, 8)
-        dtu = await connect_dtu(center)
-        await dtu.login(8)
-        upload = Uploads(dtu)
-
+        upload = await Uploads.logged_in(center, 8)
         await upload.send(10)
         await until(lambda: len(subscriber.on("dtucenter/admin/8/0")) == 10)
         for _ in range(3):
