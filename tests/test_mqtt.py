@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import pytest
@@ -13,6 +14,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from dtucenter.config import ConfigError, read_settings
 from dtucenter.events import DtuOnline, EventHub, LinkUp, MeterFailed, MeterRead, UploadStored
+from dtucenter.mqtt import frames
 from dtucenter.mqtt import publisher as publisher_module
 from dtucenter.mqtt.config import Broker, MqttSettings, parse_broker_url
 from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Extra, Message
@@ -362,3 +364,99 @@ def test_alarms_are_published_retained_per_rule_after_what_was_batched_before() 
     assert b'"state": "cleared"' in r.connection.sent[2][1].payload
     assert r.backlog.looked_up == []
     stop(r)
+
+
+def test_frames_come_whole_whatever_the_chunks() -> None:
+    sent = [("send", [(1, [(1, "t/1", b"\x00\xff", 1, True), (2, "t/2", b"{}", 0, False)])]),
+            ("delivered", 2), ("down", "gone")]
+    stream = b"".join(map(frames.encode, sent))
+    reader = frames.FrameReader()
+    received = [frame for byte in range(len(stream)) for frame in reader.feed(stream[byte:byte + 1])]
+    assert received == sent
+    assert frames.FrameReader().feed(stream) == sent
+
+
+def test_a_stream_out_of_step_is_refused() -> None:
+    with pytest.raises(frames.FrameError, match="announced"):
+        frames.FrameReader().feed(b"\xff\xff\xff\xff")
+    with pytest.raises(frames.FrameError, match="not a frame"):
+        frames.FrameReader().feed(b"\x00\x00\x00\x03abc")
+    reader = frames.FrameReader()
+    assert reader.feed(frames.encode(("up", 1))[:-1]) == []  # a frame not yet whole waits
+
+
+class FakeWorkerReactor(Clock):
+    """spawnProcess recorded: each worker's protocol and what was written to its stdin, frame by frame."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.workers: list[tuple[Any, list[Any]]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any, childFDs: Any) -> Any:
+        assert args[1:] == ["-m", "dtucenter.mqtt.worker"]
+        writes: list[Any] = []
+        reader = frames.FrameReader()
+        signals: list[str] = []
+
+        @attrs.define
+        class Transport:
+            pid: int = 4242
+
+            def write(self, data: bytes) -> None:
+                writes.append(reader.feed(data))  # one write: the frames it held
+
+            def signalProcess(self, name: str) -> None:
+                signals.append(name)
+
+        self.workers.append((protocol, writes))
+        return Transport()
+
+
+def test_the_worker_connection_writes_once_a_turn_and_restarts_a_dead_worker() -> None:
+    from twisted.internet.error import ProcessDone, ProcessTerminated
+    from twisted.python.failure import Failure
+
+    from dtucenter.mqtt.client import RESTART_FIRST, BrokerConnection
+
+    reactor = FakeWorkerReactor()
+    settings = MqttSettings(url="mqtt://broker")
+    heard: list[object] = []
+    def status(online: bool) -> Message:
+        return Message("center", b"on" if online else b"off", 1, True)
+
+    connection = BrokerConnection(settings, Broker("broker", 1883, False), reactor, status,
+                                  Message("center", b"will", 1, True))
+    connection.start(lambda: heard.append("up"), heard.append, heard.append)
+    worker, writes = reactor.workers[0]
+    [[(kind, sent_settings, _, will)]] = writes
+    assert (kind, sent_settings, will) == ("config", settings, (0, "center", b"will", 1, True))
+
+    worker.outReceived(frames.encode(("up", 1)))
+    assert writes[1:] == [[("birth", 1, (0, "center", b"on", 1, True))]] and heard == ["up"]
+    connection.send([(1, Message("a", b"1", 1, False))])
+    connection.send([(2, Message("b", b"2", 1, False)), (3, Message("c", b"3", 1, False))])
+    assert len(writes) == 2  # nothing written until the turn ends
+    reactor.advance(0)
+    assert writes[2] == [("send", [(1, [(1, "a", b"1", 1, False)]), (1, [(2, "b", b"2", 1, False),
+                                                                         (3, "c", b"3", 1, False)])])]
+    stream = b"".join(frames.encode(("delivered", n)) for n in (1, 2, 3))
+    worker.outReceived(stream[:5])
+    worker.outReceived(stream[5:])
+    assert heard == ["up", 3]  # a chunk's run of acks told once
+
+    connection.send([(4, Message("d", b"4", 1, False))])
+    worker.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert heard[2].startswith("the MQTT worker process")  # type: ignore[union-attr]
+    assert connection.pid is None and len(reactor.workers) == 1
+    reactor.advance(0)
+    assert len(writes) == 3  # the batch for the dead worker is the publisher's to keep, not written anywhere
+    reactor.advance(RESTART_FIRST)
+    assert connection.starts == 2
+    second, second_writes = reactor.workers[1]
+    connection.send([(4, Message("d", b"4", 1, False))])  # before the new worker is up: meant for no connection
+    stopped = connection.stop()
+    assert [frame[0] for chunk in second_writes for frame in chunk] == ["config", "stop"]
+    assert not stopped.called
+    second.processEnded(Failure(ProcessDone(0)))
+    assert stopped.called and connection.pid is None
+    assert not reactor.getDelayedCalls()

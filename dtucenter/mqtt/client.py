@@ -1,54 +1,99 @@
-"""The connection to the broker: a paho-mqtt client owned by a thread of its own.
+"""The connection to the broker, as the center sees it: a worker process that owns the paho-mqtt client.
 
-The reactor thread never touches the client nor waits for the broker: it
-appends numbered messages to :meth:`BrokerConnection.send`'s inbox (a deque,
-appended to without a lock) and hears back through ``callFromThread``: the
-connection came up, went down (and why), and the number of the last message
-that every message up to was delivered (PUBACK for QoS 1, written to the
-socket for QoS 0). The thread runs the client's network loop itself and makes
-a new client for each connection, so a message is never re-sent by paho
-behind the publisher's back: what was not delivered when the connection
-dropped is the publisher's to keep, in order, and a batch handed over for
-one connection is never published on the next.
+paho costs tens of microseconds of CPU per QoS 1 message; in a thread of the
+center that CPU is taken under the center's GIL, from ingest. So the client
+runs in a child process (:mod:`dtucenter.mqtt.worker`), and the reactor only
+writes frames to its stdin and reads frames from its stdout
+(:mod:`dtucenter.mqtt.frames`): never a blocking call, one write per reactor
+turn for every message handed over in it, and the acks come back as one
+"delivered up to N" per chunk read.
+
+Towards the publisher it is what the thread was: numbered messages in order,
+"delivered up to N", the connection up and down with the reason. Each batch
+carries the connection it was meant for (the one the publisher last heard was
+up): the worker publishes it only on that connection, so what was handed over
+before the publisher heard of a drop stays the publisher's to keep. When the
+worker dies (killed, crashed), the publisher hears "down" and keeps what was
+not confirmed, and a new worker is started after a backoff. The worker is in
+the center's process group, reads its stdin to the end and asks the kernel to
+kill it when the center dies: it never outlives the center.
+
+What is in the pipe is bounded by the publisher's ``MAX_OUTSTANDING``: beyond
+that many messages not yet delivered, the publisher keeps the rest in its
+backlog instead of handing them over.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ssl
-import threading
-from collections import deque
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.reasoncodes import ReasonCode
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dtucenter.mqtt.config import Broker, MqttSettings
+from dtucenter.mqtt.frames import FrameError, FrameReader, encode
 from dtucenter.mqtt.messages import Message
+from dtucenter.mqtt.publisher import BacklogRow, backlog_row
 
 log = Logger()
 
-#: Seconds before reconnecting after a failure, doubling up to RETRY_MAX.
-RETRY_FIRST = 0.5
-RETRY_MAX = 10.0
-#: Seconds the network loop waits for the socket when there is nothing to send.
-IDLE_WAIT = 0.05
-#: Seconds a connection attempt has to be answered (CONNACK).
-CONNECT_TIMEOUT = 10.0
-#: QoS 1 messages on their way at once; paho queues more and sends them as acks come.
-MAX_INFLIGHT = 1000
-#: Seconds a stopping center waits for its last messages' acks.
-STOP_WAIT = 5.0
+#: Seconds before restarting a worker that died, doubling up to RESTART_MAX; back to the first once it connected.
+RESTART_FIRST = 0.5
+RESTART_MAX = 30.0
+#: Seconds a stopping center gives the worker to say goodbye and end (its own wait for acks is 5 s).
+STOP_TIMEOUT = 15.0
+#: Bytes of a line of the worker's stderr kept at most before its newline (a longer line is logged in parts).
+MAX_ERROR_LINE = 8192
+#: The directory that holds the ``dtucenter`` package.
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 Numbered = tuple[int, Message]
 
 
+class _WorkerProtocol(ProcessProtocol):
+    """One worker process: frames out on its stdin, frames in from its stdout, its stderr logged."""
+
+    def __init__(self, connection: BrokerConnection) -> None:
+        self._connection = connection
+        self._reader = FrameReader()
+        self._errors = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as e:
+            log.error("MQTT worker: {error}; restarting it", error=e)
+            self._connection.kill()
+            return
+        self._connection.heard(frames)
+
+    def errReceived(self, data: bytes) -> None:
+        *lines, self._errors = (self._errors + data).split(b"\n")
+        if len(self._errors) > MAX_ERROR_LINE:
+            lines.append(self._errors)
+            self._errors = b""
+        for line in lines:
+            if line.strip():
+                log.warn("MQTT worker: {line}", line=line.decode(errors="replace"))
+
+    def processEnded(self, reason: Failure) -> None:
+        self.errReceived(b"\n")
+        self._connection.ended(self, reason)
+        self.ended.callback(None)
+
+
 class BrokerConnection:
-    """Keeps a connection to the broker, publishes what it is given, tells what became of it."""
+    """Keeps a worker process connected to the broker; hands it numbered messages, tells what became of them."""
 
     def __init__(self, settings: MqttSettings, broker: Broker, reactor: Any,
                  center_status: Callable[[bool], Message], last_will: Message) -> None:
@@ -59,196 +104,140 @@ class BrokerConnection:
         self._reactor = reactor
         self._center_status = center_status
         self._last_will = last_will
-        #: Batches to publish, each with the connection it was meant for (see :meth:`send`).
-        self._inbox: deque[tuple[int, list[Numbered]]] = deque()
-        #: The connection the publisher was last told is up (reactor thread); 0: none.
+        #: Batches handed over in this reactor turn, each with the connection it was meant for.
+        self._outbox: list[tuple[int, list[BacklogRow]]] = []
+        self._flush_call: IDelayedCall | None = None
+        #: The worker's connection the publisher was last told is up; 0: none.
         self._told_up = 0
-        #: The connection being served (network thread), counted from 1.
-        self._connection = 0
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker: _WorkerProtocol | None = None
+        self._transport: Any = None
+        self._restart_call: IDelayedCall | None = None
+        self._restart_delay = RESTART_FIRST
+        self._stopping = False
         self._stopped: Deferred[None] | None = None
-        # Set by start(): the publisher's ears, called in the reactor thread.
+        self._kill_call: IDelayedCall | None = None
+        #: Workers started, the first included (for tests and the curious).
+        self.starts = 0
         self._on_up: Callable[[], None] = lambda: None
         self._on_down: Callable[[str], None] = lambda reason: None
         self._on_delivered: Callable[[int], None] = lambda seq: None
-        # The network thread's own state, per connection.
-        self._connack: ReasonCode | None = None
-        self._connected = False
-        self._waiting: dict[int, int] = {}  # mid -> seq, not yet delivered
-        self._order: deque[int] = deque()  # seqs in the order published
-        self._done: set[int] = set()  # seqs delivered out of order, ahead of an older one
 
-    # -- the reactor thread ------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id, while one runs."""
+        return self._transport.pid if self._transport is not None else None
 
     def start(self, on_up: Callable[[], None], on_down: Callable[[str], None],
               on_delivered: Callable[[int], None]) -> None:
         self._on_up, self._on_down, self._on_delivered = on_up, on_down, on_delivered
-        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
-        self._thread.start()
+        self._spawn()
 
     def send(self, messages: list[Numbered]) -> None:
         """Publish these after everything sent before; never blocks.
 
         A batch is published only on the connection the publisher last heard was up: one sent
-        before the publisher heard of a drop is its to keep, even if the thread has reconnected since.
+        before the publisher heard of a drop is its to keep, even if the worker has reconnected since.
         """
-        self._inbox.append((self._told_up, messages))
-
-    def _up(self, connection: int) -> None:
-        self._told_up = connection
-        self._on_up()
-
-    def _down(self, reason: str) -> None:
-        self._told_up = 0
-        self._on_down(reason)
+        self._outbox.append((self._told_up, [backlog_row(seq, message) for seq, message in messages]))
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
 
     def stop(self) -> Deferred[None]:
-        """Says goodbye (the retained offline status), disconnects; fires when the thread has ended."""
-        if self._stopped is None:
-            self._stopped = Deferred()
-            self._stopping.set()
-            if self._thread is None:
-                self._stopped.callback(None)
+        """Says goodbye (the retained offline status), disconnects; fires when the worker has ended."""
+        if self._stopped is not None:
+            return self._stopped
+        self._stopped = Deferred()
+        self._stopping = True
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        self._restart_call = None
+        if self._transport is None:
+            self._stopped.callback(None)
+            return self._stopped
+        self._flush()
+        goodbye = self._center_status(False)
+        self._write(("stop", backlog_row(0, goodbye)))
+        self._kill_call = self._reactor.callLater(STOP_TIMEOUT, self.kill)
         return self._stopped
 
-    # -- the network thread ------------------------------------------------------
+    def kill(self) -> None:
+        """End the worker now (it is restarted unless the center is stopping)."""
+        if self._transport is not None:
+            with contextlib.suppress(ProcessExitedAlready):
+                self._transport.signalProcess("KILL")
 
-    def _tell(self, call: Callable[..., None], *args: object) -> None:
-        self._reactor.callFromThread(call, *args)
+    # -- the worker ----------------------------------------------------------------
 
-    def _client(self) -> paho.Client:
-        settings = self._settings
-        if settings.version == "5":
-            client = paho.Client(CallbackAPIVersion.VERSION2, settings.client_id, protocol=paho.MQTTv5)
-        else:
-            client = paho.Client(
-                CallbackAPIVersion.VERSION2, settings.client_id, clean_session=True, protocol=paho.MQTTv311
-            )
-        if self._broker.username is not None:
-            client.username_pw_set(self._broker.username, self._broker.password)
-        if self._broker.tls:
-            client.tls_set(ca_certs=settings.ca, certfile=settings.cert, keyfile=settings.key)
-        will = self._last_will
-        client.will_set(will.topic, will.payload, will.qos, will.retain)
-        client.max_inflight_messages_set(MAX_INFLIGHT)
-        client.on_connect = self._connected_cb
-        client.on_disconnect = self._disconnected_cb
-        client.on_publish = self._published_cb
-        return client
+    def _spawn(self) -> None:
+        self._restart_call = None
+        self.starts += 1
+        worker = self._worker = _WorkerProtocol(self)
+        # The worker imports this package from where the center did, installed or not.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        self._transport = self._reactor.spawnProcess(
+            worker, sys.executable, [sys.executable, "-m", "dtucenter.mqtt.worker"], env=env,
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        # The settings (with the broker's password) go through the pipe, never on a command line.
+        will = backlog_row(0, self._last_will)
+        self._write(("config", self._settings, self._broker, will))
 
-    def _connected_cb(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                      properties: Any) -> None:
-        self._connack = reason
+    def _write(self, frame: tuple[object, ...]) -> None:
+        if self._transport is not None:
+            self._transport.write(encode(frame))
 
-    def _disconnected_cb(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                         properties: Any) -> None:
-        self._connected = False
+    def _flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        outbox, self._outbox = self._outbox, []
+        # What was meant for no connection (the publisher never hands that over) or a dead worker is dropped:
+        # the publisher heard "down" and kept it.
+        batches = [(connection, rows) for connection, rows in outbox if connection]
+        if batches:
+            self._write(("send", batches))
 
-    def _published_cb(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
-                      properties: Any) -> None:
-        seq = self._waiting.pop(mid, None)
-        if seq is not None:
-            self._done.add(seq)
+    def heard(self, frames: list[Any]) -> None:
+        """The worker's news, in order; a run of "delivered" told once, with its last number."""
+        delivered = 0
+        for frame in frames:
+            kind = frame[0]
+            if kind == "delivered":
+                delivered = frame[1]
+                continue
+            if delivered:
+                self._on_delivered(delivered)
+                delivered = 0
+            if kind == "up":
+                self._restart_delay = RESTART_FIRST
+                self._flush()  # batches for an earlier connection, before the birth of this one
+                self._told_up = frame[1]
+                self._write(("birth", frame[1], backlog_row(0, self._center_status(True))))
+                self._on_up()
+            elif kind == "down":
+                self._told_up = 0
+                self._on_down(frame[1])
+        if delivered:
+            self._on_delivered(delivered)
 
-    def _answer(self) -> ReasonCode | None:
-        """The CONNACK's reason, once the client's callback has it."""
-        return self._connack
+    def ended(self, worker: _WorkerProtocol, reason: Failure) -> None:
+        if worker is not self._worker:
+            return
+        self._worker = self._transport = None
+        self._outbox.clear()
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        if self._stopping:
+            if self._stopped is not None and not self._stopped.called:
+                self._stopped.callback(None)
+            return
+        why = "ended" if reason.check(ProcessDone) else str(reason.value)
+        log.warn("MQTT: the worker process {why}; starting a new one in {delay:g} s", why=why,
+                 delay=self._restart_delay)
+        self._told_up = 0
+        self._on_down(f"the MQTT worker process {why}")
+        self._restart_call = self._reactor.callLater(self._restart_delay, self._spawn)
+        self._restart_delay = min(self._restart_delay * 2, RESTART_MAX)
 
-    def _delivered_through(self) -> int | None:
-        """The seq through which everything published on this connection was delivered, if it moved."""
-        through = None
-        order, done = self._order, self._done
-        while order and order[0] in done:
-            through = order.popleft()
-            done.discard(through)
-        return through
-
-    def _run(self) -> None:
-        delay = RETRY_FIRST
-        while not self._stopping.is_set():
-            reason = self._connect_and_serve()
-            if self._stopping.is_set():
-                break
-            self._tell(self._down, reason)
-            self._stopping.wait(delay)
-            delay = min(delay * 2, RETRY_MAX)
-            if reason == "":
-                delay = RETRY_FIRST
-        if self._stopped is not None:
-            self._tell(self._stopped.callback, None)
-
-    def _connect_and_serve(self) -> str:
-        """One connection, from connecting to its end; returns why it ended ("" once it had served)."""
-        client = self._client()
-        self._connack = None
-        self._connected = False
-        self._waiting.clear()
-        self._order.clear()
-        self._done.clear()
-        try:
-            client.connect(self._broker.host, self._broker.port, self._settings.keepalive)
-            waited = 0.0
-            while self._answer() is None and waited < CONNECT_TIMEOUT and not self._stopping.is_set():
-                if client.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-                waited += 0.1
-        except (OSError, ssl.SSLError, ValueError) as e:
-            _close(client)
-            return f"cannot connect to {self._broker}: {e}"
-        answer = self._answer()
-        if answer is None or answer.is_failure:
-            refused = f"refused ({answer})" if answer is not None else "no answer"
-            _close(client)
-            return f"{self._broker}: {refused}"
-        self._connected = True
-        birth = self._center_status(True)
-        client.publish(birth.topic, birth.payload, birth.qos, birth.retain)
-        self._connection += 1
-        self._tell(self._up, self._connection)
-        lost = self._serve(client)
-        if self._stopping.is_set():
-            self._say_goodbye(client)
-            return ""
-        _close(client)
-        return lost
-
-    def _serve(self, client: paho.Client) -> str:
-        inbox, pending = self._inbox, deque[Numbered]()
-        while self._connected and not self._stopping.is_set():
-            while inbox:
-                connection, batch = inbox.popleft()
-                if connection == self._connection:  # else meant for an earlier connection: the publisher kept it
-                    pending.extend(batch)
-            while pending and len(self._waiting) < MAX_INFLIGHT:  # else read the acks before paho's queue grows
-                seq, message = pending.popleft()
-                info = client.publish(message.topic, message.payload, message.qos, message.retain)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    return f"{self._broker}: publishing failed: {paho.error_string(info.rc)}"
-                self._waiting[info.mid] = seq
-                self._order.append(seq)
-            rc = client.loop(0 if pending or inbox else IDLE_WAIT)
-            through = self._delivered_through()
-            if through is not None:
-                self._tell(self._on_delivered, through)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return f"{self._broker}: connection lost: {paho.error_string(rc)}"
-        return f"{self._broker}: connection lost"
-
-    def _say_goodbye(self, client: paho.Client) -> None:
-        goodbye = self._center_status(False)
-        info = client.publish(goodbye.topic, goodbye.payload, goodbye.qos, goodbye.retain)
-        waited = 0.0
-        while (self._waiting or not info.is_published()) and waited < STOP_WAIT and self._connected:
-            client.loop(0.05)
-            waited += 0.05
-        through = self._delivered_through()
-        if through is not None:
-            self._tell(self._on_delivered, through)
-        client.disconnect()
-        client.loop(0.1)
-
-
-def _close(client: paho.Client) -> None:
-    with contextlib.suppress(OSError):
-        client.disconnect()

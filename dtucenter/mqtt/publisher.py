@@ -5,7 +5,7 @@ whole group commit's uploads, not one per value). Each message gets the next
 sequence number and goes one of two ways:
 
 - *direct*: the broker is up and nothing waits in the backlog: to the
-  connection's inbox (:mod:`dtucenter.mqtt.client`), remembered as
+  connection (:mod:`dtucenter.mqtt.client`, a worker process), remembered as
   outstanding until the connection says it was delivered;
 - *backlog*: the broker is down, or messages still wait in the database, or
   too many are outstanding: appended to the persistent backlog
@@ -148,6 +148,11 @@ class MqttPublisher(Service):
         self.problem: str | None = None
 
     @property
+    def connection(self) -> Connection:
+        """The broker's connection it publishes through."""
+        return self._connection
+
+    @property
     def connected(self) -> bool:
         """Whether the broker is connected, as the connection last told."""
         return self._broker_up
@@ -192,7 +197,7 @@ class MqttPublisher(Service):
         # what was handed over without word of its delivery (sent again at the next start if it was).
         if self._ready:
             self._compose()
-        left = [_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
+        left = [backlog_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
         self._outstanding.clear()
         if left:
             self._keep(left)
@@ -241,7 +246,7 @@ class MqttPublisher(Service):
             self._connection.send(numbered)
             return
         self._direct = False
-        self._keep([_row(seq, message) for seq, message in enumerate(messages, first)])
+        self._keep([backlog_row(seq, message) for seq, message in enumerate(messages, first)])
 
     # -- the directory -----------------------------------------------------------
 
@@ -375,7 +380,7 @@ class MqttPublisher(Service):
         self._broker_up = False
         self._direct = False
         self._draining = False
-        left = [_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
+        left = [backlog_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
         self._outstanding.clear()
         if left:
             self._keep(left)
@@ -401,7 +406,8 @@ class MqttPublisher(Service):
         log.failure("MQTT: could not remove delivered messages from the backlog", failure)
 
 
-def _row(seq: int, message: Message) -> BacklogRow:
+def backlog_row(seq: int, message: Message) -> BacklogRow:
+    """A numbered message as the backlog keeps it (and the worker process gets it)."""
     return (seq, message.topic, message.payload, message.qos, message.retain)
 
 
