@@ -5,21 +5,24 @@ from __future__ import annotations
 import gc
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import attrs
+from sqlalchemy import Engine
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from dtucenter.cluster import ClusterNode, generated_node_id, join
 from dtucenter.config import (
     Settings,
     UsageError,
@@ -33,6 +36,7 @@ from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.events import EventHub
+from dtucenter.isotime import utc_now
 from dtucenter.modbus.scada_server import ScadaFactory, ScadaServer
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.modbus.templates import TemplateCatalog, read_template
@@ -41,6 +45,7 @@ from dtucenter.reload import Reloader
 from dtucenter.setting import listening_endpoint
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
+from dtucenter.store import nodes
 from dtucenter.store import templates as device_templates
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
@@ -50,6 +55,7 @@ from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
+from dtucenter.web.peers import Peers
 from dtucenter.web.site import build_site
 from dtucenter.web.templates import TemplateApi
 
@@ -214,10 +220,14 @@ def build_service(
     except (DatabaseURLError, SchemaError) as e:
         raise UsageError(f"{settings.where('db')}: {e}") from None
     top = CenterService(reactor)
+    node = settings.node_id or generated_node_id()
+    membership = ClusterMembership(settings, engine, node, reactor)
+    membership.setName("cluster-membership")
+    membership.setServiceParent(top)
     store = Store(engine, reactor)
     store.setName("store")
     store.setServiceParent(top)
-    dtu_store = DtuStore(store)
+    dtu_store = DtuStore(store, node)
     center = DTUCenter(
         dtu_store,
         reactor,
@@ -246,7 +256,12 @@ def build_service(
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
     templates = TemplateCatalog()
-    bridge, starting = add_modbus(top, settings, recorder, templates, reactor)
+    shared = engine.dialect.name != "sqlite"
+    bridge, starting = add_modbus(top, settings, recorder, templates, reactor, claimed_links=shared)
+    cluster = ClusterNode(node, store, reactor, settings.node_lease, center, bridge, shared=shared,
+                          url=settings.node_url)
+    cluster.setName("cluster")
+    cluster.setServiceParent(top)
     reloader = top.reloader = Reloader(settings, reread or (lambda: settings), recorder, bridge, reactor)
     reloader.hold_until(starting)
     reloader.on_reload(partial(apply_center_settings, center))
@@ -256,8 +271,43 @@ def build_service(
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     if settings.api != "off":
-        add_api(top, settings, center, control, store, recorder, bridge, templates, reactor)
+        add_api(top, settings, center, control, store, recorder, bridge, templates, reactor, cluster)
     return top
+
+
+class ClusterMembership(Service):
+    """Joins the cluster as the center starts, before anything touches the database (not when the
+    service tree is built, which tests and checks do without starting it): takes the SQLite file's
+    lock, then registers the node. Refused with one line when another center runs on the same
+    SQLite file or a live node has the id given."""
+
+    def __init__(self, settings: Settings, engine: Engine, node: str, clock: Any) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._node = node
+        self._clock = clock
+        self._held: IO[bytes] | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        settings = self._settings
+        with exit_on_usage_error():
+            try:
+                self._held = nodes.hold_sqlite_file(self._engine)
+                join(self._engine, self._node, settings.node_url, settings.node_lease, utc_now(self._clock))
+            except nodes.DatabaseInUse as e:
+                raise UsageError(f"{settings.where('db')}: {e}") from None
+            except nodes.NodeConflict as e:
+                raise UsageError(f"{settings.where('node_id')}: {e}") from None
+        log.info(
+            "This center is node {node}{generated}", node=self._node,
+            generated="" if settings.node_id else " (a generated id: --node-id gives one of your choice)",
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._held is not None:
+            self._held.close()
 
 
 def live_center_settings(settings: Settings) -> dict[str, Any]:
@@ -275,14 +325,15 @@ def apply_center_settings(center: DTUCenter, settings: Settings) -> None:
 
 
 def add_modbus(
-    top: CenterService, settings: Settings, recorder: MeterRecorder, templates: TemplateCatalog, reactor: Any
+    top: CenterService, settings: Settings, recorder: MeterRecorder, templates: TemplateCatalog, reactor: Any,
+    claimed_links: bool = False,
 ) -> tuple[ModbusBridge, Deferred[None]]:
     """The Modbus bridge: the file's links and meters at once, the database's (those the API
     made, and the accounts' templates they may be made from) once the file's have been
     imported into it. Returns the bridge, and a Deferred that
     fires (with None, even after a failure: logged here) once the database's have started."""
     modbus = settings.modbus
-    bridge = ModbusBridge(modbus, reactor, recorder, events=top.events)
+    bridge = ModbusBridge(modbus, reactor, recorder, events=top.events, claimed_links=claimed_links)
     bridge.setName("modbus")
     bridge.setServiceParent(top)
     if modbus.listen is not None:
@@ -343,12 +394,13 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
     recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, reactor: Any,
+    cluster: ClusterNode,
 ) -> None:
     try:
         token = resolve_token(settings.api_token, settings.db)
     except TokenFileError as e:
         raise UsageError(str(e)) from None
-    site = build_site(center, control, store, token, bridge)
+    site = build_site(center, control, store, token, bridge, Peers(reactor, cluster.node, store))
     MeterApi(recorder, bridge, center.now).install(site.resource)
     DefinitionApi(
         recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition, templates
@@ -357,6 +409,21 @@ def add_api(
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)
+    if cluster.url is None:
+        listening = listener.when_listening().addCallback(lambda port: setattr(cluster, "url", api_url(port)))
+        listening.addErrback(lambda _: None)  # a port that will not bind stops the start: require_listening says why
+
+
+def api_url(port: IListeningPort) -> str:
+    """How the other nodes reach this API by default: the address it listens on, or, listening
+    on every address, this host's name."""
+    address = port.getHost()
+    host = getattr(address, "host", "")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{getattr(address, 'port', 0)}"
 
 
 def add_manhole(

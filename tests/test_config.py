@@ -53,7 +53,7 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "manhole_host_key": "h1", "command_timeout": 5, "api": "tcp:6", "api_token": "file-token",
         "no_upgrade": False, "modbus": {"listen": "tcp:7", "server": "tcp:9", "server_allow": ["10.0.0.0/8"]},
         "log_rotate_size": 8000, "log_keep": 8,
-        "dtu_udp_pending": 8,
+        "dtu_udp_pending": 8, "node_id": "a-1", "node_lease": 20, "node_url": "http://a:1",
     }
     options = {
         "dtu": "tcp:11", "dtu-udp": "12", "db": "sqlite:///b.db", "unknown-dtu": "accept", "login-timeout": "13",
@@ -61,6 +61,7 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "manhole-host-key": "h2", "command-timeout": "15", "api": "off", "api-token": "option-token",
         "no-upgrade": True, "modbus": "tcp:17", "log-rotate-size": "18000", "log-keep": "18",
         "dtu-udp-pending": "18", "modbus-server": "tcp:19", "modbus-server-allow": "192.168.1.0/24, 10.1.2.3",
+        "node-id": "b-2", "node-lease": "30", "node-url": "https://b:2/",
     }
     assert {option.name for option in command_line_options()} == set(options), "every option is covered here"
     from_file = read_settings(file, source="center.toml")
@@ -77,6 +78,8 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
     assert (from_file.dtu_udp_pending, both.dtu_udp_pending) == (8, 18)
     assert (from_file.modbus.server, from_file.modbus.server_allow) == ("tcp:9", ("10.0.0.0/8",))
     assert (both.modbus.server, both.modbus.server_allow) == ("tcp:19", ("192.168.1.0/24", "10.1.2.3/32"))
+    assert (from_file.node_id, from_file.node_lease, from_file.node_url) == ("a-1", 20, "http://a:1")
+    assert (both.node_id, both.node_lease, both.node_url) == ("b-2", 30, "https://b:2")
 
 
 def test_no_upgrade_from_the_file_or_the_flag(tmp_path: Path) -> None:

@@ -72,7 +72,9 @@ def test_which_login_timeout_the_bridge_gets(
 def test_the_bridge_is_in_the_tree_even_without_links_as_the_api_may_add_them(tmp_path: Path) -> None:
     reactor = MemoryReactorClock()
     without = makeService(options(tmp_path), reactor)
-    assert [s.name for s in without] == ["store", "center", "meter-recorder", "dtu-tcp", "control", "modbus"]
+    assert [s.name for s in without] == [
+        "cluster-membership", "store", "center", "meter-recorder", "dtu-tcp", "control", "modbus", "cluster"
+    ]
     assert reactor.tcpServers == []  # and without [modbus] listen, nothing of it listens
     config = write_config(tmp_path, '[modbus]\nlisten = "tcp:20101"\n' + LINK)
     with_links = makeService(options(tmp_path, "--config", config), reactor)
