@@ -46,6 +46,8 @@ class NodeInfo:
     lease_until: dt.datetime
     alive: bool
     dtus_online: int
+    #: The dialled links it runs.
+    links: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -167,18 +169,22 @@ def mark_own_offline(session: Session, node: str) -> int:
 
 
 def list_nodes(session: Session, now: dt.datetime) -> list[NodeInfo]:
-    """Every node known, live ones first, each with how many DTUs it holds now."""
+    """Every node known, live ones first, each with how many DTUs and which links it holds now
+    (a dead node's links until another takes them)."""
     counts: dict[str | None, int] = {
         node: count for node, count in session.execute(
             select(Dtu.node, func.count()).where(Dtu.node.is_not(None)).group_by(Dtu.node)
         )
     }
+    links: dict[str, list[str]] = {}
+    for link, holder in session.execute(select(LinkOwner.link, LinkOwner.node).order_by(LinkOwner.link)):
+        links.setdefault(holder, []).append(link)
     rows = session.scalars(select(Node).order_by(Node.id))
     nodes = [
         NodeInfo(
             id=row.id, url=row.url, host=row.host, pid=row.pid, started=row.started, renewed=row.renewed,
             lease_until=row.lease_until, alive=row.lease_until > now and not row.stopped,
-            dtus_online=counts.get(row.id, 0),
+            dtus_online=counts.get(row.id, 0), links=tuple(links.get(row.id, ())),
         )
         for row in rows
     ]
@@ -230,10 +236,6 @@ def claim_links(session: Session, node: str, wanted: Collection[str], now: dt.da
         .values(node=node, since=now)
     )
     return set(session.scalars(select(LinkOwner.link).where(LinkOwner.node == node)))
-
-
-def link_holders(session: Session) -> dict[str, str]:
-    return {link: node for link, node in session.execute(select(LinkOwner.link, LinkOwner.node))}
 
 
 # -- one center per SQLite file ------------------------------------------------------------------
