@@ -87,4 +87,7 @@ class DtuStore:
         ))
 
     def interrupt_pending(self, now: dt.datetime) -> Deferred[int]:
-        return self._write(partial(audit.interrupt_pending, now=now))
+        # Not the commands other live nodes of the cluster are running now.
+        return self._write(
+            lambda session: audit.interrupt_pending(session, now, nodes.held_by_other_nodes(self.node, now))
+        )

@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, Engine, ScalarSelect, and_, delete, func, 
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from dtucenter.store import audit
 from dtucenter.store.models import Dtu, DtuHandover, LinkOwner, Node
 from dtucenter.store.queries import rowcount
 
@@ -63,6 +64,11 @@ def _alive(now: dt.datetime) -> ColumnElement[bool]:
 def live_node_ids(now: dt.datetime) -> ScalarSelect[str]:
     """A subquery of the ids of live nodes."""
     return select(Node.id).where(_alive(now)).scalar_subquery()
+
+
+def held_by_other_nodes(node: str, now: dt.datetime) -> ScalarSelect[int]:
+    """A subquery of the PSNs online on live nodes other than ``node``."""
+    return select(Dtu.psn).where(Dtu.node != node, Dtu.node.in_(live_node_ids(now))).scalar_subquery()
 
 
 def register(
@@ -128,9 +134,12 @@ def renew(session: Session, node: str, now: dt.datetime, lease: float, url: str 
     ))
     cleared = 0
     if dead:
-        cleared = rowcount(session.execute(
-            update(Dtu).where(Dtu.node.in_(dead)).values(online=False, node=None)
-        ))
+        orphaned = list(session.scalars(select(Dtu.psn).where(Dtu.node.in_(dead))))
+        if orphaned:
+            audit.interrupt_pending(session, now, psns=orphaned)
+            cleared = rowcount(session.execute(
+                update(Dtu).where(Dtu.psn.in_(orphaned)).values(online=False, node=None)
+            ))
         session.execute(delete(DtuHandover).where(DtuHandover.node.in_(dead)))
     session.execute(delete(Node).where(Node.lease_until < now - FORGET_DEAD_NODES_AFTER))
     return Renewal(held, cleared, dead)
@@ -171,11 +180,9 @@ def mark_own_offline(session: Session, node: str) -> int:
 def list_nodes(session: Session, now: dt.datetime) -> list[NodeInfo]:
     """Every node known, live ones first, each with how many DTUs and which links it holds now
     (a dead node's links until another takes them)."""
-    counts: dict[str | None, int] = {
-        node: count for node, count in session.execute(
-            select(Dtu.node, func.count()).where(Dtu.node.is_not(None)).group_by(Dtu.node)
-        )
-    }
+    counts: dict[str | None, int] = dict(
+        session.execute(select(Dtu.node, func.count()).where(Dtu.node.is_not(None)).group_by(Dtu.node)).all()
+    )
     links: dict[str, list[str]] = {}
     for link, holder in session.execute(select(LinkOwner.link, LinkOwner.node).order_by(LinkOwner.link)):
         links.setdefault(holder, []).append(link)
