@@ -400,8 +400,9 @@ def add_api(
         token = resolve_token(settings.api_token, settings.db)
     except TokenFileError as e:
         raise UsageError(str(e)) from None
-    site = build_site(center, control, store, token, bridge, Peers(reactor, cluster.node, store))
-    MeterApi(recorder, bridge, center.now).install(site.resource)
+    peers = Peers(reactor, cluster.node, store)
+    site = build_site(center, control, store, token, bridge, peers)
+    MeterApi(recorder, bridge, center.now, peers).install(site.resource)
     DefinitionApi(
         recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition, templates
     ).install(site.resource)

@@ -174,6 +174,9 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     config = tmp_path / "center.toml"
     config.write_text(
         f'[[link]]\nname = "plant"\nconnect = "tcp:127.0.0.1:{device_port.getHost().port}"\n'
+        'timeout = 0.5\nretries = 0\n'
+        '[[meter]]\nname = "m1"\nlink = "plant"\nunit = 1\ninterval = 3600\n'
+        '[[meter.point]]\nname = "v"\ntable = "holding"\naddress = 0\n'
     )
     token = secrets.token_urlsafe()
     nodes = {name: Node(name, free_port(), free_port(), tmp_path / f"{name}.log") for name in NODES}
@@ -216,7 +219,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_nodes_started_together_on_an_empty_database_all_come_up_and_know_each_other(
+async def test_nodes_started_together_on_an_empty_database_all_come_up_and_any_reads_a_meter(
     cluster: Cluster,
 ) -> None:
     for name in NODES:
@@ -225,6 +228,15 @@ async def test_nodes_started_together_on_an_empty_database_all_come_up_and_know_
         assert [n["id"] for n in status["nodes"]] == list(NODES)
         assert all(n["alive"] and n["url"] == f"http://127.0.0.1:{cluster.nodes[n['id']].api_port}"
                    for n in status["nodes"])
+    # A meter is read by the node running its link, whichever node is asked: the dialled device
+    # never answers, so each read times out there (504), where a node without the link would say
+    # the link is offline (409); and each is in the meter's one trail.
+    await eventually(lambda: defer.succeed(cluster.device.open == 1), "the link dialled", timeout=WAIT)
+    for name in NODES:
+        response = await cluster.api(name).post("/api/meters/m1/read", {})
+        assert response.status == 504, (name, response.body)
+    reads = (await cluster.api("node-a").get("/api/meters/m1/reads")).body["reads"]
+    assert [r["outcome"] for r in reads] == ["timeout"] * len(NODES)
 
 
 @pytest_twisted.ensureDeferred

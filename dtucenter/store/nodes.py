@@ -203,9 +203,20 @@ def holder(session: Session, psn: int, now: dt.datetime) -> NodeInfo | None:
     row = session.execute(
         select(Node).join(Dtu, Dtu.node == Node.id).where(Dtu.psn == psn, _alive(now))
     ).scalar_one_or_none()
-    if row is None:
-        return None
+    return None if row is None else _live_info(row)
+
+
+def _live_info(row: Node) -> NodeInfo:
+    """A live node as a lookup answers it (without its counts)."""
     return NodeInfo(row.id, row.url, row.host, row.pid, row.started, row.renewed, row.lease_until, True, 0)
+
+
+def link_holder(session: Session, link: str, now: dt.datetime) -> NodeInfo | None:
+    """The live node running a dialled link, if any."""
+    row = session.execute(
+        select(Node).join(LinkOwner, LinkOwner.node == Node.id).where(LinkOwner.link == link, _alive(now))
+    ).scalar_one_or_none()
+    return None if row is None else _live_info(row)
 
 
 def take_handovers(session: Session, node: str) -> list[int]:

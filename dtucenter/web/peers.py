@@ -11,6 +11,8 @@ again: a DTU that moved meanwhile is answered for where it is asked.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from io import BytesIO
 from typing import Any
 
@@ -50,12 +52,19 @@ class Peers:
 
     def holder(self, call: Call, psn: int) -> Deferred[NodeInfo | None]:
         """The live node DTU ``psn`` is online on, when that is another node and ``call`` may be passed on."""
+        return self._elsewhere(call, partial(nodes.holder, psn=psn))
+
+    def link_holder(self, call: Call, link: str) -> Deferred[NodeInfo | None]:
+        """The live node running dialled ``link``, when that is another node and ``call`` may be passed on."""
+        return self._elsewhere(call, partial(nodes.link_holder, link=link))
+
+    def _elsewhere(self, call: Call, lookup: Callable[..., NodeInfo | None]) -> Deferred[NodeInfo | None]:
         if call.request.getHeader(FORWARDED_BY) is not None:
             return succeed(None)
         now = utc_now(self._clock)
 
         def elsewhere(session: Session) -> NodeInfo | None:
-            found = nodes.holder(session, psn, now)
+            found = lookup(session, now=now)
             return None if found is None or found.id == self.node else found
 
         return self._store.read(elsewhere)
