@@ -44,10 +44,11 @@ def generated_node_id() -> str:
     return f"{host}-{secrets.token_hex(3)}"
 
 
-def join(engine: Engine, node: str, url: str | None, lease: float, now: dt.datetime) -> None:
-    """Register this node, before anything else starts; NodeConflict when its id is a live node's."""
+def join(engine: Engine, node: str, url: str | None, lease: float, now: dt.datetime, alone: bool) -> None:
+    """Register this node, before anything else starts; NodeConflict when its id is a live node's.
+    ``alone``: no other node can be running (``nodes.register``)."""
     with Session(engine) as session, session.begin():
-        nodes.register(session, node, url, socket.gethostname()[:100], os.getpid(), now, lease)
+        nodes.register(session, node, url, socket.gethostname()[:100], os.getpid(), now, lease, alone)
 
 
 class ClusterNode(Service):

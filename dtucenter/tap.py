@@ -294,7 +294,8 @@ class ClusterMembership(Service):
         with exit_on_usage_error():
             try:
                 self._held = nodes.hold_sqlite_file(self._engine)
-                join(self._engine, self._node, settings.node_url, settings.node_lease, utc_now(self._clock))
+                join(self._engine, self._node, settings.node_url, settings.node_lease, utc_now(self._clock),
+                     alone=self._held is not None)
             except nodes.DatabaseInUse as e:
                 raise UsageError(f"{settings.where('db')}: {e}") from None
             except nodes.NodeConflict as e:

@@ -71,6 +71,15 @@ def test_a_crashed_node_restarted_on_its_host_takes_its_id_back_at_once(engine: 
     join(engine, "a", later(1), host="host-1", pid=1)
 
 
+def test_a_node_alone_on_its_database_takes_every_other_node_for_dead_at_once(engine: Engine) -> None:
+    join(engine, "earlier-run")
+    login(engine, 1, "earlier-run")
+    run(engine, lambda s: nodes.register(s, "this-run", None, "host-1", 2, later(1), LEASE, alone=True))
+    assert run(engine, lambda s: nodes.mark_left_over_offline(s, "this-run", later(1))) == 1
+    listed = run(engine, lambda s: nodes.list_nodes(s, later(1)))
+    assert [(n.id, n.alive) for n in listed] == [("this-run", True), ("earlier-run", False)]
+
+
 def test_a_renewal_keeps_the_lease_and_clears_what_dead_nodes_left(engine: Engine) -> None:
     join(engine, "a")
     join(engine, "b")

@@ -72,7 +72,7 @@ async def test_sighup_applies_the_edited_file_to_the_running_process(tmp_path: P
     log = LogFile(log_path, process)
     dtus = {name: FakeDtu(registration=name.encode()) for name in ("DTU-A", "DTU-B", "DTU-C")}
     try:
-        await log.wait_for(r"Link site-b added")
+        await log.wait_for(rf"starting on {modbus_port}\b")  # the links are added before the port listens
         api = ApiClient(f"http://127.0.0.1:{api_port}", token)
         for name in ("DTU-A", "DTU-B"):
             await dtus[name].start(modbus_port, bus.port)

@@ -274,7 +274,10 @@ class ModbusBridge(MultiService):
 
     def hold_links(self, held: set[str]) -> None:
         """Run the dialled links of ``held`` (this node holds them now) and stop the others'
-        connections, their meters paused: another node runs them."""
+        connections, their meters paused: another node runs them. Nothing to do unless
+        ``claimed_links``: alone, the bridge runs every link it has."""
+        if not self.claimed_links:
+            return
         for name in self.dialled_links():
             service = self._link_services[name]
             running = service.parent is not None

@@ -73,12 +73,17 @@ def held_by_other_nodes(node: str, now: dt.datetime) -> ScalarSelect[int]:
 
 def register(
     session: Session, node: str, url: str | None, host: str, pid: int, now: dt.datetime, lease: float,
+    alone: bool = False,
 ) -> None:
     """Join the cluster as ``node``, or refuse (NodeConflict) when a live node has that id.
 
-    A node of that id whose lease runs but that was this host's process ``pid_gone`` (it crashed
-    and is being restarted) is replaced at once rather than after its lease.
+    A node of that id whose lease runs but that was a process of this host that no longer exists
+    (it crashed and is being restarted) is replaced at once rather than after its lease.
+    ``alone``: this node knows it is the only one (it holds the SQLite file's lock), so any other
+    node is a crashed earlier run: dead now, not once its lease lapses.
     """
+    if alone:
+        session.execute(update(Node).where(Node.id != node, Node.stopped.is_(False)).values(stopped=True))
     row = session.get(Node, node, with_for_update=True)
     until = now + dt.timedelta(seconds=lease)
     if row is None:

@@ -136,8 +136,10 @@ class DtuApi:
         """The stored record, with what only the live registry knows to the second."""
         body = info.to_json()
         session = self.center.sessions.get(info.psn)
-        # Online on another node of the cluster: the database says where (and ``node``).
-        body["online"] = session is not None or (info.online and info.node is not None)
+        # Online on another node of the cluster: the database says where (``node``). This node's
+        # own DTUs are online while their session is.
+        here = self.peers.node if self.peers is not None else None
+        body["online"] = session is not None or (info.online and info.node not in (None, here))
         if session is not None:
             body["remote"] = session.peer
             body["last_seen"] = session.last_seen.isoformat()
