@@ -21,7 +21,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dtucenter import __version__
+from dtucenter.adoption import (
+    AdoptionRefused,
+    definitions,
+    device_json,
+    owner_id,
+    record_dtu_adoption,
+    record_link_adoption,
+)
 from dtucenter.config import DEFAULT_DB_URL, ConfigError, read_link_definition, read_meter_definition
+from dtucenter.discovery import DTU, PendingDevice
 from dtucenter.isotime import parse_iso_time
 from dtucenter.modbus.templates import (
     TemplateCatalog,
@@ -32,6 +41,7 @@ from dtucenter.modbus.templates import (
 )
 from dtucenter.store import accounts, meters, queries, schema
 from dtucenter.store import links as device_links
+from dtucenter.store import pending as pending_rows
 from dtucenter.store import templates as stored_templates
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.recorder import link_spec, meter_spec
@@ -192,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
         remove = with_db(device.add_parser("remove", help=f"remove a {kind} added through the API or the CLI"))
         remove.add_argument("name")
         remove.set_defaults(run=partial(cmd_device_remove, kind))
+
+    pending = commands.add_parser(
+        "pending", help="devices that dialled in unknown (adopted here: served from the center's next start)"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = with_db(pending.add_parser("list", help="list pending devices, oldest first"))
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    listing.set_defaults(run=cmd_pending_list)
+    adopt = with_db(pending.add_parser(
+        "adopt", help="make a pending device's link (and meter, from a template) or DTU record in an account"
+    ))
+    adopt.add_argument("id")
+    adopt.add_argument("--account", help="the owning account (default: the first admin account)")
+    adopt.add_argument("--template", help="the new meter's template (Modbus only; none: no meter)")
+    adopt.add_argument("--unit", type=int, default=1, help="the meter's unit id (default 1)")
+    adopt.add_argument("--interval", type=float, default=10.0, help="seconds between the meter's polls (default 10)")
+    adopt.set_defaults(run=cmd_pending_adopt)
+    drop = with_db(pending.add_parser("drop", help="forget a pending device"))
+    drop.add_argument("id")
+    drop.set_defaults(run=cmd_pending_drop)
     return parser
 
 
@@ -596,3 +625,52 @@ def cmd_device_remove(kind: str, session: Session, args: argparse.Namespace, out
         raise CommandError(f"no {kind} {args.name!r}")
     also = f" and its meters {', '.join(stopped)}" if stopped else ""
     print(f"removed {kind} {args.name}{also} (stopped at the center's next start)", file=out)
+
+
+# -- pending devices --------------------------------------------------------------------------------
+
+
+def cmd_pending_list(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    devices = [device_json(device) for device in pending_rows.list_pending(session)]
+    if args.json:
+        json.dump({"pending": devices}, out, indent=2)
+        out.write("\n")
+        return
+    rows = [("ID", "KIND", "REGISTRATION", "PEER", "FIRST SEEN", "LAST SEEN", "TIMES")]
+    rows += [(d["id"], d["kind"], d["registration"], d["peer"], d["first_seen"], d["last_seen"], str(d["times_seen"]))
+             for d in devices]
+    _print_table(rows, out)
+
+
+def _pending_device(session: Session, device_id: str) -> PendingDevice:
+    device = pending_rows.get_pending(session, device_id)
+    if device is None:
+        raise CommandError(f"no pending device {device_id!r}")
+    return device
+
+
+def cmd_pending_adopt(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    device = _pending_device(session, args.id)
+    now = dt.datetime.now(dt.UTC)
+    try:
+        if device.kind == DTU:
+            if args.template is not None:
+                raise CommandError("a binary-protocol DTU is adopted into an account only: no --template")
+            record_dtu_adoption(session, queries.enrol_adopted_dtu, int(device.registration), args.account,
+                                device.id, "cli", now)
+            made = f"DTU {int(device.registration)}"
+        else:
+            owner = owner_id(session, args.account)
+            link, meter = definitions(device.registration, args.template, args.unit, args.interval, {},
+                                      read_link_definition, read_meter_definition,
+                                      _stored_catalog(session, owner).finder(owner))
+            record_link_adoption(session, link, meter, owner, device.id, "cli", now)
+            made = f"link {link.name}" + ("" if meter is None else f" with meter {meter.name}")
+    except AdoptionRefused as e:
+        raise CommandError(str(e)) from None
+    print(f"adopted {made} (served from the center's next start)", file=out)
+
+
+def cmd_pending_drop(session: Session, args: argparse.Namespace, out: TextIO) -> None:
+    pending_rows.delete_pending(session, _pending_device(session, args.id).id)
+    print(f"dropped pending device {args.id}", file=out)

@@ -62,7 +62,7 @@ from dtucenter.web.auth import ENVIRONMENT_VARIABLE
 
 DEFAULT_DB_URL = "sqlite:///dtucenter.db"
 DEFAULT_API = "tcp:8080:interface=127.0.0.1"
-UNKNOWN_DTU_POLICIES = ("reject", "accept")
+UNKNOWN_DTU_POLICIES = ("reject", "pending", "accept")
 
 
 def parse_udp(value: str) -> tuple[str, int]:
@@ -153,10 +153,29 @@ class Settings:
         ),
     )
     unknown_dtu: str = attrs.field(
-        default="reject",
+        default="pending",
         metadata=setting(
-            choice(*UNKNOWN_DTU_POLICIES), "reject or accept (enrol) DTUs not in the database.", option="unknown-dtu",
+            choice(*UNKNOWN_DTU_POLICIES),
+            "reject, pending (hold for adoption) or accept (enrol) DTUs not in the database.", option="unknown-dtu",
             reload=Reload.LIVE,
+        ),
+    )
+    pending_per_host: int = attrs.field(
+        default=20,
+        metadata=setting(
+            integer(1, 1_000_000), "Most pending (unknown) devices kept from one source host.",
+            option="pending-per-host",
+        ),
+    )
+    pending_total: int = attrs.field(
+        default=10_000,
+        metadata=setting(integer(1, 10_000_000), "Most pending (unknown) devices kept in all.", option="pending-total"),
+    )
+    pending_expire: float = attrs.field(
+        default=7 * 24 * 3600.0,
+        metadata=setting(
+            number(1, 10**9), "Seconds after which a pending device not seen again is dropped.",
+            option="pending-expire",
         ),
     )
     login_timeout: float = attrs.field(
@@ -237,6 +256,22 @@ class Settings:
             "URL where the other nodes reach this node's API, for commands to its DTUs"
             " (default: http://HOST:PORT of the API listener, HOST this machine's name).",
             option="node-url",
+        ),
+    )
+    #: /metrics is served on the API always; this is a listener of its own, without a token.
+    metrics: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            server_endpoint,
+            "Endpoint serving /metrics without a token, on loopback unless it names an interface (default off).",
+            option="metrics",
+        ),
+    )
+    metrics_per_link: bool = attrs.field(
+        default=False,
+        metadata=setting(
+            boolean, "Label the Modbus metrics by link: one series per link (default: totals over all links).",
+            option="metrics-per-link",
         ),
     )
     #: The log file is twistd's (``--logfile``; without ``-n``, twistd.log); bounded here,
@@ -384,6 +419,14 @@ def read_settings(
             f"({modbus_values['login_timeout']:g} s) closes the connection"
         )
 
+    policy = modbus_values.get("unknown_registration")
+    if policy is not None and policy.adoption is not None and policy.adoption.template is not None:
+        try:
+            find_template(policy.adoption.template)
+        except LookupError as e:
+            if origins["modbus.unknown_registration"] == "--unknown-registration":
+                raise Place("--unknown-registration").error(None, str(e)) from None
+            raise modbus_place.error("unknown_registration", str(e)) from None
     for key in ("server_allow", "server_max_clients"):
         if key in modbus_values and modbus_values.get("server") is None:
             raise modbus_place.error(key, "applies to the Modbus TCP server for SCADA: set server (or --modbus-server)")

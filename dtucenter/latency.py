@@ -1,6 +1,8 @@
 """Latency histograms: log-scale buckets 2 % wide, cheap to fill and to subtract.
 
-Used by the simulator (ack latencies) and the Modbus bridge (poll durations).
+Used by the simulator (ack latencies), the DTU half (ack latencies), the store
+(commit durations) and the Modbus bridge (poll durations); /metrics turns them
+into Prometheus histograms at scrape time (:meth:`Histogram.cumulative`).
 A histogram rather than a list of samples: a run at thousands of events a
 second for hours would otherwise keep millions of floats, and percentiles of
 a window come from subtracting two cumulative snapshots.
@@ -9,7 +11,8 @@ a window come from subtracting two cumulative snapshots.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 _BUCKET_BASE = 1.02
@@ -52,3 +55,44 @@ def histogram_difference(later: Mapping[Any, int], earlier: Mapping[Any, int]) -
         if delta:
             diff[int(key)] = delta
     return diff
+
+
+class Histogram:
+    """Durations in :func:`bucket_of` buckets, and their exact sum: what a Prometheus histogram needs.
+
+    Filling one costs a logarithm and a dict update, so it may sit on a hot path
+    (an ack per upload); the Prometheus buckets are made from it only when scraped.
+    """
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        self.buckets: Counter[int] = Counter()
+        #: Seconds, summed over every duration recorded.
+        self.total = 0.0
+
+    def record(self, seconds: float) -> None:
+        self.buckets[bucket_of(seconds)] += 1
+        self.total += seconds
+
+    @property
+    def count(self) -> int:
+        return self.buckets.total()
+
+    def cumulative(self, bounds: Iterable[float]) -> list[tuple[float, int]]:
+        """For each of the ascending ``bounds``, how many durations were at most it (and ``inf``: all).
+
+        A 2 % bucket that straddles a bound is counted above it: a count may miss durations
+        that were within 2 % below its bound.
+        """
+        ordered = sorted(self.buckets.items())
+        counts: list[tuple[float, int]] = []
+        seen = 0
+        index = 0
+        for bound in bounds:
+            while index < len(ordered) and bucket_upper_bound(ordered[index][0]) <= bound * (1 + 1e-9):
+                seen += ordered[index][1]
+                index += 1
+            counts.append((bound, seen))
+        counts.append((math.inf, seen + sum(count for _, count in ordered[index:])))
+        return counts

@@ -8,7 +8,6 @@ its endpoint names another interface (:func:`loopback_unless_named`).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +18,10 @@ from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readA
 from twisted.conch.manhole_tap import chainedProtocolFactory
 from twisted.conch.ssh import keys, transport
 from twisted.cred import portal
-from twisted.internet.endpoints import _parse
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from dtucenter import setting
 
 log = Logger()
 
@@ -30,38 +30,15 @@ class ManholeError(Exception):
     """The manhole cannot start; the message is for the operator."""
 
 
-#: The loopback interface of each endpoint type that listens on every interface unless told otherwise,
-#: as an endpoint string writes it (colons escaped).
-LOOPBACK = {"tcp": "127.0.0.1", "tcp6": r"\:\:1"}
-
-
 def loopback_unless_named(endpoint: str) -> str:
-    """The manhole's endpoint: ``tcp:2222`` and ``tcp6:2222`` are bound to loopback.
+    """The manhole's endpoint, on loopback unless it names an interface (``setting.loopback_unless_named``).
 
-    A Python prompt inside the center is everything the center can do: Twisted would
-    bind those to every interface, so an endpoint that names no interface gets the
-    loopback one. One that names an interface is kept as given, with a warning if that
-    interface is not loopback. Other endpoint types (``unix:``, say) are kept as given.
+    A Python prompt inside the center is everything the center can do.
     """
-    # Twisted's own tokenizer, so that escaped colons (tcp6 addresses) are read as Twisted reads them.
-    args, kwargs = _parse(endpoint)
-    loopback = LOOPBACK.get(str(args[0]).lower()) if args else None
-    if loopback is None:
-        return endpoint
-    interface = kwargs.get("interface")
-    if interface is None:
-        return f"{endpoint.rstrip(':')}:interface={loopback}"
-    try:
-        is_loopback = ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        is_loopback = interface == "localhost"
-    if not is_loopback:
-        log.warn(
-            "The manhole listens on {interface} ({endpoint}), not only on loopback: anyone who can reach it"
-            " may try to log in; prefer an SSH tunnel to a loopback manhole",
-            interface=interface, endpoint=endpoint,
-        )
-    return endpoint
+    return setting.loopback_unless_named(
+        endpoint, log, "The manhole",
+        "anyone who can reach it may try to log in; prefer an SSH tunnel to a loopback manhole",
+    )
 
 
 @implementer(IAuthorizedKeysDB)

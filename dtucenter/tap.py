@@ -14,6 +14,7 @@ from typing import IO, Any, ClassVar
 
 import attrs
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -22,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from dtucenter.adoption import Adopter
 from dtucenter.cluster import ClusterNode, generated_node_id, join
 from dtucenter.config import (
     Settings,
@@ -31,6 +33,7 @@ from dtucenter.config import (
     read_link_definition,
     read_meter_definition,
 )
+from dtucenter.discovery import PendingBook, PendingLimits, PendingService
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
@@ -42,20 +45,24 @@ from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordin
 from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.reload import Reloader
-from dtucenter.setting import listening_endpoint
+from dtucenter.setting import listening_endpoint, loopback_unless_named
+from dtucenter.store import accounts, nodes, queries
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
-from dtucenter.store import nodes
 from dtucenter.store import templates as device_templates
 from dtucenter.store.db import DatabaseURLError, open_engine
 from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
+from dtucenter.store.pending import PendingDeviceStore
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.store.schema import SchemaError
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
+from dtucenter.web.metrics import MetricsApi, MetricsSources, metrics_registry, metrics_site
 from dtucenter.web.peers import Peers
+from dtucenter.web.pending import PendingApi
+from dtucenter.web.router import Router
 from dtucenter.web.site import build_site
 from dtucenter.web.templates import TemplateApi
 
@@ -219,6 +226,7 @@ def build_service(
         engine = open_engine(settings.db, upgrade=not settings.no_upgrade)
     except (DatabaseURLError, SchemaError) as e:
         raise UsageError(f"{settings.where('db')}: {e}") from None
+    report_missing_adoption_accounts(engine, settings)
     top = CenterService(reactor)
     node = settings.node_id or generated_node_id()
     membership = ClusterMembership(settings, engine, node, reactor)
@@ -228,6 +236,10 @@ def build_service(
     store.setName("store")
     store.setServiceParent(top)
     dtu_store = DtuStore(store, node)
+    book = PendingBook(
+        reactor, PendingLimits(settings.pending_per_host, settings.pending_total, settings.pending_expire),
+        PendingDeviceStore(store),
+    )
     center = DTUCenter(
         dtu_store,
         reactor,
@@ -235,6 +247,7 @@ def build_service(
             dialect=settings.dialect, last_seen_interval=settings.last_seen_interval, **live_center_settings(settings)
         ),
         events=top.events,
+        book=book,
     )
     center.setName("center")
     center.setServiceParent(top)
@@ -255,13 +268,21 @@ def build_service(
         udp_service = UDPListenerService(reactor, interface, port, udp_protocol)
         udp_service.setName("dtu-udp")
         udp_service.setServiceParent(top)
+    pending = PendingService(book)
+    pending.setName("pending")
+    pending.setServiceParent(top)
     templates = TemplateCatalog()
     shared = engine.dialect.name != "sqlite"
-    bridge, starting = add_modbus(top, settings, recorder, templates, reactor, claimed_links=shared)
+    bridge, starting = add_modbus(top, settings, recorder, templates, reactor, book, claimed_links=shared)
     cluster = ClusterNode(node, store, reactor, settings.node_lease, center, bridge, shared=shared,
                           url=settings.node_url)
     cluster.setName("cluster")
     cluster.setServiceParent(top)
+    adopter = Adopter(
+        store, bridge, book, center.now, read_link_definition, read_meter_definition, recorder.synced, templates,
+        enrol_dtu=queries.enrol_adopted_dtu, release_dtu=center.release_held,
+    )
+    bridge.unknown.adopter = adopter
     reloader = top.reloader = Reloader(settings, reread or (lambda: settings), recorder, bridge, reactor)
     reloader.hold_until(starting)
     reloader.on_reload(partial(apply_center_settings, center))
@@ -270,8 +291,13 @@ def build_service(
         reloader.on_reload(lambda new: setattr(udp_protocol, "max_pending", new.dtu_udp_pending))
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
+    api = None
     if settings.api != "off":
-        add_api(top, settings, center, control, store, recorder, bridge, templates, reactor, cluster)
+        api = add_api(top, settings, center, control, store, recorder, bridge, templates, reactor, cluster)
+        PendingApi(book, adopter).install(api)
+    add_metrics(top, settings, MetricsSources(
+        center, store, bridge, api, pending_devices=book.count, per_link=settings.metrics_per_link
+    ), reactor)
     return top
 
 
@@ -311,11 +337,29 @@ class ClusterMembership(Service):
             self._held.close()
 
 
+def report_missing_adoption_accounts(engine: Engine, settings: Settings) -> None:
+    """An account that ``adopt:`` or a rule names but the database lacks: said at start, in one line
+    each, as adoptions into it fail until it is made (through the API or ``dtucenter account add``)."""
+    modbus = settings.modbus
+    named = {(rule.account, f"rule {rule.match.written}") for rule in modbus.rules if rule.account is not None}
+    adoption = modbus.unknown_registration.adoption
+    if adoption is not None and adoption.account is not None:
+        named.add((adoption.account, f"{settings.where('modbus.unknown_registration')}"))
+    with Session(engine) as session:
+        for account, where in sorted(named):
+            try:
+                accounts.account_id(session, account)
+            except accounts.AccountError:
+                log.warn("{where}: no account {account!r} yet: adoptions into it fail until it is made",
+                         where=where, account=account)
+
+
 def live_center_settings(settings: Settings) -> dict[str, Any]:
     """The DTU side's settings that a reload changes (``Reload.LIVE``), as ``CenterSettings`` takes them:
     read by each new connection and each decision, so they apply to what comes next."""
     return {
         "enroll_unknown": settings.unknown_dtu == "accept",
+        "hold_unknown": settings.unknown_dtu == "pending",
         "login_timeout": settings.login_timeout,
         "command_timeout": settings.command_timeout,
     }
@@ -327,6 +371,7 @@ def apply_center_settings(center: DTUCenter, settings: Settings) -> None:
 
 def add_modbus(
     top: CenterService, settings: Settings, recorder: MeterRecorder, templates: TemplateCatalog, reactor: Any,
+    book: PendingBook | None = None,
     claimed_links: bool = False,
 ) -> tuple[ModbusBridge, Deferred[None]]:
     """The Modbus bridge: the file's links and meters at once, the database's (those the API
@@ -334,7 +379,9 @@ def add_modbus(
     imported into it. Returns the bridge, and a Deferred that
     fires (with None, even after a failure: logged here) once the database's have started."""
     modbus = settings.modbus
-    bridge = ModbusBridge(modbus, reactor, recorder, events=top.events, claimed_links=claimed_links)
+    bridge = ModbusBridge(
+        modbus, reactor, recorder, events=top.events, book=book, claimed_links=claimed_links
+    )
     bridge.setName("modbus")
     bridge.setServiceParent(top)
     if modbus.listen is not None:
@@ -396,7 +443,8 @@ def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
     recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, reactor: Any,
     cluster: ClusterNode,
-) -> None:
+) -> Router:
+    """The API's listener; returns its router, where other parts add their endpoints."""
     try:
         token = resolve_token(settings.api_token, settings.db)
     except TokenFileError as e:
@@ -414,6 +462,8 @@ def add_api(
     if cluster.url is None:
         listening = listener.when_listening().addCallback(lambda port: setattr(cluster, "url", api_url(port)))
         listening.addErrback(lambda _: None)  # a port that will not bind stops the start: require_listening says why
+    router: Router = site.resource
+    return router
 
 
 def api_url(port: IListeningPort) -> str:
@@ -426,6 +476,22 @@ def api_url(port: IListeningPort) -> str:
     elif ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{getattr(address, 'port', 0)}"
+
+
+def add_metrics(top: CenterService, settings: Settings, sources: MetricsSources, reactor: Any) -> None:
+    """/metrics on the API (with its token), and on a listener of its own without one if ``--metrics`` asks."""
+    registry = metrics_registry(sources)
+    if sources.api is not None:
+        MetricsApi(registry).install(sources.api)
+    if settings.metrics is None:
+        return
+    endpoint = loopback_unless_named(
+        settings.metrics, log, "The metrics listener",
+        "anyone who can reach it reads the center's metrics without a token; prefer /metrics on the API",
+    )
+    listener = ListeningService(listening_endpoint(reactor, endpoint), metrics_site(registry), "metrics")
+    listener.setServiceParent(top)
+    top.require_listening(settings.where("metrics"), listener.when_listening)
 
 
 def add_manhole(

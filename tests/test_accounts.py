@@ -206,6 +206,7 @@ TEMPLATE: dict[str, Any] = {
 
 ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("GET", "/api/status"): (None, "200"),
+    ("GET", "/metrics"): (None, "403"),
     ("GET", "/api/accounts"): (None, "200"),
     ("POST", "/api/accounts"): ({"name": "another"}, "403"),
     ("GET", "/api/accounts/{name}"): (None, "404"),
@@ -246,6 +247,11 @@ ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("DELETE", "/api/meters/{name}"): (None, "404"),
     ("POST", "/api/links/{name}/raw"): ({"hex": "010300000001840a"}, "403"),
     ("GET", "/api/links/{name}/raw"): (None, "403"),
+    # Pending devices are nobody's until adopted: an account finds one by its exact registration
+    # only (no listing), adopts it into itself, and cannot drop one (tests/modbus/test_e2e_discovery.py).
+    ("GET", "/api/pending"): (None, "200"),
+    ("POST", "/api/pending/{id}/adopt"): ({"template": "eastron-sdm120"}, "404"),
+    ("DELETE", "/api/pending/{id}"): (None, "403"),
     # The shipped templates are the same for every account (tests/test_templates_api.py); acme's own are acme's.
     ("GET", "/api/templates"): (None, "200"),
     ("GET", "/api/templates/{name}"): (None, "404"),
@@ -260,6 +266,7 @@ def fill(pattern: str, known: bool) -> str:
     """The path of ``pattern`` about the first account's things, or about things nobody has."""
     ids = {
         "psn": str(PSN if known else NO_PSN), "token_name": "ops" if known else "nobodys",
+        "id": "guessed-pending-id" if known else "another-guessed-id",
         "name": ("acme" if known else "nobody") if pattern.startswith("/api/accounts") else
                 (TEMPLATE["name"] if known else "nobodys-model") if pattern.startswith("/api/templates") else
                 (METER if known else NO_METER) if pattern.startswith("/api/meters") else

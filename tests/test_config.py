@@ -31,7 +31,7 @@ def test_defaults() -> None:
     settings = read_settings({})
     assert settings == Settings()
     assert settings.dtu == "tcp:20000" and settings.dtu_udp is None
-    assert settings.db == "sqlite:///dtucenter.db" and settings.unknown_dtu == "reject"
+    assert settings.db == "sqlite:///dtucenter.db" and settings.unknown_dtu == "pending"
     assert settings.login_timeout == 30 and settings.frame_head == b"\xaa\x55"
     assert settings.no_upgrade is False and settings.source == "defaults"
 
@@ -51,17 +51,23 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "dtu": "tcp:1", "dtu_udp": "2", "db": "sqlite:///a.db", "unknown_dtu": "reject", "login_timeout": 3,
         "frame_head": "AA55", "max_frame_length": 100, "manhole": "tcp:4", "manhole_keys": "k1",
         "manhole_host_key": "h1", "command_timeout": 5, "api": "tcp:6", "api_token": "file-token",
-        "no_upgrade": False, "modbus": {"listen": "tcp:7", "server": "tcp:9", "server_allow": ["10.0.0.0/8"]},
-        "log_rotate_size": 8000, "log_keep": 8,
-        "dtu_udp_pending": 8, "node_id": "a-1", "node_lease": 20, "node_url": "http://a:1",
+        "node_id": "a-1", "node_lease": 20, "node_url": "http://a:1",
+        "no_upgrade": False, "log_rotate_size": 8000, "log_keep": 8,
+        "dtu_udp_pending": 8, "pending_per_host": 9, "pending_total": 9, "pending_expire": 9,
+        "modbus": {"listen": "tcp:7", "server": "tcp:9", "server_allow": ["10.0.0.0/8"],
+                   "unknown_registration": "reject"},
+        "metrics": "tcp:5", "metrics_per_link": False,
     }
     options = {
         "dtu": "tcp:11", "dtu-udp": "12", "db": "sqlite:///b.db", "unknown-dtu": "accept", "login-timeout": "13",
         "frame-head": "7E7E", "max-frame-length": "0x400", "manhole": "tcp:14", "manhole-keys": "k2",
         "manhole-host-key": "h2", "command-timeout": "15", "api": "off", "api-token": "option-token",
         "no-upgrade": True, "modbus": "tcp:17", "log-rotate-size": "18000", "log-keep": "18",
-        "dtu-udp-pending": "18", "modbus-server": "tcp:19", "modbus-server-allow": "192.168.1.0/24, 10.1.2.3",
         "node-id": "b-2", "node-lease": "30", "node-url": "https://b:2/",
+        "dtu-udp-pending": "18", "pending-per-host": "19", "pending-total": "19", "pending-expire": "19",
+        "unknown-registration": "adopt:acme:eastron-sdm120",
+        "modbus-server": "tcp:19", "modbus-server-allow": "192.168.1.0/24, 10.1.2.3",
+        "metrics": "tcp:15", "metrics-per-link": True,
     }
     assert {option.name for option in command_line_options()} == set(options), "every option is covered here"
     from_file = read_settings(file, source="center.toml")
@@ -75,11 +81,17 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
     assert (both.command_timeout, both.api, both.api_token, both.no_upgrade, both.modbus.listen) == (
         15, "off", "option-token", True, "tcp:17")
     assert (from_file.log_rotate_size, from_file.log_keep, both.log_rotate_size, both.log_keep) == (8000, 8, 18000, 18)
+    assert (from_file.pending_per_host, from_file.pending_total, from_file.pending_expire) == (9, 9, 9)
+    assert (both.pending_per_host, both.pending_total, both.pending_expire) == (19, 19, 19)
+    assert str(from_file.modbus.unknown_registration) == "reject"
+    assert str(both.modbus.unknown_registration) == "adopt:acme:eastron-sdm120"
     assert (from_file.dtu_udp_pending, both.dtu_udp_pending) == (8, 18)
     assert (from_file.modbus.server, from_file.modbus.server_allow) == ("tcp:9", ("10.0.0.0/8",))
     assert (both.modbus.server, both.modbus.server_allow) == ("tcp:19", ("192.168.1.0/24", "10.1.2.3/32"))
     assert (from_file.node_id, from_file.node_lease, from_file.node_url) == ("a-1", 20, "http://a:1")
     assert (both.node_id, both.node_lease, both.node_url) == ("b-2", 30, "https://b:2")
+    assert (from_file.metrics, from_file.metrics_per_link, both.metrics, both.metrics_per_link) == (
+        "tcp:5", False, "tcp:15", True)
 
 
 def test_no_upgrade_from_the_file_or_the_flag(tmp_path: Path) -> None:
@@ -145,7 +157,7 @@ def test_where_a_value_came_from(tmp_path: Path) -> None:
     [
         ("login_timeout = 'soon'", "login_timeout: must be a number, got 'soon'"),
         ("login_timeout = 0", "login_timeout: must be between 1 and 3600, got 0"),
-        ("unknown_dtu = 'maybe'", "unknown_dtu: must be one of reject, accept, got 'maybe'"),
+        ("unknown_dtu = 'maybe'", "unknown_dtu: must be one of reject, pending, accept, got 'maybe'"),
         ("frame_head = 'XYZ'", "frame_head: frame head must be hex digits"),
         ("frame_head = 3", "frame_head: must be a non-empty string, got 3"),
         ("dtu_udp = 'abc'", "dtu_udp: expected PORT or INTERFACE:PORT"),
@@ -158,6 +170,12 @@ def test_where_a_value_came_from(tmp_path: Path) -> None:
         ("api_token = 'a b'", "api_token: expected a non-empty token"),
         ("no_upgrade = 'yes'", "no_upgrade: must be true or false, got 'yes'"),
         ("colour = 'blue'", "colour: unknown key (a typo?)"),
+        ("[modbus]\nunknown_registration = 'adopt:acme:nope'",
+         ("modbus: unknown_registration: no template named 'nope' (templates: eastron-sdm120, eastron-sdm630,"
+          " generic-energy-meter)")),
+        ("[modbus]\nunknown_registration = 'maybe'",
+         "modbus: unknown_registration: must be reject, pending or adopt:ACCOUNT[:TEMPLATE], got 'maybe'"),
+        ("pending_per_host = 0", "pending_per_host: must be between 1 and 1000000, got 0"),
         ("login-timeout = 5\nlogin_timeout = 6", "login_timeout: given twice, as login-timeout and login_timeout"),
         ("dtu = ", "not valid TOML"),
     ],
@@ -188,7 +206,14 @@ def test_file_values_that_worked_before_still_work(tmp_path: Path) -> None:
         ({"max-frame-length": "big"}, "--max-frame-length: must be a whole number, got 'big'"),
         ({"dtu": "nonsense:1"}, "--dtu: not a usable server endpoint 'nonsense:1'"),
         ({"modbus": "tcp:port"}, "--modbus: not a usable server endpoint 'tcp:port'"),
-        ({"unknown-dtu": "maybe"}, "--unknown-dtu: must be one of reject, accept, got 'maybe'"),
+        ({"unknown-dtu": "maybe"}, "--unknown-dtu: must be one of reject, pending, accept, got 'maybe'"),
+        ({"unknown-registration": "adopt::eastron-sdm120"},
+         "--unknown-registration: adopt: names no account, in 'adopt::eastron-sdm120'"),
+        ({"unknown-registration": "adopt:acme:Bad Name"},
+         "--unknown-registration: must be lower-case letters, digits and dashes (at most 100), got 'Bad Name'"),
+        ({"unknown-registration": "adopt:acme:nope"},
+         ("--unknown-registration: no template named 'nope'"
+          " (templates: eastron-sdm120, eastron-sdm630, generic-energy-meter)")),
     ],
 )
 def test_bad_command_line_value_names_the_option(options: dict[str, str], message: str) -> None:

@@ -63,9 +63,9 @@ async def test_login_upload_ack_and_stored(tmp_path: Path, db_url: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_password_rules(tmp_path: Path, db_url: str) -> None:
-    center = await start_center(tmp_path, db_url=db_url)
+    center = await start_center(tmp_path, "--unknown-dtu", "reject", db_url=db_url)
     try:
-        # Unknown PSN under the default policy: refused, then closed.
+        # Unknown PSN under reject: refused, then closed (the default holds it: test_e2e_pending_dtu.py).
         stranger = await connect_dtu(center)
         assert not (await stranger.login(555, 1)).accepted
         await stranger.closed()

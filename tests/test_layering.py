@@ -44,7 +44,7 @@ FORBIDDEN = [
 #: Helpers every layer may use; they use none.
 LEAVES = (
     "dtucenter.isotime", "dtucenter.addresses", "dtucenter.throttle", "dtucenter.latency", "dtucenter.junk",
-    "dtucenter.setting", "dtucenter.transports", "dtucenter.events",
+    "dtucenter.setting", "dtucenter.transports", "dtucenter.events", "dtucenter.discovery",
 )
 
 #: Sans-IO: the DTU wire format is shared with the simulator and tools.

@@ -25,6 +25,14 @@ from tests.support import SILENCE_LIMIT, STEP_TIMEOUT, end_process_group, start_
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
 
+def _text_unless_rotated_away(path: Path) -> str:
+    """A log file's text; "" when a rotation renamed or deleted it since it was listed."""
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 class Center:
     """A ``twistd -n dtucenter`` child logging to ``log`` (twistd's ``--logfile``)."""
 
@@ -36,7 +44,7 @@ class Center:
     def text(self, rotated_too: bool = False) -> str:
         """The current log file, or every log file, oldest first."""
         files = sorted(self.log.parent.glob(self.log.name + ".*"), reverse=True) if rotated_too else []
-        return "".join(path.read_text(errors="replace") for path in [*files, self.log] if path.exists())
+        return "".join(map(_text_unless_rotated_away, [*files, self.log]))
 
     def wait_for_log(self, pattern: str, rotated_too: bool = False) -> re.Match[str]:
         """Waits for ``pattern`` in the log; fails at once if the process ends instead."""

@@ -43,6 +43,8 @@ def settings(text: str, *options: tuple[str, str]) -> Settings:
 LIVE = {
     "dtu_udp_pending", "unknown_dtu", "login_timeout", "command_timeout", "log_rotate_size", "log_keep",
     "modbus.login_timeout", "modbus.probe", "modbus.probe_after", "modbus.rules",
+    "modbus.unknown_registration", "modbus.registration_window", "modbus.held_connections",
+    "modbus.held_connections_per_host",
 }
 
 

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from dtucenter.discovery import PendingBook, PendingLimits
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import CenterSettings, DTUCenter
 from dtucenter.dtu.session import INBOX_LIMIT, DTUFactory, DTUProtocol
@@ -535,3 +536,38 @@ def test_refused_logins_cost_a_line_per_interval_not_a_line_each(h: Harness, cen
     )
     h.clock.advance(600)
     assert h.clock.getDelayedCalls() == []
+
+
+def test_an_unknown_psn_is_held_unanswered_then_answered_once_adopted_or_refused_once_dropped(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, hold_unknown=True)
+    book = PendingBook(h.clock, PendingLimits())
+    h.center = DTUCenter(DtuStore(h.store), h.clock, h.center.settings, book=book)  # type: ignore[arg-type]
+    h.factory = DTUFactory(h.center, h.clock)
+    protocol, transport = h.connect()
+    h.feed(protocol, wire.Login(42, 1234, "HS121", 1, "CCID"))
+    (device,) = book.devices()
+    assert (device.kind, device.registration) == ("dtu", b"42")
+    assert transport.value() == b"" and not transport.disconnecting
+    h.clock.advance(3600)  # the login deadline waits on the decision, as for a slow store
+    assert transport.value() == b"" and not transport.disconnecting
+
+    # Adopted: a record appears (PASS 0), and the held login is answered on this connection.
+    h.store.add_dtu(42, password=0)
+    h.center.release_held(42)
+    book.forget(device.id)
+    (ack,) = h.replies(transport)
+    assert ack.accepted and h.center.sessions[42] is protocol.session  # type: ignore[attr-defined]
+    h.feed(protocol, wire.SendTest(net_state=1, test_code=5, values=(9,)))
+    assert h.replies(transport)[0].test_code == 5
+    h.lose(protocol)
+
+    # Dropped: refused and closed.
+    other, other_transport = h.connect()
+    h.feed(other, wire.Login(43, 1, "HS121", 1, "CCID"))
+    (pending,) = book.devices()
+    book.forget(pending.id)
+    assert other_transport.value() == REFUSED_FRAME and other_transport.disconnecting
+    h.lose(other)
+    h.store.engine.dispose()

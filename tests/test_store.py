@@ -67,9 +67,12 @@ async def test_locked_database_delays_but_never_loses_or_fakes_a_commit(tmp_path
         stored = store.add_samples(rows(1, 3))
         await until(lambda: store.stats.failures >= 1)
         assert not stored.called and not store.healthy
+        assert store.stats.retries == 0 and store.commit_durations.count == 0  # nothing committed, nothing re-sent
         blocker.execute("COMMIT")
         await stored
         assert store.healthy and count(store) == 3
+        # Sent again once a probe answered; the commit that took it is timed, the failed attempts are not.
+        assert store.stats.retries >= 1 and store.commit_durations.count == store.stats.commits
     finally:
         blocker.close()
         await store.stopService()

@@ -23,11 +23,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dtucenter.discovery import DTU, PendingBook, PendingDevice
 from dtucenter.dtu import wire
 from dtucenter.dtu.ports import DtuRecords, LoginOutcome, SampleRow
 from dtucenter.events import DtuOffline, DtuOnline, EventHub, UploadStored
 from dtucenter.isotime import utc_from_millisecond, utc_from_seconds, utc_now
 from dtucenter.junk import DEFAULT_JUNK_LIMIT, DEFAULT_JUNK_WINDOW, DEFAULT_REPORT_INTERVAL, ProblemSummary
+from dtucenter.latency import Histogram
 from dtucenter.throttle import LoginThrottle
 
 if TYPE_CHECKING:
@@ -39,6 +41,11 @@ log = Logger()
 @attrs.frozen
 class CenterSettings:
     enroll_unknown: bool = False
+    #: An unknown PSN's login is held unanswered as a pending device (the ``pending`` policy)
+    #: until it is adopted (answered then, on the same connection) or dropped (refused).
+    hold_unknown: bool = False
+    #: Most unanswered logins held at once.
+    max_held_logins: int = 1000
     login_timeout: float = 30.0
     dialect: wire.Dialect = wire.DEFAULT_DIALECT
     garbage_limit: int = wire.DEFAULT_GARBAGE_LIMIT
@@ -160,6 +167,9 @@ REFUSED = wire.LoginAck(
     new_ver=0, new_port=0, new_ip="0.0.0.0",
 )
 THROTTLED = LoginDecision(False, "too many failed logins; try later", REFUSED)
+#: The store's reason for a PSN it has no record of (dtu/ports.py LoginOutcome).
+UNKNOWN_PSN = "unknown PSN"
+REFUSED_DECISION = LoginDecision(False, UNKNOWN_PSN, REFUSED)
 
 
 def _throttle_key(session: DTUSession, login: wire.Login) -> str:
@@ -195,10 +205,16 @@ class DTUCenter(Service):
     def __init__(
         self, records: DtuRecords, clock: IReactorTime, settings: CenterSettings = CenterSettings(),
         events: EventHub | None = None,
+        book: PendingBook | None = None,
     ) -> None:
         self.records = records
         #: Where logins, disconnections and stored uploads are told as they happen.
         self.events = events if events is not None else EventHub()
+        self.book = book
+        #: PSN -> a pending DTU's unanswered login: its session, the Login, the decision to fire.
+        self._held: dict[int, tuple[DTUSession, wire.Login, Deferred[LoginDecision]]] = {}
+        if book is not None:
+            book.when_forgotten(self._forgotten)
         #: Taken once: the upload path is hot.
         self._add_samples = records.add_samples
         self.clock = clock
@@ -210,6 +226,8 @@ class DTUCenter(Service):
         #: a fleet with a wrong PASS, or forged UDP logins with a new PSN each, must not write a line each.
         self._refusals = ProblemSummary(clock, interval=settings.problem_report_interval)
         self.stats: Counter[str] = Counter()
+        #: Seconds from an upload's handling to its acknowledgement, for uploads that waited for the store.
+        self.ack_latency = Histogram()
         #: Connections closed for junk before they logged in: summarised here, not one line each,
         #: since a junk source may open thousands of them.
         self.junk_closures = ProblemSummary(clock, interval=settings.problem_report_interval)
@@ -285,6 +303,8 @@ class DTUCenter(Service):
         self, outcome: Awaitable[LoginOutcome], session: DTUSession, login: wire.Login
     ) -> LoginDecision:
         decision = LoginDecision.of(await outcome)
+        if not decision.accepted and decision.reason == UNKNOWN_PSN and self._can_hold(session, login):
+            return await self._hold(session, login)
         if not decision.accepted:
             self.stats["logins_refused"] += 1
             blocked_for = self.login_throttle.failed(_throttle_key(session, login))
@@ -329,6 +349,51 @@ class DTUCenter(Service):
         if self.events.listening:
             self.events.publish(DtuOnline(login.psn, session.peer, self.now()))
         return decision
+
+    # -- pending DTUs: unknown PSNs held for adoption ---------------------------------------
+
+    def _can_hold(self, session: DTUSession, login: wire.Login) -> bool:
+        # A UDP source address can be forged: a pending UDP DTU is recorded elsewhere, never held.
+        return self.settings.hold_unknown and self.book is not None and not session.spoofable and not session.closed
+
+    async def _hold(self, session: DTUSession, login: wire.Login) -> LoginDecision:
+        """Record the DTU as pending and leave its login unanswered until it is adopted or dropped."""
+        assert self.book is not None  # what _can_hold checked
+        host = session.peer.rpartition(":")[0]
+        device = self.book.sighted(
+            DTU, str(login.psn).encode(), host=host, peer=session.peer, listener="dtu", first_bytes=b"",
+        )
+        older = self._held.pop(login.psn, None)
+        if older is not None:
+            older[2].callback(REFUSED_DECISION)  # a redial replaces the older connection
+        if len(self._held) >= self.settings.max_held_logins:
+            self._held = {psn: held for psn, held in self._held.items() if not held[0].closed}
+        if device is None or len(self._held) >= self.settings.max_held_logins:
+            self.stats["logins_refused"] += 1
+            return REFUSED_DECISION
+        self.stats["logins_held"] += 1
+        decided: Deferred[LoginDecision] = Deferred()
+        self._held[login.psn] = (session, login, decided)
+        return await decided
+
+    def release_held(self, psn: int) -> None:
+        """An adopted DTU's held login is decided again (now it has a record) and answered."""
+        held = self._held.pop(psn, None)
+        if held is None:
+            return
+        session, login, decided = held
+        outcome = self.records.authenticate(
+            login.psn, login.password, login.pname, login.cur_ver, login.ccid,
+            remote=session.peer, now=self.now(), enroll_unknown=False,
+        )
+        Deferred.fromCoroutine(self._decided(outcome, session, login)).chainDeferred(decided)
+
+    def _forgotten(self, device: PendingDevice) -> None:
+        """A pending DTU dropped or expired: its held login is refused."""
+        if device.kind == DTU:
+            held = self._held.pop(int(device.registration), None)
+            if held is not None:
+                held[2].callback(REFUSED_DECISION)
 
     def session_lost(self, session: DTUSession) -> None:
         psn = session.psn

@@ -407,6 +407,8 @@ class DTUSession:
             d.addCallbacks(self._acknowledge, self._not_stored, errbackArgs=(upload,))
 
     def _stored(self, test_code: int) -> None:
+        # From the upload's handling (no other frame is handled while it waits) to its ack.
+        self.center.ack_latency.record(self.clock.seconds() - self.last_seen_at)
         try:
             self._acknowledge(test_code)
         except Exception:
@@ -506,6 +508,7 @@ class DTUProtocol(protocol.Protocol):
         self._clock = clock
 
     def connectionMade(self) -> None:
+        self._center.stats["connections"] += 1
         peer = describe_peer(self.transport.getPeer())  # type: ignore[union-attr]
         self.session = DTUSession(self._center, self, peer, self._clock)
         self.session.start()
@@ -514,6 +517,7 @@ class DTUProtocol(protocol.Protocol):
         self.session.data_received(data)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._center.stats["connections_closed"] += 1
         self.session.connection_lost()
 
     # Link

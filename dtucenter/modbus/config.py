@@ -16,7 +16,7 @@ import attrs
 
 from dtucenter.modbus.filter import decode_packet_option, encode_packet_option
 from dtucenter.modbus.points import BlockLimits, Point
-from dtucenter.modbus.rules import RegistrationRule
+from dtucenter.modbus.rules import RegistrationRule, UnknownPolicy, unknown_policy
 from dtucenter.setting import (
     Reload,
     boolean,
@@ -213,6 +213,32 @@ class ModbusSettings:
             positive, "Seconds of silence after which a new connection gets the probe.", reload=Reload.LIVE
         ),
     )
+    unknown_registration: UnknownPolicy = attrs.field(
+        default=UnknownPolicy("pending"),
+        metadata=setting(
+            unknown_policy,
+            "What the shared listener does with a registration no link or rule takes: reject (close it),"
+            " pending (hold it for adoption) or adopt:ACCOUNT[:TEMPLATE] (make its link at once).",
+            option="unknown-registration", reload=Reload.LIVE,
+        ),
+    )
+    registration_window: float = attrs.field(
+        default=0.5,
+        metadata=setting(
+            positive, "Seconds from an unknown DTU's first byte within which what it sends is its registration.",
+            reload=Reload.LIVE,
+        ),
+    )
+    held_connections: int = attrs.field(
+        default=1000,
+        metadata=setting(integer(0, 1_000_000), "Most connections of pending devices held open.", reload=Reload.LIVE),
+    )
+    held_connections_per_host: int = attrs.field(
+        default=100,
+        metadata=setting(
+            integer(0, 1_000_000), "Most connections of pending devices held open from one host.", reload=Reload.LIVE
+        ),
+    )
     #: The Modbus TCP server SCADA masters read meters through (dtucenter/modbus/scada.py).
     server: str | None = attrs.field(
         default=None,
@@ -237,8 +263,8 @@ class ModbusSettings:
     )
     links: tuple[LinkSettings, ...] = attrs.field(default=(), metadata=composed(Reload.DEVICES))
     meters: tuple[MeterSettings, ...] = attrs.field(default=(), metadata=composed(Reload.DEVICES))
-    #: ``[[rule]]``s for unknown registrations on the shared listener: read and checked, not yet applied.
-    #: Live: whatever applies them reads the bridge's ``settings`` at each first contact.
+    #: ``[[rule]]``s for unknown registrations on the shared listener: a match is adopted on first contact.
+    #: Live: the bridge hands a reload's rules to what applies them (``ModbusBridge.apply_settings``).
     rules: tuple[RegistrationRule, ...] = attrs.field(default=(), metadata=composed(Reload.LIVE))
 
 

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dtucenter.addresses import describe_peer
+from dtucenter.discovery import FIRST_BYTES
 from dtucenter.events import EventHub, LinkDown, LinkUp
 from dtucenter.isotime import utc_now
 from dtucenter.modbus.config import LinkSettings, SerialSettings
@@ -31,11 +32,13 @@ from dtucenter.modbus.filter import (
     BoundaryNoise,
     LoginMatched,
     LoginPending,
+    LoginRejected,
     RegistrationReader,
 )
 from dtucenter.modbus.framing import framing_for
 from dtucenter.modbus.master import LINK_JUNK_LIMIT, LinkCounters, ModbusMaster
 from dtucenter.modbus.raw import Expect, RawAnswer
+from dtucenter.modbus.unknown import UnknownRegistrations
 from dtucenter.throttle import LoginThrottle
 from dtucenter.transports import close_transport, connected_transport
 
@@ -205,28 +208,43 @@ class LoginProtocol(Protocol):
 
     def __init__(
         self, links: Mapping[bytes, Link], clock: IReactorTime, login_timeout: float, throttle: LoginThrottle,
-        probe: Probe | None = None,
+        probe: Probe | None = None, unknown: UnknownRegistrations | None = None, window: float = 0.5,
     ) -> None:
         self._links = links
+        self._unknown = unknown if unknown is not None and unknown.considered else None
+        self._window = window
+        self._window_call: IDelayedCall | None = None
+        #: What the connection sent, bounded: an unknown registration is read from it.
+        self._received = b""
+        #: The reader found no known registration; the rest of the window is read before deciding.
+        self._unknown_read = False
+        #: Kept open as a pending (or being adopted) device, what it sends dropped.
+        self._held = False
+        self.dropped = 0
         self._clock = clock
         self._login_timeout = login_timeout
         self._throttle = throttle
         self._probe = probe
         self._probe_call: IDelayedCall | None = None
-        heartbeats = (link.settings.heartbeat for link in links.values() if link.settings.heartbeat is not None)
-        self._reader = RegistrationReader(links, heartbeats)
+        self._reader = self._new_reader()
         self._key_length = min(max(map(len, links), default=0), MAX_THROTTLE_KEY_BYTES)
         #: The start of what the connection sent, up to a registration's length.
         self._head = b""
         self._master: ModbusMaster | None = None
         self._deadline: IDelayedCall | None = None
-        self._host = "?"
-        self._peer = "?"
+        self.host = "?"
+        self.peer = "?"
+
+    def _new_reader(self) -> RegistrationReader:
+        """A reader of the registrations of the moment (the bridge adds and removes links live)."""
+        links = self._links
+        heartbeats = (link.settings.heartbeat for link in links.values() if link.settings.heartbeat is not None)
+        return RegistrationReader(links, heartbeats)
 
     def connectionMade(self) -> None:
         peer = connected_transport(self).getPeer()
-        self._host = getattr(peer, "host", str(peer))
-        self._peer = describe_peer(peer)
+        self.host = getattr(peer, "host", str(peer))
+        self.peer = describe_peer(peer)
         self._deadline = self._clock.callLater(self._login_timeout, self._login_timed_out)
         if self._probe is not None:
             self._probe_call = self._clock.callLater(self._probe.after, self._send_probe)
@@ -235,65 +253,128 @@ class LoginProtocol(Protocol):
         """Make a DTU that registers only in front of data (mode ``data``) send something."""
         self._probe_call = None
         assert self._probe is not None  # only scheduled with one
-        log.debug("Probing {peer}: no registration after {seconds:g} s", peer=self._peer, seconds=self._probe.after)
+        log.debug("Probing {peer}: no registration after {seconds:g} s", peer=self.peer, seconds=self._probe.after)
         connected_transport(self).write(self._probe.request)
 
     def dataReceived(self, data: bytes) -> None:
         if self._master is not None:
             self._master.dataReceived(data)
             return
+        if self._held:
+            self.dropped += len(data)  # a pending device's heartbeats and data: nobody to take them yet
+            return
         if self._deadline is None:
             return  # refused or already given up; the close is under way
         if len(self._head) < self._key_length:
             self._head += data[: self._key_length - len(self._head)]
+        if self._unknown is not None:
+            if not self._received and data:
+                self._window_call = self._clock.callLater(self._window, self._window_over)
+            self._received += data[: FIRST_BYTES - len(self._received)]
+            if self._unknown_read:
+                return
         result = self._reader.feed(data)
         if isinstance(result, LoginPending):
             return
+        if isinstance(result, LoginRejected) and self._unknown is not None:
+            self._unknown_read = True
+            if self._window_call is None:  # the window is over already
+                self._settle_unknown()
+            return
         self._cancel_timers()
         if isinstance(result, LoginMatched):
-            self._throttle.succeeded(self._throttle_key())
-            link = self._links[result.registration]
-            link.counters.bytes_in += len(result.registration) + sum(map(len, result.heartbeats))
-            link.counters.heartbeats += len(result.heartbeats)
-            self._master = link.build_master()
-            self._master.makeConnection(connected_transport(self))
-            if result.rest:
-                self._master.dataReceived(result.rest)
+            self._matched(result)
             return
         self._reject(f"unknown registration {result.received[:64]!r}")
 
+    def _matched(self, result: LoginMatched) -> None:
+        self._throttle.succeeded(self._throttle_key())
+        link = self._links[result.registration]
+        link.counters.bytes_in += len(result.registration) + sum(map(len, result.heartbeats))
+        link.counters.heartbeats += len(result.heartbeats)
+        self._master = link.build_master()
+        self._master.makeConnection(connected_transport(self))
+        if result.rest:
+            self._master.dataReceived(result.rest)
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._cancel_timers()
+        if self._held and self._unknown is not None:
+            self._held = False
+            self._unknown.release(self)
         if self._master is not None:
             self._master.connectionLost(reason)
 
     def _login_timed_out(self) -> None:
         self._deadline = None
+        if self._unknown is not None and self._received:
+            # Still the start of a known registration, or read to the end of the window: decide now.
+            self._settle_unknown()
+            return
         self._reject(f"no registration within {self._login_timeout:g} s")
+
+    def _window_over(self) -> None:
+        self._window_call = None
+        if self._unknown_read:
+            self._settle_unknown()
+
+    def _settle_unknown(self) -> None:
+        """No link takes what the connection sent: a rule or the policy says whether it is held."""
+        assert self._unknown is not None  # only read to its end with one
+        self._cancel_timers()
+        self._deadline = None
+        again = self._new_reader().feed(self._received)
+        if isinstance(again, LoginMatched):  # its link was added while the window ran
+            self._matched(again)
+            return
+        if self._unknown.decide(self._received, self):
+            self._held = True
+            transport = connected_transport(self)
+            if ITCPTransport.providedBy(transport):
+                transport.setTcpKeepAlive(True)  # a held DTU gone silently (NAT timeout) is noticed
+            return
+        if self._unknown.policy.action == "pending":
+            # Refused by the pending devices' bounds: the book sums refusals up in the log.
+            close_transport(connected_transport(self))
+            return
+        self._reject(f"unknown registration {self._received[:64]!r}")
+
+    # -- Holdable -----------------------------------------------------------------
+
+    def hand_to(self, link: Link) -> None:
+        """Serve this held connection as ``link``'s, with no reconnect."""
+        self._held = False
+        link.counters.bytes_in += self.dropped
+        self._master = link.build_master()
+        self._master.makeConnection(connected_transport(self))
+
+    def close(self) -> None:
+        self._held = False
+        close_transport(connected_transport(self))
 
     def _throttle_key(self) -> str:
         """The host and the bytes where a registration belongs: a DTU sending an unknown
         registration (or none) is told apart from the good DTUs behind the same address."""
-        return f"{self._host}/{self._head.hex()}"
+        return f"{self.host}/{self._head.hex()}"
 
     def _reject(self, why: str) -> None:
         key = self._throttle_key()
         if self._throttle.blocked(key):
-            log.debug("Closed {peer}: {why}; too many failed logins", peer=self._peer, why=why)
+            log.debug("Closed {peer}: {why}; too many failed logins", peer=self.peer, why=why)
         else:
             refused_for = self._throttle.failed(key)
             if refused_for:
                 log.warn("Closed {peer}: {why}; not logging it again for {seconds:g} s",
-                         peer=self._peer, why=why, seconds=refused_for)
+                         peer=self.peer, why=why, seconds=refused_for)
             else:
-                log.warn("Closed {peer}: {why}", peer=self._peer, why=why)
+                log.warn("Closed {peer}: {why}", peer=self.peer, why=why)
         close_transport(connected_transport(self))
 
     def _cancel_timers(self) -> None:
-        for call in (self._deadline, self._probe_call):
+        for call in (self._deadline, self._probe_call, self._window_call):
             if call is not None and call.active():
                 call.cancel()
-        self._deadline = self._probe_call = None
+        self._deadline = self._probe_call = self._window_call = None
 
 
 class LoginFactory(Factory[LoginProtocol]):
@@ -302,15 +383,20 @@ class LoginFactory(Factory[LoginProtocol]):
     noisy = False  # links log what matters; "Starting factory" at every redial does not
 
     def __init__(self, links: Mapping[bytes, Link], clock: IReactorTime, login_timeout: float,
-                 throttle: LoginThrottle | None = None, probe: Probe | None = None) -> None:
+                 throttle: LoginThrottle | None = None, probe: Probe | None = None,
+                 unknown: UnknownRegistrations | None = None, window: float = 0.5) -> None:
         self.links = dict(links)
         self.clock = clock
         self.login_timeout = login_timeout
         self.throttle = throttle or LoginThrottle(clock)
         self.probe = probe
+        self.unknown = unknown
+        self.window = window
 
     def buildProtocol(self, addr: IAddress | None) -> LoginProtocol:
-        return LoginProtocol(self.links, self.clock, self.login_timeout, self.throttle, self.probe)
+        return LoginProtocol(
+            self.links, self.clock, self.login_timeout, self.throttle, self.probe, self.unknown, self.window
+        )
 
 
 class MasterFactory(Factory[ModbusMaster]):

@@ -15,7 +15,6 @@ poll's do, and it leaves the schedule, the backoff and the poll statistics alone
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
@@ -26,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from dtucenter.latency import BUCKET_RULE, bucket_of, percentile
+from dtucenter.latency import BUCKET_RULE, Histogram, percentile
 from dtucenter.modbus.config import MeterSettings
 from dtucenter.modbus.errors import (
     LinkDisconnected,
@@ -110,22 +109,22 @@ class PollStats:
     polls: int = 0
     failed: int = 0  # had an error (timeout, exception response, link offline...)
     timed_out: int = 0  # ended because a unit did not answer
-    durations: Counter[int] = attrs.Factory(Counter)  # a dtucenter.latency histogram
+    durations: Histogram = attrs.Factory(Histogram)
 
     def record(self, seconds: float, failed: bool, timed_out: bool) -> None:
         self.polls += 1
         self.failed += failed
         self.timed_out += timed_out
-        self.durations[bucket_of(seconds)] += 1
+        self.durations.record(seconds)
 
     def as_json(self) -> dict[str, object]:
         return {
             "polls": self.polls,
             "failed": self.failed,
             "timed_out": self.timed_out,
-            "duration_p50_s": percentile(self.durations, 0.5),
-            "duration_p99_s": percentile(self.durations, 0.99),
-            "duration_histogram": {str(bucket): count for bucket, count in sorted(self.durations.items())},
+            "duration_p50_s": percentile(self.durations.buckets, 0.5),
+            "duration_p99_s": percentile(self.durations.buckets, 0.99),
+            "duration_histogram": {str(bucket): count for bucket, count in sorted(self.durations.buckets.items())},
             "duration_buckets": BUCKET_RULE,
         }
 
@@ -175,6 +174,8 @@ class Poller(Service):
         self.stats = PollStats()
         #: Links whose meters are not polled here: another node of the cluster runs them.
         self.paused_links: set[str] = set()
+        #: The same, by the name of the link polled (a link's entry goes when the link does).
+        self.link_stats: dict[str, PollStats] = {}
 
     # -- service --------------------------------------------------------------
 
@@ -236,6 +237,13 @@ class Poller(Service):
 
     def meter_names(self) -> list[str]:
         return list(self._meters)
+
+    def meter_count(self) -> int:
+        return len(self._meters)
+
+    def failing_count(self) -> int:
+        """Meters whose latest poll had an error."""
+        return sum(meter.failing for meter in self._meters.values())
 
     def meter_settings(self) -> list[MeterSettings]:
         return [meter.settings for meter in self._meters.values()]
@@ -351,7 +359,12 @@ class Poller(Service):
             return  # shutting down: links dropping their connections is no news
         if self._meters.get(settings.name) is not meter:
             return  # removed while it was polled: no news of a meter that is gone
-        self.stats.record(self._clock.seconds() - started, bool(errors), timed_out)
+        seconds = self._clock.seconds() - started
+        self.stats.record(seconds, bool(errors), timed_out)
+        link_stats = self.link_stats.get(settings.link)
+        if link_stats is None:
+            link_stats = self.link_stats[settings.link] = PollStats()
+        link_stats.record(seconds, bool(errors), timed_out)
         self._remember(meter, blocks, values, started)
         self._backoff(meter, slot, answered, timed_out)
         self._report(meter, started, values, errors)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -91,11 +91,77 @@ class RegistrationRule:
     protocol: str = attrs.field(
         default="rtu", metadata=setting(choice("rtu", "tcp"), "The new link's framing: rtu, or tcp for MBAP.")
     )
+    account: str | None = attrs.field(
+        default=None, metadata=setting(text, "The account the new link and meter belong to (default the first admin).")
+    )
+
+    def adoption(self) -> Adoption:
+        return Adoption(self.account, self.template, self.unit, self.interval, self.protocol)
+
+
+@attrs.frozen
+class Adoption:
+    """What an unknown registration becomes on first contact: a link named after it, owned by
+    ``account`` (None: the first admin), with one meter from ``template`` (None: no meter)."""
+
+    account: str | None
+    template: str | None
+    unit: int = 1
+    interval: float = 10.0
+    protocol: str = "rtu"
+
+
+UNKNOWN_POLICIES = ("reject", "pending", "adopt")
+
+
+@attrs.frozen
+class UnknownPolicy:
+    """``reject``, ``pending`` or ``adopt:ACCOUNT[:TEMPLATE]``: what the shared listener does
+    with a registration no link and no rule takes."""
+
+    action: str
+    adoption: Adoption | None = None
+
+    def __str__(self) -> str:
+        if self.adoption is None:
+            return self.action
+        template = f":{self.adoption.template}" if self.adoption.template else ""
+        return f"adopt:{self.adoption.account}{template}"
+
+
+def unknown_policy(value: Any) -> UnknownPolicy:
+    if isinstance(value, UnknownPolicy):
+        return value
+    written = text(value)
+    action, _, rest = written.partition(":")
+    if action in ("reject", "pending") and not rest:
+        return UnknownPolicy(action)
+    if action != "adopt" or not rest:
+        raise ValueError(f"must be reject, pending or adopt:ACCOUNT[:TEMPLATE], got {written!r}")
+    account, _, template = rest.partition(":")
+    if not account:
+        raise ValueError(f"adopt: names no account, in {written!r}")
+    return UnknownPolicy("adopt", Adoption(account, template_name(template) if template else None))
 
 
 def first_matching_rule(rules: Iterable[RegistrationRule], registration: bytes) -> RegistrationRule | None:
     """The first rule, in file order, whose match takes ``registration``."""
     return next((rule for rule in rules if rule.match.matches(registration)), None)
+
+
+def rule_for_received(rules: Sequence[RegistrationRule], received: bytes) -> tuple[bytes, RegistrationRule] | None:
+    """The longest start of what an unknown connection sent that a rule takes, and that rule.
+
+    A DTU may send its heartbeat or data right behind its registration; the rule's match
+    says where the registration ends. Bounded: at most MAX_RULE_REGISTRATION starts are tried.
+    """
+    if not rules:
+        return None
+    for length in range(min(len(received), MAX_RULE_REGISTRATION), 0, -1):
+        rule = first_matching_rule(rules, received[:length])
+        if rule is not None:
+            return received[:length], rule
+    return None
 
 
 def registration_name(registration: bytes) -> str:

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dtucenter.discovery import PendingBook
 from dtucenter.events import EventHub, MeterFailed, MeterRead
 from dtucenter.isotime import utc_from_seconds
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings
@@ -27,8 +28,10 @@ from dtucenter.modbus.links import (
     link_factory,
     open_serial_port,
 )
+from dtucenter.modbus.master import LinkCounters
 from dtucenter.modbus.points import Value
 from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller, Reading
+from dtucenter.modbus.unknown import HeldLimits, UnknownRegistrations
 from dtucenter.setting import listening_endpoint
 
 SHARED_LISTENER = "modbus"
@@ -99,6 +102,11 @@ def _fire(d: defer.Deferred[IListeningPort], outcome: IListeningPort | Failure) 
         d.callback(outcome)
 
 
+def _add_counters(total: LinkCounters, more: LinkCounters) -> None:
+    for field, value in more.as_dict().items():
+        setattr(total, field, getattr(total, field) + value)
+
+
 class PublishingSink:
     """A :class:`MeterSink` that also tells each poll's outcome to the event hub's listeners."""
 
@@ -134,6 +142,7 @@ class ModbusBridge(MultiService):
         *,
         open_serial: PortOpener = open_serial_port,
         max_backoff: float = 300.0,
+        book: PendingBook | None = None,
         events: EventHub | None = None,
         claimed_links: bool = False,
     ) -> None:
@@ -147,16 +156,26 @@ class ModbusBridge(MultiService):
         self._reactor = reactor
         self._open_serial = open_serial
         self.links: dict[str, Link] = {}
+        #: The traffic of links removed or replaced since the start, so that totals over links never go down.
+        self.retired_counters = LinkCounters()
+        #: Links removed whose connection is still closing: what it fails still counts on them.
+        self._leaving: list[Link] = []
         self._endpoints: dict[str, PortRecordingEndpoint] = {}
         #: The service that owns each link's own listener, outgoing connection or serial port.
         self._link_services: dict[str, Service] = {}
         #: The shared listener's registration table: changed in place, so a new connection sees
         #: the links of the moment it registers.
         self._shared: dict[bytes, Link] = {}
+        #: The shared listener's unknown registrations: rules, the policy, the held connections.
+        self.unknown = UnknownRegistrations(
+            settings.unknown_registration, settings.rules, book,
+            HeldLimits(settings.held_connections, settings.held_connections_per_host), SHARED_LISTENER,
+        )
         self._login_factory: LoginFactory | None = None
         if settings.listen is not None:
             # Listening even with no shared link yet: one may be added while the center runs.
-            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=_probe(settings))
+            login_factory = LoginFactory(self._shared, reactor, self.login_timeout, probe=_probe(settings),
+                                         unknown=self.unknown, window=settings.registration_window)
             login_factory.links = self._shared  # the factory copies what it is given; share the table instead
             self._login_factory = login_factory
             self._listen(SHARED_LISTENER, listening_endpoint(reactor, settings.listen), login_factory)
@@ -175,14 +194,19 @@ class ModbusBridge(MultiService):
 
     def apply_settings(self, settings: ModbusSettings) -> None:
         """Take up the ``[modbus]`` settings a reload may change (``Reload.LIVE``): the registration
-        timeout and the probe for the shared listener's new connections and for links added
-        from now on, and ``settings`` itself (the registration rules) for what reads it.
+        timeout, the probe and the registration window for the shared listener's new connections
+        and for links added from now on, the unknown-registration policy, rules and held-connection
+        bounds for the next unknown DTU, and ``settings`` itself for what reads it.
         Its links and meters are not looked at: they change one by one (``add_link``...)."""
         self.settings = settings
         self.login_timeout = settings.login_timeout
+        self.unknown.policy = settings.unknown_registration
+        self.unknown.rules = settings.rules
+        self.unknown.limits = HeldLimits(settings.held_connections, settings.held_connections_per_host)
         if self._login_factory is not None:
             self._login_factory.login_timeout = settings.login_timeout
             self._login_factory.probe = _probe(settings)
+            self._login_factory.window = settings.registration_window
 
     def add_link(self, settings: LinkSettings) -> None:
         """Start serving a new link at once: its registration is accepted on the shared listener,
@@ -202,6 +226,9 @@ class ModbusBridge(MultiService):
         if kind == "shared":
             assert settings.registration is not None  # checked above
             self._shared[settings.registration] = link
+            held = self.unknown.claim(settings.registration)
+            if held is not None:  # a pending device adopted: its connection is the link's, no reconnect
+                held.hand_to(link)
         elif kind == "listen":
             assert settings.listen is not None  # what makes its kind "listen"
             link_listener = listening_endpoint(reactor, settings.listen)
@@ -239,13 +266,15 @@ class ModbusBridge(MultiService):
             for meter in [m for m in self.poller.meter_settings() if m.link == name]:
                 self.remove_meter(meter.name)
         self._endpoints.pop(name, None)
+        self.poller.link_stats.pop(name, None)
         waits: list[defer.Deferred[None]] = []
         self.poller.paused_links.discard(name)
         service = self._link_services.pop(name, None)
         if service is not None and service.parent is not None:
             stopped = service.disownServiceParent()
             waits.append(defer.maybeDeferred(lambda: stopped).addCallback(lambda _: None))
-        waits.append(link.disconnect())
+        self._leaving.append(link)
+        waits.append(link.disconnect().addBoth(self._retire, link))
         log.info("Link {link} removed", link=name)
         return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
@@ -290,6 +319,18 @@ class ModbusBridge(MultiService):
                 self.poller.paused_links.add(name)
                 service.disownServiceParent()
                 self.links[name].disconnect()
+    def _retire(self, result: object, link: Link) -> object:
+        """A removed link's connection is gone: its traffic joins the retired totals."""
+        self._leaving.remove(link)
+        _add_counters(self.retired_counters, link.counters)
+        return result
+
+    def total_counters(self) -> LinkCounters:
+        """Every link's traffic since the start, of links removed or replaced too."""
+        total = LinkCounters(**self.retired_counters.as_dict())
+        for link in (*self.links.values(), *self._leaving):
+            _add_counters(total, link.counters)
+        return total
 
     def _check_shared(self, settings: LinkSettings, replaced: Link | None) -> None:
         """A shared link needs the shared listener and a registration no other link's can be taken for."""
@@ -370,11 +411,13 @@ class ModbusBridge(MultiService):
         return [link.status() for link in self.links.values()]
 
     def polling_summary(self) -> dict[str, object]:
-        """For /api/status: links online, request timeouts, and every poll's outcome and duration."""
+        """For /api/status: links online, request timeouts, pending devices' held connections, and
+        every poll's outcome and duration."""
         return {
             "links": len(self.links),
             "links_online": sum(link.online for link in self.links.values()),
-            "request_timeouts": sum(link.counters.timeouts for link in self.links.values()),
+            "request_timeouts": self.total_counters().timeouts,
+            "held_connections": self.unknown.held,
             **self.poller.stats.as_json(),
         }
 

@@ -116,6 +116,10 @@ def first_admin_id(session: Session) -> int:
     return row.id
 
 
+def account_name(session: Session, account: int) -> str:
+    return session.get_one(Account, account).name
+
+
 def first_admin_name(session: Session) -> str:
     return session.get_one(Account, first_admin_id(session)).name
 

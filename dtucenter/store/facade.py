@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from dtucenter.latency import Histogram
 from dtucenter.store.meters import METER_SAMPLE_COLUMNS
 from dtucenter.store.models import MeterSample, Sample
 from dtucenter.store.queries import SAMPLE_ROW_COLUMNS, SampleRow, table_of
@@ -90,6 +91,8 @@ class StoreStats:
     jobs_committed: int = 0
     #: Failed commits and failed probes.
     failures: int = 0
+    #: Batches sent again after a failure: once the database answers a probe, or in parts to find a bad job.
+    retries: int = 0
     largest_batch: int = 0
 
 
@@ -236,6 +239,9 @@ class Store(Service):
             METER_SAMPLES: _MultiRowInsert(engine, METER_SAMPLES, METER_SAMPLE_COLUMNS),
         }
         self.stats = StoreStats()
+        #: Seconds from handing a batch to the writer thread to its commit, for committed batches.
+        self.commit_durations = Histogram()
+        self._batch_started = 0.0
         self.healthy = True
         self._outage: _Outage | None = None
         #: stopService gave up on the database: what fails now is not retried.
@@ -338,6 +344,11 @@ class Store(Service):
         """Rows waiting for a transaction, for the operator's eyes."""
         return self._queued_row_count
 
+    @property
+    def queued_jobs(self) -> int:
+        """Write jobs (not rows) waiting for a transaction."""
+        return len(self._queued_jobs)
+
     # -- the writer ---------------------------------------------------------------
 
     def _kick(self) -> None:
@@ -372,6 +383,7 @@ class Store(Service):
                 d.callback(None)
             return
         self._in_flight = batch
+        self._batch_started = self._clock.seconds()
         committed: Deferred[list[Any]] = deferToThreadPool(self._reactor, self._writer, self._commit, batch)
         committed.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
@@ -401,6 +413,7 @@ class Store(Service):
         self.stats.rows_committed += batch.row_count
         self.stats.jobs_committed += len(batch.jobs)
         self.stats.largest_batch = max(self.stats.largest_batch, batch.row_count)
+        self.commit_durations.record(self._clock.seconds() - self._batch_started)
         self._in_flight = None
         for (_, d), result in zip(batch.jobs, results, strict=False):
             d.callback(result)
@@ -431,6 +444,7 @@ class Store(Service):
         self._in_flight = None
         parts = len(batch.jobs) + (1 if batch.rows else 0)
         if parts > 1:
+            self.stats.retries += 1
             self._requeue(batch)
             self._isolate = parts
         else:
@@ -459,7 +473,11 @@ class Store(Service):
         """Ask the database whether it answers at all before sending it the batch again."""
         self._retry_call = None
         answered: Deferred[None] = deferToThreadPool(self._reactor, self._writer, self._ping)
-        answered.addCallbacks(lambda _: self._start_batch(batch), self._probe_failed, errbackArgs=(batch,))
+        answered.addCallbacks(lambda _: self._retry(batch), self._probe_failed, errbackArgs=(batch,))
+
+    def _retry(self, batch: _Batch) -> None:
+        self.stats.retries += 1
+        self._start_batch(batch)
 
     def _ping(self) -> None:
         # A connection from the pool is checked (pool_pre_ping) or new: a dead one is replaced, not reused.

@@ -457,3 +457,24 @@ class DtuHandover(Base):
     #: The node told to let the connection go.
     node: Mapped[str] = mapped_column(String(64), index=True)
     psn: Mapped[int] = mapped_column(BigInteger)
+class PendingDeviceRow(Base):
+    """A device that dialled in with a registration (Modbus) or PSN (binary protocol) nobody
+    knows, waiting to be adopted into an account (dtucenter/discovery.py). The running center
+    keeps the list in memory and writes it here in batches; ``id`` is opaque and unguessable."""
+
+    __tablename__ = "pending_devices"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: ``modbus`` or ``dtu``.
+    kind: Mapped[str] = mapped_column(String(8))
+    registration: Mapped[bytes] = mapped_column(LargeBinary(256))
+    host: Mapped[str] = mapped_column(String(64))
+    peer: Mapped[str] = mapped_column(String(100))
+    listener: Mapped[str] = mapped_column(String(100))
+    #: The first bytes the connection sent (at most 64).
+    first_bytes: Mapped[bytes] = mapped_column(LargeBinary(64))
+    first_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    times_seen: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (UniqueConstraint("kind", "registration", name="uq_pending_devices_kind_registration"),)

@@ -235,6 +235,14 @@ def upsert_dtu(
     return DtuInfo.of(row), created
 
 
+def enrol_adopted_dtu(session: Session, psn: int, account: int, now: dt.datetime) -> None:
+    """A record for an adopted pending DTU, owned by ``account``, with PASS 0: it takes (and
+    keeps) the PASS of the login it is answered with, as the seed's rule says."""
+    if session.get(Dtu, check_psn(psn)) is not None:
+        raise ValueError(f"DTU {psn} exists")
+    upsert_dtu(session, psn, {}, now, account)
+
+
 def get_dtu(session: Session, psn: int, account: int | None = None) -> DtuInfo | None:
     """DTU ``psn``; None also when ``account`` (an account id) is given and does not own it."""
     row = session.get(Dtu, psn)

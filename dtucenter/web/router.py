@@ -1,14 +1,16 @@
 """A small JSON router on twisted.web: routes, bearer auth, bounded bodies, JSON errors.
 
 Handlers are ``async`` functions of a ``Call`` and the path parameters; they
-return what becomes the JSON body (or a ``Reply`` for another status) and
-raise ``ApiError`` for a client error. Whatever else they raise becomes a
+return what becomes the JSON body (or a ``Reply`` for another status, or a
+``TextReply`` for a body that is not JSON, such as /metrics) and raise
+``ApiError`` for a client error. Whatever else they raise becomes a
 logged 500 with a JSON body: a client never sees a traceback or HTML.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from io import BytesIO
 from typing import Any, NoReturn
@@ -26,10 +28,16 @@ from dtucenter.web.callers import Authenticator
 
 log = Logger()
 
+JSON_TYPE = b"application/json; charset=utf-8"
+
 #: Request bodies larger than this get 413; they are read and thrown away, never kept.
 MAX_BODY = 1024 * 1024
 
 Handler = Callable[..., Awaitable[object]]
+
+#: The methods counted by name in :attr:`Router.requests`; any other is counted as "other",
+#: so that a client inventing methods cannot grow the counters.
+COUNTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class ApiError(Exception):
@@ -44,6 +52,14 @@ class ApiError(Exception):
 class Reply:
     body: object
     status: int = 200
+
+
+@attrs.frozen
+class TextReply:
+    """A 200 whose body is not JSON."""
+
+    body: bytes
+    content_type: str
 
 
 class BoundedRequest(server.Request):
@@ -218,6 +234,8 @@ class Router(Resource):
         super().__init__()
         self._authenticator = authenticator
         self._routes: list[Route] = []
+        #: Requests answered, by (method, status class such as "2xx"): for /metrics.
+        self.requests: Counter[tuple[str, str]] = Counter()
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -236,6 +254,7 @@ class Router(Resource):
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         headers: dict[str, str] = {}
+        method = request.method.decode("ascii", "replace")
         try:
             status, body = await self._dispatch(request)
         except ApiError as e:
@@ -246,11 +265,15 @@ class Router(Resource):
                 method=request.method.decode("ascii", "replace"), path=request.path.decode("utf-8", "replace"),
             )
             status, body = 500, {"error": "internal error; the center's log has the details"}
+        self.requests[method if method in COUNTED_METHODS else "other", f"{status // 100}xx"] += 1
         if gone:
             return
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
+        if isinstance(body, TextReply):
+            data, content_type = body.body, body.content_type.encode("ascii")
+        else:
+            data, content_type = json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n", JSON_TYPE
         request.setResponseCode(status)
-        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        request.setHeader(b"Content-Type", content_type)
         request.setHeader(b"Cache-Control", b"no-store")
         for name, value in headers.items():
             request.setHeader(name.encode("ascii"), value.encode("ascii"))
@@ -280,6 +303,8 @@ class Router(Resource):
                 allowed.add(route.method)
                 continue
             result = await route.handler(Call(request, caller), **params)
+            if isinstance(result, TextReply):
+                return 200, result
             if isinstance(result, Reply):
                 return result.status, result.body
             return 200, result

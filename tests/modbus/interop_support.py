@@ -324,13 +324,20 @@ class FakeDtu:
     ``data`` mode ``prefix_heartbeats=False`` sends heartbeats bare, as firmware
     that prefixes serial data only does. ``junk=False`` stops the junk (which
     before a data-mode DTU's first prefix would get it refused on the shared listener).
+    ``registration_alone=True`` sends the registration in one packet with nothing glued on and
+    starts heartbeats a second later, as a real DTU does: what an unknown DTU sends in its first
+    moments is all registration (the shared listener's ``registration_window``).
+    ``bind`` is the local address to dial from (e.g. 127.0.0.2, another source host).
     """
 
     def __init__(
         self, *, registration: bytes | None = b"DTU-0001", heartbeat: bytes = b"HB", prefix: bool = False,
         registration_mode: str | None = None, prefix_heartbeats: bool = True, junk: bool = True,
-        framing: str = "rtu", silent_units: frozenset[int] = frozenset(),
+        framing: str = "rtu", silent_units: frozenset[int] = frozenset(), registration_alone: bool = False,
+        bind: str | None = None,
     ) -> None:
+        self.registration_alone = registration_alone
+        self.bind = bind
         self.registration = registration
         self.heartbeat = heartbeat
         self.registration_mode = registration_mode or ("both" if prefix else "connect")
@@ -349,7 +356,15 @@ class FakeDtu:
 
     async def start(self, center_port: int, bus_port: int) -> FakeDtu:
         self.bus = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", bus_port), _BusSide(self))
-        self.center = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", center_port), _CenterSide(self))
+        bind = None if self.bind is None else (self.bind, 0)
+        self.center = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", center_port, bindAddress=bind), _CenterSide(self)
+        )
+        if self.registration_alone:
+            assert self.registration is not None
+            self.center.transport.write(self.registration)
+            self._beat_later = reactor.callLater(1.0, self._beat.start, 0.05, now=False)
+            return self
         if self.registration is not None and self.registration_mode != "data":
             half = len(self.registration) // 2
             self.center.transport.write(self.registration[:half])
@@ -366,6 +381,9 @@ class FakeDtu:
             await self.center.lost
 
     def heartbeats_stop(self) -> None:
+        later = getattr(self, "_beat_later", None)
+        if later is not None and later.active():
+            later.cancel()
         if self._beat.running:
             self._beat.stop()
 
