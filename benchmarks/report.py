@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from benchmarks import cluster
+
 MIB = 1024 * 1024
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
 
@@ -117,6 +119,8 @@ def render(results: dict[str, Any]) -> str:
     out += _render_modbus(results.get("modbus"))
     out += _render_storms(results.get("storm"), results["machine"])
     out += _render_junk_flood(results.get("junk_flood"))
+    if results.get("cluster"):
+        out += ["", *cluster.render(results["cluster"], results["machine"]), ""]
     if FINDINGS.exists():
         out += ["", FINDINGS.read_text().rstrip(), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -369,7 +373,7 @@ def _render_storms(runs: list[dict[str, Any]] | None, machine: dict[str, Any]) -
 
 
 #: The scenarios whose sections stand alone (no line in Targets): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk"}
+MERGEABLE = {"storm", "junk", "cluster"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -378,6 +382,8 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
         report = with_storm_section(report, results)
     if results.get("junk_flood"):
         report = _with_section(report, JUNK_FLOOD_HEADING, _render_junk_flood(results["junk_flood"]))
+    if results.get("cluster"):
+        report = _with_section(report, cluster.HEADING, cluster.render(results["cluster"], results["machine"]))
     return report
 
 

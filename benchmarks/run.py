@@ -4,6 +4,7 @@
     python -m benchmarks.run --smoke --out /tmp/perf.md   # seconds, every scenario at a tiny scale; the tests run this
     python -m benchmarks.run --only storm --merge      # one scenario, its section replaced in docs/performance.md
     python -m benchmarks.run --only junk --merge       # likewise the junk flood (also --only storm,junk)
+    python -m benchmarks.run --only cluster --postgres URL --merge   # nodes behind HAProxy (empties that database)
 
 Every server and simulator is a separate process, so the center's own CPU
 (from /proc/PID/stat, all threads) is measured apart from the load
@@ -30,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from benchmarks import junk_flood, report
+from benchmarks import cluster, junk_flood, report
 from benchmarks.procs import (
     PATIENCE,
     ApiClient,
@@ -464,14 +465,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only re-render the report from results saved with --json")
     parser.add_argument("--findings-only", action="store_true",
                         help="only bring the report's copy of benchmarks/findings.md up to date")
+    parser.add_argument("--postgres", default=None,
+                        help="scratch PostgreSQL database URL for --only cluster (it is emptied), not run without")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--merge", action="store_true",
                         help="with --only storm and/or junk, or --from-json: replace only those sections of the "
                              "existing report")
     args = parser.parse_args(argv)
     if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
-        parser.error("--merge takes --only storm and/or junk (or --from-json): the other sections share the "
-                     "Targets summary")
+        parser.error("--merge takes --only storm, junk and/or cluster (or --from-json): the other sections share "
+                     "the Targets summary")
+    if "cluster" in args.only.split(",") and not args.postgres:
+        parser.error("--only cluster needs --postgres URL: the nodes share a PostgreSQL database")
     if args.findings_only:
         out = args.out or DEFAULT_OUT
         out.write_text(report.with_current_findings(out.read_text()))
@@ -494,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workroot = Path(tempfile.mkdtemp(prefix="dtucenter-bench-"))
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
-                               "storm": [], "junk_flood": None}
+                               "storm": [], "junk_flood": None, "cluster": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -527,6 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["junk_flood"] = junk_flood.run_junk_flood(
                 _fresh(workroot, "junk"), junk_flood.SMOKE if args.smoke else junk_flood.FULL)
             log(f"  {report.junk_flood_line(results['junk_flood'])}")
+        if "cluster" in only:
+            log("cluster")
+            results["cluster"] = cluster.run_cluster(
+                _fresh(workroot, "cluster"), args.postgres, cluster.SMOKE if args.smoke else cluster.FULL, log)
     finally:
         if args.keep:
             log(f"kept {workroot}")
