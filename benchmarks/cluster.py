@@ -109,8 +109,17 @@ def start_cluster(workdir: Path, url: str, count: int, lease: float) -> Cluster:
             "--node-id", f"node-{index + 1}", "--node-lease", str(lease), "--api-token", TOKEN, *api,
         ]
         nodes.append(Child(f"node-{index + 1}", argv, workdir / f"node-{index + 1}.log"))
-    for port, node in zip(ports, nodes, strict=True):
-        wait_listening(port, node)
+    try:
+        for port, node in zip(ports, nodes, strict=True):
+            wait_listening(port, node)
+        return _behind_balancer(workdir, nodes, ports, api_port)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+
+
+def _behind_balancer(workdir: Path, nodes: list[Child], ports: list[int], api_port: int) -> Cluster:
     balancer_port = free_port()
     servers = "\n".join(f"  server n{i} 127.0.0.1:{port} check inter 500ms fall 2 rise 1"
                         for i, port in enumerate(ports))
@@ -123,7 +132,11 @@ def start_cluster(workdir: Path, url: str, count: int, lease: float) -> Cluster:
     )
     balancer = Child("haproxy", [shutil.which("haproxy") or "haproxy", "-db", "-f", str(config)],
                      workdir / "haproxy.log")
-    wait_listening(balancer_port, balancer)
+    try:
+        wait_listening(balancer_port, balancer)
+    except BaseException:
+        balancer.stop()
+        raise
     return Cluster(nodes, ports, ApiClient(api_port, TOKEN), balancer, balancer_port)
 
 

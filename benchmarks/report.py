@@ -119,6 +119,7 @@ def render(results: dict[str, Any]) -> str:
     out += _render_modbus(results.get("modbus"))
     out += _render_storms(results.get("storm"), results["machine"])
     out += _render_junk_flood(results.get("junk_flood"))
+    out += _render_databases(results.get("databases"))
     if results.get("cluster"):
         out += ["", *cluster.render(results["cluster"], results["machine"]), ""]
     if FINDINGS.exists():
@@ -203,7 +204,8 @@ def _render_hold(rows: list[dict[str, Any]]) -> list[str]:
 
 def _render_ingest(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
-    for label, title in (("ingest", "center (stored in SQLite)"), ("baseline", "framing-only baseline (no storage)")):
+    center_title = f"center (stored in {(results.get('ingest') or {}).get('database', 'SQLite')})"
+    for label, title in (("ingest", center_title), ("baseline", "framing-only baseline (no storage)")):
         data = results.get(label)
         if not data or not data.get("steps"):
             continue
@@ -216,22 +218,7 @@ def _render_ingest(results: dict[str, Any]) -> list[str]:
                 "A step keeps up when it delivers at least 95% of the offered rate with ack p99 under 100 ms.",
                 "",
             ]
-        lines += [
-            f"### {title}",
-            "",
-            ("| offered frames/s | acked frames/s | samples/s stored | ack p50 (ms) | ack p99 (ms) | CPU "
-             "| simulator CPU | resent | kept up |"),
-            "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
-        ]
-        for s in data["steps"]:
-            samples = "-" if s["samples_per_s"] is None else f"{s['samples_per_s']:,.0f}"
-            lines.append(
-                f"| {s['offered']:,} | {s['frames_per_s']:,.0f} | {samples} | {_ms(s['p50'])} | {_ms(s['p99'])} | "
-                f"{_pct(s['cpu'])} | {_pct(s['sim_cpu'])} | {s['resent']} | {'yes' if s['kept_up'] else 'no'} |"
-            )
-        best = data.get("best")
-        sustained = f"Sustained: {best['frames_per_s']:,.0f} frames/s." if best else "Sustained: no step kept up."
-        lines += ["", sustained, ""]
+        lines += _render_steps(title, data)
     center, base = results.get("ingest"), results.get("baseline")
     if center and base and center.get("steps") and base.get("steps"):
         c = (center["best"] or {"frames_per_s": 0.0})["frames_per_s"]
@@ -239,6 +226,66 @@ def _render_ingest(results: dict[str, Any]) -> list[str]:
         peak = center["peak"]["frames_per_s"] / base["peak"]["frames_per_s"]
         lines += [f"Ratio center/baseline: {c / b:.2f} of sustained frames/s (p99 under 100 ms), "
                   f"{peak:.2f} of peak frames/s." if b else "Ratio: -", ""]
+    return lines
+
+
+def _render_steps(title: str, data: dict[str, Any]) -> list[str]:
+    """One ingest run: a table of its steps and what it sustained."""
+    lines = [
+        f"### {title}",
+        "",
+        ("| offered frames/s | acked frames/s | samples/s stored | ack p50 (ms) | ack p99 (ms) | CPU "
+         "| simulator CPU | resent | kept up |"),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for s in data["steps"]:
+        samples = "-" if s["samples_per_s"] is None else f"{s['samples_per_s']:,.0f}"
+        lines.append(
+            f"| {s['offered']:,} | {s['frames_per_s']:,.0f} | {samples} | {_ms(s['p50'])} | {_ms(s['p99'])} | "
+            f"{_pct(s['cpu'])} | {_pct(s['sim_cpu'])} | {s['resent']} | {'yes' if s['kept_up'] else 'no'} |"
+        )
+    best = data.get("best")
+    sustained = f"Sustained: {best['frames_per_s']:,.0f} frames/s." if best else "Sustained: no step kept up."
+    return [*lines, "", sustained, ""]
+
+
+DATABASES_HEADING = "## Ingest by database"
+
+
+def _render_databases(runs: list[dict[str, Any]] | None) -> list[str]:
+    if not runs:
+        return []
+    lines = [
+        DATABASES_HEADING,
+        "",
+        "The ingest scenario above, run back to back on each database (`--only databases --db ...`), in the",
+        "order of the runs' numbers, the database server on the same machine. PostgreSQL through psycopg 3",
+        "(`postgresql+psycopg://`) takes the samples with `COPY ... FROM STDIN`, through psycopg2 with multi-row",
+        "`INSERT`s. The center's CPU does not include the database server's.",
+        "",
+        ("| run | database | sustained frames/s (p99 < 100 ms) | its ack p99 (ms) | its CPU | peak frames/s "
+         "| center CPU per frame at the peak (us) |"),
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for number, run in enumerate(runs, 1):
+        best, peak = run.get("best"), run.get("peak")
+        sustained = (f"{best['frames_per_s']:,.0f} | {_ms(best['p99'])} | {_pct(best['cpu'])}" if best
+                     else "none kept up | - | -")
+        if peak and peak["frames_per_s"]:
+            per_frame = f"{peak['cpu'] / peak['frames_per_s'] * 1e6:.0f}"
+            lines.append(
+                f"| {number} | {run['database']} | {sustained} | {peak['frames_per_s']:,.0f} | {per_frame} |")
+        else:
+            lines.append(f"| {number} | {run['database']} | {sustained} | - | - |")
+    lines += [
+        "",
+        "CPU per frame is the center's process time (all threads) per acknowledged upload: it depends much less",
+        "than throughput on how busy the rest of the machine is.",
+        "",
+    ]
+    for number, run in enumerate(runs, 1):
+        if run.get("steps"):
+            lines += _render_steps(f"run {number}: {run['database']}", run)
     return lines
 
 
@@ -373,7 +420,7 @@ def _render_storms(runs: list[dict[str, Any]] | None, machine: dict[str, Any]) -
 
 
 #: The scenarios whose sections stand alone (no line in Targets): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk", "cluster"}
+MERGEABLE = {"storm", "junk", "databases", "cluster"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -382,6 +429,8 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
         report = with_storm_section(report, results)
     if results.get("junk_flood"):
         report = _with_section(report, JUNK_FLOOD_HEADING, _render_junk_flood(results["junk_flood"]))
+    if results.get("databases"):
+        report = _with_section(report, DATABASES_HEADING, _render_databases(results["databases"]))
     if results.get("cluster"):
         report = _with_section(report, cluster.HEADING, cluster.render(results["cluster"], results["machine"]))
     return report
@@ -391,6 +440,12 @@ def with_storm_section(report: str, results: dict[str, Any]) -> str:
     """``report`` with its redial-storm section replaced by (or, if it has none, given) the one rendered from
     ``results``."""
     return _with_section(report, STORM_HEADING, _render_storms(results.get("storm"), results["machine"]))
+
+
+def with_section(report: str, heading: str, lines: list[str]) -> str:
+    """``report`` with the section under ``heading`` replaced by ``lines``: for a scenario run on its own
+    (``benchmarks/retention_cost.py``)."""
+    return _with_section(report, heading, lines)
 
 
 def _with_section(report: str, heading: str, lines: list[str]) -> str:

@@ -4,6 +4,8 @@
     python -m benchmarks.run --smoke --out /tmp/perf.md   # seconds, every scenario at a tiny scale; the tests run this
     python -m benchmarks.run --only storm --merge      # one scenario, its section replaced in docs/performance.md
     python -m benchmarks.run --only junk --merge       # likewise the junk flood (also --only storm,junk)
+    python -m benchmarks.run --only databases --merge --db sqlite,postgresql+psycopg://u:p@host/scratch
+                                             # ingest on each database, compared (PostgreSQL: a scratch database)
     python -m benchmarks.run --only cluster --postgres URL --merge   # nodes behind HAProxy (empties that database)
 
 Every server and simulator is a separate process, so the center's own CPU
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import sqlalchemy
+import sqlalchemy.pool
 
 from benchmarks import cluster, junk_flood, report
 from benchmarks.procs import (
@@ -46,6 +50,7 @@ from benchmarks.procs import (
     start_sim,
 )
 from dtucenter.latency import histogram_difference, percentile
+from dtucenter.store.models import Base
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "performance.md"
@@ -91,6 +96,9 @@ SMOKE = Scale(
     profile_seconds=0.0, modbus_dtus=5, modbus_warmup=1.0, modbus_seconds=1.0, connect_rate=1000,
     storm=StormScale(dtus=20, storms=2, bound=30.0, backlogs=(None,)),
 )
+
+#: ``--db``'s name for the default database: an SQLite file in the scenario's directory.
+SQLITE = "sqlite"
 
 #: A step has fallen behind when it delivers less than this share of the offered rate ...
 KEEP_UP = 0.95
@@ -165,13 +173,21 @@ def run_hold(workdir: Path, scale: Scale, count: int) -> dict[str, Any]:
 # -- ingest ----------------------------------------------------------------------------------------
 
 
-def _max_sample_id(db: Path) -> int:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
-        return int(conn.execute("SELECT coalesce(max(id), 0) FROM samples").fetchone()[0])
+def _max_sample_id(db: Path | str) -> int:
+    """The highest sample id: rows stored so far (ids only grow), from an SQLite file or a database URL."""
+    if isinstance(db, Path):
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+            return int(conn.execute("SELECT coalesce(max(id), 0) FROM samples").fetchone()[0])
+    engine = sqlalchemy.create_engine(db, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return int(connection.exec_driver_sql("SELECT coalesce(max(id), 0) FROM samples").scalar_one())
+    finally:
+        engine.dispose()
 
 
 def run_ingest_step(workdir: Path, scale: Scale, server: Child, port: int, rate: int, label: str,
-                    db: Path | None) -> dict[str, Any]:
+                    db: Path | str | None) -> dict[str, Any]:
     interval = scale.ingest_dtus / rate
     sim, path = start_sim(workdir, f"ingest-{label}-{rate}",
                           _sim_dtu_args(port, scale.ingest_dtus, 2_000_000, interval, scale.connect_rate))
@@ -207,10 +223,20 @@ def run_ingest_step(workdir: Path, scale: Scale, server: Child, port: int, rate:
     }
 
 
-def run_ingest(workdir: Path, scale: Scale, label: str, log: Callable[[str], None]) -> dict[str, Any]:
+def run_ingest(workdir: Path, scale: Scale, label: str, log: Callable[[str], None],
+               database: str = SQLITE) -> dict[str, Any]:
+    """Rising rates against the center (on ``database``: SQLite in ``workdir`` or a scratch database's URL,
+    emptied first) or the baseline, until a step falls far behind."""
     port = free_port()
-    db = workdir / "center.db" if label == "center" else None
-    server = start_center(workdir, port) if label == "center" else start_baseline(workdir, port)
+    db: Path | str | None = None
+    if label == "baseline":
+        server = start_baseline(workdir, port)
+    elif database == SQLITE:
+        db = workdir / "center.db"
+        server = start_center(workdir, port)
+    else:
+        db = empty_database(database)
+        server = start_center(workdir, port, ["--db", database])
     steps: list[dict[str, Any]] = []
     try:
         for rate in scale.ingest_rates:
@@ -224,7 +250,44 @@ def run_ingest(workdir: Path, scale: Scale, label: str, log: Callable[[str], Non
     sustained = [s for s in steps if s["kept_up"]]
     best = max(sustained, key=lambda s: s["frames_per_s"]) if sustained else None
     peak = max(steps, key=lambda s: s["frames_per_s"]) if steps else None
-    return {"steps": steps, "best": best, "peak": peak}
+    return {"steps": steps, "best": best, "peak": peak, "database": describe_database(database)}
+
+
+def empty_database(url: str) -> str:
+    """``url`` with the center's tables dropped: the center creates them at start, as on a new database."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.begin() as connection:
+            Base.metadata.drop_all(connection)
+            connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    finally:
+        engine.dispose()
+    return url
+
+
+def describe_database(database: str) -> str:
+    """What the report calls a database: its engine, and for PostgreSQL the driver and the bulk path."""
+    if database == SQLITE:
+        return "SQLite"
+    url = sqlalchemy.engine.make_url(database)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            version = connection.exec_driver_sql("SHOW server_version").scalar_one()
+    finally:
+        engine.dispose()
+    path = "COPY" if url.get_driver_name() == "psycopg" else "multi-row INSERT"
+    return f"PostgreSQL {str(version).split()[0]} via {url.get_driver_name()} ({path})"
+
+
+def run_databases(workroot: Path, scale: Scale, databases: Sequence[str], log: Callable[[str], None]
+                  ) -> list[dict[str, Any]]:
+    """The ingest scenario once per database, back to back, for a comparison on the same machine."""
+    runs = []
+    for index, database in enumerate(databases):
+        log(f"ingest on {describe_database(database)}")
+        runs.append(run_ingest(_fresh(workroot, f"ingest-db-{index}"), scale, "center", log, database))
+    return runs
 
 
 # -- profile ---------------------------------------------------------------------------------------
@@ -457,7 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
     parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm,junk",
-                        help="comma-separated scenarios to run (default all)")
+                        help="comma-separated scenarios to run (default all but databases, which runs with "
+                             "--db; also: databases)")
     parser.add_argument("--profile-rate", type=int, default=None,
                         help="frames/s offered while profiling (default: the best sustained ingest rate)")
     parser.add_argument("--hold", default=None, help="comma-separated DTU counts for the hold scenario")
@@ -468,13 +532,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--postgres", default=None,
                         help="scratch PostgreSQL database URL for --only cluster (it is emptied), not run without")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
+    parser.add_argument("--db", default=SQLITE,
+                        help="comma-separated databases for the databases scenario (ingest on each, compared): "
+                             f"{SQLITE!r} (a file in the temporary directory) or SQLAlchemy URLs of scratch "
+                             "databases, whose tables are dropped first, e.g. "
+                             "postgresql+psycopg://u:p@host/db (COPY) or postgresql+psycopg2://... (INSERT)")
     parser.add_argument("--merge", action="store_true",
                         help="with --only storm and/or junk, or --from-json: replace only those sections of the "
                              "existing report")
     args = parser.parse_args(argv)
     if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
-        parser.error("--merge takes --only storm, junk and/or cluster (or --from-json): the other sections share "
-                     "the Targets summary")
+        parser.error("--merge takes --only storm, junk, databases and/or cluster (or --from-json): the other "
+                     "sections share the Targets summary")
     if "cluster" in args.only.split(",") and not args.postgres:
         parser.error("--only cluster needs --postgres URL: the nodes share a PostgreSQL database")
     if args.findings_only:
@@ -499,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workroot = Path(tempfile.mkdtemp(prefix="dtucenter-bench-"))
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
-                               "storm": [], "junk_flood": None, "cluster": None}
+                               "storm": [], "junk_flood": None, "databases": [], "cluster": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -527,6 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"storm: {scale.storm.dtus} DTUs, backlog {backlog or 'default'}")
                 workdir = _fresh(workroot, f"storm-{backlog or 'default'}")
                 results["storm"].append(run_storm(workdir, scale, backlog, log))
+        if "databases" in only:
+            results["databases"] = run_databases(workroot, scale, args.db.split(","), log)
         if "junk" in only:
             log("junk flood")
             results["junk_flood"] = junk_flood.run_junk_flood(

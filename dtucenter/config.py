@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 from attrs import AttrsInstance
 
+from dtucenter.alarms.rules import AlarmRule, read_alarm_rules
 from dtucenter.dtu.udp import DEFAULT_MAX_PENDING
 from dtucenter.dtu.wire import DEFAULT_HEAD, DEFAULT_MAX_LENGTH, Dialect, WireError, parse_head
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings, SerialSettings
@@ -121,6 +122,54 @@ def _head(value: Any) -> bytes:
 
 def _server_endpoint_or_off(value: Any) -> str:
     return "off" if value == "off" else server_endpoint(value)
+
+
+def _days(value: Any) -> float:
+    return number(1 / 24, 100_000)(value)
+
+
+def _days_setting(what: str) -> Any:
+    return attrs.field(default=None, metadata=setting(_days, f"Days {what} are kept (default: for ever)."))
+
+
+@attrs.frozen
+class RetentionSettings:
+    """The ``[retention]`` table: how long rows are kept, and the job that rolls up and expires them
+    (``store/retention.py``, docs/integrations.md). Unset, nothing is ever deleted."""
+
+    samples: float | None = _days_setting("DTU samples (raw, one row per upload)")
+    meter_samples: float | None = _days_setting("meter samples (raw, one row per point and poll)")
+    meter_failures: float | None = _days_setting("meter failure streaks (since their last failed poll)")
+    audit: float | None = _days_setting(
+        "audit trails (commands, DTU edits, meter writes, reads and raw exchanges, template edits)")
+    hourly: float | None = _days_setting("hourly roll-ups")
+    daily: float | None = _days_setting("daily roll-ups")
+    job: bool = attrs.field(
+        default=True,
+        metadata=setting(boolean, "Run the roll-up and expiry job in this center (one center per database should)."),
+    )
+    interval: float = attrs.field(
+        default=60.0, metadata=setting(number(1, 86400), "Seconds between runs of the roll-up and expiry job."),
+    )
+    batch_rows: int = attrs.field(
+        default=2000, metadata=setting(integer(100, 1_000_000), "Rows the job reads or deletes per transaction."),
+    )
+    settle: float = attrs.field(
+        default=300.0,
+        metadata=setting(number(0, 86400), "Seconds a sample waits before it is rolled up (a poll's values "
+                         "carry its start time; reads add what is not rolled up yet)."),
+    )
+
+    share: float = attrs.field(
+        default=0.25,
+        metadata=setting(number(0.01, 1), "Share of the time the job works at most; it pauses between steps."),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        for raw, rolled in (("samples", "hourly"), ("meter_samples", "hourly"), ("hourly", "daily")):
+            shorter, longer = getattr(self, raw), getattr(self, rolled)
+            if shorter is not None and longer is not None and longer < shorter:
+                raise ValueError(f"{rolled} ({longer:g} days) is kept less long than {raw} ({shorter:g} days)")
 
 
 @attrs.frozen
@@ -290,6 +339,9 @@ class Settings:
         ),
     )
     modbus: ModbusSettings = attrs.field(factory=ModbusSettings, metadata=composed(Reload.TABLE))
+    #: The ``[[alarm]]`` rules (dtucenter/alarms/rules.py); a reload replaces them in the running center.
+    alarms: tuple[AlarmRule, ...] = attrs.field(default=(), metadata=composed(Reload.LIVE))
+    retention: RetentionSettings = attrs.field(factory=RetentionSettings, metadata=composed(Reload.TABLE))
     #: The config file, or "defaults".
     source: str = "defaults"
     #: Where each value that is not a default came from ("--dtu", "center.toml: dtu"), by field
@@ -315,7 +367,8 @@ class Settings:
         if name in self.origins:
             return self.origins[name]
         table, _, key = name.rpartition(".")
-        declaration = attrs.fields_dict(ModbusSettings if table else Settings)[key].metadata.get(METADATA_KEY)
+        holder = {"": Settings, "modbus": ModbusSettings, "retention": RetentionSettings}[table]
+        declaration = attrs.fields_dict(holder)[key].metadata.get(METADATA_KEY)
         if declaration is None:
             return f"{self.source}: {key}"
         return f"--{declaration.option}" if declaration.option else key
@@ -393,9 +446,11 @@ def read_settings(
     place = Place(source)
     top = dict(read_table(document, place))
     modbus_table = read_table(top.pop("modbus", {}), place, "modbus")
+    retention_table = read_table(top.pop("retention", {}), place, "retention")
     link_tables = list(read_tables(top.pop("link", None), place, "link"))
     meter_tables = list(read_tables(top.pop("meter", None), place, "meter"))
     rule_tables = list(read_tables(top.pop("rule", None), place, "rule"))
+    alarms = read_alarm_rules(top.pop("alarm", None), place)
 
     (values,) = read_keys(top, place, Settings)
     origins = {name: f"{source}: {name}" for name in values}
@@ -441,7 +496,17 @@ def read_settings(
             None, "applies to DTUs that dial the shared listener: set [modbus] listen (or --modbus)"
         )
     modbus = build(ModbusSettings, modbus_values, modbus_place, links=links, meters=meters, rules=rules)
-    return build(Settings, values, place, modbus=modbus, source=source, origins=origins)
+
+    retention_place = place.inner("retention")
+    (retention_values,) = read_keys(retention_table, retention_place, RetentionSettings)
+    origins |= {f"retention.{name}": f"{source}: retention: {name}" for name in retention_values}
+    try:
+        retention = build(RetentionSettings, retention_values, retention_place)
+    except ValueError as e:
+        raise retention_place.error(None, str(e)) from None
+    return build(
+        Settings, values, place, modbus=modbus, alarms=alarms, retention=retention, source=source, origins=origins
+    )
 
 
 def _apply_options(

@@ -88,7 +88,46 @@ class LinkDown:
     time: dt.datetime
 
 
-Event = DtuOnline | DtuOffline | UploadStored | MeterRead | MeterFailed | LinkUp | LinkDown
+@attrs.frozen
+class AlarmRaised:
+    """An alarm rule's condition held (for its delay): stored, then published here.
+
+    ``device_kind`` is ``dtu``, ``meter`` or ``link``; ``device`` its name (a DTU's PSN as
+    text); ``point`` the meter point's name or the DTU's position (or ``dev-addr``), None for
+    a device rule (offline, failing polls). ``value`` is what crossed ``limit`` (None for a
+    device rule); ``alarm`` the stored alarm's id.
+    """
+
+    alarm: int
+    account: str
+    rule: str
+    device_kind: str
+    device: str
+    point: str | None
+    value: float | None
+    limit: float | None
+    message: str
+    time: dt.datetime
+
+
+@attrs.frozen
+class AlarmCleared:
+    """A raised alarm's condition ended (for its clearing delay), or its rule went away."""
+
+    alarm: int
+    account: str
+    rule: str
+    device_kind: str
+    device: str
+    point: str | None
+    value: float | None
+    message: str
+    time: dt.datetime
+
+
+Event = (
+    DtuOnline | DtuOffline | UploadStored | MeterRead | MeterFailed | LinkUp | LinkDown | AlarmRaised | AlarmCleared
+)
 Listener = Callable[[Event], None]
 
 

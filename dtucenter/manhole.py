@@ -21,7 +21,7 @@ from twisted.cred import portal
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dtucenter import setting
+from dtucenter import listeners
 
 log = Logger()
 
@@ -31,11 +31,11 @@ class ManholeError(Exception):
 
 
 def loopback_unless_named(endpoint: str) -> str:
-    """The manhole's endpoint, on loopback unless it names an interface (``setting.loopback_unless_named``).
+    """The manhole's endpoint, on loopback unless it names an interface (``listeners.loopback_unless_named``).
 
     A Python prompt inside the center is everything the center can do.
     """
-    return setting.loopback_unless_named(
+    return listeners.loopback_unless_named(
         endpoint, log, "The manhole",
         "anyone who can reach it may try to log in; prefer an SSH tunnel to a loopback manhole",
     )

@@ -18,16 +18,13 @@ reader adds the file, the table and the key.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, TypeVar
 
 import attrs
 from attrs import AttrsInstance
-from twisted.internet.endpoints import _parse, clientFromString, serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.internet.endpoints import clientFromString, serverFromString
 
 E = TypeVar("E", bound=enum.Enum)
 T = TypeVar("T", bound=AttrsInstance)
@@ -222,58 +219,6 @@ def server_endpoint(value: Any) -> str:
     except Exception as e:  # any plugin's parser may be the one that refuses it
         raise ValueError(f"not a usable server endpoint {description!r}: {e}") from None
     return description
-
-
-#: Connections the kernel may hold for a listener before the center accepts them. Twisted's default, 50,
-#: overflowed when a whole fleet redialled at once (a power cut): 6-9% of 10,000 logins were lost.
-#: The kernel silently caps it at ``net.core.somaxconn`` (docs/deployment.md).
-DEFAULT_LISTEN_BACKLOG = 4096
-
-#: The endpoint types whose string takes ``backlog=`` (Twisted's own; a plugin's may not).
-_TAKES_BACKLOG = frozenset({"tcp", "tcp6", "ssl", "unix"})
-
-
-def listening_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
-    """The server endpoint for ``description``, with :data:`DEFAULT_LISTEN_BACKLOG` unless it gives ``backlog=``."""
-    # Twisted's own tokenizer, so that escaped colons (tcp6 addresses) are read as Twisted reads them.
-    args, kwargs = _parse(description)
-    if args and str(args[0]).lower() in _TAKES_BACKLOG and "backlog" not in kwargs:
-        description = f"{description.rstrip(':')}:backlog={DEFAULT_LISTEN_BACKLOG}"
-    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
-    return endpoint
-
-
-#: The loopback interface of each endpoint type that listens on every interface unless told otherwise,
-#: as an endpoint string writes it (colons escaped).
-LOOPBACK = {"tcp": "127.0.0.1", "tcp6": r"\:\:1"}
-
-
-def loopback_unless_named(endpoint: str, log: Logger, what: str, advice: str) -> str:
-    """``tcp:2222`` and ``tcp6:2222`` bound to loopback, for a listener only the host itself should reach.
-
-    Twisted would bind those to every interface, so an endpoint that names no interface
-    gets the loopback one. One that names an interface is kept as given, with a warning
-    in ``log`` (``what`` listens on ..., ``advice``) if that interface is not loopback. Other endpoint
-    types (``unix:``, say) are kept as given.
-    """
-    # Twisted's own tokenizer, so that escaped colons (tcp6 addresses) are read as Twisted reads them.
-    args, kwargs = _parse(endpoint)
-    loopback = LOOPBACK.get(str(args[0]).lower()) if args else None
-    if loopback is None:
-        return endpoint
-    interface = kwargs.get("interface")
-    if interface is None:
-        return f"{endpoint.rstrip(':')}:interface={loopback}"
-    try:
-        is_loopback = ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        is_loopback = interface == "localhost"
-    if not is_loopback:
-        log.warn(
-            "{what} listens on {interface} ({endpoint}), not only on loopback: {advice}",
-            what=what, interface=interface, endpoint=endpoint, advice=advice,
-        )
-    return endpoint
 
 
 def client_endpoint(value: Any) -> str:

@@ -24,6 +24,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from dtucenter.adoption import Adopter
+from dtucenter.alarms.service import AlarmService
 from dtucenter.cluster import ClusterNode, generated_node_id, join
 from dtucenter.config import (
     Settings,
@@ -40,12 +41,12 @@ from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.events import EventHub
 from dtucenter.isotime import utc_now
+from dtucenter.listeners import listening_endpoint, loopback_unless_named
 from dtucenter.modbus.scada_server import ScadaFactory, ScadaServer
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.reload import Reloader
-from dtucenter.setting import listening_endpoint, loopback_unless_named
 from dtucenter.store import accounts, nodes, queries
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
@@ -55,7 +56,9 @@ from dtucenter.store.dtus import DtuStore
 from dtucenter.store.facade import Store
 from dtucenter.store.pending import PendingDeviceStore
 from dtucenter.store.recorder import MeterRecorder
+from dtucenter.store.retention import RetentionJob, RetentionPolicy
 from dtucenter.store.schema import SchemaError
+from dtucenter.web.alarms import AlarmApi
 from dtucenter.web.auth import TokenFileError, resolve_token
 from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.meters import MeterApi
@@ -255,6 +258,12 @@ def build_service(
     recorder = MeterRecorder(store, reactor, settings.modbus, settings.last_seen_interval, stats=center.stats)
     recorder.setName("meter-recorder")
     recorder.setServiceParent(top)
+    if settings.retention.job:
+        # After the store: stopped before it, so that a step under way ends on a running store.
+        policy = attrs.asdict(settings.retention, filter=lambda field, _: field.name != "job")
+        retention = RetentionJob(store, reactor, RetentionPolicy(**policy))
+        retention.setName("retention")
+        retention.setServiceParent(top)
     dtu_listener = ListeningService(listening_endpoint(reactor, settings.dtu), DTUFactory(center, reactor), "dtu-tcp")
     dtu_listener.setServiceParent(top)
     top.require_listening(settings.where("dtu"), dtu_listener.when_listening)
@@ -283,8 +292,10 @@ def build_service(
         enrol_dtu=queries.enrol_adopted_dtu, release_dtu=center.release_held,
     )
     bridge.unknown.adopter = adopter
+    alarms = add_alarms(top, settings, center, bridge, store, reactor)
     reloader = top.reloader = Reloader(settings, reread or (lambda: settings), recorder, bridge, reactor)
     reloader.hold_until(starting)
+    reloader.on_reload(lambda new: alarms.set_file_rules(new.alarms))
     reloader.on_reload(partial(apply_center_settings, center))
     reloader.on_reload(lambda new: bridge.apply_settings(new.modbus))
     if udp is not None:
@@ -293,12 +304,28 @@ def build_service(
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     api = None
     if settings.api != "off":
-        api = add_api(top, settings, center, control, store, recorder, bridge, templates, reactor, cluster)
+        api = add_api(top, settings, center, control, store, recorder, bridge, templates, alarms, reactor, cluster)
         PendingApi(book, adopter).install(api)
     add_metrics(top, settings, MetricsSources(
         center, store, bridge, api, pending_devices=book.count, per_link=settings.metrics_per_link
     ), reactor)
     return top
+
+
+def add_alarms(
+    top: CenterService, settings: Settings, center: DTUCenter, bridge: ModbusBridge, store: Store, reactor: Any
+) -> AlarmService:
+    """Alarm rules evaluated on the center's events (dtucenter/alarms/)."""
+
+    def online(kind: str, device: str) -> bool:
+        if kind == "dtu":
+            return int(device) in center.sessions
+        return any(link.name == device and link.online for link in bridge.link_statuses())
+
+    alarms = AlarmService(store, top.events, reactor, center.now, online, settings.alarms)
+    alarms.setName("alarms")
+    alarms.setServiceParent(top)
+    return alarms
 
 
 class ClusterMembership(Service):
@@ -441,8 +468,8 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
 
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
-    recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, reactor: Any,
-    cluster: ClusterNode,
+    recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, alarms: AlarmService,
+    reactor: Any, cluster: ClusterNode,
 ) -> Router:
     """The API's listener; returns its router, where other parts add their endpoints."""
     try:
@@ -456,6 +483,7 @@ def add_api(
         recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition, templates
     ).install(site.resource)
     TemplateApi(recorder, bridge, templates, read_meter_definition, center.now).install(site.resource)
+    AlarmApi(alarms, recorder, center.now).install(site.resource)
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)

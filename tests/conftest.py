@@ -8,10 +8,12 @@ from pathlib import Path
 import attrs
 import pytest
 from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 from twisted.logger import ILogObserver, LogEvent, LogLevel, eventAsText, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from dtucenter.store.models import Base
+from dtucenter.store.schema import VALUES_VIEW
 
 #: A PostgreSQL URL the tests may wipe; .ci/run starts a server and sets it.
 POSTGRES_URL = os.environ.get("DTUCENTER_TEST_POSTGRES")
@@ -22,16 +24,37 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The same test against the embedded default and the production database."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'center.db'}"
+    return emptied(postgres_url())
+
+
+def postgres_url() -> str:
+    """The scratch PostgreSQL database's URL; the test is skipped without one (failed in CI)."""
     if not POSTGRES_URL:
         if os.environ.get("CI"):
             pytest.fail("CI must run the PostgreSQL tests: DTUCENTER_TEST_POSTGRES is not set")
         pytest.skip("set DTUCENTER_TEST_POSTGRES to a scratch database URL to run against PostgreSQL")
-    engine = create_engine(POSTGRES_URL)
+    return POSTGRES_URL
+
+
+def emptied(url: str) -> str:
+    """``url``, its database emptied of the center's tables."""
+    engine = create_engine(url)
     with engine.begin() as connection:
+        connection.exec_driver_sql(f"DROP VIEW IF EXISTS {VALUES_VIEW}")  # it depends on samples
         Base.metadata.drop_all(connection)
         connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")  # else the next test's is at head
     engine.dispose()
-    return POSTGRES_URL
+    return url
+
+
+@pytest.fixture
+def postgres_urls() -> tuple[str, str]:
+    """The scratch PostgreSQL database, emptied, through psycopg 3 (whose store COPYs samples) and
+    through psycopg2 (whose store INSERTs them): the same database, both drivers."""
+    url = make_url(postgres_url())
+    psycopg = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    psycopg2 = url.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return emptied(psycopg), psycopg2
 
 
 # -- errors logged during a test fail it, as under trial -------------------------------------------

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
@@ -229,6 +230,29 @@ async def connect_dtu(center: RunningCenter) -> DTUClient:
     client = DTUClient()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", center.tcp_port), client)
     return client
+
+
+class Warnings:
+    """The warnings logged, as text: of one namespace (a module's logger), or all."""
+
+    def __init__(self, namespace: str | None = None) -> None:
+        self.namespace = namespace
+        self.texts: list[str] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_level") == LogLevel.warn and self.namespace in (None, event.get("log_namespace")):
+            self.texts.append(formatEvent(event))
+
+
+@contextlib.contextmanager
+def logged_warnings(namespace: str | None = None) -> Iterator[Warnings]:
+    """The warnings logged while the block runs."""
+    observer = Warnings(namespace)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield observer
+    finally:
+        globalLogPublisher.removeObserver(observer)
 
 
 async def until(predicate: Any, timeout: float = STEP_TIMEOUT) -> None:

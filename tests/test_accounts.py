@@ -20,7 +20,7 @@ from dtucenter.store.db import open_engine
 from dtucenter.store.facade import METER_SAMPLES
 from dtucenter.store.models import ApiToken
 from dtucenter.web.router import Router
-from tests.support import ApiClient, RunningCenter, make_account, start_center
+from tests.support import ApiClient, RunningCenter, eventually, make_account, start_center
 
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
 #: The first account's DTU, meter and link: what the second account must never see.
@@ -30,6 +30,8 @@ LINK = "acme-site"
 #: A link acme made through the API: the link routes' known name.
 API_LINK = "acme-api-site"
 #: Ids nobody has: a scoped answer must be exactly the answer for these.
+#: acme's alarm rule: its DTU offline.
+ALARM_RULE = "acme-offline"
 NO_PSN = 999_999
 NO_METER = "no-such-meter"
 NO_LINK = "no-such-link"
@@ -259,6 +261,16 @@ ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("PUT", "/api/templates/{name}"): ({**{k: v for k, v in TEMPLATE.items() if k != "name"}, "version": 2}, "404"),
     ("DELETE", "/api/templates/{name}"): (None, "404"),
     ("GET", "/api/templates/{name}/edits"): (None, "404"),
+    # Alarms: acme's rules, alarms and webhook are acme's; a rule on acme's devices is refused as on unknown ones.
+    ("GET", "/api/alarms"): (None, "200"),
+    ("GET", "/api/alarms/rules"): (None, "200"),
+    ("POST", "/api/alarms/rules"): ({"name": "theirs", "meter": METER, "point": "power", "above": 1}, "404"),
+    ("GET", "/api/alarms/rules/{name}"): (None, "404"),
+    ("PUT", "/api/alarms/rules/{name}"): ({"dtu": PSN, "offline": 5}, "404"),
+    ("DELETE", "/api/alarms/rules/{name}"): (None, "404"),
+    ("GET", "/api/alarms/webhook"): (None, "200"),
+    ("PUT", "/api/alarms/webhook"): ({"url": "http://127.0.0.1:9/beta"}, "200"),
+    ("DELETE", "/api/alarms/webhook"): (None, "404"),
 }
 
 
@@ -269,6 +281,7 @@ def fill(pattern: str, known: bool) -> str:
         "id": "guessed-pending-id" if known else "another-guessed-id",
         "name": ("acme" if known else "nobody") if pattern.startswith("/api/accounts") else
                 (TEMPLATE["name"] if known else "nobodys-model") if pattern.startswith("/api/templates") else
+                (ALARM_RULE if known else "nobodys-rule") if pattern.startswith("/api/alarms") else
                 (METER if known else NO_METER) if pattern.startswith("/api/meters") else
                 (API_LINK if known else NO_LINK),
     }
@@ -292,7 +305,15 @@ async def acme_fleet(center: RunningCenter, admin: ApiClient) -> ApiClient:
     assert (await acme.post(f"/api/meters/{METER}/read", {"points": ["power"]})).status == 409
     assert (await acme.call("PUT", f"/api/dtus/{PSN}", {"name": "pump 2"})).status == 200
     assert (await acme.post("/api/templates", TEMPLATE)).status == 201
+    rule = {"name": ALARM_RULE, "dtu": PSN, "offline": 0.01, "webhook": "http://127.0.0.1:9/acme"}
+    assert (await acme.post("/api/alarms/rules", rule)).status == 201
+    assert (await acme.call("PUT", "/api/alarms/webhook", {"url": "http://127.0.0.1:9/acme-all"})).status == 200
+    await eventually(lambda: alarm_of(acme), "acme's DTU offline alarm")
     return acme
+
+
+async def alarm_of(client: ApiClient) -> Any:
+    return (await client.get("/api/alarms?active=1")).body["alarms"]
 
 
 @pytest_twisted.ensureDeferred
@@ -309,7 +330,8 @@ async def test_every_endpoint_hides_another_accounts_devices(tmp_path: Path, db_
             f"/api/dtus/{PSN}/samples", f"/api/dtus/{PSN}/commands", f"/api/dtus/{PSN}/edits",
             f"/api/meters/{METER}/samples", f"/api/meters/{METER}/writes", f"/api/meters/{METER}/reads",
             "/api/accounts/acme/tokens", f"/api/templates/{TEMPLATE['name']}",
-            f"/api/templates/{TEMPLATE['name']}/edits",
+            f"/api/templates/{TEMPLATE['name']}/edits", f"/api/alarms/rules/{ALARM_RULE}", "/api/alarms",
+            "/api/alarms/webhook",
         )}
         secrets = ("acme", str(PSN), METER, LINK, API_LINK, "ACME-0002", "1111", "-2222", "3333", "pump", "ACME-0001",
                    TEMPLATE["name"])

@@ -39,6 +39,11 @@ FORBIDDEN = [
     ("dtucenter.dtu", "dtucenter.tap", "only the twisted plugin starts the center"),
     ("dtucenter.modbus", "dtucenter.tap", "only the twisted plugin starts the center"),
     ("dtucenter.web", "dtucenter.tap", "only the twisted plugin starts the center"),
+    ("dtucenter.dtu", "dtucenter.alarms", "alarms hear the protocols through the event hub"),
+    ("dtucenter.modbus", "dtucenter.alarms", "alarms hear the protocols through the event hub"),
+    ("dtucenter.store", "dtucenter.alarms", "the store keeps alarms as plain rows"),
+    ("dtucenter.alarms", "dtucenter.web", "alarms do not know the API"),
+    ("dtucenter.alarms", "dtucenter.tap", "only the twisted plugin starts the center"),
 ]
 
 #: Helpers every layer may use; they use none.

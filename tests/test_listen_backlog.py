@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from dtucenter.setting import DEFAULT_LISTEN_BACKLOG
+from dtucenter.listeners import DEFAULT_LISTEN_BACKLOG
 from tests.support import start_center
 
 SOMAXCONN = Path("/proc/sys/net/core/somaxconn")

@@ -8,27 +8,15 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 
 from dtucenter.manhole import loopback_unless_named
-from tests.support import start_center
-
-
-class Warnings:
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        if event.get("log_namespace") == "dtucenter.manhole" and event.get("log_level") == LogLevel.warn:
-            self.texts.append(formatEvent(event))
+from tests.support import Warnings, logged_warnings, start_center
 
 
 @pytest.fixture
 def warnings() -> Iterator[Warnings]:
-    observer = Warnings()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
+    with logged_warnings("dtucenter.manhole") as observer:
+        yield observer
 
 
 async def manhole_host(tmp_path: Path, endpoint: str) -> str:
@@ -75,6 +63,8 @@ async def test_a_manhole_on_a_named_interface_stays_there_with_a_warning(tmp_pat
         ("tcp:2222:interface=192.0.2.7", "tcp:2222:interface=192.0.2.7", True),
         (r"tcp6:2222:interface=\:\:", r"tcp6:2222:interface=\:\:", True),
         ("unix:/run/dtucenter/manhole", "unix:/run/dtucenter/manhole", False),
+        ("haproxy:tcp:2222", "haproxy:tcp:2222:interface=127.0.0.1", False),
+        ("haproxy:tcp:2222:interface=192.0.2.7", "haproxy:tcp:2222:interface=192.0.2.7", True),
     ],
 )
 def test_loopback_unless_named(given: str, used: str, warned: bool, warnings: Warnings) -> None:

@@ -22,7 +22,14 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.python.logfile import LogFile
 
-from dtucenter.config import ModbusSettings, Settings, changed_settings, read_settings, running_settings
+from dtucenter.config import (
+    ModbusSettings,
+    RetentionSettings,
+    Settings,
+    changed_settings,
+    read_settings,
+    running_settings,
+)
 from dtucenter.process import OwnProcess
 from dtucenter.reload import DevicePlan, plan_devices
 from dtucenter.setting import METADATA_KEY, Reload, reload_of
@@ -44,13 +51,13 @@ LIVE = {
     "dtu_udp_pending", "unknown_dtu", "login_timeout", "command_timeout", "log_rotate_size", "log_keep",
     "modbus.login_timeout", "modbus.probe", "modbus.probe_after", "modbus.rules",
     "modbus.unknown_registration", "modbus.registration_window", "modbus.held_connections",
-    "modbus.held_connections_per_host",
+    "modbus.held_connections_per_host", "alarms",
 }
 
 
 def declared_reloads() -> dict[str, Reload]:
     found = {}
-    for prefix, cls in (("", Settings), ("modbus.", ModbusSettings)):
+    for prefix, cls in (("", Settings), ("modbus.", ModbusSettings), ("retention.", RetentionSettings)):
         for attribute in attrs.fields(cls):
             if attribute.eq:
                 found[prefix + attribute.name] = reload_of(attribute)
@@ -60,14 +67,16 @@ def declared_reloads() -> dict[str, Reload]:
 def test_each_setting_says_whether_a_reload_applies_it_and_silence_means_a_restart() -> None:
     reloads = declared_reloads()
     assert {name for name, kind in reloads.items() if kind is Reload.LIVE} == LIVE
-    assert reloads["modbus"] is Reload.TABLE
+    assert reloads["modbus"] is Reload.TABLE and reloads["retention"] is Reload.TABLE
+    assert {reloads[name] for name in reloads if name.startswith("retention.")} == {Reload.RESTART}
     assert {name for name, kind in reloads.items() if kind is Reload.DEVICES} == {"modbus.links", "modbus.meters"}
     for name in ("dtu", "db", "api", "api_token", "manhole", "frame_head", "modbus.listen", "source"):
         assert reloads[name] is Reload.RESTART, name
     # A field declared without a word about reloads needs a restart.
     undeclared = attrs.make_class("Later", {"x": attrs.field(default=0, metadata={})})
     assert reload_of(attrs.fields(undeclared).x) is Reload.RESTART
-    assert all(METADATA_KEY in a.metadata or a.name in ("modbus", "source") for a in attrs.fields(Settings) if a.eq)
+    composed_fields = ("modbus", "alarms", "retention", "source")
+    assert all(METADATA_KEY in a.metadata or a.name in composed_fields for a in attrs.fields(Settings) if a.eq)
 
 
 def test_changed_settings_name_each_change_where_it_comes_from_and_whether_it_is_live() -> None:

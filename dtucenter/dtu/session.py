@@ -71,9 +71,12 @@ def write_now(transport: Any, data: bytes) -> None:
     one. So this reads the transport's private send buffer; if a Twisted release
     moves it, this falls back to ``transport.write`` and
     tests/sim/test_sim_center_fast_paths.py fails, so the loss is not silent.
-    Only plain TCP (not TLS, not a test's transport); what the socket does not
+    Only plain TCP (not TLS, not a test's transport), also behind the PROXY protocol; what the socket does not
     take at once goes the usual way, in order.
     """
+    if type(transport) is not tcp.Server:
+        # A connection to a PROXY listener (``haproxy:``) writes through to the socket's transport.
+        transport = getattr(transport, "relays_to", transport)
     if type(transport) is tcp.Server and transport.connected and not transport.disconnecting:
         try:
             nothing_queued = not transport.dataBuffer and not transport._tempDataBuffer

@@ -17,6 +17,7 @@ from zope.interface import implementer
 from dtucenter.discovery import PendingBook
 from dtucenter.events import EventHub, MeterFailed, MeterRead
 from dtucenter.isotime import utc_from_seconds
+from dtucenter.listeners import listening_endpoint
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings
 from dtucenter.modbus.links import (
     Link,
@@ -32,7 +33,6 @@ from dtucenter.modbus.master import LinkCounters
 from dtucenter.modbus.points import Value
 from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller, Reading
 from dtucenter.modbus.unknown import HeldLimits, UnknownRegistrations
-from dtucenter.setting import listening_endpoint
 
 SHARED_LISTENER = "modbus"
 #: Link kinds the center reaches out on itself (an outgoing connection, a serial port), as opposed to waiting for.

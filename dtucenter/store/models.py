@@ -154,7 +154,11 @@ class Sample(Base):
     values: Mapped[bytes] = mapped_column(LargeBinary)
     registers: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
-    __table_args__ = (Index("ix_samples_psn_time", "psn", "time"),)
+    __table_args__ = (
+        Index("ix_samples_psn_time", "psn", "time"),
+        # The order roll-ups and expiry walk the table in (store/retention.py).
+        Index("ix_samples_time_id", "time", "id"),
+    )
 
 
 class CommandRecord(Base):
@@ -277,6 +281,7 @@ class MeterSample(Base):
     __table_args__ = (
         Index("ix_meter_samples_meter_point_time", "meter", "point", "time"),
         Index("ix_meter_samples_meter_time", "meter", "time"),
+        Index("ix_meter_samples_time_id", "time", "id"),
     )
 
 
@@ -478,3 +483,131 @@ class PendingDeviceRow(Base):
     times_seen: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (UniqueConstraint("kind", "registration", name="uq_pending_devices_kind_registration"),)
+
+
+class AlarmRuleRow(Base):
+    """An account's alarm rule made through the API: its ``[[alarm]]`` keys as JSON.
+
+    The config file's rules are not stored: the file holds them. Names are unique per
+    account, among the file's rules too (the API refuses a file rule's name).
+    """
+
+    __tablename__ = "alarm_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(Integer, ForeignKey("accounts.id", ondelete="CASCADE"))
+    owner: Mapped[Account] = relationship(lazy="joined", innerjoin=True)
+    name: Mapped[str] = mapped_column(String(100))
+    #: The rule's keys as JSON, read by the file's reader.
+    definition: Mapped[str] = mapped_column(Text)
+    created: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    updated: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    __table_args__ = (UniqueConstraint("account_id", "name", name="uq_alarm_rules_account_name"),)
+
+
+class AlarmWebhook(Base):
+    """Where an account's alarms are POSTed, besides the webhooks of their rules."""
+
+    __tablename__ = "alarm_webhooks"
+
+    account_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    url: Mapped[str] = mapped_column(String(1000))
+    updated: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class Alarm(Base):
+    """One alarm: raised by a rule, active until ``cleared`` is set; the history is these rows.
+
+    The rule, device and account are kept by name, like the audit trails: the history
+    outlives a rule, a device or an account that is deleted. At most one row per
+    account and rule is active (``cleared`` NULL): a restart reads them back instead of
+    raising again.
+    """
+
+    __tablename__ = "alarms"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(Integer)
+    account: Mapped[str] = mapped_column(String(100))
+    rule: Mapped[str] = mapped_column(String(100))
+    #: dtu, meter or link.
+    device_kind: Mapped[str] = mapped_column(String(8))
+    device: Mapped[str] = mapped_column(String(100))
+    point: Mapped[str | None] = mapped_column(String(100), default=None)
+    limit: Mapped[float | None] = mapped_column(Double, default=None)
+    message: Mapped[str] = mapped_column(Text)
+    raised: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    raised_value: Mapped[float | None] = mapped_column(Double, default=None)
+    cleared: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    cleared_value: Mapped[float | None] = mapped_column(Double, default=None)
+    cleared_message: Mapped[str | None] = mapped_column(Text, default=None)
+
+    __table_args__ = (
+        Index("ix_alarms_account_id", "account_id", "id"),
+        Index("ix_alarms_account_rule_cleared", "account_id", "rule", "cleared"),
+    )
+# -- roll-ups and retention (store/retention.py) ---------------------------------------------------
+
+
+class SampleRollup(Base):
+    """The values of one position of one DTU over an hour or a day: count, min, max and sum.
+
+    ``period`` is the bucket's length in seconds (3600 or 86400) and ``start``
+    its beginning, UTC-aligned. ``dev`` and ``addr`` are those of the bucket's
+    latest value that had them. Kept longer than the raw samples they summarise.
+    """
+
+    __tablename__ = "sample_rollups"
+
+    psn: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    period: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    start: Mapped[dt.datetime] = mapped_column(UTCDateTime, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    dev: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
+    addr: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    min: Mapped[float] = mapped_column(Double)
+    max: Mapped[float] = mapped_column(Double)
+    sum: Mapped[float] = mapped_column(Double)
+
+    #: Expiry walks a resolution's oldest buckets.
+    __table_args__ = (Index("ix_sample_rollups_period_start", "period", "start"),)
+
+
+class MeterSampleRollup(Base):
+    """A meter point's values over an hour or a day, like ``SampleRollup``.
+
+    ``count`` counts the values that were numbers; a bucket whose values were
+    all NaN (stored as NULL) has count 0 and NULL min, max and sum.
+    """
+
+    __tablename__ = "meter_sample_rollups"
+
+    meter: Mapped[str] = mapped_column(String(100), primary_key=True)
+    point: Mapped[str] = mapped_column(String(100), primary_key=True)
+    period: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    start: Mapped[dt.datetime] = mapped_column(UTCDateTime, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    min: Mapped[float | None] = mapped_column(Double, nullable=True)
+    max: Mapped[float | None] = mapped_column(Double, nullable=True)
+    sum: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+    __table_args__ = (Index("ix_meter_sample_rollups_period_start", "period", "start"),)
+
+
+class RollupCursor(Base):
+    """How far the roll-up job has read a raw table: the (time, id) of the last row it summarised.
+
+    Moved in the same transaction as the roll-ups it wrote, so a restart
+    resumes exactly there and no row is counted twice.
+    """
+
+    __tablename__ = "rollup_cursors"
+
+    #: The raw table's name.
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    row_id: Mapped[int] = mapped_column(BigInteger)

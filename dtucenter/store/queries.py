@@ -203,11 +203,12 @@ def table_of(model: type[Base]) -> Table:
 def record_last_seen(session: Session, seen: Mapping[int, dt.datetime]) -> None:
     # Core, not the ORM's bulk update: that one fails the whole batch when a
     # DTU was deleted meanwhile; here a missing row simply updates nothing.
+    # In PSN order: the nodes of a cluster that lock the same rows lock them in the same order.
     if seen:
         table = table_of(Dtu)
         session.connection().execute(
             update(table).where(table.c.psn == bindparam("b_psn")).values(last_seen=bindparam("b_seen")),
-            [{"b_psn": psn, "b_seen": when} for psn, when in seen.items()],
+            [{"b_psn": psn, "b_seen": seen[psn]} for psn in sorted(seen)],
         )
 
 

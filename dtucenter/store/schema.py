@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,11 @@ BASELINE = "0001"
 VERSION_TABLE = "alembic_version"
 #: ``pg_advisory_lock`` key held while upgrading, so two centers starting together do not race.
 UPGRADE_LOCK = int.from_bytes(b"dtucentr", "big")
+
+#: The view of DTU samples as one row per value (migration 0008_retention, docs/integrations.md).
+VALUES_VIEW = "dtu_values"
+#: PostgreSQL's partitions of the sample tables (store/retention.py): tables the models do not describe.
+PARTITION_NAME = re.compile(r"^(samples|meter_samples)_p(\d{8}|_before\d{8}|_default)$")
 
 Kind = Literal["empty", "unversioned", "current", "behind", "unknown"]
 
@@ -105,6 +111,11 @@ def head() -> str:
     revision = scripts().get_current_head()
     assert revision is not None, "no migrations"
     return revision
+
+
+def include_name(name: str | None, type_: str, _parent_names: object) -> bool:
+    """For Alembic's comparisons of the models with a database: everything but the partitions."""
+    return not (type_ == "table" and name is not None and PARTITION_NAME.match(name))
 
 
 def history() -> list[tuple[str, str]]:

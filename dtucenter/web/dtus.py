@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from dtucenter.dtu import commands, wire
 from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.control import Control, UnknownDTU
-from dtucenter.store import accounts, audit, queries
+from dtucenter.store import accounts, audit, queries, retention
 from dtucenter.store.facade import Store
 from dtucenter.store.nodes import NodeInfo
 from dtucenter.web.params import (
@@ -26,6 +26,8 @@ from dtucenter.web.params import (
     check_keys,
     limit_param,
     newest_first_param,
+    resolution_param,
+    rollups_answer,
     time_param,
 )
 from dtucenter.web.peers import Peers, PeerUnreachable
@@ -222,19 +224,29 @@ class DtuApi:
         return {"deleted": number}
 
     async def samples(self, call: Call, psn: str) -> Any:
-        params = call.query(("since", "until", "limit", "order"))
+        params = call.query(("since", "until", "limit", "order", "resolution"))
         number = _psn(psn)
         since, until = time_param(params, "since"), time_param(params, "until")
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
         newest_first = newest_first_param(params)
+        resolution = resolution_param(params)
 
-        def job(session: Session) -> list[queries.SampleInfo]:
+        def job(session: Session) -> list[queries.SampleInfo] | retention.Series:
+            chosen = resolution
+            if chosen == "auto":
+                chosen = retention.resolve_resolution(session, retention.DTU_SAMPLES, number, since, until)
+            if chosen == "hour" or chosen == "day":
+                return retention.read_series(session, retention.DTU_SAMPLES, number, since, until, chosen,
+                                             limit=limit + 1, newest_first=newest_first)
             return queries.query_samples(session, number, since, until, limit + 1, newest_first)
 
         found = await self.store.read(self._scoped_job(call, number, job))
         if found is None:
             raise ApiError(404, f"no DTU {number}")
-        return {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
+        if isinstance(found, retention.Series):
+            return rollups_answer(found, "position", limit)
+        answer = {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
+        return answer if resolution is None else {"resolution": "raw", **answer}
 
     async def latest(self, call: Call, psn: str) -> Any:
         call.query(())

@@ -35,7 +35,7 @@ from dtucenter.modbus.points import PointValueError
 from dtucenter.modbus.poller import MeterStatus, Reading, UnknownMeter, UnknownPoint
 from dtucenter.modbus.raw import EXPECT_KINDS, MAX_RAW_BYTES, MAX_RAW_TIMEOUT, Expect, RawAnswer
 from dtucenter.modbus.service import ModbusBridge
-from dtucenter.store import accounts, meters
+from dtucenter.store import accounts, meters, retention
 from dtucenter.store import links as device_links
 from dtucenter.store.facade import Store
 from dtucenter.store.links import DeviceConflict
@@ -47,6 +47,8 @@ from dtucenter.web.params import (
     check_keys,
     limit_param,
     newest_first_param,
+    resolution_param,
+    rollups_answer,
     time_param,
 )
 from dtucenter.web.peers import Peers, PeerUnreachable
@@ -188,25 +190,39 @@ class MeterApi:
         return self._meter_json(await self._known(call, name))
 
     async def samples(self, call: Call, name: str) -> dict[str, object]:
-        params = call.query(("point", "since", "until", "limit", "order"))
+        params = call.query(("point", "since", "until", "limit", "order", "resolution"))
         point = params.get("point")
         since, until = time_param(params, "since"), time_param(params, "until")
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
         newest_first = newest_first_param(params)
+        resolution = resolution_param(params)
         await self.recorder.synced()
         scope = call.caller.scope
 
-        def job(session: Session) -> list[meters.MeterSampleInfo]:
+        def known(session: Session) -> meters.MeterInfo:
             info = meters.get_meter(session, name, scope)
             if info is None:
                 raise ApiError(404, f"no meter {name!r}")
             # A point that left the config still has its samples.
             if point is not None and info.point(point) is None and not meters.has_samples(session, name, point):
                 raise ApiError(404, f"meter {name} has no point {point!r}")
+            return info
+
+        def job(session: Session) -> list[meters.MeterSampleInfo] | retention.Series:
+            info = known(session)
+            chosen = resolution
+            if chosen == "auto":
+                chosen = retention.resolve_resolution(session, retention.METER_SAMPLES, name, since, until, point)
+            if chosen == "hour" or chosen == "day":
+                return retention.read_series(
+                    session, retention.METER_SAMPLES, name, since, until, chosen, point, limit + 1, newest_first)
             return meters.query_meter_samples(session, info, point, since, until, limit + 1, newest_first)
 
         found = await self.store.read(job)
-        return {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
+        if isinstance(found, retention.Series):
+            return rollups_answer(found, "point", limit)
+        answer: dict[str, object] = {"samples": [s.to_json() for s in found[:limit]], "more": len(found) > limit}
+        return answer if resolution is None else {"resolution": "raw", **answer}
 
     async def latest(self, call: Call, name: str) -> dict[str, object]:
         call.query(())
@@ -449,6 +465,15 @@ async def account_named(store: Store, name: object) -> int:
     if found is None:
         raise ApiError(400, f"no account {name!r}")
     return found
+
+
+async def account_meant(call: Call, store: Store, named: str | None) -> tuple[int, str]:
+    """(id, name) of the account a request means: the caller's, or the one an admin names
+    (``?account=``); 403 for another account naming one not its own."""
+    if named is None or named == call.caller.account:
+        return call.caller.account_id, call.caller.account
+    call.require_admin()
+    return await account_named(store, named), named
 
 
 def _json_value(value: object) -> object:

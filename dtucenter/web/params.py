@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from dtucenter.isotime import parse_iso_time
+from dtucenter.store.retention import RESOLUTIONS, Resolution, Series
 from dtucenter.web.router import ApiError
 
 #: Samples an answer holds unless ``limit`` says otherwise, and at most.
@@ -52,3 +53,25 @@ def newest_first_param(params: dict[str, str]) -> bool:
     if text not in ("asc", "desc"):
         raise ApiError(400, f"order must be asc or desc, got {text!r}")
     return text == "desc"
+
+
+def resolution_param(params: dict[str, str]) -> Resolution | Literal["auto"] | None:
+    """``resolution=raw|hour|day|auto`` (auto: by the range's length); None when not asked for."""
+    text = params.get("resolution")
+    if text is None:
+        return None
+    if text == "auto":
+        return "auto"
+    for resolution in RESOLUTIONS:
+        if text == resolution:
+            return resolution
+    raise ApiError(400, f"resolution must be raw, hour, day or auto, got {text!r}")
+
+
+def rollups_answer(series: Series, key_name: str, limit: int) -> dict[str, Any]:
+    """The answer of a samples endpoint asked for roll-ups (``series`` read with ``limit + 1``)."""
+    return {
+        "resolution": series.resolution,
+        "rollups": [point.to_json(key_name) for point in series.points[:limit]],
+        "more": len(series.points) > limit,
+    }

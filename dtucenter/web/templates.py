@@ -30,7 +30,7 @@ from dtucenter.setting import ConfigError
 from dtucenter.store import templates as stored
 from dtucenter.store.recorder import MeterRecorder, meter_spec, point_spec
 from dtucenter.web.definitions import MeterReader, body_and_owner, write_or_refuse
-from dtucenter.web.meters import DEFAULT_HISTORY, MAX_HISTORY, account_named
+from dtucenter.web.meters import DEFAULT_HISTORY, MAX_HISTORY, account_meant
 from dtucenter.web.params import limit_param
 from dtucenter.web.router import ApiError, Call, Reply, Router
 
@@ -61,13 +61,6 @@ class TemplateApi:
         router.add("GET", "/api/templates/{name}/edits", self.edits)
 
     # -- shared steps -----------------------------------------------------------------------------
-
-    async def _account(self, call: Call, named: str | None) -> tuple[int, str]:
-        """The account meant: the caller's, or the one an admin names."""
-        if named is None or named == call.caller.account:
-            return call.caller.account_id, call.caller.account
-        call.require_admin()
-        return await account_named(self.store, named), named
 
     def _parsed(self, row: stored.TemplateRow) -> Template:
         """A stored template: as loaded (or written since), or read from its row (one the CLI
@@ -101,7 +94,7 @@ class TemplateApi:
         return {"templates": shipped + own}
 
     async def get_template(self, call: Call, name: str) -> Any:
-        account_id, account = await self._account(call, call.query(("account",)).get("account"))
+        account_id, account = await account_meant(call, self.store, call.query(("account",)).get("account"))
         row = await self.store.read(partial(stored.get_template, account=account_id, name=name))
         if row is not None:
             return template_json(self._parsed(row), account)
@@ -112,7 +105,7 @@ class TemplateApi:
     async def edits(self, call: Call, name: str) -> Any:
         params = call.query(("account", "limit"))
         limit = limit_param(params, DEFAULT_HISTORY, MAX_HISTORY)
-        account_id, account = await self._account(call, params.get("account"))
+        account_id, account = await account_meant(call, self.store, params.get("account"))
         edits = await self.store.read(partial(stored.list_edits, account=account, name=name, limit=limit))
         if not edits and await self.store.read(partial(stored.get_template, account=account_id, name=name)) is None:
             raise ApiError(404, f"no template {name!r}")
@@ -165,7 +158,7 @@ class TemplateApi:
 
     async def delete_template(self, call: Call, name: str) -> Any:
         self._refuse_shipped(name)
-        account_id, _ = await self._account(call, call.query(("account",)).get("account"))
+        account_id, _ = await account_meant(call, self.store, call.query(("account",)).get("account"))
         await self.catalog.loaded()
         found = await write_or_refuse(self.recorder, partial(
             stored.delete_template, account=account_id, name=name, who=call.who, now=self.now(),

@@ -112,7 +112,8 @@ def test_the_bridge_stands_apart_from_the_rest_of_the_center(tmp_path: Path) -> 
     # Integration wires the bridge in; the bridge must not reach back. It may share
     # leaf helpers that import nothing of the center (addresses, the event records and hub, time
     # conversions, the junk window, the latency histogram, the login throttle, the settings'
-    # declarations, transport handling, the book of pending devices).
+    # declarations, transport handling, the book of pending devices), and the listeners' endpoints,
+    # which use only those.
     code = (
         "import sys, dtucenter.modbus.service\n"
         "print(sorted(m for m in sys.modules if m.startswith('dtucenter.') and not m.startswith('dtucenter.modbus')))"
@@ -120,8 +121,11 @@ def test_the_bridge_stands_apart_from_the_rest_of_the_center(tmp_path: Path) -> 
     result = run_process([sys.executable, "-c", code], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    leaves = ["addresses", "discovery", "events", "isotime", "junk", "latency", "setting", "throttle", "transports"]
-    assert out.strip() == repr([f"dtucenter.{leaf}" for leaf in leaves])
+    shared = [
+        "addresses", "discovery", "events", "isotime", "junk", "latency", "listeners", "setting", "throttle",
+        "transports",
+    ]
+    assert out.strip() == repr([f"dtucenter.{module}" for module in shared])
 
 
 def test_a_scada_unit_answers_for_one_meter_at_a_time() -> None:

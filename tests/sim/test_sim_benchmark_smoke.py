@@ -33,6 +33,35 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     assert report.with_current_findings(text) == text, "--findings-only would change a fresh report"
 
 
+def test_the_databases_scenario_compares_sqlite_and_postgresql(tmp_path: Path, postgres_urls: tuple[str, str]) -> None:
+    out = tmp_path / "performance.md"
+    out.write_text("# Performance\n\n## Targets\n\nkept\n")
+    result = run_process(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--only", "databases", "--merge",
+         "--db", f"sqlite,{postgres_urls[0]}"],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert "kept" in text, "--merge replaced more than its section"
+    section = text.partition(report.DATABASES_HEADING)[2]
+    assert "| SQLite | " in section
+    assert "via psycopg (COPY) | " in section
+    assert "Traceback" not in result.stderr
+
+
+def test_retention_cost_smoke_run_writes_its_section(tmp_path: Path) -> None:
+    out = tmp_path / "retention.md"
+    result = run_process([sys.executable, "-m", "benchmarks.retention_cost", "--smoke", "--out", str(out)], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("## Retention job beside ingest")
+    rows = [line.split("|") for line in text.splitlines() if line.startswith(("| with ", "| without "))]
+    assert [row[1].strip() for row in rows] == ["without", "with"]
+    # The job did its work during the step with it, and none without it.
+    assert [int(row[7].replace(",", "")) for row in rows] == [0, 2000]
+
+
 def test_profile_summary_reads_py_spy_raw_stacks() -> None:
     from benchmarks.report import summarise_profile
 

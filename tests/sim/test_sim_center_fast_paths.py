@@ -8,11 +8,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from sqlalchemy.orm import Session
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -21,6 +22,7 @@ from twisted.python.failure import Failure
 from dtucenter.dtu import wire
 from dtucenter.dtu.center import CenterSettings, DTUCenter, upload_row
 from dtucenter.dtu.session import INBOX_LIMIT, DTUProtocol, write_now
+from dtucenter.listeners import ProxyHeaderFactory
 from dtucenter.store import queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import SAMPLES, _MultiRowInsert
@@ -161,7 +163,8 @@ class _Replier(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         write_now(self.transport, b"ack:" + data)
-        registered = self.transport in reactor.getWriters()  # type: ignore[attr-defined]
+        socket_transport = getattr(self.transport, "relays_to", self.transport)
+        registered = socket_transport in reactor.getWriters()  # type: ignore[attr-defined]
         try:
             arrived = self.peer.recv(100)
         except BlockingIOError:
@@ -182,17 +185,22 @@ class _ReplierFactory(Factory):
         return self.built[-1]
 
 
+@pytest.mark.parametrize("proxied", [False, True], ids=["tcp", "haproxy"])
 @pytest_twisted.ensureDeferred
-async def test_write_now_takes_the_fast_path_on_the_installed_twisted() -> None:
+async def test_write_now_takes_the_fast_path_on_the_installed_twisted(proxied: bool) -> None:
     """On a real loopback TCP connection the ack is in the peer's socket before write_now returns, and the
     transport never asked the reactor to be told of writability. This fails when a Twisted release moves the
-    private send buffer write_now reads (it then falls back to transport.write, and the gain is gone)."""
+    private send buffer write_now reads (it then falls back to transport.write, and the gain is gone).
+    Behind the PROXY protocol too: the listener's wrapper must not cost the fast path."""
     peer = socket.socket()
     factory = _ReplierFactory(peer)
-    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    listened: IProtocolFactory = ProxyHeaderFactory(factory, reactor, "test") if proxied else factory
+    listening = reactor.listenTCP(0, listened, interface="127.0.0.1")  # type: ignore[attr-defined]
     try:
         peer.connect(("127.0.0.1", listening.getHost().port))  # the kernel completes it without the reactor
         peer.setblocking(False)
+        if proxied:
+            peer.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 20000\r\n")
         peer.sendall(b"ping")
         await until(lambda: factory.built and factory.built[0].seen)
         assert factory.built[0].seen == [(b"ack:ping", False)]

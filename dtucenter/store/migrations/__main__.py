@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _next_revision() -> str:
-    return f"{int(schema.head()) + 1:04d}"
+    # Revisions are numbered, maybe with a name after the number (0008_retention).
+    return f"{int(schema.head().partition('_')[0]) + 1:04d}"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from alembic import context
 
 from dtucenter.store.models import Base, UTCDateTime
+from dtucenter.store.schema import include_name
 
 
 def render_item(kind: str, item: Any, _autogen_context: Any) -> str | Literal[False]:
@@ -27,6 +28,7 @@ context.configure(
     render_as_batch=True,
     compare_type=True,
     render_item=render_item,
+    include_name=include_name,
 )
 with context.begin_transaction():
     context.run_migrations()
