@@ -107,7 +107,9 @@ class ClusterNode(Service):
         self._renewing = True
         wanted = self.bridge.dialled_links() if self.bridge is not None else []
         started = self.clock.seconds()
-        d = self.store.write(partial(self._renewal, wanted=wanted, now=utc_now(self.clock)))
+        # Beside the writer's group commits, not behind them: under an ingest backlog a renewal
+        # queued there came too late, and the others took this busy node for dead.
+        d = self.store.maintain(partial(self._renewal, wanted=wanted, now=utc_now(self.clock)))
         d.addCallback(self._renewed, started)
         d.addErrback(self._not_renewed)
 
@@ -162,7 +164,7 @@ class ClusterNode(Service):
     # -- DTUs another node took ------------------------------------------------------------
 
     def _take_handovers(self) -> Deferred[None]:
-        d = self.store.write(partial(nodes.take_handovers, node=self.node)).addCallback(self._hand_over)
+        d = self.store.maintain(partial(nodes.take_handovers, node=self.node)).addCallback(self._hand_over)
         # Logged and carried on: the next second asks again.
         d.addErrback(lambda f: log.failure("Cluster node {node}: could not read handovers", f, node=self.node))
         return d

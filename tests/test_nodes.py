@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -11,11 +12,17 @@ import pytest
 import pytest_twisted
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
+from twisted.internet import reactor
+from twisted.internet.task import Clock
 
+from dtucenter.cluster import ClusterNode
+from dtucenter.dtu.center import DTUCenter
 from dtucenter.store import audit, nodes, queries
 from dtucenter.store.db import open_engine
-from dtucenter.store.models import CommandRecord, Dtu
-from tests.support import run_twistd, start_center
+from dtucenter.store.dtus import DtuStore
+from dtucenter.store.facade import Store
+from dtucenter.store.models import CommandRecord, Dtu, Node
+from tests.support import STEP_TIMEOUT, run_twistd, start_center, until
 
 T = TypeVar("T")
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
@@ -162,6 +169,35 @@ def test_commands_other_live_nodes_run_are_not_interrupted_by_a_start(engine: En
     assert count == 1
     outcomes = run(engine, lambda s: dict(s.execute(select(CommandRecord.id, CommandRecord.outcome)).all()))
     assert outcomes == {on_b: audit.PENDING, on_a: audit.INTERRUPTED}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_lease_is_renewed_while_the_writer_is_busy(tmp_path: Path) -> None:
+    """Under an ingest backlog the writer's queue is long: a renewal waiting in it would come too
+    late, and the other nodes would take a busy node for dead."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    store = Store(engine, reactor)
+    store.startService()
+    clock = Clock()
+    clock.advance(later(5).timestamp())
+    join(engine, "a")
+    release = threading.Event()
+    busy = store.write(lambda s: release.wait(STEP_TIMEOUT))
+    node = ClusterNode("a", store, clock, LEASE, DTUCenter(DtuStore(store, "a"), clock), shared=True)
+    try:
+        node.startService()
+
+        def renewed() -> bool:
+            return run(engine, lambda s: s.get_one(Node, "a").renewed) == later(5)
+
+        await until(renewed)
+        assert not busy.called
+    finally:
+        release.set()
+        await busy
+        await node.stopService()
+        await store.stopService()
+        engine.dispose()
 
 
 @pytest_twisted.ensureDeferred
