@@ -194,7 +194,11 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                 cwd=tmp_path,
             )
             started.append(node.process)
-        haproxy = start_process(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], cwd=tmp_path)
+        balancer_log = tmp_path / "haproxy.log"
+        with balancer_log.open("wb") as output:
+            haproxy = start_process(
+                ["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], cwd=tmp_path, stdout=output, stderr=output
+            )
         started.append(haproxy)
         result = Cluster(nodes, balancer_port, token, device)
 
@@ -213,6 +217,12 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
 
         try:
             await eventually(all_up, "three nodes up", timeout=WAIT)
+
+            async def balanced() -> bool:  # HAProxy sends to a node once its health check passed
+                said = balancer_log.read_text(errors="replace")
+                return all(f"centers/{name} is UP" in said for name in NODES)
+
+            await eventually(balanced, "HAProxy sending to every node", timeout=WAIT)
             yield result
         finally:
             await device_port.stopListening()
