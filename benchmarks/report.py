@@ -120,6 +120,7 @@ def render(results: dict[str, Any]) -> str:
     out += _render_storms(results.get("storm"), results["machine"])
     out += _render_junk_flood(results.get("junk_flood"))
     out += _render_databases(results.get("databases"))
+    out += _render_mqtt(results.get("mqtt"))
     if results.get("cluster"):
         out += ["", *cluster.render(results["cluster"], results["machine"]), ""]
     if FINDINGS.exists():
@@ -419,8 +420,63 @@ def _render_storms(runs: list[dict[str, Any]] | None, machine: dict[str, Any]) -
     return lines
 
 
+MQTT_HEADING = "## MQTT publishing at the ingest rate"
+#: Issue 14's budget: publishing at the ingest rate costs less than this share of the center's throughput.
+MQTT_BUDGET = 0.25
+
+
+def _render_mqtt(mqtt: dict[str, Any] | None) -> list[str]:
+    if not mqtt or not mqtt.get("without") or not mqtt["without"].get("steps"):
+        return []
+    first = mqtt["without"]["steps"][0]["offered"]
+    lines = [
+        MQTT_HEADING,
+        "",
+        ("The ingest scenario (1,000 DTUs x 8 values) against the center without MQTT, then with `--mqtt` to a "
+         "local Mosquitto (QoS 1) for each `[mqtt] payload` shape: `value` publishes a message per value (8 per "
+         "upload, retained), `device` one per upload with all its values (retained), `batch` one per account and "
+         "reactor turn with every upload of the turn. Mosquitto is another process on the same 2 cores; nobody "
+         f"subscribes. The center's CPU per 1,000 frames is taken at the first step ({first:,} frames/s offered), "
+         "which every run delivers: the same work with and without MQTT, so the difference is what publishing "
+         "costs, and it is less sensitive than frames/s to what else the machine runs. At the CPU-bound limit, "
+         "throughput goes as its inverse: that is the throughput cost below."),
+        "",
+        ("| run | sustained frames/s | peak frames/s | peak, of the run without MQTT | ack p99 at the first step (ms) "
+         "| center CPU per 1,000 frames at the first step (ms) | throughput cost from CPU | left in the backlog |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cpu_per_frame(run: dict[str, Any]) -> float | None:
+        step = run["steps"][0]
+        return step["cpu"] / step["frames_per_s"] * 1e6 if step["frames_per_s"] else None
+
+    base_peak = mqtt["without"]["peak"]["frames_per_s"]
+    base_cpu = cpu_per_frame(mqtt["without"])
+    verdicts = []
+    for label, title in (("without", "without MQTT"), ("value", "payload = value"), ("device", "payload = device"),
+                         ("batch", "payload = batch")):
+        run = mqtt.get(label)
+        if not run or not run.get("steps"):
+            continue
+        best, peak, step = run.get("best"), run["peak"], run["steps"][0]
+        cpu = cpu_per_frame(run)
+        cost = 1 - base_cpu / cpu if cpu and base_cpu else None
+        lines.append(
+            f"| {title} | {best['frames_per_s'] if best else 0:,.0f} | {peak['frames_per_s']:,.0f} | "
+            f"{peak['frames_per_s'] / base_peak:.0%} | {_ms(step['p99'])} | "
+            f"{'-' if cpu is None else f'{cpu:.0f}'} | {'-' if cost is None or label == 'without' else f'{cost:.0%}'} "
+            f"| {run.get('backlog_rows', '-')} |"
+        )
+        if label != "without" and cost is not None:
+            verdicts.append(f"- `payload = {label}` costs less than {MQTT_BUDGET:.0%} of the throughput: " + _verdict(
+                cost < MQTT_BUDGET, f"{cost:.0%} from CPU per frame; peak {peak['frames_per_s'] / base_peak:.0%} "
+                "of the run without MQTT"
+            ))
+    return [*lines, "", *verdicts, ""]
+
+
 #: The scenarios whose sections stand alone (no line in Targets): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk", "databases", "cluster"}
+MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -431,6 +487,8 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
         report = _with_section(report, JUNK_FLOOD_HEADING, _render_junk_flood(results["junk_flood"]))
     if results.get("databases"):
         report = _with_section(report, DATABASES_HEADING, _render_databases(results["databases"]))
+    if results.get("mqtt"):
+        report = _with_section(report, MQTT_HEADING, _render_mqtt(results["mqtt"]))
     if results.get("cluster"):
         report = _with_section(report, cluster.HEADING, cluster.render(results["cluster"], results["machine"]))
     return report

@@ -48,6 +48,7 @@ from benchmarks.procs import (
     start_baseline,
     start_center,
     start_sim,
+    wait_listening,
 )
 from dtucenter.latency import histogram_difference, percentile
 from dtucenter.store.models import Base
@@ -224,22 +225,24 @@ def run_ingest_step(workdir: Path, scale: Scale, server: Child, port: int, rate:
 
 
 def run_ingest(workdir: Path, scale: Scale, label: str, log: Callable[[str], None],
-               database: str = SQLITE) -> dict[str, Any]:
-    """Rising rates against the center (on ``database``: SQLite in ``workdir`` or a scratch database's URL,
-    emptied first) or the baseline, until a step falls far behind."""
+               database: str = SQLITE, center_args: Sequence[str] = (),
+               rates: Sequence[int] | None = None) -> dict[str, Any]:
+    """Rising rates (or ``rates``) against the center (on ``database``: SQLite in ``workdir`` or a scratch
+    database's URL, emptied first; ``label`` "center", or another with ``center_args``) or the baseline,
+    until a step falls far behind."""
     port = free_port()
     db: Path | str | None = None
     if label == "baseline":
         server = start_baseline(workdir, port)
     elif database == SQLITE:
         db = workdir / "center.db"
-        server = start_center(workdir, port)
+        server = start_center(workdir, port, center_args)
     else:
         db = empty_database(database)
-        server = start_center(workdir, port, ["--db", database])
+        server = start_center(workdir, port, ["--db", database, *center_args])
     steps: list[dict[str, Any]] = []
     try:
-        for rate in scale.ingest_rates:
+        for rate in rates or scale.ingest_rates:
             step = run_ingest_step(workdir, scale, server, port, rate, label, db)
             steps.append(step)
             log(f"  {label} offered {rate}/s: {report.step_line(step)}")
@@ -287,6 +290,54 @@ def run_databases(workroot: Path, scale: Scale, databases: Sequence[str], log: C
     for index, database in enumerate(databases):
         log(f"ingest on {describe_database(database)}")
         runs.append(run_ingest(_fresh(workroot, f"ingest-db-{index}"), scale, "center", log, database))
+    return runs
+
+
+# -- MQTT publishing at the ingest rate ------------------------------------------------------------
+
+#: The MQTT comparison's runs: the center without MQTT, and with each payload shape (docs/integrations.md).
+MQTT_RUNS = (("without", None), ("value", "value"), ("device", "device"), ("batch", "batch"))
+
+
+def start_mosquitto(workdir: Path) -> tuple[Child, int]:
+    port = free_port()
+    config = workdir / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "log_dest stderr"]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    config.write_text("\n".join(lines) + "\n")
+    broker = Child("mosquitto", ["mosquitto", "-c", str(config)], workdir / "mosquitto.log")
+    wait_listening(port, broker)
+    return broker, port
+
+
+def _backlog_rows(db: Path) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+        return int(conn.execute("SELECT count(*) FROM mqtt_backlog").fetchone()[0])
+
+
+def run_mqtt(workdir: Path, scale: Scale, log: Callable[[str], None]) -> dict[str, Any]:
+    """The ingest steps without MQTT and with --mqtt to a local Mosquitto, one payload shape after the other."""
+    rates = scale.ingest_rates if scale is SMOKE else tuple(r for r in scale.ingest_rates if r <= 14000)
+    runs: dict[str, Any] = {}
+    for label, payload in MQTT_RUNS:
+        run_dir = _fresh(workdir, label)
+        broker, port = start_mosquitto(run_dir) if payload else (None, 0)
+        args: list[str] = []
+        if payload:
+            config = run_dir / "center.toml"
+            config.write_text(f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\npayload = "{payload}"\n')
+            args = ["--config", str(config)]
+        try:
+            log(f"mqtt: {label}")
+            result = run_ingest(run_dir, scale, f"mqtt-{label}", log, center_args=args, rates=rates)
+            if payload:
+                result["backlog_rows"] = _backlog_rows(run_dir / "center.db")
+                result["broker_cpu"] = cpu_seconds(broker.pid) if broker else 0.0
+            runs[label] = result
+        finally:
+            if broker is not None:
+                broker.stop()
     return runs
 
 
@@ -519,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny scale, seconds (for CI)")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm,junk",
+    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm,junk,mqtt",
                         help="comma-separated scenarios to run (default all but databases, which runs with "
                              "--db; also: databases)")
     parser.add_argument("--profile-rate", type=int, default=None,
@@ -568,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workroot = Path(tempfile.mkdtemp(prefix="dtucenter-bench-"))
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
-                               "storm": [], "junk_flood": None, "databases": [], "cluster": None}
+                               "storm": [], "junk_flood": None, "databases": [], "mqtt": None,
+                               "cluster": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -603,6 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["junk_flood"] = junk_flood.run_junk_flood(
                 _fresh(workroot, "junk"), junk_flood.SMOKE if args.smoke else junk_flood.FULL)
             log(f"  {report.junk_flood_line(results['junk_flood'])}")
+        if "mqtt" in only:
+            results["mqtt"] = run_mqtt(_fresh(workroot, "mqtt"), scale, log)
         if "cluster" in only:
             log("cluster")
             results["cluster"] = cluster.run_cluster(

@@ -32,6 +32,7 @@ from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings,
 from dtucenter.modbus.points import BlockLimits, read_points
 from dtucenter.modbus.rules import RegistrationRule
 from dtucenter.modbus.templates import Template, TemplateFinder, find_template
+from dtucenter.mqtt.config import MqttSettings
 from dtucenter.setting import (
     METADATA_KEY,
     Declared,
@@ -339,6 +340,7 @@ class Settings:
         ),
     )
     modbus: ModbusSettings = attrs.field(factory=ModbusSettings, metadata=composed(Reload.TABLE))
+    mqtt: MqttSettings = attrs.field(factory=MqttSettings, metadata=composed(Reload.TABLE))
     #: The ``[[alarm]]`` rules (dtucenter/alarms/rules.py); a reload replaces them in the running center.
     alarms: tuple[AlarmRule, ...] = attrs.field(default=(), metadata=composed(Reload.LIVE))
     retention: RetentionSettings = attrs.field(factory=RetentionSettings, metadata=composed(Reload.TABLE))
@@ -367,8 +369,7 @@ class Settings:
         if name in self.origins:
             return self.origins[name]
         table, _, key = name.rpartition(".")
-        holder = {"": Settings, "modbus": ModbusSettings, "retention": RetentionSettings}[table]
-        declaration = attrs.fields_dict(holder)[key].metadata.get(METADATA_KEY)
+        declaration = attrs.fields_dict(_TABLE_CLASSES[table])[key].metadata.get(METADATA_KEY)
         if declaration is None:
             return f"{self.source}: {key}"
         return f"--{declaration.option}" if declaration.option else key
@@ -390,7 +391,11 @@ class CommandLineOption:
 
 
 #: The classes whose fields carry options, in the order ``--help`` lists them.
-_OPTION_CLASSES: tuple[type, ...] = (Settings, ModbusSettings)
+_OPTION_CLASSES: tuple[type, ...] = (Settings, ModbusSettings, MqttSettings)
+#: The settings class of each table, by its name in ``Settings.where``'s names ("" for the top level).
+_TABLE_CLASSES: dict[str, type[AttrsInstance]] = {
+    "": Settings, "modbus": ModbusSettings, "mqtt": MqttSettings, "retention": RetentionSettings,
+}
 
 
 def command_line_options() -> list[CommandLineOption]:
@@ -447,6 +452,7 @@ def read_settings(
     top = dict(read_table(document, place))
     modbus_table = read_table(top.pop("modbus", {}), place, "modbus")
     retention_table = read_table(top.pop("retention", {}), place, "retention")
+    mqtt_table = read_table(top.pop("mqtt", {}), place, "mqtt")
     link_tables = list(read_tables(top.pop("link", None), place, "link"))
     meter_tables = list(read_tables(top.pop("meter", None), place, "meter"))
     rule_tables = list(read_tables(top.pop("rule", None), place, "rule"))
@@ -504,9 +510,25 @@ def read_settings(
         retention = build(RetentionSettings, retention_values, retention_place)
     except ValueError as e:
         raise retention_place.error(None, str(e)) from None
+    mqtt = _read_mqtt(mqtt_table, place.inner("mqtt"), given, origins)
     return build(
-        Settings, values, place, modbus=modbus, alarms=alarms, retention=retention, source=source, origins=origins
+        Settings, values, place, modbus=modbus, mqtt=mqtt, alarms=alarms, retention=retention, source=source,
+        origins=origins,
     )
+
+
+def _read_mqtt(
+    table: Mapping[str, Any], place: Place, given: Mapping[str, Any], origins: dict[str, str]
+) -> MqttSettings:
+    (values,) = read_keys(table, place, MqttSettings)
+    origins |= {f"mqtt.{name}": f"{place.source}: mqtt: {name}" for name in values}
+    _apply_options(MqttSettings, given, values, origins, "mqtt.")
+    tls_files = [key for key in ("ca", "cert", "key") if key in values]
+    if tls_files and "url" in values and not values["url"].startswith("mqtts://"):
+        raise place.error(tls_files[0], "is for a TLS broker: the url must start with mqtts://")
+    if "key" in values and "cert" not in values:
+        raise place.error("key", "needs cert, the certificate it is the key of")
+    return build(MqttSettings, values, place)
 
 
 def _apply_options(

@@ -60,7 +60,10 @@ from dtucenter.store.retention import RetentionJob, RetentionPolicy
 from dtucenter.store.schema import SchemaError
 from dtucenter.web.alarms import AlarmApi
 from dtucenter.web.auth import TokenFileError, resolve_token
+from dtucenter.web.charts import ChartApi
+from dtucenter.web.console_site import console_url
 from dtucenter.web.definitions import DefinitionApi
+from dtucenter.web.live import LiveFeed
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.metrics import MetricsApi, MetricsSources, metrics_registry, metrics_site
 from dtucenter.web.peers import Peers
@@ -300,6 +303,8 @@ def build_service(
     reloader.on_reload(lambda new: bridge.apply_settings(new.modbus))
     if udp is not None:
         reloader.on_reload(lambda new: setattr(udp_protocol, "max_pending", new.dtu_udp_pending))
+    if settings.mqtt.url is not None:
+        add_mqtt(top, settings, store, recorder, reactor)
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     api = None
@@ -466,6 +471,36 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
         templates.finish_loading()
 
 
+def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: MeterRecorder, reactor: Any) -> None:
+    """Publishing to the broker: a service that hears the event hub, keeping its backlog in the store."""
+    from dtucenter.isotime import utc_now
+
+    try:
+        from dtucenter.mqtt.client import BrokerConnection
+    except ImportError as e:
+        raise UsageError(
+            f"{settings.where('mqtt.url')}: needs paho-mqtt ({e}): pip install 'dtucenter[mqtt]'"
+        ) from None
+    from dtucenter.mqtt.messages import Composer
+    from dtucenter.mqtt.publisher import MqttPublisher
+    from dtucenter.store.outbox import MqttOutbox
+
+    mqtt = settings.mqtt
+    broker = mqtt.broker
+    assert broker is not None
+    composer = Composer(mqtt)
+    connection = BrokerConnection(
+        mqtt, broker, reactor,
+        center_status=lambda online: composer.center_status(online, utc_now(reactor).isoformat()),
+        last_will=composer.center_status(False, None),
+    )
+    publisher = MqttPublisher(
+        mqtt, top.events, MqttOutbox(store), connection, composer, reactor, devices_known=recorder.synced
+    )
+    publisher.setName("mqtt")
+    publisher.setServiceParent(top)
+
+
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
     recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, alarms: AlarmService,
@@ -484,9 +519,20 @@ def add_api(
     ).install(site.resource)
     TemplateApi(recorder, bridge, templates, read_meter_definition, center.now).install(site.resource)
     AlarmApi(alarms, recorder, center.now).install(site.resource)
+    ChartApi(store, recorder, center.now).install(site.resource)
+    live = LiveFeed(top.events, center, store, bridge, reactor)
+    live.setName("live")
+    live.setServiceParent(top)
+    live.install(site.resource)
     listener = ListeningService(listening_endpoint(reactor, settings.api), site, "api")
     listener.setServiceParent(top)
     top.require_listening(settings.where("api"), listener.when_listening)
+    # Where to point a browser, once known; a listener that failed is reported by require_listening.
+    listener.when_listening().addCallbacks(
+        lambda port: log.info("Web console: {url} (sign in with an API token)",
+                              url=console_url(port.getHost(), tls=settings.api.startswith(("ssl:", "tls:")))),
+        lambda _: None,
+    )
     if cluster.url is None:
         listening = listener.when_listening().addCallback(lambda port: setattr(cluster, "url", api_url(port)))
         listening.addErrback(lambda _: None)  # a port that will not bind stops the start: require_listening says why

@@ -333,3 +333,77 @@ async def eventually(check: Any, what: str, timeout: float = STEP_TIMEOUT) -> An
         await deferLater(reactor, 0.05, lambda: None)
         waited += 0.05
     return result
+
+
+class EventStream(Protocol):
+    """A raw HTTP client of ``GET /api/events``: what the center sends, as text, for as long as it is open."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = bytearray()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self._waiting: list[tuple[Any, defer.Deferred[None]]] = []
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self._check()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.callback(None)
+        self._check()
+
+    def _check(self) -> None:
+        for entry in list(self._waiting):
+            predicate, waiter = entry
+            if predicate(self.text):
+                self._waiting.remove(entry)
+                waiter.callback(None)
+
+    async def until(self, predicate: Any) -> None:
+        """Wait until ``predicate(text so far)`` is true."""
+        if predicate(self.text):
+            return
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append((predicate, waiter))
+        await waiter.addTimeout(STEP_TIMEOUT, reactor)
+
+    def events(self) -> list[tuple[str | None, str, Any]]:
+        """(id, event name, data) of each whole event received so far."""
+        found = []
+        for block in self.text.split("\r\n\r\n", 1)[-1].split("\n\n"):
+            lines = [line for line in block.split("\n") if ": " in line and not line.startswith(":")]
+            fields = dict(line.split(": ", 1) for line in lines)
+            if "event" in fields:
+                found.append((fields.get("id"), fields["event"], json.loads(fields["data"])))
+        return found
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+async def open_events(
+    center: RunningCenter, token: str | None = None, watch: str = "", cookie: str | None = None,
+    last_id: str | None = None,
+) -> EventStream:
+    """An event stream from the center's API, with a bearer token (the center's by default) or a session cookie."""
+    # HTTP/1.0: the answer comes unchunked, as the browser would see the events after decoding.
+    headers = [f"GET /api/events{'?watch=' + watch if watch else ''} HTTP/1.0", "Host: 127.0.0.1"]
+    if cookie is not None:
+        headers.append(f"Cookie: {cookie}")
+    else:
+        headers.append(f"Authorization: Bearer {center.api_token if token is None else token}")
+    if last_id is not None:
+        headers.append(f"Last-Event-ID: {last_id}")
+    stream = EventStream(("\r\n".join(headers) + "\r\n\r\n").encode())
+    assert center.api_port is not None
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", center.api_port), stream)
+    await stream.until(lambda text: "\r\n\r\n" in text)
+    return stream

@@ -15,12 +15,13 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from dtucenter import cli
+from dtucenter.events import DtuOnline, MeterRead
 from dtucenter.store import accounts, queries
 from dtucenter.store.db import open_engine
 from dtucenter.store.facade import METER_SAMPLES
 from dtucenter.store.models import ApiToken
 from dtucenter.web.router import Router
-from tests.support import ApiClient, RunningCenter, eventually, make_account, start_center
+from tests.support import ApiClient, RunningCenter, eventually, make_account, open_events, start_center
 
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
 #: The first account's DTU, meter and link: what the second account must never see.
@@ -271,6 +272,15 @@ ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("GET", "/api/alarms/webhook"): (None, "200"),
     ("PUT", "/api/alarms/webhook"): ({"url": "http://127.0.0.1:9/beta"}, "200"),
     ("DELETE", "/api/alarms/webhook"): (None, "404"),
+    # The console: its own session, its own events (a stream: its first events are checked), charts and exports.
+    ("GET", "/api/session"): (None, "200"),
+    ("POST", "/api/session"): (None, "201"),
+    ("DELETE", "/api/session"): (None, "200"),
+    ("GET", "/api/events"): (None, "stream"),
+    ("GET", "/api/dtus/{psn}/chart"): (None, "404"),
+    ("GET", "/api/dtus/{psn}/export"): (None, "404"),
+    ("GET", "/api/meters/{name}/chart"): (None, "404"),
+    ("GET", "/api/meters/{name}/export"): (None, "404"),
 }
 
 
@@ -337,8 +347,23 @@ async def test_every_endpoint_hides_another_accounts_devices(tmp_path: Path, db_
                    TEMPLATE["name"])
 
         for (method, pattern), (body, expected) in sorted(ENDPOINTS.items()):
-            seen = await beta.call(method, fill(pattern, known=True), body)
             where = f"{method} {pattern}"
+            if expected == "stream":
+                # With acme's DTU, meter and link watched: none of it may come, not even a status event.
+                stream = await open_events(center, beta.token, f"dtu:{PSN},meter:{METER},link:{API_LINK}")
+                try:
+                    # Told to the live feed alone: the alarms and metrics listening to the hub must not hear them.
+                    feed = center.service.getServiceNamed("live")
+                    feed._hear(DtuOnline(PSN, "127.0.0.1:1", T0))  # type: ignore[attr-defined]
+                    feed._hear(MeterRead(METER, T0, {"power": 3333.0}))  # type: ignore[attr-defined]
+                    # A summary written after them: once it is here, so would they be.
+                    feed._summarize()  # type: ignore[attr-defined]
+                    await stream.until(lambda text: text.count("event: summary") >= 2)
+                    assert not [s for s in secrets if s in stream.text], (where, stream.text)
+                finally:
+                    stream.close()
+                continue
+            seen = await beta.call(method, fill(pattern, known=True), body)
             if expected == "404":
                 nobody = await beta.call(method, fill(pattern, known=False), body)
                 assert seen.status == 404, (where, seen.body)
@@ -350,7 +375,7 @@ async def test_every_endpoint_hides_another_accounts_devices(tmp_path: Path, db_
             elif expected == "403":
                 assert seen.status == 403, (where, seen.body)
             else:
-                assert seen.status == 200, (where, seen.body)
+                assert seen.status == int(expected), (where, seen.body)
                 text_seen = json.dumps(seen.body)
                 assert not [s for s in secrets if s in text_seen], (where, seen.body)
 

@@ -57,6 +57,7 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "modbus": {"listen": "tcp:7", "server": "tcp:9", "server_allow": ["10.0.0.0/8"],
                    "unknown_registration": "reject"},
         "metrics": "tcp:5", "metrics_per_link": False,
+        "mqtt": {"url": "mqtt://file", "topic": "f/{point}", "version": "3.1.1", "qos": 0, "client_id": "f"},
     }
     options = {
         "dtu": "tcp:11", "dtu-udp": "12", "db": "sqlite:///b.db", "unknown-dtu": "accept", "login-timeout": "13",
@@ -68,6 +69,8 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "unknown-registration": "adopt:acme:eastron-sdm120",
         "modbus-server": "tcp:19", "modbus-server-allow": "192.168.1.0/24, 10.1.2.3",
         "metrics": "tcp:15", "metrics-per-link": True,
+        "mqtt": "mqtts://option", "mqtt-topic": "o/{point}", "mqtt-version": "5", "mqtt-qos": "1",
+        "mqtt-client-id": "o",
     }
     assert {option.name for option in command_line_options()} == set(options), "every option is covered here"
     from_file = read_settings(file, source="center.toml")
@@ -92,6 +95,12 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
     assert (both.node_id, both.node_lease, both.node_url) == ("b-2", 30, "https://b:2")
     assert (from_file.metrics, from_file.metrics_per_link, both.metrics, both.metrics_per_link) == (
         "tcp:5", False, "tcp:15", True)
+    mqtt = from_file.mqtt
+    assert (mqtt.url, mqtt.topic, mqtt.status_topic, mqtt.center_topic, mqtt.version) == (
+        "mqtt://file", "f/{point}", "dtucenter/{account}/{device}/status", "dtucenter/center/status", "3.1.1")
+    assert (from_file.mqtt.qos, from_file.mqtt.client_id) == (0, "f")
+    assert (both.mqtt.url, both.mqtt.topic, both.mqtt.version, both.mqtt.qos, both.mqtt.client_id) == (
+        "mqtts://option", "o/{point}", "5", 1, "o")
 
 
 def test_no_upgrade_from_the_file_or_the_flag(tmp_path: Path) -> None:

@@ -50,13 +50,13 @@ async def test_every_request_needs_the_bearer_token(tmp_path: Path) -> None:
             (center.api(), {"Authorization": f"Basic {center.api_token}"}),
             (center.api(), {"Authorization": f"Bearer {center.api_token}x"}),
         ]:
-            for method, path in [("GET", "/api/dtus"), ("GET", "/nowhere"), ("DELETE", f"/api/dtus/{PSN}")]:
+            for method, path in [("GET", "/api/dtus"), ("GET", "/api/nowhere"), ("DELETE", f"/api/dtus/{PSN}")]:
                 response = await client.call(method, path, headers=headers)
                 assert response.status == 401, (method, path, headers)
                 assert response.error == "missing or wrong bearer token"
                 assert response.headers["www-authenticate"].startswith("Bearer")
         good = await center.api().get("/api/dtus")
-        assert good.status == 200 and good.body == {"dtus": []}
+        assert good.status == 200 and good.body == {"dtus": [], "total": 0}
     finally:
         await center.stop()
 
@@ -176,7 +176,7 @@ async def test_bad_dtu_records_are_refused(tmp_path: Path) -> None:
             assert response.status == 400 and message in response.error, (raw, response.body)
         assert (await api.call("PUT", "/api/dtus/4294967296", {})).status == 400
         assert (await api.call("PUT", "/api/dtus/seven", {})).error.startswith("not a PSN")
-        assert (await api.get("/api/dtus")).body == {"dtus": []}  # nothing half-created
+        assert (await api.get("/api/dtus")).body == {"dtus": [], "total": 0}  # nothing half-created
     finally:
         await center.stop()
 
@@ -187,7 +187,7 @@ async def test_unknown_routes_wrong_methods_and_query_parameters(tmp_path: Path)
     api = center.api()
     try:
         assert (await api.get("/api/nothing")).status == 404
-        assert (await api.get("/")).error == "no such endpoint: /"
+        assert (await api.get("/api/")).error == "no such endpoint: /api"  # "/" itself is the console's
         wrong = await api.call("PATCH", "/api/dtus/1")
         assert wrong.status == 405 and wrong.headers["allow"] == "DELETE, GET, PUT"
         assert (await api.call("DELETE", "/api/dtus")).status == 405

@@ -30,6 +30,7 @@ from dtucenter.config import (
     read_settings,
     running_settings,
 )
+from dtucenter.mqtt.config import MqttSettings
 from dtucenter.process import OwnProcess
 from dtucenter.reload import DevicePlan, plan_devices
 from dtucenter.setting import METADATA_KEY, Reload, reload_of
@@ -57,7 +58,9 @@ LIVE = {
 
 def declared_reloads() -> dict[str, Reload]:
     found = {}
-    for prefix, cls in (("", Settings), ("modbus.", ModbusSettings), ("retention.", RetentionSettings)):
+    for prefix, cls in (
+        ("", Settings), ("modbus.", ModbusSettings), ("retention.", RetentionSettings), ("mqtt.", MqttSettings)
+    ):
         for attribute in attrs.fields(cls):
             if attribute.eq:
                 found[prefix + attribute.name] = reload_of(attribute)
@@ -68,14 +71,15 @@ def test_each_setting_says_whether_a_reload_applies_it_and_silence_means_a_resta
     reloads = declared_reloads()
     assert {name for name, kind in reloads.items() if kind is Reload.LIVE} == LIVE
     assert reloads["modbus"] is Reload.TABLE and reloads["retention"] is Reload.TABLE
+    assert reloads["mqtt"] is Reload.TABLE
     assert {reloads[name] for name in reloads if name.startswith("retention.")} == {Reload.RESTART}
     assert {name for name, kind in reloads.items() if kind is Reload.DEVICES} == {"modbus.links", "modbus.meters"}
-    for name in ("dtu", "db", "api", "api_token", "manhole", "frame_head", "modbus.listen", "source"):
+    for name in ("dtu", "db", "api", "api_token", "manhole", "frame_head", "modbus.listen", "source", "mqtt.url"):
         assert reloads[name] is Reload.RESTART, name
     # A field declared without a word about reloads needs a restart.
     undeclared = attrs.make_class("Later", {"x": attrs.field(default=0, metadata={})})
     assert reload_of(attrs.fields(undeclared).x) is Reload.RESTART
-    composed_fields = ("modbus", "alarms", "retention", "source")
+    composed_fields = ("modbus", "mqtt", "alarms", "retention", "source")
     assert all(METADATA_KEY in a.metadata or a.name in composed_fields for a in attrs.fields(Settings) if a.eq)
 
 

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest_twisted
 from pymodbus.framer import FramerType
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol
 
 from tests.modbus.interop_support import FakeDtu, PymodbusServer
 from tests.modbus.test_e2e_center import latest_poll
@@ -72,7 +76,8 @@ async def test_sighup_applies_the_edited_file_to_the_running_process(tmp_path: P
     log = LogFile(log_path, process)
     dtus = {name: FakeDtu(registration=name.encode()) for name in ("DTU-A", "DTU-B", "DTU-C")}
     try:
-        await log.wait_for(rf"starting on {modbus_port}\b")  # the links are added before the port listens
+        await log.wait_for(r"Link site-b added")  # logged as the bridge is built, before its listener is bound:
+        await eventually(lambda: accepting(modbus_port), "the shared listener accepting", timeout=WAIT)
         api = ApiClient(f"http://127.0.0.1:{api_port}", token)
         for name in ("DTU-A", "DTU-B"):
             await dtus[name].start(modbus_port, bus.port)
@@ -127,3 +132,13 @@ async def test_sighup_applies_the_edited_file_to_the_running_process(tmp_path: P
             await dtu.stop()
         end_process_group(process)
         bus.stop()
+
+
+async def accepting(port: int) -> bool:
+    """Whether a TCP connection to ``port`` on loopback is accepted (then closed at once)."""
+    try:
+        connected = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
+    except ConnectionRefusedError:
+        return False
+    connected.transport.loseConnection()
+    return True

@@ -19,7 +19,7 @@ import attrs
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from dtucenter.store.models import Account, ApiToken, Dtu, Meter, MeterTemplate
+from dtucenter.store.models import Account, ApiToken, ConsoleSession, Dtu, Meter, MeterTemplate
 
 #: The account the schema migration makes and gives every existing DTU and meter.
 FIRST_ADMIN = "admin"
@@ -165,6 +165,8 @@ def remove_account(session: Session, name: str) -> None:
     admins = session.scalar(select(func.count()).select_from(Account).where(Account.admin.is_(True))) or 0
     if row.admin and admins <= 1:
         raise AccountConflict(f"account {name!r} is the last admin account")
+    digests = select(ApiToken.digest).where(ApiToken.account_id == row.id).scalar_subquery()
+    session.execute(delete(ConsoleSession).where(ConsoleSession.token_digest.in_(digests)))
     session.execute(delete(ApiToken).where(ApiToken.account_id == row.id))
     session.delete(row)
 
@@ -193,12 +195,18 @@ def revoke_token(session: Session, account: str, name: str) -> None:
     row = session.scalar(select(ApiToken).where(ApiToken.account_id == owner.id, ApiToken.name == name))
     if row is None:
         raise NoSuchToken(f"account {account!r} has no token named {name!r}")
+    # Its console sessions would find no owner from now on anyway; their rows go with it.
+    session.execute(delete(ConsoleSession).where(ConsoleSession.token_digest == row.digest))
     session.delete(row)
 
 
 def token_owner(session: Session, token: str) -> TokenOwner | None:
     """Whose ``token`` is, found by its digest's index; None for a token nobody has."""
-    digest = digest_of(token)
+    return token_owner_by_digest(session, digest_of(token))
+
+
+def token_owner_by_digest(session: Session, digest: str) -> TokenOwner | None:
+    """Whose the token with this digest is (a console session keeps only the digest); None if revoked."""
     row = session.execute(
         select(ApiToken.digest, ApiToken.name, Account.id, Account.name, Account.admin)
         .join(Account, Account.id == ApiToken.account_id)

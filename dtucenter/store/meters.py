@@ -9,11 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
-from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy import and_, bindparam, exists, func, literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
 from dtucenter.setting import MAX_NAME
@@ -28,7 +28,7 @@ from dtucenter.store.models import (
     MeterSample,
     MeterWrite,
 )
-from dtucenter.store.queries import table_of, time_window
+from dtucenter.store.queries import bucket_index, epoch_seconds, table_of, time_window
 from dtucenter.store.templates import template_of_meter
 
 #: Point types whose stored value is a whole number when the scale is one.
@@ -308,6 +308,61 @@ def query_meter_samples(
         MeterSampleInfo(r.time, r.meter, r.point, typed_value(r.value, meter.point(r.point)))
         for r in session.scalars(query)
     ]
+
+
+def meter_values(
+    session: Session, meter: str, point: str | None, since: dt.datetime, until: dt.datetime,
+    after: tuple[dt.datetime, int] | None = None, limit: int | None = None,
+) -> Iterator[tuple[dt.datetime, int, str, float | None]]:
+    """A meter's samples (one point's) in [since, until), oldest first, as (time, id, point, value): streamed.
+
+    ``after`` (a time and id given before) continues where a page ended, for exports read a page at a time.
+    """
+    query = select(MeterSample.time, MeterSample.id, MeterSample.point, MeterSample.value).where(
+        MeterSample.meter == meter
+    )
+    if point is not None:
+        query = query.where(MeterSample.point == point)
+    if after is not None:
+        query = query.where(
+            or_(MeterSample.time > after[0], and_(MeterSample.time == after[0], MeterSample.id > after[1]))
+        )
+    query = time_window(query, MeterSample, since, until, limit)
+    yield from session.execute(query.execution_options(yield_per=10_000))
+
+
+@attrs.frozen
+class MeterBucket:
+    """One point's samples in one time bucket, reduced by the database."""
+
+    point: str
+    index: int
+    samples: int
+    #: Samples with a value (a NaN read is stored as NULL).
+    count: int
+    low: float | None
+    high: float | None
+    total: float | None
+    first: float
+    last: float
+
+
+def meter_buckets(
+    session: Session, meter: str, point: str | None, since: dt.datetime, until: dt.datetime, width: float,
+) -> list[MeterBucket]:
+    """Min, max, sum and count of a meter's samples (one point's) per ``width``-second bucket from ``since``,
+    in bucket order: the database reads the range along its index and answers one row per point and bucket."""
+    seconds = epoch_seconds(session, MeterSample.time)
+    index = bucket_index(session, seconds, since.timestamp(), width).label("bucket")
+    query = select(
+        MeterSample.point, index, func.count(), func.count(MeterSample.value), func.min(MeterSample.value),
+        func.max(MeterSample.value), func.sum(MeterSample.value), func.min(seconds), func.max(seconds),
+    ).where(MeterSample.meter == meter, MeterSample.time >= since, MeterSample.time < until)
+    if point is not None:
+        query = query.where(MeterSample.point == point)
+    # By the label: PostgreSQL takes the repeated expression for another one (its parameters are new ones).
+    query = query.group_by(MeterSample.point, literal_column("bucket")).order_by(literal_column("bucket"))
+    return [MeterBucket(*row) for row in session.execute(query)]
 
 
 def latest_meter_values(session: Session, meter: MeterInfo) -> list[MeterSampleInfo]:

@@ -83,6 +83,27 @@ class ApiToken(Base):
     __table_args__ = (UniqueConstraint("account_id", "name", name="uq_api_tokens_account_name"),)
 
 
+class ConsoleSession(Base):
+    """A browser signed in to the console with an API token (web/console.py).
+
+    The cookie holds a random secret; only its SHA-256 is kept here, as with
+    tokens. ``token_digest`` is the digest of the token it was opened with:
+    every request looks that token up again, so revoking the token ends its
+    sessions at once (and ``revoke_token`` deletes their rows). No foreign key
+    to ``api_tokens``: the configured token has no row there.
+    """
+
+    __tablename__ = "console_sessions"
+
+    #: hex SHA-256 of the cookie's secret.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_digest: Mapped[str] = mapped_column(String(64), index=True)
+    #: The CSRF token a state-changing request made with this session's cookie must carry.
+    csrf: Mapped[str] = mapped_column(String(64))
+    created: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
 class Dtu(Base):
     __tablename__ = "dtus"
 
@@ -611,3 +632,18 @@ class RollupCursor(Base):
     source: Mapped[str] = mapped_column(String(64), primary_key=True)
     time: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     row_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class MqttBacklog(Base):
+    """Messages for the MQTT broker while it is away (dtucenter/mqtt/publisher.py), sent in ``seq`` order.
+
+    Bounded by the ``[mqtt] backlog`` setting; rows are deleted once the broker has them.
+    """
+
+    __tablename__ = "mqtt_backlog"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    topic: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    qos: Mapped[int] = mapped_column(SmallInteger)
+    retain: Mapped[bool] = mapped_column(Boolean)

@@ -10,11 +10,27 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVarTuple
 
 import attrs
-from sqlalchemy import CursorResult, Result, Select, Table, bindparam, delete, or_, select, update
+from sqlalchemy import (
+    CursorResult,
+    Float,
+    Integer,
+    Result,
+    Select,
+    String,
+    Table,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from dtucenter.addresses import ipv4_octets
@@ -260,6 +276,48 @@ def list_dtus(session: Session, account: int | None = None) -> list[DtuInfo]:
     return [DtuInfo.of(row) for row in session.scalars(query)]
 
 
+#: What a DTU list may be sorted by: its columns.
+DTU_SORT_KEYS: dict[str, Any] = {
+    "psn": Dtu.psn, "name": Dtu.name, "online": Dtu.online, "last_seen": Dtu.last_seen, "last_login": Dtu.last_login,
+}
+
+
+def search_dtus(
+    session: Session, account: int | None, text: str, sort: str, descending: bool, offset: int, limit: int,
+) -> tuple[list[DtuInfo], int]:
+    """One page of DTUs whose PSN starts with ``text`` or whose name or CCID contains it, and how many match.
+
+    For the console's list of thousands of DTUs: the database filters, sorts
+    and pages; ties are broken by PSN so pages never overlap.
+    """
+    query = select(Dtu)
+    if account is not None:
+        query = query.where(Dtu.account_id == account)
+    if text:
+        needle = text.lower()
+        matches = [func.lower(Dtu.name).contains(needle, autoescape=True),
+                   func.lower(Dtu.ccid).contains(needle, autoescape=True)]
+        if needle.isdigit():
+            matches.append(cast(Dtu.psn, String).startswith(needle))
+        query = query.where(or_(*matches))
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    column = DTU_SORT_KEYS[sort]
+    order = [column.desc() if descending else column.asc()]
+    if column is not Dtu.psn:
+        order.append(Dtu.psn.desc() if descending else Dtu.psn.asc())
+    rows = session.scalars(query.order_by(*order).offset(offset).limit(limit))
+    return [DtuInfo.of(row) for row in rows], total
+
+
+def dtu_psns(session: Session, account: int) -> frozenset[int]:
+    """The PSNs of an account's DTUs."""
+    return frozenset(session.scalars(select(Dtu.psn).where(Dtu.account_id == account)))
+
+
+def count_dtus(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Dtu)) or 0
+
+
 def delete_dtu(session: Session, psn: int, with_samples: bool = True) -> bool:
     found = rowcount(session.execute(delete(Dtu).where(Dtu.psn == psn))) > 0
     session.execute(delete(RegisterEntry).where(RegisterEntry.psn == psn))
@@ -366,3 +424,61 @@ def latest_upload(session: Session, psn: int) -> list[SampleInfo]:
     )
     row = session.execute(query).first()
     return [] if row is None else _unpack(row)
+
+
+def upload_values(
+    session: Session, psn: int, since: dt.datetime, until: dt.datetime, after: tuple[dt.datetime, int] | None = None,
+    limit: int | None = None,
+) -> Iterator[tuple[dt.datetime, int, tuple[int, ...]]]:
+    """The uploads of one DTU in [since, until), oldest first, as (time, id, values): streamed, not listed.
+
+    ``after`` (a time and id given before) continues where a page ended, for exports read a page at a time.
+    """
+    query = select(Sample.time, Sample.id, Sample.values).where(Sample.psn == psn)
+    if after is not None:
+        query = query.where(or_(Sample.time > after[0], and_(Sample.time == after[0], Sample.id > after[1])))
+    query = time_window(query, Sample, since, until, limit)
+    for time, row_id, packed in session.execute(query.execution_options(yield_per=10_000)):
+        yield time, row_id, tuple(v for (v,) in _VALUE.iter_unpack(packed))
+
+
+def epoch_seconds(session: Session, column: Any) -> Any:
+    """Unix seconds of a time column, computed by the database: reading it costs no datetime per row.
+
+    SQLite keeps the time as text, ``2026-11-30 08:00:10.000000`` (UTC): whole seconds from ``strftime``,
+    the microseconds from the text itself, exactly (``julianday`` is off by tens of microseconds, enough
+    to put a sample on a bucket's edge into the bucket before).
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(func.strftime("%s", column), Integer) + cast(func.substr(column, 20), Float)
+    return cast(func.extract("epoch", column), Float)
+
+
+def bucket_index(session: Session, seconds: Any, start: float, width: float) -> Any:
+    """The number of the ``width``-second bucket from ``start`` a time falls in (times from ``start`` on)."""
+    offset = (seconds - start) / width
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(offset, Integer)  # truncates, which is the floor of what is not negative
+    return cast(func.floor(offset), Integer)  # PostgreSQL's cast rounds
+
+
+def upload_seconds(
+    session: Session, psn: int, since: dt.datetime, until: dt.datetime,
+) -> Iterator[tuple[float, tuple[int, ...]]]:
+    """The uploads of one DTU in [since, until), oldest first, as (Unix seconds, values): for charts, streamed."""
+    query = time_window(
+        select(epoch_seconds(session, Sample.time), Sample.values).where(Sample.psn == psn), Sample, since, until, None
+    )
+    formats: dict[int, struct.Struct] = {}
+    # Through the connection: Core rows, without the ORM's per-row work on top.
+    for seconds, packed in session.connection().execute(query.execution_options(yield_per=10_000)):
+        size = len(packed)
+        values = formats.get(size)
+        if values is None:
+            values = formats[size] = struct.Struct(f">{size // 2}h")
+        yield seconds, values.unpack(packed[: size - size % 2])
+
+
+def register_places(session: Session, psn: int) -> dict[int, tuple[int, int]]:
+    """The (dev, addr) of each upload position, from the DTU's register list."""
+    return {position: (dev, addr) for position, (dev, addr) in enumerate(register_list(session, psn))}

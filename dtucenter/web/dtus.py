@@ -40,6 +40,9 @@ FORWARD_MARGIN = 10.0
 
 DEFAULT_COMMANDS = 50
 MAX_COMMANDS = 1000
+#: DTUs in one page of the list, unless ``limit`` says otherwise, and at most.
+DEFAULT_PAGE = 50
+MAX_PAGE = 1000
 
 #: HTTP status for each way a command can fail.
 COMMAND_ERROR_STATUS: dict[type[Exception], int] = {
@@ -59,7 +62,8 @@ COMMAND_ERROR_STATUS: dict[type[Exception], int] = {
 # -- reading request values -----------------------------------------------------------------
 
 
-def _psn(text: str) -> int:
+def psn_param(text: str) -> int:
+    """A PSN from a path segment; 400 if it is not one."""
     try:
         return queries.check_psn(int(text, 10))
     except ValueError:
@@ -168,17 +172,31 @@ class DtuApi:
     # -- records ------------------------------------------------------------------------------
 
     async def list_dtus(self, call: Call) -> Any:
-        call.query(())
-        dtus = await self.store.read(partial(queries.list_dtus, account=call.caller.scope))
-        return {"dtus": [self._dtu_json(info) for info in dtus]}
+        """Every DTU the caller sees; or, with any of q, sort, order, offset and limit, one page and the total."""
+        params = call.query(("q", "sort", "order", "offset", "limit"))
+        if not params:
+            dtus = await self.store.read(partial(queries.list_dtus, account=call.caller.scope))
+            return {"dtus": [self._dtu_json(info) for info in dtus], "total": len(dtus)}
+        sort = params.get("sort", "psn")
+        if sort not in queries.DTU_SORT_KEYS:
+            raise ApiError(400, f"sort must be one of {', '.join(queries.DTU_SORT_KEYS)}, got {sort!r}")
+        limit = limit_param(params, DEFAULT_PAGE, MAX_PAGE)
+        offset_text = params.get("offset", "0")
+        if not (offset_text.isascii() and offset_text.isdigit()) or len(offset_text) > 9:
+            raise ApiError(400, f"offset must be a whole number 0..999999999, got {offset_text!r}")
+        page, total = await self.store.read(partial(
+            queries.search_dtus, account=call.caller.scope, text=params.get("q", "").strip(), sort=sort,
+            descending=newest_first_param(params), offset=int(offset_text), limit=limit,
+        ))
+        return {"dtus": [self._dtu_json(info) for info in page], "total": total}
 
     async def get_dtu(self, call: Call, psn: str) -> Any:
         call.query(())
-        return self._dtu_json(await self._known(call, _psn(psn)))
+        return self._dtu_json(await self._known(call, psn_param(psn)))
 
     async def put_dtu(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
         body = call.json_object()
         owner = body.pop("account", None)
         owner_id = None
@@ -207,7 +225,7 @@ class DtuApi:
 
     async def delete_dtu(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
         caller, now = call.caller, self.center.now()
 
         def job(session: Session) -> bool:
@@ -225,7 +243,7 @@ class DtuApi:
 
     async def samples(self, call: Call, psn: str) -> Any:
         params = call.query(("since", "until", "limit", "order", "resolution"))
-        number = _psn(psn)
+        number = psn_param(psn)
         since, until = time_param(params, "since"), time_param(params, "until")
         limit = limit_param(params, DEFAULT_SAMPLES, MAX_SAMPLES)
         newest_first = newest_first_param(params)
@@ -250,7 +268,7 @@ class DtuApi:
 
     async def latest(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
 
         found = await self.store.read(self._scoped_job(call, number, partial(queries.latest_upload, psn=number)))
         if found is None:
@@ -258,7 +276,7 @@ class DtuApi:
         return {"samples": [s.to_json() for s in found]}
 
     async def command_log(self, call: Call, psn: str) -> Any:
-        number = _psn(psn)
+        number = psn_param(psn)
         limit = limit_param(call.query(("limit",)), DEFAULT_COMMANDS, MAX_COMMANDS)
 
         records = await self._trail(call, number, partial(audit.list_commands, psn=number, limit=limit))
@@ -280,7 +298,7 @@ class DtuApi:
 
     async def edit_log(self, call: Call, psn: str) -> Any:
         """The record's changes through the API, newest first: who created, changed, moved or deleted it."""
-        number = _psn(psn)
+        number = psn_param(psn)
         limit = limit_param(call.query(("limit",)), DEFAULT_COMMANDS, MAX_COMMANDS)
         records = await self._trail(call, number, partial(audit.list_dtu_edits, psn=number, limit=limit))
         return {"edits": [r.to_json() for r in records]}
@@ -288,7 +306,7 @@ class DtuApi:
     # -- setup and live commands ------------------------------------------------------------------
 
     async def get_setup(self, call: Call, psn: str) -> Any:
-        number = _psn(psn)
+        number = psn_param(psn)
         if _flag(call.query(("live",)), "live"):
             return await self._run(call, number, commands.ReadSetupCommand())
         scope = call.caller.scope
@@ -307,7 +325,7 @@ class DtuApi:
 
     async def save_setup(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
         body = call.json_object()
         check_keys(body, "the body", {"send_test_time", "registers"})
         command = commands.SaveSetupCommand(_whole(body["send_test_time"], "send_test_time"), _registers(body))
@@ -315,14 +333,14 @@ class DtuApi:
 
     async def read_test(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
         body = call.json_object()
         check_keys(body, "the body", {"registers"})
         return await self._run(call, number, commands.ReadTestCommand(_registers(body)))
 
     async def set_control(self, call: Call, psn: str) -> Any:
         call.query(())
-        number = _psn(psn)
+        number = psn_param(psn)
         body = call.json_object()
         check_keys(body, "the body", {"registers"})
         return await self._run(call, number, commands.SetControlCommand(_register_values(body)))

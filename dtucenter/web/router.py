@@ -9,6 +9,7 @@ logged 500 with a JSON body: a client never sees a traceback or HTML.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,6 +24,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from dtucenter.addresses import describe_peer
+from dtucenter.store.console_sessions import SessionInfo
 from dtucenter.web.auth import Caller
 from dtucenter.web.callers import Authenticator
 
@@ -52,6 +54,27 @@ class ApiError(Exception):
 class Reply:
     body: object
     status: int = 200
+    #: Extra response headers (``Set-Cookie`` for the console's sign-in and sign-out).
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@attrs.frozen
+class Stream:
+    """What a handler returns to answer with something other than one JSON body (events, CSV).
+
+    ``start`` gets the request after the router checked who asks: it sets the
+    status and headers, writes as it goes and finishes the request itself.
+    """
+
+    start: Callable[[server.Request], None]
+
+
+#: The cookie that holds a console session's secret (web/console.py).
+SESSION_COOKIE = b"dtucenter_session"
+#: The header a state-changing request made with the session cookie carries the session's CSRF token in.
+CSRF_HEADER = b"X-CSRF-Token"
+#: Methods that change nothing: no CSRF token needed.
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 
 @attrs.frozen
@@ -125,9 +148,11 @@ class JsonErrorChannel(http.HTTPChannel):
 class Call:
     """One API request as a handler sees it: the request and who makes it."""
 
-    def __init__(self, request: server.Request, caller: Caller) -> None:
+    def __init__(self, request: server.Request, caller: Caller, session: SessionInfo | None = None) -> None:
         self.request = request
         self.caller = caller
+        #: The console session the request came with (its cookie), None for a bearer token.
+        self.session = session
 
     @property
     def who(self) -> str:
@@ -221,6 +246,10 @@ class Route:
         return params
 
 
+def _is_api(path: bytes) -> bool:
+    return path == b"/api" or path.startswith(b"/api/")
+
+
 def _segments(path: str) -> list[str]:
     return [unquote(part, errors="strict") for part in path.strip("/").split("/")]
 
@@ -236,6 +265,12 @@ class Router(Resource):
         self._routes: list[Route] = []
         #: Requests answered, by (method, status class such as "2xx"): for /metrics.
         self.requests: Counter[tuple[str, str]] = Counter()
+        #: What answers the paths outside /api/ that no route takes (the web console); None: they are 404s.
+        self.fallback: Resource | None = None
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return self._authenticator
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -247,16 +282,34 @@ class Router(Resource):
         self._routes.append(Route(method, tuple(_segments(pattern)), handler))
 
     def render(self, request: server.Request) -> int:
+        if self.fallback is not None and not _is_api(request.path) and not self._routed(request.path):
+            return self.fallback.render(request)  # type: ignore[no-any-return]
         ensureDeferred(self._respond(request))
         return server.NOT_DONE_YET
+
+    def _routed(self, path: bytes) -> bool:
+        """Whether a route takes this path (a route outside /api/, such as /metrics, goes before the console)."""
+        try:
+            segments = _segments(path.decode("utf-8"))
+        except UnicodeDecodeError:
+            return False
+        return any(route.match(segments) is not None for route in self._routes)
 
     async def _respond(self, request: server.Request) -> None:
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         headers: dict[str, str] = {}
+        extra: tuple[tuple[str, str], ...] = ()
         method = request.method.decode("ascii", "replace")
+        counted = method if method in COUNTED_METHODS else "other"
         try:
-            status, body = await self._dispatch(request)
+            outcome = await self._dispatch(request)
+            if isinstance(outcome, Stream):
+                self.requests[counted, "2xx"] += 1  # the handler answers it from here on
+                if not gone:
+                    outcome.start(request)
+                return
+            status, body, extra = outcome
         except ApiError as e:
             status, body, headers = e.status, {"error": e.message}, e.headers
         except Exception:
@@ -265,7 +318,7 @@ class Router(Resource):
                 method=request.method.decode("ascii", "replace"), path=request.path.decode("utf-8", "replace"),
             )
             status, body = 500, {"error": "internal error; the center's log has the details"}
-        self.requests[method if method in COUNTED_METHODS else "other", f"{status // 100}xx"] += 1
+        self.requests[counted, f"{status // 100}xx"] += 1
         if gone:
             return
         if isinstance(body, TextReply):
@@ -277,14 +330,39 @@ class Router(Resource):
         request.setHeader(b"Cache-Control", b"no-store")
         for name, value in headers.items():
             request.setHeader(name.encode("ascii"), value.encode("ascii"))
+        for name, value in extra:
+            request.responseHeaders.addRawHeader(name.encode("ascii"), value.encode("ascii"))
         request.setHeader(b"Content-Length", str(len(data)).encode("ascii"))
         request.write(data)
         request.finish()
 
-    async def _dispatch(self, request: server.Request) -> tuple[int, object]:
-        caller = await self._authenticator.caller(request.getHeader(b"Authorization"))
-        if caller is None:
+    async def _who(self, request: server.Request) -> tuple[Caller, SessionInfo | None]:
+        """The caller, from the bearer token or else the console's session cookie (with its CSRF check)."""
+        header = request.getHeader(b"Authorization")
+        cookie = request.getCookie(SESSION_COOKIE)
+        if header is None and cookie:
+            try:
+                found = await self._authenticator.session_caller(cookie.decode("ascii"))
+            except UnicodeDecodeError:
+                found = None
+            if found is None:
+                raise ApiError(401, "the console session ended or expired: sign in again",
+                               {"WWW-Authenticate": 'Bearer realm="dtucenter"'})
+            caller, session = found
+            # The cookie goes with any request the browser makes, a forged one from another site included;
+            # the CSRF token only with those the console's own script makes.
+            given = request.getHeader(CSRF_HEADER) or b""
+            if request.method not in SAFE_METHODS and not hmac.compare_digest(given, session.csrf.encode("ascii")):
+                raise ApiError(403, f"missing or wrong {CSRF_HEADER.decode()} header for a request with the "
+                                    "session cookie")
+            return caller, session
+        bearer = await self._authenticator.caller(header)
+        if bearer is None:
             raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": 'Bearer realm="dtucenter"'})
+        return bearer, None
+
+    async def _dispatch(self, request: server.Request) -> tuple[int, object, tuple[tuple[str, str], ...]] | Stream:
+        caller, session = await self._who(request)
         if getattr(request, "body_too_large", False):
             raise ApiError(413, f"request body over {MAX_BODY} bytes")
         method = request.method.decode("ascii", "replace")
@@ -302,12 +380,14 @@ class Router(Resource):
             if route.method != method:
                 allowed.add(route.method)
                 continue
-            result = await route.handler(Call(request, caller), **params)
+            result = await route.handler(Call(request, caller, session), **params)
+            if isinstance(result, Stream):
+                return result
             if isinstance(result, TextReply):
-                return 200, result
+                return 200, result, ()
             if isinstance(result, Reply):
-                return result.status, result.body
-            return 200, result
+                return result.status, result.body, result.headers
+            return 200, result, ()
         path = "/" + "/".join(segments)
         if allowed:
             methods = ", ".join(sorted(allowed))

@@ -1,4 +1,4 @@
-"""The HTTP JSON API as one twisted.web Site.
+"""The HTTP JSON API as one twisted.web Site, with the web console's files at ``/`` (web/console_site.py).
 
 Other parts of the center add their endpoints to the same router:
 ``api_service.factory.resource.add("GET", "/api/meters", handler)``.
@@ -14,6 +14,7 @@ from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store.facade import Store
 from dtucenter.web.accounts import AccountApi
 from dtucenter.web.callers import Authenticator
+from dtucenter.web.console_site import ConsoleFiles, SessionApi
 from dtucenter.web.dtus import DtuApi
 from dtucenter.web.peers import Peers
 from dtucenter.web.router import BoundedRequest, JsonErrorChannel, Router
@@ -24,7 +25,10 @@ def build_site(
     center: DTUCenter, control: Control, store: Store, token: str, bridge: ModbusBridge | None = None,
     peers: Peers | None = None,
 ) -> server.Site:
-    router = Router(Authenticator(token, store))
+    authenticator = Authenticator(token, store, center.now)
+    router = Router(authenticator)
+    SessionApi(authenticator).install(router)
+    router.fallback = ConsoleFiles(authenticator)
     AccountApi(store, center.now).install(router)
     DtuApi(center, control, store, peers).install(router)
     StatusApi(center, store, bridge, peers.node if peers is not None else None).install(router)

@@ -1,0 +1,364 @@
+"""The MQTT publisher's logic with a fake connection and backlog on a task.Clock; its settings; its messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+import attrs
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+from dtucenter.config import ConfigError, read_settings
+from dtucenter.events import DtuOnline, EventHub, LinkUp, MeterFailed, MeterRead, UploadStored
+from dtucenter.mqtt import publisher as publisher_module
+from dtucenter.mqtt.config import Broker, MqttSettings, parse_broker_url
+from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Extra, Message
+from dtucenter.mqtt.publisher import BacklogRow, Found, MqttPublisher
+
+T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+
+
+class FakeBacklog:
+    """The database's backlog, in memory; every call answers at once, in order."""
+
+    def __init__(self, accounts: dict[DeviceKey, str] | None = None) -> None:
+        self.rows: list[BacklogRow] = []
+        self.accounts = dict(accounts or {("dtu", 1): "acme"})
+        self.registers: dict[int, tuple[tuple[int, int], ...]] = {}
+        self.directory_reads = 0
+        self.looked_up: list[list[DeviceKey]] = []
+
+    def state(self) -> Deferred[tuple[int, int]]:
+        return succeed((len(self.rows), max((row[0] for row in self.rows), default=0)))
+
+    def append(self, rows: list[BacklogRow]) -> Deferred[None]:
+        self.rows += rows
+        return succeed(None)
+
+    def oldest(self, limit: int) -> Deferred[list[BacklogRow]]:
+        return succeed(sorted(self.rows)[:limit])
+
+    def remove_through(self, seq: int) -> Deferred[int]:
+        kept = [row for row in self.rows if row[0] > seq]
+        removed, self.rows = len(self.rows) - len(kept), kept
+        return succeed(removed)
+
+    def directory(self) -> Deferred[tuple[dict[DeviceKey, str], dict[int, tuple[tuple[int, int], ...]]]]:
+        self.directory_reads += 1
+        return succeed((dict(self.accounts), dict(self.registers)))
+
+    def devices(self, keys: list[DeviceKey]) -> Deferred[Found]:
+        self.looked_up.append(keys)
+        return succeed((
+            {key: self.accounts[key] for key in keys if key in self.accounts},
+            {psn: self.registers[psn] for kind, psn in keys if kind == "dtu" and psn in self.registers},
+        ))
+
+
+@attrs.define
+class FakeConnection:
+    sent: list[tuple[int, Message]] = attrs.Factory(list)
+    up: Callable[[], None] | None = None
+    down: Callable[[str], None] | None = None
+    delivered: Callable[[int], None] | None = None
+    stopped: bool = False
+
+    def start(self, on_up: Callable[[], None], on_down: Callable[[str], None],
+              on_delivered: Callable[[int], None]) -> None:
+        self.up, self.down, self.delivered = on_up, on_down, on_delivered
+
+    def send(self, messages: list[tuple[int, Message]]) -> None:
+        self.sent += messages
+
+    def stop(self) -> Deferred[None]:
+        self.stopped = True
+        return succeed(None)
+
+    def deliver_all(self) -> None:
+        assert self.delivered is not None
+        if self.sent:
+            self.delivered(self.sent[-1][0])
+
+
+@attrs.define
+class Rig:
+    hub: EventHub
+    backlog: FakeBacklog
+    connection: FakeConnection
+    clock: Clock
+    publisher: MqttPublisher
+
+    def upload(self, *values: int, psn: int = 1) -> None:
+        self.hub.publish(UploadStored(psn, T0, values))
+        self.clock.advance(0)
+
+    def values_sent(self) -> list[int]:
+        return [int(message.payload.split(b'"value":')[1].rstrip(b"}")) for _, message in self.connection.sent]
+
+
+def rig(backlog_limit: int = 1000, **settings: object) -> Rig:
+    hub, backlog, connection, clock = EventHub(), FakeBacklog(), FakeConnection(), Clock()
+    mqtt = MqttSettings(url="mqtt://broker", backlog=backlog_limit, **settings)  # type: ignore[arg-type]
+    publisher = MqttPublisher(mqtt, hub, backlog, connection, Composer(mqtt), clock)
+    publisher.startService()
+    return Rig(hub, backlog, connection, clock, publisher)
+
+
+def stop(r: Rig) -> None:
+    r.publisher.stopService()
+    assert not r.clock.getDelayedCalls()
+
+
+def test_before_the_broker_answers_messages_wait_in_the_backlog_then_go_in_order() -> None:
+    r = rig()
+    r.upload(1, 2)
+    assert [row[0] for row in r.backlog.rows] == [1, 2] and r.connection.sent == []
+    assert r.connection.up is not None
+    r.connection.up()
+    assert [seq for seq, _ in r.connection.sent] == [1, 2]
+    r.upload(3)  # while the drained batch is on its way: behind it
+    r.connection.deliver_all()
+    assert r.values_sent() == [1, 2, 3]
+    r.connection.deliver_all()
+    assert r.backlog.rows == []
+    r.upload(4)  # the backlog found empty: straight to the connection now
+    assert r.values_sent() == [1, 2, 3, 4] and r.backlog.rows == []
+    assert r.publisher.stats.backlogged == 3
+    stop(r)
+
+
+def test_what_was_outstanding_when_the_connection_dropped_goes_first() -> None:
+    r = rig()
+    assert r.connection.up is not None and r.connection.down is not None and r.connection.delivered is not None
+    r.connection.up()
+    r.upload(1, 2, 3)
+    r.connection.delivered(1)
+    r.connection.down("gone")
+    assert [row[0] for row in r.backlog.rows] == [2, 3]
+    r.upload(4)
+    r.connection.sent.clear()
+    r.connection.up()
+    r.connection.deliver_all()
+    r.connection.deliver_all()
+    assert r.values_sent() == [2, 3, 4] and r.backlog.rows == []
+    stop(r)
+
+
+def test_too_many_outstanding_spill_to_the_backlog_and_drain_after_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(publisher_module, "MAX_OUTSTANDING", 2)
+    r = rig()
+    assert r.connection.up is not None and r.connection.delivered is not None
+    r.connection.up()
+    r.upload(1, 2)
+    r.upload(3)  # a third outstanding would be too many
+    assert r.values_sent() == [1, 2] and [row[0] for row in r.backlog.rows] == [3]
+    r.connection.delivered(2)
+    r.connection.deliver_all()
+    assert r.values_sent() == [1, 2, 3]
+    stop(r)
+
+
+def test_a_full_backlog_drops_the_newest_counts_and_summarises() -> None:
+    said: list[str] = []
+
+    def observer(event: LogEvent) -> None:
+        if event.get("log_namespace") == "dtucenter.mqtt.publisher":
+            said.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        r = rig(backlog_limit=100)
+        r.upload(*range(60))
+        r.upload(*range(60, 120))
+        r.upload(*range(120, 130))
+        assert [row[0] for row in r.backlog.rows] == list(range(1, 101)) and r.publisher.stats.dropped == 30
+        assert said == [
+            "MQTT: the backlog is full (100 messages): dropped 20; more drops are summarised every 60 s"
+        ]
+        r.clock.advance(publisher_module.SUMMARY_INTERVAL)
+        assert said[1:] == ["MQTT: the backlog is full: dropped 10 more messages (30 since start)"]
+        r.clock.advance(publisher_module.SUMMARY_INTERVAL)  # nothing more dropped: no more summaries
+        assert len(said) == 2 and r.publisher._summary_call is None
+        stop(r)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+def test_a_device_not_yet_known_is_looked_up_and_order_is_kept() -> None:
+    r = rig()
+    assert r.connection.up is not None
+    r.connection.up()
+    r.connection.deliver_all()
+    r.backlog.accounts[("dtu", 2)] = "newco"
+    r.backlog.accounts[("dtu", 4)] = "other"
+    r.backlog.registers[4] = ((1, 2),)
+    r.hub.publish(UploadStored(2, T0, (10,)))
+    r.hub.publish(UploadStored(1, T0, (11,)))
+    r.hub.publish(UploadStored(4, T0, (12,)))
+    r.clock.advance(0)
+    # Every device the waiting events name and the directory lacks, in one look-up.
+    assert r.backlog.looked_up == [[("dtu", 2), ("dtu", 4)]]
+    assert [m.topic for _, m in r.connection.sent] == ["dtucenter/newco/2/0", "dtucenter/acme/1/0",
+                                                       "dtucenter/other/4/1-2"]
+    # One the database does not know either is published under "-", and looked up once, not per event.
+    r.hub.publish(UploadStored(3, T0, (12,)))
+    r.hub.publish(UploadStored(3, T0, (13,)))
+    r.clock.advance(0)
+    assert [m.topic for _, m in r.connection.sent][3:] == ["dtucenter/-/3/0", "dtucenter/-/3/0"]
+    assert r.backlog.looked_up[1:] == [[("dtu", 3)]]
+    stop(r)
+
+
+def test_stopping_keeps_what_was_not_delivered() -> None:
+    r = rig()
+    assert r.connection.up is not None
+    r.connection.up()
+    r.upload(1, 2)
+    r.publisher.stopService()
+    assert [row[0] for row in r.backlog.rows] == [1, 2] and r.connection.stopped
+    r.upload(3)  # no longer listening
+    assert len(r.backlog.rows) == 2
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+def test_topics_and_payloads() -> None:
+    composer = Composer(MqttSettings(url="mqtt://b", topic="x/{account}/{kind}/{device}/{point}", qos=0))
+    directory = Directory({("dtu", 5): "a/b", ("meter", "m#1"): "acme", ("link", "l"): "acme"}, {5: ((1, 2), (3, 4))})
+    (first, second) = composer.messages(UploadStored(5, T0, (7, -8)), directory)
+    assert first == Message("x/a_b/dtu/5/1-2", b'{"time":"2026-11-30T12:00:00+00:00","value":7}', 0, True)
+    assert second.topic == "x/a_b/dtu/5/3-4"
+    read = composer.messages(MeterRead("m#1", T0, {"v/1": 1.5, "bad": float("nan"), "on": True}), directory)
+    assert [(m.topic, m.payload) for m in read] == [
+        ("x/acme/meter/m_1/v_1", b'{"time": "2026-11-30T12:00:00+00:00", "value": 1.5}'),
+        ("x/acme/meter/m_1/bad", b'{"time": "2026-11-30T12:00:00+00:00", "value": null}'),
+        ("x/acme/meter/m_1/on", b'{"time": "2026-11-30T12:00:00+00:00", "value": true}'),
+    ]
+    # A failing meter's status is told once per streak, and when it recovers.
+    failed = composer.messages(MeterFailed("m#1", T0, "timeout"), directory)
+    assert [(m.topic, m.retain, m.qos) for m in failed] == [("dtucenter/acme/m_1/status", True, 1)]
+    assert composer.messages(MeterFailed("m#1", T0, "timeout"), directory) == []
+    recovered = composer.messages(MeterRead("m#1", T0, {}), directory)
+    assert [m.payload for m in recovered] == [b'{"time": "2026-11-30T12:00:00+00:00", "state": "ok"}']
+    (online,) = composer.messages(DtuOnline(5, "1.2.3.4:5", T0), directory)
+    assert online.payload == b'{"time": "2026-11-30T12:00:00+00:00", "online": true, "peer": "1.2.3.4:5"}'
+    (link,) = composer.messages(LinkUp("l", "/dev/ttyS0", T0), directory)
+    assert link.topic == "dtucenter/acme/l/status"
+    assert composer.center_status(False, None) == Message("dtucenter/center/status", b'{"online": false}', 1, True)
+
+
+def test_device_payloads_carry_a_whole_upload() -> None:
+    composer = Composer(MqttSettings(url="mqtt://b", payload="device"))
+    (message,) = composer.messages(UploadStored(5, T0, (7, 8)), Directory({("dtu", 5): "acme"}))
+    assert message.topic == "dtucenter/acme/5/values"
+    assert message.payload == b'{"time": "2026-11-30T12:00:00+00:00", "values": {"0": 7, "1": 8}}'
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_broker_urls() -> None:
+    assert parse_broker_url("mqtt://h") == Broker("h", 1883, False)
+    assert parse_broker_url("mqtts://u%40x:p%3Aw@h:1") == Broker("h", 1, True, "u@x", "p:w")
+    assert "p:w" not in repr(parse_broker_url("mqtts://u:p:w@h")) and "p:w" not in str(parse_broker_url("mqtts://u:p:w@h"))
+
+
+@pytest.mark.parametrize(("document", "options", "message"), [
+    ({"mqtt": {"url": "http://h"}}, {}, "defaults: mqtt: url: expected mqtt://"),
+    ({}, {"mqtt": "mqtt://h:99999"}, "--mqtt: not a port number"),
+    ({}, {"mqtt-topic": "a/+/{device}"}, "--mqtt-topic: a topic to publish on has no wildcards"),
+    ({}, {"mqtt-topic": "a/{psn}"}, "--mqtt-topic: unknown placeholder {psn}"),
+    ({}, {"mqtt-qos": "2"}, "--mqtt-qos: must be between 0 and 1, got 2"),
+    ({}, {"mqtt-version": "3"}, "--mqtt-version: must be one of 3.1.1, 5"),
+    ({"mqtt": {"url": "mqtt://h", "ca": "ca.pem"}}, {}, "defaults: mqtt: ca: is for a TLS broker"),
+    ({"mqtt": {"url": "mqtts://h", "key": "k.pem"}}, {}, "defaults: mqtt: key: needs cert"),
+    ({"mqtt": {"nope": 1}}, {}, "defaults: mqtt: nope: unknown key"),
+])
+def test_settings_errors(document: dict[str, object], options: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        read_settings(document, options)
+    assert str(raised.value).startswith(message), raised.value
+
+
+def test_options_win_over_the_file() -> None:
+    settings = read_settings(
+        {"mqtt": {"url": "mqtt://file", "qos": 0, "client_id": "a"}}, {"mqtt": "mqtts://option", "mqtt-qos": "1"},
+        source="c.toml",
+    )
+    assert settings.mqtt.broker == Broker("option", 8883, True) and settings.mqtt.qos == 1
+    assert settings.mqtt.client_id == "a"
+    assert settings.where("mqtt.url") == "--mqtt" and settings.where("mqtt.client_id") == "c.toml: mqtt: client_id"
+    assert read_settings({}).mqtt.url is None
+
+
+def test_extras_are_published_in_order_with_the_events() -> None:
+    r = rig()
+    assert r.connection.up is not None
+    r.connection.up()
+    r.connection.deliver_all()
+    r.upload(1)
+    alarm = Extra(("dtu", 1), "alarms/{account}/{device}/{point}", {"state": "raised", "value": 1}, point="p0")
+    r.publisher.publish_extra(alarm)
+    r.upload(2)
+    r.clock.advance(0)
+    assert [(m.topic, m.payload) for _, m in r.connection.sent] == [
+        ("dtucenter/acme/1/0", b'{"time":"2026-11-30T12:00:00+00:00","value":1}'),
+        ("alarms/acme/1/p0", b'{"state": "raised", "value": 1}'),
+        ("dtucenter/acme/1/0", b'{"time":"2026-11-30T12:00:00+00:00","value":2}'),
+    ]
+    stop(r)
+
+
+def test_batches_carry_a_turns_uploads_and_polls_per_account_and_keep_order_with_states() -> None:
+    r = rig(payload="batch")
+    r.backlog.accounts[("meter", "m")] = "other"
+    r.publisher._reload()
+    assert r.connection.up is not None
+    r.connection.up()
+    r.connection.deliver_all()
+    r.hub.publish(UploadStored(1, T0, (1, 2)))
+    r.hub.publish(MeterRead("m", T0, {"v": 1.5}))
+    r.hub.publish(UploadStored(1, T0, (3, 4)))
+    r.hub.publish(MeterFailed("m", T0, "timeout"))  # a state: after the values before it
+    r.hub.publish(UploadStored(1, T0, (5, 6)))
+    r.clock.advance(0)
+    time = "2026-11-30T12:00:00+00:00"
+    assert [(m.topic, m.payload, m.retain) for _, m in r.connection.sent] == [
+        ("dtucenter/acme/batch",
+         b'[{"kind":"dtu","device":"1","time":"%s","values":{"0":1,"1":2}},'
+         b'{"kind":"dtu","device":"1","time":"%s","values":{"0":3,"1":4}}]' % (time.encode(), time.encode()), False),
+        ("dtucenter/other/batch", b'[{"kind":"meter","device":"m","time":"%s","values":{"v":1.5}}]' % time.encode(),
+         False),
+        ("dtucenter/other/m/status", b'{"time": "%s", "state": "failing", "reason": "timeout"}' % time.encode(), True),
+        ("dtucenter/acme/batch",
+         b'[{"kind":"dtu","device":"1","time":"%s","values":{"0":5,"1":6}}]' % time.encode(), False),
+    ]
+    stop(r)
+
+
+def test_alarms_are_published_retained_per_rule_after_what_was_batched_before() -> None:
+    from dtucenter.events import AlarmCleared, AlarmRaised
+
+    r = rig(payload="batch")
+    assert r.connection.up is not None
+    r.connection.up()
+    r.connection.deliver_all()
+    r.hub.publish(UploadStored(1, T0, (90,)))
+    # Alarms name their account: no look-up, even for a device the directory does not know.
+    r.hub.publish(AlarmRaised(7, "acme", "hot/1", "dtu", "1", "0", 90.0, 80.0, "dtu 1 0 = 90 above 80", T0))
+    r.hub.publish(AlarmCleared(7, "acme", "hot/1", "dtu", "1", "0", 70.0, "back", T0))
+    r.clock.advance(0)
+    sent = [(m.topic, m.retain, m.qos) for _, m in r.connection.sent]
+    assert sent == [("dtucenter/acme/batch", False, 1), ("dtucenter/acme/1/alarms/hot_1", True, 1),
+                    ("dtucenter/acme/1/alarms/hot_1", True, 1)]
+    assert r.connection.sent[1][1].payload == (
+        b'{"time": "2026-11-30T12:00:00+00:00", "state": "raised", "alarm": 7, "rule": "hot/1", "kind": "dtu", '
+        b'"device": "1", "point": "0", "value": 90.0, "limit": 80.0, "message": "dtu 1 0 = 90 above 80"}'
+    )
+    assert b'"state": "cleared"' in r.connection.sent[2][1].payload
+    assert r.backlog.looked_up == []
+    stop(r)
