@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from benchmarks import cluster
+
 MIB = 1024 * 1024
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
 
@@ -119,6 +121,8 @@ def render(results: dict[str, Any]) -> str:
     out += _render_junk_flood(results.get("junk_flood"))
     out += _render_databases(results.get("databases"))
     out += _render_mqtt(results.get("mqtt"))
+    if results.get("cluster"):
+        out += ["", *cluster.render(results["cluster"], results["machine"]), ""]
     if FINDINGS.exists():
         out += ["", FINDINGS.read_text().rstrip(), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -480,7 +484,7 @@ def _worker_cpu_per_frame(step: dict[str, Any]) -> str:
 
 
 #: The scenarios whose sections stand alone (no line in Targets): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk", "databases", "mqtt"}
+MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -493,6 +497,8 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
         report = _with_section(report, DATABASES_HEADING, _render_databases(results["databases"]))
     if results.get("mqtt"):
         report = _with_section(report, MQTT_HEADING, _render_mqtt(results["mqtt"]))
+    if results.get("cluster"):
+        report = _with_section(report, cluster.HEADING, cluster.render(results["cluster"], results["machine"]))
     return report
 
 

@@ -6,6 +6,7 @@
     python -m benchmarks.run --only junk --merge       # likewise the junk flood (also --only storm,junk)
     python -m benchmarks.run --only databases --merge --db sqlite,postgresql+psycopg://u:p@host/scratch
                                              # ingest on each database, compared (PostgreSQL: a scratch database)
+    python -m benchmarks.run --only cluster --postgres URL --merge   # nodes behind HAProxy (empties that database)
 
 Every server and simulator is a separate process, so the center's own CPU
 (from /proc/PID/stat, all threads) is measured apart from the load
@@ -34,7 +35,7 @@ import attrs
 import sqlalchemy
 import sqlalchemy.pool
 
-from benchmarks import junk_flood, report
+from benchmarks import cluster, junk_flood, report
 from benchmarks.procs import (
     PATIENCE,
     ApiClient,
@@ -584,6 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only re-render the report from results saved with --json")
     parser.add_argument("--findings-only", action="store_true",
                         help="only bring the report's copy of benchmarks/findings.md up to date")
+    parser.add_argument("--postgres", default=None,
+                        help="scratch PostgreSQL database URL for --only cluster (it is emptied), not run without")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--db", default=SQLITE,
                         help="comma-separated databases for the databases scenario (ingest on each, compared): "
@@ -595,8 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "existing report")
     args = parser.parse_args(argv)
     if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
-        parser.error("--merge takes --only storm, junk and/or databases (or --from-json): the other sections "
-                     "share the Targets summary")
+        parser.error("--merge takes --only storm, junk, databases and/or cluster (or --from-json): the other "
+                     "sections share the Targets summary")
+    if "cluster" in args.only.split(",") and not args.postgres:
+        parser.error("--only cluster needs --postgres URL: the nodes share a PostgreSQL database")
     if args.findings_only:
         out = args.out or DEFAULT_OUT
         out.write_text(report.with_current_findings(out.read_text()))
@@ -619,7 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workroot = Path(tempfile.mkdtemp(prefix="dtucenter-bench-"))
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
-                               "storm": [], "junk_flood": None, "databases": [], "mqtt": None}
+                               "storm": [], "junk_flood": None, "databases": [], "mqtt": None,
+                               "cluster": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -656,6 +662,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"  {report.junk_flood_line(results['junk_flood'])}")
         if "mqtt" in only:
             results["mqtt"] = run_mqtt(_fresh(workroot, "mqtt"), scale, log)
+        if "cluster" in only:
+            log("cluster")
+            results["cluster"] = cluster.run_cluster(
+                _fresh(workroot, "cluster"), args.postgres, cluster.SMOKE if args.smoke else cluster.FULL, log)
     finally:
         if args.keep:
             log(f"kept {workroot}")

@@ -16,6 +16,7 @@ A mistake raises :class:`ConfigError`, one line naming the file, the table
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -90,6 +91,25 @@ def _token(value: Any) -> str:
     if not isinstance(value, str) or not value or not all("!" <= c <= "~" for c in value):
         raise ValueError("expected a non-empty token of visible ASCII characters without spaces")
     return value
+
+
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _node_id(value: Any) -> str:
+    node = stripped(value)
+    if not NODE_ID.fullmatch(node):
+        raise ValueError(
+            f"expected 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, got {node!r}"
+        )
+    return node
+
+
+def _http_url(value: Any) -> str:
+    url = stripped(value).rstrip("/")
+    if not re.fullmatch(r"https?://[^/\s]+", url):
+        raise ValueError(f"expected http://HOST:PORT (or https://), got {url!r}")
+    return url
 
 
 def _head(value: Any) -> bytes:
@@ -260,6 +280,32 @@ class Settings:
             _token,
             f"Bearer token for the API (else ${ENVIRONMENT_VARIABLE}, the config file, or dtucenter.token).",
             option="api-token",
+        ),
+    )
+    node_id: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            _node_id,
+            "This center's id among the nodes sharing its database (default: the host name and a random suffix).",
+            option="node-id",
+        ),
+    )
+    node_lease: float = attrs.field(
+        default=15.0,
+        metadata=setting(
+            number(3, 3600),
+            "Seconds a node's lease lasts: a node silent for longer is taken for dead, its DTUs offline, its links"
+            " taken over by another.",
+            option="node-lease",
+        ),
+    )
+    node_url: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            _http_url,
+            "URL where the other nodes reach this node's API, for commands to its DTUs"
+            " (default: http://HOST:PORT of the API listener, HOST this machine's name).",
+            option="node-url",
         ),
     )
     #: /metrics is served on the API always; this is a listener of its own, without a token.

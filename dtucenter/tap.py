@@ -5,17 +5,18 @@ from __future__ import annotations
 import gc
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import attrs
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -24,6 +25,7 @@ from twisted.python.failure import Failure
 
 from dtucenter.adoption import Adopter
 from dtucenter.alarms.service import AlarmService
+from dtucenter.cluster import ClusterNode, generated_node_id, join
 from dtucenter.config import (
     Settings,
     UsageError,
@@ -38,13 +40,14 @@ from dtucenter.dtu.control import Control
 from dtucenter.dtu.session import DTUFactory
 from dtucenter.dtu.udp import DTUDatagramProtocol, UDPListenerService
 from dtucenter.events import EventHub
+from dtucenter.isotime import utc_now
 from dtucenter.listeners import listening_endpoint, loopback_unless_named
 from dtucenter.modbus.scada_server import ScadaFactory, ScadaServer
 from dtucenter.modbus.service import SHARED_LISTENER, ModbusBridge, PortRecordingEndpoint
 from dtucenter.modbus.templates import TemplateCatalog, read_template
 from dtucenter.process import OwnProcess, bounded_log_file
 from dtucenter.reload import Reloader
-from dtucenter.store import accounts, queries
+from dtucenter.store import accounts, nodes, queries
 from dtucenter.store import links as device_links
 from dtucenter.store import meters as device_meters
 from dtucenter.store import templates as device_templates
@@ -63,6 +66,7 @@ from dtucenter.web.definitions import DefinitionApi
 from dtucenter.web.live import LiveFeed
 from dtucenter.web.meters import MeterApi
 from dtucenter.web.metrics import MetricsApi, MetricsSources, metrics_registry, metrics_site
+from dtucenter.web.peers import Peers
 from dtucenter.web.pending import PendingApi
 from dtucenter.web.router import Router
 from dtucenter.web.site import build_site
@@ -230,10 +234,14 @@ def build_service(
         raise UsageError(f"{settings.where('db')}: {e}") from None
     report_missing_adoption_accounts(engine, settings)
     top = CenterService(reactor)
+    node = settings.node_id or generated_node_id()
+    membership = ClusterMembership(settings, engine, node, reactor)
+    membership.setName("cluster-membership")
+    membership.setServiceParent(top)
     store = Store(engine, reactor)
     store.setName("store")
     store.setServiceParent(top)
-    dtu_store = DtuStore(store)
+    dtu_store = DtuStore(store, node)
     book = PendingBook(
         reactor, PendingLimits(settings.pending_per_host, settings.pending_total, settings.pending_expire),
         PendingDeviceStore(store),
@@ -276,7 +284,12 @@ def build_service(
     pending.setName("pending")
     pending.setServiceParent(top)
     templates = TemplateCatalog()
-    bridge, starting = add_modbus(top, settings, recorder, templates, reactor, book)
+    shared = engine.dialect.name != "sqlite"
+    bridge, starting = add_modbus(top, settings, recorder, templates, reactor, book, claimed_links=shared)
+    cluster = ClusterNode(node, store, reactor, settings.node_lease, center, bridge, shared=shared,
+                          url=settings.node_url)
+    cluster.setName("cluster")
+    cluster.setServiceParent(top)
     adopter = Adopter(
         store, bridge, book, center.now, read_link_definition, read_meter_definition, recorder.synced, templates,
         enrol_dtu=queries.enrol_adopted_dtu, release_dtu=center.release_held,
@@ -296,7 +309,7 @@ def build_service(
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     api = None
     if settings.api != "off":
-        api = add_api(top, settings, center, control, store, recorder, bridge, templates, alarms, reactor)
+        api = add_api(top, settings, center, control, store, recorder, bridge, templates, alarms, reactor, cluster)
         PendingApi(book, adopter).install(api)
     add_metrics(top, settings, MetricsSources(
         center, store, bridge, api, pending_devices=book.count, per_link=settings.metrics_per_link
@@ -318,6 +331,42 @@ def add_alarms(
     alarms.setName("alarms")
     alarms.setServiceParent(top)
     return alarms
+
+
+class ClusterMembership(Service):
+    """Joins the cluster as the center starts, before anything touches the database (not when the
+    service tree is built, which tests and checks do without starting it): takes the SQLite file's
+    lock, then registers the node. Refused with one line when another center runs on the same
+    SQLite file or a live node has the id given."""
+
+    def __init__(self, settings: Settings, engine: Engine, node: str, clock: Any) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._node = node
+        self._clock = clock
+        self._held: IO[bytes] | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        settings = self._settings
+        with exit_on_usage_error():
+            try:
+                self._held = nodes.hold_sqlite_file(self._engine)
+                join(self._engine, self._node, settings.node_url, settings.node_lease, utc_now(self._clock),
+                     alone=self._held is not None)
+            except nodes.DatabaseInUse as e:
+                raise UsageError(f"{settings.where('db')}: {e}") from None
+            except nodes.NodeConflict as e:
+                raise UsageError(f"{settings.where('node_id')}: {e}") from None
+        log.info(
+            "This center is node {node}{generated}", node=self._node,
+            generated="" if settings.node_id else " (a generated id: --node-id gives one of your choice)",
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._held is not None:
+            self._held.close()
 
 
 def report_missing_adoption_accounts(engine: Engine, settings: Settings) -> None:
@@ -355,13 +404,16 @@ def apply_center_settings(center: DTUCenter, settings: Settings) -> None:
 def add_modbus(
     top: CenterService, settings: Settings, recorder: MeterRecorder, templates: TemplateCatalog, reactor: Any,
     book: PendingBook | None = None,
+    claimed_links: bool = False,
 ) -> tuple[ModbusBridge, Deferred[None]]:
     """The Modbus bridge: the file's links and meters at once, the database's (those the API
     made, and the accounts' templates they may be made from) once the file's have been
     imported into it. Returns the bridge, and a Deferred that
     fires (with None, even after a failure: logged here) once the database's have started."""
     modbus = settings.modbus
-    bridge = ModbusBridge(modbus, reactor, recorder, events=top.events, book=book)
+    bridge = ModbusBridge(
+        modbus, reactor, recorder, events=top.events, book=book, claimed_links=claimed_links
+    )
     bridge.setName("modbus")
     bridge.setServiceParent(top)
     if modbus.listen is not None:
@@ -452,15 +504,16 @@ def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: Met
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
     recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, alarms: AlarmService,
-    reactor: Any,
+    reactor: Any, cluster: ClusterNode,
 ) -> Router:
     """The API's listener; returns its router, where other parts add their endpoints."""
     try:
         token = resolve_token(settings.api_token, settings.db)
     except TokenFileError as e:
         raise UsageError(str(e)) from None
-    site = build_site(center, control, store, token, bridge)
-    MeterApi(recorder, bridge, center.now).install(site.resource)
+    peers = Peers(reactor, cluster.node, store)
+    site = build_site(center, control, store, token, bridge, peers)
+    MeterApi(recorder, bridge, center.now, peers).install(site.resource)
     DefinitionApi(
         recorder, bridge, settings.source, center.now, read_link_definition, read_meter_definition, templates
     ).install(site.resource)
@@ -480,8 +533,23 @@ def add_api(
                               url=console_url(port.getHost(), tls=settings.api.startswith(("ssl:", "tls:")))),
         lambda _: None,
     )
+    if cluster.url is None:
+        listening = listener.when_listening().addCallback(lambda port: setattr(cluster, "url", api_url(port)))
+        listening.addErrback(lambda _: None)  # a port that will not bind stops the start: require_listening says why
     router: Router = site.resource
     return router
+
+
+def api_url(port: IListeningPort) -> str:
+    """How the other nodes reach this API by default: the address it listens on, or, listening
+    on every address, this host's name."""
+    address = port.getHost()
+    host = getattr(address, "host", "")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{getattr(address, 'port', 0)}"
 
 
 def add_metrics(top: CenterService, settings: Settings, sources: MetricsSources, reactor: Any) -> None:

@@ -51,6 +51,7 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "dtu": "tcp:1", "dtu_udp": "2", "db": "sqlite:///a.db", "unknown_dtu": "reject", "login_timeout": 3,
         "frame_head": "AA55", "max_frame_length": 100, "manhole": "tcp:4", "manhole_keys": "k1",
         "manhole_host_key": "h1", "command_timeout": 5, "api": "tcp:6", "api_token": "file-token",
+        "node_id": "a-1", "node_lease": 20, "node_url": "http://a:1",
         "no_upgrade": False, "log_rotate_size": 8000, "log_keep": 8,
         "dtu_udp_pending": 8, "pending_per_host": 9, "pending_total": 9, "pending_expire": 9,
         "modbus": {"listen": "tcp:7", "server": "tcp:9", "server_allow": ["10.0.0.0/8"],
@@ -63,6 +64,7 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
         "frame-head": "7E7E", "max-frame-length": "0x400", "manhole": "tcp:14", "manhole-keys": "k2",
         "manhole-host-key": "h2", "command-timeout": "15", "api": "off", "api-token": "option-token",
         "no-upgrade": True, "modbus": "tcp:17", "log-rotate-size": "18000", "log-keep": "18",
+        "node-id": "b-2", "node-lease": "30", "node-url": "https://b:2/",
         "dtu-udp-pending": "18", "pending-per-host": "19", "pending-total": "19", "pending-expire": "19",
         "unknown-registration": "adopt:acme:eastron-sdm120",
         "modbus-server": "tcp:19", "modbus-server-allow": "192.168.1.0/24, 10.1.2.3",
@@ -89,6 +91,8 @@ def test_every_option_wins_over_its_file_key(tmp_path: Path) -> None:
     assert (from_file.dtu_udp_pending, both.dtu_udp_pending) == (8, 18)
     assert (from_file.modbus.server, from_file.modbus.server_allow) == ("tcp:9", ("10.0.0.0/8",))
     assert (both.modbus.server, both.modbus.server_allow) == ("tcp:19", ("192.168.1.0/24", "10.1.2.3/32"))
+    assert (from_file.node_id, from_file.node_lease, from_file.node_url) == ("a-1", 20, "http://a:1")
+    assert (both.node_id, both.node_lease, both.node_url) == ("b-2", 30, "https://b:2")
     assert (from_file.metrics, from_file.metrics_per_link, both.metrics, both.metrics_per_link) == (
         "tcp:5", False, "tcp:15", True)
     mqtt = from_file.mqtt

@@ -105,6 +105,41 @@ async def test_a_failing_job_fails_alone(db_url: str) -> None:
         await store.stopService()
 
 
+class _Deadlock(Exception):
+    pgcode = "40P01"  # what psycopg2 says of PostgreSQL's "deadlock detected"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_that_crossed_another_writer_is_retried_one_job_a_transaction(db_url: str) -> None:
+    store = make_store(db_url)
+    transactions: list[list[str]] = []
+    crossed = [False]
+
+    def job(name: str) -> Any:
+        def run(session: Session) -> str:
+            jobs = session.info.get("jobs")
+            if jobs is None:  # the first job of this transaction
+                jobs = session.info["jobs"] = []
+                transactions.append(jobs)
+            jobs.append(name)
+            if name == "b" and not crossed[0]:
+                crossed[0] = True
+                raise OperationalError("UPDATE dtus ...", {}, _Deadlock("deadlock detected"))
+            return name
+
+        return run
+
+    try:
+        blocker = store.write(lambda s: None)  # occupies the writer so the next three share a batch
+        done = [store.write(job(name)) for name in "abc"]
+        await blocker
+        assert [await d for d in done] == ["a", "b", "c"]
+        assert transactions == [["a", "b"], ["a"], ["b"], ["c"]]
+        assert store.healthy
+    finally:
+        await store.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_stop_waits_for_pending_writes(db_url: str) -> None:
     store = make_store(db_url)

@@ -270,7 +270,7 @@ class DTUCenter(Service):
             if count:
                 log.info("Marked {count} DTUs offline left over from the last run", count=count)
 
-        d = self.records.mark_all_offline()
+        d = self.records.mark_left_over_offline(self.started)
         d.addCallbacks(reset, lambda f: log.failure("Could not reset online flags", f))
         self._seen_writer.start(self.settings.last_seen_interval, now=False)
 
@@ -281,7 +281,7 @@ class DTUCenter(Service):
         self._write_last_seen()
         for session in list(self.sessions.values()):
             session.abort("center stopping")
-        return self.records.mark_all_offline().addCallbacks(
+        return self.records.mark_own_offline().addCallbacks(
             lambda _: None, lambda f: log.failure("Could not mark DTUs offline at shutdown", f)
         )
 
@@ -405,6 +405,15 @@ class DTUCenter(Service):
         self._mark_offline(psn, session.last_seen)
         if self.events.listening:
             self.events.publish(DtuOffline(psn, session.peer, self.now()))
+
+    def let_go(self, psn: int, reason: str) -> None:
+        """The cluster says this DTU is not this node's any more (it logged in on another node):
+        its connection here goes."""
+        session = self.sessions.get(psn)
+        if session is None:
+            return
+        self.stats["sessions_replaced"] += 1
+        session.abort(reason)
 
     def _mark_offline(self, psn: int, last_seen: dt.datetime) -> None:
         self.records.mark_offline(psn, last_seen).addErrback(

@@ -61,12 +61,16 @@ class Control(Service):
         if not await self.center.records.dtu_exists(psn):
             raise UnknownDTU(f"no DTU {psn}")
         error = DTUOffline(f"DTU {psn} is offline")
+        await self.record_failed(psn, command, who, error)
+        raise error
+
+    async def record_failed(self, psn: int, command: Command, who: str, error: CommandError) -> None:
+        """A command that never reached the DTU, in the audit trail as asked and ended at once."""
         now = self.center.now()
         await self._audit(
             self.trail.record_command(psn, command.KIND, command.to_json(), who, queued=now,
                                       outcome=error.outcome, finished=now, error=str(error)),
         )
-        raise error
 
     async def _finish(self, record: Deferred[int], ticket: Ticket, outcome: str, **details: Any) -> None:
         try:

@@ -88,8 +88,13 @@ class DtuRecords(Protocol):
 
     def mark_offline(self, psn: int, last_seen: dt.datetime) -> Deferred[None]: ...
 
-    def mark_all_offline(self) -> Deferred[int]:
-        """No connection survives a restart: fires with how many DTUs were still marked online."""
+    def mark_left_over_offline(self, now: dt.datetime) -> Deferred[int]:
+        """At start: no connection survives a restart, so the DTUs this center's last run left
+        marked online (and those of centers of the cluster that are gone) are offline; fires with
+        how many. Those other running centers hold stay as they are."""
+
+    def mark_own_offline(self) -> Deferred[int]:
+        """At stop: the DTUs this center holds are offline; fires with how many."""
 
     def record_last_seen(self, seen: Mapping[int, dt.datetime]) -> Deferred[None]:
         """Last-seen times of many DTUs at once; a PSN without a record is skipped."""

@@ -172,6 +172,8 @@ class Poller(Service):
         self._meters = {m.name: _new_meter(m) for m in meters}
         self._start = 0.0
         self.stats = PollStats()
+        #: Links whose meters are not polled here: another node of the cluster runs them.
+        self.paused_links: set[str] = set()
         #: The same, by the name of the link polled (a link's entry goes when the link does).
         self.link_stats: dict[str, PollStats] = {}
 
@@ -324,6 +326,8 @@ class Poller(Service):
     def _tick(self, meter: _Meter) -> None:
         slot = meter.slot
         self._schedule_next(meter)
+        if meter.settings.link in self.paused_links:
+            return  # polled by the node that holds its link
         if meter.polling:
             log.debug("Meter {meter}: previous poll still running, slot skipped", meter=meter.settings.name)
         elif slot >= meter.resume_slot:

@@ -35,6 +35,8 @@ from dtucenter.modbus.poller import MeterSink, MeterStatus, Poller, Reading
 from dtucenter.modbus.unknown import HeldLimits, UnknownRegistrations
 
 SHARED_LISTENER = "modbus"
+#: Link kinds the center reaches out on itself (an outgoing connection, a serial port), as opposed to waiting for.
+DIALLED = ("connect", "serial")
 
 log = Logger()
 
@@ -142,9 +144,13 @@ class ModbusBridge(MultiService):
         max_backoff: float = 300.0,
         book: PendingBook | None = None,
         events: EventHub | None = None,
+        claimed_links: bool = False,
     ) -> None:
         super().__init__()
         self.settings = settings
+        #: On a cluster, a link the center dials (``connect``) or opens (``serial``) runs only
+        #: once :meth:`hold_links` says this node holds it: one node at a time may.
+        self.claimed_links = claimed_links
         self.events = events if events is not None else EventHub()
         self.login_timeout = settings.login_timeout
         self._reactor = reactor
@@ -234,10 +240,14 @@ class ModbusBridge(MultiService):
                 retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0),
                 clock=reactor,
             )
-            service.setServiceParent(self)
         elif kind == "serial":
             service = SerialLinkService(link, reactor, open_port=self._open_serial)
-            service.setServiceParent(self)
+        if kind in DIALLED:
+            assert service is not None
+            if self.claimed_links:
+                self.poller.paused_links.add(link.name)  # until this node holds it
+            else:
+                service.setServiceParent(self)
         if service is not None:
             self._link_services[link.name] = service
         log.info("Link {link} added ({kind})", link=link.name, kind=kind)
@@ -258,8 +268,9 @@ class ModbusBridge(MultiService):
         self._endpoints.pop(name, None)
         self.poller.link_stats.pop(name, None)
         waits: list[defer.Deferred[None]] = []
+        self.poller.paused_links.discard(name)
         service = self._link_services.pop(name, None)
-        if service is not None:
+        if service is not None and service.parent is not None:
             stopped = service.disownServiceParent()
             waits.append(defer.maybeDeferred(lambda: stopped).addCallback(lambda _: None))
         self._leaving.append(link)
@@ -284,6 +295,30 @@ class ModbusBridge(MultiService):
         self.add_link(settings)
         return gone
 
+    # -- a cluster's links: one node runs each dialled link ---------------------
+
+    def dialled_links(self) -> list[str]:
+        """The links this center would dial or open: on a cluster, each runs on one node only."""
+        return [name for name, link in self.links.items() if link.settings.kind in DIALLED]
+
+    def hold_links(self, held: set[str]) -> None:
+        """Run the dialled links of ``held`` (this node holds them now) and stop the others'
+        connections, their meters paused: another node runs them. Nothing to do unless
+        ``claimed_links``: alone, the bridge runs every link it has."""
+        if not self.claimed_links:
+            return
+        for name in self.dialled_links():
+            service = self._link_services[name]
+            running = service.parent is not None
+            if name in held and not running:
+                log.info("Link {link}: this node holds it now; starting it", link=name)
+                self.poller.paused_links.discard(name)
+                service.setServiceParent(self)
+            elif name not in held and running:
+                log.info("Link {link}: held by another node now; stopping it here", link=name)
+                self.poller.paused_links.add(name)
+                service.disownServiceParent()
+                self.links[name].disconnect()
     def _retire(self, result: object, link: Link) -> object:
         """A removed link's connection is gone: its traffic joins the retired totals."""
         self._leaving.remove(link)

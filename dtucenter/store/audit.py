@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Collection
 from typing import Any
 
 import attrs
-from sqlalchemy import select, update
+from sqlalchemy import ScalarSelect, and_, select, update
 from sqlalchemy.orm import Session
 
 from dtucenter.store.models import CommandRecord, DtuEdit
@@ -86,11 +87,23 @@ def finish_command(
     )
 
 
-def interrupt_pending(session: Session, now: dt.datetime) -> int:
-    """At start-up: a command still pending was cut short by the last shutdown or crash."""
+def interrupt_pending(
+    session: Session, now: dt.datetime, busy_elsewhere: ScalarSelect[int] | None = None,
+    psns: Collection[int] | None = None,
+) -> int:
+    """At start-up: a command still pending was cut short by the last shutdown or crash.
+
+    On a cluster, except those to the DTUs ``busy_elsewhere`` (held by other live nodes, which
+    are running them); or only those to ``psns`` (the DTUs of a node found dead).
+    """
+    pending = CommandRecord.outcome == PENDING
+    if busy_elsewhere is not None:
+        pending = and_(pending, CommandRecord.psn.not_in(busy_elsewhere))
+    if psns is not None:
+        pending = and_(pending, CommandRecord.psn.in_(psns))
     return rowcount(session.execute(
         update(CommandRecord)
-        .where(CommandRecord.outcome == PENDING)
+        .where(pending)
         .values(outcome=INTERRUPTED, finished=now, error="the center stopped before the command finished")
     ))
 

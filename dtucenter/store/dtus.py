@@ -16,12 +16,15 @@ from typing import Any
 from sqlalchemy.orm import Session
 from twisted.internet.defer import Deferred
 
-from dtucenter.store import audit, queries
+from dtucenter.store import audit, nodes, queries
 from dtucenter.store.facade import Store
 
 
 class DtuStore:
-    def __init__(self, store: Store) -> None:
+    """``node``: the id of this center in the cluster (``nodes``); the DTUs it holds are marked with it."""
+
+    def __init__(self, store: Store, node: str = "local") -> None:
+        self.node = node
         self._write = store.write
         self._read = store.read
         #: The upload path, taken once: a call through this class per upload would show at ingest rates.
@@ -35,7 +38,7 @@ class DtuStore:
     ) -> Deferred[queries.LoginOutcome]:
         return self._write(partial(
             queries.authenticate, psn=psn, password=password, pname=pname, version=version, ccid=ccid,
-            remote=remote, now=now, enroll_unknown=enroll_unknown,
+            remote=remote, now=now, enroll_unknown=enroll_unknown, node=self.node,
         ))
 
     def replace_register_list(
@@ -46,10 +49,13 @@ class DtuStore:
         )
 
     def mark_offline(self, psn: int, last_seen: dt.datetime) -> Deferred[None]:
-        return self._write(partial(queries.mark_offline, psn=psn, last_seen=last_seen))
+        return self._write(partial(queries.mark_offline, psn=psn, last_seen=last_seen, node=self.node))
 
-    def mark_all_offline(self) -> Deferred[int]:
-        return self._write(queries.mark_all_offline)
+    def mark_left_over_offline(self, now: dt.datetime) -> Deferred[int]:
+        return self._write(partial(nodes.mark_left_over_offline, node=self.node, now=now))
+
+    def mark_own_offline(self) -> Deferred[int]:
+        return self._write(partial(nodes.mark_own_offline, node=self.node))
 
     def record_last_seen(self, seen: Mapping[int, dt.datetime]) -> Deferred[None]:
         return self._write(partial(queries.record_last_seen, seen=seen))
@@ -81,4 +87,7 @@ class DtuStore:
         ))
 
     def interrupt_pending(self, now: dt.datetime) -> Deferred[int]:
-        return self._write(partial(audit.interrupt_pending, now=now))
+        # Not the commands other live nodes of the cluster are running now.
+        return self._write(
+            lambda session: audit.interrupt_pending(session, now, nodes.held_by_other_nodes(self.node, now))
+        )

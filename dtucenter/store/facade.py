@@ -51,12 +51,27 @@ log = Logger()
 
 #: Rows per transaction at most; more waits for the next one.
 MAX_BATCH_ROWS = 50_000
+#: Jobs (logins, offline marks...) per transaction at most: each may lock a DTU row, and a
+#: transaction holds its locks until it commits, which other nodes of a cluster may wait for.
+MAX_BATCH_JOBS = 1000
 #: Seconds before the first probe of a database that failed a write, doubling up to RETRY_MAX.
 RETRY_FIRST = 0.1
 #: Seconds between probes at most: how long the center may lag behind a database that came back.
 RETRY_MAX = 1.0
 #: Seconds between the log lines that say the database is still failing.
 SUMMARY_INTERVAL = 60.0
+
+
+#: SQLSTATEs of a transaction PostgreSQL ended because it crossed another's: a deadlock, a serialization failure.
+LOST_TO_ANOTHER_WRITER = frozenset({"40P01", "40001"})
+
+
+def lost_to_another_writer(error: BaseException | None) -> bool:
+    """The transaction crossed another writer's (another node of a cluster locking the same rows in
+    another order): nothing is wrong with the database or the work, only with doing them together."""
+    original = getattr(error, "orig", None)
+    code = getattr(original, "pgcode", None) or getattr(original, "sqlstate", None)
+    return code in LOST_TO_ANOTHER_WRITER
 
 
 def is_transient(error: BaseException | None) -> bool:
@@ -458,7 +473,7 @@ class Store(Service):
                 batch.jobs.append(self._queued_jobs.popleft())
                 return batch
         else:
-            while self._queued_jobs:
+            while self._queued_jobs and len(batch.jobs) < MAX_BATCH_JOBS:
                 batch.jobs.append(self._queued_jobs.popleft())
         queue, waiters = self._queued_rows, batch.row_waiters
         while queue and (not batch.row_count or batch.row_count + queue[0][1] <= MAX_BATCH_ROWS):
@@ -519,6 +534,23 @@ class Store(Service):
 
     def _failed(self, failure: Failure, batch: _Batch) -> None:
         self.stats.failures += 1
+        if lost_to_another_writer(failure.value) and not self._abandoned:
+            # Retried at once, each job in a transaction of its own: a login or an offline mark
+            # locks one DTU row, so alone it cannot close a cycle with the other writer again
+            # (retried whole, both batches met again and again, for minutes).
+            self.stats.retries += 1
+            self._in_flight = None
+            parts = len(batch.jobs) + (1 if batch.rows else 0)
+            self._requeue(batch)
+            if parts > 1:
+                self._isolate = max(self._isolate, parts)
+            log.info(
+                "Database write of {jobs} jobs and {rows} rows crossed another writer's ({error}); "
+                "retrying them one transaction each", jobs=len(batch.jobs), rows=batch.row_count,
+                error=_first_line(failure.value),
+            )
+            self._kick()
+            return
         if is_transient(failure.value) and self._abandoned:
             self._in_flight = None
             self._fail_batch(batch, Failure(_abandoned_error()))

@@ -135,6 +135,8 @@ class Dtu(Base):
     remote: Mapped[str | None] = mapped_column(String(64), default=None)
     last_login: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
     last_seen: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    #: The id of the center node its connection is on while online (``nodes``), None while offline.
+    node: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
     created: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
 
 
@@ -439,6 +441,48 @@ class TemplateEdit(Base):
     __table_args__ = (Index("ix_template_edits_account_name_id", "account", "name", "id"),)
 
 
+class Node(Base):
+    """A running center process of the cluster sharing this database, under a lease it renews.
+
+    A node whose ``lease_until`` has passed is dead: its DTUs are offline and its links free.
+    """
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Where its peers reach its API, for commands to the DTUs it holds; None without an API.
+    url: Mapped[str | None] = mapped_column(String(200), default=None)
+    host: Mapped[str] = mapped_column(String(100), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    started: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    renewed: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    lease_until: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    #: Set by a clean stop: the node is gone without waiting for its lease to lapse.
+    stopped: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class LinkOwner(Base):
+    """Which node runs a link the center dials (``connect``) or opens (``serial``): one node at a time.
+
+    The claim lasts as long as its node's lease: a live owner keeps it, any node may take it from a dead one.
+    """
+
+    __tablename__ = "link_owners"
+
+    link: Mapped[str] = mapped_column(String(100), primary_key=True)
+    node: Mapped[str] = mapped_column(String(64))
+    since: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class DtuHandover(Base):
+    """A DTU logged in on another node: the node named here closes its older connection (and deletes the row)."""
+
+    __tablename__ = "dtu_handovers"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    #: The node told to let the connection go.
+    node: Mapped[str] = mapped_column(String(64), index=True)
+    psn: Mapped[int] = mapped_column(BigInteger)
 class PendingDeviceRow(Base):
     """A device that dialled in with a registration (Modbus) or PSN (binary protocol) nobody
     knows, waiting to be adopted into an account (dtucenter/discovery.py). The running center

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from dtucenter.addresses import ipv4_octets
 from dtucenter.store.accounts import first_admin_id
-from dtucenter.store.models import Account, Base, Dtu, RegisterEntry, Sample
+from dtucenter.store.models import Account, Base, Dtu, DtuHandover, RegisterEntry, Sample
 
 
 @attrs.frozen
@@ -58,6 +58,8 @@ class DtuInfo:
     remote: str | None
     last_login: dt.datetime | None
     last_seen: dt.datetime | None
+    #: The cluster node its connection is on, while online.
+    node: str | None
 
     @classmethod
     def of(cls, row: Dtu) -> DtuInfo:
@@ -66,7 +68,7 @@ class DtuInfo:
             version=row.version, ccid=row.ccid, fota_flag=row.fota_flag, tick_time=row.tick_time,
             send_test_mode=row.send_test_mode, send_test_time=row.send_test_time,
             new_ver=row.new_ver, new_port=row.new_port, new_ip=row.new_ip, online=row.online,
-            remote=row.remote, last_login=row.last_login, last_seen=row.last_seen,
+            remote=row.remote, last_login=row.last_login, last_seen=row.last_seen, node=row.node,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -132,11 +134,13 @@ def check_psn(psn: Any) -> int:
 
 def authenticate(
     session: Session, psn: int, password: int, pname: str, version: int, ccid: str,
-    remote: str, now: dt.datetime, enroll_unknown: bool,
+    remote: str, now: dt.datetime, enroll_unknown: bool, node: str | None = None,
 ) -> LoginOutcome:
     """The seed's rule: a stored PASS of 0 takes (and keeps) any PASS; otherwise they must match.
 
-    An accepted login is recorded (what the DTU reported, from where, when) and marks it online.
+    An accepted login is recorded (what the DTU reported, from where, when) and marks it online
+    on ``node``. When it was online on another node, that node is told to close its older
+    connection (``nodes.take_handovers``), in the same transaction.
     """
     row = session.get(Dtu, psn)
     enrolled = False
@@ -156,7 +160,10 @@ def authenticate(
     row.pname = pname[:8]
     row.version = version
     row.ccid = ccid[:20]
+    if row.online and row.node is not None and row.node != node:
+        session.add(DtuHandover(node=row.node, psn=psn))
     row.online = True
+    row.node = node
     row.remote = remote
     row.last_login = now
     row.last_seen = now
@@ -189,13 +196,13 @@ def replace_register_list(
     session.execute(update(Dtu).where(Dtu.psn == psn).values(send_test_time=send_test_time))
 
 
-def mark_offline(session: Session, psn: int, last_seen: dt.datetime) -> None:
-    session.execute(update(Dtu).where(Dtu.psn == psn).values(online=False, last_seen=last_seen))
-
-
-def mark_all_offline(session: Session) -> int:
-    """At start-up: no connection survives a restart, whatever the table says."""
-    return rowcount(session.execute(update(Dtu).where(Dtu.online.is_(True)).values(online=False)))
+def mark_offline(session: Session, psn: int, last_seen: dt.datetime, node: str | None = None) -> None:
+    """The connection to ``psn`` on ``node`` went away. A row another node took since (a newer
+    login there) is left alone: the DTU is online, only elsewhere."""
+    session.execute(
+        update(Dtu).where(Dtu.psn == psn, or_(Dtu.node.is_(None), Dtu.node == node))
+        .values(online=False, node=None, last_seen=last_seen)
+    )
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -212,11 +219,12 @@ def table_of(model: type[Base]) -> Table:
 def record_last_seen(session: Session, seen: Mapping[int, dt.datetime]) -> None:
     # Core, not the ORM's bulk update: that one fails the whole batch when a
     # DTU was deleted meanwhile; here a missing row simply updates nothing.
+    # In PSN order: the nodes of a cluster that lock the same rows lock them in the same order.
     if seen:
         table = table_of(Dtu)
         session.connection().execute(
             update(table).where(table.c.psn == bindparam("b_psn")).values(last_seen=bindparam("b_seen")),
-            [{"b_psn": psn, "b_seen": when} for psn, when in seen.items()],
+            [{"b_psn": psn, "b_seen": seen[psn]} for psn in sorted(seen)],
         )
 
 

@@ -19,6 +19,7 @@ from dtucenter.dtu.center import DTUCenter
 from dtucenter.dtu.control import Control, UnknownDTU
 from dtucenter.store import accounts, audit, queries, retention
 from dtucenter.store.facade import Store
+from dtucenter.store.nodes import NodeInfo
 from dtucenter.web.params import (
     DEFAULT_SAMPLES,
     MAX_SAMPLES,
@@ -29,9 +30,13 @@ from dtucenter.web.params import (
     rollups_answer,
     time_param,
 )
+from dtucenter.web.peers import Peers, PeerUnreachable
 from dtucenter.web.router import ApiError, Call, Reply, Router
 
 T = TypeVar("T")
+
+#: Seconds added to the longest a command may take on the node holding its DTU, for the way there and back.
+FORWARD_MARGIN = 10.0
 
 DEFAULT_COMMANDS = 50
 MAX_COMMANDS = 1000
@@ -112,10 +117,12 @@ def _account_id(session: Session, name: object) -> int:
 
 
 class DtuApi:
-    def __init__(self, center: DTUCenter, control: Control, store: Store) -> None:
+    def __init__(self, center: DTUCenter, control: Control, store: Store, peers: Peers | None = None) -> None:
         self.center = center
         self.control = control
         self.store = store
+        #: The other nodes of the cluster, which hold the DTUs not online here.
+        self.peers = peers
 
     def install(self, router: Router) -> None:
         router.add("GET", "/api/dtus", self.list_dtus)
@@ -135,7 +142,10 @@ class DtuApi:
         """The stored record, with what only the live registry knows to the second."""
         body = info.to_json()
         session = self.center.sessions.get(info.psn)
-        body["online"] = session is not None
+        # Online on another node of the cluster: the database says where (``node``). This node's
+        # own DTUs are online while their session is.
+        here = self.peers.node if self.peers is not None else None
+        body["online"] = session is not None or (info.online and info.node not in (None, here))
         if session is not None:
             body["remote"] = session.peer
             body["last_seen"] = session.last_seen.isoformat()
@@ -338,9 +348,26 @@ class DtuApi:
     async def _run(self, call: Call, psn: int, command: commands.Command) -> Any:
         if not call.caller.admin:
             await self._known(call, psn)
+        if psn not in self.center.sessions and self.peers is not None:
+            holder = await self.peers.holder(call, psn)
+            if holder is not None:
+                return await self._forward(call, psn, command, holder)
         try:
             result = await self.control.run(psn, command, who=call.who)
         except (commands.CommandError, UnknownDTU) as e:
             status = next(s for kind, s in COMMAND_ERROR_STATUS.items() if isinstance(e, kind))
             raise ApiError(status, str(e)) from None
         return result.to_json()
+
+    async def _forward(self, call: Call, psn: int, command: commands.Command, holder: NodeInfo) -> Any:
+        """Run on the node that holds the DTU; when that node does not answer, the command is
+        recorded here as disconnected, as it would be had the DTU's connection gone."""
+        assert self.peers is not None
+        command.check(self.center.settings.dialect)
+        # Behind as many commands as the DTU's queue holds, each with its timeout, and a margin.
+        wait = self.center.settings.command_timeout * (commands.QUEUE_LIMIT + 2) + FORWARD_MARGIN
+        try:
+            return await self.peers.forward(call, holder, wait)
+        except PeerUnreachable as e:
+            await self.control.record_failed(psn, command, call.who, commands.CommandDisconnected(str(e)))
+            raise ApiError(COMMAND_ERROR_STATUS[commands.CommandDisconnected], str(e)) from None

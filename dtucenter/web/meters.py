@@ -39,6 +39,7 @@ from dtucenter.store import accounts, meters, retention
 from dtucenter.store import links as device_links
 from dtucenter.store.facade import Store
 from dtucenter.store.links import DeviceConflict
+from dtucenter.store.nodes import NodeInfo
 from dtucenter.store.recorder import MeterRecorder
 from dtucenter.web.params import (
     DEFAULT_SAMPLES,
@@ -50,9 +51,13 @@ from dtucenter.web.params import (
     rollups_answer,
     time_param,
 )
-from dtucenter.web.router import ApiError, Call, Router
+from dtucenter.web.peers import Peers, PeerUnreachable
+from dtucenter.web.router import ApiError, Call, Reply, Router
 
 log = Logger()
+
+#: Seconds to wait for the node running a meter's link to answer a read, write or raw exchange passed on to it.
+FORWARD_WAIT = 120.0
 
 DEFAULT_HISTORY = 50
 MAX_HISTORY = 1000
@@ -82,11 +87,16 @@ def _iso_seconds(seconds: float | None) -> str | None:
 
 
 class MeterApi:
-    def __init__(self, recorder: MeterRecorder, bridge: ModbusBridge | None, now: Callable[[], dt.datetime]) -> None:
+    def __init__(
+        self, recorder: MeterRecorder, bridge: ModbusBridge | None, now: Callable[[], dt.datetime],
+        peers: Peers | None = None,
+    ) -> None:
         self.recorder = recorder
         self.store = recorder.store
         self.bridge = bridge
         self.now = now
+        #: The other nodes of the cluster, which run the dialled links this node does not.
+        self.peers = peers
 
     def install(self, router: Router) -> None:
         router.add("GET", "/api/meters", self.list_meters)
@@ -142,6 +152,26 @@ class MeterApi:
         if info is None:
             raise ApiError(404, f"no meter {name!r}")
         return info
+
+    async def _held_elsewhere(self, call: Call, link: str | None) -> NodeInfo | None:
+        """The node that runs ``link`` when it is a dialled link another node of the cluster runs:
+        a read, write or raw exchange on it goes there."""
+        if link is None or self.peers is None or self.bridge is None or link not in self.bridge.poller.paused_links:
+            return None
+        return await self.peers.link_holder(call, link)
+
+    def _link_of(self, meter: str) -> str | None:
+        try:
+            return self.bridge.poller.settings_of(meter).link if self.bridge is not None else None
+        except UnknownMeter:
+            return None
+
+    async def _forward(self, call: Call, holder: NodeInfo) -> Reply:
+        assert self.peers is not None
+        try:
+            return await self.peers.forward(call, holder, FORWARD_WAIT)
+        except PeerUnreachable as e:
+            raise ApiError(502, str(e)) from None
 
     async def _own(self, call: Call, name: str) -> None:
         """Before asking a meter: another account's answers 404 like an unknown one. An admin's
@@ -230,7 +260,7 @@ class MeterApi:
 
     # -- writes -----------------------------------------------------------------------------------
 
-    async def write(self, call: Call, name: str) -> dict[str, object]:
+    async def write(self, call: Call, name: str) -> dict[str, object] | Reply:
         call.query(())
         body = call.json_object()
         check_keys(body, "the body", {"point", "value"})
@@ -240,6 +270,9 @@ class MeterApi:
         if self.bridge is None:
             raise ApiError(404, f"no configured meter {name!r}")
         await self._own(call, name)
+        holder = await self._held_elsewhere(call, self._link_of(name))
+        if holder is not None:
+            return await self._forward(call, holder)
         requested = self.now()
         try:
             written = self.bridge.write(name, point, value)
@@ -273,7 +306,7 @@ class MeterApi:
 
     # -- reads on demand --------------------------------------------------------------------------
 
-    async def read_now(self, call: Call, name: str) -> dict[str, object]:
+    async def read_now(self, call: Call, name: str) -> dict[str, object] | Reply:
         call.query(())
         body = call.json_object() if self._has_body(call) else {}
         check_keys(body, "the body", set(), frozenset({"points"}))
@@ -285,6 +318,9 @@ class MeterApi:
         if self.bridge is None:
             raise ApiError(404, f"no configured meter {name!r}")
         await self._own(call, name)
+        holder = await self._held_elsewhere(call, self._link_of(name))
+        if holder is not None:
+            return await self._forward(call, holder)
         requested = self.now()
         try:
             reading = await self.bridge.read_now(name, points)
@@ -367,7 +403,7 @@ class MeterApi:
 
     # -- raw exchanges (admin only) ---------------------------------------------------------------
 
-    async def raw(self, call: Call, name: str) -> dict[str, object]:
+    async def raw(self, call: Call, name: str) -> dict[str, object] | Reply:
         call.query(())
         call.require_admin()
         body = call.json_object()
@@ -375,6 +411,9 @@ class MeterApi:
         link = self.bridge.links.get(name) if self.bridge is not None else None
         if link is None:
             raise ApiError(404, f"no link {name!r}")
+        holder = await self._held_elsewhere(call, name)
+        if holder is not None:
+            return await self._forward(call, holder)
         data = _raw_bytes(body.get("hex"))
         timeout = _bounded_number(body, "timeout", link.settings.timeout, MAX_RAW_TIMEOUT)
         max_bytes = int(_bounded_number(body, "max_bytes", MAX_RAW_BYTES, MAX_RAW_BYTES))

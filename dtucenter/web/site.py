@@ -16,20 +16,22 @@ from dtucenter.web.accounts import AccountApi
 from dtucenter.web.callers import Authenticator
 from dtucenter.web.console_site import ConsoleFiles, SessionApi
 from dtucenter.web.dtus import DtuApi
+from dtucenter.web.peers import Peers
 from dtucenter.web.router import BoundedRequest, JsonErrorChannel, Router
 from dtucenter.web.status import StatusApi
 
 
 def build_site(
-    center: DTUCenter, control: Control, store: Store, token: str, bridge: ModbusBridge | None = None
+    center: DTUCenter, control: Control, store: Store, token: str, bridge: ModbusBridge | None = None,
+    peers: Peers | None = None,
 ) -> server.Site:
     authenticator = Authenticator(token, store, center.now)
     router = Router(authenticator)
     SessionApi(authenticator).install(router)
     router.fallback = ConsoleFiles(authenticator)
     AccountApi(store, center.now).install(router)
-    DtuApi(center, control, store).install(router)
-    StatusApi(center, store, bridge).install(router)
+    DtuApi(center, control, store, peers).install(router)
+    StatusApi(center, store, bridge, peers.node if peers is not None else None).install(router)
     site = ApiSite(router)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False

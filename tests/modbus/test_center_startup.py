@@ -73,7 +73,8 @@ def test_the_bridge_is_in_the_tree_even_without_links_as_the_api_may_add_them(tm
     reactor = MemoryReactorClock()
     without = makeService(options(tmp_path), reactor)
     assert [s.name for s in without] == [
-        "store", "center", "meter-recorder", "retention", "dtu-tcp", "control", "pending", "modbus", "alarms",
+        "cluster-membership", "store", "center", "meter-recorder", "retention", "dtu-tcp", "control", "pending",
+        "modbus", "cluster", "alarms",
     ]
     assert reactor.tcpServers == []  # and without [modbus] listen, nothing of it listens
     config = write_config(tmp_path, '[modbus]\nlisten = "tcp:20101"\n' + LINK)
