@@ -309,7 +309,9 @@ def build_service(
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     api = None
     if settings.api != "off":
-        api = add_api(top, settings, center, control, store, recorder, bridge, templates, alarms, reactor, cluster)
+        api = add_api(
+            top, settings, center, control, store, recorder, bridge, templates, alarms, reactor, cluster, book.count
+        )
         PendingApi(book, adopter).install(api)
     add_metrics(top, settings, MetricsSources(
         center, store, bridge, api, pending_devices=book.count, per_link=settings.metrics_per_link
@@ -504,7 +506,7 @@ def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: Met
 def add_api(
     top: CenterService, settings: Settings, center: DTUCenter, control: Control, store: Store,
     recorder: MeterRecorder, bridge: ModbusBridge | None, templates: TemplateCatalog, alarms: AlarmService,
-    reactor: Any, cluster: ClusterNode,
+    reactor: Any, cluster: ClusterNode, pending_count: Callable[[], int] | None = None,
 ) -> Router:
     """The API's listener; returns its router, where other parts add their endpoints."""
     try:
@@ -520,7 +522,7 @@ def add_api(
     TemplateApi(recorder, bridge, templates, read_meter_definition, center.now).install(site.resource)
     AlarmApi(alarms, recorder, center.now).install(site.resource)
     ChartApi(store, recorder, center.now).install(site.resource)
-    live = LiveFeed(top.events, center, store, bridge, reactor)
+    live = LiveFeed(top.events, center, store, bridge, reactor, pending_count)
     live.setName("live")
     live.setServiceParent(top)
     live.install(site.resource)

@@ -244,6 +244,9 @@ async def test_live_events_are_filtered_per_account_and_resume(tmp_path: Path, d
             # The admin sees every status event, and values of what it watches only.
             assert admin_seen[2:] == [("dtu_online", PSN), ("dtu_online", OTHER_PSN), ("upload", PSN),
                                       ("link_up", "someone-elses"), ("summary", None)]
+            # The pending devices' count is the admin's, kept live; an account finds its own by registration.
+            assert everything.events()[-1][2]["pending"] == 0
+            assert "pending" not in mine.events()[-1][2]
             last_id = [i for i, _, _ in mine.events() if i][-1]
         finally:
             mine.close()

@@ -235,9 +235,11 @@ class LiveFeed(Service):
     """The center's events, as Server-Sent Events to each console (``GET /api/events``)."""
 
     def __init__(self, hub: EventHub, center: DTUCenter, store: Store, bridge: ModbusBridge | None,
-                 clock: IReactorTime) -> None:
+                 clock: IReactorTime, pending_count: Callable[[], int] | None = None) -> None:
         self.hub = hub
         self.center = center
+        #: How many devices wait to be adopted: in an admin's summary (others find theirs by registration).
+        self.pending_count = pending_count
         self.store = store
         self.bridge = bridge
         self.clock = clock
@@ -352,6 +354,8 @@ class LiveFeed(Service):
         body["store"] = {"healthy": self.store.healthy}
         if stream.caller.admin:
             body["store"]["backlog_rows"] = self.store.backlog
+            if self.pending_count is not None:
+                body["pending"] = self.pending_count()
         return body
 
     def _summarize(self) -> Deferred[None] | None:

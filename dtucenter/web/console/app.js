@@ -257,6 +257,8 @@ async function overview(_, current) {
       cards.store.replaceChildren(s.store.healthy ? "healthy" : "NOT healthy",
         s.store.backlog_rows === undefined ? "" : h("span.detail", {}, `${s.store.backlog_rows} rows queued`));
       cards.store.parentElement.classList.toggle("bad", !s.store.healthy);
+      // An admin's summary counts the pending devices, so the card stays live; others keep the count read below.
+      if (s.pending !== undefined) pending.replaceChildren(h("a", {href: "#/discovery"}, String(s.pending)));
   };
   if (live.summary) showSummary(live.summary);
   listen("", {
