@@ -470,9 +470,13 @@ def _render_mqtt(mqtt: dict[str, Any] | None) -> list[str]:
             f"| {_worker_cpu_per_frame(step)} | {run.get('backlog_rows', '-')} |"
         )
         if label != "without" and cost is not None:
+            # Both must hold: the center's own CPU per frame, and what the machine delivers with the worker and
+            # the broker on its cores too (here they compete with the center; on a broker of its own they would not).
+            kept = peak["frames_per_s"] / base_peak
             verdicts.append(f"- `payload = {label}` costs less than {MQTT_BUDGET:.0%} of the throughput: " + _verdict(
-                cost < MQTT_BUDGET, f"{cost:.0%} from CPU per frame; peak {peak['frames_per_s'] / base_peak:.0%} "
-                "of the run without MQTT"
+                cost < MQTT_BUDGET and kept >= 1 - MQTT_BUDGET,
+                f"{cost:.0%} of the center's own CPU per frame; peak {kept:.0%} of the run without MQTT, with "
+                "the MQTT worker and Mosquitto on the same two cores"
             ))
     return [*lines, "", *verdicts, ""]
 
