@@ -160,6 +160,19 @@ class MeterApi:
             return None
         return await self.peers.link_holder(call, link)
 
+    async def _answered_elsewhere(self, call: Call, link: str | None) -> Reply | None:
+        """The answer of the node that runs ``link``, when another node does; None to serve it here."""
+        holder = await self._held_elsewhere(call, link)
+        return None if holder is None else await self._forward(call, holder)
+
+    async def _meter_answered_elsewhere(self, call: Call, name: str) -> Reply | None:
+        """Before asking meter ``name`` now: 404 unless the caller may and the bridge polls it; then
+        the answer of the node that runs its link, when another node does; None to ask it here."""
+        if self.bridge is None:
+            raise ApiError(404, f"no configured meter {name!r}")
+        await self._own(call, name)
+        return await self._answered_elsewhere(call, self._link_of(name))
+
     def _link_of(self, meter: str) -> str | None:
         try:
             return self.bridge.poller.settings_of(meter).link if self.bridge is not None else None
@@ -267,12 +280,10 @@ class MeterApi:
         point, value = body["point"], body["value"]
         if not isinstance(point, str):
             raise ApiError(400, f"point must be a point name, got {point!r}")
-        if self.bridge is None:
-            raise ApiError(404, f"no configured meter {name!r}")
-        await self._own(call, name)
-        holder = await self._held_elsewhere(call, self._link_of(name))
-        if holder is not None:
-            return await self._forward(call, holder)
+        forwarded = await self._meter_answered_elsewhere(call, name)
+        if forwarded is not None:
+            return forwarded
+        assert self.bridge is not None  # checked by _meter_answered_elsewhere
         requested = self.now()
         try:
             written = self.bridge.write(name, point, value)
@@ -315,12 +326,10 @@ class MeterApi:
             not isinstance(points, list) or not points or not all(isinstance(p, str) for p in points)
         ):
             raise ApiError(400, f"points must be a non-empty list of point names, got {points!r}")
-        if self.bridge is None:
-            raise ApiError(404, f"no configured meter {name!r}")
-        await self._own(call, name)
-        holder = await self._held_elsewhere(call, self._link_of(name))
-        if holder is not None:
-            return await self._forward(call, holder)
+        forwarded = await self._meter_answered_elsewhere(call, name)
+        if forwarded is not None:
+            return forwarded
+        assert self.bridge is not None  # checked by _meter_answered_elsewhere
         requested = self.now()
         try:
             reading = await self.bridge.read_now(name, points)
@@ -411,9 +420,9 @@ class MeterApi:
         link = self.bridge.links.get(name) if self.bridge is not None else None
         if link is None:
             raise ApiError(404, f"no link {name!r}")
-        holder = await self._held_elsewhere(call, name)
-        if holder is not None:
-            return await self._forward(call, holder)
+        forwarded = await self._answered_elsewhere(call, name)
+        if forwarded is not None:
+            return forwarded
         data = _raw_bytes(body.get("hex"))
         timeout = _bounded_number(body, "timeout", link.settings.timeout, MAX_RAW_TIMEOUT)
         max_bytes = int(_bounded_number(body, "max_bytes", MAX_RAW_BYTES, MAX_RAW_BYTES))
