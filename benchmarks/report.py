@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster
+from benchmarks import cluster, upload_cpu
 
 MIB = 1024 * 1024
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -116,6 +116,7 @@ def render(results: dict[str, Any]) -> str:
     out += _render_hold(results["hold"])
     out += _render_ingest(results)
     out += _render_profile(results.get("profile"))
+    out += upload_cpu.render(results.get("upload_cpu"), _render_profile)
     out += _render_modbus(results.get("modbus"))
     out += _render_storms(results.get("storm"), results["machine"])
     out += _render_junk_flood(results.get("junk_flood"))
@@ -179,6 +180,8 @@ def _render_targets(results: dict[str, Any]) -> list[str]:
                                      f"poll p99 {_ms(modbus['p99'])} ms"))
     else:
         lines.append("- 1,000 meters polled every second: not run")
+    if results.get("upload_cpu"):
+        lines.append(upload_cpu.target_line(results["upload_cpu"]))
     return [*lines, ""]
 
 
@@ -488,7 +491,7 @@ def _worker_cpu_per_frame(step: dict[str, Any]) -> str:
 
 
 #: The scenarios whose sections stand alone (no line in Targets): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster"}
+MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "upload_cpu"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -503,7 +506,26 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
         report = _with_section(report, MQTT_HEADING, _render_mqtt(results["mqtt"]))
     if results.get("cluster"):
         report = _with_section(report, cluster.HEADING, cluster.render(results["cluster"], results["machine"]))
+    if results.get("upload_cpu"):
+        report = _with_section(report, upload_cpu.HEADING, upload_cpu.render(results["upload_cpu"], _render_profile))
+        report = _with_target_line(report, upload_cpu.TARGET_LINE, upload_cpu.target_line(results["upload_cpu"]))
     return report
+
+
+def _with_target_line(report: str, start: str, line: str) -> str:
+    """``report`` with the Targets list's line that begins with ``start`` replaced by ``line`` (or added last)."""
+    lines = report.split("\n")
+    for index, existing in enumerate(lines):
+        if existing.startswith(start):
+            lines[index] = line
+            return "\n".join(lines)
+    if "## Targets" not in lines:
+        return report
+    index = lines.index("## Targets") + 2
+    while index < len(lines) and lines[index].startswith("- "):
+        index += 1
+    lines.insert(index, line)
+    return "\n".join(lines)
 
 
 def with_storm_section(report: str, results: dict[str, Any]) -> str:
