@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import attrs
-from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import Connection, Engine, LargeBinary, Table
 from sqlalchemy.engine.interfaces import DBAPIModule
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -214,9 +214,13 @@ class _MultiRowInsert:
         head, _, group = self.sql.rpartition("VALUES ")
         self._head, self._group = head + "VALUES ", group.strip()
         self._statements: dict[int, str] = {}
+        # Binary columns go as the bytes they are: every driver here (sqlite3, psycopg2, psycopg 3, also
+        # for COPY) takes bytes for a BLOB/bytea, and SQLAlchemy's processor only wraps each value in the
+        # driver's Binary (a memoryview on SQLite): a call and an object per value, on the writer thread.
         self._processors = [
             (index, processor) for index, name in enumerate(columns)
-            if (processor := table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) is not None
+            if not isinstance(table.c[name].type, LargeBinary)
+            and (processor := table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) is not None
         ]
         self.copy = dialect.name == "postgresql" and dialect.driver == "psycopg"
         preparer = dialect.identifier_preparer
@@ -312,6 +316,8 @@ class Store(Service):
         #: flushed() callers: the row count they wait to see settled.
         self._flush_waiters: list[tuple[int, Deferred[None]]] = []
         self._isolate = 0
+        #: A kick is due at the reactor's next turn (add_rows_then).
+        self._kick_due = False
         #: Tables whose rows go through _MultiRowInsert; other tables' rows through SQLAlchemy.
         self._fast_inserts = {
             SAMPLES: _MultiRowInsert(engine, SAMPLES, SAMPLE_ROW_COLUMNS),
@@ -448,6 +454,14 @@ class Store(Service):
         self._queued_rows.append(({table: rows}, count, settle))
         self._queued_row_count += count
         self._rows_submitted += count
+        if self._in_flight is None and self._retry_call is None and not self._kick_due:
+            # An idle writer starts once the reactor has read what this turn of its loop brought:
+            # the uploads of every connection that was readable go in one commit, not one each.
+            self._kick_due = True
+            self._reactor.callFromThread(self._kick_soon)
+
+    def _kick_soon(self) -> None:
+        self._kick_due = False
         self._kick()
 
     def read(self, job: Callable[[Session], T]) -> Deferred[T]:
