@@ -36,7 +36,7 @@ class Scale:
     profile: bool
 
 
-FULL = Scale(rates=(4000, 8000), profile=True)
+FULL = Scale(rates=(2000, 4000, 8000), profile=True)
 SMOKE = Scale(rates=(40,), profile=False)
 
 

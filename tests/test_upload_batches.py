@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from dtucenter.dtu import wire
@@ -21,7 +22,8 @@ from dtucenter.dtu.center import upload_row
 from dtucenter.dtu.session import DTUProtocol
 from dtucenter.events import Event, EventHub, UploadStored
 from dtucenter.store.db import open_engine
-from dtucenter.store.facade import Store
+from dtucenter.store.facade import COMMIT_INTERVAL, Store
+from tests.support import until
 from tests.test_session import Harness
 
 
@@ -194,5 +196,41 @@ async def test_the_store_tells_each_writer_of_a_commit_in_order_even_after_one_r
         store.add_samples_then(_rows(5, 1), done.callback)
         assert await done is None
         assert store.stats.rows_committed == 13
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_that_come_while_the_store_commits_wait_out_the_commit_interval_but_a_job_does_not(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    store = Store(open_engine(f"sqlite:///{tmp_path / 'store.db'}"), reactor, clock)
+    store.startService()
+    told: list[int] = []
+
+    def then(psn: int, more: int | None = None) -> Any:
+        def settle(failure: Failure | None) -> None:
+            told.append(psn)
+            if more is not None:  # rows that came while this commit ran
+                store.add_samples_then(_rows(more, 1), then(more))
+        return settle
+
+    try:
+        store.add_samples_then(_rows(1, 1), then(1, more=2))
+        await until(lambda: told == [1])
+        # A commit costs the same for one row as for hundreds: the next waits for COMMIT_INTERVAL.
+        assert store.stats.commits == 1 and len(clock.getDelayedCalls()) == 1
+        clock.advance(COMMIT_INTERVAL)
+        await until(lambda: told == [1, 2])
+        assert store.stats.commits == 2
+        store.add_samples_then(_rows(3, 1), then(3, more=4))
+        await until(lambda: told == [1, 2, 3])
+        assert len(clock.getDelayedCalls()) == 1
+        # A login (a job) does not wait: it starts the commit at once, and the waiting rows go with it.
+        await store.write(lambda session: None)
+        await until(lambda: told == [1, 2, 3, 4])
+        assert store.stats.commits == 4  # the job and row 4 in one
+        assert clock.getDelayedCalls() == []
     finally:
         await store.stopService()

@@ -52,6 +52,11 @@ METER_SAMPLES = table_of(MeterSample)
 
 log = Logger()
 
+#: Seconds from the start of one commit to the start of the next at least, while only rows wait: a
+#: commit costs about 0.4 ms of CPU whatever it holds (SQLAlchemy's session, SQLite's WAL commit and
+#: fsync), which at a few thousand uploads a second was a sixth of what an upload cost. A quiet store
+#: still commits at once; a busy one at most 1/COMMIT_INTERVAL times a second (benchmarks/findings.md).
+COMMIT_INTERVAL = 0.02
 #: Rows per transaction at most; more waits for the next one.
 MAX_BATCH_ROWS = 50_000
 #: Jobs (logins, offline marks...) per transaction at most: each may lock a DTU row, and a
@@ -318,6 +323,8 @@ class Store(Service):
         self._isolate = 0
         #: A kick is due at the reactor's next turn (add_rows_then).
         self._kick_due = False
+        #: Rows wait for this call to start the next commit (COMMIT_INTERVAL).
+        self._window: Any = None
         #: Tables whose rows go through _MultiRowInsert; other tables' rows through SQLAlchemy.
         self._fast_inserts = {
             SAMPLES: _MultiRowInsert(engine, SAMPLES, SAMPLE_ROW_COLUMNS),
@@ -454,7 +461,7 @@ class Store(Service):
         self._queued_rows.append(({table: rows}, count, settle))
         self._queued_row_count += count
         self._rows_submitted += count
-        if self._in_flight is None and self._retry_call is None and not self._kick_due:
+        if self._in_flight is None and self._retry_call is None and self._window is None and not self._kick_due:
             # An idle writer starts once the reactor has read what this turn of its loop brought:
             # the uploads of every connection that was readable go in one commit, not one each.
             self._kick_due = True
@@ -498,7 +505,16 @@ class Store(Service):
 
     def _kick(self) -> None:
         if self._in_flight is None and self._retry_call is None:
+            if self._window is not None:
+                if not self._queued_jobs:
+                    return  # rows wait for the window to close; a job (a login) does not
+                self._window.cancel()
+                self._window = None
             self._start_batch(self._take_batch())
+
+    def _window_closed(self) -> None:
+        self._window = None
+        self._kick()
 
     def _take_batch(self) -> _Batch:
         batch = _Batch()
@@ -565,7 +581,12 @@ class Store(Service):
         for (_, d), result in zip(batch.jobs, results, strict=False):
             d.callback(result)
         _settle_all(batch.row_waiters, None)
-        self._kick()
+        wait = self._batch_started + COMMIT_INTERVAL - self._clock.seconds()
+        if wait > 0 and self._queued_rows and not self._queued_jobs and self._queued_row_count < MAX_BATCH_ROWS:
+            # Rows keep coming: let more of them join the next commit rather than pay a commit for a few.
+            self._window = self._clock.callLater(wait, self._window_closed)
+        else:
+            self._kick()
 
     def _failed(self, failure: Failure, batch: _Batch) -> None:
         self.stats.failures += 1
