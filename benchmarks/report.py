@@ -515,16 +515,18 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
 def _with_target_line(report: str, start: str, line: str) -> str:
     """``report`` with the Targets list's line that begins with ``start`` replaced by ``line`` (or added last)."""
     lines = report.split("\n")
-    for index, existing in enumerate(lines):
-        if existing.startswith(start):
-            lines[index] = line
-            return "\n".join(lines)
     if "## Targets" not in lines:
         return report
-    index = lines.index("## Targets") + 2
-    while index < len(lines) and lines[index].startswith("- "):
+    index = lines.index("## Targets") + 1
+    after_last_item = index + 1  # under the heading's blank line, if the list is empty
+    while index < len(lines) and not lines[index].startswith("## "):
+        if lines[index].startswith(start):
+            lines[index] = line
+            return "\n".join(lines)
+        if lines[index].startswith("- "):
+            after_last_item = index + 1
         index += 1
-    lines.insert(index, line)
+    lines.insert(after_last_item, line)
     return "\n".join(lines)
 
 

@@ -460,7 +460,8 @@ class DTUCenter(Service):
 
         The batch's ``codes`` say how many it took (all, unless one repeats an upload another
         connection's commit still carries: that one starts the next batch, which waits for
-        that commit rather than storing the upload twice). When it is not ``pending`` its
+        that commit rather than storing the upload twice; or one disagrees with the register
+        list: refused, it is a batch of its own). When it is not ``pending`` its
         codes may be acknowledged at once; else the session calls its ``submit`` and hears
         ``uploads_stored`` or ``uploads_not_stored`` after the commit.
         """
@@ -477,9 +478,13 @@ class DTUCenter(Service):
             values = upload.values
             code = upload.test_code
             if registers and len(values) != len(registers):
+                # Refused in a batch of its own, answered at once: asking the DTU for its register list
+                # (_upload_mismatched) sends a frame, which must follow the acks before it and precede its own.
+                if codes:
+                    break
                 self._upload_mismatched(session, psn, len(values), len(registers))
                 codes.append((code - 1) & 0xFF)
-                continue
+                break
             if self._mismatched:
                 self._upload_matched(psn)
             if last is not None and last[0] == code and last[1] == values:
