@@ -72,8 +72,8 @@ class FakeConnection:
               on_delivered: Callable[[int], None]) -> None:
         self.up, self.down, self.delivered = on_up, on_down, on_delivered
 
-    def send(self, messages: list[tuple[int, Message]]) -> None:
-        self.sent += messages
+    def send(self, rows: list[BacklogRow]) -> None:
+        self.sent += [(seq, Message(*message)) for seq, *message in rows]
 
     def stop(self) -> Deferred[None]:
         self.stopped = True
@@ -433,8 +433,8 @@ def test_the_worker_connection_writes_once_a_turn_and_restarts_a_dead_worker() -
 
     worker.outReceived(frames.encode(("up", 1)))
     assert writes[1:] == [[("birth", 1, (0, "center", b"on", 1, True))]] and heard == ["up"]
-    connection.send([(1, Message("a", b"1", 1, False))])
-    connection.send([(2, Message("b", b"2", 1, False)), (3, Message("c", b"3", 1, False))])
+    connection.send([(1, "a", b"1", 1, False)])
+    connection.send([(2, "b", b"2", 1, False), (3, "c", b"3", 1, False)])
     assert len(writes) == 2  # nothing written until the turn ends
     reactor.advance(0)
     assert writes[2] == [("send", [(1, [(1, "a", b"1", 1, False)]), (1, [(2, "b", b"2", 1, False),
@@ -444,7 +444,7 @@ def test_the_worker_connection_writes_once_a_turn_and_restarts_a_dead_worker() -
     worker.outReceived(stream[5:])
     assert heard == ["up", 3]  # a chunk's run of acks told once
 
-    connection.send([(4, Message("d", b"4", 1, False))])
+    connection.send([(4, "d", b"4", 1, False)])
     worker.processEnded(Failure(ProcessTerminated(signal=9)))
     assert heard[2].startswith("the MQTT worker process")  # type: ignore[union-attr]
     assert connection.pid is None and len(reactor.workers) == 1
@@ -453,7 +453,7 @@ def test_the_worker_connection_writes_once_a_turn_and_restarts_a_dead_worker() -
     reactor.advance(RESTART_FIRST)
     assert connection.starts == 2
     second, second_writes = reactor.workers[1]
-    connection.send([(4, Message("d", b"4", 1, False))])  # before the new worker is up: meant for no connection
+    connection.send([(4, "d", b"4", 1, False)])  # before the new worker is up: meant for no connection
     stopped = connection.stop()
     assert [frame[0] for chunk in second_writes for frame in chunk] == ["config", "stop"]
     assert not stopped.called

@@ -86,17 +86,10 @@ class Connection(Protocol):
     def start(self, on_up: Callable[[], None], on_down: Callable[[str], None],
               on_delivered: Callable[[int], None]) -> None: ...
 
-    def send(self, messages: list[tuple[int, Message]]) -> None: ...
+    def send(self, rows: list[BacklogRow]) -> None:
+        """Publish these numbered messages after everything sent before."""
 
     def stop(self) -> Deferred[None]: ...
-
-
-@attrs.define
-class _Outstanding:
-    seq: int
-    message: Message
-    #: In the backlog already (being drained): not appended again when the connection drops.
-    kept: bool
 
 
 @attrs.define
@@ -133,7 +126,12 @@ class MqttPublisher(Service):
         self._waiting = 0  # messages in the backlog, as far as this process knows
         self._direct = False
         self._broker_up = False
-        self._outstanding: deque[_Outstanding] = deque()
+        #: Messages handed to the connection, not yet delivered, in order.
+        self._outstanding: deque[BacklogRow] = deque()
+        #: Whether those are in the backlog already (being drained), so not appended again when the connection
+        #: drops. Never a mix: a drain starts only when nothing is outstanding, and direct publishing only once a
+        #: drain found the backlog empty.
+        self._outstanding_kept = False
         self._draining = False
         self._drain_through = 0
         self._appends = 0  # appends asked for, to tell whether one came after a drain's read
@@ -197,10 +195,7 @@ class MqttPublisher(Service):
         # what was handed over without word of its delivery (sent again at the next start if it was).
         if self._ready:
             self._compose()
-        left = [backlog_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
-        self._outstanding.clear()
-        if left:
-            self._keep(left)
+        self._keep_outstanding()
         return self._connection.stop()
 
     # -- hearing and composing ---------------------------------------------------
@@ -240,13 +235,14 @@ class MqttPublisher(Service):
         first = self._next_seq
         self._next_seq += len(messages)
         self.stats.published += len(messages)
-        if self._direct and len(self._outstanding) + len(messages) <= MAX_OUTSTANDING:
-            numbered = list(enumerate(messages, first))
-            self._outstanding.extend(_Outstanding(seq, message, False) for seq, message in numbered)
-            self._connection.send(numbered)
+        rows = [(seq, *message) for seq, message in enumerate(messages, first)]
+        if self._direct and len(self._outstanding) + len(rows) <= MAX_OUTSTANDING:
+            self._outstanding.extend(rows)
+            self._outstanding_kept = False
+            self._connection.send(rows)
             return
         self._direct = False
-        self._keep([backlog_row(seq, message) for seq, message in enumerate(messages, first)])
+        self._keep(rows)
 
     # -- the directory -----------------------------------------------------------
 
@@ -354,9 +350,9 @@ class MqttPublisher(Service):
                 self._drain()
             return
         self._drain_through = rows[-1][0]
-        numbered = [(seq, Message(topic, payload, qos, retain)) for seq, topic, payload, qos, retain in rows]
-        self._outstanding.extend(_Outstanding(seq, message, True) for seq, message in numbered)
-        self._connection.send(numbered)
+        self._outstanding.extend(rows)
+        self._outstanding_kept = True
+        self._connection.send(rows)
 
     def _drain_failed(self, failure: Failure) -> None:
         self._draining = False
@@ -380,15 +376,18 @@ class MqttPublisher(Service):
         self._broker_up = False
         self._direct = False
         self._draining = False
-        left = [backlog_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
-        self._outstanding.clear()
-        if left:
-            self._keep(left)
+        self._keep_outstanding()
+
+    def _keep_outstanding(self) -> None:
+        """What was handed over without word of its delivery goes to the backlog, unless it is there already."""
+        left, self._outstanding = self._outstanding, deque()
+        if left and not self._outstanding_kept:
+            self._keep(list(left))
 
     def _delivered(self, seq: int) -> None:
         outstanding = self._outstanding
         count = 0
-        while outstanding and outstanding[0].seq <= seq:
+        while outstanding and outstanding[0][0] <= seq:
             outstanding.popleft()
             count += 1
         self.stats.delivered += count
