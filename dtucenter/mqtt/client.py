@@ -41,8 +41,8 @@ from twisted.python.failure import Failure
 
 from dtucenter.mqtt.config import Broker, MqttSettings
 from dtucenter.mqtt.frames import FrameError, FrameReader, encode
-from dtucenter.mqtt.messages import Message
-from dtucenter.mqtt.publisher import BacklogRow, backlog_row
+from dtucenter.mqtt.messages import Entry, Message
+from dtucenter.mqtt.publisher import backlog_row
 
 log = Logger()
 
@@ -102,7 +102,7 @@ class BrokerConnection:
         self._center_status = center_status
         self._last_will = last_will
         #: Batches handed over in this reactor turn, each with the connection it was meant for.
-        self._outbox: list[tuple[int, list[BacklogRow]]] = []
+        self._outbox: list[tuple[int, list[Entry]]] = []
         self._flush_call: IDelayedCall | None = None
         #: The worker's connection the publisher was last told is up; 0: none.
         self._told_up = 0
@@ -129,13 +129,13 @@ class BrokerConnection:
         self._on_up, self._on_down, self._on_delivered = on_up, on_down, on_delivered
         self._spawn()
 
-    def send(self, rows: list[BacklogRow]) -> None:
+    def send(self, entries: list[Entry]) -> None:
         """Publish these after everything sent before; never blocks.
 
         A batch is published only on the connection the publisher last heard was up: one sent
         before the publisher heard of a drop is its to keep, even if the worker has reconnected since.
         """
-        self._outbox.append((self._told_up, rows))
+        self._outbox.append((self._told_up, entries))
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
 

@@ -46,6 +46,47 @@ class Message(NamedTuple):
     retain: bool
 
 
+#: A numbered message, as the backlog keeps it and the worker process takes it: (seq, topic, payload, qos, retain).
+Row = tuple[int, str, bytes, int, bool]
+
+
+class ValueRun(NamedTuple):
+    """The messages of a DTU upload with payload = value, one per value, as one record.
+
+    At ingest rates these are most of what is published: the center hands the worker process one record
+    per upload, and each value's payload (``head``, the value, ``}``) is made there, off the center's
+    interpreter lock. Its messages are numbered from the run's first number, in the order of ``values``.
+    """
+
+    topics: tuple[str, ...]
+    head: bytes
+    values: tuple[int, ...]
+    qos: int
+    retain: bool
+
+
+#: What an event is published as: messages, and runs of them.
+Published = Message | ValueRun
+#: A ValueRun numbered: (first seq, topics, head, values, qos, retain).
+RunRow = tuple[int, tuple[str, ...], bytes, tuple[int, ...], int, bool]
+#: What goes to the worker process: a row, or a run of rows.
+Entry = Row | RunRow
+
+
+def last_seq(entry: Entry) -> int:
+    """The number of an entry's last message."""
+    return entry[0] + len(entry[3]) - 1 if len(entry) == 6 else entry[0]
+
+
+def rows_of(entry: Entry) -> list[Row]:
+    """An entry's messages, each a row; a run's payloads made here."""
+    if len(entry) != 6:
+        return [entry]
+    first, topics, head, values, qos, retain = entry
+    return [(seq, topic, b"%s%d}" % (head, value), qos, retain)
+            for seq, topic, value in zip(range(first, first + len(values)), topics, values, strict=True)]
+
+
 @attrs.frozen
 class _DtuNames:
     """What a DTU's values are published under, while its account, register list and value count hold."""
@@ -138,7 +179,7 @@ class Composer:
         topic = self._topic(self._settings.center_topic, "", "center", "center")
         return Message(topic, json.dumps(body).encode(), 1, True)
 
-    def messages(self, event: Event | Extra, directory: Directory) -> list[Message]:
+    def messages(self, event: Event | Extra, directory: Directory) -> list[Published]:
         """The messages of ``event``; with payload = batch, values wait for :meth:`flush` instead."""
         if isinstance(event, AlarmRaised | AlarmCleared):
             # A state, like a device's: whatever was batched before it goes first.
@@ -148,7 +189,7 @@ class Composer:
         account = directory.accounts.get(key, UNKNOWN_ACCOUNT)
         if self._batching:
             if isinstance(event, UploadStored | MeterRead):
-                published: list[Message] = []
+                published: list[Published] = []
                 if isinstance(event, MeterRead) and event.meter in self._failing:
                     self._failing.discard(event.meter)
                     published = [*self.flush(), *self._status(key, account, event.time.isoformat(), state="ok")]
@@ -158,7 +199,7 @@ class Composer:
             return [*self.flush(), *self._messages(event, key, account, directory)]
         return self._messages(event, key, account, directory)
 
-    def flush(self) -> list[Message]:
+    def flush(self) -> list[Published]:
         """With payload = batch, a message per account with what was batched since the last flush."""
         if not self._batches:
             return []
@@ -209,7 +250,8 @@ class Composer:
             return [f"{dev}-{addr}" for dev, addr in registers]
         return [str(position) for position in range(len(values))]
 
-    def _messages(self, event: Event | Extra, key: DeviceKey, account: str, directory: Directory) -> list[Message]:
+    def _messages(self, event: Event | Extra, key: DeviceKey, account: str, directory: Directory
+                  ) -> list[Published]:
         if isinstance(event, Extra):
             topic = self._topic(event.template, account, key[0], key[1], event.point)
             return [Message(topic, json.dumps(event.body).encode(), event.qos, event.retain)]
@@ -245,7 +287,7 @@ class Composer:
 
     def _upload(
         self, event: UploadStored, account: str, registers: tuple[tuple[int, int], ...] | None
-    ) -> list[Message]:
+    ) -> list[Published]:
         time = event.time.isoformat()
         values = event.values
         if self._settings.payload == "device":
@@ -253,17 +295,13 @@ class Composer:
             body = json.dumps({"time": time, "values": dict(zip(points, values, strict=True))})
             topic = self._topic(self._settings.topic, account, "dtu", event.psn, "values")
             return [Message(topic, body.encode(), self._qos, self._retain)]
-        # The hot path at ingest rates: topics kept per DTU, the payloads' values ints formatted without json.
+        # The hot path at ingest rates: topics kept per DTU, the payloads made by the worker (see ValueRun).
         topics = self._dtu_names(event.psn, account, len(values), registers).topics
-        head = f'{{"time":"{time}","value":'.encode()
-        qos, retain = self._qos, self._retain
-        return [
-            Message(topic, b"%s%d}" % (head, value), qos, retain) for topic, value in zip(topics, values, strict=True)
-        ]
+        return [ValueRun(topics, f'{{"time":"{time}","value":'.encode(), values, self._qos, self._retain)]
 
-    def _poll(self, event: MeterRead, account: str) -> list[Message]:
+    def _poll(self, event: MeterRead, account: str) -> list[Published]:
         time = event.time.isoformat()
-        published: list[Message] = []
+        published: list[Published] = []
         if event.meter in self._failing:
             self._failing.discard(event.meter)
             published += self._status(("meter", event.meter), account, time, state="ok")
@@ -281,7 +319,7 @@ class Composer:
             ))
         return published
 
-    def _status(self, key: DeviceKey, account: str, time: str, **fields: object) -> list[Message]:
+    def _status(self, key: DeviceKey, account: str, time: str, **fields: object) -> list[Published]:
         kind, device = key
         if kind == "meter":
             failing = fields.get("state") == "failing"

@@ -135,33 +135,43 @@ DISCONNECT_PACKET = bytes((DISCONNECT, 0))
 PINGREQ_PACKET = bytes((PINGREQ, 0))
 
 
-def publishes(rows: Iterable[tuple[str, bytes, int, bool, int]], v5: bool) -> bytes:
+#: The two bytes of a fixed header with a remaining length under 128, by first byte and length.
+_SHORT_HEADERS = [[bytes((first, length)) for length in range(128)] for first in range(256)]
+#: Topics' encoded names (with their length) kept at most by one cache; past it, the cache starts anew.
+MAX_CACHED_TOPICS = 200_000
+
+
+def publishes(rows: Iterable[tuple[str, bytes, int, bool, int]], v5: bool,
+              names: dict[str, bytes] | None = None) -> bytes:
     """PUBLISH packets, one after the other, for rows of (topic, payload, qos, retain, mid).
 
-    ``mid`` is used for QoS 1 only. The hot path: no object per message but the bytes.
+    ``mid`` is used for QoS 1 only. ``names`` keeps each topic's encoded name between calls (a value's topic
+    comes again with each upload). The hot path: no object per message but the bytes.
     """
+    if names is None:
+        names = {}
+    elif len(names) > MAX_CACHED_TOPICS:
+        names.clear()
     parts: list[bytes] = []
-    append = parts.append
+    extend = parts.extend
     pack16 = _U16.pack
+    short = _SHORT_HEADERS
     properties = b"\x00" if v5 else b""
     extra = len(properties)
     for topic, payload, qos, retain, mid in rows:
-        name = topic.encode()
-        length = 2 + len(name) + extra + len(payload) + (2 if qos else 0)
-        header = PUBLISH | qos << 1 | retain
-        if length < 128:
-            append(bytes((header, length)))
-        elif length < 16384:
-            append(bytes((header, length & 0x7F | 0x80, length >> 7)))
-        else:
-            append(bytes((header,)) + remaining_length(length))
-        append(pack16(len(name)))
-        append(name)
+        name = names.get(topic)
+        if name is None:
+            encoded = topic.encode()
+            name = names[topic] = pack16(len(encoded)) + encoded
+        length = len(name) + extra + len(payload)
+        first = PUBLISH | qos << 1 | retain
         if qos:
-            append(pack16(mid))
-        if extra:
-            append(properties)
-        append(payload)
+            length += 2
+            head = short[first][length] if length < 128 else bytes((first,)) + remaining_length(length)
+            extend((head, name, pack16(mid), properties, payload))
+        else:
+            head = short[first][length] if length < 128 else bytes((first,)) + remaining_length(length)
+            extend((head, name, properties, payload))
     return b"".join(parts)
 
 

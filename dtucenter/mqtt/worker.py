@@ -6,8 +6,9 @@ on its stdin (from the center) and stdout (to it), and writes only unexpected
 trouble to stderr, which the center logs.
 
 From the center: first ``("config", settings, broker, last_will)``, then
-``("send", [(connection, rows), ...])`` (numbered messages, each batch with
-the connection it was meant for), ``("birth", connection, row)`` (the
+``("send", [(connection, entries), ...])`` (numbered messages, each batch with
+the connection it was meant for; an entry is a row or a run of rows, see
+:class:`dtucenter.mqtt.messages.ValueRun`), ``("birth", connection, row)`` (the
 center's status, said first on a new connection) and ``("stop", row)`` (the
 goodbye: said, its ack and the last messages' acks awaited, then the worker
 disconnects and exits). A row is ``(seq, topic, payload, qos, retain)``.
@@ -48,6 +49,7 @@ from typing import Any
 from dtucenter.mqtt import packets
 from dtucenter.mqtt.config import Broker, MqttSettings
 from dtucenter.mqtt.frames import FrameError, FrameReader, encode
+from dtucenter.mqtt.messages import rows_of
 
 #: Seconds before reconnecting after a failure, doubling up to RETRY_MAX.
 RETRY_FIRST = 0.5
@@ -94,6 +96,7 @@ class Link:
         self._written = 0  # bytes written since the connection began
         self._queued = 0  # bytes queued since the connection began
         self._next_mid = 0
+        self._names: dict[str, bytes] = {}  # topics' encoded names, for packets.publishes
         #: QoS 1 messages written or queued, not yet acknowledged: mid -> seq.
         self.waiting: dict[int, int] = {}
         #: QoS 0 messages queued, by the byte count at which the last of a batch has been written.
@@ -135,7 +138,7 @@ class Link:
                 unwritten.append(seq)
             encoded.append((topic, payload, qos, retain, mid))
         self._next_mid = mid
-        self._queue(packets.publishes(encoded, self._v5))
+        self._queue(packets.publishes(encoded, self._v5, self._names))
         if unwritten:
             self._unwritten.append((self._queued, unwritten))
 
@@ -418,7 +421,11 @@ class Worker:
                 if kind == "birth":  # the center's status, before anything it sends after hearing "up"
                     link.publish([rows])
                 else:
-                    pending.extend(rows)
+                    for entry in rows:
+                        if len(entry) == 6:  # a run: its payloads are made here, off the center
+                            pending.extend(rows_of(entry))
+                        else:
+                            pending.append(entry)
             room = link.window - link.outstanding
             if pending and room > 0:  # else read the acks first: the broker takes so many at once
                 link.publish([pending.popleft() for _ in range(min(room, len(pending)))])
