@@ -228,3 +228,13 @@ def test_the_brokers_disconnect_and_close_end_the_link(pair: tuple[socket.socket
     broker.close()
     with pytest.raises(Lost, match="closed the connection"):
         pump_until(link, lambda: False)
+
+
+def test_topic_names_are_kept_between_batches_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packets, "MAX_CACHED_TOPICS", 2)
+    names: dict[str, bytes] = {}
+    rows = [(f"t/{n}", b"v", 1, False, n + 1) for n in range(3)]
+    assert decode_publishes(packets.publishes(rows, False, names), False) == rows
+    assert names == {"t/0": b"\x00\x03t/0", "t/1": b"\x00\x03t/1", "t/2": b"\x00\x03t/2"}
+    assert decode_publishes(packets.publishes(rows[:1], False, names), False) == rows[:1]
+    assert names == {"t/0": b"\x00\x03t/0"}  # past the bound: started anew
