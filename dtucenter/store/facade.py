@@ -1,10 +1,13 @@
 """The non-blocking store: database work on threads, writes group-committed.
 
 Every write goes through one writer thread. Whatever is submitted while a
-commit is running waits and goes into the next one, so thousands of DTUs
-uploading at once cost a few transactions a second, not thousands, and a
-quiet center still commits at once. Callers get Deferreds that fire only
-after the commit, which is what lets a session acknowledge only stored data.
+commit is running waits and goes into the next one (and while only rows keep
+coming, the next starts COMMIT_INTERVAL after the last one started at the
+earliest), so thousands of DTUs uploading at once cost a few transactions a
+second, not thousands, and a quiet center still commits at once. Callers get
+Deferreds, or on the upload path a plain callback (``add_rows_then``), that
+fire only after the commit, which is what lets a session acknowledge only
+stored data.
 
 When the database fails (down, locked, disk full) the batch is kept and
 callers keep waiting: nothing is dropped. The writer then probes the
