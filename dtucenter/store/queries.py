@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVarTuple
 
 import attrs
@@ -132,43 +132,66 @@ def check_psn(psn: Any) -> int:
     return psn
 
 
+#: One login to decide: PSN, PASS, PName, CurVer, CCID, the peer it came from, and whether an
+#: unknown PSN is enrolled (``dtucenter.dtu.ports.LoginAttempt``).
+LoginAttempt = tuple[int, int, str, int, str, str, bool]
+
+
 def authenticate(
     session: Session, psn: int, password: int, pname: str, version: int, ccid: str,
     remote: str, now: dt.datetime, enroll_unknown: bool, node: str | None = None,
 ) -> LoginOutcome:
-    """The seed's rule: a stored PASS of 0 takes (and keeps) any PASS; otherwise they must match.
+    """One login: :func:`authenticate_many` of one."""
+    return authenticate_many(session, [(psn, password, pname, version, ccid, remote, enroll_unknown)], now, node)[0]
+
+
+def authenticate_many(
+    session: Session, attempts: Sequence[LoginAttempt], now: dt.datetime, node: str | None = None,
+) -> list[LoginOutcome]:
+    """The seed's rule, for each login in order: a stored PASS of 0 takes (and keeps) any PASS;
+    otherwise they must match.
 
     An accepted login is recorded (what the DTU reported, from where, when) and marks it online
     on ``node``. When it was online on another node, that node is told to close its older
-    connection (``nodes.take_handovers``), in the same transaction.
+    connection (``nodes.take_handovers``), in the same transaction. The records and register
+    lists of all the logins are read with one query each and written with one flush: a redial
+    storm brings thousands of logins a second, and three statements each set its pace.
     """
-    row = session.get(Dtu, psn)
-    enrolled = False
-    if row is None:
-        if not enroll_unknown:
-            return LoginOutcome(False, "unknown PSN")
-        # Enrolled devices go to the admin account, which assigns them to a customer.
-        row = Dtu(psn=psn, password=password, name="", created=now,
-                  owner=session.get_one(Account, first_admin_id(session)))
-        _fill_defaults(row)
-        session.add(row)
-        enrolled = True
-    elif row.password == 0:
-        row.password = password
-    elif row.password != password:
-        return LoginOutcome(False, "wrong password")
-    row.pname = pname[:8]
-    row.version = version
-    row.ccid = ccid[:20]
-    if row.online and row.node is not None and row.node != node:
-        session.add(DtuHandover(node=row.node, psn=psn))
-    row.online = True
-    row.node = node
-    row.remote = remote
-    row.last_login = now
-    row.last_seen = now
+    psns = {attempt[0] for attempt in attempts}
+    rows = {row.psn: row for row in session.scalars(select(Dtu).where(Dtu.psn.in_(psns)))}
+    registers = register_lists(session, psns)
+    outcomes: list[LoginOutcome] = []
+    for psn, password, pname, version, ccid, remote, enroll_unknown in attempts:
+        row = rows.get(psn)
+        enrolled = False
+        if row is None:
+            if not enroll_unknown:
+                outcomes.append(LoginOutcome(False, "unknown PSN"))
+                continue
+            # Enrolled devices go to the admin account, which assigns them to a customer.
+            row = rows[psn] = Dtu(psn=psn, password=password, name="", created=now,
+                                  owner=session.get_one(Account, first_admin_id(session)))
+            _fill_defaults(row)
+            session.add(row)
+            enrolled = True
+        elif row.password == 0:
+            row.password = password
+        elif row.password != password:
+            outcomes.append(LoginOutcome(False, "wrong password"))
+            continue
+        row.pname = pname[:8]
+        row.version = version
+        row.ccid = ccid[:20]
+        if row.online and row.node is not None and row.node != node:
+            session.add(DtuHandover(node=row.node, psn=psn))
+        row.online = True
+        row.node = node
+        row.remote = remote
+        row.last_login = now
+        row.last_seen = now
+        outcomes.append(LoginOutcome(True, "ok", DtuInfo.of(row), registers.get(psn, ()), enrolled))
     session.flush()
-    return LoginOutcome(True, "ok", DtuInfo.of(row), register_list(session, psn), enrolled)
+    return outcomes
 
 
 def _fill_defaults(row: Dtu) -> None:
@@ -180,10 +203,20 @@ def _fill_defaults(row: Dtu) -> None:
 
 def register_list(session: Session, psn: int) -> tuple[tuple[int, int], ...]:
     """(dev, addr) per position."""
-    rows = session.scalars(
-        select(RegisterEntry).where(RegisterEntry.psn == psn).order_by(RegisterEntry.position)
-    )
-    return tuple((r.dev, r.addr) for r in rows)
+    return register_lists(session, {psn}).get(psn, ())
+
+
+def register_lists(session: Session, psns: Collection[int]) -> dict[int, tuple[tuple[int, int], ...]]:
+    """The register lists of ``psns`` (those that have one), (dev, addr) per position, in one query."""
+    lists: dict[int, list[tuple[int, int]]] = {}
+    if psns:
+        rows = session.execute(
+            select(RegisterEntry.psn, RegisterEntry.dev, RegisterEntry.addr)
+            .where(RegisterEntry.psn.in_(psns)).order_by(RegisterEntry.psn, RegisterEntry.position)
+        )
+        for psn, dev, addr in rows:
+            lists.setdefault(psn, []).append((dev, addr))
+    return {psn: tuple(pairs) for psn, pairs in lists.items()}
 
 
 def replace_register_list(
@@ -197,12 +230,24 @@ def replace_register_list(
 
 
 def mark_offline(session: Session, psn: int, last_seen: dt.datetime, node: str | None = None) -> None:
-    """The connection to ``psn`` on ``node`` went away. A row another node took since (a newer
-    login there) is left alone: the DTU is online, only elsewhere."""
-    session.execute(
-        update(Dtu).where(Dtu.psn == psn, or_(Dtu.node.is_(None), Dtu.node == node))
-        .values(online=False, node=None, last_seen=last_seen)
-    )
+    """The connection to ``psn`` on ``node`` went away: :func:`mark_offline_many` of one."""
+    mark_offline_many(session, {psn: last_seen}, node)
+
+
+def mark_offline_many(session: Session, last_seen: Mapping[int, dt.datetime], node: str | None = None) -> None:
+    """The connections to these DTUs on ``node`` went away, each last seen at its time. A row another
+    node took since (a newer login there) is left alone: the DTU is online, only elsewhere.
+
+    One statement for them all (Core, as :func:`record_last_seen`), in PSN order: the nodes of a
+    cluster that lock the same rows lock them in the same order.
+    """
+    if last_seen:
+        table = table_of(Dtu)
+        session.connection().execute(
+            update(table).where(table.c.psn == bindparam("b_psn"), or_(table.c.node.is_(None), table.c.node == node))
+            .values(online=False, node=None, last_seen=bindparam("b_seen")),
+            [{"b_psn": psn, "b_seen": last_seen[psn]} for psn in sorted(last_seen)],
+        )
 
 
 def rowcount(result: Result[Any]) -> int:
