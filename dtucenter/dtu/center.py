@@ -134,8 +134,8 @@ class _Mismatch:
 #: PSNs listed by ``DTUCenter.mismatched_psns`` at most: the status must stay small in a bad fleet.
 MISMATCHED_PSNS_SHOWN = 100
 
-#: Logins decided by one store call at most: each locks its DTU's row until the commit, which the
-#: other nodes of a cluster may wait for (the store's MAX_BATCH_JOBS says the same of jobs).
+#: Logins (or offline marks) in one store call at most: each locks its DTU's row until the commit, which
+#: the other nodes of a cluster may wait for (the store's MAX_BATCH_JOBS says the same of jobs).
 MAX_LOGINS_PER_CALL = 1000
 
 
@@ -330,17 +330,22 @@ class DTUCenter(Service):
         """
         logins_now = bool(self._logins_queued) and not self._logins_in_flight
         if self._offline_queued and (logins_now or not self._offline_calls_in_flight):
-            marks, self._offline_queued = self._offline_queued, {}
-            self._offline_calls_in_flight += 1
-            self.records.mark_offline_many(marks).addErrback(
-                lambda f: log.failure("Could not mark {count} DTUs offline", f, count=len(marks))
-            ).addBoth(self._offline_sent)
+            queued, self._offline_queued = list(self._offline_queued.items()), {}
+            for start in range(0, len(queued), MAX_LOGINS_PER_CALL):
+                marks = dict(queued[start : start + MAX_LOGINS_PER_CALL])
+                self._offline_calls_in_flight += 1
+                self.records.mark_offline_many(marks).addErrback(
+                    self._not_marked_offline, len(marks)).addBoth(self._offline_sent)
         if logins_now:
             batch = self._logins_queued[:MAX_LOGINS_PER_CALL]
             del self._logins_queued[:MAX_LOGINS_PER_CALL]
             self.stats["login_store_calls"] += 1
             self._logins_in_flight = True
             Deferred.fromCoroutine(self._decide_logins(batch)).addBoth(self._logins_sent)
+
+    @staticmethod
+    def _not_marked_offline(failure: Failure, count: int) -> None:
+        log.failure("Could not mark {count} DTUs offline", failure, count=count)
 
     def _offline_sent(self, _: object) -> None:
         self._offline_calls_in_flight -= 1

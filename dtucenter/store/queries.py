@@ -161,6 +161,7 @@ def authenticate_many(
     rows = {row.psn: row for row in session.scalars(select(Dtu).where(Dtu.psn.in_(psns)))}
     registers = register_lists(session, psns)
     outcomes: list[LoginOutcome] = []
+    admin: Account | None = None
     for psn, password, pname, version, ccid, remote, enroll_unknown in attempts:
         row = rows.get(psn)
         enrolled = False
@@ -169,8 +170,9 @@ def authenticate_many(
                 outcomes.append(LoginOutcome(False, "unknown PSN"))
                 continue
             # Enrolled devices go to the admin account, which assigns them to a customer.
-            row = rows[psn] = Dtu(psn=psn, password=password, name="", created=now,
-                                  owner=session.get_one(Account, first_admin_id(session)))
+            if admin is None:
+                admin = session.get_one(Account, first_admin_id(session))
+            row = rows[psn] = Dtu(psn=psn, password=password, name="", created=now, owner=admin)
             _fill_defaults(row)
             session.add(row)
             enrolled = True
