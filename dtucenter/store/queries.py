@@ -37,6 +37,12 @@ from dtucenter.addresses import ipv4_octets
 from dtucenter.store.accounts import first_admin_id
 from dtucenter.store.models import Account, Base, Dtu, DtuHandover, RegisterEntry, Sample
 
+#: The columns of a ``dtus`` row a DtuInfo tells as they are.
+_INFO_COLUMNS = (
+    "psn", "name", "pname", "version", "ccid", "fota_flag", "tick_time", "send_test_mode", "send_test_time",
+    "new_ver", "new_port", "new_ip", "online", "remote", "last_login", "last_seen", "node",
+)
+
 
 @attrs.frozen
 class DtuInfo:
@@ -63,13 +69,13 @@ class DtuInfo:
 
     @classmethod
     def of(cls, row: Dtu) -> DtuInfo:
-        return cls(
-            psn=row.psn, account=row.owner.name, name=row.name, password_set=row.password != 0, pname=row.pname,
-            version=row.version, ccid=row.ccid, fota_flag=row.fota_flag, tick_time=row.tick_time,
-            send_test_mode=row.send_test_mode, send_test_time=row.send_test_time,
-            new_ver=row.new_ver, new_port=row.new_port, new_ip=row.new_ip, online=row.online,
-            remote=row.remote, last_login=row.last_login, last_seen=row.last_seen, node=row.node,
-        )
+        return cls.of_record({name: getattr(row, name) for name in (*_INFO_COLUMNS, "password")}, row.owner.name)
+
+    @classmethod
+    def of_record(cls, record: Mapping[str, Any], account: str) -> DtuInfo:
+        """From a ``dtus`` row's columns by name, and its owner's name."""
+        values = {name: record[name] for name in _INFO_COLUMNS}
+        return cls(account=account, password_set=record["password"] != 0, **values)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -153,54 +159,90 @@ def authenticate_many(
 
     An accepted login is recorded (what the DTU reported, from where, when) and marks it online
     on ``node``. When it was online on another node, that node is told to close its older
-    connection (``nodes.take_handovers``), in the same transaction. The records and register
-    lists of all the logins are read with one query each and written with one flush: a redial
-    storm brings thousands of logins a second, and three statements each set its pace.
+    connection (``nodes.take_handovers``), in the same transaction.
+
+    A redial storm brings thousands of logins a second, and three statements and an ORM object
+    each set its pace: here the records and register lists of all the logins are read with one
+    query each, and the accepted ones written with one statement (Core, executemany, in PSN order
+    like :func:`record_last_seen`), the enrolled ones inserted with another.
     """
+    table, accounts = table_of(Dtu), table_of(Account)
     psns = {attempt[0] for attempt in attempts}
-    rows = {row.psn: row for row in session.scalars(select(Dtu).where(Dtu.psn.in_(psns)))}
+    records: dict[int, dict[str, Any]] = {
+        row["psn"]: dict(row) for row in session.execute(
+            select(table, accounts.c.name.label(_ACCOUNT))
+            .join(accounts, accounts.c.id == table.c.account_id).where(table.c.psn.in_(psns))
+        ).mappings()
+    }
     registers = register_lists(session, psns)
+    enrolled_psns: set[int] = set()
+    accepted_psns: set[int] = set()
     outcomes: list[LoginOutcome] = []
-    admin: Account | None = None
     for psn, password, pname, version, ccid, remote, enroll_unknown in attempts:
-        row = rows.get(psn)
-        enrolled = False
-        if row is None:
+        record = records.get(psn)
+        if record is None:
             if not enroll_unknown:
                 outcomes.append(LoginOutcome(False, "unknown PSN"))
                 continue
             # Enrolled devices go to the admin account, which assigns them to a customer.
-            if admin is None:
-                admin = session.get_one(Account, first_admin_id(session))
-            row = rows[psn] = Dtu(psn=psn, password=password, name="", created=now, owner=admin)
-            _fill_defaults(row)
-            session.add(row)
-            enrolled = True
-        elif row.password == 0:
-            row.password = password
-        elif row.password != password:
+            record = records[psn] = _new_record(session, psn, password, now)
+            enrolled_psns.add(psn)
+        elif record["password"] == 0:
+            record["password"] = password
+        elif record["password"] != password:
             outcomes.append(LoginOutcome(False, "wrong password"))
             continue
-        row.pname = pname[:8]
-        row.version = version
-        row.ccid = ccid[:20]
-        if row.online and row.node is not None and row.node != node:
-            session.add(DtuHandover(node=row.node, psn=psn))
-        row.online = True
-        row.node = node
-        row.remote = remote
-        row.last_login = now
-        row.last_seen = now
-        outcomes.append(LoginOutcome(True, "ok", DtuInfo.of(row), registers.get(psn, ()), enrolled))
-    session.flush()
+        if record["online"] and record["node"] is not None and record["node"] != node:
+            session.add(DtuHandover(node=record["node"], psn=psn))
+        record.update(pname=pname[:8], version=version, ccid=ccid[:20], online=True, node=node, remote=remote,
+                      last_login=now, last_seen=now)
+        accepted_psns.add(psn)
+        info = DtuInfo.of_record(record, record[_ACCOUNT])
+        outcomes.append(LoginOutcome(True, "ok", info, registers.get(psn, ()), psn in enrolled_psns))
+    if enrolled_psns:
+        session.connection().execute(table.insert(), [
+            {key: value for key, value in records[psn].items() if key != _ACCOUNT} for psn in sorted(enrolled_psns)
+        ])
+    updated = sorted(accepted_psns - enrolled_psns)
+    if updated:
+        session.connection().execute(
+            update(table).where(table.c.psn == bindparam("b_psn")).values(
+                {name: bindparam(f"b_{name}") for name in _LOGIN_COLUMNS}),
+            [{"b_psn": psn, **{f"b_{name}": records[psn][name] for name in _LOGIN_COLUMNS}} for psn in updated],
+        )
+    session.flush()  # the handovers
     return outcomes
+
+
+#: The label of the owner's name in the records :func:`authenticate_many` reads.
+_ACCOUNT = "account"
+#: The columns a login writes.
+_LOGIN_COLUMNS = ("password", "pname", "version", "ccid", "online", "node", "remote", "last_login", "last_seen")
+
+
+def _new_record(session: Session, psn: int, password: int, now: dt.datetime) -> dict[str, Any]:
+    """An enrolled DTU's record, as :func:`authenticate_many` reads them: the columns' defaults, owned by the
+    admin account."""
+    admin = session.get_one(Account, first_admin_id(session))
+    record = _column_defaults()
+    record.update(psn=psn, password=password, name="", created=now, account_id=admin.id)
+    record[_ACCOUNT] = admin.name
+    return record
 
 
 def _fill_defaults(row: Dtu) -> None:
     # Column defaults apply only at flush; the login's parameters are read before that.
-    for column in Dtu.__table__.columns:
-        if getattr(row, column.key) is None and column.default is not None and column.default.is_scalar:
-            setattr(row, column.key, column.default.arg)
+    for key, value in _column_defaults().items():
+        if getattr(row, key) is None:
+            setattr(row, key, value)
+
+
+def _column_defaults() -> dict[str, Any]:
+    """The ``dtus`` columns' scalar defaults by name (None for those without one)."""
+    return {
+        column.key: column.default.arg if column.default is not None and column.default.is_scalar else None
+        for column in Dtu.__table__.columns
+    }
 
 
 def register_list(session: Session, psn: int) -> tuple[tuple[int, int], ...]:
