@@ -1,6 +1,6 @@
 """The load benchmark: the real center (twistd, SQLite in a temp dir) against dtucenter-sim.
 
-    python -m benchmarks.run                 # full scale, rewrites docs/performance.md (about 15 minutes)
+    python -m benchmarks.run                 # full scale, rewrites docs/performance.md (about 10 minutes)
     python -m benchmarks.run --smoke --out /tmp/perf.md   # seconds, every scenario at a tiny scale; the tests run this
     python -m benchmarks.run --only storm --merge      # one scenario, its section replaced in docs/performance.md
     python -m benchmarks.run --only junk --merge       # likewise the junk flood (also --only storm,junk)
