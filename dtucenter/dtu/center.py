@@ -339,7 +339,6 @@ class DTUCenter(Service):
         if logins_now:
             batch = self._logins_queued[:MAX_LOGINS_PER_CALL]
             del self._logins_queued[:MAX_LOGINS_PER_CALL]
-            self.stats["login_store_calls"] += 1
             self._logins_in_flight = True
             Deferred.fromCoroutine(self._decide_logins(batch)).addBoth(self._logins_sent)
 
