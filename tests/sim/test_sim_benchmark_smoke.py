@@ -96,6 +96,29 @@ def test_a_storm_section_is_merged_into_an_existing_report() -> None:
     assert again.splitlines().count(STORM_HEADING) == 1
 
 
+def test_a_merged_storm_run_at_full_scale_brings_its_line_in_targets_up_to_date() -> None:
+    from benchmarks.report import STORM_TARGET, render, with_storm_section
+
+    machine = {"cores": 2, "cpu": "x", "ram_gib": 1.0, "kernel": "k", "python": "3", "twisted": "t",
+               "sqlalchemy": "s", "sqlite": "q", "date": "then"}
+    row = {"storm": 1, "dropped": 19_000, "lost": 0, "all_back": 12.5, "connect_failed": 0, "login_timeouts": 0,
+           "listen_overflows": {"ListenOverflows": 0}, "rss_before": 1 << 20, "rss_after": 1 << 20,
+           "center_cpu": 9.0, "sim_cpu": 11.0}
+    run = {"backlog": None, "dtus": 19_000, "bound": 60.0, "somaxconn": 4096,
+           "storms": [row, {**row, "storm": 2, "all_back": 21.5}]}
+    old = render({"machine": machine, "scale": "full", "hold": [], "storm": []})
+    merged = with_storm_section(old, {"machine": machine, "storm": [run]})
+    targets = [line for line in merged.splitlines() if line.startswith(STORM_TARGET)]
+    assert targets == [(f"{STORM_TARGET} within 20 s, none lost in repeated storms: **missed**: 2 storms in a row "
+                        "all back after 12.5, 21.5 s (slowest +1.5 s against the target), 0 logins lost")]
+    assert merged.index("## Targets") < merged.index(targets[0]) < merged.index("## Redial storms")
+    met = with_storm_section(merged, {"machine": machine, "storm": [{**run, "storms": [row]}]})
+    assert [line for line in met.splitlines() if line.startswith(STORM_TARGET)] == [(
+        f"{STORM_TARGET} within 20 s, none lost in repeated storms: **met**: 1 storms in a row all back after "
+        "12.5 s (slowest -7.5 s against the target), 0 logins lost")]
+    assert "| 9.0 | 11.0 |" in met
+
+
 def test_a_junk_flood_section_is_merged_into_an_existing_report() -> None:
     from benchmarks.report import JUNK_FLOOD_HEADING, render, with_sections
 
