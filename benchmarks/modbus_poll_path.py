@@ -24,7 +24,9 @@ from typing import Any
 
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
 from dtucenter.modbus.config import LinkSettings, MeterSettings, ModbusSettings
 from dtucenter.modbus.filter import BoundaryNoise
@@ -35,8 +37,10 @@ from dtucenter.modbus.poller import Poller
 from dtucenter.sim.modbus import TransparentDTU, meters_for
 from dtucenter.sim.stats import SimStats
 from dtucenter.store.recorder import MeterRecorder
+from dtucenter.tap import tune_garbage_collector
 
 
+@implementer(IReactorTime)
 class HeapClock:
     """``task.Clock`` with a heap, as the reactor keeps its timers: ``task.Clock`` sorts its whole list on
     every ``callLater``, which with thousands of meters would cost more than the polls measured."""
@@ -136,7 +140,7 @@ def build(meters: int, per_link: int, registers: int = 10) -> tuple[Poller, Heap
         dtu = TransparentDTU(f"SIM-{n:05d}".encode(), "rtu", meters_for(range(1, per_link + 1), clock, rng),
                              clock, stats)
         end = _DtuEnd(master)
-        dtu.link = end  # type: ignore[assignment]  # the simulator's Link protocol, duck-typed
+        dtu.link = end
         wire.dtu, wire.end = dtu, end  # type: ignore[attr-defined]
         channels[name] = master
         pairs.append(wire)
@@ -165,9 +169,13 @@ def _exchange(outbox: list[_Wire]) -> int:
     return answered
 
 
-def measure(meters: int, per_link: int, rounds: int) -> dict[str, Any]:
-    """CPU per poll, the simulated meters' own answering excluded (timed apart and subtracted)."""
+def measure(meters: int, per_link: int, rounds: int, tune_gc: bool = True) -> dict[str, Any]:
+    """CPU per poll, the simulated meters' own answering excluded (timed apart and subtracted).
+
+    ``tune_gc``: collect garbage as the center does once its services are built (for good: not in tests)."""
     poller, clock, outbox, store = build(meters, per_link)
+    if tune_gc:
+        tune_garbage_collector()
     poller.startService()
     clock.advance(0)
     _exchange(outbox)
@@ -200,9 +208,9 @@ def _sim_cost(meters: int, per_link: int, rounds: int) -> float:
 
     links = -(-meters // per_link)
     dtus = []
-    for n in range(links):
+    for _ in range(links):
         dtu = TransparentDTU(b"X", "rtu", meters_for(range(1, per_link + 1), clock, rng), clock, stats)
-        dtu.link = _DtuEnd(None)  # type: ignore[arg-type,assignment]
+        dtu.link = _DtuEnd(None)  # type: ignore[arg-type]  # its master is never used here
         dtus.append(dtu)
     frames = [framing.encode(ReadHoldingRegistersRequest(address=0, count=10, dev_id=u), 0)
               for u in range(1, per_link + 1)]

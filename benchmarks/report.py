@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster
+from benchmarks import cluster, modbus_scale
 
 MIB = 1024 * 1024
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -123,6 +123,7 @@ def render(results: dict[str, Any]) -> str:
     out += _render_mqtt(results.get("mqtt"))
     if results.get("cluster"):
         out += ["", *cluster.render(results["cluster"], results["machine"]), ""]
+    out += modbus_scale.render(results.get("modbus_scale"))
     if FINDINGS.exists():
         out += ["", FINDINGS.read_text().rstrip(), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -179,6 +180,8 @@ def _render_targets(results: dict[str, Any]) -> list[str]:
                                      f"poll p99 {_ms(modbus['p99'])} ms"))
     else:
         lines.append("- 1,000 meters polled every second: not run")
+    if results.get("modbus_scale"):
+        lines.append(modbus_scale.target_line(results["modbus_scale"]))
     return [*lines, ""]
 
 
@@ -488,7 +491,7 @@ def _worker_cpu_per_frame(step: dict[str, Any]) -> str:
 
 
 #: The scenarios whose sections stand alone (no line in Targets): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster"}
+MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "modbus_scale"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -503,6 +506,9 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
         report = _with_section(report, MQTT_HEADING, _render_mqtt(results["mqtt"]))
     if results.get("cluster"):
         report = _with_section(report, cluster.HEADING, cluster.render(results["cluster"], results["machine"]))
+    if results.get("modbus_scale"):
+        report = _with_section(report, modbus_scale.HEADING, modbus_scale.render(results["modbus_scale"]))
+        report = modbus_scale.with_target_line(report, results["modbus_scale"])
     return report
 
 
