@@ -540,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny scale, seconds (for CI)")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,modbus_scale,storm,junk,mqtt",
+    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,modbus_scale,storm,junk,mqtt,features",
                         help="comma-separated scenarios to run (default all but databases, which runs with "
                              "--db; also: databases)")
     parser.add_argument("--profile-rate", type=int, default=None,
@@ -563,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "existing report")
     args = parser.parse_args(argv)
     if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
-        parser.error("--merge takes --only storm, junk, databases, cluster and/or modbus_scale (or --from-json): "
+        parser.error("--merge takes --only storm, junk, databases, cluster, features and/or modbus_scale (or --from-json): "
                      "the other sections share the Targets summary")
     if "cluster" in args.only.split(",") and not args.postgres:
         parser.error("--only cluster needs --postgres URL: the nodes share a PostgreSQL database")
@@ -590,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
                                "storm": [], "junk_flood": None, "databases": [], "mqtt": None,
-                               "cluster": None, "modbus_scale": None}
+                               "cluster": None, "features": None, "modbus_scale": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -630,6 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"  {report.junk_flood_line(results['junk_flood'])}")
         if "mqtt" in only:
             results["mqtt"] = run_mqtt(_fresh(workroot, "mqtt"), scale, log)
+        if "features" in only:
+            from benchmarks.features import run_features  # it builds on this module's scenarios
+
+            results["features"] = run_features(_fresh(workroot, "features"), scale, log)
         if "cluster" in only:
             log("cluster")
             results["cluster"] = cluster.run_cluster(

@@ -20,14 +20,14 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
     result = run_process(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out),
-         "--only", "hold,ingest,baseline,modbus,modbus_scale,storm,junk,mqtt"],
+         "--only", "hold,ingest,baseline,modbus,modbus_scale,storm,junk,mqtt,features"],
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     for heading in ("## Targets", "## Hold", "### center (stored in SQLite)", "### framing-only baseline", "## Modbus",
                     "## Redial storms", "## Junk flood", "## MQTT publishing at the ingest rate",
-                    "## Modbus at scale", "- Modbus at scale, 5,000 meters"):
+                    report.FEATURES_HEADING, "## Modbus at scale", "- Modbus at scale, 5,000 meters"):
         assert heading in text
     assert "Python 3." in text and "Twisted" in text and "SQLAlchemy" in text
     assert "Traceback" not in result.stderr
