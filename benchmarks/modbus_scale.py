@@ -159,33 +159,45 @@ def run_step(workdir: Path, scale: ModbusScale, layout: Layout, meters: int, pro
         sim.stop()
         center.stop()
     seconds = wall_b - wall_a
+    window = poll_window(first, last, seconds, links, sim_a, sim_b)
+    completed = window["polls_per_s"]
+    cpu = (cpu_b - cpu_a) / seconds
+    row = {
+        "layout": layout.name, "meters_per_dtu": layout.meters_per_dtu, "meters": meters, "dtus": dtus,
+        **window,
+        "cpu": cpu, "sim_cpu": (sim_cpu_b - sim_cpu_a) / seconds, "rss": rss, "load": load,
+        "polls_per_core_s": completed / cpu if cpu else 0.0,
+        "cpu_us_per_poll": cpu / completed * 1e6 if completed else 0.0,
+        "threads_cpu": {name: (threads_b[name] - threads_a[name]) / seconds for name in threads_b},
+    }
+    row["kept_up"] = row["timed_out"] == 0 and row["failed"] == 0 and completed >= KEEP_UP * meters
+    if profiled is not None:
+        row["profile"] = profiled
+    return row
+
+
+def poll_window(
+    first: dict[str, Any], last: dict[str, Any], seconds: float, links: list[dict[str, Any]],
+    sim_a: dict[str, Any], sim_b: dict[str, Any],
+) -> dict[str, Any]:
+    """The polls of a window, from the center's two readings of GET /api/status's ``modbus`` part at its ends,
+    its links at the end, and the simulator's two snapshots."""
     durations = histogram_difference(last["duration_histogram"], first["duration_histogram"])
 
     def delta(name: str) -> int:
         return int(last[name] - first[name])
 
     polls, failed = delta("polls"), delta("failed")
-    completed = (polls - failed) / seconds
-    cpu = (cpu_b - cpu_a) / seconds
-    row = {
-        "layout": layout.name, "meters_per_dtu": layout.meters_per_dtu, "meters": meters, "dtus": dtus,
-        "seconds": seconds, "polls_per_s": completed, "failed": failed, "timed_out": delta("timed_out"),
-        "request_timeouts": delta("request_timeouts"),
-        "p50": percentile(durations, 0.5), "p99": percentile(durations, 0.99),
-        "cpu": cpu, "sim_cpu": (sim_cpu_b - sim_cpu_a) / seconds, "rss": rss, "load": load,
-        "polls_per_core_s": completed / cpu if cpu else 0.0,
-        "cpu_us_per_poll": cpu / completed * 1e6 if completed else 0.0,
-        "threads_cpu": {name: (threads_b[name] - threads_a[name]) / seconds for name in threads_b},
+    return {
+        "seconds": seconds, "polls_per_s": (polls - failed) / seconds, "failed": failed,
+        "timed_out": delta("timed_out"), "request_timeouts": delta("request_timeouts"),
         "skipped": delta("skipped") if "skipped" in last else None,
+        "p50": percentile(durations, 0.5), "p99": percentile(durations, 0.99),
         "links_online": sum(link["online"] for link in links),
         "reconnects": sum(link["counters"]["connects"] - 1 for link in links if link["counters"]["connects"] > 1),
         "sim_answered_per_s": (sim_b["counts"].get("polls", 0) - sim_a["counts"].get("polls", 0))
         / max(sim_b["elapsed"] - sim_a["elapsed"], 1e-9),
     }
-    row["kept_up"] = row["timed_out"] == 0 and failed == 0 and completed >= KEEP_UP * meters
-    if profiled is not None:
-        row["profile"] = profiled
-    return row
 
 
 def thread_cpu(pid: int) -> dict[str, float]:

@@ -421,23 +421,10 @@ def run_modbus(workdir: Path, scale: Scale) -> dict[str, Any]:
         sim.stop()
         center.stop()
     seconds = wall_b - wall_a
-    durations = histogram_difference(last["duration_histogram"], first["duration_histogram"])
-
-    def delta(name: str) -> int:
-        return int(last[name] - first[name])
-
-    polls, failed = delta("polls"), delta("failed")
     return {
-        "dtus": scale.modbus_dtus, "expected_per_s": float(scale.modbus_dtus), "seconds": seconds,
-        "polls_per_s": (polls - failed) / seconds, "failed": failed, "timed_out": delta("timed_out"),
-        "request_timeouts": delta("request_timeouts"),
-        "p50": percentile(durations, 0.5), "p99": percentile(durations, 0.99),
-        "cpu": (cpu_b - cpu_a) / seconds, "rss": rss,
-        "online_time": online_time,
-        "links_online": sum(link["online"] for link in links),
-        "reconnects": sum(link["counters"]["connects"] - 1 for link in links if link["counters"]["connects"] > 1),
-        "sim_answered_per_s": (sim_b["counts"].get("polls", 0) - sim_a["counts"].get("polls", 0))
-        / max(sim_b["elapsed"] - sim_a["elapsed"], 1e-9),
+        "dtus": scale.modbus_dtus, "expected_per_s": float(scale.modbus_dtus),
+        **modbus_scale.poll_window(first, last, seconds, links, sim_a, sim_b),
+        "cpu": (cpu_b - cpu_a) / seconds, "rss": rss, "online_time": online_time,
     }
 
 
