@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster, upload_cpu
+from benchmarks import cluster, modbus_scale, upload_cpu
 
 MIB = 1024 * 1024
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -151,6 +151,7 @@ def render(results: dict[str, Any]) -> str:
     out += _render_features(results.get("features"))
     if results.get("cluster"):
         out += ["", *cluster.render(results["cluster"], results["machine"]), ""]
+    out += modbus_scale.render(results.get("modbus_scale"))
     if FINDINGS.exists():
         out += ["", FINDINGS.read_text().rstrip(), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -208,6 +209,8 @@ def _render_targets(results: dict[str, Any]) -> list[str]:
     else:
         lines.append("- 1,000 meters polled every second: not run")
     lines.append(storm_target_line(results.get("storm")))
+    if results.get("modbus_scale"):
+        lines.append(modbus_scale.target_line(results["modbus_scale"]))
     if results.get("upload_cpu"):
         lines.append(upload_cpu.target_line(results["upload_cpu"]))
     return [*lines, ""]
@@ -564,9 +567,9 @@ def _render_features(features: dict[str, Any] | None) -> list[str]:
             + verdict, ""]
 
 
-#: The scenarios whose sections stand alone (no line in Targets but the storms', which ``with_storm_section``
+#: The scenarios whose sections stand alone (no line in Targets but their own target lines, which ``--merge``
 #: keeps current): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "features", "upload_cpu"}
+MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "features", "modbus_scale", "upload_cpu"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -583,6 +586,9 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
         report = _with_section(report, FEATURES_HEADING, _render_features(results["features"]))
     if results.get("cluster"):
         report = _with_section(report, cluster.HEADING, cluster.render(results["cluster"], results["machine"]))
+    if results.get("modbus_scale"):
+        report = _with_section(report, modbus_scale.HEADING, modbus_scale.render(results["modbus_scale"]))
+        report = modbus_scale.with_target_line(report, results["modbus_scale"])
     if results.get("upload_cpu"):
         report = _with_section(report, upload_cpu.HEADING, upload_cpu.render(results["upload_cpu"], _render_profile))
         report = _with_target_line(report, upload_cpu.TARGET_LINE, upload_cpu.target_line(results["upload_cpu"]))
