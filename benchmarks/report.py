@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster, modbus_scale
+from benchmarks import cluster, modbus_scale, upload_cpu
 
 MIB = 1024 * 1024
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -142,6 +142,7 @@ def render(results: dict[str, Any]) -> str:
     out += _render_hold(results["hold"])
     out += _render_ingest(results)
     out += _render_profile(results.get("profile"))
+    out += upload_cpu.render(results.get("upload_cpu"), _render_profile)
     out += _render_modbus(results.get("modbus"))
     out += _render_storms(results.get("storm"), results["machine"])
     out += _render_junk_flood(results.get("junk_flood"))
@@ -210,6 +211,8 @@ def _render_targets(results: dict[str, Any]) -> list[str]:
     lines.append(storm_target_line(results.get("storm")))
     if results.get("modbus_scale"):
         lines.append(modbus_scale.target_line(results["modbus_scale"]))
+    if results.get("upload_cpu"):
+        lines.append(upload_cpu.target_line(results["upload_cpu"]))
     return [*lines, ""]
 
 
@@ -566,7 +569,7 @@ def _render_features(features: dict[str, Any] | None) -> list[str]:
 
 #: The scenarios whose sections stand alone (no line in Targets but their own target lines, which ``--merge``
 #: keeps current): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "features", "modbus_scale"}
+MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "features", "modbus_scale", "upload_cpu"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -586,26 +589,35 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
     if results.get("modbus_scale"):
         report = _with_section(report, modbus_scale.HEADING, modbus_scale.render(results["modbus_scale"]))
         report = modbus_scale.with_target_line(report, results["modbus_scale"])
+    if results.get("upload_cpu"):
+        report = _with_section(report, upload_cpu.HEADING, upload_cpu.render(results["upload_cpu"], _render_profile))
+        report = _with_target_line(report, upload_cpu.TARGET_LINE, upload_cpu.target_line(results["upload_cpu"]))
     return report
+
+
+def _with_target_line(report: str, start: str, line: str) -> str:
+    """``report`` with the Targets list's line that begins with ``start`` replaced by ``line`` (or added last)."""
+    lines = report.split("\n")
+    if "## Targets" not in lines:
+        return report
+    index = lines.index("## Targets") + 1
+    after_last_item = index + 1  # under the heading's blank line, if the list is empty
+    while index < len(lines) and not lines[index].startswith("## "):
+        if lines[index].startswith(start):
+            lines[index] = line
+            return "\n".join(lines)
+        if lines[index].startswith("- "):
+            after_last_item = index + 1
+        index += 1
+    lines.insert(after_last_item, line)
+    return "\n".join(lines)
 
 
 def with_storm_section(report: str, results: dict[str, Any]) -> str:
     """``report`` with its redial-storm section replaced by (or, if it has none, given) the one rendered from
     ``results``, and the storms' line in Targets with it."""
     report = _with_section(report, STORM_HEADING, _render_storms(results.get("storm"), results["machine"]))
-    target = storm_target_line(results.get("storm"))
-    lines = report.split("\n")
-    if "## Targets" not in lines:
-        return report
-    start = lines.index("## Targets") + 1
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    ours = next((i for i in range(start, end) if lines[i].startswith(STORM_TARGET)), None)
-    if ours is not None:
-        lines[ours] = target
-    else:
-        last = max((i for i in range(start, end) if lines[i].startswith("- ")), default=start)
-        lines.insert(last + 1, target)
-    return "\n".join(lines)
+    return _with_target_line(report, STORM_TARGET, storm_target_line(results.get("storm")))
 
 
 def with_section(report: str, heading: str, lines: list[str]) -> str:

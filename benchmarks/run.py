@@ -7,6 +7,7 @@
     python -m benchmarks.run --only databases --merge --db sqlite,postgresql+psycopg://u:p@host/scratch
                                              # ingest on each database, compared (PostgreSQL: a scratch database)
     python -m benchmarks.run --only cluster --postgres URL --merge   # nodes behind HAProxy (empties that database)
+    python -m benchmarks.run --only upload_cpu --merge   # CPU per acked upload, center against the baseline
 
 Every server and simulator is a separate process, so the center's own CPU
 (from /proc/PID/stat, all threads) is measured apart from the load
@@ -35,7 +36,7 @@ import attrs
 import sqlalchemy
 import sqlalchemy.pool
 
-from benchmarks import cluster, junk_flood, modbus_scale, report
+from benchmarks import cluster, junk_flood, modbus_scale, report, upload_cpu
 from benchmarks.procs import (
     PATIENCE,
     ApiClient,
@@ -531,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny scale, seconds (for CI)")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,modbus_scale,storm,junk,mqtt,features",
+    parser.add_argument("--only",
+                        default="hold,ingest,baseline,profile,modbus,modbus_scale,storm,junk,mqtt,features,upload_cpu",
                         help="comma-separated scenarios to run (default all but databases, which runs with "
                              "--db; also: databases)")
     parser.add_argument("--profile-rate", type=int, default=None,
@@ -581,7 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
                                "storm": [], "junk_flood": None, "databases": [], "mqtt": None,
-                               "cluster": None, "features": None, "modbus_scale": None}
+                               "cluster": None, "features": None, "modbus_scale": None,
+                               "upload_cpu": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -621,6 +624,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"  {report.junk_flood_line(results['junk_flood'])}")
         if "mqtt" in only:
             results["mqtt"] = run_mqtt(_fresh(workroot, "mqtt"), scale, log)
+        if "upload_cpu" in only:
+            log("upload cpu: center against the baseline")
+            results["upload_cpu"] = upload_cpu.run_upload_cpu(
+                _fresh(workroot, "upload_cpu"), upload_cpu.SMOKE if args.smoke else upload_cpu.FULL,
+                lambda workdir, label, rates: run_ingest(workdir, scale, label, log, rates=rates),
+                lambda workdir, rate: run_profile(workdir, scale, rate), log)
         if "features" in only:
             from benchmarks.features import run_features  # it builds on this module's scenarios
 

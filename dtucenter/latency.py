@@ -71,9 +71,10 @@ class Histogram:
         #: Seconds, summed over every duration recorded.
         self.total = 0.0
 
-    def record(self, seconds: float) -> None:
-        self.buckets[bucket_of(seconds)] += 1
-        self.total += seconds
+    def record(self, seconds: float, count: int = 1) -> None:
+        """``count`` durations of ``seconds`` each (a batch acknowledged at once)."""
+        self.buckets[bucket_of(seconds)] += count
+        self.total += seconds * count
 
     @property
     def count(self) -> int:

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
 
 from dtucenter.store import queries
 from dtucenter.store.models import Sample
@@ -39,6 +40,9 @@ class HeldStore:
     def add_samples(self, rows: list[queries.SampleRow]) -> Deferred[None]:
         table_rows = [dict(zip(queries.SAMPLE_ROW_COLUMNS, row, strict=False)) for row in rows]
         return self._submit(lambda: self._run(lambda s: s.execute(Sample.__table__.insert(), table_rows) and None))
+
+    def add_samples_then(self, rows: list[queries.SampleRow], settle: Callable[[Failure | None], None]) -> None:
+        self.add_samples(rows).addBoth(lambda result: settle(result if isinstance(result, Failure) else None))
 
     def _run(self, job: Callable[[Session], Any]) -> Any:
         with Session(self.engine) as session, session.begin():

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from dtucenter.dtu.wire import Dialect, Register
 
@@ -86,7 +87,14 @@ class DtuRecords(Protocol):
         """
 
     def add_samples(self, rows: list[SampleRow]) -> Deferred[None]:
-        """Store uploads; the hot path, so the center takes this bound method once."""
+        """Store uploads; fires after they are committed."""
+
+    def add_samples_then(self, rows: list[SampleRow], settle: Callable[[Failure | None], None]) -> None:
+        """Store uploads; ``settle(None)`` once they are committed, ``settle(failure)`` if they never will be.
+
+        The hot path (the center takes this bound method once): a connection's uploads of one read go
+        in one call, and a group commit tells its callers in one loop, with no Deferred per upload.
+        """
 
     def replace_register_list(self, psn: int, send_test_time: int, registers: DevAddrPairs) -> Deferred[None]: ...
 

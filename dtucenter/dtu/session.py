@@ -2,8 +2,10 @@
 
 ``DTUSession`` holds the protocol rules and talks to its transport through
 the small ``Link`` interface, so TCP connections and UDP source addresses
-share it. Messages are handled one at a time, in order: while one waits for
-the store the next ones queue, and once ``INBOX_LIMIT`` are queued reading
+share it. Messages are handled one at a time, in order, except that the
+uploads (SendTest) of one read go to the store together, as one batch, and are
+acknowledged together once it is committed: while a batch or a login waits for
+the store the next messages queue, and once ``INBOX_LIMIT`` are queued reading
 from that DTU pauses, so nothing is acknowledged before it is stored and a
 slow database slows DTUs down instead of losing data. (Pausing at every
 upload cost two epoll_ctl calls per frame, a tenth of the reactor's time at
@@ -33,7 +35,7 @@ from dtucenter.junk import JunkWindow, ProblemSummary, describe_problems
 
 log = Logger()
 
-#: Messages queued behind the one being handled before reading from the DTU pauses.
+#: Messages queued behind the one being handled (a read's uploads count as one) before reading from the DTU pauses.
 INBOX_LIMIT = 16
 #: Problem kinds besides the parser's event names: bytes skipped, and frame heads
 #: that could not start a frame (counted by the parser, not reported one by one).
@@ -143,7 +145,8 @@ class DTUSession:
         self.command_timeout = center.settings.command_timeout
         #: The center's counters.
         self.stats: Counter[str] = center.stats
-        self._inbox: deque[wire.AnyMessage] = deque()
+        #: Messages to handle, in order; the uploads of one read as one list.
+        self._inbox: deque[wire.AnyMessage | list[wire.SendTest]] = deque()
         self._working = False
         self._paused = False
         self._timer: IDelayedCall | None = None
@@ -186,13 +189,22 @@ class DTUSession:
 
     def _parse(self, data: bytes) -> None:
         skipped = 0
+        inbox = self._inbox
+        #: The uploads of this read since its last other message: they go to the store as one batch.
+        uploads: list[wire.SendTest] | None = None
         for event in self._parser.feed(data):
-            if isinstance(event, wire.PROBLEM_TYPES):
+            if type(event) is wire.SendTest:
+                if uploads is None:
+                    uploads = []
+                    inbox.append(uploads)
+                uploads.append(event)
+            elif isinstance(event, wire.PROBLEM_TYPES):
                 if isinstance(event, wire.Skipped):
                     skipped += event.count
                 self._problem(event)
             else:
-                self._inbox.append(event)
+                uploads = None
+                inbox.append(event)
         self._junk.add(skipped, len(data) - skipped)
         if skipped and self.state == self.ONLINE and self._junk.mostly_junk:
             junk, valid = self._junk.totals()
@@ -249,6 +261,14 @@ class DTUSession:
     def _process(self) -> None:
         while self._inbox and not self._working and self.state != self.CLOSED:
             message = self._inbox.popleft()
+            if isinstance(message, list):
+                if self.state == self.ONLINE:
+                    self.stats["frames_in"] += len(message)
+                    self._seen()
+                    self._upload(message)
+                else:  # not logged in (yet): each is judged as any other frame
+                    self._inbox.extendleft(reversed(message))
+                continue
             pending = self._handle(message)
             if pending is not None and not pending.called:
                 self._working = True
@@ -281,7 +301,7 @@ class DTUSession:
         if isinstance(message, wire.SendTick):
             self._send(wire.SendTickAck())
         elif isinstance(message, wire.SendTest):
-            self._upload(message)
+            self._upload([message])
         elif isinstance(message, wire.Login):
             # Some DTUs log in again on the same link after a modem reset; treat it as a fresh login.
             return self._login(message)
@@ -399,35 +419,45 @@ class DTUSession:
 
     # -- uploads ---------------------------------------------------------------------------------
 
-    def _upload(self, upload: wire.SendTest) -> None:
-        d = self.center.upload(self, upload)
-        if not d.called:
-            # One callback pair that acknowledges and goes on with the inbox, rather than
-            # one for the ack and one from _process: two callbacks per upload showed.
+    def _upload(self, uploads: list[wire.SendTest]) -> None:
+        """Store them as one batch and acknowledge them in order once committed (or at once if none needs it)."""
+        batch = self.center.store_uploads(self, uploads)
+        taken = len(batch.codes)
+        if taken < len(uploads):
+            # One repeats an upload another connection's commit carries: it waits for that commit, next
+            # (and is counted again then).
+            rest = uploads[taken:]
+            self.stats["frames_in"] -= len(rest)
+            self._inbox.appendleft(rest)
+        if batch.pending:
             self._working = True
-            d.addCallbacks(self._stored, self._not_stored, errbackArgs=(upload,))
-        else:  # a repeat of a stored upload, or a register-list mismatch: answered at once
-            d.addCallbacks(self._acknowledge, self._not_stored, errbackArgs=(upload,))
+            batch.submit()
+        else:
+            self._acknowledge(batch.codes)
 
-    def _stored(self, test_code: int) -> None:
-        # From the upload's handling (no other frame is handled while it waits) to its ack.
-        self.center.ack_latency.record(self.clock.seconds() - self.last_seen_at)
+    def uploads_stored(self, codes: list[int]) -> None:
+        """The store committed a batch of this connection's uploads: acknowledge them and go on."""
+        # From the batch's handling (no other frame is handled while it waits) to its acks.
+        self.center.ack_latency.record(self.clock.seconds() - self.last_seen_at, len(codes))
         try:
-            self._acknowledge(test_code)
+            self._acknowledge(codes)
         except Exception:
             self._finished_working(Failure())
         else:
             self._finished_working(None)
 
-    def _acknowledge(self, test_code: int) -> None:
+    def _acknowledge(self, codes: list[int]) -> None:
         if self.state != self.CLOSED:
-            self.link.write(self.center.ack_frames[test_code])
+            frames = self.center.ack_frames
+            # One write for the batch: one send, not one per upload.
+            self.link.write(frames[codes[0]] if len(codes) == 1 else b"".join([frames[code] for code in codes]))
 
-    def _not_stored(self, failure: Failure, upload: wire.SendTest) -> None:
+    def uploads_not_stored(self, codes: list[int], failure: Failure) -> None:
         # Never acknowledge what is not stored; the DTU resends on its next connection.
         log.failure(
-            "Upload {code} of DTU {psn} could not be stored; dropping the connection unacknowledged",
-            failure, code=upload.test_code, psn=self.psn,
+            "Upload {code} of DTU {psn} could not be stored ({count} of this read); "
+            "dropping the connection unacknowledged",
+            failure, code=codes[0], count=len(codes), psn=self.psn,
         )
         self._close(abort=True)
         self._working = False

@@ -29,6 +29,7 @@ class DtuStore:
         self._read = store.read
         #: The upload path, taken once: a call through this class per upload would show at ingest rates.
         self.add_samples = store.add_samples
+        self.add_samples_then = store.add_samples_then
 
     # -- DtuRecords ------------------------------------------------------------------------
 

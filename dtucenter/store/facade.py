@@ -1,10 +1,13 @@
 """The non-blocking store: database work on threads, writes group-committed.
 
 Every write goes through one writer thread. Whatever is submitted while a
-commit is running waits and goes into the next one, so thousands of DTUs
-uploading at once cost a few transactions a second, not thousands, and a
-quiet center still commits at once. Callers get Deferreds that fire only
-after the commit, which is what lets a session acknowledge only stored data.
+commit is running waits and goes into the next one (and while only rows keep
+coming, the next starts COMMIT_INTERVAL after the last one started at the
+earliest), so thousands of DTUs uploading at once cost a few transactions a
+second, not thousands, and a quiet center still commits at once. Callers get
+Deferreds, or on the upload path a plain callback (``add_rows_then``), that
+fire only after the commit, which is what lets a session acknowledge only
+stored data.
 
 When the database fails (down, locked, disk full) the batch is kept and
 callers keep waiting: nothing is dropped. The writer then probes the
@@ -20,10 +23,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import attrs
-from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import Connection, Engine, LargeBinary, Table
 from sqlalchemy.engine.interfaces import DBAPIModule
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -42,6 +46,8 @@ from dtucenter.store.queries import SAMPLE_ROW_COLUMNS, SampleRow, table_of
 
 T = TypeVar("T")
 Job = Callable[[Session], Any]
+#: Told how rows given to ``add_rows_then`` ended: None once committed, else why they never will be.
+Settle = Callable[[Failure | None], None]
 #: Rows to insert, by table; one entry of the row queue moves and commits as a whole.
 RowsByTable = dict[Table, list[Any]]
 SAMPLES = table_of(Sample)
@@ -49,6 +55,11 @@ METER_SAMPLES = table_of(MeterSample)
 
 log = Logger()
 
+#: Seconds from the start of one commit to the start of the next at least, while only rows wait: a
+#: commit costs about 0.4 ms of CPU whatever it holds (SQLAlchemy's session, SQLite's WAL commit and
+#: fsync), which at a few thousand uploads a second was a sixth of what an upload cost. A quiet store
+#: still commits at once; a busy one at most 1/COMMIT_INTERVAL times a second (benchmarks/findings.md).
+COMMIT_INTERVAL = 0.02
 #: Rows per transaction at most; more waits for the next one.
 MAX_BATCH_ROWS = 50_000
 #: Jobs (logins, offline marks...) per transaction at most: each may lock a DTU row, and a
@@ -86,7 +97,7 @@ class _Batch:
     jobs: list[tuple[Job, Deferred[Any]]] = attrs.Factory(list)
     rows: RowsByTable = attrs.Factory(dict)
     row_count: int = 0
-    row_waiters: list[Deferred[None]] = attrs.Factory(list)
+    row_waiters: list[Settle] = attrs.Factory(list)
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.row_waiters)
@@ -132,19 +143,25 @@ def _first_line(error: BaseException | None) -> str:
     return lines[0] if lines else repr(error)
 
 
-def _gather(waiters: list[Deferred[None]]) -> Deferred[None]:
-    """One Deferred whose outcome is passed on to all of ``waiters``."""
-    d: Deferred[None] = Deferred()
+def _settle_all(waiters: list[Settle], failure: Failure | None) -> None:
+    """Tell each of ``waiters`` in order; one that raises is logged and the others are still told.
 
-    def fan_out(result: Any) -> None:
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+    A waiter is the owner's callback, not a Deferred that would swallow its error: an error
+    here must not stop the store from settling the rest of a commit and going on.
+    """
+    for settle in waiters:
+        try:
+            settle(failure)
+        except Exception:
+            log.failure("A writer of rows failed on hearing how they ended")
 
-    d.addBoth(fan_out)
-    return d
+
+def _fire(d: Deferred[None], failure: Failure | None) -> None:
+    """``add_rows``' Deferred told as a waiter of ``add_rows_then``."""
+    if failure is None:
+        d.callback(None)
+    else:
+        d.errback(failure)
 
 
 def _copy_failed(connection: Connection, cursor: Any, statement: str, error: DBAPIModule.Error) -> DBAPIError:
@@ -205,9 +222,13 @@ class _MultiRowInsert:
         head, _, group = self.sql.rpartition("VALUES ")
         self._head, self._group = head + "VALUES ", group.strip()
         self._statements: dict[int, str] = {}
+        # Binary columns go as the bytes they are: every driver here (sqlite3, psycopg2, psycopg 3, also
+        # for COPY) takes bytes for a BLOB/bytea, and SQLAlchemy's processor only wraps each value in the
+        # driver's Binary (a memoryview on SQLite): a call and an object per value, on the writer thread.
         self._processors = [
             (index, processor) for index, name in enumerate(columns)
-            if (processor := table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) is not None
+            if not isinstance(table.c[name].type, LargeBinary)
+            and (processor := table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) is not None
         ]
         self.copy = dialect.name == "postgresql" and dialect.driver == "psycopg"
         preparer = dialect.identifier_preparer
@@ -289,8 +310,8 @@ class Store(Service):
         self._writer = ThreadPool(1, 1, "dtucenter-db-writer")
         self._readers = ThreadPool(0, max_readers, "dtucenter-db-reader")
         self._queued_jobs: deque[tuple[Job, Deferred[Any]]] = deque()
-        #: One entry per add_rows call (an upload, a meter's poll), or a whole failed batch put back.
-        self._queued_rows: deque[tuple[RowsByTable, int, Deferred[None]]] = deque()
+        #: One entry per add_rows call (a connection's uploads, a meter's poll), or a whole failed batch put back.
+        self._queued_rows: deque[tuple[RowsByTable, int, Settle]] = deque()
         self._queued_row_count = 0
         self._in_flight: _Batch | None = None
         self._retry_delay = RETRY_FIRST
@@ -303,6 +324,10 @@ class Store(Service):
         #: flushed() callers: the row count they wait to see settled.
         self._flush_waiters: list[tuple[int, Deferred[None]]] = []
         self._isolate = 0
+        #: A kick is due at the reactor's next turn (add_rows_then).
+        self._kick_due = False
+        #: Rows wait for this call to start the next commit (COMMIT_INTERVAL).
+        self._window: Any = None
         #: Tables whose rows go through _MultiRowInsert; other tables' rows through SQLAlchemy.
         self._fast_inserts = {
             SAMPLES: _MultiRowInsert(engine, SAMPLES, SAMPLE_ROW_COLUMNS),
@@ -359,8 +384,8 @@ class Store(Service):
         error = _abandoned_error()
         while self._queued_jobs:
             self._queued_jobs.popleft()[1].errback(error)
-        while self._queued_rows:
-            self._queued_rows.popleft()[2].errback(error)
+        _settle_all([settle for _, _, settle in self._queued_rows], Failure(error))
+        self._queued_rows.clear()
         # Those still on the writer thread settle when it reports back.
         self._settled(self._queued_row_count)
         self._queued_row_count = 0
@@ -422,11 +447,32 @@ class Store(Service):
         ``METER_SAMPLE_COLUMNS`` order, for the bulk insert above.
         """
         d: Deferred[None] = Deferred()
-        self._queued_rows.append(({table: rows}, len(rows), d))
-        self._queued_row_count += len(rows)
-        self._rows_submitted += len(rows)
-        self._kick()
+        self.add_rows_then(table, rows, partial(_fire, d))
         return d
+
+    def add_samples_then(self, rows: list[SampleRow], settle: Settle) -> None:
+        """``add_samples`` for the upload path: ``settle`` is told the outcome, no Deferred."""
+        self.add_rows_then(SAMPLES, rows, settle)
+
+    def add_rows_then(self, table: Table, rows: list[Any], settle: Settle) -> None:
+        """``add_rows``, but ``settle(None)`` is called after the commit (or ``settle(failure)``).
+
+        The hot paths' way: the waiters of a group commit are told in one loop, in the order
+        they came, with no Deferred and its callback chain per caller (docs/performance.md).
+        """
+        count = len(rows)
+        self._queued_rows.append(({table: rows}, count, settle))
+        self._queued_row_count += count
+        self._rows_submitted += count
+        if self._in_flight is None and self._retry_call is None and self._window is None and not self._kick_due:
+            # An idle writer starts once the reactor has read what this turn of its loop brought:
+            # the uploads of every connection that was readable go in one commit, not one each.
+            self._kick_due = True
+            self._reactor.callFromThread(self._kick_soon)
+
+    def _kick_soon(self) -> None:
+        self._kick_due = False
+        self._kick()
 
     def read(self, job: Callable[[Session], T]) -> Deferred[T]:
         def run() -> T:
@@ -462,7 +508,16 @@ class Store(Service):
 
     def _kick(self) -> None:
         if self._in_flight is None and self._retry_call is None:
+            if self._window is not None:
+                if not self._queued_jobs:
+                    return  # rows wait for the window to close; a job (a login) does not
+                self._window.cancel()
+                self._window = None
             self._start_batch(self._take_batch())
+
+    def _window_closed(self) -> None:
+        self._window = None
+        self._kick()
 
     def _take_batch(self) -> _Batch:
         batch = _Batch()
@@ -477,11 +532,11 @@ class Store(Service):
                 batch.jobs.append(self._queued_jobs.popleft())
         queue, waiters = self._queued_rows, batch.row_waiters
         while queue and (not batch.row_count or batch.row_count + queue[0][1] <= MAX_BATCH_ROWS):
-            rows, count, d = queue.popleft()
+            rows, count, settle = queue.popleft()
             self._queued_row_count -= count
             for table, table_rows in rows.items():
                 batch.add_rows(table, table_rows)
-            waiters.append(d)
+            waiters.append(settle)
         return batch
 
     def _start_batch(self, batch: _Batch) -> None:
@@ -528,9 +583,13 @@ class Store(Service):
         self._settled(batch.row_count)
         for (_, d), result in zip(batch.jobs, results, strict=False):
             d.callback(result)
-        for d in batch.row_waiters:
-            d.callback(None)
-        self._kick()
+        _settle_all(batch.row_waiters, None)
+        wait = self._batch_started + COMMIT_INTERVAL - self._clock.seconds()
+        if wait > 0 and self._queued_rows and not self._queued_jobs and self._queued_row_count < MAX_BATCH_ROWS:
+            # Rows keep coming: let more of them join the next commit rather than pay a commit for a few.
+            self._window = self._clock.callLater(wait, self._window_closed)
+        else:
+            self._kick()
 
     def _failed(self, failure: Failure, batch: _Batch) -> None:
         self.stats.failures += 1
@@ -584,13 +643,12 @@ class Store(Service):
         self._settled(batch.row_count)
         for _, d in batch.jobs:
             d.errback(failure)
-        for d in batch.row_waiters:
-            d.errback(failure)
+        _settle_all(batch.row_waiters, failure)
 
     def _requeue(self, batch: _Batch) -> None:
         self._queued_jobs.extendleft(reversed(batch.jobs))
         if batch.rows:
-            self._queued_rows.appendleft((batch.rows, batch.row_count, _gather(batch.row_waiters)))
+            self._queued_rows.appendleft((batch.rows, batch.row_count, partial(_settle_all, batch.row_waiters)))
             self._queued_row_count += batch.row_count
 
     def _schedule_probe(self, batch: _Batch) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import report, upload_cpu
 from tests.support import run_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,6 +132,24 @@ def test_a_junk_flood_section_is_merged_into_an_existing_report() -> None:
     assert with_sections(render(empty), {"machine": machine, "junk_flood": junk}) == full  # inserted in its place
     again = with_sections(full, {"machine": machine, "junk_flood": {**junk, "log_lines": 7}})  # replaced
     assert again.splitlines().count(JUNK_FLOOD_HEADING) == 1 and "log lines written: 7 in" in again
+
+
+def test_the_upload_cpu_scenario_merges_its_section_and_its_target_line(tmp_path: Path) -> None:
+    out = tmp_path / "performance.md"
+    out.write_text("# Performance\n\n## Targets\n\n- kept\n\n## Hold\n\nkept too\n")
+    result = run_process(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--only", "upload_cpu", "--merge"],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    targets = text.partition("## Targets\n")[2].partition("\n\n## ")[0]
+    assert targets.splitlines()[1:] == ["- kept", targets.splitlines()[2]]
+    assert targets.splitlines()[2].startswith(upload_cpu.TARGET_LINE)
+    assert "kept too" in text, "--merge replaced more than its section"
+    section = text.partition(upload_cpu.HEADING)[2]
+    assert "| 40 | " in section  # the smoke scale's one offered rate, both servers measured
+    assert "Traceback" not in result.stderr
 
 
 def test_the_modbus_scale_section_and_its_target_are_merged_into_an_existing_report() -> None:

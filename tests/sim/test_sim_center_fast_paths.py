@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,9 @@ class _PendingStore:
         d: Deferred[None] = Deferred()
         self.uploads.append(d)
         return d
+
+    def add_samples_then(self, rows: list[Any], settle: Callable[[Failure | None], None]) -> None:
+        self.add_samples(rows).addBoth(lambda result: settle(result if isinstance(result, Failure) else None))
 
 
 def test_reading_pauses_only_when_the_inbox_is_deep_and_resumes_when_it_drains() -> None:
