@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster
+from benchmarks import cluster, reads
 
 MIB = 1024 * 1024
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -123,6 +123,8 @@ def render(results: dict[str, Any]) -> str:
     out += _render_mqtt(results.get("mqtt"))
     if results.get("cluster"):
         out += ["", *cluster.render(results["cluster"], results["machine"]), ""]
+    if results.get("reads"):
+        out += ["", *reads.render(results["reads"]), ""]
     if FINDINGS.exists():
         out += ["", FINDINGS.read_text().rstrip(), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -179,6 +181,8 @@ def _render_targets(results: dict[str, Any]) -> list[str]:
                                      f"poll p99 {_ms(modbus['p99'])} ms"))
     else:
         lines.append("- 1,000 meters polled every second: not run")
+    if results.get("reads"):
+        lines.append(reads.target_line(results["reads"]))
     return [*lines, ""]
 
 
@@ -488,7 +492,7 @@ def _worker_cpu_per_frame(step: dict[str, Any]) -> str:
 
 
 #: The scenarios whose sections stand alone (no line in Targets): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster"}
+MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "reads"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -503,6 +507,8 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
         report = _with_section(report, MQTT_HEADING, _render_mqtt(results["mqtt"]))
     if results.get("cluster"):
         report = _with_section(report, cluster.HEADING, cluster.render(results["cluster"], results["machine"]))
+    if results.get("reads"):
+        report = _with_section(report, reads.HEADING, reads.render(results["reads"]))
     return report
 
 

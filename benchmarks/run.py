@@ -7,6 +7,7 @@
     python -m benchmarks.run --only databases --merge --db sqlite,postgresql+psycopg://u:p@host/scratch
                                              # ingest on each database, compared (PostgreSQL: a scratch database)
     python -m benchmarks.run --only cluster --postgres URL --merge   # nodes behind HAProxy (empties that database)
+    python -m benchmarks.run --only reads [--postgres URL] --merge   # month charts, a fleet's latest values
 
 Every server and simulator is a separate process, so the center's own CPU
 (from /proc/PID/stat, all threads) is measured apart from the load
@@ -35,7 +36,7 @@ import attrs
 import sqlalchemy
 import sqlalchemy.pool
 
-from benchmarks import cluster, junk_flood, report
+from benchmarks import cluster, junk_flood, reads, report
 from benchmarks.procs import (
     PATIENCE,
     ApiClient,
@@ -575,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny scale, seconds (for CI)")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm,junk,mqtt",
+    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm,junk,mqtt,reads",
                         help="comma-separated scenarios to run (default all but databases, which runs with "
                              "--db; also: databases)")
     parser.add_argument("--profile-rate", type=int, default=None,
@@ -586,7 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--findings-only", action="store_true",
                         help="only bring the report's copy of benchmarks/findings.md up to date")
     parser.add_argument("--postgres", default=None,
-                        help="scratch PostgreSQL database URL for --only cluster (it is emptied), not run without")
+                        help="scratch PostgreSQL database URL for --only cluster (it is emptied), not run without; "
+                             "--only reads runs on it too (after SQLite)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--db", default=SQLITE,
                         help="comma-separated databases for the databases scenario (ingest on each, compared): "
@@ -598,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "existing report")
     args = parser.parse_args(argv)
     if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
-        parser.error("--merge takes --only storm, junk, databases and/or cluster (or --from-json): the other "
+        parser.error("--merge takes --only storm, junk, databases, mqtt, cluster and/or reads (or --from-json): the other "
                      "sections share the Targets summary")
     if "cluster" in args.only.split(",") and not args.postgres:
         parser.error("--only cluster needs --postgres URL: the nodes share a PostgreSQL database")
@@ -625,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
                                "storm": [], "junk_flood": None, "databases": [], "mqtt": None,
-                               "cluster": None}
+                               "cluster": None, "reads": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -666,6 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("cluster")
             results["cluster"] = cluster.run_cluster(
                 _fresh(workroot, "cluster"), args.postgres, cluster.SMOKE if args.smoke else cluster.FULL, log)
+        if "reads" in only:
+            results["reads"] = reads.run_reads(
+                _fresh(workroot, "reads"), args.postgres, reads.SMOKE if args.smoke else reads.FULL, log)
     finally:
         if args.keep:
             log(f"kept {workroot}")
