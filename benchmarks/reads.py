@@ -143,18 +143,27 @@ def _fill_sqlite(path: Path, start: dt.datetime, now: dt.datetime, scale: ReadsS
 
 def _copy(cursor: Any, table: str, columns: str, rows: list[tuple[Any, ...]],
           text_of: Callable[[tuple[Any, ...]], str]) -> None:
-    cursor.copy_expert(f"COPY {table} ({columns}) FROM STDIN", io.StringIO("".join(map(text_of, rows))))
+    """COPY through psycopg2 or psycopg 3, whichever the URL names."""
+    sql, data = f"COPY {table} ({columns}) FROM STDIN", "".join(map(text_of, rows))
+    if hasattr(cursor, "copy_expert"):
+        cursor.copy_expert(sql, io.StringIO(data))
+    else:
+        with cursor.copy(sql) as copy:
+            copy.write(data)
 
 
 def _fill_postgresql(engine: Engine, start: dt.datetime, now: dt.datetime, scale: ReadsScale) -> None:
     """COPY, into the day partitions a center running for the month would have made."""
     with Session(engine) as session, session.begin():
         for table in ("samples", "meter_samples"):
-            if retention.is_partitioned(session, table):
-                day = start.date()
-                while day <= now.date() + dt.timedelta(days=retention.DAYS_AHEAD):
+            if not retention.is_partitioned(session, table):
+                continue
+            made = retention.partitions(session, table)
+            day = start.date()
+            while day <= now.date() + dt.timedelta(days=retention.DAYS_AHEAD):
+                if f"{table}_p{day:%Y%m%d}" not in made:
                     retention.add_partition(session, table, day)
-                    day += dt.timedelta(days=1)
+                day += dt.timedelta(days=1)
     connection = engine.raw_connection()
     try:
         cursor = connection.cursor()
@@ -201,8 +210,8 @@ def plans(engine: Engine, since: dt.datetime, until: dt.datetime) -> dict[str, s
             'SELECT * FROM sample_rollups WHERE psn = :psn AND period = 3600 AND start >= :since AND start < :until',
             {"psn": PSN, **times}),
         "meter point month chart, hourly roll-ups": (
-            "SELECT * FROM meter_sample_rollups WHERE meter = :meter AND point = :point AND period = 3600 "
-            "AND start >= :since AND start < :until", {"meter": METER, "point": POINT, **times}),
+            ("SELECT * FROM meter_sample_rollups WHERE meter = :meter AND point = :point AND period = 3600 "
+             "AND start >= :since AND start < :until"), {"meter": METER, "point": POINT, **times}),
     }
     pairs = [(fleet_meter(0), FLEET_POINTS[0]), (fleet_meter(1), FLEET_POINTS[1])]
     if postgresql:
@@ -402,22 +411,22 @@ def target_line(runs: list[dict[str, Any]]) -> str:
 def render(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         HEADING, "",
-        "`python -m benchmarks.run --only reads [--postgres URL] --merge` (`benchmarks/reads.py`): a store filled "
-        "in bulk with a month of one-second uploads of one DTU (8 values each) and one-second readings of one "
-        "meter point, plus the last polls of a fleet of meters, the roll-up job run to completion, then the real "
-        "center asked over HTTP: with the API's bearer token at the API's default 1000 points, and with a "
-        "console session's cookie at the widest chart the console draws (4000 points); the fleet's latest "
-        "values in one `GET /api/latest`. Wall seconds until the whole answer was read; the first request "
-        "apart (cold caches), then the median and the slowest of the others. Target: every answer, first ones "
-        "included, under 1 s.", "",
+        ("`python -m benchmarks.run --only reads [--postgres URL] --merge` (`benchmarks/reads.py`): a store filled "
+         "in bulk with a month of one-second uploads of one DTU (8 values each) and one-second readings of one "
+         "meter point, plus the last polls of a fleet of meters, the roll-up job run to completion, then the real "
+         "center asked over HTTP: with the API's bearer token at the API's default 1000 points, and with a "
+         "console session's cookie at the widest chart the console draws (4000 points); the fleet's latest "
+         "values in one `GET /api/latest`. Wall seconds until the whole answer was read; the first request "
+         "apart (cold caches), then the median and the slowest of the others. Target: every answer, first ones "
+         "included, under 1 s."), "",
     ]
     for run in runs:
         lines += [
             f"### {run['database']}", "",
-            f"{run['uploads']:,} uploads and {run['meter_readings']:,} meter readings, {run['fleet']:,} meters of "
-            f"{run['fleet_points']} points; filled in {run['fill_seconds']:.0f} s, {run['rolled_up']:,} rows "
-            f"rolled up in {run['rollup_seconds']:.0f} s; load average up to {run['load']:.1f} on {run['cores']} "
-            "cores while timing.", "",
+            (f"{run['uploads']:,} uploads and {run['meter_readings']:,} meter readings, {run['fleet']:,} meters of "
+             f"{run['fleet_points']} points; filled in {run['fill_seconds']:.0f} s, {run['rolled_up']:,} rows "
+             f"rolled up in {run['rollup_seconds']:.0f} s; load average up to {run['load']:.1f} on {run['cores']} "
+             "cores while timing."), "",
             "| request | answer | first (s) | median (s) | slowest (s) | under 1 s |",
             "|---|---|---:|---:|---:|---|",
         ]

@@ -600,8 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "existing report")
     args = parser.parse_args(argv)
     if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
-        parser.error("--merge takes --only storm, junk, databases, mqtt, cluster and/or reads (or --from-json): the other "
-                     "sections share the Targets summary")
+        parser.error("--merge takes --only storm, junk, databases, mqtt, cluster and/or reads (or --from-json): "
+                     "the other sections share the Targets summary")
     if "cluster" in args.only.split(",") and not args.postgres:
         parser.error("--only cluster needs --postgres URL: the nodes share a PostgreSQL database")
     if args.findings_only:
