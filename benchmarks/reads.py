@@ -112,6 +112,7 @@ def _meter_rows(start: dt.datetime, seconds: int, now: dt.datetime, scale: Reads
 
 
 def fleet_meter(n: int) -> str:
+    """Before METER by name: the first page of ``scale.fleet`` meters is the fleet's."""
     return f"meter-{n:05d}"
 
 
@@ -292,10 +293,10 @@ def time_requests(api_port: int, scale: ReadsScale) -> list[dict[str, Any]]:
         ("console: DTU month chart", console, lambda: dtu + _window(scale.seconds, console_points), _chart_check),
         ("console: meter point month chart", console,
          lambda: meter + _window(scale.seconds, console_points, point=POINT), _chart_check),
-        (f"API: latest values of {scale.fleet:,} meters", api, lambda: f"/api/latest?limit={scale.fleet + 2}",
+        (f"API: latest values of {scale.fleet:,} meters", api, lambda: f"/api/latest?limit={scale.fleet}",
          lambda body: f"{len(body['meters']):,} meters, {sum(len(m['samples']) for m in body['meters']):,} values"),
         (f"console: latest values of {scale.fleet:,} meters", console,
-         lambda: f"/api/latest?limit={scale.fleet + 2}",
+         lambda: f"/api/latest?limit={scale.fleet}",
          lambda body: f"{len(body['meters']):,} meters, {sum(len(m['samples']) for m in body['meters']):,} values"),
     ]
     rows = []
