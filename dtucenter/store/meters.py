@@ -10,10 +10,10 @@ import datetime as dt
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
-from sqlalchemy import Double, Integer, and_, bindparam, column, exists, func, literal_column, or_, select, text, update
+from sqlalchemy import and_, bindparam, exists, func, literal_column, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from dtucenter.setting import MAX_NAME
@@ -402,7 +402,7 @@ _NEWEST_SQLITE = text(
     "SELECT j.key AS n, s.time AS time, s.value AS value FROM json_each(:pairs) AS j "
     "JOIN meter_samples AS s ON s.id = (SELECT x.id FROM meter_samples AS x "
     "WHERE x.meter = j.value ->> 0 AND x.point = j.value ->> 1 ORDER BY x.time DESC LIMIT 1)"
-).columns(column("n", Integer), column("time", UTCDateTime), column("value", Double))
+)
 # On PostgreSQL, whose meter_samples is partitioned by day, the newest partitions are tried first:
 # an unbounded ``ORDER BY time DESC LIMIT 1`` would step into every partition's index (a merge of
 # them all), one bounded below by :recent only into the few it can reach.
@@ -411,7 +411,7 @@ _NEWEST_POSTGRESQL = text(
     "FROM unnest(CAST(:meters AS text[]), CAST(:points AS text[])) WITH ORDINALITY AS p(meter, point, n) "
     "CROSS JOIN LATERAL (SELECT x.time, x.value FROM meter_samples AS x "
     "WHERE x.meter = p.meter AND x.point = p.point AND x.time >= :recent ORDER BY x.time DESC LIMIT 1) AS s"
-).columns(column("n", Integer), column("time", UTCDateTime), column("value", Double))
+)
 #: How far back ``newest_samples`` looks first on PostgreSQL; pairs without a value since then are looked
 #: up again without the bound.
 RECENT = dt.timedelta(days=1)
@@ -422,12 +422,23 @@ def newest_samples(
 ) -> dict[tuple[str, str], tuple[dt.datetime, float | None]]:
     """The newest stored sample (time, value) of each (meter, point) pair that has one."""
     found: dict[tuple[str, str], tuple[dt.datetime, float | None]] = {}
-    postgresql = session.get_bind().dialect.name == "postgresql"
+    dialect = session.get_bind().dialect
+    postgresql = dialect.name == "postgresql"
+    # The times as the column type reads them, each distinct one once: a poll's points share its time.
+    read_time = UTCDateTime().dialect_impl(dialect).result_processor(dialect, None)
+    times: dict[Any, dt.datetime] = {}
+
+    def utc(raw: Any) -> dt.datetime:
+        time = times.get(raw)
+        if time is None:  # the column is NOT NULL: read, it is a datetime
+            time = times[raw] = cast(dt.datetime, raw if read_time is None else read_time(raw))
+        return time
+
     for first in range(0, len(pairs), NEWEST_CHUNK):
         chunk = pairs[first:first + NEWEST_CHUNK]
         if not postgresql:
             rows = session.execute(_NEWEST_SQLITE, {"pairs": json.dumps(chunk)})
-            found.update((chunk[n], (time, value)) for n, time, value in rows)
+            found.update((chunk[n], (utc(time), value)) for n, time, value in rows)
             continue
         for recent in (now - RECENT, None):
             asked = [pair for pair in chunk if pair not in found]
@@ -438,7 +449,7 @@ def newest_samples(
                 "recent": recent or dt.datetime.min.replace(tzinfo=dt.UTC),
             })
             # ORDINALITY counts from 1.
-            found.update((asked[n - 1], (time, value)) for n, time, value in rows)
+            found.update((asked[n - 1], (utc(time), value)) for n, time, value in rows)
     return found
 
 
@@ -462,7 +473,14 @@ def latest_values(
         query = query.where(Meter.link == link)
     if limit is not None:
         query = query.limit(limit)
-    meters = [(name, where, tuple(json.loads(points))) for name, where, points in session.execute(query)]
+    # Meters made from one template share their points' text: each is parsed once.
+    parsed: dict[str, tuple[Mapping[str, Any], ...]] = {}
+    meters = []
+    for name, where, text_of_points in session.execute(query):
+        points = parsed.get(text_of_points)
+        if points is None:
+            points = parsed[text_of_points] = tuple(json.loads(text_of_points))
+        meters.append((name, where, points))
     values = newest_samples(session, [(name, p["name"]) for name, _, points in meters for p in points], now)
     answer = []
     for name, where, points in meters:
