@@ -5,8 +5,9 @@
 
 Fills a store with a month of one-second uploads of one DTU (8 values each,
 2.6 million rows), a month of one-second readings of one meter point (2.6
-million more) and the last polls of a fleet of 10,000 meters of 4 points each,
-in bulk (executemany on SQLite, COPY on PostgreSQL, whose sample tables get
+million more) and the polls of a fleet of 10,000 meters of 4 points each (one a
+day through the month, then the last few a minute apart; one meter in a hundred
+silent for three days), in bulk (executemany on SQLite, COPY on PostgreSQL, whose sample tables get
 their day partitions first, as a center running for the month made them), runs
 the roll-up job's steps to completion, then starts the real center on it and
 times what a client sees over HTTP: the month charts through the API's bearer
@@ -53,6 +54,9 @@ FLEET_POINTS = ("voltage", "current", "power", "energy")
 TARGET_SECONDS = 1.0
 #: Rows per bulk insert.
 CHUNK = 50_000
+#: One fleet meter in this many has had no value for STALE_DAYS: its latest values are older partitions'.
+STALE_EVERY = 100
+STALE_DAYS = 3
 #: Chart points of the API's requests (its default), and of the console's widest chart (its most).
 API_POINTS = 1000
 CONSOLE_POINTS = 4000
@@ -102,13 +106,31 @@ def _meter_rows(start: dt.datetime, seconds: int, now: dt.datetime, scale: Reads
     for first in range(0, seconds, CHUNK):
         yield [(METER, POINT, start + dt.timedelta(seconds=s), float(s % 977))
                for s in range(first, min(first + CHUNK, seconds))]
+    # A poll a day of every fleet meter through the month, so that every day's partition holds them all as a
+    # running fleet's would (PostgreSQL plans a lookup by the number of meters a partition holds), then
+    # the last few polls, a minute apart; but a meter in STALE_EVERY has been silent for STALE_DAYS.
+    days = max(1, scale.seconds // 86400)
     fleet: list[tuple[Any, ...]] = []
+    for day in range(days):
+        for n in range(scale.fleet):
+            if _stale(n, scale) and day >= days - STALE_DAYS:
+                continue
+            time = start + dt.timedelta(days=day, seconds=n % 86400)
+            fleet.extend((fleet_meter(n), point, time, float(n + k + day)) for k, point in enumerate(FLEET_POINTS))
+            if len(fleet) >= CHUNK:
+                yield fleet
+                fleet = []
     for poll in range(scale.fleet_polls):
         time = now - dt.timedelta(seconds=5 + 60 * (scale.fleet_polls - 1 - poll))
         fleet.extend((fleet_meter(n), point, time, float(n + k + poll))
-                     for n in range(scale.fleet) for k, point in enumerate(FLEET_POINTS))
+                     for n in range(scale.fleet) if not _stale(n, scale) for k, point in enumerate(FLEET_POINTS))
     for first in range(0, len(fleet), CHUNK):
         yield fleet[first:first + CHUNK]
+
+
+def _stale(n: int, scale: ReadsScale) -> bool:
+    """Whether fleet meter ``n`` stopped answering STALE_DAYS ago (only in a store of more days than that)."""
+    return scale.seconds // 86400 > STALE_DAYS and n % STALE_EVERY == STALE_EVERY - 1
 
 
 def fleet_meter(n: int) -> str:
@@ -422,7 +444,8 @@ def render(runs: list[dict[str, Any]]) -> list[str]:
         HEADING, "",
         ("`python -m benchmarks.run --only reads [--postgres URL] --merge` (`benchmarks/reads.py`): a store filled "
          "in bulk with a month of one-second uploads of one DTU (8 values each) and one-second readings of one "
-         "meter point, plus the last polls of a fleet of meters, the roll-up job run to completion, then the real "
+         "meter point, plus a fleet of meters polled once a day through the month and a minute apart at its end "
+         "(one in a hundred silent for three days), the roll-up job run to completion, then the real "
          "center asked over HTTP: with the API's bearer token at the API's default 1000 points, and with a "
          "console session's cookie at the widest chart the console draws (4000 points); the fleet's latest "
          "values in one `GET /api/latest`. Wall seconds until the whole answer was read; the first request "

@@ -413,7 +413,7 @@ _NEWEST_POSTGRESQL = text(
     "WHERE x.meter = p.meter AND x.point = p.point AND x.time >= :recent ORDER BY x.time DESC LIMIT 1) AS s"
 )
 #: How far back ``newest_samples`` looks first on PostgreSQL; pairs without a value since then are looked
-#: up again without the bound.
+#: up again without the bound, one statement each.
 RECENT = dt.timedelta(days=1)
 
 
@@ -440,16 +440,23 @@ def newest_samples(
             rows = session.execute(_NEWEST_SQLITE, {"pairs": json.dumps(chunk)})
             found.update((chunk[n], (utc(time), value)) for n, time, value in rows)
             continue
-        for recent in (now - RECENT, None):
-            asked = [pair for pair in chunk if pair not in found]
-            if not asked:
-                break
-            rows = session.execute(_NEWEST_POSTGRESQL, {
-                "meters": [m for m, _ in asked], "points": [p for _, p in asked],
-                "recent": recent or dt.datetime.min.replace(tzinfo=dt.UTC),
-            })
-            # ORDINALITY counts from 1.
-            found.update((asked[n - 1], (utc(time), value)) for n, time, value in rows)
+        rows = session.execute(_NEWEST_POSTGRESQL, {
+            "meters": [m for m, _ in chunk], "points": [p for _, p in chunk], "recent": now - RECENT})
+        # ORDINALITY counts from 1.
+        found.update((chunk[n - 1], (utc(time), value)) for n, time, value in rows)
+        # A point silent for longer (a meter failing for days, one taken away): each its own statement, whose
+        # values the planner sees. Unbounded, the lateral join above is planned for any pair alike (a
+        # partition's rows over its number of meters), and where a partition holds few meters it walks
+        # that partition's (time, id) index backwards, past every row of the others, in every partition.
+        for pair in chunk:
+            if pair not in found:
+                newest = session.execute(
+                    select(MeterSample.time, MeterSample.value)
+                    .where(MeterSample.meter == pair[0], MeterSample.point == pair[1])
+                    .order_by(MeterSample.time.desc()).limit(1)
+                ).first()
+                if newest is not None:
+                    found[pair] = (newest.time, newest.value)
     return found
 
 
