@@ -34,10 +34,12 @@ from benchmarks.run import FULL, run_ingest_step
 class Scraper(threading.Thread):
     """GETs /metrics every ``interval`` seconds until stopped; keeps how long each scrape took."""
 
-    def __init__(self, url: str, interval: float) -> None:
+    def __init__(self, url: str, interval: float, tolerant: bool = False) -> None:
+        """``tolerant``: a scrape that finds nobody listening (the center not up yet, or gone) is skipped."""
         super().__init__(name="scraper", daemon=True)
         self.url = url
         self.interval = interval
+        self.tolerant = tolerant
         self.durations: list[float] = []
         self.sizes: list[int] = []
         self._stopping = threading.Event()
@@ -45,8 +47,13 @@ class Scraper(threading.Thread):
     def run(self) -> None:
         while not self._stopping.wait(self.interval):
             started = time.monotonic()
-            with urllib.request.urlopen(self.url, timeout=PATIENCE) as response:
-                self.sizes.append(len(response.read()))
+            try:
+                with urllib.request.urlopen(self.url, timeout=PATIENCE) as response:
+                    self.sizes.append(len(response.read()))
+            except OSError:  # urllib's URLError too
+                if not self.tolerant:
+                    raise
+                continue
             self.durations.append(time.monotonic() - started)
 
     def stop(self) -> None:

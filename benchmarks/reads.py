@@ -50,6 +50,8 @@ PSN = 1
 METER = "month-meter"
 POINT = "power"
 FLEET_POINTS = ("voltage", "current", "power", "energy")
+#: How the Targets list's line of the scenario starts (``--merge`` replaces it).
+TARGET_PREFIX = "- Month charts of a DTU and a meter point"
 #: Every answer below this many seconds meets the target.
 TARGET_SECONDS = 1.0
 #: Rows per bulk insert.
@@ -434,7 +436,7 @@ def target_line(runs: list[dict[str, Any]]) -> str:
     worst = max((max(row["first"], row["max"]), row["request"], run["database"])
                 for run in runs for row in run["requests"] if row["target"])
     verdict = "**met**" if met(runs) else "**missed**"
-    return (f"- Month charts of a DTU and a meter point ({runs[0]['uploads']:,} rows each) and the latest values "
+    return (f"{TARGET_PREFIX} ({runs[0]['uploads']:,} rows each) and the latest values "
             f"of {runs[0]['fleet']:,} meters over HTTP in under 1 s, on {' and '.join(r['database'] for r in runs)}: "
             f"{verdict}: the slowest, {worst[1]} on {worst[2]}, {worst[0]:.3f} s")
 

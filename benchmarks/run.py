@@ -1,6 +1,6 @@
 """The load benchmark: the real center (twistd, SQLite in a temp dir) against dtucenter-sim.
 
-    python -m benchmarks.run                 # full scale, rewrites docs/performance.md (about 15 minutes)
+    python -m benchmarks.run                 # full scale, rewrites docs/performance.md (about 10 minutes)
     python -m benchmarks.run --smoke --out /tmp/perf.md   # seconds, every scenario at a tiny scale; the tests run this
     python -m benchmarks.run --only storm --merge      # one scenario, its section replaced in docs/performance.md
     python -m benchmarks.run --only junk --merge       # likewise the junk flood (also --only storm,junk)
@@ -91,7 +91,7 @@ FULL = Scale(
     hold=(1000, 10000, 19000), hold_idle=15.0, settle=2.0, ingest_dtus=1000,
     ingest_rates=(2000, 5000, 8000, 9500, 11000, 12500, 14000, 17000, 20000, 24000),
     warmup=5.0, measure=10.0, profile_seconds=15.0, modbus_dtus=1000, modbus_warmup=5.0, modbus_seconds=20.0,
-    connect_rate=2000, storm=StormScale(dtus=10_000, storms=5, bound=60.0, backlogs=(None, 50)),
+    connect_rate=2000, storm=StormScale(dtus=19_000, storms=3, bound=60.0, backlogs=(None,)),
 )
 #: Every scenario end to end (one step each), as briefly as still yields a number: the tests run it.
 SMOKE = Scale(
@@ -515,6 +515,7 @@ def run_storm(workdir: Path, scale: Scale, backlog: int | None, log: Callable[[s
             time.sleep(scale.settle)
             rss_before, overflows_before = rss_bytes(center.pid), _listen_overflows()
             before = reader.next(sim)
+            cpu_before = cpu_seconds(center.pid), cpu_seconds(sim.pid)
             os.kill(sim.pid, signal.SIGUSR1)
             # Redials wait out a backoff of at least 1 s: this snapshot precedes every new login.
             dropped = _wait_for(reader, sim, lambda snap, n=number: snap["counts"].get("drop_all", 0) >= n)
@@ -528,6 +529,7 @@ def run_storm(workdir: Path, scale: Scale, backlog: int | None, log: Callable[[s
             at_bound = _wait_for(reader, sim, back)
             lost = storm.dtus - at_bound["logged_in"] if at_bound["logged_in"] < storm.dtus else 0
             everyone = at_bound if not lost else _wait_logged_in(reader, sim, storm.dtus)
+            cpu_after = cpu_seconds(center.pid), cpu_seconds(sim.pid)
             time.sleep(scale.settle)
             overflows_after = _listen_overflows()
             counts_a, counts_b = before["counts"], reader.next(sim)["counts"]
@@ -539,6 +541,8 @@ def run_storm(workdir: Path, scale: Scale, backlog: int | None, log: Callable[[s
                 "listen_overflows": {name: overflows_after[name] - overflows_before.get(name, 0)
                                      for name in overflows_after},
                 "rss_before": rss_before, "rss_after": rss_bytes(center.pid),
+                # From before the drop until every DTU was back: the center's and the simulator's own CPU.
+                "center_cpu": cpu_after[0] - cpu_before[0], "sim_cpu": cpu_after[1] - cpu_before[1],
             }
             rows.append(row)
             log(f"  backlog {label}: {report.storm_line(row, storm.dtus)}")
@@ -576,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny scale, seconds (for CI)")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm,junk,mqtt,reads",
+    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm,junk,mqtt,features,reads",
                         help="comma-separated scenarios to run (default all but databases, which runs with "
                              "--db; also: databases)")
     parser.add_argument("--profile-rate", type=int, default=None,
@@ -600,8 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "existing report")
     args = parser.parse_args(argv)
     if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
-        parser.error("--merge takes --only storm, junk, databases, mqtt, cluster and/or reads (or --from-json): "
-                     "the other sections share the Targets summary")
+        parser.error("--merge takes --only storm, junk, databases, mqtt, cluster, features and/or reads "
+                     "(or --from-json): the other sections share the Targets summary")
     if "cluster" in args.only.split(",") and not args.postgres:
         parser.error("--only cluster needs --postgres URL: the nodes share a PostgreSQL database")
     if args.findings_only:
@@ -627,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
                                "storm": [], "junk_flood": None, "databases": [], "mqtt": None,
-                               "cluster": None, "reads": None}
+                               "cluster": None, "features": None, "reads": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -664,6 +668,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"  {report.junk_flood_line(results['junk_flood'])}")
         if "mqtt" in only:
             results["mqtt"] = run_mqtt(_fresh(workroot, "mqtt"), scale, log)
+        if "features" in only:
+            from benchmarks.features import run_features  # it builds on this module's scenarios
+
+            results["features"] = run_features(_fresh(workroot, "features"), scale, log)
         if "cluster" in only:
             log("cluster")
             results["cluster"] = cluster.run_cluster(

@@ -475,13 +475,7 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
 
 def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: MeterRecorder, reactor: Any) -> None:
     """Publishing to the broker: a service that hears the event hub, keeping its backlog in the store."""
-    import importlib.util
-
     from dtucenter.isotime import utc_now
-
-    # paho runs in the worker process (dtucenter/mqtt/worker.py), not here: asked for by name, not imported.
-    if importlib.util.find_spec("paho") is None:
-        raise UsageError(f"{settings.where('mqtt.url')}: needs paho-mqtt: pip install 'dtucenter[mqtt]'")
     from dtucenter.mqtt.client import BrokerConnection
     from dtucenter.mqtt.messages import Composer
     from dtucenter.mqtt.publisher import MqttPublisher

@@ -17,7 +17,7 @@ from dtucenter.events import DtuOnline, EventHub, LinkUp, MeterFailed, MeterRead
 from dtucenter.mqtt import frames
 from dtucenter.mqtt import publisher as publisher_module
 from dtucenter.mqtt.config import Broker, MqttSettings, parse_broker_url
-from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Extra, Message
+from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Entry, Extra, Message, ValueRun, rows_of
 from dtucenter.mqtt.publisher import BacklogRow, Found, MqttPublisher
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
@@ -72,8 +72,8 @@ class FakeConnection:
               on_delivered: Callable[[int], None]) -> None:
         self.up, self.down, self.delivered = on_up, on_down, on_delivered
 
-    def send(self, messages: list[tuple[int, Message]]) -> None:
-        self.sent += messages
+    def send(self, entries: list[Entry]) -> None:
+        self.sent += [(seq, Message(*message)) for entry in entries for seq, *message in rows_of(entry)]
 
     def stop(self) -> Deferred[None]:
         self.stopped = True
@@ -136,16 +136,18 @@ def test_what_was_outstanding_when_the_connection_dropped_goes_first() -> None:
     r = rig()
     assert r.connection.up is not None and r.connection.down is not None and r.connection.delivered is not None
     r.connection.up()
-    r.upload(1, 2, 3)
+    r.upload(1, 2, 3)  # one run of three messages, delivered in part
     r.connection.delivered(1)
     r.connection.down("gone")
     assert [row[0] for row in r.backlog.rows] == [2, 3]
+    assert r.publisher.stats.delivered == 1
     r.upload(4)
     r.connection.sent.clear()
     r.connection.up()
     r.connection.deliver_all()
     r.connection.deliver_all()
     assert r.values_sent() == [2, 3, 4] and r.backlog.rows == []
+    assert (r.publisher.stats.published, r.publisher.stats.delivered) == (4, 4)
     stop(r)
 
 
@@ -231,9 +233,13 @@ def test_stopping_keeps_what_was_not_delivered() -> None:
 def test_topics_and_payloads() -> None:
     composer = Composer(MqttSettings(url="mqtt://b", topic="x/{account}/{kind}/{device}/{point}", qos=0))
     directory = Directory({("dtu", 5): "a/b", ("meter", "m#1"): "acme", ("link", "l"): "acme"}, {5: ((1, 2), (3, 4))})
-    (first, second) = composer.messages(UploadStored(5, T0, (7, -8)), directory)
-    assert first == Message("x/a_b/dtu/5/1-2", b'{"time":"2026-11-30T12:00:00+00:00","value":7}', 0, True)
-    assert second.topic == "x/a_b/dtu/5/3-4"
+    # An upload is one run of messages, a message per value, made by the worker process (rows_of).
+    (run,) = composer.messages(UploadStored(5, T0, (7, -8)), directory)
+    assert isinstance(run, ValueRun)
+    assert rows_of((41, *run)) == [
+        (41, "x/a_b/dtu/5/1-2", b'{"time":"2026-11-30T12:00:00+00:00","value":7}', 0, True),
+        (42, "x/a_b/dtu/5/3-4", b'{"time":"2026-11-30T12:00:00+00:00","value":-8}', 0, True),
+    ]
     read = composer.messages(MeterRead("m#1", T0, {"v/1": 1.5, "bad": float("nan"), "on": True}), directory)
     assert [(m.topic, m.payload) for m in read] == [
         ("x/acme/meter/m_1/v_1", b'{"time": "2026-11-30T12:00:00+00:00", "value": 1.5}'),
@@ -433,8 +439,8 @@ def test_the_worker_connection_writes_once_a_turn_and_restarts_a_dead_worker() -
 
     worker.outReceived(frames.encode(("up", 1)))
     assert writes[1:] == [[("birth", 1, (0, "center", b"on", 1, True))]] and heard == ["up"]
-    connection.send([(1, Message("a", b"1", 1, False))])
-    connection.send([(2, Message("b", b"2", 1, False)), (3, Message("c", b"3", 1, False))])
+    connection.send([(1, "a", b"1", 1, False)])
+    connection.send([(2, "b", b"2", 1, False), (3, "c", b"3", 1, False)])
     assert len(writes) == 2  # nothing written until the turn ends
     reactor.advance(0)
     assert writes[2] == [("send", [(1, [(1, "a", b"1", 1, False)]), (1, [(2, "b", b"2", 1, False),
@@ -444,7 +450,7 @@ def test_the_worker_connection_writes_once_a_turn_and_restarts_a_dead_worker() -
     worker.outReceived(stream[5:])
     assert heard == ["up", 3]  # a chunk's run of acks told once
 
-    connection.send([(4, Message("d", b"4", 1, False))])
+    connection.send([(4, "d", b"4", 1, False)])
     worker.processEnded(Failure(ProcessTerminated(signal=9)))
     assert heard[2].startswith("the MQTT worker process")  # type: ignore[union-attr]
     assert connection.pid is None and len(reactor.workers) == 1
@@ -453,7 +459,7 @@ def test_the_worker_connection_writes_once_a_turn_and_restarts_a_dead_worker() -
     reactor.advance(RESTART_FIRST)
     assert connection.starts == 2
     second, second_writes = reactor.workers[1]
-    connection.send([(4, Message("d", b"4", 1, False))])  # before the new worker is up: meant for no connection
+    connection.send([(4, "d", b"4", 1, False)])  # before the new worker is up: meant for no connection
     stopped = connection.stop()
     assert [frame[0] for chunk in second_writes for frame in chunk] == ["config", "stop"]
     assert not stopped.called

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from dtucenter.discovery import DTU, PendingBook, PendingDevice
 from dtucenter.dtu import wire
-from dtucenter.dtu.ports import DtuRecords, LoginOutcome, SampleRow
+from dtucenter.dtu.ports import DtuRecords, LoginAttempt, LoginOutcome, SampleRow
 from dtucenter.events import DtuOffline, DtuOnline, EventHub, UploadStored
 from dtucenter.isotime import utc_from_millisecond, utc_from_seconds, utc_now
 from dtucenter.junk import DEFAULT_JUNK_LIMIT, DEFAULT_JUNK_WINDOW, DEFAULT_REPORT_INTERVAL, ProblemSummary
@@ -134,6 +134,10 @@ class _Mismatch:
 #: PSNs listed by ``DTUCenter.mismatched_psns`` at most: the status must stay small in a bad fleet.
 MISMATCHED_PSNS_SHOWN = 100
 
+#: Logins (or offline marks) in one store call at most: each locks its DTU's row until the commit, which
+#: the other nodes of a cluster may wait for (the store's MAX_BATCH_JOBS says the same of jobs).
+MAX_LOGINS_PER_CALL = 1000
+
 
 @attrs.frozen
 class LoginDecision:
@@ -238,6 +242,12 @@ class DTUCenter(Service):
         self._seen: dict[int, float] = {}
         self._seen_writer = LoopingCall(self._write_last_seen)
         self._seen_writer.clock = clock
+        #: Logins and offline marks waiting for the store call in flight (one at a time): what arrives
+        #: meanwhile goes in the next one, so a storm of logins costs a few store calls, not one each.
+        self._logins_queued: list[tuple[LoginAttempt, Deferred[LoginOutcome]]] = []
+        self._offline_queued: dict[int, dt.datetime] = {}
+        self._logins_in_flight = False
+        self._offline_calls_in_flight = 0
         self.started: dt.datetime | None = None
         #: Encoded once: at thousands of acks a second, encoding each showed in the profile.
         self.ack_frames = wire.send_test_ack_frames(settings.dialect)
@@ -293,11 +303,74 @@ class DTUCenter(Service):
             # must not cost a database job every few seconds.
             self.stats["logins_throttled"] += 1
             return succeed(THROTTLED)
-        outcome = self.records.authenticate(
-            login.psn, login.password, login.pname, login.cur_ver, login.ccid,
-            remote=session.peer, now=self.now(), enroll_unknown=self.settings.enroll_unknown,
-        )
+        outcome = self._login_outcome(session, login, self.settings.enroll_unknown)
         return Deferred.fromCoroutine(self._decided(outcome, session, login))
+
+    # -- the store's side of logins: batched -------------------------------------------
+
+    def _login_outcome(self, session: DTUSession, login: wire.Login, enroll_unknown: bool) -> Deferred[LoginOutcome]:
+        """The store's decision on ``login``, in the next store call for logins."""
+        decided: Deferred[LoginOutcome] = Deferred()
+        attempt = (login.psn, login.password, login.pname, login.cur_ver, login.ccid, session.peer, enroll_unknown)
+        self._logins_queued.append((attempt, decided))
+        self._send_logins()
+        return decided
+
+    def _mark_offline(self, psn: int, last_seen: dt.datetime) -> None:
+        self._offline_queued[psn] = last_seen
+        self._send_logins()
+
+    def _send_logins(self) -> None:
+        """The queued logins in one store call, unless one is in flight (its end sends the next); likewise
+        the queued offline marks.
+
+        Offline marks queued before a login go to the store before it, also when another call of
+        marks is still in flight: a mark is the DTU's older connection's, and must not undo the
+        newer login's online flag.
+        """
+        logins_now = bool(self._logins_queued) and not self._logins_in_flight
+        if self._offline_queued and (logins_now or not self._offline_calls_in_flight):
+            queued, self._offline_queued = list(self._offline_queued.items()), {}
+            for start in range(0, len(queued), MAX_LOGINS_PER_CALL):
+                marks = dict(queued[start : start + MAX_LOGINS_PER_CALL])
+                self._offline_calls_in_flight += 1
+                self.records.mark_offline_many(marks).addErrback(
+                    self._not_marked_offline, len(marks)).addBoth(self._offline_sent)
+        if logins_now:
+            batch = self._logins_queued[:MAX_LOGINS_PER_CALL]
+            del self._logins_queued[:MAX_LOGINS_PER_CALL]
+            self._logins_in_flight = True
+            Deferred.fromCoroutine(self._decide_logins(batch)).addBoth(self._logins_sent)
+
+    @staticmethod
+    def _not_marked_offline(failure: Failure, count: int) -> None:
+        log.failure("Could not mark {count} DTUs offline", failure, count=count)
+
+    def _offline_sent(self, _: object) -> None:
+        self._offline_calls_in_flight -= 1
+        self._send_logins()
+
+    def _logins_sent(self, _: object) -> None:
+        self._logins_in_flight = False
+        self._send_logins()
+
+    async def _decide_logins(self, batch: list[tuple[LoginAttempt, Deferred[LoginOutcome]]]) -> None:
+        """Each login of ``batch`` gets its outcome, in order; if the store call fails, each is
+        decided again alone, so that one bad login fails only its own DTU."""
+        try:
+            outcomes = await self.records.authenticate_many([attempt for attempt, _ in batch], self.now())
+        except Exception:
+            failure = Failure()
+            if len(batch) == 1:
+                batch[0][1].errback(failure)
+                return
+            log.info("Could not decide {count} logins together ({error}); deciding each alone",
+                     count=len(batch), error=failure.getErrorMessage())
+            for attempt, decided in batch:
+                Deferred.fromCoroutine(self._decide_logins([(attempt, decided)]))
+            return
+        for (_, decided), outcome in zip(batch, outcomes, strict=True):
+            decided.callback(outcome)
 
     async def _decided(
         self, outcome: Awaitable[LoginOutcome], session: DTUSession, login: wire.Login
@@ -382,10 +455,7 @@ class DTUCenter(Service):
         if held is None:
             return
         session, login, decided = held
-        outcome = self.records.authenticate(
-            login.psn, login.password, login.pname, login.cur_ver, login.ccid,
-            remote=session.peer, now=self.now(), enroll_unknown=False,
-        )
+        outcome = self._login_outcome(session, login, enroll_unknown=False)
         Deferred.fromCoroutine(self._decided(outcome, session, login)).chainDeferred(decided)
 
     def _forgotten(self, device: PendingDevice) -> None:
@@ -414,11 +484,6 @@ class DTUCenter(Service):
             return
         self.stats["sessions_replaced"] += 1
         session.abort(reason)
-
-    def _mark_offline(self, psn: int, last_seen: dt.datetime) -> None:
-        self.records.mark_offline(psn, last_seen).addErrback(
-            lambda f: log.failure("Could not mark DTU {psn} offline", f, psn=psn)
-        )
 
     def seen(self, psn: int, when: float) -> None:
         self._seen[psn] = when

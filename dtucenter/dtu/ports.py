@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -29,6 +29,10 @@ SampleRow = tuple[int, dt.datetime, int, bytes, "bytes | None"]
 
 #: A register list as stored: (dev, addr) per position.
 DevAddrPairs = tuple[tuple[int, int], ...]
+
+#: One login for the store to decide: PSN, PASS, PName, CurVer, CCID, the peer it came from,
+#: and whether an unknown PSN is enrolled.
+LoginAttempt = tuple[int, int, str, int, str, str, bool]
 
 
 class LoginParameters(Protocol):
@@ -71,11 +75,11 @@ class LoginOutcome(Protocol):
 class DtuRecords(Protocol):
     """The store as the center and the command queues use it."""
 
-    def authenticate(
-        self, psn: int, password: int, pname: str, version: int, ccid: str,
-        remote: str, now: dt.datetime, enroll_unknown: bool,
-    ) -> Awaitable[LoginOutcome]:
-        """Check a login (enrolling an unknown PSN if asked); when accepted, record it and mark the DTU online.
+    def authenticate_many(
+        self, attempts: Sequence[LoginAttempt], now: dt.datetime
+    ) -> Awaitable[Sequence[LoginOutcome]]:
+        """Check logins, in order, in one store call (enrolling an unknown PSN if its attempt says so);
+        when accepted, record each and mark its DTU online. Fires with one outcome per attempt.
 
         A Deferred in fact; Awaitable because it is covariant, so that the store's own record type
         (which has these fields but cannot name this module) satisfies the return type.
@@ -86,7 +90,8 @@ class DtuRecords(Protocol):
 
     def replace_register_list(self, psn: int, send_test_time: int, registers: DevAddrPairs) -> Deferred[None]: ...
 
-    def mark_offline(self, psn: int, last_seen: dt.datetime) -> Deferred[None]: ...
+    def mark_offline_many(self, last_seen: Mapping[int, dt.datetime]) -> Deferred[None]:
+        """These DTUs' connections went away, each last seen at its time: one store call for them all."""
 
     def mark_left_over_offline(self, now: dt.datetime) -> Deferred[int]:
         """At start: no connection survives a restart, so the DTUs this center's last run left

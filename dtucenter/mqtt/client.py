@@ -1,8 +1,8 @@
-"""The connection to the broker, as the center sees it: a worker process that owns the paho-mqtt client.
+"""The connection to the broker, as the center sees it: a worker process that owns it.
 
-paho costs tens of microseconds of CPU per QoS 1 message; in a thread of the
-center that CPU is taken under the center's GIL, from ingest. So the client
-runs in a child process (:mod:`dtucenter.mqtt.worker`), and the reactor only
+Publishing costs CPU per message (encoding, socket writes, reading the
+broker's acks); in a thread of the center that CPU is taken under the center's
+GIL, from ingest. So the client runs in a child process (:mod:`dtucenter.mqtt.worker`), and the reactor only
 writes frames to its stdin and reads frames from its stdout
 (:mod:`dtucenter.mqtt.frames`): never a blocking call, one write per reactor
 turn for every message handed over in it, and the acks come back as one
@@ -41,8 +41,8 @@ from twisted.python.failure import Failure
 
 from dtucenter.mqtt.config import Broker, MqttSettings
 from dtucenter.mqtt.frames import FrameError, FrameReader, encode
-from dtucenter.mqtt.messages import Message
-from dtucenter.mqtt.publisher import BacklogRow, backlog_row
+from dtucenter.mqtt.messages import Entry, Message
+from dtucenter.mqtt.publisher import backlog_row
 
 log = Logger()
 
@@ -55,9 +55,6 @@ STOP_TIMEOUT = 15.0
 MAX_ERROR_LINE = 8192
 #: The directory that holds the ``dtucenter`` package.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-
-Numbered = tuple[int, Message]
-
 
 class _WorkerProtocol(ProcessProtocol):
     """One worker process: frames out on its stdin, frames in from its stdout, its stderr logged."""
@@ -105,7 +102,7 @@ class BrokerConnection:
         self._center_status = center_status
         self._last_will = last_will
         #: Batches handed over in this reactor turn, each with the connection it was meant for.
-        self._outbox: list[tuple[int, list[BacklogRow]]] = []
+        self._outbox: list[tuple[int, list[Entry]]] = []
         self._flush_call: IDelayedCall | None = None
         #: The worker's connection the publisher was last told is up; 0: none.
         self._told_up = 0
@@ -132,13 +129,13 @@ class BrokerConnection:
         self._on_up, self._on_down, self._on_delivered = on_up, on_down, on_delivered
         self._spawn()
 
-    def send(self, messages: list[Numbered]) -> None:
+    def send(self, entries: list[Entry]) -> None:
         """Publish these after everything sent before; never blocks.
 
         A batch is published only on the connection the publisher last heard was up: one sent
         before the publisher heard of a drop is its to keep, even if the worker has reconnected since.
         """
-        self._outbox.append((self._told_up, [backlog_row(seq, message) for seq, message in messages]))
+        self._outbox.append((self._told_up, entries))
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import attrs
 
@@ -36,12 +37,66 @@ UNKNOWN_ACCOUNT = "-"
 _TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\0": "_"})
 
 
-@attrs.frozen
-class Message:
+class Message(NamedTuple):
+    """A message to publish. A tuple: at a message per value, ingest makes tens of thousands a second."""
+
     topic: str
     payload: bytes
     qos: int
     retain: bool
+
+
+#: A numbered message, as the backlog keeps it and the worker process takes it: (seq, topic, payload, qos, retain).
+Row = tuple[int, str, bytes, int, bool]
+
+
+class ValueRun(NamedTuple):
+    """The messages of a DTU upload with payload = value, one per value, as one record.
+
+    At ingest rates these are most of what is published: the center hands the worker process one record
+    per upload, and each value's payload (``head``, the value, ``}``) is made there, off the center's
+    interpreter lock. Its messages are numbered from the run's first number, in the order of ``values``.
+    """
+
+    topics: tuple[str, ...]
+    head: bytes
+    values: tuple[int, ...]
+    qos: int
+    retain: bool
+
+
+#: What an event is published as: messages, and runs of them.
+Published = Message | ValueRun
+#: A ValueRun numbered: (first seq, topics, head, values, qos, retain).
+RunRow = tuple[int, tuple[str, ...], bytes, tuple[int, ...], int, bool]
+#: What goes to the worker process: a row, or a run of rows.
+Entry = Row | RunRow
+
+
+def last_seq(entry: Entry) -> int:
+    """The number of an entry's last message."""
+    return entry[0] + len(entry[3]) - 1 if len(entry) == 6 else entry[0]
+
+
+def rows_of(entry: Entry) -> list[Row]:
+    """An entry's messages, each a row; a run's payloads made here."""
+    if len(entry) != 6:
+        return [entry]
+    first, topics, head, values, qos, retain = entry
+    return [(seq, topic, b"%s%d}" % (head, value), qos, retain)
+            for seq, topic, value in zip(range(first, first + len(values)), topics, values, strict=True)]
+
+
+@attrs.frozen
+class _DtuNames:
+    """What a DTU's values are published under, while its account, register list and value count hold."""
+
+    account: str
+    registers: tuple[tuple[int, int], ...] | None
+    #: The topic of each value (payload = value).
+    topics: tuple[str, ...]
+    #: ``"name":`` of each value, for JSON objects (payload = batch).
+    keys: tuple[str, ...]
 
 
 @attrs.frozen
@@ -94,8 +149,8 @@ class Composer:
         self._batching = settings.payload == "batch"
         #: With payload = batch: each account's uploads and polls since the last :meth:`flush`, in order.
         self._batches: dict[str, list[str]] = {}
-        #: A DTU's register list (as last seen) and its points' JSON keys, for batches.
-        self._keys: dict[int, tuple[tuple[tuple[int, int], ...] | None, tuple[str, ...]]] = {}
+        #: Each DTU's topics and JSON keys as last composed: formatting a template per value shows at ingest rates.
+        self._names: dict[int, _DtuNames] = {}
 
     def device_of(self, event: Event | Extra) -> DeviceKey | None:
         """The device whose account the directory must know to publish ``event``; None when the
@@ -124,7 +179,7 @@ class Composer:
         topic = self._topic(self._settings.center_topic, "", "center", "center")
         return Message(topic, json.dumps(body).encode(), 1, True)
 
-    def messages(self, event: Event | Extra, directory: Directory) -> list[Message]:
+    def messages(self, event: Event | Extra, directory: Directory) -> list[Published]:
         """The messages of ``event``; with payload = batch, values wait for :meth:`flush` instead."""
         if isinstance(event, AlarmRaised | AlarmCleared):
             # A state, like a device's: whatever was batched before it goes first.
@@ -134,7 +189,7 @@ class Composer:
         account = directory.accounts.get(key, UNKNOWN_ACCOUNT)
         if self._batching:
             if isinstance(event, UploadStored | MeterRead):
-                published: list[Message] = []
+                published: list[Published] = []
                 if isinstance(event, MeterRead) and event.meter in self._failing:
                     self._failing.discard(event.meter)
                     published = [*self.flush(), *self._status(key, account, event.time.isoformat(), state="ok")]
@@ -144,7 +199,7 @@ class Composer:
             return [*self.flush(), *self._messages(event, key, account, directory)]
         return self._messages(event, key, account, directory)
 
-    def flush(self) -> list[Message]:
+    def flush(self) -> list[Published]:
         """With payload = batch, a message per account with what was batched since the last flush."""
         if not self._batches:
             return []
@@ -166,7 +221,7 @@ class Composer:
         time = event.time.isoformat()
         if isinstance(event, UploadStored):
             # Encoded by hand: at ingest rates json.dumps of a dict per upload shows in the profile.
-            keys = self._point_keys(event.psn, len(event.values), directory.registers.get(event.psn))
+            keys = self._dtu_names(event.psn, account, len(event.values), directory.registers.get(event.psn)).keys
             values = ",".join([f"{key}{value}" for key, value in zip(keys, event.values, strict=True)])
             entries.append(f'{{"kind":"dtu","device":"{event.psn}","time":"{time}","values":{{{values}}}}}')
         else:
@@ -176,13 +231,17 @@ class Composer:
                 separators=(",", ":"),
             ))
 
-    def _point_keys(self, psn: int, count: int, registers: tuple[tuple[int, int], ...] | None) -> tuple[str, ...]:
-        """``"name":`` for each value of a DTU's upload, kept per DTU while its register list and count hold."""
-        known = self._keys.get(psn)
-        if known is None or known[0] is not registers or len(known[1]) != count:
-            names = self._points(tuple(range(count)), registers)
-            known = self._keys[psn] = (registers, tuple(json.dumps(name) + ":" for name in names))
-        return known[1]
+    def _dtu_names(self, psn: int, account: str, count: int,
+                   registers: tuple[tuple[int, int], ...] | None) -> _DtuNames:
+        known = self._names.get(psn)
+        if known is None or known.account != account or known.registers is not registers or len(known.keys) != count:
+            points = self._points(tuple(range(count)), registers)
+            known = self._names[psn] = _DtuNames(
+                account, registers,
+                topics=tuple(self._topic(self._settings.topic, account, "dtu", psn, point) for point in points),
+                keys=tuple(json.dumps(point) + ":" for point in points),
+            )
+        return known
 
     @staticmethod
     def _points(values: tuple[int, ...], registers: tuple[tuple[int, int], ...] | None) -> list[str]:
@@ -191,7 +250,8 @@ class Composer:
             return [f"{dev}-{addr}" for dev, addr in registers]
         return [str(position) for position in range(len(values))]
 
-    def _messages(self, event: Event | Extra, key: DeviceKey, account: str, directory: Directory) -> list[Message]:
+    def _messages(self, event: Event | Extra, key: DeviceKey, account: str, directory: Directory
+                  ) -> list[Published]:
         if isinstance(event, Extra):
             topic = self._topic(event.template, account, key[0], key[1], event.point)
             return [Message(topic, json.dumps(event.body).encode(), event.qos, event.retain)]
@@ -227,30 +287,21 @@ class Composer:
 
     def _upload(
         self, event: UploadStored, account: str, registers: tuple[tuple[int, int], ...] | None
-    ) -> list[Message]:
+    ) -> list[Published]:
         time = event.time.isoformat()
         values = event.values
-        points = self._points(values, registers)
         if self._settings.payload == "device":
+            points = self._points(values, registers)
             body = json.dumps({"time": time, "values": dict(zip(points, values, strict=True))})
             topic = self._topic(self._settings.topic, account, "dtu", event.psn, "values")
             return [Message(topic, body.encode(), self._qos, self._retain)]
-        # The hot path at ingest rates: the payloads are ints, formatted without json.
-        template = self._settings.topic
-        device = str(event.psn)
-        return [
-            Message(
-                self._topic(template, account, "dtu", device, point),
-                f'{{"time":"{time}","value":{value}}}'.encode(),
-                self._qos,
-                self._retain,
-            )
-            for point, value in zip(points, values, strict=True)
-        ]
+        # The hot path at ingest rates: topics kept per DTU, the payloads made by the worker (see ValueRun).
+        topics = self._dtu_names(event.psn, account, len(values), registers).topics
+        return [ValueRun(topics, f'{{"time":"{time}","value":'.encode(), values, self._qos, self._retain)]
 
-    def _poll(self, event: MeterRead, account: str) -> list[Message]:
+    def _poll(self, event: MeterRead, account: str) -> list[Published]:
         time = event.time.isoformat()
-        published: list[Message] = []
+        published: list[Published] = []
         if event.meter in self._failing:
             self._failing.discard(event.meter)
             published += self._status(("meter", event.meter), account, time, state="ok")
@@ -268,7 +319,7 @@ class Composer:
             ))
         return published
 
-    def _status(self, key: DeviceKey, account: str, time: str, **fields: object) -> list[Message]:
+    def _status(self, key: DeviceKey, account: str, time: str, **fields: object) -> list[Published]:
         kind, device = key
         if kind == "meter":
             failing = fields.get("state") == "failing"

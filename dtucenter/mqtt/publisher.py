@@ -38,12 +38,25 @@ from twisted.python.failure import Failure
 
 from dtucenter.events import Event, EventHub
 from dtucenter.mqtt.config import MqttSettings
-from dtucenter.mqtt.messages import UNKNOWN_ACCOUNT, Composer, DeviceKey, Directory, Extra, Message
+from dtucenter.mqtt.messages import (
+    UNKNOWN_ACCOUNT,
+    Composer,
+    DeviceKey,
+    Directory,
+    Entry,
+    Extra,
+    Message,
+    Published,
+    Row,
+    ValueRun,
+    last_seq,
+    rows_of,
+)
 
 log = Logger()
 
 #: A message as the backlog keeps it: (seq, topic, payload, qos, retain).
-BacklogRow = tuple[int, str, bytes, int, bool]
+BacklogRow = Row
 #: Devices' account names and DTUs' register lists, as the database tells them.
 Found = tuple[dict[DeviceKey, str], dict[int, tuple[tuple[int, int], ...]]]
 #: Devices looked up in one read at most (a database's limit on a statement's parameters is far above).
@@ -86,17 +99,10 @@ class Connection(Protocol):
     def start(self, on_up: Callable[[], None], on_down: Callable[[str], None],
               on_delivered: Callable[[int], None]) -> None: ...
 
-    def send(self, messages: list[tuple[int, Message]]) -> None: ...
+    def send(self, entries: list[Entry]) -> None:
+        """Publish these numbered messages (rows, and runs of rows) after everything sent before."""
 
     def stop(self) -> Deferred[None]: ...
-
-
-@attrs.define
-class _Outstanding:
-    seq: int
-    message: Message
-    #: In the backlog already (being drained): not appended again when the connection drops.
-    kept: bool
 
 
 @attrs.define
@@ -133,7 +139,15 @@ class MqttPublisher(Service):
         self._waiting = 0  # messages in the backlog, as far as this process knows
         self._direct = False
         self._broker_up = False
-        self._outstanding: deque[_Outstanding] = deque()
+        #: Messages handed to the connection, not yet delivered, in order: rows, and runs of rows.
+        self._outstanding: deque[Entry] = deque()
+        #: How many messages those are, and the number through which the connection said all were delivered.
+        self._outstanding_messages = 0
+        self._through = 0
+        #: Whether those are in the backlog already (being drained), so not appended again when the connection
+        #: drops. Never a mix: a drain starts only when nothing is outstanding, and direct publishing only once a
+        #: drain found the backlog empty.
+        self._outstanding_kept = False
         self._draining = False
         self._drain_through = 0
         self._appends = 0  # appends asked for, to tell whether one came after a drain's read
@@ -197,10 +211,7 @@ class MqttPublisher(Service):
         # what was handed over without word of its delivery (sent again at the next start if it was).
         if self._ready:
             self._compose()
-        left = [backlog_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
-        self._outstanding.clear()
-        if left:
-            self._keep(left)
+        self._keep_outstanding()
         return self._connection.stop()
 
     # -- hearing and composing ---------------------------------------------------
@@ -222,7 +233,7 @@ class MqttPublisher(Service):
 
     def _compose(self) -> None:
         heard, composer, directory = self._heard, self.composer, self.directory
-        messages: list[Message] = []
+        messages: list[Published] = []
         while heard:
             event = heard[0]
             key = composer.device_of(event)
@@ -236,17 +247,27 @@ class MqttPublisher(Service):
         if messages:
             self._route(messages)
 
-    def _route(self, messages: list[Message]) -> None:
-        first = self._next_seq
-        self._next_seq += len(messages)
-        self.stats.published += len(messages)
-        if self._direct and len(self._outstanding) + len(messages) <= MAX_OUTSTANDING:
-            numbered = list(enumerate(messages, first))
-            self._outstanding.extend(_Outstanding(seq, message, False) for seq, message in numbered)
-            self._connection.send(numbered)
+    def _route(self, messages: list[Published]) -> None:
+        entries: list[Entry] = []
+        seq = first = self._next_seq
+        for message in messages:
+            if type(message) is ValueRun:
+                entries.append((seq, *message))
+                seq += len(message.values)
+            else:
+                entries.append((seq, *message))  # a Message: a row
+                seq += 1
+        count = seq - first
+        self._next_seq = seq
+        self.stats.published += count
+        if self._direct and self._outstanding_messages + count <= MAX_OUTSTANDING:
+            self._outstanding.extend(entries)
+            self._outstanding_messages += count
+            self._outstanding_kept = False
+            self._connection.send(entries)
             return
         self._direct = False
-        self._keep([backlog_row(seq, message) for seq, message in enumerate(messages, first)])
+        self._keep([row for entry in entries for row in rows_of(entry)])
 
     # -- the directory -----------------------------------------------------------
 
@@ -354,9 +375,10 @@ class MqttPublisher(Service):
                 self._drain()
             return
         self._drain_through = rows[-1][0]
-        numbered = [(seq, Message(topic, payload, qos, retain)) for seq, topic, payload, qos, retain in rows]
-        self._outstanding.extend(_Outstanding(seq, message, True) for seq, message in numbered)
-        self._connection.send(numbered)
+        self._outstanding.extend(rows)
+        self._outstanding_messages += len(rows)
+        self._outstanding_kept = True
+        self._connection.send(list(rows))
 
     def _drain_failed(self, failure: Failure) -> None:
         self._draining = False
@@ -380,17 +402,29 @@ class MqttPublisher(Service):
         self._broker_up = False
         self._direct = False
         self._draining = False
-        left = [backlog_row(entry.seq, entry.message) for entry in self._outstanding if not entry.kept]
-        self._outstanding.clear()
-        if left:
-            self._keep(left)
+        self._keep_outstanding()
+
+    def _keep_outstanding(self) -> None:
+        """What was handed over without word of its delivery goes to the backlog, unless it is there already."""
+        left, self._outstanding = self._outstanding, deque()
+        self._outstanding_messages = 0
+        if left and not self._outstanding_kept:
+            # A run may have been delivered in part.
+            self._keep([row for entry in left for row in rows_of(entry) if row[0] > self._through])
 
     def _delivered(self, seq: int) -> None:
-        outstanding = self._outstanding
+        outstanding, through = self._outstanding, self._through
         count = 0
-        while outstanding and outstanding[0].seq <= seq:
+        while outstanding:
+            entry = outstanding[0]
+            first, last = max(entry[0], through + 1), last_seq(entry)
+            if last > seq:  # a run delivered in part, or not yet delivered
+                count += max(seq - first + 1, 0)
+                break
+            count += max(last - first + 1, 0)
             outstanding.popleft()
-            count += 1
+        self._through = max(through, seq)
+        self._outstanding_messages -= count
         self.stats.delivered += count
         if self._draining and seq >= self._drain_through:
             self._draining = False

@@ -1,4 +1,4 @@
-"""The MQTT worker process: the paho-mqtt client, off the center's process and its GIL.
+"""The MQTT worker process: the broker's connection, off the center's process and its GIL.
 
 Started by :class:`dtucenter.mqtt.client.BrokerConnection` as
 ``python -m dtucenter.mqtt.worker``; it speaks :mod:`dtucenter.mqtt.frames`
@@ -6,8 +6,9 @@ on its stdin (from the center) and stdout (to it), and writes only unexpected
 trouble to stderr, which the center logs.
 
 From the center: first ``("config", settings, broker, last_will)``, then
-``("send", [(connection, rows), ...])`` (numbered messages, each batch with
-the connection it was meant for), ``("birth", connection, row)`` (the
+``("send", [(connection, entries), ...])`` (numbered messages, each batch with
+the connection it was meant for; an entry is a row or a run of rows, see
+:class:`dtucenter.mqtt.messages.ValueRun`), ``("birth", connection, row)`` (the
 center's status, said first on a new connection) and ``("stop", row)`` (the
 goodbye: said, its ack and the last messages' acks awaited, then the worker
 disconnects and exits). A row is ``(seq, topic, payload, qos, retain)``.
@@ -16,19 +17,28 @@ To the center: ``("up", connection)``, ``("down", reason)`` and
 ``("delivered", seq)``: every message up to ``seq`` was delivered (PUBACK for
 QoS 1, written to the socket for QoS 0).
 
-A new paho client is made for each connection, so a message is never re-sent
-by paho behind the center's back: what was not delivered when the connection
-dropped is the center's to keep, in order, and a batch handed over for one
-connection is never published on the next. The worker ends when its stdin
-ends (the center is gone) without saying goodbye, so that the broker says the
-center's last will; on Linux the kernel also kills it when the center dies.
+It speaks MQTT itself (:mod:`dtucenter.mqtt.packets`) rather than through
+paho-mqtt: at a message per value, ingest rates mean tens of thousands of
+messages a second, and paho's tens of microseconds of Python per message were
+more than the center spends on the upload they come from (docs/performance.md,
+"MQTT"). Here what the center hands over in one frame goes out in one socket
+write, and the broker's PUBACKs are taken a read at a time.
+
+Nothing is re-sent behind the center's back: what was not delivered when a
+connection dropped is the center's to keep, in order, and a batch handed over
+for one connection is never published on the next (each connection starts a
+clean session). The worker ends when its stdin ends (the center is gone)
+without saying goodbye, so that the broker says the center's last will; on
+Linux the kernel also kills it when the center dies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -36,31 +46,214 @@ import time
 from collections import deque
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.reasoncodes import ReasonCode
-
+from dtucenter.mqtt import packets
 from dtucenter.mqtt.config import Broker, MqttSettings
 from dtucenter.mqtt.frames import FrameError, FrameReader, encode
+from dtucenter.mqtt.messages import rows_of
 
 #: Seconds before reconnecting after a failure, doubling up to RETRY_MAX.
 RETRY_FIRST = 0.5
 RETRY_MAX = 10.0
-#: Seconds the network loop waits for the socket when there is nothing to send.
-IDLE_WAIT = 0.05
+#: Seconds the network loop waits at most when there is nothing to do (the center's frames wake it).
+IDLE_WAIT = 1.0
 #: Seconds between "delivered" tells at most, so that acks cost the center a wake-up per batch, not per message.
 TELL_INTERVAL = 0.01
-#: Seconds a connection attempt has to be answered (CONNACK).
+#: Seconds a connection attempt has to be answered (TCP, TLS and CONNACK each).
 CONNECT_TIMEOUT = 10.0
-#: QoS 1 messages on their way at once; paho queues more and sends them as acks come.
+#: Messages on their way at once (written, not yet acknowledged), unless the broker allows fewer (MQTT 5).
 MAX_INFLIGHT = 1000
 #: Seconds a stopping center waits for its last messages' acks.
 STOP_WAIT = 5.0
-#: Bytes read from the center's pipe at a time.
+#: Bytes read from the center's pipe, and from the broker, at a time.
 READ_SIZE = 1 << 20
+#: Seconds between the lines that say how many messages the broker refused or could not take.
+SUMMARY_INTERVAL = 60.0
 
 #: A message as the center hands it over: (seq, topic, payload, qos, retain).
 Row = tuple[int, str, bytes, int, bool]
+
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class Lost(Exception):
+    """The connection ended; the message says why."""
+
+
+class Link:
+    """One connection to the broker, once it accepted CONNECT: what was written, what is acknowledged."""
+
+    def __init__(self, sock: socket.socket, reader: packets.PacketReader, accepted: packets.ConnAck,
+                 level: int, keepalive: int) -> None:
+        self._sock = sock
+        self._reader = reader
+        self._v5 = level == 5
+        self.window = min(MAX_INFLIGHT, accepted.receive_maximum or MAX_INFLIGHT)
+        self._max_qos = 1 if accepted.maximum_qos is None else accepted.maximum_qos
+        self._retain = accepted.retain_available
+        self._max_packet = accepted.maximum_packet_size
+        self._keepalive = accepted.server_keepalive if accepted.server_keepalive is not None else keepalive
+        self._out = bytearray()
+        self._written = 0  # bytes written since the connection began
+        self._queued = 0  # bytes queued since the connection began
+        self._next_mid = 0
+        self._names: dict[str, bytes] = {}  # topics' encoded names, for packets.publishes
+        #: QoS 1 messages written or queued, not yet acknowledged: mid -> seq.
+        self.waiting: dict[int, int] = {}
+        #: QoS 0 messages queued, by the byte count at which the last of a batch has been written.
+        self._unwritten: deque[tuple[int, list[int]]] = deque()
+        self._order: deque[int] = deque()  # seqs in the order published
+        self._done: set[int] = set()  # seqs delivered, not yet told as part of a run from the oldest
+        self._last_write = time.monotonic()
+        self._ping_sent: float | None = None
+        #: Messages the broker refused (MQTT 5 reason codes from 0x80) or could not take (too large).
+        self.refused: dict[str, int] = {}
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._order)
+
+    def publish(self, rows: list[Row]) -> None:
+        """Queue PUBLISH packets for ``rows``, in order; written by :meth:`pump`."""
+        waiting, order = self.waiting, self._order
+        encoded: list[tuple[str, bytes, int, bool, int]] = []
+        unwritten: list[int] = []
+        mid = self._next_mid
+        limited = self._max_qos < 1 or not self._retain or self._max_packet is not None
+        for seq, topic, payload, asked_qos, asked_retain in rows:
+            order.append(seq)
+            qos, retain = asked_qos, asked_retain
+            if limited:  # MQTT 5: what the broker said it takes
+                qos, retain = min(qos, self._max_qos), retain and self._retain
+                size = packets.publish_size(topic, payload, qos, self._v5)
+                if self._max_packet is not None and size > self._max_packet:
+                    # The broker would close the connection on it, again at every attempt: it can never be delivered.
+                    self._refuse(seq, "larger than the broker's maximum packet size")
+                    continue
+            if qos:
+                mid = mid % 65535 + 1
+                while mid in waiting:
+                    mid = mid % 65535 + 1
+                waiting[mid] = seq
+            else:
+                unwritten.append(seq)
+            encoded.append((topic, payload, qos, retain, mid))
+        self._next_mid = mid
+        self._queue(packets.publishes(encoded, self._v5, self._names))
+        if unwritten:
+            self._unwritten.append((self._queued, unwritten))
+
+    def _refuse(self, seq: int, why: str) -> None:
+        """A message the broker will not take: delivered as far as the center is concerned, and counted."""
+        self._done.add(seq)
+        self.refused[why] = self.refused.get(why, 0) + 1
+
+    def _queue(self, data: bytes) -> None:
+        self._out += data
+        self._queued += len(data)
+
+    def pump(self, timeout: float, wake: int | None = None) -> None:
+        """Write what is queued, read what came, wait up to ``timeout`` for either; raises :class:`Lost`."""
+        sock = self._sock
+        if self._out:
+            self._write()
+        pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+        readable: list[Any] = [sock] if wake is None else [sock, wake]
+        try:
+            ready, writable, _ = select.select(readable, [sock] if self._out else [], [],
+                                               0 if pending else max(timeout, 0))
+        except (OSError, ValueError) as e:
+            raise Lost(f"connection lost: {e}") from None
+        if wake is not None and wake in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake, 4096)
+        if sock in ready or pending:
+            self._read()
+        if writable and self._out:
+            self._write()
+        self._keep_alive()
+
+    def _write(self) -> None:
+        try:
+            sent = self._sock.send(self._out)
+        except _WOULD_BLOCK:
+            return
+        except OSError as e:
+            raise Lost(f"connection lost: {e}") from None
+        del self._out[:sent]
+        self._written += sent
+        self._last_write = time.monotonic()
+        unwritten, written = self._unwritten, self._written
+        while unwritten and unwritten[0][0] <= written:
+            self._done.update(unwritten.popleft()[1])
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except _WOULD_BLOCK:
+                return
+            except OSError as e:
+                raise Lost(f"connection lost: {e}") from None
+            if not data:
+                raise Lost("the broker closed the connection")
+            self._take(self._reader.feed(data))
+
+    def _take(self, answers: list[packets.Packet]) -> None:
+        waiting, done = self.waiting, self._done
+        for answer in answers:
+            if type(answer) is packets.PubAck:
+                seq = waiting.pop(answer.mid, None)
+                if seq is None:
+                    continue  # not ours (any more): nothing to settle
+                if answer.code >= 0x80:
+                    self._refuse(seq, f"refused by the broker (reason 0x{answer.code:02x})")
+                else:
+                    done.add(seq)
+            elif isinstance(answer, packets.PingResp):
+                self._ping_sent = None
+            elif isinstance(answer, packets.Disconnected):
+                said = f": {answer.reason}" if answer.reason else ""
+                raise Lost(f"the broker disconnected (reason 0x{answer.code:02x}{said})")
+            elif isinstance(answer, packets.ProtocolError):
+                raise Lost(f"protocol error: {answer.why}")
+            elif isinstance(answer, packets.ConnAck):
+                raise Lost("protocol error: a second CONNACK")
+
+    def _keep_alive(self) -> None:
+        if not self._keepalive:
+            return
+        now = time.monotonic()
+        if self._ping_sent is not None:
+            if now - self._ping_sent > self._keepalive:
+                raise Lost(f"no answer to a ping in {self._keepalive} s")
+        elif now - self._last_write >= self._keepalive:
+            self._ping_sent = now
+            self._queue(packets.PINGREQ_PACKET)
+            self._write()
+
+    def delivered_through(self) -> int | None:
+        """The seq through which everything published on this connection was delivered, if it moved."""
+        through = None
+        order, done = self._order, self._done
+        while order and order[0] in done:
+            through = order.popleft()
+            done.discard(through)
+        return through
+
+    def settled(self) -> bool:
+        """Everything written, every QoS 1 message acknowledged."""
+        return not self._out and not self.waiting and not self._unwritten
+
+    def close(self, goodbye: bool) -> None:
+        """With ``goodbye``, DISCONNECT first (the broker then keeps the last will to itself)."""
+        if goodbye:
+            with contextlib.suppress(OSError, Lost):
+                self._queue(packets.DISCONNECT_PACKET)
+                self._sock.setblocking(True)
+                self._sock.settimeout(1.0)
+                self._sock.sendall(self._out)
+        with contextlib.suppress(OSError):
+            self._sock.close()
 
 
 class Worker:
@@ -71,19 +264,19 @@ class Worker:
         self._broker = broker
         self._last_will = last_will
         self._out = out
+        self._level = packets.LEVELS[settings.version]
         #: What the center sent, appended by the reading thread: ("send", connection, rows) or
         #: ("birth", connection, row).
         self._inbox: deque[tuple[str, int, Any]] = deque()
+        #: Written by the reading thread when something came, so that the network loop need not poll.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
         self._goodbye: Row | None = None
         self._stopping = threading.Event()
         #: The connection being served, counted from 1.
         self._connection = 0
-        # Per connection.
-        self._connack: ReasonCode | None = None
-        self._connected = False
-        self._waiting: dict[int, int] = {}  # mid -> seq, not yet delivered
-        self._order: deque[int] = deque()  # seqs in the order published
-        self._done: set[int] = set()  # seqs delivered out of order, ahead of an older one
+        self._summary_at = 0.0
 
     # -- the reading thread ------------------------------------------------------
 
@@ -99,7 +292,10 @@ class Worker:
             except FrameError as e:
                 print(f"MQTT worker: {e}", file=sys.stderr, flush=True)
                 os._exit(2)
-            if not self.take(frames):
+            more = self.take(frames)
+            with contextlib.suppress(BlockingIOError):  # full: a wake-up is already waiting
+                os.write(self._wake_write, b"!")
+            if not more:
                 return
 
     def take(self, frames: list[Any]) -> bool:
@@ -123,53 +319,6 @@ class Worker:
         while data:
             data = data[os.write(self._out, data):]
 
-    def _client(self) -> paho.Client:
-        settings = self._settings
-        if settings.version == "5":
-            client = paho.Client(CallbackAPIVersion.VERSION2, settings.client_id, protocol=paho.MQTTv5)
-        else:
-            client = paho.Client(
-                CallbackAPIVersion.VERSION2, settings.client_id, clean_session=True, protocol=paho.MQTTv311
-            )
-        if self._broker.username is not None:
-            client.username_pw_set(self._broker.username, self._broker.password)
-        if self._broker.tls:
-            client.tls_set(ca_certs=settings.ca, certfile=settings.cert, keyfile=settings.key)
-        _, topic, payload, qos, retain = self._last_will
-        client.will_set(topic, payload, qos, retain)
-        client.max_inflight_messages_set(MAX_INFLIGHT)
-        client.on_connect = self._connected_cb
-        client.on_disconnect = self._disconnected_cb
-        client.on_publish = self._published_cb
-        return client
-
-    def _connected_cb(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                      properties: Any) -> None:
-        self._connack = reason
-
-    def _disconnected_cb(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                         properties: Any) -> None:
-        self._connected = False
-
-    def _published_cb(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
-                      properties: Any) -> None:
-        seq = self._waiting.pop(mid, None)
-        if seq is not None:
-            self._done.add(seq)
-
-    def _answer(self) -> ReasonCode | None:
-        """The CONNACK's reason, once the client's callback has it."""
-        return self._connack
-
-    def _delivered_through(self) -> int | None:
-        """The seq through which everything published on this connection was delivered, if it moved."""
-        through = None
-        order, done = self._order, self._done
-        while order and order[0] in done:
-            through = order.popleft()
-            done.discard(through)
-        return through
-
     def run(self) -> None:
         delay = RETRY_FIRST
         while not self._stopping.is_set():
@@ -184,95 +333,156 @@ class Worker:
 
     def _connect_and_serve(self) -> str:
         """One connection, from connecting to its end; returns why it ended ("" once it had served)."""
-        client = self._client()
-        self._connack = None
-        self._connected = False
-        self._waiting.clear()
-        self._order.clear()
-        self._done.clear()
         try:
-            client.connect(self._broker.host, self._broker.port, self._settings.keepalive)
-            waited = 0.0
-            while self._answer() is None and waited < CONNECT_TIMEOUT and not self._stopping.is_set():
-                if client.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-                waited += 0.1
-        except (OSError, ssl.SSLError, ValueError) as e:
-            _close(client)
-            return f"cannot connect to {self._broker}: {e}"
-        answer = self._answer()
-        if answer is None or answer.is_failure:
-            refused = f"refused ({answer})" if answer is not None else "no answer"
-            _close(client)
-            return f"{self._broker}: {refused}"
-        self._connected = True
+            link = self._open()
+        except Lost as e:
+            return f"{self._broker}: {e}"
         self._connection += 1
         self._tell("up", self._connection)
-        lost = self._serve(client)
-        if self._stopping.is_set():
-            self._say_goodbye(client)
-            return ""
-        _close(client)
-        return lost
+        try:
+            self._serve(link)
+        except Lost as e:
+            link.close(goodbye=False)
+            self._summarise(link, force=True)
+            return f"{self._broker}: {e}"
+        self._say_goodbye(link)
+        return ""
 
-    def _serve(self, client: paho.Client) -> str:
+    def _open(self) -> Link:
+        """Connects, says CONNECT and waits for the broker to accept it; raises :class:`Lost` if it does not."""
+        broker, settings = self._broker, self._settings
+        try:
+            sock = socket.create_connection((broker.host, broker.port), timeout=CONNECT_TIMEOUT)
+        except OSError as e:
+            raise Lost(f"cannot connect: {e}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if broker.tls:
+                sock = self._tls().wrap_socket(sock, server_hostname=broker.host)
+            _, topic, payload, qos, retain = self._last_will
+            sock.sendall(packets.connect(self._level, settings.client_id, settings.keepalive,
+                                         (topic, payload, qos, retain), broker.username, broker.password))
+            reader = packets.PacketReader(self._level == 5)
+            accepted = self._connack(sock, reader)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise Lost(f"cannot connect: {e}") from None
+        except Lost:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise
+        if accepted.code != 0:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise Lost(f"refused ({_refusal(accepted, self._level)})")
+        sock.setblocking(False)
+        return Link(sock, reader, accepted, self._level, settings.keepalive)
+
+    def _tls(self) -> ssl.SSLContext:
+        settings = self._settings
+        context = ssl.create_default_context(cafile=settings.ca)
+        if settings.cert:
+            context.load_cert_chain(settings.cert, settings.key)
+        return context
+
+    def _connack(self, sock: socket.socket, reader: packets.PacketReader) -> packets.ConnAck:
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        sock.settimeout(0.1)  # short waits, so that a stop is heard while the broker thinks
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            if not data:
+                raise Lost("the broker closed the connection before answering")
+            for answer in reader.feed(data):
+                if isinstance(answer, packets.ConnAck):
+                    return answer
+                raise Lost(f"protocol error: {getattr(answer, 'why', answer)} before CONNACK")
+        raise Lost("no answer")
+
+    def _serve(self, link: Link) -> None:
         untold: list[int] = []  # delivered through, not yet told
         try:
-            return self._publish_what_comes(client, untold)
+            self._publish_what_comes(link, untold)
         finally:
             if untold:  # before the center hears the connection is gone, and keeps what was not delivered
                 self._tell("delivered", untold[-1])
 
-    def _publish_what_comes(self, client: paho.Client, untold: list[int]) -> str:
+    def _publish_what_comes(self, link: Link, untold: list[int]) -> None:
         inbox, pending = self._inbox, deque[Row]()
         told_at = 0.0
-        while self._connected and not self._stopping.is_set():
+        while not self._stopping.is_set():
             while inbox:
                 kind, connection, rows = inbox.popleft()
                 if connection != self._connection:
                     continue  # meant for an earlier connection: the center kept it
                 if kind == "birth":  # the center's status, before anything it sends after hearing "up"
-                    _, topic, payload, qos, retain = rows
-                    client.publish(topic, payload, qos, retain)
+                    link.publish([rows])
                 else:
-                    pending.extend(rows)
-            while pending and len(self._waiting) < MAX_INFLIGHT:  # else read the acks before paho's queue grows
-                seq, topic, payload, qos, retain = pending.popleft()
-                info = client.publish(topic, payload, qos, retain)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    return f"{self._broker}: publishing failed: {paho.error_string(info.rc)}"
-                self._waiting[info.mid] = seq
-                self._order.append(seq)
+                    for entry in rows:
+                        if len(entry) == 6:  # a run: its payloads are made here, off the center
+                            pending.extend(rows_of(entry))
+                        else:
+                            pending.append(entry)
+            room = link.window - link.outstanding
+            if pending and room > 0:  # else read the acks first: the broker takes so many at once
+                link.publish([pending.popleft() for _ in range(min(room, len(pending)))])
             # Acks are told at most every TELL_INTERVAL: each tell wakes the center's reactor up.
-            rc = client.loop(0 if pending or inbox else TELL_INTERVAL if untold else IDLE_WAIT)
-            through = self._delivered_through()
+            link.pump(0 if pending and link.outstanding < link.window else TELL_INTERVAL if untold else IDLE_WAIT,
+                      self._wake_read)
+            through = link.delivered_through()
             if through is not None:
                 untold[:] = [through]
-            if untold and time.monotonic() - told_at >= TELL_INTERVAL:
+            now = time.monotonic()
+            if untold and now - told_at >= TELL_INTERVAL:
                 self._tell("delivered", untold.pop())
-                told_at = time.monotonic()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return f"{self._broker}: connection lost: {paho.error_string(rc)}"
-        return f"{self._broker}: connection lost"
+                told_at = now
+            if link.refused and now - self._summary_at >= SUMMARY_INTERVAL:
+                self._summarise(link)
 
-    def _say_goodbye(self, client: paho.Client) -> None:
+    def _summarise(self, link: Link, force: bool = False) -> None:
+        """Messages the broker would not take: counted in one line a minute, not one per message."""
+        if link.refused and (force or time.monotonic() - self._summary_at >= SUMMARY_INTERVAL):
+            said = ", ".join(f"{count} {why}" for why, count in sorted(link.refused.items()))
+            print(f"MQTT worker: messages not taken by {self._broker}: {said}", file=sys.stderr, flush=True)
+            link.refused.clear()
+            self._summary_at = time.monotonic()
+
+    def _say_goodbye(self, link: Link) -> None:
         assert self._goodbye is not None
-        _, topic, payload, qos, retain = self._goodbye
-        info = client.publish(topic, payload, qos, retain)
-        waited = 0.0
-        while (self._waiting or not info.is_published()) and waited < STOP_WAIT and self._connected:
-            client.loop(0.05)
-            waited += 0.05
-        through = self._delivered_through()
+        with contextlib.suppress(Lost):
+            link.publish([self._goodbye])
+            deadline = time.monotonic() + STOP_WAIT
+            while not link.settled() and time.monotonic() < deadline:
+                link.pump(0.05)
+        through = link.delivered_through()
         if through is not None:
             self._tell("delivered", through)
-        client.disconnect()
-        client.loop(0.1)
+        self._summarise(link, force=True)
+        link.close(goodbye=True)
 
 
-def _close(client: paho.Client) -> None:
-    with contextlib.suppress(OSError):
-        client.disconnect()
+def _refusal(accepted: packets.ConnAck, level: int) -> str:
+    """The CONNACK's code, as MQTT names it."""
+    names = _V5_REFUSALS if level == 5 else _V311_REFUSALS
+    name = names.get(accepted.code, f"code {accepted.code}")
+    return f"{name}: {accepted.reason}" if accepted.reason else name
+
+
+_V311_REFUSALS = {
+    1: "unacceptable protocol version", 2: "identifier rejected", 3: "server unavailable",
+    4: "bad user name or password", 5: "not authorised",
+}
+_V5_REFUSALS = {
+    0x80: "unspecified error", 0x81: "malformed packet", 0x82: "protocol error", 0x83: "implementation specific error",
+    0x84: "unsupported protocol version", 0x85: "client identifier not valid", 0x86: "bad user name or password",
+    0x87: "not authorized", 0x88: "server unavailable", 0x89: "server busy", 0x8A: "banned",
+    0x8C: "bad authentication method", 0x90: "topic name invalid", 0x95: "packet too large",
+    0x97: "quota exceeded", 0x99: "payload format invalid", 0x9A: "retain not supported", 0x9B: "QoS not supported",
+    0x9C: "use another server", 0x9D: "server moved", 0x9F: "connection rate exceeded",
+}
 
 
 def _die_with_parent() -> None:

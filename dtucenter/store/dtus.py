@@ -9,7 +9,7 @@ that). Each method is one job for the ``Store`` façade's threads.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -32,14 +32,10 @@ class DtuStore:
 
     # -- DtuRecords ------------------------------------------------------------------------
 
-    def authenticate(
-        self, psn: int, password: int, pname: str, version: int, ccid: str,
-        remote: str, now: dt.datetime, enroll_unknown: bool,
-    ) -> Deferred[queries.LoginOutcome]:
-        return self._write(partial(
-            queries.authenticate, psn=psn, password=password, pname=pname, version=version, ccid=ccid,
-            remote=remote, now=now, enroll_unknown=enroll_unknown, node=self.node,
-        ))
+    def authenticate_many(
+        self, attempts: Sequence[queries.LoginAttempt], now: dt.datetime
+    ) -> Deferred[list[queries.LoginOutcome]]:
+        return self._write(partial(queries.authenticate_many, attempts=attempts, now=now, node=self.node))
 
     def replace_register_list(
         self, psn: int, send_test_time: int, registers: tuple[tuple[int, int], ...]
@@ -48,8 +44,8 @@ class DtuStore:
             partial(queries.replace_register_list, psn=psn, send_test_time=send_test_time, registers=registers)
         )
 
-    def mark_offline(self, psn: int, last_seen: dt.datetime) -> Deferred[None]:
-        return self._write(partial(queries.mark_offline, psn=psn, last_seen=last_seen, node=self.node))
+    def mark_offline_many(self, last_seen: Mapping[int, dt.datetime]) -> Deferred[None]:
+        return self._write(partial(queries.mark_offline_many, last_seen=last_seen, node=self.node))
 
     def mark_left_over_offline(self, now: dt.datetime) -> Deferred[int]:
         return self._write(partial(nodes.mark_left_over_offline, node=self.node, now=now))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVarTuple
 
 import attrs
@@ -36,6 +36,12 @@ from sqlalchemy.orm import Session
 from dtucenter.addresses import ipv4_octets
 from dtucenter.store.accounts import first_admin_id
 from dtucenter.store.models import Account, Base, Dtu, DtuHandover, RegisterEntry, Sample
+
+#: The columns of a ``dtus`` row a DtuInfo tells as they are.
+_INFO_COLUMNS = (
+    "psn", "name", "pname", "version", "ccid", "fota_flag", "tick_time", "send_test_mode", "send_test_time",
+    "new_ver", "new_port", "new_ip", "online", "remote", "last_login", "last_seen", "node",
+)
 
 
 @attrs.frozen
@@ -63,13 +69,13 @@ class DtuInfo:
 
     @classmethod
     def of(cls, row: Dtu) -> DtuInfo:
-        return cls(
-            psn=row.psn, account=row.owner.name, name=row.name, password_set=row.password != 0, pname=row.pname,
-            version=row.version, ccid=row.ccid, fota_flag=row.fota_flag, tick_time=row.tick_time,
-            send_test_mode=row.send_test_mode, send_test_time=row.send_test_time,
-            new_ver=row.new_ver, new_port=row.new_port, new_ip=row.new_ip, online=row.online,
-            remote=row.remote, last_login=row.last_login, last_seen=row.last_seen, node=row.node,
-        )
+        return cls.of_record({name: getattr(row, name) for name in (*_INFO_COLUMNS, "password")}, row.owner.name)
+
+    @classmethod
+    def of_record(cls, record: Mapping[str, Any], account: str) -> DtuInfo:
+        """From a ``dtus`` row's columns by name, and its owner's name."""
+        values = {name: record[name] for name in _INFO_COLUMNS}
+        return cls(account=account, password_set=record["password"] != 0, **values)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,58 +138,129 @@ def check_psn(psn: Any) -> int:
     return psn
 
 
+#: One login to decide: PSN, PASS, PName, CurVer, CCID, the peer it came from, and whether an
+#: unknown PSN is enrolled (``dtucenter.dtu.ports.LoginAttempt``).
+LoginAttempt = tuple[int, int, str, int, str, str, bool]
+
+
 def authenticate(
     session: Session, psn: int, password: int, pname: str, version: int, ccid: str,
     remote: str, now: dt.datetime, enroll_unknown: bool, node: str | None = None,
 ) -> LoginOutcome:
-    """The seed's rule: a stored PASS of 0 takes (and keeps) any PASS; otherwise they must match.
+    """One login: :func:`authenticate_many` of one."""
+    return authenticate_many(session, [(psn, password, pname, version, ccid, remote, enroll_unknown)], now, node)[0]
+
+
+def authenticate_many(
+    session: Session, attempts: Sequence[LoginAttempt], now: dt.datetime, node: str | None = None,
+) -> list[LoginOutcome]:
+    """The seed's rule, for each login in order: a stored PASS of 0 takes (and keeps) any PASS;
+    otherwise they must match.
 
     An accepted login is recorded (what the DTU reported, from where, when) and marks it online
     on ``node``. When it was online on another node, that node is told to close its older
     connection (``nodes.take_handovers``), in the same transaction.
+
+    A redial storm brings thousands of logins a second, and three statements and an ORM object
+    each set its pace: here the records and register lists of all the logins are read with one
+    query each, and the accepted ones written with one statement (Core, executemany, in PSN order
+    like :func:`record_last_seen`), the enrolled ones inserted with another.
     """
-    row = session.get(Dtu, psn)
-    enrolled = False
-    if row is None:
-        if not enroll_unknown:
-            return LoginOutcome(False, "unknown PSN")
-        # Enrolled devices go to the admin account, which assigns them to a customer.
-        row = Dtu(psn=psn, password=password, name="", created=now,
-                  owner=session.get_one(Account, first_admin_id(session)))
-        _fill_defaults(row)
-        session.add(row)
-        enrolled = True
-    elif row.password == 0:
-        row.password = password
-    elif row.password != password:
-        return LoginOutcome(False, "wrong password")
-    row.pname = pname[:8]
-    row.version = version
-    row.ccid = ccid[:20]
-    if row.online and row.node is not None and row.node != node:
-        session.add(DtuHandover(node=row.node, psn=psn))
-    row.online = True
-    row.node = node
-    row.remote = remote
-    row.last_login = now
-    row.last_seen = now
-    session.flush()
-    return LoginOutcome(True, "ok", DtuInfo.of(row), register_list(session, psn), enrolled)
+    table, accounts = table_of(Dtu), table_of(Account)
+    psns = {attempt[0] for attempt in attempts}
+    records: dict[int, dict[str, Any]] = {
+        row["psn"]: dict(row) for row in session.execute(
+            select(table, accounts.c.name.label(_ACCOUNT))
+            .join(accounts, accounts.c.id == table.c.account_id).where(table.c.psn.in_(psns))
+        ).mappings()
+    }
+    registers = register_lists(session, psns)
+    enrolled_psns: set[int] = set()
+    accepted_psns: set[int] = set()
+    outcomes: list[LoginOutcome] = []
+    for psn, password, pname, version, ccid, remote, enroll_unknown in attempts:
+        record = records.get(psn)
+        if record is None:
+            if not enroll_unknown:
+                outcomes.append(LoginOutcome(False, "unknown PSN"))
+                continue
+            # Enrolled devices go to the admin account, which assigns them to a customer.
+            record = records[psn] = _new_record(session, psn, password, now)
+            enrolled_psns.add(psn)
+        elif record["password"] == 0:
+            record["password"] = password
+        elif record["password"] != password:
+            outcomes.append(LoginOutcome(False, "wrong password"))
+            continue
+        if record["online"] and record["node"] is not None and record["node"] != node:
+            session.add(DtuHandover(node=record["node"], psn=psn))
+        record.update(pname=pname[:8], version=version, ccid=ccid[:20], online=True, node=node, remote=remote,
+                      last_login=now, last_seen=now)
+        accepted_psns.add(psn)
+        info = DtuInfo.of_record(record, record[_ACCOUNT])
+        outcomes.append(LoginOutcome(True, "ok", info, registers.get(psn, ()), psn in enrolled_psns))
+    if enrolled_psns:
+        session.connection().execute(table.insert(), [
+            {key: value for key, value in records[psn].items() if key != _ACCOUNT} for psn in sorted(enrolled_psns)
+        ])
+    updated = sorted(accepted_psns - enrolled_psns)
+    if updated:
+        session.connection().execute(
+            update(table).where(table.c.psn == bindparam("b_psn")).values(
+                {name: bindparam(f"b_{name}") for name in _LOGIN_COLUMNS}),
+            [{"b_psn": psn, **{f"b_{name}": records[psn][name] for name in _LOGIN_COLUMNS}} for psn in updated],
+        )
+    session.flush()  # the handovers
+    return outcomes
+
+
+#: The label of the owner's name in the records :func:`authenticate_many` reads.
+_ACCOUNT = "account"
+#: The columns a login writes.
+_LOGIN_COLUMNS = ("password", "pname", "version", "ccid", "online", "node", "remote", "last_login", "last_seen")
+
+
+def _new_record(session: Session, psn: int, password: int, now: dt.datetime) -> dict[str, Any]:
+    """An enrolled DTU's record, as :func:`authenticate_many` reads them: the columns' defaults, owned by the
+    admin account."""
+    admin = session.get_one(Account, first_admin_id(session))
+    record = _column_defaults()
+    record.update(psn=psn, password=password, name="", created=now, account_id=admin.id)
+    record[_ACCOUNT] = admin.name
+    return record
 
 
 def _fill_defaults(row: Dtu) -> None:
     # Column defaults apply only at flush; the login's parameters are read before that.
-    for column in Dtu.__table__.columns:
-        if getattr(row, column.key) is None and column.default is not None and column.default.is_scalar:
-            setattr(row, column.key, column.default.arg)
+    for key, value in _column_defaults().items():
+        if getattr(row, key) is None:
+            setattr(row, key, value)
+
+
+def _column_defaults() -> dict[str, Any]:
+    """The ``dtus`` columns' scalar defaults by name (None for those without one)."""
+    return {
+        column.key: column.default.arg if column.default is not None and column.default.is_scalar else None
+        for column in Dtu.__table__.columns
+    }
 
 
 def register_list(session: Session, psn: int) -> tuple[tuple[int, int], ...]:
     """(dev, addr) per position."""
-    rows = session.scalars(
-        select(RegisterEntry).where(RegisterEntry.psn == psn).order_by(RegisterEntry.position)
-    )
-    return tuple((r.dev, r.addr) for r in rows)
+    return register_lists(session, {psn}).get(psn, ())
+
+
+def register_lists(session: Session, psns: Collection[int]) -> dict[int, tuple[tuple[int, int], ...]]:
+    """The register lists of ``psns`` (those that have one), (dev, addr) per position, in one query."""
+    lists: dict[int, list[tuple[int, int]]] = {}
+    if psns:
+        rows = session.execute(
+            select(RegisterEntry.psn, RegisterEntry.dev, RegisterEntry.addr)
+            .where(RegisterEntry.psn.in_(psns)).order_by(RegisterEntry.psn, RegisterEntry.position)
+        )
+        for psn, dev, addr in rows:
+            lists.setdefault(psn, []).append((dev, addr))
+    return {psn: tuple(pairs) for psn, pairs in lists.items()}
 
 
 def replace_register_list(
@@ -197,12 +274,24 @@ def replace_register_list(
 
 
 def mark_offline(session: Session, psn: int, last_seen: dt.datetime, node: str | None = None) -> None:
-    """The connection to ``psn`` on ``node`` went away. A row another node took since (a newer
-    login there) is left alone: the DTU is online, only elsewhere."""
-    session.execute(
-        update(Dtu).where(Dtu.psn == psn, or_(Dtu.node.is_(None), Dtu.node == node))
-        .values(online=False, node=None, last_seen=last_seen)
-    )
+    """The connection to ``psn`` on ``node`` went away: :func:`mark_offline_many` of one."""
+    mark_offline_many(session, {psn: last_seen}, node)
+
+
+def mark_offline_many(session: Session, last_seen: Mapping[int, dt.datetime], node: str | None = None) -> None:
+    """The connections to these DTUs on ``node`` went away, each last seen at its time. A row another
+    node took since (a newer login there) is left alone: the DTU is online, only elsewhere.
+
+    One statement for them all (Core, as :func:`record_last_seen`), in PSN order: the nodes of a
+    cluster that lock the same rows lock them in the same order.
+    """
+    if last_seen:
+        table = table_of(Dtu)
+        session.connection().execute(
+            update(table).where(table.c.psn == bindparam("b_psn"), or_(table.c.node.is_(None), table.c.node == node))
+            .values(online=False, node=None, last_seen=bindparam("b_seen")),
+            [{"b_psn": psn, "b_seen": last_seen[psn]} for psn in sorted(last_seen)],
+        )
 
 
 def rowcount(result: Result[Any]) -> int:

@@ -20,14 +20,14 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
     result = run_process(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out),
-         "--only", "hold,ingest,baseline,modbus,storm,junk,mqtt,reads"],
+         "--only", "hold,ingest,baseline,modbus,storm,junk,mqtt,features,reads"],
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     for heading in ("## Targets", "## Hold", "### center (stored in SQLite)", "### framing-only baseline", "## Modbus",
-                    "## Redial storms", "## Junk flood", "## MQTT publishing at the ingest rate", reads.HEADING,
-                    "### SQLite\n"):
+                    "## Redial storms", "## Junk flood", "## MQTT publishing at the ingest rate",
+                    report.FEATURES_HEADING, reads.HEADING, "### SQLite\n"):
         assert heading in text
     assert "Python 3." in text and "Twisted" in text and "SQLAlchemy" in text
     assert "Traceback" not in result.stderr
@@ -117,6 +117,29 @@ def test_a_storm_section_is_merged_into_an_existing_report() -> None:
     again = with_storm_section(full, {"machine": {**machine, "date": "now"}, "storm": [run]})  # replaced
     assert again == full.replace("Measured then.", "Measured now.")
     assert again.splitlines().count(STORM_HEADING) == 1
+
+
+def test_a_merged_storm_run_at_full_scale_brings_its_line_in_targets_up_to_date() -> None:
+    from benchmarks.report import STORM_TARGET, render, with_storm_section
+
+    machine = {"cores": 2, "cpu": "x", "ram_gib": 1.0, "kernel": "k", "python": "3", "twisted": "t",
+               "sqlalchemy": "s", "sqlite": "q", "date": "then"}
+    row = {"storm": 1, "dropped": 19_000, "lost": 0, "all_back": 12.5, "connect_failed": 0, "login_timeouts": 0,
+           "listen_overflows": {"ListenOverflows": 0}, "rss_before": 1 << 20, "rss_after": 1 << 20,
+           "center_cpu": 9.0, "sim_cpu": 11.0}
+    run = {"backlog": None, "dtus": 19_000, "bound": 60.0, "somaxconn": 4096,
+           "storms": [row, {**row, "storm": 2, "all_back": 21.5}]}
+    old = render({"machine": machine, "scale": "full", "hold": [], "storm": []})
+    merged = with_storm_section(old, {"machine": machine, "storm": [run]})
+    targets = [line for line in merged.splitlines() if line.startswith(STORM_TARGET)]
+    assert targets == [(f"{STORM_TARGET} within 20 s, none lost in repeated storms: **missed**: 2 storms in a row "
+                        "all back after 12.5, 21.5 s (slowest +1.5 s against the target), 0 logins lost")]
+    assert merged.index("## Targets") < merged.index(targets[0]) < merged.index("## Redial storms")
+    met = with_storm_section(merged, {"machine": machine, "storm": [{**run, "storms": [row]}]})
+    assert [line for line in met.splitlines() if line.startswith(STORM_TARGET)] == [(
+        f"{STORM_TARGET} within 20 s, none lost in repeated storms: **met**: 1 storms in a row all back after "
+        "12.5 s (slowest -7.5 s against the target), 0 logins lost")]
+    assert "| 9.0 | 11.0 |" in met
 
 
 def test_a_junk_flood_section_is_merged_into_an_existing_report() -> None:
