@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster, reads
+from benchmarks import cluster, modbus_scale, reads
 
 MIB = 1024 * 1024
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -150,6 +150,7 @@ def render(results: dict[str, Any]) -> str:
     out += _render_features(results.get("features"))
     if results.get("cluster"):
         out += ["", *cluster.render(results["cluster"], results["machine"]), ""]
+    out += modbus_scale.render(results.get("modbus_scale"))
     if results.get("reads"):
         out += ["", *reads.render(results["reads"]), ""]
     if FINDINGS.exists():
@@ -209,6 +210,8 @@ def _render_targets(results: dict[str, Any]) -> list[str]:
     else:
         lines.append("- 1,000 meters polled every second: not run")
     lines.append(storm_target_line(results.get("storm")))
+    if results.get("modbus_scale"):
+        lines.append(modbus_scale.target_line(results["modbus_scale"]))
     if results.get("reads"):
         lines.append(reads.target_line(results["reads"]))
     return [*lines, ""]
@@ -565,9 +568,9 @@ def _render_features(features: dict[str, Any] | None) -> list[str]:
             + verdict, ""]
 
 
-#: The scenarios whose sections stand alone (no line in Targets but the storms' and the reads', which
-#: ``with_storm_section`` and ``with_sections`` keep current): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "features", "reads"}
+#: The scenarios whose sections stand alone (no line in Targets but their own target lines, which ``--merge``
+#: keeps current): ``--merge`` replaces just them.
+MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "features", "modbus_scale", "reads"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -584,6 +587,9 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
         report = _with_section(report, FEATURES_HEADING, _render_features(results["features"]))
     if results.get("cluster"):
         report = _with_section(report, cluster.HEADING, cluster.render(results["cluster"], results["machine"]))
+    if results.get("modbus_scale"):
+        report = _with_section(report, modbus_scale.HEADING, modbus_scale.render(results["modbus_scale"]))
+        report = modbus_scale.with_target_line(report, results["modbus_scale"])
     if results.get("reads"):
         report = _with_section(report, reads.HEADING, reads.render(results["reads"]))
         report = _with_target(report, reads.TARGET_PREFIX, reads.target_line(results["reads"]))

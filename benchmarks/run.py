@@ -36,7 +36,7 @@ import attrs
 import sqlalchemy
 import sqlalchemy.pool
 
-from benchmarks import cluster, junk_flood, reads, report
+from benchmarks import cluster, junk_flood, modbus_scale, reads, report
 from benchmarks.procs import (
     PATIENCE,
     ApiClient,
@@ -383,44 +383,9 @@ def run_profile(workdir: Path, scale: Scale, rate: int) -> dict[str, Any]:
 
 
 def modbus_config(count: int) -> str:
-    """The bridge's config format (dtucenter/modbus/config.py): one link per DTU, one meter of 10 registers
-    polled every second. The registrations are what ``dtucenter-sim modbus --registration SIM-{n:05d}`` sends."""
-    parts = []
-    for n in range(1, count + 1):
-        parts.append(
-            f'[[link]]\nname = "sim-{n:05d}"\nprotocol = "rtu"\nregistration = "SIM-{n:05d}"\n'
-            f'heartbeat = "HB"\ntimeout = 3.0\nretries = 1\n\n'
-            f'[[meter]]\nname = "meter-{n:05d}"\nlink = "sim-{n:05d}"\nunit = 1\ninterval = 1\n'
-        )
-        for addr in range(10):
-            parts.append(
-                f'\n[[meter.point]]\nname = "r{addr}"\ntable = "holding"\naddress = {addr}\ntype = "uint16"\n'
-            )
-        parts.append("\n")
-    return "".join(parts)
-
-
-def _polling(api: ApiClient) -> dict[str, Any]:
-    polling = api.get("/api/status")["modbus"]
-    if polling is None:
-        raise RuntimeError("the center runs no Modbus bridge: /api/status has no modbus part")
-    return polling
-
-
-def _wait_links_online(api: ApiClient, center: Child, count: int) -> None:
-    """Gives up only when no more links come online for PATIENCE seconds."""
-    progress, progressed = -1, time.monotonic()
-    while True:
-        if not center.alive():
-            raise RuntimeError(f"the center exited:\n{center.tail()}")
-        online = _polling(api)["links_online"]
-        if online >= count:
-            return
-        if online > progress:
-            progress, progressed = online, time.monotonic()
-        elif time.monotonic() - progressed > PATIENCE:
-            raise RuntimeError(f"stuck at {progress} of {count} links online for {PATIENCE:.0f}s")
-        time.sleep(0.5)
+    """One link per DTU, one meter of 10 registers polled every second. The registrations are what
+    ``dtucenter-sim modbus --registration SIM-{n:05d}`` sends."""
+    return modbus_scale.config(count, modbus_scale.SINGLE)
 
 
 def run_modbus(workdir: Path, scale: Scale) -> dict[str, Any]:
@@ -443,13 +408,13 @@ def run_modbus(workdir: Path, scale: Scale) -> dict[str, Any]:
     ])
     try:
         reader = ReportReader(path)
-        _wait_links_online(api, center, scale.modbus_dtus)
+        modbus_scale.wait_links_online(api, center, scale.modbus_dtus)
         online_time = time.monotonic() - dialled
         time.sleep(scale.modbus_warmup)  # every meter polled on its live link a few times
-        first, cpu_a, wall_a = _polling(api), cpu_seconds(center.pid), time.monotonic()
+        first, cpu_a, wall_a = modbus_scale.polling(api), cpu_seconds(center.pid), time.monotonic()
         sim_a = reader.next(sim)
         time.sleep(scale.modbus_seconds)
-        last, cpu_b, wall_b = _polling(api), cpu_seconds(center.pid), time.monotonic()
+        last, cpu_b, wall_b = modbus_scale.polling(api), cpu_seconds(center.pid), time.monotonic()
         sim_b = reader.next(sim)
         links = api.get("/api/links")["links"]
         rss = rss_bytes(center.pid)
@@ -457,23 +422,10 @@ def run_modbus(workdir: Path, scale: Scale) -> dict[str, Any]:
         sim.stop()
         center.stop()
     seconds = wall_b - wall_a
-    durations = histogram_difference(last["duration_histogram"], first["duration_histogram"])
-
-    def delta(name: str) -> int:
-        return int(last[name] - first[name])
-
-    polls, failed = delta("polls"), delta("failed")
     return {
-        "dtus": scale.modbus_dtus, "expected_per_s": float(scale.modbus_dtus), "seconds": seconds,
-        "polls_per_s": (polls - failed) / seconds, "failed": failed, "timed_out": delta("timed_out"),
-        "request_timeouts": delta("request_timeouts"),
-        "p50": percentile(durations, 0.5), "p99": percentile(durations, 0.99),
-        "cpu": (cpu_b - cpu_a) / seconds, "rss": rss,
-        "online_time": online_time,
-        "links_online": sum(link["online"] for link in links),
-        "reconnects": sum(link["counters"]["connects"] - 1 for link in links if link["counters"]["connects"] > 1),
-        "sim_answered_per_s": (sim_b["counts"].get("polls", 0) - sim_a["counts"].get("polls", 0))
-        / max(sim_b["elapsed"] - sim_a["elapsed"], 1e-9),
+        "dtus": scale.modbus_dtus, "expected_per_s": float(scale.modbus_dtus),
+        **modbus_scale.poll_window(first, last, seconds, links, sim_a, sim_b),
+        "cpu": (cpu_b - cpu_a) / seconds, "rss": rss, "online_time": online_time,
     }
 
 
@@ -580,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny scale, seconds (for CI)")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--only", default="hold,ingest,baseline,profile,modbus,storm,junk,mqtt,features,reads",
+    parser.add_argument("--only",
+                        default="hold,ingest,baseline,profile,modbus,modbus_scale,storm,junk,mqtt,features,reads",
                         help="comma-separated scenarios to run (default all but databases, which runs with "
                              "--db; also: databases)")
     parser.add_argument("--profile-rate", type=int, default=None,
@@ -604,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "existing report")
     args = parser.parse_args(argv)
     if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
-        parser.error("--merge takes --only storm, junk, databases, mqtt, cluster, features and/or reads "
+        parser.error("--merge takes --only storm, junk, databases, cluster, features, modbus_scale and/or reads "
                      "(or --from-json): the other sections share the Targets summary")
     if "cluster" in args.only.split(",") and not args.postgres:
         parser.error("--only cluster needs --postgres URL: the nodes share a PostgreSQL database")
@@ -631,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "scale": "smoke" if args.smoke else "full",
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
                                "storm": [], "junk_flood": None, "databases": [], "mqtt": None,
-                               "cluster": None, "features": None, "reads": None}
+                               "cluster": None, "features": None, "modbus_scale": None, "reads": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -654,6 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("modbus")
             results["modbus"] = run_modbus(_fresh(workroot, "modbus"), scale)
             log(f"  {report.modbus_line(results['modbus'])}")
+        if "modbus_scale" in only:
+            results["modbus_scale"] = modbus_scale.run_modbus_scale(
+                workroot, modbus_scale.SMOKE if args.smoke else modbus_scale.FULL, log)
         if "storm" in only:
             for backlog in scale.storm.backlogs:
                 log(f"storm: {scale.storm.dtus} DTUs, backlog {backlog or 'default'}")

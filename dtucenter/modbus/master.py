@@ -207,8 +207,9 @@ class ModbusMaster(Protocol):
             if isinstance(event, Response):
                 self._answered(event.pdu)
             elif isinstance(event, Stripped):
+                # Counted, not logged: thousands of links each send one every few seconds, and a log
+                # line costs more than the polls of the same connection (benchmarks/findings.md).
                 self.counters.heartbeats += 1
-                log.debug("{link}: stripped {kind} packet", link=self.name, kind=event.noise.kind)
             elif isinstance(event, Discarded):
                 if event.reason == "junk":
                     junk += event.count

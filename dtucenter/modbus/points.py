@@ -6,7 +6,7 @@ import decimal
 import enum
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -216,6 +216,41 @@ def _decimals(scale: float) -> int:
     return max(0, -exponent) if isinstance(exponent, int) else 0
 
 
+#: Reads one point's scaled value from a block's registers packed as big-endian bytes.
+_RegisterReader = Callable[[bytes], Value]
+
+
+def _register_reader(point: Point, first: int) -> _RegisterReader:
+    """:func:`decode_registers` for ``point`` in a block starting at address ``first``, worked out once
+    per block instead of on every poll (the type's size and struct code, the word order, the scale's
+    decimals): the same values, at a fraction of the cost."""
+    start = 2 * (point.address - first)
+    if point.type is PointType.BOOL:
+        end = start + 2
+        return lambda data: data[start:end] != b"\0\0"
+    size = 2 * point.type.registers
+    unpack_from = struct.Struct(">" + point.type.struct_code).unpack_from
+    read: _RegisterReader
+    if point.word_order is WordOrder.LITTLE and size > 2:
+        def read(data: bytes) -> Value:
+            words = data[start : start + size]
+            value: Value = unpack_from(b"".join(words[i : i + 2] for i in range(size - 2, -2, -2)))[0]
+            return value
+
+    else:
+        def read(data: bytes) -> Value:
+            value: Value = unpack_from(data, start)[0]
+            return value
+
+    scale = point.scale
+    if scale == 1:
+        return read
+    if point.type.is_float:
+        return lambda data: read(data) * scale
+    decimals = _decimals(scale)
+    return lambda data: round(read(data) * scale, decimals)
+
+
 # -- encoding for writes ------------------------------------------------------
 
 
@@ -294,6 +329,13 @@ class ReadBlock:
     address: int
     count: int
     points: tuple[Point, ...]
+    _readers: tuple[tuple[str, _RegisterReader], ...] = attrs.field(init=False, eq=False, repr=False)
+
+    @_readers.default
+    def _plan_readers(self) -> tuple[tuple[str, _RegisterReader], ...]:
+        if self.table.holds_bits:
+            return ()
+        return tuple((p.name, _register_reader(p, self.address)) for p in self.points)
 
     def request(self, unit: int) -> ModbusPDU:
         return _READ_REQUESTS[self.table](address=self.address, count=self.count, dev_id=unit)
@@ -305,15 +347,13 @@ class ReadBlock:
             if len(bits) < self.count:
                 raise ResponseMismatch(f"asked for {self.count} bits at {self.address}, got {len(bits)}")
             return {p.name: bool(bits[p.address - self.address]) for p in self.points}
-        registers = list(response.registers)
+        registers = response.registers
         if len(registers) != self.count:
             raise ResponseMismatch(
                 f"asked for {self.count} registers at {self.address}, got {len(registers)}"
             )
-        return {
-            p.name: decode_registers(p, registers[p.address - self.address : p.end - self.address])
-            for p in self.points
-        }
+        data = struct.pack(f">{self.count}H", *registers)
+        return {name: read(data) for name, read in self._readers}
 
     def describe(self) -> str:
         return f"{self.table.value} {self.address}+{self.count}"

@@ -24,6 +24,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dtucenter.latency import BUCKET_RULE, Histogram, percentile
 from dtucenter.modbus.config import MeterSettings
@@ -109,6 +110,8 @@ class PollStats:
     polls: int = 0
     failed: int = 0  # had an error (timeout, exception response, link offline...)
     timed_out: int = 0  # ended because a unit did not answer
+    #: Slots that came while the meter's previous poll still ran: the poller (or the bus) is behind.
+    skipped: int = 0
     durations: Histogram = attrs.Factory(Histogram)
 
     def record(self, seconds: float, failed: bool, timed_out: bool) -> None:
@@ -122,6 +125,7 @@ class PollStats:
             "polls": self.polls,
             "failed": self.failed,
             "timed_out": self.timed_out,
+            "skipped": self.skipped,
             "duration_p50_s": percentile(self.durations.buckets, 0.5),
             "duration_p99_s": percentile(self.durations.buckets, 0.99),
             "duration_histogram": {str(bucket): count for bucket, count in sorted(self.durations.buckets.items())},
@@ -133,6 +137,8 @@ class PollStats:
 class _Meter:
     settings: MeterSettings
     blocks: list[ReadBlock]
+    #: Each block's read request, built once: every poll sends the same ones.
+    requests: list[ModbusPDU]
     points: dict[str, Point]
     slot: int = 0
     resume_slot: int = 0
@@ -152,7 +158,97 @@ class _Meter:
 
 
 def _new_meter(settings: MeterSettings) -> _Meter:
-    return _Meter(settings, plan_reads(settings.points, settings.limits), {p.name: p for p in settings.points})
+    blocks = plan_reads(settings.points, settings.limits)
+    return _Meter(settings, blocks, _requests(blocks, settings.unit), {p.name: p for p in settings.points})
+
+
+def _requests(blocks: Sequence[ReadBlock], unit: int) -> list[ModbusPDU]:
+    return [block.request(unit) for block in blocks]
+
+
+class _BlockRead:
+    """One read of a meter's blocks, a request at a time, in callbacks.
+
+    What a poll learns: the values read, the errors, whether the unit answered at all, and
+    the timeout, offline or disconnected link that cut the read short. (A coroutine per poll
+    cost more than the poll's own bookkeeping: the poller runs thousands a second.)
+    """
+
+    __slots__ = (
+        "_blocks",
+        "_channels",
+        "_done",
+        "_index",
+        "_requests",
+        "_settings",
+        "answered",
+        "errors",
+        "stopped_by",
+        "values",
+    )
+
+    def __init__(
+        self, channels: Mapping[str, Channel], settings: MeterSettings, blocks: Sequence[ReadBlock],
+        requests: Sequence[ModbusPDU], done: Callable[[_BlockRead], None],
+    ) -> None:
+        self._channels = channels
+        self._settings = settings
+        self._blocks = blocks
+        self._requests = requests
+        self._done = done
+        self._index = 0
+        self.values: dict[str, Value] = {}
+        self.errors: list[str] = []
+        self.answered = False
+        self.stopped_by: ModbusError | None = None
+
+    def start(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        if self._index >= len(self._blocks):
+            self._done(self)
+            return
+        try:
+            d = self._channels[self._settings.link].request(self._requests[self._index])
+        except Exception:
+            self._crashed(Failure())
+            return
+        d.addCallbacks(self._answered, self._failed)
+
+    def _answered(self, response: ModbusPDU) -> None:
+        block = self._blocks[self._index]
+        self.answered = True
+        try:
+            self.values.update(block.decode(response))
+        except ModbusError as exc:
+            self.errors.append(f"{block.describe()}: {exc}")
+        except Exception:
+            self._crashed(Failure())
+            return
+        self._index += 1
+        self._next()
+
+    def _failed(self, failure: Failure) -> None:
+        error = failure.value
+        if isinstance(error, ModbusTimeout | LinkOffline | LinkDisconnected):
+            # The unit or the link is gone: the other blocks would only wait too.
+            self.stopped_by = error
+            self.errors.append(str(error))
+            self._done(self)
+        elif isinstance(error, ModbusError):
+            self.answered = True
+            self.errors.append(f"{self._blocks[self._index].describe()}: {error}")
+            self._index += 1
+            self._next()
+        else:
+            self._crashed(failure)
+
+    def _crashed(self, failure: Failure) -> None:
+        block = self._blocks[self._index].describe()
+        log.failure("Meter {meter}: reading {block} crashed", failure, meter=self._settings.name, block=block)
+        self.errors.append(f"{block}: internal error (see the log)")
+        self._done(self)
 
 
 class Poller(Service):
@@ -211,6 +307,7 @@ class Poller(Service):
         old_interval, old_points = meter.settings.interval, meter.points
         meter.settings = settings
         meter.blocks = plan_reads(settings.points, settings.limits)
+        meter.requests = _requests(meter.blocks, settings.unit)
         meter.points = {p.name: p for p in settings.points}
         # A value read under another definition of its point would be encoded wrongly.
         meter.latest = {
@@ -294,23 +391,31 @@ class Poller(Service):
         """
         meter = self._meter(meter_name)
         if point_names is None:
-            blocks = meter.blocks
+            blocks, requests = meter.blocks, meter.requests
         else:
             unknown = [name for name in point_names if name not in meter.points]
             if unknown:
                 raise UnknownPoint(f"meter {meter_name} has no point {unknown[0]!r}")
             chosen = [meter.points[name] for name in dict.fromkeys(point_names)]
             blocks = plan_reads(chosen, meter.settings.limits)
-        return defer.ensureDeferred(self._read_now(meter, blocks))
-
-    async def _read_now(self, meter: _Meter, blocks: Sequence[ReadBlock]) -> Reading:
+            requests = _requests(blocks, meter.settings.unit)
         started = self._clock.seconds()
-        values, errors, _, stopped_by = await self._read_blocks(meter.settings, blocks)
-        if self._meters.get(meter.settings.name) is meter:
-            self._remember(meter, blocks, values, started)
-        if values:
-            self._to_sink(self._sink.record_values, meter.settings.name, started, values)
-        return Reading(started, values, tuple(errors), stopped_by)
+        reading: defer.Deferred[Reading] = defer.Deferred()
+
+        def done(read: _BlockRead) -> None:
+            try:
+                if self._meters.get(meter.settings.name) is meter:
+                    self._remember(meter, blocks, read.values, started)
+                if read.values:
+                    self._to_sink(self._sink.record_values, meter.settings.name, started, read.values)
+                result = Reading(started, read.values, tuple(read.errors), read.stopped_by)
+            except Exception:
+                reading.errback()
+            else:
+                reading.callback(result)
+
+        _BlockRead(self._channels, meter.settings, blocks, requests, done).start()
+        return reading
 
     def _meter(self, name: str) -> _Meter:
         meter = self._meters.get(name)
@@ -329,10 +434,11 @@ class Poller(Service):
         if meter.settings.link in self.paused_links:
             return  # polled by the node that holds its link
         if meter.polling:
-            log.debug("Meter {meter}: previous poll still running, slot skipped", meter=meter.settings.name)
+            # Counted, not logged: when the poller falls behind, a line per meter and slot would only
+            # make it fall further behind.
+            self.stats.skipped += 1
         elif slot >= meter.resume_slot:
-            d = defer.ensureDeferred(self._poll(meter, slot))
-            d.addErrback(lambda f: log.failure("Meter {meter}: poll crashed", f, meter=meter.settings.name))
+            self._poll(meter, slot)
 
     def _schedule_next(self, meter: _Meter) -> None:
         now = self._clock.seconds()
@@ -343,18 +449,29 @@ class Poller(Service):
 
     # -- one poll -------------------------------------------------------------
 
-    async def _poll(self, meter: _Meter, slot: int) -> None:
+    def _poll(self, meter: _Meter, slot: int) -> None:
         settings = meter.settings
         meter.polling = True
         started = self._clock.seconds()
         meter.last_poll = started
         meter.polls += 1
         blocks = meter.blocks
-        try:
-            values, errors, answered, stopped_by = await self._read_blocks(settings, blocks)
-        finally:
+
+        def done(read: _BlockRead) -> None:
             meter.polling = False
-        timed_out = isinstance(stopped_by, ModbusTimeout)
+            try:
+                self._polled(meter, settings, blocks, slot, started, read)
+            except Exception:
+                log.failure("Meter {meter}: poll crashed", meter=settings.name)
+
+        _BlockRead(self._channels, settings, blocks, meter.requests, done).start()
+
+    def _polled(
+        self, meter: _Meter, settings: MeterSettings, blocks: Sequence[ReadBlock], slot: int, started: float,
+        read: _BlockRead,
+    ) -> None:
+        values, errors, answered = read.values, read.errors, read.answered
+        timed_out = isinstance(read.stopped_by, ModbusTimeout)
         if not self.running:
             return  # shutting down: links dropping their connections is no news
         if self._meters.get(settings.name) is not meter:
@@ -369,33 +486,6 @@ class Poller(Service):
         self._backoff(meter, slot, answered, timed_out)
         self._report(meter, started, values, errors)
 
-    async def _read_blocks(
-        self, settings: MeterSettings, blocks: Sequence[ReadBlock]
-    ) -> tuple[dict[str, Value], list[str], bool, ModbusError | None]:
-        """The values read, the errors, whether the unit answered at all, and the error that stopped the read."""
-        values: dict[str, Value] = {}
-        errors: list[str] = []
-        answered = False
-        stopped_by: ModbusError | None = None
-        for block in blocks:
-            try:
-                response = await self._channels[settings.link].request(block.request(settings.unit))
-                answered = True
-                values.update(block.decode(response))
-            except (ModbusTimeout, LinkOffline, LinkDisconnected) as exc:
-                # The unit or the link is gone: the other blocks would only wait too.
-                stopped_by = exc
-                errors.append(str(exc))
-                break
-            except ModbusError as exc:
-                answered = True
-                errors.append(f"{block.describe()}: {exc}")
-            except Exception:
-                log.failure("Meter {meter}: reading {block} crashed", meter=settings.name, block=block.describe())
-                errors.append(f"{block.describe()}: internal error (see the log)")
-                break
-        return values, errors, answered, stopped_by
-
     @staticmethod
     def _remember(meter: _Meter, blocks: Sequence[ReadBlock], values: Mapping[str, Value], started: float) -> None:
         """Keep each value read as its point's latest, and forget the latest of each point the read
@@ -403,7 +493,8 @@ class Poller(Service):
         latest = meter.latest
         for block in blocks:
             for point in block.points:
-                if meter.points.get(point.name) != point:
+                current = meter.points.get(point.name)
+                if current is not point and current != point:
                     continue  # the point was redefined while it was read
                 kept = latest.get(point.name)
                 if kept is not None and kept[1] > started:

@@ -217,7 +217,9 @@ class MeterRecorder(Service):
         self.stats["meter_failures"] += 1
 
     def _state(self, meter: str, time: float) -> _MeterState:
-        state = self._states.setdefault(meter, _MeterState())
+        state = self._states.get(meter)
+        if state is None:  # not setdefault: that would build a state on every poll to throw it away
+            state = self._states[meter] = _MeterState()
         state.last_poll = time if state.last_poll is None else max(state.last_poll, time)
         self._dirty_meters[meter] = None
         return state

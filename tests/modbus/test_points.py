@@ -229,3 +229,25 @@ def test_block_decodes_registers_and_bits_and_checks_counts() -> None:
     assert coils.decode(response) == {"c": True, "d": False}
     with pytest.raises(ResponseMismatch):
         coils.decode(ReadCoilsResponse(bits=[]))
+
+
+@pytest.mark.parametrize("type_", [t.value for t in PointType])
+@pytest.mark.parametrize("order", ["big", "little"])
+@pytest.mark.parametrize("scale", [1.0, 0.1, 0.001, 2.5, 10.0])
+def test_a_block_decodes_each_point_as_decode_registers_does(type_: str, order: str, scale: float) -> None:
+    """ReadBlock plans its readers once; what they read must be what decode_registers makes of the same registers."""
+    width = PointType(type_).registers
+    scale = 1.0 if type_ == "bool" else scale
+    order = "big" if width == 1 else order
+    points = [point("uint16", address=0, name="before"), point(type_, address=2, name="it", scale=scale,
+                                                              word_order=WordOrder(order))]
+    (block,) = plan_reads(points)
+    patterns = ([0] * width, [0xFFFF] * width, [0x8000] + [0] * (width - 1), [0x1234, 0xABCD, 0x0F0F, 0xF0F0][:width])
+    for registers in patterns:
+        response = ReadHoldingRegistersResponse(registers=[7, 0, *registers])
+        decoded = block.decode(response)
+        expected = decode_registers(points[1], registers)
+        assert type(decoded["it"]) is type(expected)
+        assert decoded["it"] == expected or (math.isnan(decoded["it"]) and math.isnan(expected))
+        assert decoded["before"] == 7
+

@@ -165,10 +165,12 @@ def test_a_slot_that_comes_while_the_poll_still_runs_is_skipped() -> None:
     clock, sink, poller = start(meter(), channel=channel)
     run(clock, 25)
     assert len(pending) == 1
+    assert poller.stats.skipped == 2  # the slots at 10 and 20 s
     pending[0].callback(registers_of({})(channel.requests[0]))
     run(clock, 30)
     assert len(pending) == 2
     assert sink.times() == [0.0]
+    assert poller.stats.as_json()["skipped"] == 2  # the slot at 30 s polled again
     stop(clock, poller)
 
 

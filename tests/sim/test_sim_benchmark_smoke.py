@@ -20,14 +20,15 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
     result = run_process(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out),
-         "--only", "hold,ingest,baseline,modbus,storm,junk,mqtt,features,reads"],
+         "--only", "hold,ingest,baseline,modbus,modbus_scale,storm,junk,mqtt,features,reads"],
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     for heading in ("## Targets", "## Hold", "### center (stored in SQLite)", "### framing-only baseline", "## Modbus",
                     "## Redial storms", "## Junk flood", "## MQTT publishing at the ingest rate",
-                    report.FEATURES_HEADING, reads.HEADING, "### SQLite\n"):
+                    report.FEATURES_HEADING, "## Modbus at scale", "- Modbus at scale, 5,000 meters",
+                    reads.HEADING, "### SQLite\n"):
         assert heading in text
     assert "Python 3." in text and "Twisted" in text and "SQLAlchemy" in text
     assert "Traceback" not in result.stderr
@@ -155,3 +156,33 @@ def test_a_junk_flood_section_is_merged_into_an_existing_report() -> None:
     assert with_sections(render(empty), {"machine": machine, "junk_flood": junk}) == full  # inserted in its place
     again = with_sections(full, {"machine": machine, "junk_flood": {**junk, "log_lines": 7}})  # replaced
     assert again.splitlines().count(JUNK_FLOOD_HEADING) == 1 and "log lines written: 7 in" in again
+
+
+def test_the_modbus_scale_section_and_its_target_are_merged_into_an_existing_report() -> None:
+    from benchmarks.modbus_scale import HEADING, TARGET_LINE
+    from benchmarks.report import render, with_sections
+
+    machine = {"cores": 2, "cpu": "x", "ram_gib": 1.0, "kernel": "k", "python": "3", "twisted": "t",
+               "sqlalchemy": "s", "sqlite": "q", "date": "then"}
+    step = {"layout": "10 meters per DTU", "meters_per_dtu": 10, "meters": 5000, "dtus": 500, "polls_per_s": 4990.0,
+            "timed_out": 0, "failed": 0, "p50": 0.1, "p99": 0.4, "cpu": 0.8, "polls_per_core_s": 6237.5,
+            "cpu_us_per_poll": 160.3, "sim_cpu": 0.3, "rss": 1e8, "load": 2.5, "kept_up": True}
+    result = {"steps": [step], "target_meters": 5000}
+    empty = {"machine": machine, "scale": "full", "hold": [], "storm": []}
+    full = render({**empty, "modbus_scale": result})
+    assert with_sections(render(empty), {"machine": machine, "modbus_scale": result}) == full  # inserted in place
+    assert "**met**: 6,238 polls per core-second" in full
+    behind = {"steps": [{**step, "polls_per_s": 3000.0, "timed_out": 12, "kept_up": False}], "target_meters": 5000}
+    again = with_sections(full, {"machine": machine, "modbus_scale": behind})  # replaced
+    assert again.splitlines().count(HEADING) == 1
+    (target,) = [line for line in again.splitlines() if line.startswith(TARGET_LINE)]
+    assert "**missed**" in target and "12 timed out" in target and "no step kept up" in target
+
+
+def test_the_poll_path_cost_is_measured_over_answered_polls() -> None:
+    from benchmarks.modbus_poll_path import measure
+
+    result = measure(meters=20, per_link=10, rounds=2, tune_gc=False)
+    assert (result["polls"], result["failed"]) == (40, 0)
+    assert result["rows"] == 10 * 60  # the first poll's and two rounds', 10 registers each
+
