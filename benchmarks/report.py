@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster, modbus_scale, upload_cpu
+from benchmarks import cluster, modbus_scale, reads, upload_cpu
 
 MIB = 1024 * 1024
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -152,6 +152,8 @@ def render(results: dict[str, Any]) -> str:
     if results.get("cluster"):
         out += ["", *cluster.render(results["cluster"], results["machine"]), ""]
     out += modbus_scale.render(results.get("modbus_scale"))
+    if results.get("reads"):
+        out += ["", *reads.render(results["reads"]), ""]
     if FINDINGS.exists():
         out += ["", FINDINGS.read_text().rstrip(), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -213,6 +215,8 @@ def _render_targets(results: dict[str, Any]) -> list[str]:
         lines.append(modbus_scale.target_line(results["modbus_scale"]))
     if results.get("upload_cpu"):
         lines.append(upload_cpu.target_line(results["upload_cpu"]))
+    if results.get("reads"):
+        lines.append(reads.target_line(results["reads"]))
     return [*lines, ""]
 
 
@@ -569,7 +573,7 @@ def _render_features(features: dict[str, Any] | None) -> list[str]:
 
 #: The scenarios whose sections stand alone (no line in Targets but their own target lines, which ``--merge``
 #: keeps current): ``--merge`` replaces just them.
-MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "features", "modbus_scale", "upload_cpu"}
+MERGEABLE = {"storm", "junk", "databases", "mqtt", "cluster", "features", "modbus_scale", "upload_cpu", "reads"}
 
 
 def with_sections(report: str, results: dict[str, Any]) -> str:
@@ -592,6 +596,9 @@ def with_sections(report: str, results: dict[str, Any]) -> str:
     if results.get("upload_cpu"):
         report = _with_section(report, upload_cpu.HEADING, upload_cpu.render(results["upload_cpu"], _render_profile))
         report = _with_target_line(report, upload_cpu.TARGET_LINE, upload_cpu.target_line(results["upload_cpu"]))
+    if results.get("reads"):
+        report = _with_section(report, reads.HEADING, reads.render(results["reads"]))
+        report = _with_target_line(report, reads.TARGET_PREFIX, reads.target_line(results["reads"]))
     return report
 
 

@@ -8,6 +8,7 @@
                                              # ingest on each database, compared (PostgreSQL: a scratch database)
     python -m benchmarks.run --only cluster --postgres URL --merge   # nodes behind HAProxy (empties that database)
     python -m benchmarks.run --only upload_cpu --merge   # CPU per acked upload, center against the baseline
+    python -m benchmarks.run --only reads [--postgres URL] --merge   # month charts, a fleet's latest values
 
 Every server and simulator is a separate process, so the center's own CPU
 (from /proc/PID/stat, all threads) is measured apart from the load
@@ -36,7 +37,7 @@ import attrs
 import sqlalchemy
 import sqlalchemy.pool
 
-from benchmarks import cluster, junk_flood, modbus_scale, report, upload_cpu
+from benchmarks import cluster, junk_flood, modbus_scale, reads, report, upload_cpu
 from benchmarks.procs import (
     PATIENCE,
     ApiClient,
@@ -533,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help=f"where to write the report (default {DEFAULT_OUT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
     parser.add_argument("--only",
-                        default="hold,ingest,baseline,profile,modbus,modbus_scale,storm,junk,mqtt,features,upload_cpu",
+                        default="hold,ingest,baseline,profile,modbus,modbus_scale,storm,junk,mqtt,features,upload_cpu,"
+                                "reads",
                         help="comma-separated scenarios to run (default all but databases, which runs with "
                              "--db; also: databases)")
     parser.add_argument("--profile-rate", type=int, default=None,
@@ -544,7 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--findings-only", action="store_true",
                         help="only bring the report's copy of benchmarks/findings.md up to date")
     parser.add_argument("--postgres", default=None,
-                        help="scratch PostgreSQL database URL for --only cluster (it is emptied), not run without")
+                        help="scratch PostgreSQL database URL for --only cluster (it is emptied), not run without; "
+                             "--only reads runs on it too (after SQLite)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--db", default=SQLITE,
                         help="comma-separated databases for the databases scenario (ingest on each, compared): "
@@ -556,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "existing report")
     args = parser.parse_args(argv)
     if args.merge and not set(args.only.split(",")) <= report.MERGEABLE and not args.from_json:
-        parser.error("--merge takes --only storm, junk, databases, cluster, features and/or modbus_scale "
+        parser.error("--merge takes --only storm, junk, databases, cluster, features, modbus_scale and/or reads "
                      "(or --from-json): the other sections share the Targets summary")
     if "cluster" in args.only.split(",") and not args.postgres:
         parser.error("--only cluster needs --postgres URL: the nodes share a PostgreSQL database")
@@ -584,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "hold": [], "ingest": None, "baseline": None, "profile": None, "modbus": None,
                                "storm": [], "junk_flood": None, "databases": [], "mqtt": None,
                                "cluster": None, "features": None, "modbus_scale": None,
-                               "upload_cpu": None}
+                               "upload_cpu": None, "reads": None}
     try:
         if "hold" in only:
             for count in scale.hold:
@@ -638,6 +641,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("cluster")
             results["cluster"] = cluster.run_cluster(
                 _fresh(workroot, "cluster"), args.postgres, cluster.SMOKE if args.smoke else cluster.FULL, log)
+        if "reads" in only:
+            results["reads"] = reads.run_reads(
+                _fresh(workroot, "reads"), args.postgres, reads.SMOKE if args.smoke else reads.FULL, log)
     finally:
         if args.keep:
             log(f"kept {workroot}")

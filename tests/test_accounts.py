@@ -233,6 +233,7 @@ ENDPOINTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("GET", "/api/meters/{name}"): (None, "404"),
     ("GET", "/api/meters/{name}/samples"): (None, "404"),
     ("GET", "/api/meters/{name}/latest"): (None, "404"),
+    ("GET", "/api/latest"): (None, "200"),
     ("GET", "/api/meters/{name}/failures"): (None, "404"),
     ("POST", "/api/meters/{name}/write"): ({"point": "power", "value": 1}, "404"),
     ("GET", "/api/meters/{name}/writes"): (None, "404"),

@@ -109,3 +109,24 @@ async def test_raw_rows_are_read_where_buckets_are_narrow_or_nothing_is_rolled_u
             assert charts.rollup_resolution(session, DTU_SAMPLES, wide, later) is None
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_range_of_weeks_is_drawn_from_the_hourly_rollups_however_wide_the_chart(db_url: str) -> None:
+    """The console asks for as many points as the chart has pixels: a month at 4000 points would read every
+    raw row of the month (buckets of 648 s), where the month's hourly roll-ups already fill the chart."""
+    async with running_store(db_url) as store:
+        samples, _ = uploads_and_polls()
+        await store.add_samples(samples)
+        await store.write(lambda session: queries.upsert_dtu(session, PSN, {}, NOW))
+        await RetentionJob(store, clock_at(NOW), RetentionPolicy()).run()
+        until = START + dt.timedelta(days=4)
+        with Session(store.engine) as session:
+            for days, points, expected in [(30, 4000, "hour"), (21, 10_000, "hour"), (20, 1000, None),
+                                           (7, 4000, None), (30, 30, "day")]:
+                since = until - dt.timedelta(days=days)
+                sampler = Downsampler(since.timestamp(), until.timestamp(), points)
+                assert charts.rollup_resolution(session, DTU_SAMPLES, sampler, since) == expected, (days, points)
+            wide = Downsampler((until - dt.timedelta(days=30)).timestamp(), until.timestamp(), 4000)
+            rolled = charts.reduce_dtu_samples(session, PSN, None, wide, until - dt.timedelta(days=30), until)
+            assert rolled == {} and wide.samples == len([s for s in samples if s[1] < until])
+            assert len(wide.result()["time"]) <= 4 * 24 + 1, "one point per hour of data (and the outage's gap)"
+

@@ -10,10 +10,10 @@ import datetime as dt
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
-from sqlalchemy import and_, bindparam, exists, func, literal_column, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, literal_column, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from dtucenter.setting import MAX_NAME
@@ -27,6 +27,7 @@ from dtucenter.store.models import (
     MeterFailure,
     MeterSample,
     MeterWrite,
+    UTCDateTime,
 )
 from dtucenter.store.queries import bucket_index, epoch_seconds, table_of, time_window
 from dtucenter.store.templates import template_of_meter
@@ -377,6 +378,126 @@ def latest_meter_values(session: Session, meter: MeterInfo) -> list[MeterSampleI
         latest = query_meter_samples(session, meter, point["name"], limit=1, newest_first=True)
         found.extend(latest)
     return found
+
+
+@attrs.frozen
+class MeterLatest:
+    """A meter's latest stored value of each configured point (a point never read has none)."""
+
+    meter: str
+    link: str
+    samples: tuple[MeterSampleInfo, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"meter": self.meter, "link": self.link, "samples": [s.to_json() for s in self.samples]}
+
+
+#: (meter, point) pairs per statement of ``newest_samples``.
+NEWEST_CHUNK = 5000
+
+# One step back along the (meter, point, time) index per pair, all in one statement: a statement per
+# pair would cost more in the driver than the index step does in the database. SQLite takes the pairs
+# as a JSON array; the row found is fetched by its id from the index (it holds the rowid).
+_NEWEST_SQLITE = text(
+    "SELECT j.key AS n, s.time AS time, s.value AS value FROM json_each(:pairs) AS j "
+    "JOIN meter_samples AS s ON s.id = (SELECT x.id FROM meter_samples AS x "
+    "WHERE x.meter = j.value ->> 0 AND x.point = j.value ->> 1 ORDER BY x.time DESC LIMIT 1)"
+)
+# On PostgreSQL, whose meter_samples is partitioned by day, the newest partitions are tried first:
+# an unbounded ``ORDER BY time DESC LIMIT 1`` would step into every partition's index (a merge of
+# them all), one bounded below by :recent only into the few it can reach.
+_NEWEST_POSTGRESQL = text(
+    "SELECT p.n AS n, s.time AS time, s.value AS value "
+    "FROM unnest(CAST(:meters AS text[]), CAST(:points AS text[])) WITH ORDINALITY AS p(meter, point, n) "
+    "CROSS JOIN LATERAL (SELECT x.time, x.value FROM meter_samples AS x "
+    "WHERE x.meter = p.meter AND x.point = p.point AND x.time >= :recent ORDER BY x.time DESC LIMIT 1) AS s"
+)
+#: How far back ``newest_samples`` looks first on PostgreSQL; pairs without a value since then are looked
+#: up again without the bound, one statement each.
+RECENT = dt.timedelta(days=1)
+
+
+def newest_samples(
+    session: Session, pairs: Sequence[tuple[str, str]], now: dt.datetime
+) -> dict[tuple[str, str], tuple[dt.datetime, float | None]]:
+    """The newest stored sample (time, value) of each (meter, point) pair that has one."""
+    found: dict[tuple[str, str], tuple[dt.datetime, float | None]] = {}
+    dialect = session.get_bind().dialect
+    postgresql = dialect.name == "postgresql"
+    # The times as the column type reads them, each distinct one once: a poll's points share its time.
+    read_time = UTCDateTime().dialect_impl(dialect).result_processor(dialect, None)
+    times: dict[Any, dt.datetime] = {}
+
+    def utc(raw: Any) -> dt.datetime:
+        time = times.get(raw)
+        if time is None:  # the column is NOT NULL: read, it is a datetime
+            time = times[raw] = cast(dt.datetime, raw if read_time is None else read_time(raw))
+        return time
+
+    for first in range(0, len(pairs), NEWEST_CHUNK):
+        chunk = pairs[first:first + NEWEST_CHUNK]
+        if not postgresql:
+            rows = session.execute(_NEWEST_SQLITE, {"pairs": json.dumps(chunk)})
+            found.update((chunk[n], (utc(time), value)) for n, time, value in rows)
+            continue
+        rows = session.execute(_NEWEST_POSTGRESQL, {
+            "meters": [m for m, _ in chunk], "points": [p for _, p in chunk], "recent": now - RECENT})
+        # ORDINALITY counts from 1.
+        found.update((chunk[n - 1], (utc(time), value)) for n, time, value in rows)
+        # A point silent for longer (a meter failing for days, one taken away): each its own statement, whose
+        # values the planner sees. Unbounded, the lateral join above is planned for any pair alike (a
+        # partition's rows over its number of meters), and where a partition holds few meters it walks
+        # that partition's (time, id) index backwards, past every row of the others, in every partition.
+        for pair in chunk:
+            if pair not in found:
+                newest = session.execute(
+                    select(MeterSample.time, MeterSample.value)
+                    .where(MeterSample.meter == pair[0], MeterSample.point == pair[1])
+                    .order_by(MeterSample.time.desc()).limit(1)
+                ).first()
+                if newest is not None:
+                    found[pair] = (newest.time, newest.value)
+    return found
+
+
+def latest_values(
+    session: Session, account: int | None, now: dt.datetime, after: str | None = None, limit: int | None = None,
+    needle: str | None = None, link: str | None = None,
+) -> list[MeterLatest]:
+    """Many meters' latest values, by name after ``after`` (a page), those of ``account`` (None: all),
+    whose name or link contains ``needle`` (any case), or on ``link``: a fleet's latest values in one
+    statement per NEWEST_CHUNK points, each an index step, however many samples are stored."""
+    query = select(Meter.name, Meter.link, Meter.points).order_by(Meter.name)
+    if account is not None:
+        query = query.where(Meter.account_id == account)
+    if after is not None:
+        query = query.where(Meter.name > after)
+    if needle:
+        lowered = needle.lower()
+        query = query.where(or_(func.lower(Meter.name).contains(lowered, autoescape=True),
+                                func.lower(Meter.link).contains(lowered, autoescape=True)))
+    if link is not None:
+        query = query.where(Meter.link == link)
+    if limit is not None:
+        query = query.limit(limit)
+    # Meters made from one template share their points' text: each is parsed once.
+    parsed: dict[str, tuple[Mapping[str, Any], ...]] = {}
+    meters = []
+    for name, where, text_of_points in session.execute(query):
+        points = parsed.get(text_of_points)
+        if points is None:
+            points = parsed[text_of_points] = tuple(json.loads(text_of_points))
+        meters.append((name, where, points))
+    values = newest_samples(session, [(name, p["name"]) for name, _, points in meters for p in points], now)
+    answer = []
+    for name, where, points in meters:
+        samples = []
+        for point in points:
+            value = values.get((name, point["name"]))
+            if value is not None:
+                samples.append(MeterSampleInfo(value[0], name, point["name"], typed_value(value[1], point)))
+        answer.append(MeterLatest(name, where, tuple(samples)))
+    return answer
 
 
 # -- failures and writes ---------------------------------------------------------------------------

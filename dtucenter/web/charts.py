@@ -47,6 +47,11 @@ EXPORT_PAGE = 5000
 #: 2.6 million raw rows to read, but 720 hourly buckets (docs/integrations.md "Retention and roll-ups").
 HOURLY_WIDTH = 1800.0
 DAILY_WIDTH = 43200.0
+#: A range at least this long is drawn from the hourly roll-ups whatever the ``points`` asked (the range of
+#: a default chart whose buckets are HOURLY_WIDTH wide, about three weeks): a wide chart (the console asks
+#: for its width in pixels, up to 4000) would else fold millions of raw rows, seconds of work, for points
+#: that a month's 720 hourly ones already fill.
+ROLLUP_RANGE = DEFAULT_POINTS * HOURLY_WIDTH
 
 
 def _positive(params: dict[str, str], name: str, default: float | None, most: float) -> float | None:
@@ -66,9 +71,9 @@ def rollup_resolution(
     session: Session, source: RollupSource, sampler: Downsampler, since: dt.datetime
 ) -> Resolution | None:
     """The roll-ups to draw a chart from, or None to read the raw rows: roll-ups when the chart's buckets are
-    wide enough to hold whole ones and the roll-up job has reached the range (else reading them would fold
-    every raw row of the range in Python on top)."""
-    if sampler.width < HOURLY_WIDTH:
+    wide enough to hold whole ones or the range is ROLLUP_RANGE long, and the roll-up job has reached the
+    range (else reading them would fold every raw row of the range in Python on top)."""
+    if sampler.width < HOURLY_WIDTH and sampler.until - sampler.since < ROLLUP_RANGE:
         return None
     cursor = session.get(RollupCursor, source.name)
     if cursor is None or cursor.time <= since:

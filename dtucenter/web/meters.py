@@ -61,6 +61,9 @@ FORWARD_WAIT = 120.0
 
 DEFAULT_HISTORY = 50
 MAX_HISTORY = 1000
+#: Meters per page of ``GET /api/latest``: by default, and at most (a fleet of 10,000 in one request).
+DEFAULT_FLEET_LATEST = 1000
+MAX_FLEET_LATEST = 10_000
 
 #: HTTP status and audit outcome for each way a write can fail; the first match counts.
 WRITE_ERRORS: tuple[tuple[type[ModbusError], int, str], ...] = (
@@ -103,6 +106,7 @@ class MeterApi:
         router.add("GET", "/api/meters/{name}", self.get_meter)
         router.add("GET", "/api/meters/{name}/samples", self.samples)
         router.add("GET", "/api/meters/{name}/latest", self.latest)
+        router.add("GET", "/api/latest", self.fleet_latest)
         router.add("GET", "/api/meters/{name}/failures", self.failures)
         router.add("POST", "/api/meters/{name}/write", self.write)
         router.add("GET", "/api/meters/{name}/writes", self.writes)
@@ -242,6 +246,22 @@ class MeterApi:
         info = await self._known(call, name)
         found = await self.store.read(partial(meters.latest_meter_values, meter=info))
         return {"samples": [s.to_json() for s in found]}
+
+    async def fleet_latest(self, call: Call) -> dict[str, object]:
+        """The latest values of many meters at once, a page of them by name: a dashboard of a fleet."""
+        params = call.query(("q", "link", "after", "limit"))
+        limit = limit_param(params, DEFAULT_FLEET_LATEST, MAX_FLEET_LATEST)
+        await self.recorder.synced()
+        scope, now = call.caller.scope, self.now()
+
+        def job(session: Session) -> list[dict[str, Any]]:
+            # Made JSON-ready on the store's thread: tens of thousands of values are not the reactor's work.
+            return [m.to_json() for m in meters.latest_values(
+                session, scope, now, params.get("after"), limit + 1, params.get("q"), params.get("link"))]
+
+        found = await self.store.read(job)
+        more = len(found) > limit
+        return {"meters": found[:limit], "next": found[limit - 1]["meter"] if more else None}
 
     async def failures(self, call: Call, name: str) -> dict[str, object]:
         limit = limit_param(call.query(("limit",)), DEFAULT_HISTORY, MAX_HISTORY)

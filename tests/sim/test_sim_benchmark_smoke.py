@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from benchmarks import report, upload_cpu
+from benchmarks import reads, report, upload_cpu
 from tests.support import run_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,14 +20,15 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
     result = run_process(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out),
-         "--only", "hold,ingest,baseline,modbus,modbus_scale,storm,junk,mqtt,features"],
+         "--only", "hold,ingest,baseline,modbus,modbus_scale,storm,junk,mqtt,features,reads"],
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     for heading in ("## Targets", "## Hold", "### center (stored in SQLite)", "### framing-only baseline", "## Modbus",
                     "## Redial storms", "## Junk flood", "## MQTT publishing at the ingest rate",
-                    report.FEATURES_HEADING, "## Modbus at scale", "- Modbus at scale, 5,000 meters"):
+                    report.FEATURES_HEADING, "## Modbus at scale", "- Modbus at scale, 5,000 meters",
+                    reads.HEADING, "### SQLite\n"):
         assert heading in text
     assert "Python 3." in text and "Twisted" in text and "SQLAlchemy" in text
     assert "Traceback" not in result.stderr
@@ -48,6 +49,29 @@ def test_the_databases_scenario_compares_sqlite_and_postgresql(tmp_path: Path, p
     section = text.partition(report.DATABASES_HEADING)[2]
     assert "| SQLite | " in section
     assert "via psycopg (COPY) | " in section
+    assert "Traceback" not in result.stderr
+
+
+def test_the_reads_scenario_runs_on_sqlite_and_postgresql(tmp_path: Path, postgres_urls: tuple[str, str]) -> None:
+    out = tmp_path / "performance.md"
+    out.write_text("# Performance\n\n## Targets\n\nkept\n")
+    result = run_process(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--only", "reads", "--merge",
+         "--postgres", postgres_urls[1]],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert "kept" in text, "--merge replaced more than its section"
+    section = text.partition(reads.HEADING)[2]
+    sqlite, _, postgresql = section.partition("### PostgreSQL (psycopg2)")
+    for run in (sqlite, postgresql):
+        rows = [line for line in run.splitlines() if line.startswith(("| API: ", "| console: "))]
+        assert len(rows) == 6, run
+        # Every meter of the fleet answered with each of its points' values, whatever the times were.
+        answer = f"| {reads.SMOKE.fleet:,} meters, {reads.SMOKE.fleet * len(reads.FLEET_POINTS):,} values |"
+        assert run.count(answer) == 2, run
+        assert "covering index ix_meter_samples_meter_point_time" in run.lower() or "meter_point_time_idx" in run
     assert "Traceback" not in result.stderr
 
 
