@@ -124,8 +124,8 @@ class Link:
             qos, retain = asked_qos, asked_retain
             if limited:  # MQTT 5: what the broker said it takes
                 qos, retain = min(qos, self._max_qos), retain and self._retain
-                size = packets.publish_size(topic, payload, qos, self._v5)
-                if self._max_packet is not None and size > self._max_packet:
+                if (self._max_packet is not None
+                        and packets.publish_size(topic, payload, qos, self._v5) > self._max_packet):
                     # The broker would close the connection on it, again at every attempt: it can never be delivered.
                     self._refuse(seq, "larger than the broker's maximum packet size")
                     continue
@@ -439,8 +439,7 @@ class Worker:
             if untold and now - told_at >= TELL_INTERVAL:
                 self._tell("delivered", untold.pop())
                 told_at = now
-            if link.refused and now - self._summary_at >= SUMMARY_INTERVAL:
-                self._summarise(link)
+            self._summarise(link)
 
     def _summarise(self, link: Link, force: bool = False) -> None:
         """Messages the broker would not take: counted in one line a minute, not one per message."""
