@@ -444,7 +444,7 @@ def test_the_worker_connection_writes_once_a_turn_and_restarts_a_dead_worker() -
     assert len(writes) == 2  # nothing written until the turn ends
     reactor.advance(0)
     assert writes[2] == [("send", [(1, [(1, "a", b"1", 1, False)]), (1, [(2, "b", b"2", 1, False),
-                                                                         (3, "c", b"3", 1, False)])])]
+                                                                         (3, "c", b"3", 1, False)])], [])]
     stream = b"".join(frames.encode(("delivered", n)) for n in (1, 2, 3))
     worker.outReceived(stream[:5])
     worker.outReceived(stream[5:])
@@ -466,3 +466,30 @@ def test_the_worker_connection_writes_once_a_turn_and_restarts_a_dead_worker() -
     second.processEnded(Failure(ProcessDone(0)))
     assert stopped.called and connection.pid is None
     assert not reactor.getDelayedCalls()
+
+
+def test_a_dtus_topics_cross_to_the_worker_once_then_by_slot() -> None:
+    from dtucenter.mqtt.client import TopicSlots
+    from dtucenter.mqtt.worker import Worker
+
+    slots = TopicSlots(size=2)
+    a, b, c = ("a/0", "a/1"), ("b/0",), ("c/0",)
+    told: list[tuple[int, tuple[str, ...]]] = []
+    first = slots.numbered([(1, a, b"h", (5, 6), 1, True), (3, "x", b"p", 1, False), (4, a, b"h", (7, 8), 1, True)],
+                           told)
+    assert first == [(1, 0, b"h", (5, 6), 1, True), (3, "x", b"p", 1, False), (4, 0, b"h", (7, 8), 1, True)]
+    assert told == [(0, a)]
+    told = []
+    assert [e[1] for e in slots.numbered([(6, b, b"h", (1,), 1, True), (7, a, b"h", (2, 3), 1, True)], told)] == [1, 0]
+    assert told == [(1, b)]
+    told = []  # past its size, the oldest slot is given anew: a is told again, under another slot
+    again = slots.numbered([(10, c, b"h", (1,), 1, True), (11, a, b"h", (1, 2), 1, True)], told)
+    assert [e[1] for e in again] == [0, 1]
+    assert told == [(0, c), (1, a)]
+
+    # The worker keeps each set's topics as PUBLISH names them and resolves the runs against them.
+    worker = Worker(MqttSettings(url="mqtt://broker"), Broker("broker", 1883, False), (0, "w", b"", 1, True), -1)
+    assert worker.take([("send", [(1, first)], [(0, a)])])
+    assert list(worker._inbox) == [("send", 1, [(1, (b"\x00\x03a/0", b"\x00\x03a/1"), b"h", (5, 6), 1, True),
+                                                 (3, "x", b"p", 1, False),
+                                                 (4, (b"\x00\x03a/0", b"\x00\x03a/1"), b"h", (7, 8), 1, True)])]

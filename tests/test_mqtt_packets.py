@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from dtucenter.mqtt import packets
+from dtucenter.mqtt.messages import Row
 from dtucenter.mqtt.packets import ConnAck, Disconnected, PacketReader, PingResp, ProtocolError, PubAck
-from dtucenter.mqtt.worker import Link, Lost
+from dtucenter.mqtt.worker import Link, Lost, NamedRun
+from dtucenter.mqtt.worker import _take as take_entries
 
 
 def feed_bytewise(reader: PacketReader, data: bytes) -> list[packets.Packet]:
@@ -185,11 +188,47 @@ def test_the_window_holds_and_acks_settle_in_order(pair: tuple[socket.socket, so
     assert [(topic, qos, mid) for topic, _, qos, _, mid in written] == [("a", 1, 1), ("b", 0, 0), ("c", 1, 2)]
     assert link.delivered_through() is None  # written, not acknowledged
     broker.sendall(b"\x40\x02\x00\x02")  # the later one first: nothing is delivered past the unacknowledged
-    pump_until(link, lambda: 2 not in link.waiting)
+    pump_until(link, lambda: link.awaiting_ack == 1)
     assert link.delivered_through() is None
     broker.sendall(b"\x40\x02\x00\x01")
     pump_until(link, link.settled)
     assert link.delivered_through() == 12 and link.outstanding == 0
+
+
+@pytest.mark.parametrize("v5", [False, True])
+def test_runs_are_split_at_the_window_and_settled_by_in_order_acks_read_in_any_chunks(
+        pair: tuple[socket.socket, socket.socket], v5: bool) -> None:
+    client, broker = pair
+    link = link_for(client, ConnAck(0, receive_maximum=2), v5=v5)
+    long = "t/\u00e9" * 40  # a remaining length of two bytes
+    names = (packets.encoded_name("t/0"), packets.encoded_name("t/1"), packets.encoded_name(long))
+    pending: deque[Row | NamedRun] = deque([(7, names, b'{"v":', (1, -20, 300), 1, True), (10, "s", b"up", 1, True)])
+    link.publish(take_entries(pending, link.window - link.outstanding))
+    assert list(pending) == [(9, names[2:], b'{"v":', (300,), 1, True), (10, "s", b"up", 1, True)]  # split
+    assert read_publishes(link, broker, 2, v5) == [("t/0", b'{"v":1}', 1, True, 1), ("t/1", b'{"v":-20}', 1, True, 2)]
+    assert take_entries(pending, link.window - link.outstanding) == []  # the window is full
+    acks = packets.pubacks(1, 2)
+    assert acks == b"\x40\x02\x00\x01\x40\x02\x00\x02"
+    broker.sendall(acks[:6])  # one whole, one cut short
+    pump_until(link, lambda: link.awaiting_ack == 1)
+    assert link.delivered_through() == 7 and link.delivered_through() is None  # told once
+    broker.sendall(acks[6:])
+    pump_until(link, link.settled)
+    assert link.delivered_through() == 8
+    link.publish(take_entries(pending, link.window - link.outstanding))
+    assert not pending
+    assert read_publishes(link, broker, 2, v5) == [(long, b'{"v":300}', 1, True, 3), ("s", b"up", 1, True, 4)]
+    broker.sendall(packets.pubacks(3, 2))
+    pump_until(link, link.settled)
+    assert link.delivered_through() == 10
+
+
+def test_packet_identifiers_wrap_and_the_expected_acks_with_them() -> None:
+    assert packets.next_mid(65535) == 1 and packets.next_mid(65534, 3) == 2
+    assert packets.pubacks(65535, 2) == b"\x40\x02\xff\xff\x40\x02\x00\x01"
+    names = (packets.encoded_name("a"),) * 3
+    data = packets.value_publishes(names, b"", (1, 2, 3), b"", 1, False, 65534, False)
+    assert [mid for *_, mid in decode_publishes(data, False)] == [65534, 65535, 1]
 
 
 def test_mqtt_5_limits_are_kept_and_refusals_counted(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -200,6 +239,12 @@ def test_mqtt_5_limits_are_kept_and_refusals_counted(pair: tuple[socket.socket, 
     pump_until(link, link.settled)
     assert link.delivered_through() == 2  # the one too large for the broker can never go: counted, not retried
     assert link.refused == {"larger than the broker's maximum packet size": 1}
+    link = link_for(client, ConnAck(0, maximum_packet_size=40))  # a run too, message by message
+    link.publish([(3, (packets.encoded_name("r"), packets.encoded_name("r" * 40)), b"", (1, 2), 1, False)])
+    assert read_publishes(link, broker, 1, v5=True) == [("r", b"1}", 1, False, 1)]
+    broker.sendall(b"\x40\x02\x00\x01")
+    pump_until(link, link.settled)
+    assert link.delivered_through() == 4 and link.refused == {"larger than the broker's maximum packet size": 1}
     link = link_for(client, ConnAck(0))
     link.publish([(3, "c", b"z", 1, False)])
     read_publishes(link, broker, 1, v5=True)

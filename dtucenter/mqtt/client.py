@@ -55,6 +55,53 @@ STOP_TIMEOUT = 15.0
 MAX_ERROR_LINE = 8192
 #: The directory that holds the ``dtucenter`` package.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+#: DTUs' topic sets a worker process keeps at most (eight topics each at eight values an upload).
+MAX_TOPIC_SETS = 100_000
+
+
+class TopicSlots:
+    """The DTUs' topic sets a worker process was told, each under a slot number that its runs carry.
+
+    A run's topics are the same tuple from one upload of the DTU to the next (the composer keeps it), so
+    they cross the pipe once per worker process and the worker keeps them as PUBLISH carries them:
+    pickled with each upload they were most of its bytes, and most of the worker's work per message was
+    finding them again. Slots are given out in turn: past ``size`` sets, the oldest slot is given anew.
+    """
+
+    def __init__(self, size: int = MAX_TOPIC_SETS) -> None:
+        self._size = size
+        #: id(topics) -> (slot, topics): the tuple is held, so that its id is not another's while it is here.
+        self._slots: dict[int, tuple[int, tuple[str, ...]]] = {}
+        self._by_slot: list[int] = []  # the id held in each slot
+        self._next = 0
+
+    def numbered(self, entries: list[Entry], told: list[tuple[int, tuple[str, ...]]]) -> list[Any]:
+        """``entries`` with each run's topics replaced by their slot; sets not yet told appended to ``told``."""
+        slots = self._slots
+        out: list[Any] = []
+        for entry in entries:
+            if len(entry) != 6:
+                out.append(entry)
+                continue
+            topics = entry[1]
+            known = slots.get(id(topics))
+            if known is None:
+                known = self._give(topics)
+                told.append(known)
+            out.append((entry[0], known[0], *entry[2:]))
+        return out
+
+    def _give(self, topics: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
+        slot = self._next
+        self._next = (slot + 1) % self._size
+        if slot < len(self._by_slot):
+            del self._slots[self._by_slot[slot]]
+            self._by_slot[slot] = id(topics)
+        else:
+            self._by_slot.append(id(topics))
+        given = self._slots[id(topics)] = (slot, topics)
+        return given
+
 
 class _WorkerProtocol(ProcessProtocol):
     """One worker process: frames out on its stdin, frames in from its stdout, its stderr logged."""
@@ -107,6 +154,7 @@ class BrokerConnection:
         #: The worker's connection the publisher was last told is up; 0: none.
         self._told_up = 0
         self._worker: _WorkerProtocol | None = None
+        self._topics = TopicSlots()
         self._transport: Any = None
         self._restart_call: IDelayedCall | None = None
         self._restart_delay = RESTART_FIRST
@@ -169,6 +217,7 @@ class BrokerConnection:
         self._restart_call = None
         self.starts += 1
         worker = self._worker = _WorkerProtocol(self)
+        self._topics = TopicSlots()  # a new worker knows none
         # The worker imports this package from where the center did, installed or not.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
@@ -191,9 +240,10 @@ class BrokerConnection:
         outbox, self._outbox = self._outbox, []
         # What was meant for no connection (the publisher never hands that over) or a dead worker is dropped:
         # the publisher heard "down" and kept it.
-        batches = [(connection, rows) for connection, rows in outbox if connection]
+        told: list[tuple[int, tuple[str, ...]]] = []
+        batches = [(connection, self._topics.numbered(entries, told)) for connection, entries in outbox if connection]
         if batches:
-            self._write(("send", batches))
+            self._write(("send", batches, told))
 
     def heard(self, frames: list[Any]) -> None:
         """The worker's news, in order; a run of "delivered" told once, with its last number."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import attrs
 
@@ -54,8 +54,10 @@ class ValueRun(NamedTuple):
     """The messages of a DTU upload with payload = value, one per value, as one record.
 
     At ingest rates these are most of what is published: the center hands the worker process one record
-    per upload, and each value's payload (``head``, the value, ``}``) is made there, off the center's
-    interpreter lock. Its messages are numbered from the run's first number, in the order of ``values``.
+    per upload, and each value's payload (``head``, the value, :data:`VALUE_TAIL`) is made there, off the
+    center's interpreter lock. Its messages are numbered from the run's first number, in the order of
+    ``values``. ``topics`` is the same tuple from one upload of a DTU to the next (:class:`_DtuNames`): it
+    crosses the pipe to the worker once, then the runs name it by a number (:mod:`dtucenter.mqtt.client`).
     """
 
     topics: tuple[str, ...]
@@ -73,9 +75,23 @@ RunRow = tuple[int, tuple[str, ...], bytes, tuple[int, ...], int, bool]
 Entry = Row | RunRow
 
 
+def size_of(entry: tuple[Any, ...]) -> int:
+    """How many messages an entry (of the center or of the worker process) holds."""
+    return len(entry[3]) if len(entry) == 6 else 1
+
+
 def last_seq(entry: Entry) -> int:
     """The number of an entry's last message."""
-    return entry[0] + len(entry[3]) - 1 if len(entry) == 6 else entry[0]
+    return entry[0] + size_of(entry) - 1
+
+
+#: What follows the value in a run's payloads: ``head``, the value in decimal, this.
+VALUE_TAIL = b"}"
+
+
+def payloads_of(head: bytes, values: tuple[int, ...]) -> list[bytes]:
+    """A run's payloads, a JSON object per value."""
+    return [b"%s%d%s" % (head, value, VALUE_TAIL) for value in values]
 
 
 def rows_of(entry: Entry) -> list[Row]:
@@ -83,8 +99,20 @@ def rows_of(entry: Entry) -> list[Row]:
     if len(entry) != 6:
         return [entry]
     first, topics, head, values, qos, retain = entry
-    return [(seq, topic, b"%s%d}" % (head, value), qos, retain)
-            for seq, topic, value in zip(range(first, first + len(values)), topics, values, strict=True)]
+    return [(seq, topic, payload, qos, retain) for seq, topic, payload
+            in zip(range(first, first + len(values)), topics, payloads_of(head, values), strict=True)]
+
+
+_Named = TypeVar("_Named", str, bytes)
+
+
+def split_run(run: tuple[int, tuple[_Named, ...], bytes, tuple[int, ...], int, bool], count: int
+              ) -> tuple[tuple[int, tuple[_Named, ...], bytes, tuple[int, ...], int, bool],
+                         tuple[int, tuple[_Named, ...], bytes, tuple[int, ...], int, bool]]:
+    """A run's first ``count`` messages, and the rest (its topics as the center or the worker keeps them)."""
+    first, topics, head, values, qos, retain = run
+    return ((first, topics[:count], head, values[:count], qos, retain),
+            (first + count, topics[count:], head, values[count:], qos, retain))
 
 
 @attrs.frozen

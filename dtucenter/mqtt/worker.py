@@ -6,9 +6,11 @@ on its stdin (from the center) and stdout (to it), and writes only unexpected
 trouble to stderr, which the center logs.
 
 From the center: first ``("config", settings, broker, last_will)``, then
-``("send", [(connection, entries), ...])`` (numbered messages, each batch with
-the connection it was meant for; an entry is a row or a run of rows, see
-:class:`dtucenter.mqtt.messages.ValueRun`), ``("birth", connection, row)`` (the
+``("send", [(connection, entries), ...], topic_sets)`` (numbered messages, each
+batch with the connection it was meant for; an entry is a row or a run of rows,
+see :class:`dtucenter.mqtt.messages.ValueRun`, whose topics are named by a
+slot: ``topic_sets`` are the ``(slot, topics)`` the worker was not told before,
+see :class:`dtucenter.mqtt.client.TopicSlots`), ``("birth", connection, row)`` (the
 center's status, said first on a new connection) and ``("stop", row)`` (the
 goodbye: said, its ack and the last messages' acks awaited, then the worker
 disconnects and exits). A row is ``(seq, topic, payload, qos, retain)``.
@@ -35,6 +37,7 @@ Linux the kernel also kills it when the center dies.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import select
 import signal
@@ -49,7 +52,7 @@ from typing import Any
 from dtucenter.mqtt import packets
 from dtucenter.mqtt.config import Broker, MqttSettings
 from dtucenter.mqtt.frames import FrameError, FrameReader, encode
-from dtucenter.mqtt.messages import rows_of
+from dtucenter.mqtt.messages import VALUE_TAIL, Row, payloads_of, size_of, split_run
 
 #: Seconds before reconnecting after a failure, doubling up to RETRY_MAX.
 RETRY_FIRST = 0.5
@@ -69,8 +72,8 @@ READ_SIZE = 1 << 20
 #: Seconds between the lines that say how many messages the broker refused or could not take.
 SUMMARY_INTERVAL = 60.0
 
-#: A message as the center hands it over: (seq, topic, payload, qos, retain).
-Row = tuple[int, str, bytes, int, bool]
+#: A run as the worker keeps it: (first seq, its topics' encoded names, head, values, qos, retain).
+NamedRun = tuple[int, tuple[bytes, ...], bytes, tuple[int, ...], int, bool]
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -80,7 +83,15 @@ class Lost(Exception):
 
 
 class Link:
-    """One connection to the broker, once it accepted CONNECT: what was written, what is acknowledged."""
+    """One connection to the broker, once it accepted CONNECT: what was written, what is acknowledged.
+
+    Messages are published in the order of their numbers (seqs). A QoS 1 message is in flight from its
+    writing to its PUBACK; its packet identifiers are given out in order, so those in flight, at most
+    :data:`MAX_INFLIGHT` of the 65535, are consecutive from the oldest one's. Brokers acknowledge in
+    order (but for the rare refusal), so what is read is first held against the PUBACKs of success
+    expected next (:func:`packets.pubacks`): a match settles the whole read at once; anything else is
+    taken packet by packet. A QoS 0 message is delivered once written.
+    """
 
     def __init__(self, sock: socket.socket, reader: packets.PacketReader, accepted: packets.ConnAck,
                  level: int, keepalive: int) -> None:
@@ -91,18 +102,30 @@ class Link:
         self._max_qos = 1 if accepted.maximum_qos is None else accepted.maximum_qos
         self._retain = accepted.retain_available
         self._max_packet = accepted.maximum_packet_size
+        #: The broker set limits (MQTT 5): each message is held against them on its own.
+        self._limited = self._max_qos < 1 or not self._retain or self._max_packet is not None
         self._keepalive = accepted.server_keepalive if accepted.server_keepalive is not None else keepalive
         self._out = bytearray()
         self._written = 0  # bytes written since the connection began
         self._queued = 0  # bytes queued since the connection began
-        self._next_mid = 0
         self._names: dict[str, bytes] = {}  # topics' encoded names, for packets.publishes
-        #: QoS 1 messages written or queued, not yet acknowledged: mid -> seq.
-        self.waiting: dict[int, int] = {}
-        #: QoS 0 messages queued, by the byte count at which the last of a batch has been written.
-        self._unwritten: deque[tuple[int, list[int]]] = deque()
-        self._order: deque[int] = deque()  # seqs in the order published
-        self._done: set[int] = set()  # seqs delivered, not yet told as part of a run from the oldest
+        #: The seq of the message published last on this connection (-1: none yet).
+        self._last_seq = -1
+        #: The seq through which delivery was last reported by :meth:`delivered_through`.
+        self._told = -1
+        # QoS 1 messages in flight, oldest first: for each, the seq published just before it (what is
+        # delivered once the messages ahead of it are), its expected PUBACK (4 bytes), and whether it was
+        # acknowledged early (before one ahead of it).
+        self._before: list[int] = []
+        self._expected = bytearray()
+        self._early = bytearray()
+        self._early_count = 0
+        self._oldest_mid = 1  # the packet identifier of the oldest in flight (if none, of the next)
+        self._next_mid = 1
+        #: QoS 0 messages queued, not yet written: (the byte count at which they are, the seq before the
+        #: first of them, how many), a batch each.
+        self._unwritten: deque[tuple[int, int, int]] = deque()
+        self._unwritten_count = 0
         self._last_write = time.monotonic()
         self._ping_sent: float | None = None
         #: Messages the broker refused (MQTT 5 reason codes from 0x80) or could not take (too large).
@@ -110,41 +133,83 @@ class Link:
 
     @property
     def outstanding(self) -> int:
-        return len(self._order)
+        """Messages published and not yet delivered."""
+        return len(self._before) + self._unwritten_count
 
-    def publish(self, rows: list[Row]) -> None:
-        """Queue PUBLISH packets for ``rows``, in order; written by :meth:`pump`."""
-        waiting, order = self.waiting, self._order
-        encoded: list[tuple[str, bytes, int, bool, int]] = []
-        unwritten: list[int] = []
+    @property
+    def awaiting_ack(self) -> int:
+        """QoS 1 messages the broker has not acknowledged yet."""
+        return len(self._before) - self._early_count
+
+    def publish(self, entries: list[Row | NamedRun]) -> None:
+        """Queue PUBLISH packets for ``entries`` (numbered in order), written by :meth:`pump`."""
+        rows: list[Row] = []
+        for entry in entries:
+            if len(entry) != 6:
+                rows.append(entry)
+            elif self._limited:
+                first, names, head, values, qos, retain = entry
+                rows += [(seq, name[2:].decode(), payload, qos, retain) for seq, name, payload
+                         in zip(itertools.count(first), names, payloads_of(head, values))]
+            else:
+                if rows:
+                    self._publish_rows(rows)
+                    rows = []
+                self._publish_run(entry)
+        if rows:
+            self._publish_rows(rows)
+
+    def _publish_run(self, run: NamedRun) -> None:
+        """The hot path: an upload's messages, one per value, each with the run's QoS and retain flag."""
+        first, names, head, values, qos, retain = run
+        count = len(values)
         mid = self._next_mid
-        limited = self._max_qos < 1 or not self._retain or self._max_packet is not None
+        if qos:
+            self._in_flight(first, count, mid)
+        self._queue(packets.value_publishes(names, head, values, VALUE_TAIL, qos, retain, mid, self._v5))
+        if not qos:
+            self._unwritten.append((self._queued, self._last_seq, count))
+            self._unwritten_count += count
+        self._last_seq = first + count - 1
+
+    def _in_flight(self, first: int, count: int, mid: int) -> None:
+        """``count`` QoS 1 messages numbered from ``first`` are given the identifiers from ``mid``."""
+        self._before.append(self._last_seq)
+        self._before += range(first, first + count - 1)
+        self._expected += packets.pubacks(mid, count)
+        self._early += bytes(count)
+        self._next_mid = packets.next_mid(mid, count)
+
+    def _publish_rows(self, rows: list[Row]) -> None:
+        encoded: list[tuple[str, bytes, int, bool, int]] = []
+        unwritten_before, unwritten = -1, 0
         for seq, topic, payload, asked_qos, asked_retain in rows:
-            order.append(seq)
             qos, retain = asked_qos, asked_retain
-            if limited:  # MQTT 5: what the broker said it takes
+            if self._limited:  # MQTT 5: what the broker said it takes
                 qos, retain = min(qos, self._max_qos), retain and self._retain
                 if (self._max_packet is not None
                         and packets.publish_size(topic, payload, qos, self._v5) > self._max_packet):
                     # The broker would close the connection on it, again at every attempt: it can never be delivered.
-                    self._refuse(seq, "larger than the broker's maximum packet size")
+                    self._refuse("larger than the broker's maximum packet size")
+                    self._last_seq = seq
                     continue
+            mid = 0
             if qos:
-                mid = mid % 65535 + 1
-                while mid in waiting:
-                    mid = mid % 65535 + 1
-                waiting[mid] = seq
+                mid = self._next_mid
+                self._in_flight(seq, 1, mid)
+            elif not unwritten:
+                unwritten_before, unwritten = self._last_seq, 1
             else:
-                unwritten.append(seq)
+                unwritten += 1
             encoded.append((topic, payload, qos, retain, mid))
-        self._next_mid = mid
+            self._last_seq = seq
         self._queue(packets.publishes(encoded, self._v5, self._names))
         if unwritten:
-            self._unwritten.append((self._queued, unwritten))
+            self._unwritten.append((self._queued, unwritten_before, unwritten))
+            self._unwritten_count += unwritten
 
-    def _refuse(self, seq: int, why: str) -> None:
+    def _refuse(self, why: str) -> None:
         """A message the broker will not take: delivered as far as the center is concerned, and counted."""
-        self._done.add(seq)
         self.refused[why] = self.refused.get(why, 0) + 1
 
     def _queue(self, data: bytes) -> None:
@@ -184,9 +249,10 @@ class Link:
         self._last_write = time.monotonic()
         unwritten, written = self._unwritten, self._written
         while unwritten and unwritten[0][0] <= written:
-            self._done.update(unwritten.popleft()[1])
+            self._unwritten_count -= unwritten.popleft()[2]
 
     def _read(self) -> None:
+        reader = self._reader
         while True:
             try:
                 data = self._sock.recv(READ_SIZE)
@@ -196,19 +262,41 @@ class Link:
                 raise Lost(f"connection lost: {e}") from None
             if not data:
                 raise Lost("the broker closed the connection")
-            self._take(self._reader.feed(data))
+            if reader.idle and self._expected.startswith(data):
+                # The PUBACKs expected next, in order (the last one perhaps cut short: the reader keeps it).
+                whole = len(data) >> 2
+                self._settle(whole)
+                if len(data) & 3:
+                    reader.feed(data[whole << 2:])
+            else:
+                self._take(reader.feed(data))
+
+    def _settle(self, count: int) -> None:
+        """The oldest ``count`` messages in flight are acknowledged, and with them those acknowledged early."""
+        early = self._early
+        while count:
+            if self._early_count:
+                self._early_count -= early.count(1, 0, count)
+            del self._before[:count], self._expected[:count * 4], early[:count]
+            self._oldest_mid = packets.next_mid(self._oldest_mid, count)
+            count = 0
+            if self._early_count:
+                while count < len(early) and early[count]:
+                    count += 1
 
     def _take(self, answers: list[packets.Packet]) -> None:
-        waiting, done = self.waiting, self._done
         for answer in answers:
             if type(answer) is packets.PubAck:
-                seq = waiting.pop(answer.mid, None)
-                if seq is None:
+                at = (answer.mid - self._oldest_mid) % 65535  # its place among those in flight
+                if at >= len(self._before) or self._early[at]:
                     continue  # not ours (any more): nothing to settle
                 if answer.code >= 0x80:
-                    self._refuse(seq, f"refused by the broker (reason 0x{answer.code:02x})")
+                    self._refuse(f"refused by the broker (reason 0x{answer.code:02x})")
+                if at == 0:
+                    self._settle(1)
                 else:
-                    done.add(seq)
+                    self._early[at] = 1
+                    self._early_count += 1
             elif isinstance(answer, packets.PingResp):
                 self._ping_sent = None
             elif isinstance(answer, packets.Disconnected):
@@ -233,16 +321,17 @@ class Link:
 
     def delivered_through(self) -> int | None:
         """The seq through which everything published on this connection was delivered, if it moved."""
-        through = None
-        order, done = self._order, self._done
-        while order and order[0] in done:
-            through = order.popleft()
-            done.discard(through)
+        through = self._before[0] if self._before else self._last_seq
+        if self._unwritten:
+            through = min(through, self._unwritten[0][1])
+        if through <= self._told:
+            return None
+        self._told = through
         return through
 
     def settled(self) -> bool:
         """Everything written, every QoS 1 message acknowledged."""
-        return not self._out and not self.waiting and not self._unwritten
+        return not self._out and not self._before and not self._unwritten
 
     def close(self, goodbye: bool) -> None:
         """With ``goodbye``, DISCONNECT first (the broker then keeps the last will to itself)."""
@@ -265,9 +354,11 @@ class Worker:
         self._last_will = last_will
         self._out = out
         self._level = packets.LEVELS[settings.version]
-        #: What the center sent, appended by the reading thread: ("send", connection, rows) or
-        #: ("birth", connection, row).
+        #: What the center sent, appended by the reading thread: ("send", connection, entries) or
+        #: ("birth", connection, row); a run's topics given as their encoded names.
         self._inbox: deque[tuple[str, int, Any]] = deque()
+        #: The topic sets the center told, by slot: each topic as a PUBLISH packet carries its name.
+        self._topic_sets: dict[int, tuple[bytes, ...]] = {}
         #: Written by the reading thread when something came, so that the network loop need not poll.
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -302,8 +393,14 @@ class Worker:
         """Hands the center's frames to the network loop; False once it said stop."""
         for frame in frames:
             if frame[0] == "send":
-                for connection, rows in frame[1]:
-                    self._inbox.append(("send", connection, rows))
+                topic_sets = self._topic_sets
+                for slot, topics in frame[2]:
+                    topic_sets[slot] = tuple(packets.encoded_name(topic) for topic in topics)
+                for connection, entries in frame[1]:
+                    self._inbox.append(("send", connection, [
+                        (entry[0], topic_sets[entry[1]], *entry[2:]) if len(entry) == 6 else entry
+                        for entry in entries
+                    ]))
             elif frame[0] == "birth":
                 self._inbox.append(("birth", frame[1], frame[2]))
             elif frame[0] == "stop":
@@ -411,24 +508,20 @@ class Worker:
                 self._tell("delivered", untold[-1])
 
     def _publish_what_comes(self, link: Link, untold: list[int]) -> None:
-        inbox, pending = self._inbox, deque[Row]()
+        inbox, pending = self._inbox, deque[Row | NamedRun]()
         told_at = 0.0
         while not self._stopping.is_set():
             while inbox:
-                kind, connection, rows = inbox.popleft()
+                kind, connection, entries = inbox.popleft()
                 if connection != self._connection:
                     continue  # meant for an earlier connection: the center kept it
                 if kind == "birth":  # the center's status, before anything it sends after hearing "up"
-                    link.publish([rows])
+                    link.publish([entries])
                 else:
-                    for entry in rows:
-                        if len(entry) == 6:  # a run: its payloads are made here, off the center
-                            pending.extend(rows_of(entry))
-                        else:
-                            pending.append(entry)
+                    pending += entries
             room = link.window - link.outstanding
             if pending and room > 0:  # else read the acks first: the broker takes so many at once
-                link.publish([pending.popleft() for _ in range(min(room, len(pending)))])
+                link.publish(_take(pending, room))
             # Acks are told at most every TELL_INTERVAL: each tell wakes the center's reactor up.
             link.pump(0 if pending and link.outstanding < link.window else TELL_INTERVAL if untold else IDLE_WAIT,
                       self._wake_read)
@@ -461,6 +554,21 @@ class Worker:
             self._tell("delivered", through)
         self._summarise(link, force=True)
         link.close(goodbye=True)
+
+
+def _take(pending: deque[Row | NamedRun], room: int) -> list[Row | NamedRun]:
+    """The oldest of ``pending``, ``room`` messages at most: a run that does not fit is split."""
+    taken: list[Row | NamedRun] = []
+    while pending and room > 0:
+        size = size_of(pending[0])
+        if size > room:
+            run: NamedRun = pending[0]  # type: ignore[assignment]  # a row is one message: it fits
+            head, pending[0] = split_run(run, room)
+            taken.append(head)
+            break
+        taken.append(pending.popleft())
+        room -= size
+    return taken
 
 
 def _refusal(accepted: packets.ConnAck, level: int) -> str:
