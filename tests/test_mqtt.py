@@ -488,8 +488,40 @@ def test_a_dtus_topics_cross_to_the_worker_once_then_by_slot() -> None:
     assert told == [(0, c), (1, a)]
 
     # The worker keeps each set's topics as PUBLISH names them and resolves the runs against them.
-    worker = Worker(MqttSettings(url="mqtt://broker"), Broker("broker", 1883, False), (0, "w", b"", 1, True), -1)
-    assert worker.take([("send", [(1, first)], [(0, a)])])
+    worker = Worker(MqttSettings(url="mqtt://broker"), Broker("broker", 1883, False), (0, "w", b"", 1, True), -1, -1,
+                    frames.FrameReader())
+    worker.take([("send", [(1, first)], [(0, a)])])
     assert list(worker._inbox) == [("send", 1, [(1, (b"\x00\x03a/0", b"\x00\x03a/1"), b"h", (5, 6), 1, True),
                                                  (3, "x", b"p", 1, False),
                                                  (4, (b"\x00\x03a/0", b"\x00\x03a/1"), b"h", (7, 8), 1, True)])]
+
+
+def test_the_worker_hears_a_stop_while_it_waits_for_the_broker_or_to_reconnect() -> None:
+    import os
+    import socket
+
+    from dtucenter.mqtt.packets import PacketReader
+    from dtucenter.mqtt.worker import Lost, Worker
+
+    def worker_told_to_stop() -> tuple[Worker, int]:
+        source, center = os.pipe()
+        os.write(center, frames.encode(("stop", (0, "c", b"bye", 1, True))))
+        worker = Worker(MqttSettings(url="mqtt://broker"), Broker("broker", 1883, False), (0, "w", b"", 1, True),
+                        source, -1, frames.FrameReader())
+        return worker, center
+
+    worker, center = worker_told_to_stop()
+    worker._wait(3600)  # the backoff before reconnecting
+    assert worker.stopping
+    os.close(center)
+    os.close(worker._source)
+
+    worker, center = worker_told_to_stop()
+    client, silent_broker = socket.socketpair()  # connected, never answers CONNECT
+    with pytest.raises(Lost, match="no answer"):
+        worker._connack(client, PacketReader(False))
+    assert worker.stopping  # heard, not timed out
+    for end in (client, silent_broker):
+        end.close()
+    os.close(center)
+    os.close(worker._source)

@@ -17,8 +17,7 @@ import pytest
 from dtucenter.mqtt import packets
 from dtucenter.mqtt.messages import Row
 from dtucenter.mqtt.packets import ConnAck, Disconnected, PacketReader, PingResp, ProtocolError, PubAck
-from dtucenter.mqtt.worker import Link, Lost, NamedRun
-from dtucenter.mqtt.worker import _take as take_entries
+from dtucenter.mqtt.worker import Link, Lost, NamedRun, take_up_to
 
 
 def feed_bytewise(reader: PacketReader, data: bytes) -> list[packets.Packet]:
@@ -203,10 +202,10 @@ def test_runs_are_split_at_the_window_and_settled_by_in_order_acks_read_in_any_c
     long = "t/\u00e9" * 40  # a remaining length of two bytes
     names = (packets.encoded_name("t/0"), packets.encoded_name("t/1"), packets.encoded_name(long))
     pending: deque[Row | NamedRun] = deque([(7, names, b'{"v":', (1, -20, 300), 1, True), (10, "s", b"up", 1, True)])
-    link.publish(take_entries(pending, link.window - link.outstanding))
+    link.publish(take_up_to(pending, link.window - link.outstanding))
     assert list(pending) == [(9, names[2:], b'{"v":', (300,), 1, True), (10, "s", b"up", 1, True)]  # split
     assert read_publishes(link, broker, 2, v5) == [("t/0", b'{"v":1}', 1, True, 1), ("t/1", b'{"v":-20}', 1, True, 2)]
-    assert take_entries(pending, link.window - link.outstanding) == []  # the window is full
+    assert take_up_to(pending, link.window - link.outstanding) == []  # the window is full
     acks = packets.pubacks(1, 2)
     assert acks == b"\x40\x02\x00\x01\x40\x02\x00\x02"
     broker.sendall(acks[:6])  # one whole, one cut short
@@ -215,7 +214,7 @@ def test_runs_are_split_at_the_window_and_settled_by_in_order_acks_read_in_any_c
     broker.sendall(acks[6:])
     pump_until(link, link.settled)
     assert link.delivered_through() == 8
-    link.publish(take_entries(pending, link.window - link.outstanding))
+    link.publish(take_up_to(pending, link.window - link.outstanding))
     assert not pending
     assert read_publishes(link, broker, 2, v5) == [(long, b'{"v":300}', 1, True, 3), ("s", b"up", 1, True, 4)]
     broker.sendall(packets.pubacks(3, 2))

@@ -24,7 +24,9 @@ paho-mqtt: at a message per value, ingest rates mean tens of thousands of
 messages a second, and paho's tens of microseconds of Python per message were
 more than the center spends on the upload they come from (docs/performance.md,
 "MQTT"). Here what the center hands over in one frame goes out in one socket
-write, and the broker's PUBACKs are taken a read at a time.
+write, and the broker's PUBACKs are taken a read at a time. One thread does
+it all, waiting on the broker's socket and the center's pipe at once: a
+second thread for the pipe cost a hand-over of the interpreter lock per frame.
 
 Nothing is re-sent behind the center's back: what was not delivered when a
 connection dropped is the center's to keep, in order, and a batch handed over
@@ -44,7 +46,6 @@ import signal
 import socket
 import ssl
 import sys
-import threading
 import time
 from collections import deque
 from typing import Any
@@ -216,26 +217,25 @@ class Link:
         self._out += data
         self._queued += len(data)
 
-    def pump(self, timeout: float, wake: int | None = None) -> None:
-        """Write what is queued, read what came, wait up to ``timeout`` for either; raises :class:`Lost`."""
+    def pump(self, timeout: float, center: int | None = None) -> bool:
+        """Write what is queued, read what came, wait up to ``timeout`` for either (or for ``center``, a
+        pipe, to be readable: then True); raises :class:`Lost`."""
         sock = self._sock
         if self._out:
             self._write()
         pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-        readable: list[Any] = [sock] if wake is None else [sock, wake]
+        readable: list[Any] = [sock] if center is None else [sock, center]
         try:
             ready, writable, _ = select.select(readable, [sock] if self._out else [], [],
                                                0 if pending else max(timeout, 0))
         except (OSError, ValueError) as e:
             raise Lost(f"connection lost: {e}") from None
-        if wake is not None and wake in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(wake, 4096)
         if sock in ready or pending:
             self._read()
         if writable and self._out:
             self._write()
         self._keep_alive()
+        return center is not None and center in ready
 
     def _write(self) -> None:
         try:
@@ -348,49 +348,59 @@ class Link:
 class Worker:
     """Keeps a connection to the broker, publishes what the center sends, tells what became of it."""
 
-    def __init__(self, settings: MqttSettings, broker: Broker, last_will: Row, out: int) -> None:
+    def __init__(self, settings: MqttSettings, broker: Broker, last_will: Row, source: int, out: int,
+                 reader: FrameReader) -> None:
         self._settings = settings
         self._broker = broker
         self._last_will = last_will
+        self._source = source
         self._out = out
+        self._reader = reader
         self._level = packets.LEVELS[settings.version]
-        #: What the center sent, appended by the reading thread: ("send", connection, entries) or
-        #: ("birth", connection, row); a run's topics given as their encoded names.
+        #: What the center sent, not yet published: ("send", connection, entries) or ("birth", connection, row);
+        #: a run's topics given as their encoded names.
         self._inbox: deque[tuple[str, int, Any]] = deque()
         #: The topic sets the center told, by slot: each topic as a PUBLISH packet carries its name.
         self._topic_sets: dict[int, tuple[bytes, ...]] = {}
-        #: Written by the reading thread when something came, so that the network loop need not poll.
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(self._wake_write, False)
         self._goodbye: Row | None = None
-        self._stopping = threading.Event()
+        self._stopping = False
         #: The connection being served, counted from 1.
         self._connection = 0
         self._summary_at = 0.0
 
-    # -- the reading thread ------------------------------------------------------
+    # -- the center's frames -----------------------------------------------------
 
-    def read(self, source: int, reader: FrameReader) -> None:
-        """Takes the center's frames until it says stop; exits the process when the center is gone."""
-        while True:
-            data = os.read(source, READ_SIZE)
-            if not data:
-                # The center is gone without a goodbye: no DISCONNECT, so that the broker says the last will.
-                os._exit(0)
-            try:
-                frames = reader.feed(data)
-            except FrameError as e:
-                print(f"MQTT worker: {e}", file=sys.stderr, flush=True)
-                os._exit(2)
-            more = self.take(frames)
-            with contextlib.suppress(BlockingIOError):  # full: a wake-up is already waiting
-                os.write(self._wake_write, b"!")
-            if not more:
+    def _hear(self) -> None:
+        """Takes what the center wrote (its pipe is readable); exits the process when the center is gone."""
+        data = os.read(self._source, READ_SIZE)
+        if not data:
+            # The center is gone without a goodbye: no DISCONNECT, so that the broker says the last will.
+            os._exit(0)
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as e:
+            print(f"MQTT worker: {e}", file=sys.stderr, flush=True)
+            os._exit(2)
+        self.take(frames)
+
+    def _wait(self, seconds: float) -> None:
+        """Waits ``seconds``, hearing the center meanwhile, or less if it says stop."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return
+            ready, _, _ = select.select([self._source], [], [], left)
+            if ready:
+                self._hear()
 
-    def take(self, frames: list[Any]) -> bool:
-        """Hands the center's frames to the network loop; False once it said stop."""
+    @property
+    def stopping(self) -> bool:
+        """The center said stop."""
+        return self._stopping
+
+    def take(self, frames: list[Any]) -> None:
+        """The center's frames: what to publish is queued, a stop is noted."""
         for frame in frames:
             if frame[0] == "send":
                 topic_sets = self._topic_sets
@@ -405,11 +415,10 @@ class Worker:
                 self._inbox.append(("birth", frame[1], frame[2]))
             elif frame[0] == "stop":
                 self._goodbye = frame[1]
-                self._stopping.set()
-                return False
-        return True
+                self._stopping = True
+                return
 
-    # -- the network loop (the main thread) --------------------------------------
+    # -- the broker ----------------------------------------------------------------
 
     def _tell(self, *frame: object) -> None:
         data = encode(frame)
@@ -418,12 +427,12 @@ class Worker:
 
     def run(self) -> None:
         delay = RETRY_FIRST
-        while not self._stopping.is_set():
+        while not self._stopping:
             reason = self._connect_and_serve()
-            if self._stopping.is_set():
+            if self.stopping:  # said while connected, or while connecting
                 break
             self._tell("down", reason)
-            self._stopping.wait(delay)
+            self._wait(delay)
             delay = min(delay * 2, RETRY_MAX)
             if reason == "":
                 delay = RETRY_FIRST
@@ -446,7 +455,11 @@ class Worker:
         return ""
 
     def _open(self) -> Link:
-        """Connects, says CONNECT and waits for the broker to accept it; raises :class:`Lost` if it does not."""
+        """Connects, says CONNECT and waits for the broker to accept it; raises :class:`Lost` if it does not.
+
+        The center is not heard while TCP and TLS connect (CONNECT_TIMEOUT at most, well within the
+        center's wait for a stopping worker), only while the broker's CONNACK is awaited.
+        """
         broker, settings = self._broker, self._settings
         try:
             sock = socket.create_connection((broker.host, broker.port), timeout=CONNECT_TIMEOUT)
@@ -473,7 +486,6 @@ class Worker:
             with contextlib.suppress(OSError):
                 sock.close()
             raise Lost(f"refused ({_refusal(accepted, self._level)})")
-        sock.setblocking(False)
         return Link(sock, reader, accepted, self._level, settings.keepalive)
 
     def _tls(self) -> ssl.SSLContext:
@@ -484,12 +496,23 @@ class Worker:
         return context
 
     def _connack(self, sock: socket.socket, reader: packets.PacketReader) -> packets.ConnAck:
+        """The broker's answer to CONNECT, the center heard meanwhile; the socket is left non-blocking."""
         deadline = time.monotonic() + CONNECT_TIMEOUT
-        sock.settimeout(0.1)  # short waits, so that a stop is heard while the broker thinks
-        while time.monotonic() < deadline and not self._stopping.is_set():
+        sock.setblocking(False)
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+            waited_on: list[Any] = [sock, self._source]
+            ready, _, _ = select.select(waited_on, [], [], 0 if pending else left)
+            if self._source in ready:
+                self._hear()
+            if sock not in ready and not pending:
+                continue
             try:
                 data = sock.recv(4096)
-            except TimeoutError:
+            except _WOULD_BLOCK:
                 continue
             if not data:
                 raise Lost("the broker closed the connection before answering")
@@ -510,7 +533,7 @@ class Worker:
     def _publish_what_comes(self, link: Link, untold: list[int]) -> None:
         inbox, pending = self._inbox, deque[Row | NamedRun]()
         told_at = 0.0
-        while not self._stopping.is_set():
+        while not self._stopping:
             while inbox:
                 kind, connection, entries = inbox.popleft()
                 if connection != self._connection:
@@ -521,10 +544,11 @@ class Worker:
                     pending += entries
             room = link.window - link.outstanding
             if pending and room > 0:  # else read the acks first: the broker takes so many at once
-                link.publish(_take(pending, room))
+                link.publish(take_up_to(pending, room))
             # Acks are told at most every TELL_INTERVAL: each tell wakes the center's reactor up.
-            link.pump(0 if pending and link.outstanding < link.window else TELL_INTERVAL if untold else IDLE_WAIT,
-                      self._wake_read)
+            if link.pump(0 if pending and link.outstanding < link.window else TELL_INTERVAL if untold else IDLE_WAIT,
+                         self._source):
+                self._hear()
             through = link.delivered_through()
             if through is not None:
                 untold[:] = [through]
@@ -556,7 +580,7 @@ class Worker:
         link.close(goodbye=True)
 
 
-def _take(pending: deque[Row | NamedRun], room: int) -> list[Row | NamedRun]:
+def take_up_to(pending: deque[Row | NamedRun], room: int) -> list[Row | NamedRun]:
     """The oldest of ``pending``, ``room`` messages at most: a run that does not fit is split."""
     taken: list[Row | NamedRun] = []
     while pending and room > 0:
@@ -619,9 +643,8 @@ def main() -> None:
         config = reader.feed(data)
     kind, settings, broker, last_will = config[0]
     assert kind == "config", kind
-    worker = Worker(settings, broker, last_will, out)
-    if worker.take(config[1:]):  # else told to stop before it started
-        threading.Thread(target=worker.read, args=(source, reader), name="mqtt-read", daemon=True).start()
+    worker = Worker(settings, broker, last_will, source, out, reader)
+    worker.take(config[1:])
     worker.run()
 
 
