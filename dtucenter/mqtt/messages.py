@@ -80,11 +80,6 @@ def size_of(entry: tuple[Any, ...]) -> int:
     return len(entry[3]) if len(entry) == 6 else 1
 
 
-def last_seq(entry: Entry) -> int:
-    """The number of an entry's last message."""
-    return entry[0] + size_of(entry) - 1
-
-
 #: What follows the value in a run's payloads: ``head``, the value in decimal, this.
 VALUE_TAIL = b"}"
 
@@ -183,11 +178,13 @@ class Composer:
     def device_of(self, event: Event | Extra) -> DeviceKey | None:
         """The device whose account the directory must know to publish ``event``; None when the
         event names its account itself (alarms)."""
+        if isinstance(event, UploadStored):  # first: at ingest rates nearly every event is one
+            return ("dtu", event.psn)
         if isinstance(event, Extra):
             return event.device
         if isinstance(event, AlarmRaised | AlarmCleared):
             return None
-        if isinstance(event, UploadStored | DtuOnline | DtuOffline):
+        if isinstance(event, DtuOnline | DtuOffline):
             return ("dtu", event.psn)
         if isinstance(event, MeterRead | MeterFailed):
             return ("meter", event.meter)
@@ -209,6 +206,9 @@ class Composer:
 
     def messages(self, event: Event | Extra, directory: Directory) -> list[Published]:
         """The messages of ``event``; with payload = batch, values wait for :meth:`flush` instead."""
+        if isinstance(event, UploadStored) and not self._batching:  # the hot path, first
+            return self._upload(event, directory.accounts.get(("dtu", event.psn), UNKNOWN_ACCOUNT),
+                                directory.registers.get(event.psn))
         if isinstance(event, AlarmRaised | AlarmCleared):
             # A state, like a device's: whatever was batched before it goes first.
             return [*self.flush(), self._alarm(event)]

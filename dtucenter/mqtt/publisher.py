@@ -49,8 +49,8 @@ from dtucenter.mqtt.messages import (
     Published,
     Row,
     ValueRun,
-    last_seq,
     rows_of,
+    size_of,
 )
 
 log = Logger()
@@ -417,7 +417,8 @@ class MqttPublisher(Service):
         count = 0
         while outstanding:
             entry = outstanding[0]
-            first, last = max(entry[0], through + 1), last_seq(entry)
+            # The entry's messages not counted before (a run may have been delivered in part), through seq.
+            first, last = max(entry[0], through + 1), entry[0] + size_of(entry) - 1
             if last > seq:  # a run delivered in part, or not yet delivered
                 count += max(seq - first + 1, 0)
                 break
