@@ -226,8 +226,25 @@ def test_packet_identifiers_wrap_and_the_expected_acks_with_them() -> None:
     assert packets.next_mid(65535) == 1 and packets.next_mid(65534, 3) == 2
     assert packets.pubacks(65535, 2) == b"\x40\x02\xff\xff\x40\x02\x00\x01"
     names = (packets.encoded_name("a"),) * 3
-    data = packets.value_publishes(names, b"", (1, 2, 3), b"", 1, False, 65534, False)
-    assert [mid for *_, mid in decode_publishes(data, False)] == [65534, 65535, 1]
+    runs = [(0, names, b"", (1, 2, 3), 1, False), (3, names[:1], b"", (4,), 0, True),
+            (4, names[:2], b"", (5, 6), 1, True)]
+    data = packets.value_publishes(runs, b"}", 65534, False)
+    assert decode_publishes(data, False) == [("a", b"1}", 1, False, 65534), ("a", b"2}", 1, False, 65535),
+                                             ("a", b"3}", 1, False, 1), ("a", b"4}", 0, True, 0),
+                                             ("a", b"5}", 1, True, 2), ("a", b"6}", 1, True, 3)]
+
+
+def test_runs_at_qos_0_are_delivered_once_written_in_order_with_those_at_qos_1(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    client, broker = pair
+    link = link_for(client, ConnAck(0), v5=False)
+    name = packets.encoded_name("t")
+    link.publish([(1, (name,), b"", (1,), 1, False), (2, (name, name), b"", (2, 3), 0, False)])
+    assert [qos for _, _, qos, _, _ in read_publishes(link, broker, 3, v5=False)] == [1, 0, 0]
+    assert link.delivered_through() is None and link.outstanding == 1  # the QoS 0 ones went out, behind the first
+    broker.sendall(packets.pubacks(1, 1))
+    pump_until(link, link.settled)
+    assert link.delivered_through() == 3
 
 
 def test_mqtt_5_limits_are_kept_and_refusals_counted(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -180,27 +180,40 @@ def encoded_name(topic: str) -> bytes:
     return _U16.pack(len(data)) + data
 
 
-def value_publishes(names: Sequence[bytes], head: bytes, values: Sequence[int], tail: bytes, qos: int,
-                    retain: bool, mid: int, v5: bool) -> bytes:
-    """PUBLISH packets of values sent alike, one per value: to each topic (an :func:`encoded_name`) the
-    payload ``head``, the value in decimal, ``tail``; at QoS 1, numbered from ``mid`` on.
+#: Each packet identifier's two bytes, by identifier (0 is none).
+_MIDS = [_U16.pack(mid) for mid in range(65536)]
 
-    The hottest path of all at a message per value: a packet's body in one formatting, its header from a table.
+
+def value_publishes(runs: Iterable[tuple[object, Sequence[bytes], bytes, Sequence[int], int, bool]], tail: bytes,
+                    mid: int, v5: bool) -> bytes:
+    """PUBLISH packets of runs of values, one packet per value.
+
+    A run is (its number, which is not this function's business; names; head; values; qos; retain): to each
+    topic (an :func:`encoded_name`) the payload ``head``, the value in decimal, ``tail``, with the run's QoS
+    and retain flag. QoS 1 packets are numbered from ``mid`` on, the runs one after the other.
+
+    The hottest path of all at a message per value: a packet's body is one formatting, its identifier's
+    bytes and its header come from tables, and one call encodes what is published at once.
     """
-    first = PUBLISH | qos << 1 | retain
-    short = _SHORT_HEADERS[first]
-    properties = b"\x00" if v5 else b""
+    body_of = b"%s%s" + (b"\x00" if v5 else b"") + b"%s%d" + tail.replace(b"%", b"%%")
+    untagged = b"%s" + (b"\x00" if v5 else b"") + b"%s%d" + tail.replace(b"%", b"%%")
     parts: list[bytes] = []
     append = parts.append
-    for name, value in zip(names, values, strict=True):
+    for _, names, head, values, qos, retain in runs:
+        first = PUBLISH | qos << 1 | retain
+        short = _SHORT_HEADERS[first]
         if qos:
-            body = b"%s%c%c%s%s%d%s" % (name, mid >> 8, mid & 0xFF, properties, head, value, tail)
-            mid = mid % 65535 + 1
+            count = len(values)
+            # Past 65535, identifiers start again from 1.
+            mids = _MIDS[mid:mid + count] if mid + count <= 65536 else _MIDS[mid:] + _MIDS[1:mid + count - 65535]
+            mid = next_mid(mid, count)
+            bodies = [body_of % (name, tag, head, value) for name, tag, value in zip(names, mids, values, strict=True)]
         else:
-            body = b"%s%s%s%d%s" % (name, properties, head, value, tail)
-        length = len(body)
-        append(short[length] if length < 128 else bytes((first,)) + remaining_length(length))
-        append(body)
+            bodies = [untagged % (name, head, value) for name, value in zip(names, values, strict=True)]
+        for body in bodies:
+            length = len(body)
+            append(short[length] if length < 128 else bytes((first,)) + remaining_length(length))
+            append(body)
     return b"".join(parts)
 
 

@@ -145,8 +145,12 @@ class Link:
     def publish(self, entries: list[Row | NamedRun]) -> None:
         """Queue PUBLISH packets for ``entries`` (numbered in order), written by :meth:`pump`."""
         rows: list[Row] = []
+        runs: list[NamedRun] = []
         for entry in entries:
             if len(entry) != 6:
+                if runs:
+                    self._publish_runs(runs)
+                    runs = []
                 rows.append(entry)
             elif self._limited:
                 first, names, head, values, qos, retain = entry
@@ -156,30 +160,37 @@ class Link:
                 if rows:
                     self._publish_rows(rows)
                     rows = []
-                self._publish_run(entry)
+                runs.append(entry)
         if rows:
             self._publish_rows(rows)
+        if runs:
+            self._publish_runs(runs)
 
-    def _publish_run(self, run: NamedRun) -> None:
-        """The hot path: an upload's messages, one per value, each with the run's QoS and retain flag."""
-        first, names, head, values, qos, retain = run
-        count = len(values)
-        mid = self._next_mid
-        if qos:
-            self._in_flight(first, count, mid)
-        self._queue(packets.value_publishes(names, head, values, VALUE_TAIL, qos, retain, mid, self._v5))
-        if not qos:
-            self._unwritten.append((self._queued, self._last_seq, count))
-            self._unwritten_count += count
-        self._last_seq = first + count - 1
-
-    def _in_flight(self, first: int, count: int, mid: int) -> None:
-        """``count`` QoS 1 messages numbered from ``first`` are given the identifiers from ``mid``."""
-        self._before.append(self._last_seq)
-        self._before += range(first, first + count - 1)
-        self._expected += packets.pubacks(mid, count)
-        self._early += bytes(count)
-        self._next_mid = packets.next_mid(mid, count)
+    def _publish_runs(self, runs: list[NamedRun]) -> None:
+        """The hot path: uploads' messages, one per value, each with its run's QoS and retain flag."""
+        mid, last, before = self._next_mid, self._last_seq, self._before
+        in_flight = unwritten = 0
+        unwritten_before = -1
+        for first, _, _, values, qos, _ in runs:
+            count = len(values)
+            if qos:
+                before.append(last)
+                before += range(first, first + count - 1)
+                in_flight += count
+            elif not unwritten:
+                unwritten_before, unwritten = last, count
+            else:
+                unwritten += count
+            last = first + count - 1
+        self._queue(packets.value_publishes(runs, VALUE_TAIL, mid, self._v5))
+        self._last_seq = last
+        if in_flight:
+            self._expected += packets.pubacks(mid, in_flight)
+            self._early += bytes(in_flight)
+            self._next_mid = packets.next_mid(mid, in_flight)
+        if unwritten:
+            self._unwritten.append((self._queued, unwritten_before, unwritten))
+            self._unwritten_count += unwritten
 
     def _publish_rows(self, rows: list[Row]) -> None:
         encoded: list[tuple[str, bytes, int, bool, int]] = []
@@ -197,7 +208,10 @@ class Link:
             mid = 0
             if qos:
                 mid = self._next_mid
-                self._in_flight(seq, 1, mid)
+                self._before.append(self._last_seq)
+                self._expected += packets.pubacks(mid, 1)
+                self._early.append(0)
+                self._next_mid = packets.next_mid(mid)
             elif not unwritten:
                 unwritten_before, unwritten = self._last_seq, 1
             else:
