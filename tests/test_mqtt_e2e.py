@@ -437,3 +437,65 @@ def test_a_killed_center_takes_its_worker_along(tmp_path: Path, broker: Mosquitt
         wait(lambda: process_gone(worker))
     wait(lambda: len(subscriber.on("dtucenter/center/status")) == 2)
     assert subscriber.on("dtucenter/center/status")[1] == {"online": False}
+
+
+def test_the_worker_keeps_its_window_full_and_every_message_in_order(broker: Mosquitto, subscriber: Subscriber) -> None:
+    """Enough messages at once to fill the worker's window many times over: it waits for acks to gather
+    (the pace) and writes a quarter of the window at a time, and nothing is lost or reordered."""
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from dtucenter.mqtt import frames
+    from dtucenter.mqtt.client import PACKAGE_ROOT, TopicSlots
+    from dtucenter.mqtt.config import MqttSettings, parse_broker_url
+    from dtucenter.mqtt.worker import MAX_INFLIGHT
+    from tests.support import end_process_group
+
+    settings = MqttSettings(url=broker.url, client_id="window")
+    worker = subprocess.Popen([sys.executable, "-m", "dtucenter.mqtt.worker"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": PACKAGE_ROOT},
+                              start_new_session=True)
+    assert worker.stdin is not None and worker.stdout is not None
+    reader = frames.FrameReader()
+    heard: list[Any] = []
+
+    def hear_until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 6 * STEP_TIMEOUT
+        while not done():
+            assert time.monotonic() < deadline, heard[-3:]
+            if select.select([worker.stdout], [], [], 1)[0]:
+                heard.extend(reader.feed(os.read(worker.stdout.fileno(), 1 << 20)))
+
+    try:
+        worker.stdin.write(frames.encode(("config", settings, parse_broker_url(broker.url),
+                                          (0, "w/status", b'{"online": false}', 1, True))))
+        worker.stdin.flush()
+        hear_until(lambda: ("up", 1) in heard)
+        dtus, uploads = 250, 2500  # 8 values each: 20 times the window
+        topics = [tuple(f"w/{dtu}/{point}" for point in range(8)) for dtu in range(dtus)]
+        slots, seq = TopicSlots(), 1
+        for _ in range(5):
+            runs = []
+            for _ in range(uploads // 5):
+                upload = (seq - 1) // 8
+                runs.append((seq, topics[upload % dtus], b'{"time":"t","value":',
+                             tuple(upload * 8 + point for point in range(8)), 1, False))
+                seq += 8
+            told: list[tuple[int, tuple[str, ...]]] = []
+            worker.stdin.write(frames.encode(("send", [(1, slots.numbered(runs, told))], told)))
+            worker.stdin.flush()
+        assert seq - 1 == uploads * 8 >= 20 * MAX_INFLIGHT
+        hear_until(lambda: ("delivered", seq - 1) in heard)
+        delivered = [frame[1] for frame in heard if frame[0] == "delivered"]
+        assert delivered == sorted(delivered) and not [frame for frame in heard if frame[0] == "down"]
+        until_heard = time.monotonic() + 6 * STEP_TIMEOUT
+        while len(subscriber.all()) < uploads * 8 and time.monotonic() < until_heard:
+            time.sleep(0.05)
+        for dtu in (0, 1, dtus - 1):
+            for point in (0, 7):
+                values = [body["value"] for body in subscriber.on(f"w/{dtu}/{point}")]
+                assert values == [upload * 8 + point for upload in range(dtu, uploads, dtus)]
+    finally:
+        end_process_group(worker)
