@@ -239,7 +239,8 @@ def test_runs_at_qos_0_are_delivered_once_written_in_order_with_those_at_qos_1(
     client, broker = pair
     link = link_for(client, ConnAck(0), v5=False)
     name = packets.encoded_name("t")
-    link.publish([(1, (name,), b"", (1,), 1, False), (2, (name, name), b"", (2, 3), 0, False)])
+    empty: NamedRun = (2, (), b"", (), 1, False)  # an upload of no values
+    link.publish([(1, (name,), b"", (1,), 1, False), empty, (2, (name, name), b"", (2, 3), 0, False)])
     assert [qos for _, _, qos, _, _ in read_publishes(link, broker, 3, v5=False)] == [1, 0, 0]
     assert link.delivered_through() is None and link.outstanding == 1  # the QoS 0 ones went out, behind the first
     broker.sendall(packets.pubacks(1, 1))

@@ -178,6 +178,8 @@ class Link:
         unwritten_before = -1
         for first, _, _, values, qos, _ in runs:
             count = len(values)
+            if not count:  # an upload of no values: nothing to publish
+                continue
             if qos:
                 before.append(last)
                 before += range(first, first + count - 1)
