@@ -18,7 +18,7 @@ from dtucenter.mqtt import frames
 from dtucenter.mqtt import publisher as publisher_module
 from dtucenter.mqtt.config import Broker, MqttSettings, parse_broker_url
 from dtucenter.mqtt.messages import Composer, DeviceKey, Directory, Entry, Extra, Message, ValueRun, rows_of
-from dtucenter.mqtt.publisher import BacklogRow, Found, MqttPublisher
+from dtucenter.mqtt.publisher import FLUSH_INTERVAL, BacklogRow, Found, MqttPublisher
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 
@@ -72,7 +72,10 @@ class FakeConnection:
               on_delivered: Callable[[int], None]) -> None:
         self.up, self.down, self.delivered = on_up, on_down, on_delivered
 
+    hand_overs: int = 0
+
     def send(self, entries: list[Entry]) -> None:
+        self.hand_overs += 1
         self.sent += [(seq, Message(*message)) for entry in entries for seq, *message in rows_of(entry)]
 
     def stop(self) -> Deferred[None]:
@@ -95,7 +98,7 @@ class Rig:
 
     def upload(self, *values: int, psn: int = 1) -> None:
         self.hub.publish(UploadStored(psn, T0, values))
-        self.clock.advance(0)
+        self.clock.advance(FLUSH_INTERVAL)
 
     def values_sent(self) -> list[int]:
         return [int(message.payload.split(b'"value":')[1].rstrip(b"}")) for _, message in self.connection.sent]
@@ -191,6 +194,20 @@ def test_a_full_backlog_drops_the_newest_counts_and_summarises() -> None:
         globalLogPublisher.removeObserver(observer)
 
 
+def test_what_is_heard_within_the_flush_interval_is_handed_over_at_once() -> None:
+    r = rig()
+    r.connection.up()
+    r.clock.advance(FLUSH_INTERVAL)
+    before = r.connection.hand_overs
+    for value in range(3):
+        r.hub.publish(UploadStored(1, T0, (value,)))
+        r.clock.advance(FLUSH_INTERVAL / 4)  # turns of the event loop go by
+    assert r.connection.hand_overs == before  # not one per turn
+    r.clock.advance(FLUSH_INTERVAL)
+    assert r.connection.hand_overs == before + 1 and r.values_sent()[-3:] == [0, 1, 2]
+    stop(r)
+
+
 def test_a_device_not_yet_known_is_looked_up_and_order_is_kept() -> None:
     r = rig()
     assert r.connection.up is not None
@@ -202,7 +219,7 @@ def test_a_device_not_yet_known_is_looked_up_and_order_is_kept() -> None:
     r.hub.publish(UploadStored(2, T0, (10,)))
     r.hub.publish(UploadStored(1, T0, (11,)))
     r.hub.publish(UploadStored(4, T0, (12,)))
-    r.clock.advance(0)
+    r.clock.advance(FLUSH_INTERVAL)
     # Every device the waiting events name and the directory lacks, in one look-up.
     assert r.backlog.looked_up == [[("dtu", 2), ("dtu", 4)]]
     assert [m.topic for _, m in r.connection.sent] == ["dtucenter/newco/2/0", "dtucenter/acme/1/0",
@@ -210,7 +227,7 @@ def test_a_device_not_yet_known_is_looked_up_and_order_is_kept() -> None:
     # One the database does not know either is published under "-", and looked up once, not per event.
     r.hub.publish(UploadStored(3, T0, (12,)))
     r.hub.publish(UploadStored(3, T0, (13,)))
-    r.clock.advance(0)
+    r.clock.advance(FLUSH_INTERVAL)
     assert [m.topic for _, m in r.connection.sent][3:] == ["dtucenter/-/3/0", "dtucenter/-/3/0"]
     assert r.backlog.looked_up[1:] == [[("dtu", 3)]]
     stop(r)
@@ -312,7 +329,7 @@ def test_extras_are_published_in_order_with_the_events() -> None:
     alarm = Extra(("dtu", 1), "alarms/{account}/{device}/{point}", {"state": "raised", "value": 1}, point="p0")
     r.publisher.publish_extra(alarm)
     r.upload(2)
-    r.clock.advance(0)
+    r.clock.advance(FLUSH_INTERVAL)
     assert [(m.topic, m.payload) for _, m in r.connection.sent] == [
         ("dtucenter/acme/1/0", b'{"time":"2026-11-30T12:00:00+00:00","value":1}'),
         ("alarms/acme/1/p0", b'{"state": "raised", "value": 1}'),
@@ -333,7 +350,7 @@ def test_batches_carry_a_turns_uploads_and_polls_per_account_and_keep_order_with
     r.hub.publish(UploadStored(1, T0, (3, 4)))
     r.hub.publish(MeterFailed("m", T0, "timeout"))  # a state: after the values before it
     r.hub.publish(UploadStored(1, T0, (5, 6)))
-    r.clock.advance(0)
+    r.clock.advance(FLUSH_INTERVAL)
     time = "2026-11-30T12:00:00+00:00"
     assert [(m.topic, m.payload, m.retain) for _, m in r.connection.sent] == [
         ("dtucenter/acme/batch",
@@ -359,7 +376,7 @@ def test_alarms_are_published_retained_per_rule_after_what_was_batched_before() 
     # Alarms name their account: no look-up, even for a device the directory does not know.
     r.hub.publish(AlarmRaised(7, "acme", "hot/1", "dtu", "1", "0", 90.0, 80.0, "dtu 1 0 = 90 above 80", T0))
     r.hub.publish(AlarmCleared(7, "acme", "hot/1", "dtu", "1", "0", 70.0, "back", T0))
-    r.clock.advance(0)
+    r.clock.advance(FLUSH_INTERVAL)
     sent = [(m.topic, m.retain, m.qos) for _, m in r.connection.sent]
     assert sent == [("dtucenter/acme/batch", False, 1), ("dtucenter/acme/1/alarms/hot_1", True, 1),
                     ("dtucenter/acme/1/alarms/hot_1", True, 1)]

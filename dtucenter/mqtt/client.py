@@ -148,7 +148,7 @@ class BrokerConnection:
         self._reactor = reactor
         self._center_status = center_status
         self._last_will = last_will
-        #: Batches handed over in this reactor turn, each with the connection it was meant for.
+        #: Batches handed over, not yet written (a frame a reactor turn), each with the connection it was meant for.
         self._outbox: list[tuple[int, list[Entry]]] = []
         self._flush_call: IDelayedCall | None = None
         #: The worker's connection the publisher was last told is up; 0: none.

@@ -19,7 +19,7 @@ PLACEHOLDERS = ("account", "kind", "device", "point", "rule")
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 PROTOCOL_VERSIONS = ("3.1.1", "5")
 #: ``value``: a message per value (``{point}`` in the topic); ``device``: one per upload or poll, all its values;
-#: ``batch``: one per account and reactor turn, every upload and poll of the turn (for fleets at ingest rates).
+#: ``batch``: one per account and hand-over (every 5 ms at most), every upload and poll since (fleets at ingest rates).
 PAYLOAD_SHAPES = ("value", "device", "batch")
 
 

@@ -1,8 +1,9 @@
 """The MQTT publisher: hears the event hub, keeps order, and keeps what the broker cannot take yet.
 
-Events are composed into messages once per reactor turn (one hand-over for a
-whole group commit's uploads, not one per value). Each message gets the next
-sequence number and goes one of two ways:
+Events are composed into messages FLUSH_INTERVAL (5 ms) at most after they are
+heard, all of them at once (one hand-over for every upload of those 5 ms, not
+one per value or per reactor turn). Each message gets the next sequence number
+and goes one of two ways:
 
 - *direct*: the broker is up and nothing waits in the backlog: to the
   connection (:mod:`dtucenter.mqtt.client`, a worker process), remembered as
@@ -67,6 +68,11 @@ MAX_OUTSTANDING = 50_000
 DRAIN_BATCH = 2_000
 #: Seconds between the log lines that say how many messages the full backlog dropped.
 SUMMARY_INTERVAL = 60.0
+#: Seconds what is heard waits at most before it is composed and handed over. At a few thousand uploads a
+#: second a turn of the event loop carries one or two, and each hand-over costs a composition, a frame, a
+#: write to the worker's pipe and a wake-up of the worker: a hand-over per turn made MQTT cost the center
+#: half again as much per upload at 2,000 a second as at 8,000 (docs/performance.md, "MQTT").
+FLUSH_INTERVAL = 0.005
 
 
 class Backlog(Protocol):
@@ -225,7 +231,7 @@ class MqttPublisher(Service):
     def _hear(self, event: Event | Extra) -> None:
         self._heard.append(event)
         if self._flush_call is None and self._ready:
-            self._flush_call = self._clock.callLater(0, self._flush)
+            self._flush_call = self._clock.callLater(FLUSH_INTERVAL, self._flush)
 
     def _flush(self) -> None:
         self._flush_call = None
