@@ -512,7 +512,9 @@ def _render_mqtt(mqtt: dict[str, Any] | None) -> list[str]:
             verdicts.append(f"- `payload = {label}` costs the center less than {MQTT_BUDGET:.0%} of its throughput: "
                             + _verdict(cost is not None and cost < MQTT_BUDGET,
                                        "no rate both runs kept up with" if cost is None else
-                                       f"{cost:.0%} more CPU per frame (center and worker) at {step['offered']:,} "
+                                       f"{cost:.0%} (CPU per frame of the center and its worker "
+                                       f"{(center or 0) + (worker or 0):.0f} ms against "
+                                       f"{_per_thousand(base, 'cpu') or 0:.0f}) at {step['offered']:,} "
                                        f"frames/s; the machine's peak with the broker on it too: "
                                        f"{peak['frames_per_s'] / base_peak:.0%} of the run without MQTT"))
     return [*lines, "", *verdicts, ""]
