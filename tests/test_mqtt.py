@@ -461,7 +461,7 @@ def test_the_worker_connection_writes_once_a_turn_and_restarts_a_dead_worker() -
     assert len(writes) == 2  # nothing written until the turn ends
     reactor.advance(0)
     assert writes[2] == [("send", [(1, [(1, "a", b"1", 1, False)]), (1, [(2, "b", b"2", 1, False),
-                                                                         (3, "c", b"3", 1, False)])], [])]
+                                                                         (3, "c", b"3", 1, False)])])]
     stream = b"".join(frames.encode(("delivered", n)) for n in (1, 2, 3))
     worker.outReceived(stream[:5])
     worker.outReceived(stream[5:])
@@ -491,26 +491,22 @@ def test_a_dtus_topics_cross_to_the_worker_once_then_by_slot() -> None:
 
     slots = TopicSlots(size=2)
     a, b, c = ("a/0", "a/1"), ("b/0",), ("c/0",)
-    told: list[tuple[int, tuple[str, ...]]] = []
-    first = slots.numbered([(1, a, b"h", (5, 6), 1, True), (3, "x", b"p", 1, False), (4, a, b"h", (7, 8), 1, True)],
-                           told)
-    assert first == [(1, 0, b"h", (5, 6), 1, True), (3, "x", b"p", 1, False), (4, 0, b"h", (7, 8), 1, True)]
-    assert told == [(0, a)]
-    told = []
-    assert [e[1] for e in slots.numbered([(6, b, b"h", (1,), 1, True), (7, a, b"h", (2, 3), 1, True)], told)] == [1, 0]
-    assert told == [(1, b)]
-    told = []  # past its size, the oldest slot is given anew: a is told again, under another slot
-    again = slots.numbered([(10, c, b"h", (1,), 1, True), (11, a, b"h", (1, 2), 1, True)], told)
-    assert [e[1] for e in again] == [0, 1]
-    assert told == [(0, c), (1, a)]
+    first = slots.numbered([(1, a, b"h", (5, 6), 1, True), (3, "x", b"p", 1, False), (4, a, b"h", (7, 8), 1, True)])
+    assert first == [(1, (0, a), b"h", (5, 6), 1, True), (3, "x", b"p", 1, False), (4, 0, b"h", (7, 8), 1, True)]
+    second = slots.numbered([(6, b, b"h", (1,), 1, True), (7, a, b"h", (2,), 1, True)])
+    assert [e[1] for e in second] == [(1, b), 0]
+    # Past its size the oldest slot is given anew, within one frame too: c takes a's slot, then a b's.
+    third = slots.numbered([(10, c, b"h", (1,), 1, True), (11, a, b"h", (2,), 1, True), (12, c, b"h", (3,), 1, True)])
+    assert [e[1] for e in third] == [(0, c), (1, a), 0]
 
-    # The worker keeps each set's topics as PUBLISH names them and resolves the runs against them.
+    # The worker learns each set where it comes and resolves the runs in order, as PUBLISH names the topics.
     worker = Worker(MqttSettings(url="mqtt://broker"), Broker("broker", 1883, False), (0, "w", b"", 1, True), -1, -1,
                     frames.FrameReader())
-    worker.take([("send", [(1, first)], [(0, a)])])
-    assert list(worker._inbox) == [("send", 1, [(1, (b"\x00\x03a/0", b"\x00\x03a/1"), b"h", (5, 6), 1, True),
-                                                 (3, "x", b"p", 1, False),
-                                                 (4, (b"\x00\x03a/0", b"\x00\x03a/1"), b"h", (7, 8), 1, True)])]
+    worker.take([("send", [(1, first), (1, second)])])
+    worker.take([("send", [(1, third)])])
+    names = [entry[1] for _, _, entries in worker._inbox for entry in entries if len(entry) == 6]
+    a_names, b_names, c_names = (b"\x00\x03a/0", b"\x00\x03a/1"), (b"\x00\x03b/0",), (b"\x00\x03c/0",)
+    assert names == [a_names, a_names, b_names, a_names, c_names, a_names, c_names]
 
 
 def test_the_worker_hears_a_stop_while_it_waits_for_the_broker_or_to_reconnect() -> None:

@@ -483,8 +483,7 @@ def test_the_worker_keeps_its_window_full_and_every_message_in_order(broker: Mos
                 runs.append((seq, topics[upload % dtus], b'{"time":"t","value":',
                              tuple(upload * 8 + point for point in range(8)), 1, False))
                 seq += 8
-            told: list[tuple[int, tuple[str, ...]]] = []
-            worker.stdin.write(frames.encode(("send", [(1, slots.numbered(runs, told))], told)))
+            worker.stdin.write(frames.encode(("send", [(1, slots.numbered(runs))])))
             worker.stdin.flush()
         assert seq - 1 == uploads * 8 >= 20 * MAX_INFLIGHT
         hear_until(lambda: ("delivered", seq - 1) in heard)

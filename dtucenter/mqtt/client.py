@@ -66,6 +66,8 @@ class TopicSlots:
     they cross the pipe once per worker process and the worker keeps them as PUBLISH carries them:
     pickled with each upload they were most of its bytes, and most of the worker's work per message was
     finding them again. Slots are given out in turn: past ``size`` sets, the oldest slot is given anew.
+    A run whose set the worker was not told carries ``(slot, topics)`` in place of its topics, so that the
+    worker learns the set where it is used, in order, even if its slot is given anew later in a frame.
     """
 
     def __init__(self, size: int = MAX_TOPIC_SETS) -> None:
@@ -75,8 +77,8 @@ class TopicSlots:
         self._by_slot: list[int] = []  # the id held in each slot
         self._next = 0
 
-    def numbered(self, entries: list[Entry], told: list[tuple[int, tuple[str, ...]]]) -> list[Any]:
-        """``entries`` with each run's topics replaced by their slot; sets not yet told appended to ``told``."""
+    def numbered(self, entries: list[Entry]) -> list[Any]:
+        """``entries`` with each run's topics replaced by their slot, or by ``(slot, topics)`` if not told yet."""
         slots = self._slots
         out: list[Any] = []
         for entry in entries:
@@ -85,10 +87,7 @@ class TopicSlots:
                 continue
             topics = entry[1]
             known = slots.get(id(topics))
-            if known is None:
-                known = self._give(topics)
-                told.append(known)
-            out.append((entry[0], known[0], *entry[2:]))
+            out.append((entry[0], known[0] if known is not None else self._give(topics), *entry[2:]))
         return out
 
     def _give(self, topics: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
@@ -240,10 +239,9 @@ class BrokerConnection:
         outbox, self._outbox = self._outbox, []
         # What was meant for no connection (the publisher never hands that over) or a dead worker is dropped:
         # the publisher heard "down" and kept it.
-        told: list[tuple[int, tuple[str, ...]]] = []
-        batches = [(connection, self._topics.numbered(entries, told)) for connection, entries in outbox if connection]
+        batches = [(connection, self._topics.numbered(entries)) for connection, entries in outbox if connection]
         if batches:
-            self._write(("send", batches, told))
+            self._write(("send", batches))
 
     def heard(self, frames: list[Any]) -> None:
         """The worker's news, in order; a run of "delivered" told once, with its last number."""

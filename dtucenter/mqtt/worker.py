@@ -6,11 +6,11 @@ on its stdin (from the center) and stdout (to it), and writes only unexpected
 trouble to stderr, which the center logs.
 
 From the center: first ``("config", settings, broker, last_will)``, then
-``("send", [(connection, entries), ...], topic_sets)`` (numbered messages, each
-batch with the connection it was meant for; an entry is a row or a run of rows,
-see :class:`dtucenter.mqtt.messages.ValueRun`, whose topics are named by a
-slot: ``topic_sets`` are the ``(slot, topics)`` the worker was not told before,
-see :class:`dtucenter.mqtt.client.TopicSlots`), ``("birth", connection, row)`` (the
+``("send", [(connection, entries), ...])`` (numbered messages, each batch with
+the connection it was meant for; an entry is a row or a run of rows, see
+:class:`dtucenter.mqtt.messages.ValueRun`, whose topics are named by a slot, or
+by ``(slot, topics)`` where the worker learns them, see
+:class:`dtucenter.mqtt.client.TopicSlots`), ``("birth", connection, row)`` (the
 center's status, said first on a new connection) and ``("stop", row)`` (the
 goodbye: said, its ack and the last messages' acks awaited, then the worker
 disconnects and exits). A row is ``(seq, topic, payload, qos, retain)``.
@@ -415,6 +415,14 @@ class Worker:
             if ready:
                 self._hear()
 
+    def _topic_set(self, named: int | tuple[int, tuple[str, ...]]) -> tuple[bytes, ...]:
+        """A run's topics, encoded, from their slot; learnt first if they come with it."""
+        if isinstance(named, int):
+            return self._topic_sets[named]
+        slot, topics = named
+        names = self._topic_sets[slot] = tuple(packets.encoded_name(topic) for topic in topics)
+        return names
+
     @property
     def stopping(self) -> bool:
         """The center said stop."""
@@ -424,12 +432,9 @@ class Worker:
         """The center's frames: what to publish is queued, a stop is noted."""
         for frame in frames:
             if frame[0] == "send":
-                topic_sets = self._topic_sets
-                for slot, topics in frame[2]:
-                    topic_sets[slot] = tuple(packets.encoded_name(topic) for topic in topics)
                 for connection, entries in frame[1]:
                     self._inbox.append(("send", connection, [
-                        (entry[0], topic_sets[entry[1]], *entry[2:]) if len(entry) == 6 else entry
+                        (entry[0], self._topic_set(entry[1]), *entry[2:]) if len(entry) == 6 else entry
                         for entry in entries
                     ]))
             elif frame[0] == "birth":
