@@ -257,12 +257,8 @@ class MqttPublisher(Service):
         entries: list[Entry] = []
         seq = first = self._next_seq
         for message in messages:
-            if type(message) is ValueRun:
-                entries.append((seq, *message))
-                seq += len(message.values)
-            else:
-                entries.append((seq, *message))  # a Message: a row
-                seq += 1
+            entries.append((seq, *message))  # a Message numbered is a row, a ValueRun a run of them
+            seq += len(message.values) if isinstance(message, ValueRun) else 1
         count = seq - first
         self._next_seq = seq
         self.stats.published += count

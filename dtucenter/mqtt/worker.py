@@ -184,24 +184,20 @@ class Link:
                 before.append(last)
                 before += range(first, first + count - 1)
                 in_flight += count
-            elif not unwritten:
-                unwritten_before, unwritten = last, count
             else:
+                if not unwritten:
+                    unwritten_before = last
                 unwritten += count
             last = first + count - 1
-        self._queue(packets.value_publishes(runs, VALUE_TAIL, mid, self._v5))
         self._last_seq = last
-        if in_flight:
-            self._expected += packets.pubacks(mid, in_flight)
-            self._early += bytes(in_flight)
-            self._next_mid = packets.next_mid(mid, in_flight)
-        if unwritten:
-            self._unwritten.append((self._queued, unwritten_before, unwritten))
-            self._unwritten_count += unwritten
+        self._enqueue(packets.value_publishes(runs, VALUE_TAIL, mid, self._v5), mid, in_flight,
+                      unwritten_before, unwritten)
 
     def _publish_rows(self, rows: list[Row]) -> None:
         encoded: list[tuple[str, bytes, int, bool, int]] = []
-        unwritten_before, unwritten = -1, 0
+        first_mid, last, before = self._next_mid, self._last_seq, self._before
+        in_flight = unwritten = 0
+        unwritten_before = -1
         for seq, topic, payload, asked_qos, asked_retain in rows:
             qos, retain = asked_qos, asked_retain
             if self._limited:  # MQTT 5: what the broker said it takes
@@ -210,22 +206,31 @@ class Link:
                         and packets.publish_size(topic, payload, qos, self._v5) > self._max_packet):
                     # The broker would close the connection on it, again at every attempt: it can never be delivered.
                     self._refuse("larger than the broker's maximum packet size")
-                    self._last_seq = seq
+                    last = seq
                     continue
             mid = 0
             if qos:
-                mid = self._next_mid
-                self._before.append(self._last_seq)
-                self._expected += packets.pubacks(mid, 1)
-                self._early.append(0)
-                self._next_mid = packets.next_mid(mid)
-            elif not unwritten:
-                unwritten_before, unwritten = self._last_seq, 1
+                mid = packets.next_mid(first_mid, in_flight)
+                before.append(last)
+                in_flight += 1
             else:
+                if not unwritten:
+                    unwritten_before = last
                 unwritten += 1
             encoded.append((topic, payload, qos, retain, mid))
-            self._last_seq = seq
-        self._queue(packets.publishes(encoded, self._v5, self._names))
+            last = seq
+        self._last_seq = last
+        self._enqueue(packets.publishes(encoded, self._v5, self._names), first_mid, in_flight,
+                      unwritten_before, unwritten)
+
+    def _enqueue(self, data: bytes, mid: int, in_flight: int, unwritten_before: int, unwritten: int) -> None:
+        """A batch's packets queued: ``in_flight`` QoS 1 messages numbered from ``mid`` (their places in
+        ``_before`` taken already), and ``unwritten`` QoS 0 ones, delivered once the batch is written."""
+        self._queue(data)
+        if in_flight:
+            self._expected += packets.pubacks(mid, in_flight)
+            self._early += bytes(in_flight)
+            self._next_mid = packets.next_mid(mid, in_flight)
         if unwritten:
             self._unwritten.append((self._queued, unwritten_before, unwritten))
             self._unwritten_count += unwritten
