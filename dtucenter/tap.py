@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import attrs
 from sqlalchemy import Engine
@@ -70,6 +70,9 @@ from dtucenter.web.peers import Peers
 from dtucenter.web.pending import PendingApi
 from dtucenter.web.router import Router
 from dtucenter.web.site import build_site
+
+if TYPE_CHECKING:
+    from dtucenter.mqtt.publisher import MqttPublisher
 from dtucenter.web.templates import TemplateApi
 
 log = Logger()
@@ -303,8 +306,7 @@ def build_service(
     reloader.on_reload(lambda new: bridge.apply_settings(new.modbus))
     if udp is not None:
         reloader.on_reload(lambda new: setattr(udp_protocol, "max_pending", new.dtu_udp_pending))
-    if settings.mqtt.url is not None:
-        add_mqtt(top, settings, store, recorder, reactor)
+    mqtt = add_mqtt(top, settings, store, recorder, reactor) if settings.mqtt.url is not None else None
     if settings.manhole is not None:
         add_manhole(top, settings, settings.manhole, center, bridge, reactor)
     api = None
@@ -314,7 +316,7 @@ def build_service(
         )
         PendingApi(book, adopter).install(api)
     add_metrics(top, settings, MetricsSources(
-        center, store, bridge, api, pending_devices=book.count, per_link=settings.metrics_per_link
+        center, store, bridge, api, pending_devices=book.count, per_link=settings.metrics_per_link, mqtt=mqtt
     ), reactor)
     return top
 
@@ -473,7 +475,9 @@ async def start_database_devices(store: Store, bridge: ModbusBridge, templates: 
         templates.finish_loading()
 
 
-def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: MeterRecorder, reactor: Any) -> None:
+def add_mqtt(
+    top: CenterService, settings: Settings, store: Store, recorder: MeterRecorder, reactor: Any
+) -> MqttPublisher:
     """Publishing to the broker: a service that hears the event hub, keeping its backlog in the store."""
     from dtucenter.isotime import utc_now
     from dtucenter.mqtt.client import BrokerConnection
@@ -495,6 +499,7 @@ def add_mqtt(top: CenterService, settings: Settings, store: Store, recorder: Met
     )
     publisher.setName("mqtt")
     publisher.setServiceParent(top)
+    return publisher
 
 
 def add_api(

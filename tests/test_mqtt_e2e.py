@@ -22,8 +22,17 @@ from dtucenter.mqtt.publisher import MqttPublisher
 from dtucenter.store import queries
 from dtucenter.store.models import MqttBacklog
 from tests.modbus.interop_support import EXPECTED_UNIT_1, PymodbusServer, meter_toml, sample_meter
+from tests.modbus.test_e2e_metrics import (
+    Samples,
+    Scraper,
+    check_with_promtool,
+    documented_metrics,
+    parse,
+    scraped_metrics,
+    value,
+)
 from tests.mqtt_support import Mosquitto, Received, Subscriber, make_test_ca
-from tests.support import STEP_TIMEOUT, DTUClient, RunningCenter, connect_dtu, start_center, until
+from tests.support import STEP_TIMEOUT, DTUClient, RunningCenter, connect_dtu, eventually, start_center, until
 from tests.test_process import twistd_center
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
@@ -177,14 +186,35 @@ async def test_broker_restart_loses_nothing_and_keeps_order(
 ) -> None:
     center = await start_center(tmp_path, "--mqtt", broker.url, "--mqtt-qos", "1", db_url=db_url)
     publisher = publisher_of(center)
+    scraper = Scraper(center)
     try:
         upload = await Uploads.logged_in(center, 7)
         await upload.send(10)
         await until(lambda: len(subscriber.on("dtucenter/admin/7/0")) == 10)
+        text = await scraper.text()
+        check_with_promtool(text)
+        assert scraped_metrics(text) == documented_metrics(mqtt=True), "every metric served and documented"
+        up = parse(text)
+        assert value(up, "dtucenter_mqtt_connected") == 1 and value(up, "dtucenter_mqtt_connections_total") == 1
+
+        async def all_delivered() -> Samples | None:
+            # The DTU's online status and 20 values, each acknowledged by the broker (told a moment after).
+            samples = await scraper.samples()
+            return samples if value(samples, "dtucenter_mqtt_messages_total", outcome="delivered") == 21 else None
+
+        up = await eventually(all_delivered, "the broker's acks counted")
+        assert value(up, "dtucenter_mqtt_messages_total", outcome="published") == 21
+        assert value(up, "dtucenter_mqtt_outstanding_messages") == 0
+        # Those of the first moments may have gone through the backlog: direct once a drain found it empty.
+        backlogged = value(up, "dtucenter_mqtt_messages_total", outcome="backlogged")
         broker.stop()
         await until(lambda: not publisher.connected)
         await upload.send(40)  # acknowledged as ever: the broker is not on the ingest path
         await until(lambda: backlog_count(center) >= 80)
+        down = await scraper.samples()
+        assert value(down, "dtucenter_mqtt_connected") == 0
+        assert value(down, "dtucenter_mqtt_messages_total", outcome="backlogged") >= backlogged + 80
+        assert value(down, "dtucenter_mqtt_backlog_messages") >= 80
         broker.start()
         await upload.send(30)  # while the backlog drains, or after
         await until(lambda: len({m["value"] for m in subscriber.on("dtucenter/admin/7/0")}) == 80,
@@ -196,6 +226,13 @@ async def test_broker_restart_loses_nothing_and_keeps_order(
             first_seen = list(dict.fromkeys(values))
             assert first_seen == [sign * n for n in range(80)], values
         await until(lambda: backlog_count(center) == 0 and publisher.stats.delivered >= publisher.stats.published)
+        drained = await scraper.samples()
+        assert value(drained, "dtucenter_mqtt_connected") == 1
+        assert value(drained, "dtucenter_mqtt_connections_total") == 2
+        assert value(drained, "dtucenter_mqtt_backlog_messages") == 0
+        assert value(drained, "dtucenter_mqtt_outstanding_messages") == 0
+        published = value(drained, "dtucenter_mqtt_messages_total", outcome="published")
+        assert published >= 161 and value(drained, "dtucenter_mqtt_messages_total", outcome="delivered") == published
     finally:
         await center.stop()
 
@@ -217,6 +254,11 @@ async def test_a_full_backlog_drops_counts_and_logs(tmp_path: Path, broker: Mosq
         # The online status and 160 values: the first 100 kept, the rest dropped and counted.
         await until(lambda: publisher.stats.dropped == 61)
         assert backlog_count(center) == 100
+        full = await Scraper(center).samples()
+        assert value(full, "dtucenter_mqtt_messages_total", outcome="dropped") == 61
+        assert value(full, "dtucenter_mqtt_messages_total", outcome="backlogged") == 100
+        assert value(full, "dtucenter_mqtt_backlog_messages") == 100
+        assert value(full, "dtucenter_mqtt_connected") == 0
         broker.start()
         await until(lambda: len(subscriber.all()) >= 100 and backlog_count(center) == 0, timeout=3 * STEP_TIMEOUT)
         values = [m.body["value"] for m in subscriber.all() if m.topic.startswith("dtucenter/admin/9/")

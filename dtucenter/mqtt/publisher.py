@@ -177,6 +177,16 @@ class MqttPublisher(Service):
         """Whether the broker is connected, as the connection last told."""
         return self._broker_up
 
+    @property
+    def waiting(self) -> int:
+        """Messages in the backlog, as far as this process knows (appended, not yet delivered and removed)."""
+        return self._waiting
+
+    @property
+    def outstanding(self) -> int:
+        """Messages handed to the connection whose delivery it has not told yet."""
+        return self._outstanding_messages
+
     # -- life --------------------------------------------------------------------
 
     def startService(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 from prometheus_client.core import (
@@ -44,6 +45,9 @@ from dtucenter.modbus.poller import PollStats
 from dtucenter.modbus.service import ModbusBridge
 from dtucenter.store.facade import Store
 from dtucenter.web.router import Call, Router, TextReply
+
+if TYPE_CHECKING:
+    from dtucenter.mqtt.publisher import MqttPublisher
 
 #: Prometheus histogram bounds (seconds) for acks and commits: an ack waits for a commit,
 #: a few milliseconds when all is well, seconds when the database struggles.
@@ -135,6 +139,8 @@ class MetricsSources:
     pending_devices: Callable[[], int] | None = None
     #: Modbus metrics with a ``link`` label, one series per link (off: one series for all links).
     per_link: bool = False
+    #: The MQTT publisher, with ``--mqtt`` (its metrics are left out without it).
+    mqtt: MqttPublisher | None = None
 
 
 def _histogram(name: str, doc: str, histogram: Histogram, bounds: Iterable[float]) -> HistogramMetricFamily:
@@ -167,6 +173,8 @@ class CenterCollector(Collector):
                 "dtucenter_pending_devices", "Devices that dialled in unknown and wait to be adopted.",
                 value=sources.pending_devices(),
             )
+        if sources.mqtt is not None:
+            yield from self._mqtt(sources.mqtt)
         if sources.api is not None:
             yield self._api(sources.api.requests)
 
@@ -257,6 +265,35 @@ class CenterCollector(Collector):
                 family.add_metric([link] if per_link else [], getattr(counters, field))
             yield family
         yield from _poll_families(stats, per_link)
+
+    @staticmethod
+    def _mqtt(publisher: MqttPublisher) -> Iterator[Metric]:
+        stats = publisher.stats
+        yield GaugeMetricFamily(
+            "dtucenter_mqtt_connected", "1 while the broker is connected, 0 while it is away.",
+            value=int(publisher.connected),
+        )
+        yield CounterMetricFamily(
+            "dtucenter_mqtt_connections_total", "Connections to the broker made (the first included).",
+            value=stats.connections,
+        )
+        messages = CounterMetricFamily(
+            "dtucenter_mqtt_messages_total",
+            "MQTT messages: composed, acknowledged by the broker, kept in the backlog, dropped by the full backlog.",
+            labels=["outcome"],
+        )
+        for outcome, count in (("published", stats.published), ("delivered", stats.delivered),
+                               ("backlogged", stats.backlogged), ("dropped", stats.dropped)):
+            messages.add_metric([outcome], count)
+        yield messages
+        yield GaugeMetricFamily(
+            "dtucenter_mqtt_backlog_messages", "Messages waiting in the database's backlog for the broker.",
+            value=publisher.waiting,
+        )
+        yield GaugeMetricFamily(
+            "dtucenter_mqtt_outstanding_messages", "Messages handed to the worker process, not yet acknowledged.",
+            value=publisher.outstanding,
+        )
 
     @staticmethod
     def _api(requests: Counter[tuple[str, str]]) -> Metric:
