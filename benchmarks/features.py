@@ -17,13 +17,14 @@ process. Mosquitto and the simulator share the machine but are not the center.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks.metrics_cost import Scraper
 from benchmarks.procs import free_port
-from benchmarks.run import Scale, _fresh, run_ingest, start_mosquitto
+from benchmarks.run import Scale, _fresh, repeated_steps, run_ingest, start_mosquitto
 
 #: The PSN of the ingest scenario's first DTU (run_ingest_step's simulator).
 FIRST_PSN = 2_000_000
@@ -42,31 +43,49 @@ def features_config(broker_port: int, dtus: int) -> str:
     return "".join(parts)
 
 
+@contextlib.contextmanager
+def features_center(on: bool, run_dir: Path, dtus: int, scrapes: list[int] | None = None) -> Iterator[list[str]]:
+    """The center's arguments with every integration ``on`` (a local Mosquitto and a scraper meanwhile), or off;
+    how many scrapes answered is appended to ``scrapes``."""
+    if not on:
+        yield []
+        return
+    broker, port = start_mosquitto(run_dir)
+    config = run_dir / "center.toml"
+    config.write_text(features_config(port, dtus))
+    metrics_port = free_port()
+    scraper = Scraper(f"http://127.0.0.1:{metrics_port}/metrics", SCRAPE_INTERVAL, tolerant=True)
+    scraper.start()
+    try:
+        yield ["--config", str(config), "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"]
+    finally:
+        with contextlib.suppress(Exception):
+            scraper.stop()
+        broker.stop()
+        if scrapes is not None:
+            scrapes.append(len(scraper.durations))
+
+
 def run_features(workdir: Path, scale: Scale, log: Callable[[str], None]) -> dict[str, Any]:
+    """The ingest steps off and on; then fresh runs of each in turn at the highest rate both kept up with."""
     rates = tuple(rate for rate in scale.ingest_rates if rate <= TOP_RATE)
     runs: dict[str, Any] = {}
     for label in ("off", "on"):
         run_dir = _fresh(workdir, label)
-        args: list[str] = []
-        broker = scraper = None
-        if label == "on":
-            broker, port = start_mosquitto(run_dir)
-            config = run_dir / "center.toml"
-            config.write_text(features_config(port, scale.ingest_dtus))
-            metrics_port = free_port()
-            args = ["--config", str(config), "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"]
-            scraper = Scraper(f"http://127.0.0.1:{metrics_port}/metrics", SCRAPE_INTERVAL, tolerant=True)
-        try:
-            log(f"features: {label}")
-            if scraper is not None:
-                scraper.start()
+        log(f"features: {label}")
+        scrapes: list[int] = []
+        with features_center(label == "on", run_dir, scale.ingest_dtus, scrapes) as args:
             runs[label] = run_ingest(run_dir, scale, f"features-{label}", log, center_args=args, rates=rates)
-        finally:
-            with contextlib.suppress(Exception):
-                if scraper is not None:
-                    scraper.stop()
-            if broker is not None:
-                broker.stop()
-        if scraper is not None:
-            runs[label]["scrapes"] = len(scraper.durations)
+        if scrapes:
+            runs[label]["scrapes"] = scrapes[0]
+    common = ({step["offered"] for step in runs["off"]["steps"] if step["kept_up"]}
+              & {step["offered"] for step in runs["on"]["steps"] if step["kept_up"]})
+    if common:
+        rate = max(common)
+        runs["repeated"] = {"rate": rate, "steps": repeated_steps(
+            _fresh(workdir, "repeated"), scale, rate,
+            [(label, functools.partial(features_center, label == "on", dtus=scale.ingest_dtus))
+             for label in ("off", "on")],
+            "features", log,
+        )}
     return runs

@@ -18,7 +18,9 @@ generator's, which shares the machine's cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +88,15 @@ class Scale:
     modbus_seconds: float
     connect_rate: int
     storm: StormScale
+    #: Fresh runs of each configuration, in turn, at the rate a cost is judged at (see :func:`repeated_steps`).
+    repeats: int = 1
 
 
 FULL = Scale(
     hold=(1000, 10000, 19000), hold_idle=15.0, settle=2.0, ingest_dtus=1000,
     ingest_rates=(2000, 5000, 8000, 9500, 11000, 12500, 14000, 17000, 20000, 24000),
     warmup=5.0, measure=10.0, profile_seconds=15.0, modbus_dtus=1000, modbus_warmup=5.0, modbus_seconds=20.0,
-    connect_rate=2000, storm=StormScale(dtus=19_000, storms=3, bound=60.0, backlogs=(None,)),
+    connect_rate=2000, storm=StormScale(dtus=19_000, storms=3, bound=60.0, backlogs=(None,)), repeats=3,
 )
 #: Every scenario end to end (one step each), as briefly as still yields a number: the tests run it.
 SMOKE = Scale(
@@ -323,29 +327,76 @@ def _backlog_rows(db: Path) -> int:
         return int(conn.execute("SELECT count(*) FROM mqtt_backlog").fetchone()[0])
 
 
+@contextlib.contextmanager
+def mqtt_center(payload: str | None, run_dir: Path) -> Iterator[list[str]]:
+    """The center's arguments for a run with ``payload`` (None: without MQTT), a local Mosquitto meanwhile."""
+    if payload is None:
+        yield []
+        return
+    broker, port = start_mosquitto(run_dir)
+    try:
+        config = run_dir / "center.toml"
+        config.write_text(f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\npayload = "{payload}"\n')
+        yield ["--config", str(config)]
+    finally:
+        broker.stop()
+
+
 def run_mqtt(workdir: Path, scale: Scale, log: Callable[[str], None]) -> dict[str, Any]:
-    """The ingest steps without MQTT and with --mqtt to a local Mosquitto, one payload shape after the other."""
+    """The ingest steps without MQTT and with --mqtt to a local Mosquitto, one payload shape after the other;
+    then fresh runs in turn at the rate each shape's cost is judged at."""
     rates = scale.ingest_rates if scale is SMOKE else tuple(r for r in scale.ingest_rates if r <= 14000)
     runs: dict[str, Any] = {}
     for label, payload in MQTT_RUNS:
         run_dir = _fresh(workdir, label)
-        broker, port = start_mosquitto(run_dir) if payload else (None, 0)
-        args: list[str] = []
-        if payload:
-            config = run_dir / "center.toml"
-            config.write_text(f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\npayload = "{payload}"\n')
-            args = ["--config", str(config)]
-        try:
-            log(f"mqtt: {label}")
+        log(f"mqtt: {label}")
+        with mqtt_center(payload, run_dir) as args:
             result = run_ingest(run_dir, scale, f"mqtt-{label}", log, center_args=args, rates=rates)
-            if payload:
-                result["backlog_rows"] = _backlog_rows(run_dir / "center.db")
-                result["broker_cpu"] = cpu_seconds(broker.pid) if broker else 0.0
-            runs[label] = result
-        finally:
-            if broker is not None:
-                broker.stop()
+        if payload:
+            result["backlog_rows"] = _backlog_rows(run_dir / "center.db")
+        runs[label] = result
+    kept_up = {label: {step["offered"] for step in run["steps"] if step["kept_up"]} for label, run in runs.items()}
+    by_rate: dict[int, list[str]] = {}
+    for label, _ in MQTT_RUNS[1:]:
+        common = kept_up[label] & kept_up["without"]
+        if common:
+            by_rate.setdefault(max(common), []).append(label)
+    payloads = dict(MQTT_RUNS)
+    runs["repeated"] = [
+        {"rate": rate, "steps": repeated_steps(
+            _fresh(workdir, f"repeated-{rate}"), scale, rate,
+            [(label, functools.partial(mqtt_center, payloads[label])) for label in ("without", *labels)],
+            "mqtt", log,
+        )}
+        for rate, labels in sorted(by_rate.items())
+    ]
     return runs
+
+
+#: What a repeated run needs of its configuration: its directory in, the center's arguments out (and
+#: whatever runs beside the center, such as a broker, started before and stopped after).
+Prepare = Callable[[Path], contextlib.AbstractContextManager[list[str]]]
+
+
+def repeated_steps(workdir: Path, scale: Scale, rate: int, configurations: Sequence[tuple[str, Prepare]],
+                   name: str, log: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+    """``scale.repeats`` rounds of one ingest step at ``rate`` for each configuration, in turn, each against a
+    freshly started center.
+
+    On this machine (2 cores of a VM) one run's CPU per frame reads up to 10% above or below the next run's
+    of the same center: a cost of a few points judged from one run of each is as much the machine's as the
+    center's. Runs in turn, so that a slow spell of the machine falls on both sides, and their medians
+    compared (benchmarks/findings.md, "MQTT: how much of the cost was the machine").
+    """
+    steps: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in configurations}
+    for round_ in range(scale.repeats):
+        for label, prepare in configurations:
+            run_dir = _fresh(workdir, f"{label}-{round_}")
+            log(f"{name}: {label} at {rate}/s, round {round_ + 1} of {scale.repeats}")
+            with prepare(run_dir) as args:
+                result = run_ingest(run_dir, scale, f"{name}-{label}", log, center_args=args, rates=[rate])
+            steps[label].append(result["steps"][0])
+    return steps
 
 
 # -- profile ---------------------------------------------------------------------------------------

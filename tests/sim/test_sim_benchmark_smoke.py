@@ -30,6 +30,9 @@ def test_benchmark_smoke_run_writes_the_report(tmp_path: Path) -> None:
                     report.FEATURES_HEADING, "## Modbus at scale", "- Modbus at scale, 5,000 meters",
                     reads.HEADING, "### SQLite\n"):
         assert heading in text
+    # The costs of MQTT and of every integration are judged from fresh runs in turn, not from one run of each.
+    assert "fresh centers of each configuration in turn" in text and "median CPU per frame of the center" in text
+    assert "fresh centers off and on in turn" in text and "fresh run of each in turn" in text
     assert "Python 3." in text and "Twisted" in text and "SQLAlchemy" in text
     assert "Traceback" not in result.stderr
     assert report.with_current_findings(text) == text, "--findings-only would change a fresh report"
