@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
@@ -230,6 +230,38 @@ def test_a_device_not_yet_known_is_looked_up_and_order_is_kept() -> None:
     r.clock.advance(FLUSH_INTERVAL)
     assert [m.topic for _, m in r.connection.sent][3:] == ["dtucenter/-/3/0", "dtucenter/-/3/0"]
     assert r.backlog.looked_up[1:] == [[("dtu", 3)]]
+    stop(r)
+
+
+class FailingOnce(Exception):
+    pass
+
+
+@pytest.mark.expected_errors("could not look up devices' accounts; trying again in 1 s", error=FailingOnce)
+def test_a_failed_look_up_is_tried_again_and_a_stop_cancels_the_attempt() -> None:
+    r = rig()
+    assert r.connection.up is not None
+    r.connection.up()
+    r.connection.deliver_all()
+    r.backlog.accounts[("dtu", 2)] = "newco"
+    answer = r.backlog.devices
+    failures = [FailingOnce()]
+
+    def devices(keys: list[DeviceKey]) -> Deferred[Found]:
+        if failures:
+            return fail(failures.pop())
+        return answer(keys)
+
+    r.backlog.devices = devices  # type: ignore[method-assign]
+    r.hub.publish(UploadStored(2, T0, (10,)))
+    r.clock.advance(FLUSH_INTERVAL)
+    assert r.connection.sent == []  # waits, in order, for the account
+    r.clock.advance(publisher_module.LOOK_UP_RETRY)
+    assert [m.topic for _, m in r.connection.sent] == ["dtucenter/newco/2/0"]
+    # Failing again just before a stop: the stop leaves no attempt behind.
+    failures.append(FailingOnce())
+    r.hub.publish(UploadStored(3, T0, (11,)))
+    r.clock.advance(FLUSH_INTERVAL)
     stop(r)
 
 

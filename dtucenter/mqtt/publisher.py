@@ -62,6 +62,8 @@ BacklogRow = Row
 Found = tuple[dict[DeviceKey, str], dict[int, tuple[tuple[int, int], ...]]]
 #: Devices looked up in one read at most (a database's limit on a statement's parameters is far above).
 LOOK_UP_BATCH = 1000
+#: Seconds before looking devices up again after the database failed to answer.
+LOOK_UP_RETRY = 1.0
 #: Messages handed to the connection and not yet delivered, at most; more go to the backlog.
 MAX_OUTSTANDING = 50_000
 #: Messages read from the backlog at a time when draining it.
@@ -158,6 +160,7 @@ class MqttPublisher(Service):
         self._drain_through = 0
         self._appends = 0  # appends asked for, to tell whether one came after a drain's read
         self._looking_up: Deferred[Any] | None = None  # a look-up of devices not in the directory
+        self._look_up_retry: IDelayedCall | None = None  # the next attempt after a look-up failed
         self._refresh = LoopingCall(self._reload)
         self._refresh.clock = clock
         self._dropped_unreported = 0
@@ -218,10 +221,10 @@ class MqttPublisher(Service):
             self._unsubscribe()
         if self._refresh.running:
             self._refresh.stop()
-        for call in (self._flush_call, self._summary_call):
+        for call in (self._flush_call, self._summary_call, self._look_up_retry):
             if call is not None and call.active():
                 call.cancel()
-        self._flush_call = self._summary_call = None
+        self._flush_call = self._summary_call = self._look_up_retry = None
         self._report_dropped()
         # Kept now, while the store (stopped after this service) still takes writes: what was heard, and
         # what was handed over without word of its delivery (sent again at the next start if it was).
@@ -307,8 +310,13 @@ class MqttPublisher(Service):
 
     def _look_up_failed(self, failure: Failure) -> None:
         self._looking_up = None
-        log.failure("MQTT: could not look up devices' accounts; trying again", failure)
-        self._clock.callLater(1.0, self._compose)
+        log.failure("MQTT: could not look up devices' accounts; trying again in {delay:g} s", failure,
+                    delay=LOOK_UP_RETRY)
+        self._look_up_retry = self._clock.callLater(LOOK_UP_RETRY, self._retry_look_up)
+
+    def _retry_look_up(self) -> None:
+        self._look_up_retry = None
+        self._compose()
 
     def _reload(self) -> Deferred[None]:
         def loaded(found: Found) -> None:
