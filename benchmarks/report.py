@@ -693,7 +693,8 @@ def features_target_line(features: dict[str, Any]) -> str:
         return f"{FEATURES_TARGET} {FEATURES_BUDGET:.0%}: " + _verdict(
             rise <= FEATURES_BUDGET,
             f"{rise:+.0%} at {repeated['rate']:,} frames/s, the highest rate both runs kept up with (median CPU per "
-            f"frame over {_fresh_runs(len(repeated['steps']['on']))} of each in turn, {on:.0f} ms against {off:.0f})")
+            f"frame over {_fresh_runs(len(repeated['steps']['on']))} of each in turn, {on:.0f} ms against {off:.0f}: "
+            f"a throughput cost of {1 - off / on:.1%})")
     kept = [(off_step["offered"], rise) for off_step, on_step, _, _, _, rise in _features_rows(features)
             if rise is not None and off_step["kept_up"] and on_step["kept_up"]]
     compared = kept[-1] if kept else None

@@ -96,7 +96,7 @@ FULL = Scale(
     hold=(1000, 10000, 19000), hold_idle=15.0, settle=2.0, ingest_dtus=1000,
     ingest_rates=(2000, 5000, 8000, 9500, 11000, 12500, 14000, 17000, 20000, 24000),
     warmup=5.0, measure=10.0, profile_seconds=15.0, modbus_dtus=1000, modbus_warmup=5.0, modbus_seconds=20.0,
-    connect_rate=2000, storm=StormScale(dtus=19_000, storms=3, bound=60.0, backlogs=(None,)), repeats=3,
+    connect_rate=2000, storm=StormScale(dtus=19_000, storms=3, bound=60.0, backlogs=(None,)), repeats=5,
 )
 #: Every scenario end to end (one step each), as briefly as still yields a number: the tests run it.
 SMOKE = Scale(
