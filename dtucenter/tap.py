@@ -70,10 +70,10 @@ from dtucenter.web.peers import Peers
 from dtucenter.web.pending import PendingApi
 from dtucenter.web.router import Router
 from dtucenter.web.site import build_site
+from dtucenter.web.templates import TemplateApi
 
 if TYPE_CHECKING:
     from dtucenter.mqtt.publisher import MqttPublisher
-from dtucenter.web.templates import TemplateApi
 
 log = Logger()
 
