@@ -557,8 +557,8 @@ def _render_repeated_mqtt(mqtt: dict[str, Any]) -> list[str]:
         return []
     lines = [
         ("Then, at each rate a shape is judged at, fresh centers of each configuration in turn, one step each "
-         "(a run's CPU per frame on this machine reads up to a tenth above or below the next run's of the same "
-         "center: the verdicts below compare the medians):"),
+         "(a run's CPU per frame on this machine often reads a tenth or more above or below the next run's of "
+         "the same center: the verdicts below compare the medians):"),
         "",
         ("| run | offered frames/s | CPU per 1,000 frames, center and worker, each run (ms) | median (ms) "
          "| kept up | throughput cost of the medians |"),
@@ -647,8 +647,8 @@ def _render_repeated_features(features: dict[str, Any]) -> list[str]:
     steps, rate = repeated["steps"], repeated["rate"]
     lines = [
         (f"Then, at {rate:,} frames/s (the highest rate both runs kept up with), fresh centers off and on in turn, "
-         "one step each; the verdict compares the medians (one run's CPU per frame on this machine reads up to a "
-         "tenth above or below the next run's of the same center):"),
+         "one step each; the verdict compares the medians (one run's CPU per frame on this machine often reads a "
+         "tenth or more above or below the next run's of the same center):"),
         "",
         ("| run | CPU per 1,000 frames, center and worker, each run (ms) | median (ms) | kept up "
          "| rise of the medians |"),
