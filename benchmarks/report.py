@@ -514,9 +514,9 @@ def _render_mqtt(mqtt: dict[str, Any] | None) -> list[str]:
                    "run without MQTT")
         repeated = _repeated_mqtt(mqtt, label)
         if repeated is not None:
-            rate, base_cpu, label_cpu = repeated
+            rate, runs, base_cpu, label_cpu = repeated
             cost = 1 - base_cpu / label_cpu
-            said = (f"{cost:.0%} (median CPU per frame of the center and its worker over {_runs(mqtt, rate)} in "
+            said = (f"{cost:.0%} (median CPU per frame of the center and its worker over {_fresh_runs(runs)} in "
                     f"turn, {label_cpu:.0f} ms against {base_cpu:.0f}) at {rate:,} frames/s; {machine}")
         elif cost is not None:
             said = (f"{cost:.0%} (CPU per frame of the center and its worker {(center or 0) + (worker or 0):.0f} ms "
@@ -533,18 +533,14 @@ MQTT_TITLES = {"without": "without MQTT", "value": "payload = value", "device": 
                "batch": "payload = batch"}
 
 
-def _repeated_mqtt(mqtt: dict[str, Any], label: str) -> tuple[int, float, float] | None:
-    """The rate ``label`` was run at again, and the median CPU per 1,000 frames without MQTT and with it there."""
+def _repeated_mqtt(mqtt: dict[str, Any], label: str) -> tuple[int, int, float, float] | None:
+    """The rate ``label`` was run at again, how many runs without MQTT there, and the median CPU per 1,000
+    frames without MQTT and with it."""
     for group in mqtt.get("repeated") or ():
         steps = group["steps"]
         if steps.get(label) and steps.get("without"):
-            return group["rate"], _median_cpu(steps["without"]), _median_cpu(steps[label])
+            return group["rate"], len(steps["without"]), _median_cpu(steps["without"]), _median_cpu(steps[label])
     return None
-
-
-def _runs(mqtt: dict[str, Any], rate: int) -> str:
-    group = next(group for group in mqtt["repeated"] if group["rate"] == rate)
-    return _fresh_runs(len(group["steps"]["without"]))
 
 
 def _fresh_runs(count: int) -> str:
